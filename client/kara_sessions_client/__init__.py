@@ -1,0 +1,1 @@
+"""kara-sessions client library and the `kara-sessions` command line."""

@@ -1,0 +1,1 @@
+"""kara-sessions server: the sponsored-credit cancellation policy behind a gRPC API."""

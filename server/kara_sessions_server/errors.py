@@ -1,0 +1,85 @@
+"""Domain errors. Each carries a stable machine-readable reason; the gRPC layer maps the
+error class to a status code in one place (grpc_errors.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base class: a request the service refuses. Nothing has been changed when it is raised."""
+
+    reason: str = "REFUSED"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidRequest(DomainError):
+    """The request itself is malformed or contradicts the policy's input rules."""
+
+    reason = "INVALID_REQUEST"
+
+    def __init__(
+        self,
+        violations: list[FieldViolation],
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.violations = violations
+
+    @classmethod
+    def single(cls, field: str, description: str, *, reason: str | None = None) -> InvalidRequest:
+        return cls([FieldViolation(field, description)], reason=reason)
+
+
+class NotFound(DomainError):
+    reason = "NOT_FOUND"
+
+
+class PreconditionFailed(DomainError):
+    """The request is well formed but the current state (or the policy) forbids it."""
+
+
+class Conflict(PreconditionFailed):
+    """A concurrent request changed the row first; the caller lost the race."""
+
+    reason = "CONCURRENT_MODIFICATION"
+
+
+class InsufficientCredits(PreconditionFailed):
+    reason = "INSUFFICIENT_CREDITS"
+
+
+class ChargeNotAllowedWithNotice(PreconditionFailed):
+    reason = "CHARGE_NOT_ALLOWED_WITH_NOTICE"
+
+
+class SessionNotBooked(PreconditionFailed):
+    reason = "SESSION_NOT_BOOKED"
+
+
+class SessionAlreadyStarted(PreconditionFailed):
+    reason = "SESSION_ALREADY_STARTED"
+
+
+class SessionNotStarted(PreconditionFailed):
+    reason = "SESSION_NOT_STARTED"
+
+
+class RequestIdReused(InvalidRequest):
+    reason = "REQUEST_ID_REUSED"

@@ -1,0 +1,48 @@
+"""request_id bookkeeping: the first result of a mutation is stored with the mutation, in the
+same transaction, so a retry returns that result and moves nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from .errors import RequestIdReused
+from .storage import IdempotencyRow
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    operation: str
+    fingerprint: str
+    result: str
+
+
+def fingerprint(operation: str, params: dict[str, object]) -> str:
+    canonical = json.dumps([operation, params], sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def find(request_id: str) -> StoredResult | None:
+    row = IdempotencyRow.get_or_none(IdempotencyRow.request_id == request_id)
+    if row is None:
+        return None
+    return StoredResult(row.operation, row.fingerprint, row.result)
+
+
+def check_same_request(stored: StoredResult, request_id: str, operation: str, fp: str) -> str:
+    """The stored result, if `request_id` was first used for this very request."""
+    if stored.operation != operation or stored.fingerprint != fp:
+        raise RequestIdReused.single(
+            "request_id",
+            f"{request_id!r} was already used for a different {stored.operation} request; "
+            "use a new request_id for a new request",
+        )
+    return stored.result
+
+
+def record(request_id: str, operation: str, fp: str, result: str, now: datetime) -> None:
+    IdempotencyRow.insert(
+        request_id=request_id, operation=operation, fingerprint=fp, result=result, created_at=now
+    ).execute()

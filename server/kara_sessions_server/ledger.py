@@ -1,0 +1,126 @@
+"""Credit accounts and their ledger. Every movement of a credit is one ledger entry written in
+the same transaction as the balance change; balances change only by guarded UPDATEs, so
+available + held + used always equals the credits granted."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from .errors import InsufficientCredits, NotFound
+from .model import CreditAccount, LedgerEntry, LedgerKind, Page
+from .pagination import decode, encode
+from .storage import CreditAccountRow, LedgerEntryRow
+
+A = CreditAccountRow
+
+
+class LedgerInvariantBroken(RuntimeError):
+    """A settled credit was not held: the database disagrees with the session's state."""
+
+
+def grant(client_id: str, credits: int, request_id: str, now: datetime) -> None:
+    (
+        A.insert(client_id=client_id, available=credits, held=0, used=0, updated_at=now)
+        .on_conflict(
+            conflict_target=[A.client_id],
+            update={A.available: A.available + credits, A.updated_at: now},
+        )
+        .execute()
+    )
+    _entry(client_id, LedgerKind.GRANT, credits, None, request_id, now)
+
+
+def hold(client_id: str, session_id: str, credits: int, request_id: str, now: datetime) -> None:
+    moved = (
+        A.update(available=A.available - credits, held=A.held + credits, updated_at=now)
+        .where((A.client_id == client_id) & (A.available >= credits))
+        .execute()
+    )
+    if moved != 1:
+        raise InsufficientCredits(
+            f"client {client_id} has no sponsored credit available to book a session",
+            metadata={"client_id": client_id},
+        )
+    _entry(client_id, LedgerKind.HOLD, credits, session_id, request_id, now)
+
+
+def settle(
+    client_id: str, session_id: str, kind: LedgerKind, credits: int, request_id: str, now: datetime
+) -> None:
+    """Returns the held credit to the client (RETURN) or takes it (TAKE)."""
+    if kind is LedgerKind.RETURN:
+        update = {A.held: A.held - credits, A.available: A.available + credits}
+    elif kind is LedgerKind.TAKE:
+        update = {A.held: A.held - credits, A.used: A.used + credits}
+    else:
+        raise ValueError(f"cannot settle a credit with {kind}")
+    moved = (
+        A.update({**update, A.updated_at: now})
+        .where((A.client_id == client_id) & (A.held >= credits))
+        .execute()
+    )
+    if moved != 1:
+        raise LedgerInvariantBroken(f"client {client_id} holds no credit for session {session_id}")
+    _entry(client_id, kind, credits, session_id, request_id, now)
+
+
+def _entry(
+    client_id: str, kind: LedgerKind, credits: int, session_id: str | None, request_id: str, now: datetime
+) -> None:
+    LedgerEntryRow.insert(
+        client_id=client_id,
+        kind=kind.value,
+        credits=credits,
+        session_id=session_id,
+        request_id=request_id,
+        created_at=now,
+    ).execute()
+
+
+def account(client_id: str, size: int, token: str) -> CreditAccount:
+    row = A.get_or_none(A.client_id == client_id)
+    if row is None:
+        raise NotFound(
+            f"client {client_id} has no credit account; GrantCredits opens one",
+            metadata={"client_id": client_id},
+        )
+    page = entries(client_id, size, token)
+    return CreditAccount(
+        client_id=row.client_id,
+        available=row.available,
+        held=row.held,
+        used=row.used,
+        entries=page.items,
+        next_page_token=page.next_page_token,
+    )
+
+
+def balance(client_id: str) -> CreditAccount:
+    row = A.get(A.client_id == client_id)
+    return CreditAccount(client_id=row.client_id, available=row.available, held=row.held, used=row.used)
+
+
+def entries(client_id: str, size: int, token: str) -> Page[LedgerEntry]:
+    """Newest first."""
+    query_id = ("ledger", client_id)
+    after = decode(query_id, token)
+    L = LedgerEntryRow
+    query = L.select().where(L.client_id == client_id)
+    if after is not None:
+        query = query.where(L.entry_id < int(after[0]))
+    rows = list(query.order_by(L.entry_id.desc()).limit(size + 1))
+    more = len(rows) > size
+    rows = rows[:size]
+    items = tuple(
+        LedgerEntry(
+            entry_id=str(r.entry_id),
+            client_id=r.client_id,
+            kind=LedgerKind(r.kind),
+            credits=r.credits,
+            session_id=r.session_id,
+            request_id=r.request_id,
+            created_at=r.created_at,
+        )
+        for r in rows
+    )
+    return Page(items, encode(query_id, [rows[-1].entry_id]) if more else "")

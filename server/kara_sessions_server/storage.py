@@ -1,0 +1,220 @@
+"""Database connection and schema (peewee). Times are stored as integer microseconds since the
+Unix epoch, UTC: exact, portable between SQLite and PostgreSQL, and cheap to index and compare."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import peewee as pw
+from playhouse.db_url import connect as connect_url
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DEFAULT_DATABASE_URL = "sqlite:///kara-sessions.db"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+database = pw.DatabaseProxy()
+
+
+def to_micros(value: datetime) -> int:
+    return (value - EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
+
+
+class UtcTimestampField(pw.BigIntegerField):
+    def db_value(self, value: datetime | None) -> int | None:
+        return None if value is None else to_micros(value)
+
+    def python_value(self, value: int | None) -> datetime | None:
+        return None if value is None else from_micros(value)
+
+
+class DurationField(pw.BigIntegerField):
+    def db_value(self, value: timedelta | None) -> int | None:
+        return None if value is None else value // timedelta(microseconds=1)
+
+    def python_value(self, value: int | None) -> timedelta | None:
+        return None if value is None else timedelta(microseconds=value)
+
+
+class Table(pw.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class SessionRow(Table):
+    session_id = pw.CharField(primary_key=True, max_length=64)
+    client_id = pw.CharField(max_length=128)
+    professional_id = pw.CharField(max_length=128)
+    starts_at = UtcTimestampField()
+    booked_at = UtcTimestampField()
+    updated_at = UtcTimestampField()
+    state = pw.CharField(max_length=32)
+    # Bumped by every change; the conditional UPDATE that changes state checks it.
+    version = pw.IntegerField()
+    credits = pw.IntegerField()
+    cancelled_by = pw.CharField(max_length=16, null=True)
+    cancelled_at = UtcTimestampField(null=True)
+    notified_at = UtcTimestampField(null=True)
+    notice = DurationField(null=True)
+    late = pw.BooleanField(null=True)
+    charge_client = pw.BooleanField(null=True)
+    reason = pw.TextField(null=True)
+    completed_at = UtcTimestampField(null=True)
+
+    class Meta:
+        table_name = "sessions"
+        # Keyset pagination for the Sessions tab, per professional and per client.
+        indexes = (
+            (("professional_id", "starts_at", "session_id"), False),
+            (("client_id", "starts_at", "session_id"), False),
+        )
+
+
+class PaymentRow(Table):
+    session_id = pw.CharField(primary_key=True, max_length=64)
+    client_id = pw.CharField(max_length=128)
+    professional_id = pw.CharField(max_length=128)
+    session_starts_at = UtcTimestampField()
+    state = pw.CharField(max_length=16)
+    # Denormalised from state so the Payments tab's sections page through one index.
+    section = pw.CharField(max_length=16)
+    credits = pw.IntegerField()
+    updated_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "payments"
+        indexes = ((("professional_id", "section", "session_starts_at", "session_id"), False),)
+
+
+class CreditAccountRow(Table):
+    client_id = pw.CharField(primary_key=True, max_length=128)
+    available = pw.IntegerField(constraints=[pw.Check("available >= 0")])
+    held = pw.IntegerField(constraints=[pw.Check("held >= 0")])
+    used = pw.IntegerField(constraints=[pw.Check("used >= 0")])
+    updated_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "credit_accounts"
+
+
+class LedgerEntryRow(Table):
+    entry_id = pw.BigAutoField()
+    client_id = pw.CharField(max_length=128)
+    kind = pw.CharField(max_length=16)
+    credits = pw.IntegerField()
+    session_id = pw.CharField(max_length=64, null=True)
+    request_id = pw.CharField(max_length=128)
+    created_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "ledger_entries"
+        indexes = (
+            (("client_id", "entry_id"), False),
+            # A session's credit moves exactly once per kind: held once, then returned or taken once.
+            (("session_id", "kind"), True),
+        )
+
+
+class AuditRow(Table):
+    audit_id = pw.BigAutoField()
+    session_id = pw.CharField(max_length=64, index=True)
+    action = pw.CharField(max_length=16)
+    actor = pw.CharField(max_length=32)
+    from_state = pw.CharField(max_length=32, null=True)
+    to_state = pw.CharField(max_length=32)
+    notified_at = UtcTimestampField(null=True)
+    notice = DurationField(null=True)
+    charge_client = pw.BooleanField(null=True)
+    reason = pw.TextField(null=True)
+    request_id = pw.CharField(max_length=128)
+    at = UtcTimestampField()
+
+    class Meta:
+        table_name = "audit_log"
+
+
+class IdempotencyRow(Table):
+    request_id = pw.CharField(primary_key=True, max_length=128)
+    operation = pw.CharField(max_length=64)
+    fingerprint = pw.CharField(max_length=64)
+    result = pw.TextField()
+    created_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "idempotency_keys"
+
+
+TABLES: list[type[Table]] = [
+    SessionRow,
+    PaymentRow,
+    CreditAccountRow,
+    LedgerEntryRow,
+    AuditRow,
+    IdempotencyRow,
+]
+
+
+class Storage:
+    """An open database: the peewee Database plus how to begin a transaction on it."""
+
+    def __init__(self, db: pw.Database):
+        self.db = db
+        self.is_sqlite = isinstance(db, pw.SqliteDatabase)
+
+    def transaction(self, write: bool) -> Any:
+        if self.is_sqlite and write:
+            # Take SQLite's write lock up front: a deferred transaction that later upgrades to a
+            # writer fails with SQLITE_BUSY at once instead of waiting for the busy timeout.
+            return self.db.atomic(lock_type="IMMEDIATE")
+        return self.db.atomic()
+
+    def create_schema(self) -> None:
+        with self.db.connection_context():
+            self.db.create_tables(TABLES, safe=True)
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+
+def open_storage(url: str, *, create_schema: bool = True) -> Storage:
+    """Opens `sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host/db`."""
+    db = _connect(url)
+    database.initialize(db)
+    storage = Storage(db)
+    if create_schema:
+        storage.create_schema()
+    return storage
+
+
+def _connect(url: str) -> pw.Database:
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        path = url[len("sqlite:///") :]
+        if not path or path == ":memory:":
+            raise ValueError(
+                "an in-memory SQLite database is private to one connection; give a file path, "
+                "e.g. sqlite:///kara-sessions.db"
+            )
+        Path(path).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        return pw.SqliteDatabase(
+            str(Path(path).expanduser()),
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "normal",
+                "foreign_keys": 1,
+                "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
+            },
+            timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+        )
+    if scheme in ("postgresql", "postgres"):
+        db: pw.Database = connect_url(url)
+        return db
+    raise ValueError(f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH or postgresql://...")
