@@ -1,2 +1,289 @@
-def main() -> None:
-    pass
+"""`kara-sessions`: serve the API, or drive it from scripts.
+
+Exit codes: 0 ok; 1 the server refused the request; 2 bad command-line usage;
+3 the server could not be reached or failed (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from .client import DEFAULT_TARGET, DEFAULT_TIMEOUT, PARTIES, SECTIONS, SESSION_STATES, KaraError, SessionsClient
+
+REFUSED = 1
+UNREACHABLE = 3
+_REFUSAL_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+_RELATIVE = re.compile(r"^([+-])(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+class When(click.ParamType):
+    """An ISO-8601 time with a timezone (2026-12-01T10:00:00Z) or a time relative to now (+3h, -30m, +2d)."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        match = _RELATIVE.match(value)
+        if match:
+            sign, amount, unit = match.groups()
+            delta = timedelta(**{_UNITS[unit]: float(amount)})
+            return datetime.now(UTC) + (delta if sign == "+" else -delta)
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO-8601 time (2026-12-01T10:00:00Z) or a relative time (+3h)")
+        if parsed.tzinfo is None:
+            self.fail(f"{value!r} has no timezone; add Z or an offset like +00:00")
+        return parsed
+
+
+WHEN = When()
+
+
+class Output:
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+
+    def show(self, message: Message) -> None:
+        data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, sort_keys=False))
+        else:
+            _print_tree(data)
+
+
+def _print_tree(data: Any, indent: int = 0) -> None:
+    pad = "  " * indent
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, dict | list):
+                click.echo(f"{pad}{key}:")
+                _print_tree(value, indent + 1)
+            else:
+                click.echo(f"{pad}{key}: {value}")
+    elif isinstance(data, list):
+        for item in data:
+            click.echo(f"{pad}-")
+            _print_tree(item, indent + 1)
+    else:
+        click.echo(f"{pad}{data}")
+
+
+def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
+    obj = ctx.obj
+    with SessionsClient(obj["target"], timeout=obj["timeout"]) as client:
+        try:
+            result = call(client)
+        except KaraError as exc:
+            click.echo(f"error: {exc}", err=True)
+            for field_name, description in exc.field_violations:
+                click.echo(f"  {field_name}: {description}", err=True)
+            ctx.exit(REFUSED if exc.code in _REFUSAL_CODES else UNREACHABLE)
+    Output(obj["json"]).show(result)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KARA"})
+@click.option("--target", default=DEFAULT_TARGET, show_default=True, help="Server address host:port.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Deadline per call, s.")
+@click.pass_context
+def main(ctx: click.Context, target: str, as_json: bool, timeout: float) -> None:
+    """kara-sessions: sponsored-credit cancellations over gRPC.
+
+    Options can also come from the environment: KARA_TARGET, KARA_JSON, KARA_DATABASE_URL,
+    KARA_SERVE_LISTEN, ... (KARA_ + the command + the option name).
+    """
+    ctx.obj = {"target": target, "json": as_json, "timeout": timeout}
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:50051", show_default=True, help="Address to serve on.")
+@click.option(
+    "--database-url",
+    envvar="KARA_DATABASE_URL",
+    default="sqlite:///kara-sessions.db",
+    show_default=True,
+    help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (env KARA_DATABASE_URL).",
+)
+@click.option(
+    "--notice-window-hours",
+    type=click.FloatRange(min=0, min_open=True),
+    default=24.0,
+    show_default=True,
+    help="Notice at least this long is enough notice; shorter is a late cancellation.",
+)
+@click.option("--max-workers", type=click.IntRange(1, 256), default=16, show_default=True, help="RPC threads.")
+@click.option("--grace-seconds", type=click.FloatRange(0), default=10.0, show_default=True,
+              help="On SIGTERM/SIGINT, how long calls in flight may finish.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
+              show_default=True)
+def serve(
+    listen: str,
+    database_url: str,
+    notice_window_hours: float,
+    max_workers: int,
+    grace_seconds: float,
+    log_level: str,
+) -> None:
+    """Serve SessionService and CreditService (plus health and reflection)."""
+    from kara_sessions_server.app import Settings, serve as run_server
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(
+        listen=listen,
+        database_url=database_url,
+        notice_window=timedelta(hours=notice_window_hours),
+        max_workers=max_workers,
+        grace_seconds=grace_seconds,
+    )
+    try:
+        run_server(settings)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--client", "client_id", required=True)
+@click.option("--professional", "professional_id", required=True)
+@click.option("--starts-at", type=WHEN, required=True, help="ISO-8601 with timezone, or relative (+3d).")
+@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@click.pass_context
+def book(ctx: click.Context, client_id: str, professional_id: str, starts_at: datetime, request_id: str | None) -> None:
+    """Book a session, holding one of the client's sponsored credits."""
+    _run(ctx, lambda c: c.book(client_id, professional_id, starts_at, request_id))
+
+
+def _cancel_options(f: Callable[..., None]) -> Callable[..., None]:
+    f = click.option("--reason", default="", help="Free text, at most 1000 characters.")(f)
+    f = click.option("--notified-at", type=WHEN, default=None,
+                     help="When notice was given (professionals only), e.g. when the client's email came.")(f)
+    f = click.option("--charge-client", is_flag=True, help="Tick 'Charge the client for this session'.")(f)
+    f = click.option("--by", "cancelled_by", type=click.Choice(sorted(PARTIES)), required=True,
+                     help="Who cancels.")(f)
+    return click.argument("session_id")(f)
+
+
+@main.command()
+@_cancel_options
+@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@click.pass_context
+def cancel(ctx: click.Context, session_id: str, cancelled_by: str, charge_client: bool,
+           notified_at: datetime | None, reason: str, request_id: str | None) -> None:
+    """Cancel a booked session; prints the session and its payment."""
+    _run(ctx, lambda c: c.cancel(session_id, cancelled_by, charge_client=charge_client,
+                                 notified_at=notified_at, reason=reason, request_id=request_id))
+
+
+@main.command()
+@_cancel_options
+@click.pass_context
+def preview(ctx: click.Context, session_id: str, cancelled_by: str, charge_client: bool,
+            notified_at: datetime | None, reason: str) -> None:
+    """Show what a cancellation would do, without doing it."""
+    _run(ctx, lambda c: c.preview(session_id, cancelled_by, charge_client=charge_client,
+                                  notified_at=notified_at, reason=reason))
+
+
+@main.command()
+@click.argument("session_id")
+@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@click.pass_context
+def complete(ctx: click.Context, session_id: str, request_id: str | None) -> None:
+    """Record that a session took place (its credit is taken)."""
+    _run(ctx, lambda c: c.complete(session_id, request_id))
+
+
+@main.command()
+@click.argument("session_id")
+@click.pass_context
+def session(ctx: click.Context, session_id: str) -> None:
+    """Show one session."""
+    _run(ctx, lambda c: c.get_session(session_id))
+
+
+@main.command()
+@click.option("--professional", "professional_id", default="")
+@click.option("--client", "client_id", default="")
+@click.option("--state", type=click.Choice(sorted(SESSION_STATES)), default=None)
+@click.option("--page-size", type=int, default=0)
+@click.option("--page-token", default="")
+@click.pass_context
+def sessions(ctx: click.Context, professional_id: str, client_id: str, state: str | None, page_size: int,
+             page_token: str) -> None:
+    """List sessions (the Sessions tab), oldest start first."""
+    _run(ctx, lambda c: c.list_sessions(professional_id, client_id, state, page_size, page_token))
+
+
+@main.command()
+@click.option("--professional", "professional_id", required=True)
+@click.option("--section", type=click.Choice(sorted(SECTIONS)), required=True)
+@click.option("--page-size", type=int, default=0)
+@click.option("--page-token", default="")
+@click.pass_context
+def payments(ctx: click.Context, professional_id: str, section: str, page_size: int, page_token: str) -> None:
+    """List a professional's Unpaid or Paid payments (the Payments tab)."""
+    _run(ctx, lambda c: c.list_payments(professional_id, section, page_size, page_token))
+
+
+@main.command()
+@click.argument("session_id")
+@click.pass_context
+def payment(ctx: click.Context, session_id: str) -> None:
+    """Show one session's payment ("View details")."""
+    _run(ctx, lambda c: c.get_payment(session_id))
+
+
+@main.group()
+def credits() -> None:
+    """Clients' sponsored-credit accounts."""
+
+
+@credits.command("grant")
+@click.argument("client_id")
+@click.argument("amount", type=click.IntRange(1, 10_000))
+@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@click.pass_context
+def credits_grant(ctx: click.Context, client_id: str, amount: int, request_id: str | None) -> None:
+    """Add AMOUNT sponsored credits to CLIENT_ID's account."""
+    _run(ctx, lambda c: c.grant_credits(client_id, amount, request_id))
+
+
+@credits.command("show")
+@click.argument("client_id")
+@click.option("--page-size", type=int, default=0, help="Ledger entries to show.")
+@click.option("--page-token", default="")
+@click.pass_context
+def credits_show(ctx: click.Context, client_id: str, page_size: int, page_token: str) -> None:
+    """Show a client's balance and ledger, newest entry first."""
+    _run(ctx, lambda c: c.get_credit_account(client_id, page_size, page_token))
+
+
+@main.command()
+@click.option("--target", "demo_target", default=None,
+              help="Run against this server instead of a throwaway one (it must use the 24 h window).")
+def demo(demo_target: str | None) -> None:
+    """Play the help-centre article's five scenarios and show what happens to the credit."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(demo_target))

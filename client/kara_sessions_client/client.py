@@ -1,0 +1,255 @@
+"""A typed Python client for kara-sessions, for internal services and scripts.
+
+    with SessionsClient("127.0.0.1:50051") as kara:
+        session = kara.book(client_id="c-1", professional_id="p-1", starts_at=when)
+        result = kara.cancel(session.session_id, cancelled_by="client")
+
+Errors are raised as KaraError with the gRPC code and the ErrorInfo reason. Mutations get a
+fresh request_id unless one is given; transient UNAVAILABLE failures are retried by gRPC itself
+with the same request_id, which the server never applies twice.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from kara.sessions.v1 import credits_pb2 as cpb
+from kara.sessions.v1 import credits_pb2_grpc
+from kara.sessions.v1 import sessions_pb2 as pb
+from kara.sessions.v1 import sessions_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 10.0
+
+PARTIES = {"client": pb.PARTY_CLIENT, "professional": pb.PARTY_PROFESSIONAL}
+SECTIONS = {"unpaid": pb.PAYMENT_SECTION_UNPAID, "paid": pb.PAYMENT_SECTION_PAID}
+SESSION_STATES = {
+    "booked": pb.SESSION_STATE_BOOKED,
+    "cancelled-voided": pb.SESSION_STATE_CANCELLED_VOIDED,
+    "cancelled-paid": pb.SESSION_STATE_CANCELLED_PAID,
+    "completed": pb.SESSION_STATE_COMPLETED,
+}
+
+_RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "kara.sessions.v1.SessionService"}, {"service": "kara.sessions.v1.CreditService"}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+@dataclass
+class KaraError(Exception):
+    """A call the server refused or could not complete."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    field_violations: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        reason = f" [{self.reason}]" if self.reason else ""
+        return f"{self.code.name}{reason}: {self.message}"
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> KaraError:
+        call: Any = error
+        error_obj = cls(code=call.code(), message=call.details() or "")
+        status = rpc_status.from_call(call)
+        for detail in status.details if status else ():
+            info = error_details_pb2.ErrorInfo()
+            bad_request = error_details_pb2.BadRequest()
+            if detail.Unpack(info):
+                error_obj.reason = info.reason
+                error_obj.metadata = dict(info.metadata)
+            elif detail.Unpack(bad_request):
+                error_obj.field_violations = [(v.field, v.description) for v in bad_request.field_violations]
+        return error_obj
+
+
+def timestamp(value: datetime) -> Timestamp:
+    if value.tzinfo is None:
+        raise ValueError("give a timezone-aware datetime (e.g. 2026-12-01T10:00:00+00:00)")
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+class SessionsClient:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel: grpc.Channel | None = None,
+    ):
+        self.channel = channel or grpc.insecure_channel(
+            target, options=[("grpc.service_config", _RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+        )
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+        self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
+        self.credits = credits_pb2_grpc.CreditServiceStub(self.channel)
+
+    def __enter__(self) -> SessionsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise KaraError.from_rpc_error(exc) from None
+
+    # --- sessions ---
+
+    def book(
+        self, client_id: str, professional_id: str, starts_at: datetime, request_id: str | None = None
+    ) -> pb.Session:
+        return self._call(
+            self.sessions.BookSession,
+            pb.BookSessionRequest(
+                client_id=client_id,
+                professional_id=professional_id,
+                starts_at=timestamp(starts_at),
+                request_id=request_id or new_request_id(),
+            ),
+        )
+
+    def get_session(self, session_id: str) -> pb.Session:
+        return self._call(self.sessions.GetSession, pb.GetSessionRequest(session_id=session_id))
+
+    def list_sessions(
+        self,
+        professional_id: str = "",
+        client_id: str = "",
+        state: str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> pb.ListSessionsResponse:
+        return self._call(
+            self.sessions.ListSessions,
+            pb.ListSessionsRequest(
+                professional_id=professional_id,
+                client_id=client_id,
+                state=SESSION_STATES[state] if state else pb.SESSION_STATE_UNSPECIFIED,
+                page_size=page_size,
+                page_token=page_token,
+            ),
+        )
+
+    @staticmethod
+    def _cancel_request(
+        session_id: str,
+        cancelled_by: str,
+        charge_client: bool,
+        notified_at: datetime | None,
+        reason: str,
+        request_id: str,
+    ) -> pb.CancelSessionRequest:
+        request = pb.CancelSessionRequest(
+            session_id=session_id,
+            cancelled_by=PARTIES[cancelled_by],
+            charge_client=charge_client,
+            reason=reason,
+            request_id=request_id,
+        )
+        if notified_at is not None:
+            request.notified_at.CopyFrom(timestamp(notified_at))
+        return request
+
+    def cancel(
+        self,
+        session_id: str,
+        cancelled_by: str,
+        *,
+        charge_client: bool = False,
+        notified_at: datetime | None = None,
+        reason: str = "",
+        request_id: str | None = None,
+    ) -> pb.CancelSessionResponse:
+        request = self._cancel_request(
+            session_id, cancelled_by, charge_client, notified_at, reason, request_id or new_request_id()
+        )
+        return self._call(self.sessions.CancelSession, request)
+
+    def preview(
+        self,
+        session_id: str,
+        cancelled_by: str,
+        *,
+        charge_client: bool = False,
+        notified_at: datetime | None = None,
+        reason: str = "",
+    ) -> pb.PreviewCancellationResponse:
+        request = self._cancel_request(session_id, cancelled_by, charge_client, notified_at, reason, "")
+        return self._call(self.sessions.PreviewCancellation, request)
+
+    def complete(self, session_id: str, request_id: str | None = None) -> pb.Session:
+        return self._call(
+            self.sessions.CompleteSession,
+            pb.CompleteSessionRequest(session_id=session_id, request_id=request_id or new_request_id()),
+        )
+
+    def get_payment(self, session_id: str) -> pb.Payment:
+        return self._call(self.sessions.GetPayment, pb.GetPaymentRequest(session_id=session_id))
+
+    def list_payments(
+        self, professional_id: str, section: str, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListPaymentsResponse:
+        return self._call(
+            self.sessions.ListPayments,
+            pb.ListPaymentsRequest(
+                professional_id=professional_id,
+                section=SECTIONS[section],
+                page_size=page_size,
+                page_token=page_token,
+            ),
+        )
+
+    # --- credits ---
+
+    def grant_credits(self, client_id: str, credits: int, request_id: str | None = None) -> cpb.CreditAccount:
+        return self._call(
+            self.credits.GrantCredits,
+            cpb.GrantCreditsRequest(client_id=client_id, credits=credits, request_id=request_id or new_request_id()),
+        )
+
+    def get_credit_account(self, client_id: str, page_size: int = 0, page_token: str = "") -> cpb.CreditAccount:
+        return self._call(
+            self.credits.GetCreditAccount,
+            cpb.GetCreditAccountRequest(client_id=client_id, page_size=page_size, page_token=page_token),
+        )
+
+
+__all__ = ["KaraError", "SessionsClient"]

@@ -1,0 +1,91 @@
+"""The help-centre article's five scenarios, played against a real server."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import click
+from kara.sessions.v1 import credits_pb2 as cpb
+from kara.sessions.v1 import sessions_pb2 as pb
+
+from .client import KaraError, SessionsClient
+
+
+@dataclass(frozen=True)
+class Scenario:
+    title: str
+    cancelled_by: str
+    starts_in: timedelta
+    charge_client: bool
+
+
+SCENARIOS = (
+    Scenario("Client cancels with more than 24 h notice", "client", timedelta(days=3), False),
+    Scenario("Professional cancels with more than 24 h notice", "professional", timedelta(days=3), False),
+    Scenario("Client cancels with less than 24 h notice", "client", timedelta(hours=3), False),
+    Scenario("Professional cancels late and charges (client emailed late)", "professional", timedelta(hours=3), True),
+    Scenario("Professional cancels late without charging", "professional", timedelta(hours=3), False),
+)
+
+
+def _balance(account: cpb.CreditAccount) -> str:
+    return f"available {account.available}, held {account.held}, used {account.used}"
+
+
+def _name(enum_type: object, value: int) -> str:
+    return str(enum_type.Name(value))  # type: ignore[attr-defined]
+
+
+def play(client: SessionsClient) -> None:
+    run = uuid.uuid4().hex[:8]
+    for number, scenario in enumerate(SCENARIOS, start=1):
+        client_id, professional_id = f"demo-client-{run}-{number}", f"demo-pro-{run}"
+        client.grant_credits(client_id, 1)
+        session = client.book(client_id, professional_id, datetime.now(UTC) + scenario.starts_in)
+        before = client.get_credit_account(client_id, page_size=1)
+        result = client.cancel(
+            session.session_id, scenario.cancelled_by, charge_client=scenario.charge_client, reason="demo"
+        )
+        after = client.get_credit_account(client_id, page_size=1)
+        c = result.session.cancellation
+        moved = "returned to client" if result.payment.state == pb.PAYMENT_STATE_VOIDED else "taken (invoiceable)"
+        click.echo(f"{number}. {scenario.title}")
+        click.echo(f"   cancelled by {scenario.cancelled_by}, notice {c.notice_seconds / 3600:.1f} h, "
+                   f"charge box {'ticked' if scenario.charge_client else 'clear'}")
+        click.echo(f"   session {session.session_id}: {_name(pb.SessionState, result.session.state)}")
+        click.echo(f"   payment: {_name(pb.PaymentState, result.payment.state)} "
+                   f"in section {_name(pb.PaymentSection, result.payment.section)}; credit {moved}")
+        click.echo(f"   credits before: {_balance(before)}")
+        click.echo(f"   credits after:  {_balance(after)}\n")
+
+    # The programme's terms forbid charging when the client had enough notice.
+    client_id = f"demo-client-{run}-refused"
+    client.grant_credits(client_id, 1)
+    session = client.book(client_id, f"demo-pro-{run}", datetime.now(UTC) + timedelta(days=3))
+    try:
+        client.cancel(session.session_id, "professional", charge_client=True)
+    except KaraError as exc:
+        click.echo(f"And refused: a professional charging despite 3 days' notice -> {exc}")
+        click.echo(f"   credits unchanged: {_balance(client.get_credit_account(client_id, page_size=1))}")
+
+
+def run_demo(target: str | None) -> int:
+    if target is not None:
+        with SessionsClient(target) as client:
+            play(client)
+        return 0
+    from kara_sessions_server.app import Settings, start
+
+    with tempfile.TemporaryDirectory(prefix="kara-demo-") as tmp:
+        server = start(Settings(listen="127.0.0.1:0", database_url=f"sqlite:///{Path(tmp) / 'demo.db'}"))
+        click.echo(f"Throwaway server on 127.0.0.1:{server.port} with SQLite in {tmp}\n")
+        try:
+            with SessionsClient(f"127.0.0.1:{server.port}") as client:
+                play(client)
+        finally:
+            server.stop(1)
+    return 0
