@@ -286,4 +286,8 @@ def demo(demo_target: str | None) -> None:
     """Play the help-centre article's five scenarios and show what happens to the credit."""
     from .demo import run_demo
 
-    sys.exit(run_demo(demo_target))
+    try:
+        sys.exit(run_demo(demo_target))
+    except KaraError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(REFUSED if exc.code in _REFUSAL_CODES else UNREACHABLE)

@@ -46,6 +46,7 @@ class RunningServer:
     storage: Storage
     health: health.HealthServicer
     services: Services
+    executor: futures.ThreadPoolExecutor
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float | None = None) -> None:
@@ -55,6 +56,7 @@ class RunningServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.executor.shutdown(wait=True)
         self.storage.close()
 
     def wait(self) -> None:
@@ -62,10 +64,11 @@ class RunningServer:
 
 
 def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
-    storage = open_storage(settings.database_url)
+    storage = open_storage(settings.database_url, max_connections=settings.max_workers + 2)
     services = Services(storage, clock or SystemClock(), CancellationPolicy(settings.notice_window))
+    executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        executor,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -87,7 +90,7 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     server.start()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, storage, health_servicer, services)
+    return RunningServer(server, port, storage, health_servicer, services, executor)
 
 
 def serve(settings: Settings) -> None:

@@ -6,14 +6,17 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlparse, urlsplit
 
 import peewee as pw
-from playhouse.db_url import connect as connect_url
+from playhouse.db_url import parseresult_to_dict
+from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT_DATABASE_URL = "sqlite:///kara-sessions.db"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Pooled connections idle longer than this are reopened (PostgreSQL may drop idle ones).
+STALE_CONNECTION_SECONDS = 300
 
 database = pw.DatabaseProxy()
 
@@ -179,14 +182,21 @@ class Storage:
         with self.db.connection_context():
             self.db.create_tables(TABLES, safe=True)
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Hands this thread's connection back to the pool."""
         if not self.db.is_closed():
             self.db.close()
 
+    def close(self) -> None:
+        self.release()
+        self.db.close_all()
 
-def open_storage(url: str, *, create_schema: bool = True) -> Storage:
-    """Opens `sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host/db`."""
-    db = _connect(url)
+
+def open_storage(url: str, *, max_connections: int = 32, create_schema: bool = True) -> Storage:
+    """Opens `sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host/db`.
+
+    Only one Storage is open per process: the tables are bound to a module-level proxy."""
+    db = _connect(url, max_connections)
     database.initialize(db)
     storage = Storage(db)
     if create_schema:
@@ -194,7 +204,12 @@ def open_storage(url: str, *, create_schema: bool = True) -> Storage:
     return storage
 
 
-def _connect(url: str) -> pw.Database:
+def _connect(url: str, max_connections: int) -> pw.Database:
+    pool = {
+        "max_connections": max_connections,
+        "stale_timeout": STALE_CONNECTION_SECONDS,
+        "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+    }
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
         path = url[len("sqlite:///") :]
@@ -204,17 +219,19 @@ def _connect(url: str) -> pw.Database:
                 "e.g. sqlite:///kara-sessions.db"
             )
         Path(path).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-        return pw.SqliteDatabase(
+        return PooledSqliteDatabase(
             str(Path(path).expanduser()),
+            # The pool lends a connection to one thread at a time, but not always the same thread.
+            check_same_thread=False,
+            **pool,
             pragmas={
                 "journal_mode": "wal",
                 "synchronous": "normal",
                 "foreign_keys": 1,
                 "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
             },
-            timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
         )
     if scheme in ("postgresql", "postgres"):
-        db: pw.Database = connect_url(url)
-        return db
+        params = parseresult_to_dict(urlparse(url))
+        return PooledPostgresqlDatabase(params.pop("database"), **pool, **params)
     raise ValueError(f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH or postgresql://...")

@@ -45,6 +45,7 @@ class UnitOfWork:
             self._tx.__exit__(exc_type, exc, tb)
         finally:
             if isinstance(exc, pw.OperationalError | pw.InterfaceError):
-                # The connection may be dead (server restart, network): drop it so this thread's
-                # next request opens a fresh one instead of failing forever.
-                self._storage.db.close()
+                # The connection may be dead (server restart, network): discard it rather than
+                # hand it back to the pool for the next request to trip over.
+                self._storage.db.manual_close()
+            self._storage.release()
