@@ -291,3 +291,7 @@ def demo(demo_target: str | None) -> None:
     except KaraError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(REFUSED if exc.code in _REFUSAL_CODES else UNREACHABLE)
+
+
+if __name__ == "__main__":
+    main()
