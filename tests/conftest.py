@@ -124,8 +124,14 @@ def assert_ledger_balances(server: RunningServer) -> None:
     assert sum(a["held"] for a in snapshot["credit_accounts"]) == held_sessions
 
 
-def book(kara: SessionsClient, clock: FakeClock, starts_in: timedelta, client_id: str = "client-1",
-         professional_id: str = "pro-1", grant: int = 1) -> str:
+def book(
+    kara: SessionsClient,
+    clock: FakeClock,
+    starts_in: timedelta,
+    client_id: str = "client-1",
+    professional_id: str = "pro-1",
+    grant: int = 1,
+) -> str:
     if grant:
         kara.grant_credits(client_id, grant)
     return str(kara.book(client_id, professional_id, clock.now() + starts_in).session_id)

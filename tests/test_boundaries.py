@@ -27,7 +27,9 @@ SECOND = timedelta(seconds=1)
     ],
     ids=["24h+1s-voided", "exactly-24h-voided", "24h-1s-paid", "1s-before-start-paid"],
 )
-def test_client_notice_boundary(kara: SessionsClient, clock: FakeClock, notice: timedelta, expected: int) -> None:
+def test_client_notice_boundary(
+    kara: SessionsClient, clock: FakeClock, notice: timedelta, expected: int
+) -> None:
     session_id = book(kara, clock, starts_in=timedelta(days=3))
     clock.advance(timedelta(days=3) - notice)
     result = kara.cancel(session_id, "client")
@@ -41,7 +43,10 @@ def test_professional_may_charge_at_24h_minus_1s_but_not_at_exactly_24h(
     late_id = book(kara, clock, starts_in=timedelta(days=3), client_id="a")
     on_time_id = book(kara, clock, starts_in=timedelta(days=3) + SECOND, client_id="b")
     clock.advance(timedelta(days=3) - H24 + SECOND)
-    assert kara.cancel(late_id, "professional", charge_client=True).session.state == pb.SESSION_STATE_CANCELLED_PAID
+    assert (
+        kara.cancel(late_id, "professional", charge_client=True).session.state
+        == pb.SESSION_STATE_CANCELLED_PAID
+    )
     with pytest.raises(KaraError) as refused:
         kara.cancel(on_time_id, "professional", charge_client=True)
     assert refused.value.reason == "CHARGE_NOT_ALLOWED_WITH_NOTICE"
@@ -50,7 +55,9 @@ def test_professional_may_charge_at_24h_minus_1s_but_not_at_exactly_24h(
 def test_cancelling_at_or_after_the_start_is_refused(kara: SessionsClient, clock: FakeClock) -> None:
     session_id = book(kara, clock, starts_in=timedelta(hours=2))
     for offset in (timedelta(0), timedelta(minutes=5)):
-        clock.set(kara.get_session(session_id).starts_at.ToDatetime().replace(tzinfo=clock.now().tzinfo) + offset)
+        clock.set(
+            kara.get_session(session_id).starts_at.ToDatetime().replace(tzinfo=clock.now().tzinfo) + offset
+        )
         with pytest.raises(KaraError) as refused:
             kara.cancel(session_id, "client")
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -58,7 +65,9 @@ def test_cancelling_at_or_after_the_start_is_refused(kara: SessionsClient, clock
     assert kara.get_session(session_id).state == pb.SESSION_STATE_BOOKED
 
 
-def test_professional_records_after_the_start_a_notice_given_before_it(kara: SessionsClient, clock: FakeClock) -> None:
+def test_professional_records_after_the_start_a_notice_given_before_it(
+    kara: SessionsClient, clock: FakeClock
+) -> None:
     """Scenario 1: the client's email arrived 5 h before the session; the professional records
     the cancellation only after the session's start time."""
     session_id = book(kara, clock, starts_in=timedelta(days=2))
@@ -67,10 +76,14 @@ def test_professional_records_after_the_start_a_notice_given_before_it(kara: Ses
     result = kara.cancel(session_id, "professional", charge_client=True, notified_at=emailed_at)
     assert result.session.state == pb.SESSION_STATE_CANCELLED_PAID
     assert result.session.cancellation.notice_seconds == 5 * 3600
-    assert result.session.cancellation.notified_at.ToDatetime().replace(tzinfo=emailed_at.tzinfo) == emailed_at
+    assert (
+        result.session.cancellation.notified_at.ToDatetime().replace(tzinfo=emailed_at.tzinfo) == emailed_at
+    )
 
 
-def test_notified_at_gives_enough_notice_even_when_recorded_late(kara: SessionsClient, clock: FakeClock) -> None:
+def test_notified_at_gives_enough_notice_even_when_recorded_late(
+    kara: SessionsClient, clock: FakeClock
+) -> None:
     session_id = book(kara, clock, starts_in=timedelta(days=3))
     emailed_at = clock.now() + timedelta(days=1)  # 48 h before the start
     clock.advance(timedelta(days=3) - timedelta(hours=2))
@@ -90,7 +103,9 @@ def test_notified_at_gives_enough_notice_even_when_recorded_late(kara: SessionsC
     ],
     ids=["one-second-in-the-future", "one-second-before-booking"],
 )
-def test_notified_at_out_of_range_is_invalid(kara: SessionsClient, clock: FakeClock, notified, reason) -> None:  # type: ignore[no-untyped-def]
+def test_notified_at_out_of_range_is_invalid(
+    kara: SessionsClient, clock: FakeClock, notified, reason
+) -> None:  # type: ignore[no-untyped-def]
     booked = clock.now()
     session_id = book(kara, clock, starts_in=timedelta(days=3))
     clock.advance(timedelta(days=1))
@@ -101,14 +116,19 @@ def test_notified_at_out_of_range_is_invalid(kara: SessionsClient, clock: FakeCl
     assert [f for f, _ in refused.value.field_violations] == ["notified_at"]
 
 
-def test_notified_at_exactly_now_and_exactly_at_booking_are_accepted(kara: SessionsClient, clock: FakeClock) -> None:
+def test_notified_at_exactly_now_and_exactly_at_booking_are_accepted(
+    kara: SessionsClient, clock: FakeClock
+) -> None:
     booked = clock.now()
     first = book(kara, clock, starts_in=timedelta(days=3), client_id="a")
     second = book(kara, clock, starts_in=timedelta(days=3), client_id="b")
     clock.advance(timedelta(hours=1))
     at_booking = kara.cancel(first, "professional", notified_at=booked)
     assert at_booking.session.cancellation.notice_seconds == 3 * 24 * 3600
-    assert kara.cancel(second, "professional", notified_at=clock.now()).session.state == pb.SESSION_STATE_CANCELLED_VOIDED
+    assert (
+        kara.cancel(second, "professional", notified_at=clock.now()).session.state
+        == pb.SESSION_STATE_CANCELLED_VOIDED
+    )
 
 
 def test_complete_only_once_started(kara: SessionsClient, clock: FakeClock) -> None:
@@ -128,8 +148,10 @@ def test_complete_only_once_started(kara: SessionsClient, clock: FakeClock) -> N
 def test_notice_window_is_configuration(database_url: str, clock: FakeClock) -> None:
     from kara_sessions_server.app import Settings, start
 
-    running = start(Settings(listen="127.0.0.1:0", database_url=database_url, notice_window=timedelta(hours=48)),
-                    clock=clock)
+    running = start(
+        Settings(listen="127.0.0.1:0", database_url=database_url, notice_window=timedelta(hours=48)),
+        clock=clock,
+    )
     try:
         with SessionsClient(f"127.0.0.1:{running.port}") as kara:
             session_id = book(kara, clock, starts_in=timedelta(days=5))

@@ -32,7 +32,10 @@ def test_repeated_mutations_return_the_first_result_and_move_nothing(
     assert kara.grant_credits("c", 2, request_id="grant-1") == first_grant
     session = kara.book("c", "p", clock.now() + timedelta(hours=5), request_id="book-1")
     clock.advance(timedelta(minutes=1))
-    assert kara.book("c", "p", session.starts_at.ToDatetime().replace(tzinfo=UTC), request_id="book-1") == session
+    assert (
+        kara.book("c", "p", session.starts_at.ToDatetime().replace(tzinfo=UTC), request_id="book-1")
+        == session
+    )
     first = kara.cancel(session.session_id, "client", request_id="cancel-1")
     clock.advance(timedelta(minutes=1))
     assert kara.cancel(session.session_id, "client", request_id="cancel-1") == first
@@ -85,11 +88,15 @@ def test_concurrent_cancellations_have_one_winner(
 ) -> None:
     session_id = book(kara, clock, timedelta(hours=5))
     parties = ["client", "professional"]
-    results = _race(6, lambda i: kara.cancel(session_id, parties[i % 2], charge_client=False, request_id=f"r-{i}"))
+    results = _race(
+        6, lambda i: kara.cancel(session_id, parties[i % 2], charge_client=False, request_id=f"r-{i}")
+    )
     winners = [r for r in results if isinstance(r, pb.CancelSessionResponse)]
     losers = [r for r in results if isinstance(r, KaraError)]
     assert len(winners) == 1, results
-    assert all(e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "SESSION_NOT_BOOKED" for e in losers)
+    assert all(
+        e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "SESSION_NOT_BOOKED" for e in losers
+    )
     assert kara.get_session(session_id).state == winners[0].session.state
     account = kara.get_credit_account("client-1")
     assert account.held == 0 and account.available + account.used == 1
@@ -109,7 +116,9 @@ def test_concurrent_retries_with_one_request_id_all_get_the_winners_response(
     assert_ledger_balances(server)
 
 
-def test_concurrent_bookings_never_overdraw(kara: SessionsClient, server: RunningServer, clock: FakeClock) -> None:
+def test_concurrent_bookings_never_overdraw(
+    kara: SessionsClient, server: RunningServer, clock: FakeClock
+) -> None:
     kara.grant_credits("c", 3)
     results = _race(8, lambda i: kara.book("c", "p", clock.now() + timedelta(days=1, minutes=i)))
     booked = [r for r in results if isinstance(r, pb.Session)]
@@ -136,7 +145,10 @@ def _wait_serving(port: int, proc: subprocess.Popen[bytes], deadline: float = 30
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()!r}")  # type: ignore[union-attr]
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 time.sleep(0.1)
@@ -146,9 +158,22 @@ def _wait_serving(port: int, proc: subprocess.Popen[bytes], deadline: float = 30
 def start_server_process(database_url: str) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kara_sessions_client.cli", "serve", "--listen", f"127.0.0.1:{port}",
-         "--database-url", database_url, "--log-level", "WARNING", "--grace-seconds", "5"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "kara_sessions_client.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--database-url",
+            database_url,
+            "--log-level",
+            "WARNING",
+            "--grace-seconds",
+            "5",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     _wait_serving(port, proc)
     return proc, port
@@ -204,6 +229,11 @@ def test_two_server_processes_race_on_postgres(two_servers: tuple[str, str]) -> 
 
 def test_module_runs_as_cli() -> None:
     """The race test starts servers with `python -m kara_sessions_client.cli`; keep that working."""
-    out = subprocess.run([sys.executable, "-m", "kara_sessions_client.cli", "--help"], capture_output=True,
-                         text=True, check=True, env={**os.environ})
+    out = subprocess.run(
+        [sys.executable, "-m", "kara_sessions_client.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ},
+    )
     assert "serve" in out.stdout

@@ -26,20 +26,30 @@ class Row:
     balance_after: tuple[int, int, int]
 
 
-VOIDED_RETURNED = (pb.SESSION_STATE_CANCELLED_VOIDED, pb.PAYMENT_STATE_VOIDED, pb.PAYMENT_SECTION_UNPAID, (1, 0, 0))
+VOIDED_RETURNED = (
+    pb.SESSION_STATE_CANCELLED_VOIDED,
+    pb.PAYMENT_STATE_VOIDED,
+    pb.PAYMENT_SECTION_UNPAID,
+    (1, 0, 0),
+)
 PAID_TAKEN = (pb.SESSION_STATE_CANCELLED_PAID, pb.PAYMENT_STATE_PAID, pb.PAYMENT_SECTION_PAID, (0, 0, 1))
 
 ARTICLE = {
-    "client cancels with more than 24 hours notice: voided, credit returned":
-        Row("client", timedelta(hours=30), False, *VOIDED_RETURNED),
-    "professional cancels with more than 24 hours notice, box not ticked: voided, credit returned":
-        Row("professional", timedelta(hours=30), False, *VOIDED_RETURNED),
-    "client cancels with less than 24 hours notice: paid, credit taken automatically":
-        Row("client", timedelta(hours=3), False, *PAID_TAKEN),
-    "scenario 1: client emailed late, professional ticks the charge box: paid, credit taken":
-        Row("professional", timedelta(hours=3), True, *PAID_TAKEN),
-    "scenario 2: professional cancels late, box not ticked: voided, credit returned":
-        Row("professional", timedelta(hours=3), False, *VOIDED_RETURNED),
+    "client cancels with more than 24 hours notice: voided, credit returned": Row(
+        "client", timedelta(hours=30), False, *VOIDED_RETURNED
+    ),
+    "professional cancels with more than 24 hours notice, box not ticked: voided, credit returned": Row(
+        "professional", timedelta(hours=30), False, *VOIDED_RETURNED
+    ),
+    "client cancels with less than 24 hours notice: paid, credit taken automatically": Row(
+        "client", timedelta(hours=3), False, *PAID_TAKEN
+    ),
+    "scenario 1: client emailed late, professional ticks the charge box: paid, credit taken": Row(
+        "professional", timedelta(hours=3), True, *PAID_TAKEN
+    ),
+    "scenario 2: professional cancels late, box not ticked: voided, credit returned": Row(
+        "professional", timedelta(hours=3), False, *VOIDED_RETURNED
+    ),
 }
 
 
@@ -90,7 +100,9 @@ def test_preview_predicts_the_article_row_and_changes_nothing(
     clock.advance(timedelta(days=5) - row.notice)
     preview = kara.preview(session_id, row.cancelled_by, charge_client=row.charge_client)
     assert (preview.session_state, preview.payment_state, preview.payment_section) == (
-        row.session_state, row.payment_state, row.section,
+        row.session_state,
+        row.payment_state,
+        row.section,
     )
     assert preview.late == (row.notice < timedelta(hours=24))
     assert preview.notice_seconds == int(row.notice.total_seconds())

@@ -19,7 +19,15 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from .client import DEFAULT_TARGET, DEFAULT_TIMEOUT, PARTIES, SECTIONS, SESSION_STATES, KaraError, SessionsClient
+from .client import (
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    PARTIES,
+    SECTIONS,
+    SESSION_STATES,
+    KaraError,
+    SessionsClient,
+)
 
 REFUSED = 1
 UNREACHABLE = 3
@@ -36,7 +44,7 @@ _RELATIVE = re.compile(r"^([+-])(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
-class When(click.ParamType):
+class When(click.ParamType[datetime, str]):
     """An ISO-8601 time with a timezone (2026-12-01T10:00:00Z) or a time relative to now (+3h, -30m, +2d)."""
 
     name = "TIME"
@@ -106,7 +114,9 @@ def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KARA"})
 @click.option("--target", default=DEFAULT_TARGET, show_default=True, help="Server address host:port.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Deadline per call, s.")
+@click.option(
+    "--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Deadline per call, s."
+)
 @click.pass_context
 def main(ctx: click.Context, target: str, as_json: bool, timeout: float) -> None:
     """kara-sessions: sponsored-credit cancellations over gRPC.
@@ -133,11 +143,19 @@ def main(ctx: click.Context, target: str, as_json: bool, timeout: float) -> None
     show_default=True,
     help="Notice at least this long is enough notice; shorter is a late cancellation.",
 )
-@click.option("--max-workers", type=click.IntRange(1, 256), default=16, show_default=True, help="RPC threads.")
-@click.option("--grace-seconds", type=click.FloatRange(0), default=10.0, show_default=True,
-              help="On SIGTERM/SIGINT, how long calls in flight may finish.")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
-              show_default=True)
+@click.option(
+    "--max-workers", type=click.IntRange(1, 256), default=16, show_default=True, help="RPC threads."
+)
+@click.option(
+    "--grace-seconds",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM/SIGINT, how long calls in flight may finish.",
+)
+@click.option(
+    "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO", show_default=True
+)
 def serve(
     listen: str,
     database_url: str,
@@ -147,7 +165,8 @@ def serve(
     log_level: str,
 ) -> None:
     """Serve SessionService and CreditService (plus health and reflection)."""
-    from kara_sessions_server.app import Settings, serve as run_server
+    from kara_sessions_server.app import Settings
+    from kara_sessions_server.app import serve as run_server
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(
@@ -169,18 +188,25 @@ def serve(
 @click.option("--starts-at", type=WHEN, required=True, help="ISO-8601 with timezone, or relative (+3d).")
 @click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
 @click.pass_context
-def book(ctx: click.Context, client_id: str, professional_id: str, starts_at: datetime, request_id: str | None) -> None:
+def book(
+    ctx: click.Context, client_id: str, professional_id: str, starts_at: datetime, request_id: str | None
+) -> None:
     """Book a session, holding one of the client's sponsored credits."""
     _run(ctx, lambda c: c.book(client_id, professional_id, starts_at, request_id))
 
 
 def _cancel_options(f: Callable[..., None]) -> Callable[..., None]:
     f = click.option("--reason", default="", help="Free text, at most 1000 characters.")(f)
-    f = click.option("--notified-at", type=WHEN, default=None,
-                     help="When notice was given (professionals only), e.g. when the client's email came.")(f)
+    f = click.option(
+        "--notified-at",
+        type=WHEN,
+        default=None,
+        help="When notice was given (professionals only), e.g. when the client's email came.",
+    )(f)
     f = click.option("--charge-client", is_flag=True, help="Tick 'Charge the client for this session'.")(f)
-    f = click.option("--by", "cancelled_by", type=click.Choice(sorted(PARTIES)), required=True,
-                     help="Who cancels.")(f)
+    f = click.option(
+        "--by", "cancelled_by", type=click.Choice(sorted(PARTIES)), required=True, help="Who cancels."
+    )(f)
     return click.argument("session_id")(f)
 
 
@@ -188,21 +214,47 @@ def _cancel_options(f: Callable[..., None]) -> Callable[..., None]:
 @_cancel_options
 @click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
 @click.pass_context
-def cancel(ctx: click.Context, session_id: str, cancelled_by: str, charge_client: bool,
-           notified_at: datetime | None, reason: str, request_id: str | None) -> None:
+def cancel(
+    ctx: click.Context,
+    session_id: str,
+    cancelled_by: str,
+    charge_client: bool,
+    notified_at: datetime | None,
+    reason: str,
+    request_id: str | None,
+) -> None:
     """Cancel a booked session; prints the session and its payment."""
-    _run(ctx, lambda c: c.cancel(session_id, cancelled_by, charge_client=charge_client,
-                                 notified_at=notified_at, reason=reason, request_id=request_id))
+    _run(
+        ctx,
+        lambda c: c.cancel(
+            session_id,
+            cancelled_by,
+            charge_client=charge_client,
+            notified_at=notified_at,
+            reason=reason,
+            request_id=request_id,
+        ),
+    )
 
 
 @main.command()
 @_cancel_options
 @click.pass_context
-def preview(ctx: click.Context, session_id: str, cancelled_by: str, charge_client: bool,
-            notified_at: datetime | None, reason: str) -> None:
+def preview(
+    ctx: click.Context,
+    session_id: str,
+    cancelled_by: str,
+    charge_client: bool,
+    notified_at: datetime | None,
+    reason: str,
+) -> None:
     """Show what a cancellation would do, without doing it."""
-    _run(ctx, lambda c: c.preview(session_id, cancelled_by, charge_client=charge_client,
-                                  notified_at=notified_at, reason=reason))
+    _run(
+        ctx,
+        lambda c: c.preview(
+            session_id, cancelled_by, charge_client=charge_client, notified_at=notified_at, reason=reason
+        ),
+    )
 
 
 @main.command()
@@ -229,8 +281,14 @@ def session(ctx: click.Context, session_id: str) -> None:
 @click.option("--page-size", type=int, default=0)
 @click.option("--page-token", default="")
 @click.pass_context
-def sessions(ctx: click.Context, professional_id: str, client_id: str, state: str | None, page_size: int,
-             page_token: str) -> None:
+def sessions(
+    ctx: click.Context,
+    professional_id: str,
+    client_id: str,
+    state: str | None,
+    page_size: int,
+    page_token: str,
+) -> None:
     """List sessions (the Sessions tab), oldest start first."""
     _run(ctx, lambda c: c.list_sessions(professional_id, client_id, state, page_size, page_token))
 
@@ -280,8 +338,12 @@ def credits_show(ctx: click.Context, client_id: str, page_size: int, page_token:
 
 
 @main.command()
-@click.option("--target", "demo_target", default=None,
-              help="Run against this server instead of a throwaway one (it must use the 24 h window).")
+@click.option(
+    "--target",
+    "demo_target",
+    default=None,
+    help="Run against this server instead of a throwaway one (it must use the 24 h window).",
+)
 def demo(demo_target: str | None) -> None:
     """Play the help-centre article's five scenarios and show what happens to the credit."""
     from .demo import run_demo

@@ -16,16 +16,17 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from kara.sessions.v1 import credits_pb2 as cpb
-from kara.sessions.v1 import credits_pb2_grpc
+from kara.sessions.v1 import credits_pb2_grpc, sessions_pb2_grpc
 from kara.sessions.v1 import sessions_pb2 as pb
-from kara.sessions.v1 import sessions_pb2_grpc
+
+R = TypeVar("R")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
@@ -43,7 +44,10 @@ _RETRY_SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": "kara.sessions.v1.SessionService"}, {"service": "kara.sessions.v1.CreditService"}],
+                "name": [
+                    {"service": "kara.sessions.v1.SessionService"},
+                    {"service": "kara.sessions.v1.CreditService"},
+                ],
                 "retryPolicy": {
                     "maxAttempts": 4,
                     "initialBackoff": "0.1s",
@@ -125,11 +129,13 @@ class SessionsClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: Any, request: Any) -> Any:
+    def _call(self, method: Any, request: Any, response_type: type[R]) -> R:
         try:
-            return method(request, timeout=self.timeout, metadata=self.metadata)
+            response = method(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise KaraError.from_rpc_error(exc) from None
+        assert isinstance(response, response_type)
+        return response
 
     # --- sessions ---
 
@@ -144,10 +150,11 @@ class SessionsClient:
                 starts_at=timestamp(starts_at),
                 request_id=request_id or new_request_id(),
             ),
+            pb.Session,
         )
 
     def get_session(self, session_id: str) -> pb.Session:
-        return self._call(self.sessions.GetSession, pb.GetSessionRequest(session_id=session_id))
+        return self._call(self.sessions.GetSession, pb.GetSessionRequest(session_id=session_id), pb.Session)
 
     def list_sessions(
         self,
@@ -166,6 +173,7 @@ class SessionsClient:
                 page_size=page_size,
                 page_token=page_token,
             ),
+            pb.ListSessionsResponse,
         )
 
     @staticmethod
@@ -201,7 +209,7 @@ class SessionsClient:
         request = self._cancel_request(
             session_id, cancelled_by, charge_client, notified_at, reason, request_id or new_request_id()
         )
-        return self._call(self.sessions.CancelSession, request)
+        return self._call(self.sessions.CancelSession, request, pb.CancelSessionResponse)
 
     def preview(
         self,
@@ -213,16 +221,17 @@ class SessionsClient:
         reason: str = "",
     ) -> pb.PreviewCancellationResponse:
         request = self._cancel_request(session_id, cancelled_by, charge_client, notified_at, reason, "")
-        return self._call(self.sessions.PreviewCancellation, request)
+        return self._call(self.sessions.PreviewCancellation, request, pb.PreviewCancellationResponse)
 
     def complete(self, session_id: str, request_id: str | None = None) -> pb.Session:
         return self._call(
             self.sessions.CompleteSession,
             pb.CompleteSessionRequest(session_id=session_id, request_id=request_id or new_request_id()),
+            pb.Session,
         )
 
     def get_payment(self, session_id: str) -> pb.Payment:
-        return self._call(self.sessions.GetPayment, pb.GetPaymentRequest(session_id=session_id))
+        return self._call(self.sessions.GetPayment, pb.GetPaymentRequest(session_id=session_id), pb.Payment)
 
     def list_payments(
         self, professional_id: str, section: str, page_size: int = 0, page_token: str = ""
@@ -235,6 +244,7 @@ class SessionsClient:
                 page_size=page_size,
                 page_token=page_token,
             ),
+            pb.ListPaymentsResponse,
         )
 
     # --- credits ---
@@ -242,13 +252,19 @@ class SessionsClient:
     def grant_credits(self, client_id: str, credits: int, request_id: str | None = None) -> cpb.CreditAccount:
         return self._call(
             self.credits.GrantCredits,
-            cpb.GrantCreditsRequest(client_id=client_id, credits=credits, request_id=request_id or new_request_id()),
+            cpb.GrantCreditsRequest(
+                client_id=client_id, credits=credits, request_id=request_id or new_request_id()
+            ),
+            cpb.CreditAccount,
         )
 
-    def get_credit_account(self, client_id: str, page_size: int = 0, page_token: str = "") -> cpb.CreditAccount:
+    def get_credit_account(
+        self, client_id: str, page_size: int = 0, page_token: str = ""
+    ) -> cpb.CreditAccount:
         return self._call(
             self.credits.GetCreditAccount,
             cpb.GetCreditAccountRequest(client_id=client_id, page_size=page_size, page_token=page_token),
+            cpb.CreditAccount,
         )
 
 

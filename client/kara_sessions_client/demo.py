@@ -27,7 +27,12 @@ SCENARIOS = (
     Scenario("Client cancels with more than 24 h notice", "client", timedelta(days=3), False),
     Scenario("Professional cancels with more than 24 h notice", "professional", timedelta(days=3), False),
     Scenario("Client cancels with less than 24 h notice", "client", timedelta(hours=3), False),
-    Scenario("Professional cancels late and charges (client emailed late)", "professional", timedelta(hours=3), True),
+    Scenario(
+        "Professional cancels late and charges (client emailed late)",
+        "professional",
+        timedelta(hours=3),
+        True,
+    ),
     Scenario("Professional cancels late without charging", "professional", timedelta(hours=3), False),
 )
 
@@ -52,13 +57,19 @@ def play(client: SessionsClient) -> None:
         )
         after = client.get_credit_account(client_id, page_size=1)
         c = result.session.cancellation
-        moved = "returned to client" if result.payment.state == pb.PAYMENT_STATE_VOIDED else "taken (invoiceable)"
+        moved = (
+            "returned to client" if result.payment.state == pb.PAYMENT_STATE_VOIDED else "taken (invoiceable)"
+        )
         click.echo(f"{number}. {scenario.title}")
-        click.echo(f"   cancelled by {scenario.cancelled_by}, notice {c.notice_seconds / 3600:.1f} h, "
-                   f"charge box {'ticked' if scenario.charge_client else 'clear'}")
+        click.echo(
+            f"   cancelled by {scenario.cancelled_by}, notice {c.notice_seconds / 3600:.1f} h, "
+            f"charge box {'ticked' if scenario.charge_client else 'clear'}"
+        )
         click.echo(f"   session {session.session_id}: {_name(pb.SessionState, result.session.state)}")
-        click.echo(f"   payment: {_name(pb.PaymentState, result.payment.state)} "
-                   f"in section {_name(pb.PaymentSection, result.payment.section)}; credit {moved}")
+        click.echo(
+            f"   payment: {_name(pb.PaymentState, result.payment.state)} "
+            f"in section {_name(pb.PaymentSection, result.payment.section)}; credit {moved}"
+        )
         click.echo(f"   credits before: {_balance(before)}")
         click.echo(f"   credits after:  {_balance(after)}\n")
 

@@ -103,7 +103,9 @@ def serve(settings: Settings) -> None:
     done = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s, shutting down (grace %.0fs)", signal.Signals(signum).name, settings.grace_seconds)
+        log.info(
+            "received %s, shutting down (grace %.0fs)", signal.Signals(signum).name, settings.grace_seconds
+        )
         done.set()
 
     signal.signal(signal.SIGTERM, on_signal)

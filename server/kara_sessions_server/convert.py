@@ -31,24 +31,30 @@ MAX_ID_LENGTH = 128
 MAX_REASON_LENGTH = 1000
 MAX_GRANT = 10_000
 # Printable ASCII without spaces: ids from other systems pass, stray whitespace does not.
-_ID = re.compile(r"[!-~]{1,%d}" % MAX_ID_LENGTH)
+_ID = re.compile(rf"[!-~]{{1,{MAX_ID_LENGTH}}}")
 
-SESSION_STATE_TO_PB = {
+SESSION_STATE_TO_PB: dict[SessionState, pb.SessionState] = {
     SessionState.BOOKED: pb.SESSION_STATE_BOOKED,
     SessionState.CANCELLED_VOIDED: pb.SESSION_STATE_CANCELLED_VOIDED,
     SessionState.CANCELLED_PAID: pb.SESSION_STATE_CANCELLED_PAID,
     SessionState.COMPLETED: pb.SESSION_STATE_COMPLETED,
 }
-SESSION_STATE_FROM_PB = {v: k for k, v in SESSION_STATE_TO_PB.items()}
-PARTY_TO_PB = {Party.CLIENT: pb.PARTY_CLIENT, Party.PROFESSIONAL: pb.PARTY_PROFESSIONAL}
-PARTY_FROM_PB = {v: k for k, v in PARTY_TO_PB.items()}
+SESSION_STATE_FROM_PB: dict[int, SessionState] = {int(v): k for k, v in SESSION_STATE_TO_PB.items()}
+PARTY_TO_PB: dict[Party, pb.Party] = {
+    Party.CLIENT: pb.PARTY_CLIENT,
+    Party.PROFESSIONAL: pb.PARTY_PROFESSIONAL,
+}
+PARTY_FROM_PB: dict[int, Party] = {int(v): k for k, v in PARTY_TO_PB.items()}
 PAYMENT_STATE_TO_PB = {
     PaymentState.PENDING: pb.PAYMENT_STATE_PENDING,
     PaymentState.VOIDED: pb.PAYMENT_STATE_VOIDED,
     PaymentState.PAID: pb.PAYMENT_STATE_PAID,
 }
-SECTION_TO_PB = {PaymentSection.UNPAID: pb.PAYMENT_SECTION_UNPAID, PaymentSection.PAID: pb.PAYMENT_SECTION_PAID}
-SECTION_FROM_PB = {v: k for k, v in SECTION_TO_PB.items()}
+SECTION_TO_PB: dict[PaymentSection, pb.PaymentSection] = {
+    PaymentSection.UNPAID: pb.PAYMENT_SECTION_UNPAID,
+    PaymentSection.PAID: pb.PAYMENT_SECTION_PAID,
+}
+SECTION_FROM_PB: dict[int, PaymentSection] = {int(v): k for k, v in SECTION_TO_PB.items()}
 LEDGER_KIND_TO_PB = {
     LedgerKind.GRANT: cpb.LEDGER_ENTRY_KIND_GRANT,
     LedgerKind.HOLD: cpb.LEDGER_ENTRY_KIND_HOLD,

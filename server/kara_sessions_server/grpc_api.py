@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import grpc
 from kara.sessions.v1 import credits_pb2 as cpb
-from kara.sessions.v1 import credits_pb2_grpc
+from kara.sessions.v1 import credits_pb2_grpc, sessions_pb2_grpc
 from kara.sessions.v1 import sessions_pb2 as pb
-from kara.sessions.v1 import sessions_pb2_grpc
 
 from .convert import (
     MAX_GRANT,

@@ -50,6 +50,15 @@ def domain_status(error: DomainError) -> grpc.Status:
     return _status(code_pb2.FAILED_PRECONDITION, error.message, info)
 
 
+def _abort_incident(context: grpc.ServicerContext, method: str, code: int, reason: str, what: str) -> None:
+    """Logs the traceback under an incident id and gives the caller only the id."""
+    incident = uuid.uuid4().hex[:12]
+    log.exception("%s in %s (incident %s)", what, method, incident)
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata={"incident": incident})
+    message = f"{what} (incident {incident}); retry with the same request_id, it is never applied twice"
+    context.abort_with_status(_status(code, message, info))
+
+
 def handle_errors(method: F) -> F:
     """Wraps a servicer method: domain errors become their status; anything else is logged
     with its traceback here and reaches the caller only as a short message with an incident id."""
@@ -61,26 +70,14 @@ def handle_errors(method: F) -> F:
         except DomainError as exc:
             context.abort_with_status(domain_status(exc))
         except pw.OperationalError:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("database unavailable in %s (incident %s)", method.__name__, incident)
-            info = error_details_pb2.ErrorInfo(
-                reason="DATABASE_UNAVAILABLE", domain=ERROR_DOMAIN, metadata={"incident": incident}
-            )
-            context.abort_with_status(
-                _status(
-                    code_pb2.UNAVAILABLE,
-                    f"the database is unavailable or busy; retry with the same request_id (incident {incident})",
-                    info,
-                )
+            _abort_incident(
+                context,
+                method.__name__,
+                code_pb2.UNAVAILABLE,
+                "DATABASE_UNAVAILABLE",
+                "the database is unavailable or busy",
             )
         except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("unexpected error in %s (incident %s)", method.__name__, incident)
-            info = error_details_pb2.ErrorInfo(
-                reason="INTERNAL", domain=ERROR_DOMAIN, metadata={"incident": incident}
-            )
-            context.abort_with_status(
-                _status(code_pb2.INTERNAL, f"internal error (incident {incident}); a retry with the same request_id is never applied twice", info)
-            )
+            _abort_incident(context, method.__name__, code_pb2.INTERNAL, "INTERNAL", "internal error")
 
     return wrapper  # type: ignore[return-value]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,7 +20,7 @@ class StoredResult:
     result: str
 
 
-def fingerprint(operation: str, params: dict[str, object]) -> str:
+def fingerprint(operation: str, params: Mapping[str, object]) -> str:
     canonical = json.dumps([operation, params], sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

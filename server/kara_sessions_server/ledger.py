@@ -104,11 +104,11 @@ def entries(client_id: str, size: int, token: str) -> Page[LedgerEntry]:
     """Newest first."""
     query_id = ("ledger", client_id)
     after = decode(query_id, token)
-    L = LedgerEntryRow
-    query = L.select().where(L.client_id == client_id)
+    entry = LedgerEntryRow
+    query = entry.select().where(entry.client_id == client_id)
     if after is not None:
-        query = query.where(L.entry_id < int(after[0]))
-    rows = list(query.order_by(L.entry_id.desc()).limit(size + 1))
+        query = query.where(entry.entry_id < int(after[0]))
+    rows = list(query.order_by(entry.entry_id.desc()).limit(size + 1))
     more = len(rows) > size
     rows = rows[:size]
     items = tuple(

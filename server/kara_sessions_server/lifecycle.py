@@ -18,9 +18,9 @@ from .errors import SessionNotBooked, SessionNotStarted
 from .model import (
     CREDIT_MOVE_FOR_STATE,
     PAYMENT_FOR_STATE,
-    CancelSession,
     Cancellation,
     CancellationOutcome,
+    CancelSession,
     Session,
     SessionState,
 )

@@ -205,7 +205,9 @@ def list_sessions(
         query = query.where(S.state == state.value)
     if after is not None:
         at, sid = int(after[0]), str(after[1])
-        query = query.where((S.starts_at > from_micros(at)) | ((S.starts_at == from_micros(at)) & (S.session_id > sid)))
+        query = query.where(
+            (S.starts_at > from_micros(at)) | ((S.starts_at == from_micros(at)) & (S.session_id > sid))
+        )
     rows = list(query.order_by(S.starts_at, S.session_id).limit(size + 1))
     more = len(rows) > size
     rows = rows[:size]
@@ -224,13 +226,9 @@ def list_payments(professional_id: str, section: PaymentSection, size: int, toke
     )
     if after is not None:
         at, sid = from_micros(int(after[0])), str(after[1])
-        query = query.where(
-            (P.session_starts_at < at) | ((P.session_starts_at == at) & (P.session_id < sid))
-        )
+        query = query.where((P.session_starts_at < at) | ((P.session_starts_at == at) & (P.session_id < sid)))
     rows = list(query.order_by(P.session_starts_at.desc(), P.session_id.desc()).limit(size + 1))
     more = len(rows) > size
     rows = rows[:size]
-    token_out = (
-        encode(query_id, [to_micros(rows[-1].session_starts_at), rows[-1].session_id]) if more else ""
-    )
-    return Page(tuple(_payment(r, r.session_row) for r in rows), token_out)
+    token_out = encode(query_id, [to_micros(rows[-1].session_starts_at), rows[-1].session_id]) if more else ""
+    return Page(tuple(_payment(r, r.session_row) for r in rows), token_out)  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ movement, the payment and the audit record in a single transaction."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TypeVar
@@ -77,7 +77,11 @@ class Services:
             repository.audit(None, session, "BOOK", SYSTEM_ACTOR, cmd.request_id, now)
             return session
 
-        params = {"client_id": cmd.client_id, "professional_id": cmd.professional_id, "starts_at": cmd.starts_at}
+        params = {
+            "client_id": cmd.client_id,
+            "professional_id": cmd.professional_id,
+            "starts_at": cmd.starts_at,
+        }
         return self._mutate(
             "BookSession", cmd.request_id, params, work, snapshots.dump_session, snapshots.load_session
         )
@@ -103,7 +107,12 @@ class Services:
             "reason": cmd.reason,
         }
         return self._mutate(
-            "CancelSession", cmd.request_id, params, work, snapshots.dump_settlement, snapshots.load_settlement
+            "CancelSession",
+            cmd.request_id,
+            params,
+            work,
+            snapshots.dump_settlement,
+            snapshots.load_settlement,
         )
 
     def preview_cancellation(self, cmd: CancelSession) -> CancellationOutcome:
@@ -151,7 +160,9 @@ class Services:
         with UnitOfWork(self.storage, write=False):
             return repository.get_payment(session_id)
 
-    def list_payments(self, professional_id: str, section: PaymentSection, size: int, token: str) -> Page[Payment]:
+    def list_payments(
+        self, professional_id: str, section: PaymentSection, size: int, token: str
+    ) -> Page[Payment]:
         size = page_size(size)
         with UnitOfWork(self.storage, write=False):
             return repository.list_payments(professional_id, section, size, token)
@@ -183,7 +194,7 @@ class Services:
         self,
         operation: str,
         request_id: str,
-        params: dict[str, object],
+        params: Mapping[str, object],
         work: Callable[[UnitOfWork, datetime], R],
         dump: Callable[[R], str],
         load: Callable[[str], R],

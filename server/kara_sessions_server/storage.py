@@ -10,7 +10,7 @@ from urllib.parse import urlparse, urlsplit
 
 import peewee as pw
 from playhouse.db_url import parseresult_to_dict
-from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
+from playhouse.pool import PooledDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT_DATABASE_URL = "sqlite:///kara-sessions.db"
@@ -167,7 +167,7 @@ TABLES: list[type[Table]] = [
 class Storage:
     """An open database: the peewee Database plus how to begin a transaction on it."""
 
-    def __init__(self, db: pw.Database):
+    def __init__(self, db: PooledDatabase):
         self.db = db
         self.is_sqlite = isinstance(db, pw.SqliteDatabase)
 
@@ -204,7 +204,7 @@ def open_storage(url: str, *, max_connections: int = 32, create_schema: bool = T
     return storage
 
 
-def _connect(url: str, max_connections: int) -> pw.Database:
+def _connect(url: str, max_connections: int) -> PooledDatabase:
     pool = {
         "max_connections": max_connections,
         "stale_timeout": STALE_CONNECTION_SECONDS,
