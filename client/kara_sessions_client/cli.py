@@ -12,7 +12,8 @@ import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import click
 import grpc
@@ -25,7 +26,9 @@ from .client import (
     PARTIES,
     SECTIONS,
     SESSION_STATES,
+    TLS,
     KaraError,
+    RetryPolicy,
     SessionsClient,
 )
 
@@ -98,9 +101,31 @@ def _print_tree(data: Any, indent: int = 0) -> None:
         click.echo(f"{pad}{data}")
 
 
+def _client(ctx: click.Context) -> SessionsClient:
+    obj = ctx.obj
+    tls = None
+    if obj["tls"]:
+        tls = TLS(
+            root_certificates=_read(obj["ca_file"]),
+            certificate_chain=_read(obj["cert_file"]),
+            private_key=_read(obj["key_file"]),
+        )
+    return SessionsClient(
+        obj["target"],
+        timeout=obj["timeout"],
+        retry=RetryPolicy(attempts=obj["attempts"]),
+        tls=tls,
+        token=obj["token"],
+    )
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
 def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
     obj = ctx.obj
-    with SessionsClient(obj["target"], timeout=obj["timeout"]) as client:
+    with _client(ctx) as client:
         try:
             result = call(client)
         except KaraError as exc:
@@ -115,16 +140,57 @@ def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
 @click.option("--target", default=DEFAULT_TARGET, show_default=True, help="Server address host:port.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option(
-    "--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Deadline per call, s."
+    "--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Deadline per attempt, s."
 )
+@click.option(
+    "--attempts",
+    type=click.IntRange(1, 20),
+    default=4,
+    show_default=True,
+    help="Tries per call on UNAVAILABLE / DEADLINE_EXCEEDED (with backoff; the request_id is kept).",
+)
+@click.option("--tls", is_flag=True, help="Connect with TLS (implied by --ca-file/--cert-file).")
+@click.option(
+    "--ca-file", type=click.Path(exists=True, dir_okay=False), help="PEM CA bundle to verify the server."
+)
+@click.option(
+    "--cert-file", type=click.Path(exists=True, dir_okay=False), help="PEM client certificate (mTLS)."
+)
+@click.option(
+    "--key-file", type=click.Path(exists=True, dir_okay=False), help="PEM client private key (mTLS)."
+)
+@click.option("--token", envvar="KARA_TOKEN", default=None, help="Bearer token (env KARA_TOKEN).")
 @click.pass_context
-def main(ctx: click.Context, target: str, as_json: bool, timeout: float) -> None:
+def main(
+    ctx: click.Context,
+    target: str,
+    as_json: bool,
+    timeout: float,
+    attempts: int,
+    tls: bool,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
+    token: str | None,
+) -> None:
     """kara-sessions: sponsored-credit cancellations over gRPC.
 
     Options can also come from the environment: KARA_TARGET, KARA_JSON, KARA_DATABASE_URL,
     KARA_SERVE_LISTEN, ... (KARA_ + the command + the option name).
     """
-    ctx.obj = {"target": target, "json": as_json, "timeout": timeout}
+    if bool(cert_file) != bool(key_file):
+        raise click.UsageError("--cert-file and --key-file go together")
+    ctx.obj = {
+        "target": target,
+        "json": as_json,
+        "timeout": timeout,
+        "attempts": attempts,
+        "tls": tls or bool(ca_file or cert_file),
+        "ca_file": ca_file,
+        "cert_file": cert_file,
+        "key_file": key_file,
+        "token": token,
+    }
 
 
 @main.command()
@@ -335,6 +401,62 @@ def credits_grant(ctx: click.Context, client_id: str, amount: int, request_id: s
 def credits_show(ctx: click.Context, client_id: str, page_size: int, page_token: str) -> None:
     """Show a client's balance and ledger, newest entry first."""
     _run(ctx, lambda c: c.get_credit_account(client_id, page_size, page_token))
+
+
+@main.command("bulk-cancel")
+@click.argument("file", type=click.File("r", encoding="utf-8-sig"))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "csv", "jsonl"]),
+    default="auto",
+    show_default=True,
+    help="auto: JSON Lines if the first character is '{', else CSV.",
+)
+@click.option("--dry-run", is_flag=True, help="Preview every row (PreviewCancellation); change nothing.")
+@click.option(
+    "--concurrency", type=click.IntRange(1, 64), default=4, show_default=True, help="Calls in flight."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="At most this many rows started per second (default: no limit).",
+)
+@click.option(
+    "--results",
+    "results_path",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write one line per row here: CSV, or JSON Lines if it ends in .jsonl.",
+)
+@click.option("--strict", is_flag=True, help="If any row is malformed, send nothing.")
+@click.pass_context
+def bulk_cancel(
+    ctx: click.Context,
+    file: TextIO,
+    fmt: str,
+    dry_run: bool,
+    concurrency: int,
+    rate: float | None,
+    results_path: str | None,
+    strict: bool,
+) -> None:
+    """Cancel every session listed in FILE (CSV or JSON Lines; - for stdin).
+
+    Columns: session_id, cancelled_by (client|professional), charge_client (true|false),
+    notified_at (ISO-8601, optional), reason (optional), request_id (optional).
+    Each row's request_id defaults to one derived from the row, so running the same file again
+    after a crash completes what is missing and charges nothing twice.
+
+    Exit codes: 0 every row done; 1 a row was refused or malformed; 3 a row failed for a
+    transient reason after retries (run the same file again).
+    """
+    from .bulk_report import run_bulk
+
+    with _client(ctx) as client:
+        code = run_bulk(client, file, fmt, dry_run, concurrency, rate, results_path, strict)
+    ctx.exit(code)
 
 
 @main.command()

@@ -5,13 +5,14 @@
         result = kara.cancel(session.session_id, cancelled_by="client")
 
 Errors are raised as KaraError with the gRPC code and the ErrorInfo reason. Mutations get a
-fresh request_id unless one is given; transient UNAVAILABLE failures are retried by gRPC itself
-with the same request_id, which the server never applies twice.
+fresh request_id unless one is given; transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) are
+retried with backoff and the same request_id, which the server never applies twice.
 """
 
 from __future__ import annotations
 
-import json
+import random
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,25 +41,38 @@ SESSION_STATES = {
     "completed": pb.SESSION_STATE_COMPLETED,
 }
 
-_RETRY_SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [
-                    {"service": "kara.sessions.v1.SessionService"},
-                    {"service": "kara.sessions.v1.CreditService"},
-                ],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
+# Transient failures worth another attempt. A mutation is retried with its request_id, so the
+# server applies it at most once even when the first attempt committed but its answer was lost.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for RETRYABLE codes; a refusal (INVALID_ARGUMENT,
+    FAILED_PRECONDITION, ...) is never retried."""
+
+    attempts: int = 4
+    initial_backoff: float = 0.2
+    max_backoff: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.max_backoff, self.initial_backoff * 2**attempt) * random.uniform(0.5, 1.0))
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+@dataclass(frozen=True)
+class TLS:
+    """Server authentication (root_certificates: PEM of the CA; None = system roots) and, for
+    mutual TLS, the client's own certificate chain and private key (PEM)."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
 
 @dataclass
@@ -70,6 +84,12 @@ class KaraError(Exception):
     reason: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     field_violations: list[tuple[str, str]] = field(default_factory=list)
+    attempts: int = 1
+
+    @property
+    def transient(self) -> bool:
+        """True when the call might succeed if tried again later (server unreachable or slow)."""
+        return self.code in RETRYABLE
 
     def __str__(self) -> str:
         reason = f" [{self.reason}]" if self.reason else ""
@@ -109,14 +129,21 @@ class SessionsClient:
         target: str = DEFAULT_TARGET,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy = RetryPolicy(),
+        tls: TLS | None = None,
+        token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.Channel | None = None,
     ):
-        self.channel = channel or grpc.insecure_channel(
-            target, options=[("grpc.service_config", _RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
-        )
+        """`timeout` is the deadline of each attempt, in seconds; `token` is sent as
+        `authorization: Bearer <token>`; `metadata` is added to every call."""
+        if channel is None:
+            channel = grpc.secure_channel(target, tls.credentials()) if tls else grpc.insecure_channel(target)
+        self.channel = channel
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.retry = retry
+        auth = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = (*auth, *metadata)
         self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
         self.credits = credits_pb2_grpc.CreditServiceStub(self.channel)
 
@@ -130,12 +157,20 @@ class SessionsClient:
         self.channel.close()
 
     def _call(self, method: Any, request: Any, response_type: type[R]) -> R:
-        try:
-            response = method(request, timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as exc:
-            raise KaraError.from_rpc_error(exc) from None
-        assert isinstance(response, response_type)
-        return response
+        attempt = 0
+        while True:
+            try:
+                response = method(request, timeout=self.timeout, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                error = KaraError.from_rpc_error(exc)
+                attempt += 1
+                if error.code not in RETRYABLE or attempt >= self.retry.attempts:
+                    error.attempts = attempt
+                    raise error from None
+                time.sleep(self.retry.delay(attempt - 1))
+                continue
+            assert isinstance(response, response_type)
+            return response
 
     # --- sessions ---
 
@@ -268,4 +303,4 @@ class SessionsClient:
         )
 
 
-__all__ = ["KaraError", "SessionsClient"]
+__all__ = ["NO_RETRY", "TLS", "KaraError", "RetryPolicy", "SessionsClient"]

@@ -1,0 +1,330 @@
+"""`kara-sessions bulk-cancel`: cancel (or preview) many sessions from a CSV or JSON Lines file.
+
+Each row's request_id comes from the row itself (or its request_id column), so running the same
+file again after a crash or Ctrl-C completes what is missing and charges nothing twice: rows
+that already went through get their first result back from the server.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from kara.sessions.v1 import sessions_pb2 as pb
+
+from .client import PARTIES, KaraError, SessionsClient
+
+# Fixed namespace: the same row always maps to the same request_id, on any machine.
+REQUEST_ID_NAMESPACE = uuid.UUID("6f1d2a8e-4b7c-5e19-9a3d-0c8b7e6f5a41")
+COLUMNS = ("session_id", "cancelled_by", "charge_client", "notified_at", "reason", "request_id")
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f", ""}
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int
+    session_id: str
+    cancelled_by: str
+    charge_client: bool
+    notified_at: datetime | None
+    reason: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Malformed:
+    line: int
+    session_id: str
+    message: str
+
+
+@dataclass
+class Result:
+    line: int
+    session_id: str
+    cancelled_by: str
+    status: str  # OK, a gRPC code name (refused/failed), or MALFORMED
+    reason: str = ""  # the server's ErrorInfo reason, e.g. SESSION_NOT_BOOKED
+    outcome: str = ""  # VOIDED or PAID
+    notice_seconds: int | None = None
+    credits_returned: int = 0
+    credits_taken: int = 0
+    message: str = ""
+    request_id: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+
+def derive_request_id(
+    session_id: str, cancelled_by: str, charge_client: bool, notified_at: datetime | None, reason: str
+) -> str:
+    canonical = "\x1f".join(
+        [
+            "bulk-cancel/v1",
+            session_id,
+            cancelled_by,
+            str(charge_client).lower(),
+            notified_at.isoformat() if notified_at else "",
+            reason,
+        ]
+    )
+    return f"bulk-{uuid.uuid5(REQUEST_ID_NAMESPACE, canonical)}"
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_rows(stream: IO[str], fmt: str) -> tuple[list[Row], list[Malformed]]:
+    """Parses every row; malformed ones are returned separately with their line numbers."""
+    text = stream.read()
+    if fmt == "auto":
+        fmt = "jsonl" if text.lstrip().startswith("{") else "csv"
+    records = _jsonl_records(text) if fmt == "jsonl" else _csv_records(text)
+    rows: list[Row] = []
+    bad: list[Malformed] = []
+    for line, record in records:
+        if isinstance(record, str):
+            bad.append(Malformed(line, "", record))
+            continue
+        try:
+            rows.append(_parse(line, record))
+        except ValueError as exc:
+            bad.append(Malformed(line, str(record.get("session_id") or ""), str(exc)))
+    return rows, bad
+
+
+def _csv_records(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in reader.fieldnames or []]
+    missing = {"session_id", "cancelled_by"} - set(header)
+    if missing:
+        yield (
+            1,
+            f"the header must name the columns {', '.join(COLUMNS)}; missing: {', '.join(sorted(missing))}",
+        )
+        return
+    unknown = set(header) - set(COLUMNS)
+    if unknown:
+        yield 1, f"unknown column(s) {', '.join(sorted(unknown))}; expected {', '.join(COLUMNS)}"
+        return
+    reader.fieldnames = header
+    for record in reader:
+        if None in record:
+            yield reader.line_num, "more fields than the header names"
+        elif any(v is None for v in record.values()):
+            yield reader.line_num, "fewer fields than the header names"
+        elif any(v.strip() for v in record.values()):
+            yield reader.line_num, record
+
+
+def _jsonl_records(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            yield line, f"not valid JSON: {exc.msg}"
+            continue
+        if not isinstance(record, dict):
+            yield line, "each line must be a JSON object"
+            continue
+        unknown = set(record) - set(COLUMNS)
+        yield (line, f"unknown field(s) {', '.join(sorted(unknown))}") if unknown else (line, record)
+
+
+def _parse(line: int, record: dict[str, Any]) -> Row:
+    session_id = str(record.get("session_id") or "").strip()
+    if not session_id:
+        raise ValueError("session_id is missing")
+    who = str(record.get("cancelled_by") or "").strip().lower().removeprefix("party_")
+    if who not in PARTIES:
+        raise ValueError(f"cancelled_by must be client or professional, not {record.get('cancelled_by')!r}")
+    charge = _parse_bool(record.get("charge_client"))
+    notified_at = _parse_time(record.get("notified_at"))
+    reason = str(record.get("reason") or "")
+    request_id = str(record.get("request_id") or "").strip() or derive_request_id(
+        session_id, who, charge, notified_at, reason
+    )
+    return Row(line, session_id, who, charge, notified_at, reason, request_id)
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value if value is not None else "").strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"charge_client must be true or false, not {value!r}")
+
+
+def _parse_time(value: Any) -> datetime | None:
+    text = str(value or "").strip()
+    if not text:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"notified_at {text!r} is not an ISO-8601 time") from None
+    if parsed.tzinfo is None:
+        raise ValueError(f"notified_at {text!r} has no timezone (add Z or +00:00)")
+    return parsed
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """At most `per_second` starts per second across threads (None: unlimited)."""
+
+    def __init__(self, per_second: float | None):
+        self.interval = 1.0 / per_second if per_second else 0.0
+        self.next_start = time.monotonic()
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_start)
+            self.next_start = start + self.interval
+        time.sleep(max(0.0, start - now))
+
+
+_OUTCOME = {pb.PAYMENT_STATE_VOIDED: "VOIDED", pb.PAYMENT_STATE_PAID: "PAID"}
+
+
+def _run_row(client: SessionsClient, row: Row, dry_run: bool) -> Result:
+    result = Result(row.line, row.session_id, row.cancelled_by, "OK", request_id=row.request_id)
+    kwargs: dict[str, Any] = {
+        "charge_client": row.charge_client,
+        "notified_at": row.notified_at,
+        "reason": row.reason,
+    }
+    try:
+        if dry_run:
+            preview = client.preview(row.session_id, row.cancelled_by, **kwargs)
+            payment_state, notice = preview.payment_state, preview.notice_seconds
+        else:
+            done = client.cancel(row.session_id, row.cancelled_by, request_id=row.request_id, **kwargs)
+            payment_state, notice = done.payment.state, done.session.cancellation.notice_seconds
+    except KaraError as exc:
+        result.status = exc.code.name
+        result.reason = exc.reason
+        result.message = exc.message
+        return result
+    result.outcome = _OUTCOME.get(payment_state, str(payment_state))
+    result.notice_seconds = notice
+    result.credits_returned = int(result.outcome == "VOIDED")
+    result.credits_taken = int(result.outcome == "PAID")
+    return result
+
+
+def run(
+    client: SessionsClient,
+    rows: Iterable[Row],
+    *,
+    dry_run: bool,
+    concurrency: int,
+    rate: float | None,
+    on_result: Callable[[Result], None],
+) -> list[Result]:
+    limiter = RateLimiter(rate)
+
+    def one(row: Row) -> Result:
+        limiter.wait()
+        return _run_row(client, row, dry_run)
+
+    results: list[Result] = []
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bulk") as pool:
+        for future in as_completed([pool.submit(one, row) for row in rows]):
+            result = future.result()
+            results.append(result)
+            on_result(result)
+    return sorted(results, key=lambda r: r.line)
+
+
+def malformed_results(bad: Iterable[Malformed]) -> list[Result]:
+    return [Result(b.line, b.session_id, "", "MALFORMED", message=b.message) for b in bad]
+
+
+# --- reporting -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Totals:
+    rows: int
+    voided: int
+    paid: int
+    refused: int
+    failed: int
+    malformed: int
+    credits_returned: int
+    credits_taken: int
+
+    @classmethod
+    def of(cls, results: list[Result]) -> Totals:
+        ok = [r for r in results if r.ok]
+        errors = [r for r in results if not r.ok and r.status != "MALFORMED"]
+        transient = {
+            "UNAVAILABLE",
+            "DEADLINE_EXCEEDED",
+            "INTERNAL",
+            "UNKNOWN",
+            "RESOURCE_EXHAUSTED",
+            "CANCELLED",
+        }
+        return cls(
+            rows=len(results),
+            voided=sum(r.outcome == "VOIDED" for r in ok),
+            paid=sum(r.outcome == "PAID" for r in ok),
+            refused=sum(r.status not in transient for r in errors),
+            failed=sum(r.status in transient for r in errors),
+            malformed=sum(r.status == "MALFORMED" for r in results),
+            credits_returned=sum(r.credits_returned for r in ok),
+            credits_taken=sum(r.credits_taken for r in ok),
+        )
+
+
+def write_results(path: Path, results: list[Result]) -> None:
+    """CSV, or JSON Lines when the name ends in .jsonl/.ndjson."""
+    fields = [
+        "line",
+        "session_id",
+        "cancelled_by",
+        "status",
+        "reason",
+        "outcome",
+        "notice_seconds",
+        "credits_returned",
+        "credits_taken",
+        "message",
+        "request_id",
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as out:
+        if path.suffix in (".jsonl", ".ndjson"):
+            for r in results:
+                out.write(json.dumps({k: asdict(r)[k] for k in fields}) + "\n")
+        else:
+            writer = csv.DictWriter(out, fieldnames=fields)
+            writer.writeheader()
+            for r in results:
+                writer.writerow({k: asdict(r)[k] for k in fields})
+    tmp.replace(path)  # never leave a half-written results file behind
