@@ -210,6 +210,15 @@ def main(
     help="Notice at least this long is enough notice; shorter is a late cancellation.",
 )
 @click.option(
+    "--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM server certificate chain."
+)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM server private key.")
+@click.option(
+    "--client-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM CA: require client certificates it signed (mutual TLS).",
+)
+@click.option(
     "--max-workers", type=click.IntRange(1, 256), default=16, show_default=True, help="RPC threads."
 )
 @click.option(
@@ -226,6 +235,9 @@ def serve(
     listen: str,
     database_url: str,
     notice_window_hours: float,
+    tls_cert: str | None,
+    tls_key: str | None,
+    client_ca: str | None,
     max_workers: int,
     grace_seconds: float,
     log_level: str,
@@ -241,6 +253,9 @@ def serve(
         notice_window=timedelta(hours=notice_window_hours),
         max_workers=max_workers,
         grace_seconds=grace_seconds,
+        tls_cert=_read(tls_cert),
+        tls_key=_read(tls_key),
+        client_ca=_read(client_ca),
     )
     try:
         run_server(settings)

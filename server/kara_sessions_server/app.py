@@ -37,6 +37,24 @@ class Settings:
     notice_window: timedelta = DEFAULT_NOTICE_WINDOW
     max_workers: int = 16
     grace_seconds: float = 10.0
+    # TLS: PEM server certificate chain and key; with client_ca, clients must present a
+    # certificate it signed (mutual TLS).
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    client_ca: bytes | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if self.tls_cert is None and self.tls_key is None:
+            if self.client_ca is not None:
+                raise ValueError("a client CA (mutual TLS) needs a server certificate and key")
+            return None
+        if self.tls_cert is None or self.tls_key is None:
+            raise ValueError("TLS needs both a server certificate and its key")
+        return grpc.ssl_server_credentials(
+            [(self.tls_key, self.tls_cert)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
 
 
 @dataclass
@@ -64,6 +82,7 @@ class RunningServer:
 
 
 def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
+    credentials = settings.server_credentials()
     storage = open_storage(settings.database_url, max_connections=settings.max_workers + 2)
     services = Services(storage, clock or SystemClock(), CancellationPolicy(settings.notice_window))
     executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc")
@@ -84,7 +103,10 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(settings.listen)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
     server.start()
