@@ -20,8 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+import grpc
 from kara.sessions.v1 import sessions_pb2 as pb
 
+from . import exit_codes
 from .client import PARTIES, KaraError, SessionsClient
 
 # Fixed namespace: the same row always maps to the same request_id, on any machine.
@@ -282,24 +284,20 @@ class Totals:
     def of(cls, results: list[Result]) -> Totals:
         ok = [r for r in results if r.ok]
         errors = [r for r in results if not r.ok and r.status != "MALFORMED"]
-        transient = {
-            "UNAVAILABLE",
-            "DEADLINE_EXCEEDED",
-            "INTERNAL",
-            "UNKNOWN",
-            "RESOURCE_EXHAUSTED",
-            "CANCELLED",
-        }
         return cls(
             rows=len(results),
             voided=sum(r.outcome == "VOIDED" for r in ok),
             paid=sum(r.outcome == "PAID" for r in ok),
-            refused=sum(r.status not in transient for r in errors),
-            failed=sum(r.status in transient for r in errors),
+            refused=sum(_refused(r) for r in errors),
+            failed=sum(not _refused(r) for r in errors),
             malformed=sum(r.status == "MALFORMED" for r in results),
             credits_returned=sum(r.credits_returned for r in ok),
             credits_taken=sum(r.credits_taken for r in ok),
         )
+
+
+def _refused(result: Result) -> bool:
+    return exit_codes.for_code(grpc.StatusCode[result.status]) == exit_codes.REFUSED
 
 
 def write_results(path: Path, results: list[Result]) -> None:

@@ -13,10 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import bulk
+from . import bulk, exit_codes
 from .client import SessionsClient
-
-OK, REFUSED, TRANSIENT = 0, 1, 3
 
 
 def _describe(r: bulk.Result) -> str:
@@ -93,7 +91,7 @@ def run_bulk(
         print(f"line {m.line}: malformed, not sent: {m.message}", file=sys.stderr)
     if strict and bad:
         print(f"--strict: {len(bad)} malformed row(s); nothing was sent.", file=sys.stderr)
-        return REFUSED
+        return exit_codes.REFUSED
 
     verb = "previewing" if dry_run else "cancelling"
     # A dry run ends with a table of every row; a real run reports each row as it finishes.
@@ -113,5 +111,5 @@ def run_bulk(
             "Some rows failed for a transient reason: run the same file again to finish them.",
             file=sys.stderr,
         )
-        return TRANSIENT
-    return REFUSED if totals.refused or totals.malformed else OK
+        return exit_codes.FAILED
+    return exit_codes.REFUSED if totals.refused or totals.malformed else exit_codes.OK

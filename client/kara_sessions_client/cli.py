@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import click
-import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from . import exit_codes
 from .client import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -32,17 +32,6 @@ from .client import (
     SessionsClient,
 )
 
-REFUSED = 1
-UNREACHABLE = 3
-_REFUSAL_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.ALREADY_EXISTS,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.OUT_OF_RANGE,
-}
 _RELATIVE = re.compile(r"^([+-])(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -132,7 +121,7 @@ def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
             click.echo(f"error: {exc}", err=True)
             for field_name, description in exc.field_violations:
                 click.echo(f"  {field_name}: {description}", err=True)
-            ctx.exit(REFUSED if exc.code in _REFUSAL_CODES else UNREACHABLE)
+            ctx.exit(exit_codes.for_code(exc.code))
     Output(obj["json"]).show(result)
 
 
@@ -489,7 +478,7 @@ def demo(demo_target: str | None) -> None:
         sys.exit(run_demo(demo_target))
     except KaraError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(REFUSED if exc.code in _REFUSAL_CODES else UNREACHABLE)
+        sys.exit(exit_codes.for_code(exc.code))
 
 
 if __name__ == "__main__":

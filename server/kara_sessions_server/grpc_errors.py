@@ -14,7 +14,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .errors import DomainError, InvalidRequest, NotFound, PreconditionFailed
+from .errors import DomainError, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def domain_status(error: DomainError) -> grpc.Status:
         return _status(code_pb2.INVALID_ARGUMENT, error.message, info, bad_request)
     if isinstance(error, NotFound):
         return _status(code_pb2.NOT_FOUND, error.message, info)
-    if isinstance(error, PreconditionFailed):
-        return _status(code_pb2.FAILED_PRECONDITION, error.message, info)
+    # PreconditionFailed, and any other refusal: the request is fine but the state forbids it.
     return _status(code_pb2.FAILED_PRECONDITION, error.message, info)
 
 

@@ -4,6 +4,7 @@ available + held + used always equals the credits granted."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 from .errors import InsufficientCredits, NotFound
@@ -78,25 +79,19 @@ def _entry(
 
 
 def account(client_id: str, size: int, token: str) -> CreditAccount:
+    """The balance with one page of its ledger."""
+    current = balance(client_id)
+    page = entries(client_id, size, token)
+    return replace(current, entries=page.items, next_page_token=page.next_page_token)
+
+
+def balance(client_id: str) -> CreditAccount:
     row = A.get_or_none(A.client_id == client_id)
     if row is None:
         raise NotFound(
             f"client {client_id} has no credit account; GrantCredits opens one",
             metadata={"client_id": client_id},
         )
-    page = entries(client_id, size, token)
-    return CreditAccount(
-        client_id=row.client_id,
-        available=row.available,
-        held=row.held,
-        used=row.used,
-        entries=page.items,
-        next_page_token=page.next_page_token,
-    )
-
-
-def balance(client_id: str) -> CreditAccount:
-    row = A.get(A.client_id == client_id)
     return CreditAccount(client_id=row.client_id, available=row.available, held=row.held, used=row.used)
 
 

@@ -88,6 +88,8 @@ class Services:
 
     def cancel_session(self, cmd: CancelSession) -> tuple[Session, Payment]:
         def work(uow: UnitOfWork, now: datetime) -> tuple[Session, Payment]:
+            # The lifecycle checks these again; checking first makes a malformed request
+            # INVALID_ARGUMENT even when the session does not exist.
             self.policy.validate_request(cmd, now)
             before = repository.get_session(cmd.session_id)
             outcome = self.lifecycle.cancel(before, cmd, now)
