@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from kara.sessions.v1 import credits_pb2 as cpb
 from kara.sessions.v1 import sessions_pb2 as pb
 from kara_sessions_client.client import KaraError, SessionsClient
 from kara_sessions_server.app import RunningServer
@@ -180,9 +181,7 @@ def test_malformed_requests_list_every_violation(kara: SessionsClient, server: R
         (stub.ListPayments, pb.ListPaymentsRequest(professional_id="p"), {"section"}),
         (
             kara.credits.GrantCredits,
-            __import__("kara.sessions.v1.credits_pb2", fromlist=["x"]).GrantCreditsRequest(
-                client_id="c", credits=0, request_id="r"
-            ),
+            cpb.GrantCreditsRequest(client_id="c", credits=0, request_id="r"),
             {"credits"},
         ),
     ]

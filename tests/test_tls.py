@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from kara_sessions_client.client import TLS, KaraError, RetryPolicy, SessionsClient
+from kara_sessions_client.client import NO_RETRY, TLS, KaraError, SessionsClient
 from kara_sessions_server.app import RunningServer, Settings, start
 
 
@@ -87,13 +87,10 @@ def tls_server(
     running.stop(1)
 
 
-FAST_FAIL = RetryPolicy(attempts=1)
-
-
 def test_tls_client_talks_to_a_tls_server(tls_server: RunningServer, pki: dict[str, Pem]) -> None:
     with SessionsClient(f"127.0.0.1:{tls_server.port}", tls=TLS(root_certificates=pki["ca"].cert)) as kara:
         assert kara.grant_credits("c", 2).available == 2
-    plaintext = SessionsClient(f"127.0.0.1:{tls_server.port}", timeout=2, retry=FAST_FAIL)
+    plaintext = SessionsClient(f"127.0.0.1:{tls_server.port}", timeout=2, retry=NO_RETRY)
     with plaintext, pytest.raises(KaraError) as refused:
         plaintext.get_credit_account("c")
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
@@ -101,7 +98,7 @@ def test_tls_client_talks_to_a_tls_server(tls_server: RunningServer, pki: dict[s
 
 def test_a_server_signed_by_another_ca_is_not_trusted(tls_server: RunningServer, pki: dict[str, Pem]) -> None:
     other = TLS(root_certificates=pki["stranger"].cert)
-    kara = SessionsClient(f"127.0.0.1:{tls_server.port}", timeout=2, retry=FAST_FAIL, tls=other)
+    kara = SessionsClient(f"127.0.0.1:{tls_server.port}", timeout=2, retry=NO_RETRY, tls=other)
     with kara, pytest.raises(KaraError) as refused:
         kara.get_credit_account("c")
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
@@ -117,7 +114,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(
     with SessionsClient(target, tls=good) as kara:
         assert kara.grant_credits("c", 1).available == 1
     for tls in (TLS(ca), TLS(ca, pki["stranger"].cert, pki["stranger"].key)):
-        client = SessionsClient(target, timeout=2, retry=FAST_FAIL, tls=tls)
+        client = SessionsClient(target, timeout=2, retry=NO_RETRY, tls=tls)
         with client, pytest.raises(KaraError) as refused:
             client.get_credit_account("c")
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
