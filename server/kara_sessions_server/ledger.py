@@ -9,7 +9,7 @@ from datetime import datetime
 
 from .errors import InsufficientCredits, NotFound
 from .model import CreditAccount, LedgerEntry, LedgerKind, Page
-from .pagination import decode, encode
+from .pagination import cut, decode
 from .storage import CreditAccountRow, LedgerEntryRow
 
 A = CreditAccountRow
@@ -103,9 +103,9 @@ def entries(client_id: str, size: int, token: str) -> Page[LedgerEntry]:
     query = entry.select().where(entry.client_id == client_id)
     if after is not None:
         query = query.where(entry.entry_id < int(after[0]))
-    rows = list(query.order_by(entry.entry_id.desc()).limit(size + 1))
-    more = len(rows) > size
-    rows = rows[:size]
+    rows, token_out = cut(
+        query_id, list(query.order_by(entry.entry_id.desc()).limit(size + 1)), size, lambda r: [r.entry_id]
+    )
     items = tuple(
         LedgerEntry(
             entry_id=str(r.entry_id),
@@ -118,4 +118,4 @@ def entries(client_id: str, size: int, token: str) -> Page[LedgerEntry]:
         )
         for r in rows
     )
-    return Page(items, encode(query_id, [rows[-1].entry_id]) if more else "")
+    return Page(items, token_out)

@@ -105,6 +105,20 @@ class Payment:
         return self.state.section
 
 
+def payment_of(session: Session) -> Payment:
+    """A session's payment: every field follows from the session, so it is never read back."""
+    return Payment(
+        session_id=session.session_id,
+        client_id=session.client_id,
+        professional_id=session.professional_id,
+        session_starts_at=session.starts_at,
+        state=PAYMENT_FOR_STATE[session.state],
+        credits=session.credits,
+        updated_at=session.updated_at,
+        cancellation=session.cancellation,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
     entry_id: str

@@ -9,7 +9,8 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from .errors import InvalidRequest
 
@@ -17,6 +18,7 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
 Key = list[str | int]
+Row = TypeVar("Row")
 
 
 def page_size(requested: int) -> int:
@@ -52,3 +54,11 @@ def decode(query: Sequence[str], token: str) -> Key | None:
             "is not a token returned by this list call with the same filters; start again without it",
         )
     return list(key)
+
+
+def cut(query: Sequence[str], rows: list[Row], size: int, key: Callable[[Row], Key]) -> tuple[list[Row], str]:
+    """Given up to size + 1 rows fetched after a token, the page and the token for the next one."""
+    if len(rows) <= size:
+        return rows, ""
+    page = rows[:size]
+    return page, encode(query, key(page[-1]))

@@ -20,8 +20,9 @@ from .model import (
     PaymentState,
     Session,
     SessionState,
+    payment_of,
 )
-from .pagination import decode, encode
+from .pagination import cut, decode
 from .storage import AuditRow, PaymentRow, SessionRow, from_micros, to_micros
 
 S = SessionRow
@@ -90,16 +91,16 @@ def add_session(session: Session) -> None:
         version=session.version,
         credits=session.credits,
     ).execute()
-    state = PAYMENT_FOR_STATE[session.state]
+    payment = payment_of(session)
     P.insert(
-        session_id=session.session_id,
-        client_id=session.client_id,
-        professional_id=session.professional_id,
-        session_starts_at=session.starts_at,
-        state=state.value,
-        section=state.section.value,
-        credits=session.credits,
-        updated_at=session.updated_at,
+        session_id=payment.session_id,
+        client_id=payment.client_id,
+        professional_id=payment.professional_id,
+        session_starts_at=payment.session_starts_at,
+        state=payment.state.value,
+        section=payment.section.value,
+        credits=payment.credits,
+        updated_at=payment.updated_at,
     ).execute()
 
 
@@ -208,10 +209,12 @@ def list_sessions(
         query = query.where(
             (S.starts_at > from_micros(at)) | ((S.starts_at == from_micros(at)) & (S.session_id > sid))
         )
-    rows = list(query.order_by(S.starts_at, S.session_id).limit(size + 1))
-    more = len(rows) > size
-    rows = rows[:size]
-    token_out = encode(query_id, [to_micros(rows[-1].starts_at), rows[-1].session_id]) if more else ""
+    rows, token_out = cut(
+        query_id,
+        list(query.order_by(S.starts_at, S.session_id).limit(size + 1)),
+        size,
+        lambda r: [to_micros(r.starts_at), r.session_id],
+    )
     return Page(tuple(_session(r) for r in rows), token_out)
 
 
@@ -227,8 +230,10 @@ def list_payments(professional_id: str, section: PaymentSection, size: int, toke
     if after is not None:
         at, sid = from_micros(int(after[0])), str(after[1])
         query = query.where((P.session_starts_at < at) | ((P.session_starts_at == at) & (P.session_id < sid)))
-    rows = list(query.order_by(P.session_starts_at.desc(), P.session_id.desc()).limit(size + 1))
-    more = len(rows) > size
-    rows = rows[:size]
-    token_out = encode(query_id, [to_micros(rows[-1].session_starts_at), rows[-1].session_id]) if more else ""
+    rows, token_out = cut(
+        query_id,
+        list(query.order_by(P.session_starts_at.desc(), P.session_id.desc()).limit(size + 1)),
+        size,
+        lambda r: [to_micros(r.session_starts_at), r.session_id],
+    )
     return Page(tuple(_payment(r, r.session_row) for r in rows), token_out)  # type: ignore[attr-defined]

@@ -31,6 +31,7 @@ from .model import (
     PaymentSection,
     Session,
     SessionState,
+    payment_of,
 )
 from .pagination import page_size
 from .policy import CancellationPolicy
@@ -99,7 +100,7 @@ class Services:
                 before.client_id, before.session_id, outcome.credit_move, before.credits, cmd.request_id, now
             )
             repository.audit(before, after, "CANCEL", cmd.cancelled_by.value, cmd.request_id, now)
-            return after, repository.get_payment(before.session_id)
+            return after, payment_of(after)
 
         params = {
             "session_id": cmd.session_id,
