@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
@@ -15,11 +16,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from kara.sessions.v1 import credits_pb2, credits_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 
+from . import migrations
 from .clock import Clock, SystemClock
 from .grpc_api import CreditServicer, SessionServicer
+from .interceptor import Authenticator, CallInterceptor
+from .metrics import Metrics
 from .policy import DEFAULT_NOTICE_WINDOW, CancellationPolicy
 from .services import Services
 from .storage import DEFAULT_DATABASE_URL, Storage, open_storage
+from .tokens import TokenTable
 
 log = logging.getLogger("kara_sessions_server")
 
@@ -27,7 +32,8 @@ SERVICE_NAMES = (
     sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     credits_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
 )
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Our largest request is a few hundred bytes and a page of 1000 payments about 300 KB.
+MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,14 @@ class Settings:
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     client_ca: bytes | None = None
+    # Bearer tokens; None turns authentication off (allowed on loopback only, or with insecure).
+    tokens: TokenTable | None = None
+    # Listen on a non-loopback address without TLS and authentication anyway.
+    insecure: bool = False
+    # Prometheus /metrics on this port (0: any free port); None: no metrics endpoint.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None and self.tls_key is None:
@@ -56,6 +70,35 @@ class Settings:
             require_client_auth=self.client_ca is not None,
         )
 
+    def check_exposure(self) -> None:
+        """Beyond loopback, a server without TLS and authentication is a mistake unless said
+        out loud with `insecure`."""
+        if self.insecure or is_loopback(self.listen):
+            return
+        missing = [
+            what
+            for what, present in (
+                ("TLS (--tls-cert/--tls-key)", self.tls_cert),
+                ("auth (--tokens-file)", self.tokens),
+            )
+            if present is None
+        ]
+        if missing:
+            raise ValueError(
+                f"refusing to listen on {self.listen} without {' and '.join(missing)}: anyone who can "
+                "reach it could cancel sessions. Configure them, listen on 127.0.0.1, or pass --insecure."
+            )
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name, 0.0.0.0 or [::]: reachable from elsewhere
+
 
 @dataclass
 class RunningServer:
@@ -65,6 +108,8 @@ class RunningServer:
     health: health.HealthServicer
     services: Services
     executor: futures.ThreadPoolExecutor
+    metrics: Metrics
+    metrics_port: int | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float | None = None) -> None:
@@ -75,6 +120,7 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.executor.shutdown(wait=True)
+        self.metrics.close()
         self.storage.close()
 
     def wait(self) -> None:
@@ -82,15 +128,31 @@ class RunningServer:
 
 
 def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
+    """Opens the database (creating the schema if it is empty; refusing a schema of another
+    version), then serves. Raises ValueError, OSError or migrations.SchemaError."""
+    settings.check_exposure()
     credentials = settings.server_credentials()
     storage = open_storage(settings.database_url, max_connections=settings.max_workers + 2)
-    services = Services(storage, clock or SystemClock(), CancellationPolicy(settings.notice_window))
+    try:
+        migrations.prepare(storage)
+    except BaseException:
+        storage.close()
+        raise
+    metrics = Metrics()
+    services = Services(
+        storage,
+        clock or SystemClock(),
+        CancellationPolicy(settings.notice_window),
+        publish=metrics.observe_event,
+    )
     executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc")
+    interceptor = CallInterceptor(Authenticator(settings.tokens), metrics, frozenset(SERVICE_NAMES))
     server = grpc.server(
         executor,
+        interceptors=[interceptor],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
             # Refuse a second server on the same port instead of sharing it silently.
             ("grpc.so_reuseport", 0),
         ],
@@ -108,11 +170,21 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     else:
         port = server.add_secure_port(settings.listen, credentials)
     if port == 0:
+        storage.close()
         raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
+    metrics_port = None
+    if settings.metrics_port is not None:
+        try:
+            metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            storage.close()
+            raise OSError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}"
+            ) from exc
     server.start()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, storage, health_servicer, services, executor)
+    return RunningServer(server, port, storage, health_servicer, services, executor, metrics, metrics_port)
 
 
 def serve(settings: Settings) -> None:
@@ -120,7 +192,13 @@ def serve(settings: Settings) -> None:
     running = start(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
-        "kara-sessions listening on %s:%d (database %s)", host, running.port, _redact(settings.database_url)
+        "kara-sessions listening on %s:%d (database %s, %s, %s)%s",
+        host,
+        running.port,
+        _redact(settings.database_url),
+        "TLS" if settings.tls_cert else "no TLS",
+        "bearer-token auth" if settings.tokens else "NO AUTHENTICATION",
+        f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else "",
     )
     done = threading.Event()
 

@@ -83,3 +83,15 @@ class SessionNotStarted(PreconditionFailed):
 
 class RequestIdReused(InvalidRequest):
     reason = "REQUEST_ID_REUSED"
+
+
+class Unauthenticated(DomainError):
+    """No credentials, or credentials the server does not know."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DomainError):
+    """The caller is known but may not do this (or may not know whether the target exists)."""
+
+    reason = "PERMISSION_DENIED"

@@ -1,5 +1,6 @@
-"""gRPC servicers. Each handler parses and validates its request, calls one service function
-and converts the result; errors are mapped to statuses by @handle_errors."""
+"""gRPC servicers. Each handler parses and validates its request, calls one service function as
+the authenticated caller and converts the result. Authentication, error statuses, metrics and
+logs are the interceptor's (interceptor.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .convert import (
     preview_pb,
     session_pb,
 )
-from .grpc_errors import handle_errors
+from .interceptor import caller
 from .model import BookSession, CancelSession, CompleteSession, GrantCredits, PaymentSection
 from .services import Services
 
@@ -43,7 +44,6 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     def __init__(self, services: Services):
         self.services = services
 
-    @handle_errors
     def BookSession(self, request: pb.BookSessionRequest, context: Ctx) -> pb.Session:
         r = RequestReader(request)
         cmd = BookSession(
@@ -53,16 +53,14 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             request_id=r.request_id(),
         )
         r.done()
-        return session_pb(self.services.book_session(cmd))
+        return session_pb(self.services.book_session(caller(), cmd))
 
-    @handle_errors
     def GetSession(self, request: pb.GetSessionRequest, context: Ctx) -> pb.Session:
         r = RequestReader(request)
         session_id = r.id("session_id")
         r.done()
-        return session_pb(self.services.get_session(session_id))
+        return session_pb(self.services.get_session(caller(), session_id))
 
-    @handle_errors
     def ListSessions(self, request: pb.ListSessionsRequest, context: Ctx) -> pb.ListSessionsResponse:
         r = RequestReader(request)
         professional_id = r.id("professional_id", required=False)
@@ -70,39 +68,38 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         state = r.enum("state", SESSION_STATE_FROM_PB, required=False, allowed="a SessionState")
         r.done()
         page = self.services.list_sessions(
-            professional_id, client_id, state, request.page_size, request.page_token
+            caller(), professional_id, client_id, state, request.page_size, request.page_token
         )
         return pb.ListSessionsResponse(
             sessions=[session_pb(s) for s in page.items], next_page_token=page.next_page_token
         )
 
-    @handle_errors
     def CancelSession(self, request: pb.CancelSessionRequest, context: Ctx) -> pb.CancelSessionResponse:
-        session, payment = self.services.cancel_session(_cancel_command(request, require_request_id=True))
+        session, payment = self.services.cancel_session(
+            caller(), _cancel_command(request, require_request_id=True)
+        )
         return pb.CancelSessionResponse(session=session_pb(session), payment=payment_pb(payment))
 
-    @handle_errors
     def PreviewCancellation(
         self, request: pb.CancelSessionRequest, context: Ctx
     ) -> pb.PreviewCancellationResponse:
-        outcome = self.services.preview_cancellation(_cancel_command(request, require_request_id=False))
+        outcome = self.services.preview_cancellation(
+            caller(), _cancel_command(request, require_request_id=False)
+        )
         return preview_pb(outcome)
 
-    @handle_errors
     def CompleteSession(self, request: pb.CompleteSessionRequest, context: Ctx) -> pb.Session:
         r = RequestReader(request)
         cmd = CompleteSession(session_id=r.id("session_id"), request_id=r.request_id())
         r.done()
-        return session_pb(self.services.complete_session(cmd))
+        return session_pb(self.services.complete_session(caller(), cmd))
 
-    @handle_errors
     def GetPayment(self, request: pb.GetPaymentRequest, context: Ctx) -> pb.Payment:
         r = RequestReader(request)
         session_id = r.id("session_id")
         r.done()
-        return payment_pb(self.services.get_payment(session_id))
+        return payment_pb(self.services.get_payment(caller(), session_id))
 
-    @handle_errors
     def ListPayments(self, request: pb.ListPaymentsRequest, context: Ctx) -> pb.ListPaymentsResponse:
         r = RequestReader(request)
         professional_id = r.id("professional_id")
@@ -111,7 +108,9 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         )
         r.done()
         assert isinstance(section, PaymentSection)
-        page = self.services.list_payments(professional_id, section, request.page_size, request.page_token)
+        page = self.services.list_payments(
+            caller(), professional_id, section, request.page_size, request.page_token
+        )
         return pb.ListPaymentsResponse(
             payments=[payment_pb(p) for p in page.items], next_page_token=page.next_page_token
         )
@@ -121,7 +120,6 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
     def __init__(self, services: Services):
         self.services = services
 
-    @handle_errors
     def GrantCredits(self, request: cpb.GrantCreditsRequest, context: Ctx) -> cpb.CreditAccount:
         r = RequestReader(request)
         client_id = r.id("client_id")
@@ -129,11 +127,14 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
             r.fail("credits", f"must be between 1 and {MAX_GRANT}")
         request_id = r.request_id()
         r.done()
-        return account_pb(self.services.grant_credits(GrantCredits(client_id, request.credits, request_id)))
+        return account_pb(
+            self.services.grant_credits(caller(), GrantCredits(client_id, request.credits, request_id))
+        )
 
-    @handle_errors
     def GetCreditAccount(self, request: cpb.GetCreditAccountRequest, context: Ctx) -> cpb.CreditAccount:
         r = RequestReader(request)
         client_id = r.id("client_id")
         r.done()
-        return account_pb(self.services.get_credit_account(client_id, request.page_size, request.page_token))
+        return account_pb(
+            self.services.get_credit_account(caller(), client_id, request.page_size, request.page_token)
+        )

@@ -9,6 +9,7 @@ from datetime import datetime
 
 import peewee as pw
 
+from .authz import Principal
 from .errors import Conflict, NotFound, SessionNotBooked
 from .model import (
     PAYMENT_FOR_STATE,
@@ -165,14 +166,18 @@ def audit(
     after: Session,
     action: str,
     actor: str,
+    principal: Principal,
     request_id: str,
     now: datetime,
 ) -> None:
+    """`actor` is the party the domain acted for (CLIENT, PROFESSIONAL, SYSTEM); `principal` the
+    authenticated caller who asked."""
     c = after.cancellation
     AuditRow.insert(
         session_id=after.session_id,
         action=action,
         actor=actor,
+        principal=str(principal),
         from_state=before.state.value if before else None,
         to_state=after.state.value,
         notified_at=c.notified_at if c else None,
@@ -182,13 +187,6 @@ def audit(
         request_id=request_id,
         at=now,
     ).execute()
-
-
-def get_payment(session_id: str) -> Payment:
-    row = P.get_or_none(P.session_id == session_id)
-    if row is None:
-        raise NotFound(f"no payment for session {session_id}", metadata={"session_id": session_id})
-    return _payment(row, S.get(S.session_id == session_id))
 
 
 def list_sessions(

@@ -13,9 +13,11 @@ from typing import TypeVar
 
 import peewee as pw
 
-from . import idempotency, ledger, repository, snapshots
+from . import authz, idempotency, ledger, repository, snapshots
+from .authz import Principal
 from .clock import Clock, SystemClock
-from .errors import InvalidRequest, PreconditionFailed
+from .errors import InvalidRequest, NotFound, PreconditionFailed
+from .events import CreditsMoved, Event, SessionCancelled
 from .lifecycle import SessionLifecycle
 from .model import (
     CREDITS_PER_SESSION,
@@ -48,13 +50,17 @@ class Services:
     storage: Storage
     clock: Clock = field(default_factory=SystemClock)
     policy: CancellationPolicy = field(default_factory=CancellationPolicy)
+    # Told of what committed (metrics); never of a replay or a rollback.
+    publish: Callable[[Event], None] = field(default=lambda event: None)
 
     def __post_init__(self) -> None:
         self.lifecycle = SessionLifecycle(self.policy)
 
     # --- sessions -------------------------------------------------------------------------
 
-    def book_session(self, cmd: BookSession) -> Session:
+    def book_session(self, who: Principal, cmd: BookSession) -> Session:
+        authz.check_book(who, cmd.client_id, cmd.professional_id)
+
         def work(uow: UnitOfWork, now: datetime) -> Session:
             if cmd.starts_at <= now:
                 raise InvalidRequest.single(
@@ -75,7 +81,8 @@ class Services:
             )
             ledger.hold(cmd.client_id, session.session_id, session.credits, cmd.request_id, now)
             repository.add_session(session)
-            repository.audit(None, session, "BOOK", SYSTEM_ACTOR, cmd.request_id, now)
+            repository.audit(None, session, "BOOK", SYSTEM_ACTOR, who, cmd.request_id, now)
+            uow.events.append(CreditsMoved(LedgerKind.HOLD, session.credits))
             return session
 
         params = {
@@ -84,22 +91,26 @@ class Services:
             "starts_at": cmd.starts_at,
         }
         return self._mutate(
-            "BookSession", cmd.request_id, params, work, snapshots.dump_session, snapshots.load_session
+            who, "BookSession", cmd.request_id, params, work, snapshots.dump_session, snapshots.load_session
         )
 
-    def cancel_session(self, cmd: CancelSession) -> tuple[Session, Payment]:
+    def cancel_session(self, who: Principal, cmd: CancelSession) -> tuple[Session, Payment]:
+        authz.check_cancel(who, cmd)
+
         def work(uow: UnitOfWork, now: datetime) -> tuple[Session, Payment]:
             # The lifecycle checks these again; checking first makes a malformed request
             # INVALID_ARGUMENT even when the session does not exist.
             self.policy.validate_request(cmd, now)
-            before = repository.get_session(cmd.session_id)
+            before = _load(who, cmd.session_id)
             outcome = self.lifecycle.cancel(before, cmd, now)
             after = _apply(before, outcome, now)
             repository.change_state(before, after)
             ledger.settle(
                 before.client_id, before.session_id, outcome.credit_move, before.credits, cmd.request_id, now
             )
-            repository.audit(before, after, "CANCEL", cmd.cancelled_by.value, cmd.request_id, now)
+            repository.audit(before, after, "CANCEL", cmd.cancelled_by.value, who, cmd.request_id, now)
+            uow.events.append(SessionCancelled(cmd.cancelled_by, outcome.cancellation.late, after.state))
+            uow.events.append(CreditsMoved(outcome.credit_move, before.credits))
             return after, payment_of(after)
 
         params = {
@@ -110,6 +121,7 @@ class Services:
             "reason": cmd.reason,
         }
         return self._mutate(
+            who,
             "CancelSession",
             cmd.request_id,
             params,
@@ -118,24 +130,28 @@ class Services:
             snapshots.load_settlement,
         )
 
-    def preview_cancellation(self, cmd: CancelSession) -> CancellationOutcome:
+    def preview_cancellation(self, who: Principal, cmd: CancelSession) -> CancellationOutcome:
+        authz.check_cancel(who, cmd)
         with UnitOfWork(self.storage, write=False):
             now = self.clock.now()
             self.policy.validate_request(cmd, now)
-            return self.lifecycle.cancel(repository.get_session(cmd.session_id), cmd, now)
+            return self.lifecycle.cancel(_load(who, cmd.session_id), cmd, now)
 
-    def complete_session(self, cmd: CompleteSession) -> Session:
+    def complete_session(self, who: Principal, cmd: CompleteSession) -> Session:
         def work(uow: UnitOfWork, now: datetime) -> Session:
-            before = repository.get_session(cmd.session_id)
+            before = _load(who, cmd.session_id)
+            authz.check_complete(who, before)
             after = replace(self.lifecycle.complete(before, now), version=before.version + 1)
             repository.change_state(before, after)
             ledger.settle(
                 before.client_id, before.session_id, LedgerKind.TAKE, before.credits, cmd.request_id, now
             )
-            repository.audit(before, after, "COMPLETE", SYSTEM_ACTOR, cmd.request_id, now)
+            repository.audit(before, after, "COMPLETE", SYSTEM_ACTOR, who, cmd.request_id, now)
+            uow.events.append(CreditsMoved(LedgerKind.TAKE, before.credits))
             return after
 
         return self._mutate(
+            who,
             "CompleteSession",
             cmd.request_id,
             {"session_id": cmd.session_id},
@@ -144,40 +160,52 @@ class Services:
             snapshots.load_session,
         )
 
-    def get_session(self, session_id: str) -> Session:
+    def get_session(self, who: Principal, session_id: str) -> Session:
         with UnitOfWork(self.storage, write=False):
-            return repository.get_session(session_id)
+            return _load(who, session_id)
 
     def list_sessions(
-        self, professional_id: str, client_id: str, state: SessionState | None, size: int, token: str
+        self,
+        who: Principal,
+        professional_id: str,
+        client_id: str,
+        state: SessionState | None,
+        size: int,
+        token: str,
     ) -> Page[Session]:
         if not professional_id and not client_id:
             raise InvalidRequest.single("professional_id", "give a professional_id, a client_id or both")
+        authz.check_list_sessions(who, professional_id, client_id)
         size = page_size(size)
         with UnitOfWork(self.storage, write=False):
             return repository.list_sessions(professional_id, client_id, state, size, token)
 
     # --- payments -------------------------------------------------------------------------
 
-    def get_payment(self, session_id: str) -> Payment:
+    def get_payment(self, who: Principal, session_id: str) -> Payment:
         with UnitOfWork(self.storage, write=False):
-            return repository.get_payment(session_id)
+            return payment_of(_load(who, session_id))
 
     def list_payments(
-        self, professional_id: str, section: PaymentSection, size: int, token: str
+        self, who: Principal, professional_id: str, section: PaymentSection, size: int, token: str
     ) -> Page[Payment]:
+        authz.check_list_payments(who, professional_id)
         size = page_size(size)
         with UnitOfWork(self.storage, write=False):
             return repository.list_payments(professional_id, section, size, token)
 
     # --- credits --------------------------------------------------------------------------
 
-    def grant_credits(self, cmd: GrantCredits) -> CreditAccount:
+    def grant_credits(self, who: Principal, cmd: GrantCredits) -> CreditAccount:
+        authz.check_grant(who)
+
         def work(uow: UnitOfWork, now: datetime) -> CreditAccount:
             ledger.grant(cmd.client_id, cmd.credits, cmd.request_id, now)
+            uow.events.append(CreditsMoved(LedgerKind.GRANT, cmd.credits))
             return ledger.balance(cmd.client_id)
 
         return self._mutate(
+            who,
             "GrantCredits",
             cmd.request_id,
             {"client_id": cmd.client_id, "credits": cmd.credits},
@@ -186,7 +214,8 @@ class Services:
             snapshots.load_account,
         )
 
-    def get_credit_account(self, client_id: str, size: int, token: str) -> CreditAccount:
+    def get_credit_account(self, who: Principal, client_id: str, size: int, token: str) -> CreditAccount:
+        authz.check_credit_account(who, client_id)
         size = page_size(size)
         with UnitOfWork(self.storage, write=False):
             return ledger.account(client_id, size, token)
@@ -195,6 +224,7 @@ class Services:
 
     def _mutate(
         self,
+        who: Principal,
         operation: str,
         request_id: str,
         params: Mapping[str, object],
@@ -202,7 +232,8 @@ class Services:
         dump: Callable[[R], str],
         load: Callable[[str], R],
     ) -> R:
-        fp = idempotency.fingerprint(operation, params)
+        # The caller is part of the request: another principal's request_id replays nothing of theirs.
+        fp = idempotency.fingerprint(operation, {**params, "principal": str(who)})
         try:
             with UnitOfWork(self.storage) as uow:
                 stored = idempotency.find(request_id)
@@ -212,7 +243,9 @@ class Services:
                 result = work(uow, now)
                 idempotency.record(request_id, operation, fp, dump(result), now)
                 uow.commit()
-                return result
+            for event in uow.events:
+                self.publish(event)
+            return result
         except (PreconditionFailed, pw.IntegrityError):
             # We may have lost a race to a request with the same request_id (e.g. a retry that
             # overtook its original): if that request committed, its result is ours.
@@ -221,6 +254,19 @@ class Services:
             if stored is None:
                 raise
             return load(idempotency.check_same_request(stored, request_id, operation, fp))
+
+
+def _load(who: Principal, session_id: str) -> Session:
+    """The session, if `who` may see it; to anyone but a service, a missing session and another
+    person's session are refused alike."""
+    try:
+        session = repository.get_session(session_id)
+    except NotFound:
+        if who.is_service:
+            raise
+        raise authz.session_denied(session_id) from None
+    authz.check_session(who, session)
+    return session
 
 
 def _apply(before: Session, outcome: CancellationOutcome, now: datetime) -> Session:

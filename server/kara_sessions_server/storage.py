@@ -130,6 +130,8 @@ class AuditRow(Table):
     session_id = pw.CharField(max_length=64, index=True)
     action = pw.CharField(max_length=16)
     actor = pw.CharField(max_length=32)
+    # The authenticated caller (schema version 2; NULL on rows written before it).
+    principal = pw.CharField(max_length=160, null=True)
     from_state = pw.CharField(max_length=32, null=True)
     to_state = pw.CharField(max_length=32)
     notified_at = UtcTimestampField(null=True)
@@ -154,6 +156,17 @@ class IdempotencyRow(Table):
         table_name = "idempotency_keys"
 
 
+class SchemaVersionRow(Table):
+    """One row: the schema version the database is at (see migrations.py)."""
+
+    id = pw.IntegerField(primary_key=True)
+    version = pw.IntegerField()
+    updated_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "schema_version"
+
+
 TABLES: list[type[Table]] = [
     SessionRow,
     PaymentRow,
@@ -161,6 +174,7 @@ TABLES: list[type[Table]] = [
     LedgerEntryRow,
     AuditRow,
     IdempotencyRow,
+    SchemaVersionRow,
 ]
 
 
@@ -178,10 +192,6 @@ class Storage:
             return self.db.atomic(lock_type="IMMEDIATE")
         return self.db.atomic()
 
-    def create_schema(self) -> None:
-        with self.db.connection_context():
-            self.db.create_tables(TABLES, safe=True)
-
     def release(self) -> None:
         """Hands this thread's connection back to the pool."""
         if not self.db.is_closed():
@@ -192,16 +202,14 @@ class Storage:
         self.db.close_all()
 
 
-def open_storage(url: str, *, max_connections: int = 32, create_schema: bool = True) -> Storage:
+def open_storage(url: str, *, max_connections: int = 32) -> Storage:
     """Opens `sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host/db`.
+    The schema is migrations.py's business.
 
     Only one Storage is open per process: the tables are bound to a module-level proxy."""
     db = _connect(url, max_connections)
     database.initialize(db)
-    storage = Storage(db)
-    if create_schema:
-        storage.create_schema()
-    return storage
+    return Storage(db)
 
 
 def _connect(url: str, max_connections: int) -> PooledDatabase:

@@ -8,6 +8,7 @@ from typing import Any
 
 import peewee as pw
 
+from .events import Event
 from .storage import Storage
 
 
@@ -21,6 +22,8 @@ class UnitOfWork:
         self._write = write
         self._tx: Any = None
         self._committed = False
+        # Told by the service layer once the transaction has committed.
+        self.events: list[Event] = []
 
     def __enter__(self) -> UnitOfWork:
         self._storage.db.connect(reuse_if_open=True)

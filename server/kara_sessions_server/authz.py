@@ -1,0 +1,124 @@
+"""Who may do what (issue 4), as pure functions over a Principal and domain values.
+
+A refusal never tells a caller whether somebody else's session exists: "not yours" and
+"no such session" read the same to anyone but a trusted service."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from .errors import PermissionDenied
+from .model import CancelSession, Party, Session
+
+_ID = re.compile(r"[!-~]{1,128}")
+
+
+class Role(enum.StrEnum):
+    SERVICE = "service"
+    PROFESSIONAL = "professional"
+    CLIENT = "client"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: a trusted internal service (acting for anyone it names), or
+    one professional, or one client."""
+
+    role: Role
+    id: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.role}:{self.id}" if self.id else str(self.role)
+
+    @classmethod
+    def parse(cls, text: str) -> Principal:
+        """`service`, `service:NAME`, `professional:ID` or `client:ID`."""
+        role_text, _, ident = text.partition(":")
+        try:
+            role = Role(role_text)
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is not a principal: use service, service:NAME, professional:ID or client:ID"
+            ) from None
+        if (ident and not _ID.fullmatch(ident)) or (not ident and role is not Role.SERVICE):
+            raise ValueError(f"{text!r}: the id after {role_text}: must be 1-128 printable characters")
+        return cls(role, ident)
+
+    @property
+    def is_service(self) -> bool:
+        return self.role is Role.SERVICE
+
+
+# Every caller when the server runs without authentication (development on loopback only).
+UNAUTHENTICATED_SERVICE = Principal(Role.SERVICE, "unauthenticated")
+
+_PARTY_FOR_ROLE = {Role.PROFESSIONAL: Party.PROFESSIONAL, Role.CLIENT: Party.CLIENT}
+
+
+def _deny(message: str, **metadata: str) -> PermissionDenied:
+    return PermissionDenied(message, metadata=metadata)
+
+
+def session_denied(session_id: str) -> PermissionDenied:
+    return _deny(f"session {session_id} does not exist or you may not act on it", session_id=session_id)
+
+
+def is_party_to(principal: Principal, session: Session) -> bool:
+    if principal.role is Role.PROFESSIONAL:
+        return principal.id == session.professional_id
+    if principal.role is Role.CLIENT:
+        return principal.id == session.client_id
+    return True
+
+
+def check_session(principal: Principal, session: Session) -> None:
+    """Read access to a session and its payment: its professional, its client, a service."""
+    if not is_party_to(principal, session):
+        raise session_denied(session.session_id)
+
+
+def check_cancel(principal: Principal, command: CancelSession) -> None:
+    """A professional or client cancels only as themselves; `cancelled_by` must agree. (That a
+    client may neither tick the charge box nor set notified_at is the policy's rule.)"""
+    party = _PARTY_FOR_ROLE.get(principal.role)
+    if party is not None and command.cancelled_by is not party:
+        raise _deny(
+            f"{principal} may cancel only as {party.value}, not as {command.cancelled_by.value}",
+            cancelled_by=command.cancelled_by.value,
+        )
+
+
+def check_complete(principal: Principal, session: Session) -> None:
+    if principal.role is Role.CLIENT or not is_party_to(principal, session):
+        raise session_denied(session.session_id)
+
+
+def check_book(principal: Principal, client_id: str, professional_id: str) -> None:
+    if principal.role is Role.PROFESSIONAL and principal.id != professional_id:
+        raise _deny(f"{principal} may book sessions only as professional {principal.id}")
+    if principal.role is Role.CLIENT and principal.id != client_id:
+        raise _deny(f"{principal} may book sessions only for client {principal.id}")
+
+
+def check_list_sessions(principal: Principal, professional_id: str, client_id: str) -> None:
+    if principal.role is Role.PROFESSIONAL and professional_id != principal.id:
+        raise _deny(f"{principal} may list only sessions with professional_id {principal.id}")
+    if principal.role is Role.CLIENT and client_id != principal.id:
+        raise _deny(f"{principal} may list only sessions with client_id {principal.id}")
+
+
+def check_list_payments(principal: Principal, professional_id: str) -> None:
+    if not principal.is_service and (principal.role, principal.id) != (Role.PROFESSIONAL, professional_id):
+        raise _deny(f"{principal} may not list the payments of professional {professional_id}")
+
+
+def check_grant(principal: Principal) -> None:
+    if not principal.is_service:
+        raise _deny("only a trusted service may grant credits")
+
+
+def check_credit_account(principal: Principal, client_id: str) -> None:
+    if not principal.is_service and (principal.role, principal.id) != (Role.CLIENT, client_id):
+        raise _deny(f"{principal} may not see the credit account of client {client_id}")

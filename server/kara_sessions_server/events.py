@@ -1,0 +1,24 @@
+"""What happened, told after the transaction that did it commits (a replayed request tells
+nothing: it changed nothing). Metrics subscribe to these; the domain knows no subscriber."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model import LedgerKind, Party, SessionState
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCancelled:
+    cancelled_by: Party
+    late: bool
+    state: SessionState
+
+
+@dataclass(frozen=True, slots=True)
+class CreditsMoved:
+    kind: LedgerKind
+    credits: int
+
+
+Event = SessionCancelled | CreditsMoved
