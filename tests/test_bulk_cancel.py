@@ -21,7 +21,7 @@ from kara_sessions_client.client import KaraError, RetryPolicy, SessionsClient
 from kara_sessions_server.app import RunningServer, Settings, start
 
 from .conftest import FakeClock, assert_ledger_balances, book, db_snapshot
-from .test_idempotency_and_races import _free_port
+from .processes import free_port
 
 
 def _cli(port: int, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -223,7 +223,7 @@ def test_killed_half_way_then_run_again_completes_without_charging_twice(
 
 
 def test_client_retries_until_the_server_is_up(database_url: str, clock: FakeClock) -> None:
-    port = _free_port()
+    port = free_port()
     result: dict[str, object] = {}
 
     def call() -> None:
@@ -248,7 +248,7 @@ def test_refusals_are_never_retried(kara: SessionsClient, clock: FakeClock) -> N
         kara.book("nobody", "p", clock.now() + timedelta(days=1))
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert refused.value.attempts == 1
-    nobody = SessionsClient(f"127.0.0.1:{_free_port()}", timeout=0.5, retry=RetryPolicy(3, 0.01, 0.02))
+    nobody = SessionsClient(f"127.0.0.1:{free_port()}", timeout=0.5, retry=RetryPolicy(3, 0.01, 0.02))
     with nobody, pytest.raises(KaraError) as unreachable:
         nobody.get_session("s")
     assert unreachable.value.code == grpc.StatusCode.UNAVAILABLE

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -17,12 +15,12 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kara.sessions.v1 import sessions_pb2 as pb
 from kara_sessions_client.client import KaraError, SessionsClient
 from kara_sessions_server.app import RunningServer
 
 from .conftest import FakeClock, assert_ledger_balances, book, db_snapshot
+from .processes import start_server_process
 
 
 def test_repeated_mutations_return_the_first_result_and_move_nothing(
@@ -129,54 +127,6 @@ def test_concurrent_bookings_never_overdraw(
 
 
 # --- two server processes on one PostgreSQL database -----------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_serving(port: int, proc: subprocess.Popen[bytes], deadline: float = 30) -> None:
-    end = time.monotonic() + deadline
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()!r}")  # type: ignore[union-attr]
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise TimeoutError(f"server on {port} did not become SERVING")
-
-
-def start_server_process(database_url: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kara_sessions_client.cli",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--database-url",
-            database_url,
-            "--log-level",
-            "WARNING",
-            "--grace-seconds",
-            "5",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    _wait_serving(port, proc)
-    return proc, port
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from kara_sessions_client.client import KaraError, SessionsClient
 from kara_sessions_server.app import RunningServer
 
 from .conftest import FakeClock, book
-from .test_idempotency_and_races import start_server_process
+from .processes import start_server_process
 
 
 def test_health_reports_every_service(server: RunningServer) -> None:

@@ -7,7 +7,6 @@ Exit codes: 0 ok; 1 the server refused the request; 2 bad command-line usage;
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any, TextIO
 import click
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from kara_sessions_server import commands as server_commands
 
 from . import exit_codes
 from .client import (
@@ -164,8 +164,8 @@ def main(
 ) -> None:
     """kara-sessions: sponsored-credit cancellations over gRPC.
 
-    Options can also come from the environment: KARA_TARGET, KARA_JSON, KARA_DATABASE_URL,
-    KARA_SERVE_LISTEN, ... (KARA_ + the command + the option name).
+    Options can also come from the environment: KARA_TARGET, KARA_TOKEN, KARA_JSON, ...
+    (KARA_ + the option name). `serve --help` lists the server's, which also take a --config file.
     """
     if bool(cert_file) != bool(key_file):
         raise click.UsageError("--cert-file and --key-file go together")
@@ -180,76 +180,6 @@ def main(
         "key_file": key_file,
         "token": token,
     }
-
-
-@main.command()
-@click.option("--listen", default="127.0.0.1:50051", show_default=True, help="Address to serve on.")
-@click.option(
-    "--database-url",
-    envvar="KARA_DATABASE_URL",
-    default="sqlite:///kara-sessions.db",
-    show_default=True,
-    help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (env KARA_DATABASE_URL).",
-)
-@click.option(
-    "--notice-window-hours",
-    type=click.FloatRange(min=0, min_open=True),
-    default=24.0,
-    show_default=True,
-    help="Notice at least this long is enough notice; shorter is a late cancellation.",
-)
-@click.option(
-    "--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM server certificate chain."
-)
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM server private key.")
-@click.option(
-    "--client-ca",
-    type=click.Path(exists=True, dir_okay=False),
-    help="PEM CA: require client certificates it signed (mutual TLS).",
-)
-@click.option(
-    "--max-workers", type=click.IntRange(1, 256), default=16, show_default=True, help="RPC threads."
-)
-@click.option(
-    "--grace-seconds",
-    type=click.FloatRange(0),
-    default=10.0,
-    show_default=True,
-    help="On SIGTERM/SIGINT, how long calls in flight may finish.",
-)
-@click.option(
-    "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO", show_default=True
-)
-def serve(
-    listen: str,
-    database_url: str,
-    notice_window_hours: float,
-    tls_cert: str | None,
-    tls_key: str | None,
-    client_ca: str | None,
-    max_workers: int,
-    grace_seconds: float,
-    log_level: str,
-) -> None:
-    """Serve SessionService and CreditService (plus health and reflection)."""
-    from kara_sessions_server.app import Settings
-    from kara_sessions_server.app import serve as run_server
-
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings(
-        listen=listen,
-        database_url=database_url,
-        notice_window=timedelta(hours=notice_window_hours),
-        max_workers=max_workers,
-        grace_seconds=grace_seconds,
-        tls_cert=_read(tls_cert),
-        tls_key=_read(tls_key),
-        client_ca=_read(client_ca),
-    )
-    try:
-        run_server(settings)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
@@ -480,6 +410,10 @@ def demo(demo_target: str | None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exit_codes.for_code(exc.code))
 
+
+main.add_command(server_commands.serve)
+main.add_command(server_commands.migrate)
+main.add_command(server_commands.token)
 
 if __name__ == "__main__":
     main()
