@@ -61,6 +61,14 @@ def test_database_failure_is_unavailable_without_traceback(
     assert "incident" in failed.value.metadata
     assert "Traceback" not in failed.value.message and "peewee" not in failed.value.message
     assert kara.get_session(session_id).state == pb.SESSION_STATE_BOOKED  # the transaction rolled back
+    errors = [
+        sample.value
+        for family in server.metrics.registry.collect()
+        if family.name == "kara_database_errors"
+        for sample in family.samples
+        if sample.name == "kara_database_errors_total"
+    ]
+    assert sum(errors) == failed.value.attempts  # UNAVAILABLE is retried; each attempt failed
 
 
 def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:

@@ -160,6 +160,8 @@ def serve(
     An empty database gets the current schema; an older one must be upgraded with
     `kara-sessions migrate` first. Exit codes: 2 invalid configuration, 1 could not start.
     """
+    import peewee as pw
+
     from . import logs
     from .app import Settings
     from .app import serve as run_server
@@ -191,6 +193,8 @@ def serve(
         run_server(settings)
     except (OSError, ValueError, SchemaError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except pw.DatabaseError as exc:
+        raise click.ClickException(f"cannot open the database: {exc}") from exc
 
 
 @click.command()
@@ -199,6 +203,8 @@ def serve(
 @click.option("--check", is_flag=True, help="Change nothing; exit 1 if the schema is not current.")
 def migrate(database_url: str, check: bool) -> None:
     """Upgrade the database schema to this version's (one transaction per step)."""
+    import peewee as pw
+
     from . import migrations
     from .storage import open_storage
 
@@ -224,6 +230,8 @@ def migrate(database_url: str, check: bool) -> None:
             )
     except migrations.SchemaError as exc:
         raise click.ClickException(str(exc)) from exc
+    except pw.DatabaseError as exc:
+        raise click.ClickException(f"database error, nothing was changed by the failed step: {exc}") from exc
     finally:
         storage.close()
 

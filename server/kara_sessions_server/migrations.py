@@ -122,6 +122,7 @@ def _create(storage: Storage) -> None:
 
 
 def _stamp(version: int) -> None:
+    SchemaVersionRow.create_table(safe=True)  # absent from a version-1 database
     now = datetime.now(UTC)
     (
         SchemaVersionRow.insert(id=1, version=version, updated_at=now)
