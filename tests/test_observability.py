@@ -109,3 +109,46 @@ def test_one_json_log_line_per_rpc_and_never_a_token(tmp_path: Path) -> None:
         "CancelSession",
         "GetSession",
     ]
+
+
+def test_a_call_whose_deadline_passed_while_queued_is_not_run(tmp_path: Path, clock: FakeClock) -> None:
+    """One worker, busy waiting for a database lock; a call queued behind it with a short
+    deadline must not be run once the worker is free."""
+    import sqlite3
+    import threading
+
+    import grpc
+
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    running = start(
+        Settings(listen="127.0.0.1:0", database_url=url, max_workers=1, metrics_port=0), clock=clock
+    )
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}", timeout=30) as kara:
+            kara.grant_credits("cl-1", 1)
+            session_id = kara.book("cl-1", "pro-1", clock.now() + timedelta(days=2)).session_id
+            lock = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")  # the worker's cancellation will wait for this
+            slow = threading.Thread(target=lambda: kara.cancel(session_id, "client"))
+            slow.start()
+            with (
+                SessionsClient(f"127.0.0.1:{running.port}", timeout=0.3) as hasty,
+                pytest.raises(KaraError) as late,
+            ):
+                hasty.get_session(session_id)
+            assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            lock.execute("ROLLBACK")
+            slow.join(timeout=30)
+        assert running.metrics_port
+        m = scrape(running.metrics_port)
+        get_calls = {
+            dict(k[1])["code"]: v
+            for k, v in m.items()
+            if k[0] == "kara_rpc_requests_total" and dict(k[1])["method"] == "GetSession"
+        }
+        # gRPC drops a call that expired in the queue; should one reach the interceptor anyway,
+        # the interceptor refuses it. Either way it is never run.
+        assert get_calls in ({}, {"DEADLINE_EXCEEDED": 1}), get_calls
+        assert m[("kara_rpc_requests_total", (("code", "OK"), ("method", "CancelSession")))] == 1
+    finally:
+        running.stop(grace=1)

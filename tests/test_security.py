@@ -293,3 +293,41 @@ def test_a_malformed_tokens_file_is_refused(tmp_path: Path) -> None:
     bad.write_text('[[tokens]]\nprincipal = "service"\nsha256 = "plaintext-token"\n')
     with pytest.raises(ValueError, match="64 hex digits"):
         TokenTable.load(bad)
+
+
+def test_an_oversized_message_is_refused_before_it_is_read(
+    server: RunningServer, as_: Callable[[str], SessionsClient], session_of_pro1: str
+) -> None:
+    with pytest.raises(KaraError) as err:
+        as_("service:workstation").cancel(session_of_pro1, "client", reason="x" * (2 * 1024 * 1024))
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_token_new_prints_a_token_and_the_entry_that_admits_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from kara_sessions_server.authz import Principal
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kara_sessions_client.cli",
+            "token",
+            "new",
+            "client:cl-9",
+            "--note",
+            'say "hi"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    token = done.stdout.strip()
+    (tmp_path / "tokens.toml").write_text(done.stderr)
+    table = TokenTable.load(tmp_path / "tokens.toml")
+    assert table.principal_for(token) == Principal.parse("client:cl-9")
+    assert table.principal_for(token + "x") is None
+    assert token not in (tmp_path / "tokens.toml").read_text()
