@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .errors import RequestIdReused
-from .storage import IdempotencyRow
+from .storage import sql, to_micros
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,11 +25,16 @@ def fingerprint(operation: str, params: Mapping[str, object]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_FIND = "SELECT operation, fingerprint, result FROM idempotency_keys WHERE request_id = ?"
+_RECORD = (
+    "INSERT INTO idempotency_keys (request_id, operation, fingerprint, result, created_at) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+
+
 def find(request_id: str) -> StoredResult | None:
-    row = IdempotencyRow.get_or_none(IdempotencyRow.request_id == request_id)
-    if row is None:
-        return None
-    return StoredResult(row.operation, row.fingerprint, row.result)
+    row = sql(_FIND, (request_id,)).fetchone()
+    return None if row is None else StoredResult(*row)
 
 
 def check_same_request(stored: StoredResult, request_id: str, operation: str, fp: str) -> str:
@@ -44,6 +49,4 @@ def check_same_request(stored: StoredResult, request_id: str, operation: str, fp
 
 
 def record(request_id: str, operation: str, fp: str, result: str, now: datetime) -> None:
-    IdempotencyRow.insert(
-        request_id=request_id, operation=operation, fingerprint=fp, result=result, created_at=now
-    ).execute()
+    sql(_RECORD, (request_id, operation, fp, result, to_micros(now)))

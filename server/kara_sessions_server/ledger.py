@@ -10,7 +10,7 @@ from datetime import datetime
 from .errors import InsufficientCredits, NotFound
 from .model import CreditAccount, LedgerEntry, LedgerKind, Page
 from .pagination import cut, decode
-from .storage import CreditAccountRow, LedgerEntryRow
+from .storage import CreditAccountRow, LedgerEntryRow, sql, to_micros
 
 A = CreditAccountRow
 
@@ -31,12 +31,27 @@ def grant(client_id: str, credits: int, request_id: str, now: datetime) -> None:
     _entry(client_id, LedgerKind.GRANT, credits, None, request_id, now)
 
 
+_HOLD = (
+    "UPDATE credit_accounts SET available = available - ?, held = held + ?, updated_at = ? "
+    "WHERE client_id = ? AND available >= ?"
+)
+_RETURN = (
+    "UPDATE credit_accounts SET held = held - ?, available = available + ?, updated_at = ? "
+    "WHERE client_id = ? AND held >= ?"
+)
+_TAKE = (
+    "UPDATE credit_accounts SET held = held - ?, used = used + ?, updated_at = ? "
+    "WHERE client_id = ? AND held >= ?"
+)
+_SETTLE = {LedgerKind.RETURN: _RETURN, LedgerKind.TAKE: _TAKE}
+_INSERT_ENTRY = (
+    "INSERT INTO ledger_entries (client_id, kind, credits, session_id, request_id, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
 def hold(client_id: str, session_id: str, credits: int, request_id: str, now: datetime) -> None:
-    moved = (
-        A.update(available=A.available - credits, held=A.held + credits, updated_at=now)
-        .where((A.client_id == client_id) & (A.available >= credits))
-        .execute()
-    )
+    moved = sql(_HOLD, (credits, credits, to_micros(now), client_id, credits)).rowcount
     if moved != 1:
         raise InsufficientCredits(
             f"client {client_id} has no sponsored credit available to book a session",
@@ -49,17 +64,10 @@ def settle(
     client_id: str, session_id: str, kind: LedgerKind, credits: int, request_id: str, now: datetime
 ) -> None:
     """Returns the held credit to the client (RETURN) or takes it (TAKE)."""
-    if kind is LedgerKind.RETURN:
-        update = {A.held: A.held - credits, A.available: A.available + credits}
-    elif kind is LedgerKind.TAKE:
-        update = {A.held: A.held - credits, A.used: A.used + credits}
-    else:
+    statement = _SETTLE.get(kind)
+    if statement is None:
         raise ValueError(f"cannot settle a credit with {kind}")
-    moved = (
-        A.update({**update, A.updated_at: now})
-        .where((A.client_id == client_id) & (A.held >= credits))
-        .execute()
-    )
+    moved = sql(statement, (credits, credits, to_micros(now), client_id, credits)).rowcount
     if moved != 1:
         raise LedgerInvariantBroken(f"client {client_id} holds no credit for session {session_id}")
     _entry(client_id, kind, credits, session_id, request_id, now)
@@ -68,14 +76,7 @@ def settle(
 def _entry(
     client_id: str, kind: LedgerKind, credits: int, session_id: str | None, request_id: str, now: datetime
 ) -> None:
-    LedgerEntryRow.insert(
-        client_id=client_id,
-        kind=kind.value,
-        credits=credits,
-        session_id=session_id,
-        request_id=request_id,
-        created_at=now,
-    ).execute()
+    sql(_INSERT_ENTRY, (client_id, kind.value, credits, session_id, request_id, to_micros(now)))
 
 
 def account(client_id: str, size: int, token: str) -> CreditAccount:

@@ -1,13 +1,15 @@
-"""Sessions, their payments and the audit log, persisted with peewee.
+"""Sessions, their payments and the audit log.
 
 State changes are conditional UPDATEs (state and version must still be what was read), so of
-two concurrent cancellations exactly one changes the row; the other sees zero rows updated."""
+two concurrent cancellations exactly one changes the row; the other sees zero rows updated.
+The statements are prebuilt SQL run through peewee's connection (storage.sql): building them
+with peewee's query builder cost more than executing them (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
-from datetime import datetime
-
-import peewee as pw
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
 
 from .authz import Principal
 from .errors import Conflict, NotFound, SessionNotBooked
@@ -24,125 +26,162 @@ from .model import (
     payment_of,
 )
 from .pagination import cut, decode
-from .storage import AuditRow, PaymentRow, SessionRow, from_micros, to_micros
+from .storage import from_micros, sql, to_micros
 
-S = SessionRow
-P = PaymentRow
+_MICROSECOND = timedelta(microseconds=1)
+
+_SESSION_COLUMNS = (
+    "session_id, client_id, professional_id, starts_at, booked_at, updated_at, state, version, credits, "
+    "cancelled_by, cancelled_at, notified_at, notice, late, charge_client, reason, completed_at"
+)
+_GET_SESSION = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?"
+_INSERT_SESSION = (
+    "INSERT INTO sessions (session_id, client_id, professional_id, starts_at, booked_at, updated_at, "
+    "state, version, credits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_PAYMENT = (
+    "INSERT INTO payments (session_id, client_id, professional_id, session_starts_at, state, section, "
+    "credits, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_CHANGE_SESSION = (
+    "UPDATE sessions SET state = ?, version = ?, updated_at = ?, completed_at = ?, cancelled_by = ?, "
+    "cancelled_at = ?, notified_at = ?, notice = ?, late = ?, charge_client = ?, reason = ? "
+    "WHERE session_id = ? AND state = ? AND version = ?"
+)
+_CHANGE_PAYMENT = (
+    "UPDATE payments SET state = ?, section = ?, updated_at = ? WHERE session_id = ? AND state = ?"
+)
+_INSERT_AUDIT = (
+    "INSERT INTO audit_log (session_id, action, actor, principal, from_state, to_state, notified_at, "
+    "notice, charge_client, reason, request_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Newest session first, through the (professional_id, section, session_starts_at, session_id) index.
+_LIST_PAYMENTS = (
+    "SELECT p.state, p.updated_at, "
+    + ", ".join(f"s.{c.strip()}" for c in _SESSION_COLUMNS.split(","))
+    + " FROM payments p JOIN sessions s ON s.session_id = p.session_id"
+    " WHERE p.professional_id = ? AND p.section = ? {after}"
+    " ORDER BY p.session_starts_at DESC, p.session_id DESC LIMIT ?"
+)
+_LIST_PAYMENTS_FIRST = _LIST_PAYMENTS.format(after="")
+_LIST_PAYMENTS_AFTER = _LIST_PAYMENTS.format(
+    after="AND (p.session_starts_at < ? OR (p.session_starts_at = ? AND p.session_id < ?))"
+)
 
 
-def _session(row: SessionRow) -> Session:
+def _micros(value: datetime | None) -> int | None:
+    return None if value is None else to_micros(value)
+
+
+def _time(value: int | None) -> datetime | None:
+    return None if value is None else from_micros(value)
+
+
+def _session(row: Sequence[Any]) -> Session:
+    (sid, client, pro, starts, booked, updated, state, version, credits, *cancel, completed) = row
     return Session(
-        session_id=row.session_id,
-        client_id=row.client_id,
-        professional_id=row.professional_id,
-        starts_at=row.starts_at,
-        booked_at=row.booked_at,
-        updated_at=row.updated_at,
-        state=SessionState(row.state),
-        version=row.version,
-        credits=row.credits,
-        cancellation=_cancellation(row),
-        completed_at=row.completed_at,
+        session_id=sid,
+        client_id=client,
+        professional_id=pro,
+        starts_at=from_micros(starts),
+        booked_at=from_micros(booked),
+        updated_at=from_micros(updated),
+        state=SessionState(state),
+        version=version,
+        credits=credits,
+        cancellation=_cancellation(cancel),
+        completed_at=_time(completed),
     )
 
 
-def _cancellation(row: SessionRow) -> Cancellation | None:
-    if row.cancelled_by is None:
+def _cancellation(cols: Sequence[Any]) -> Cancellation | None:
+    by, at, notified, notice, late, charge, reason = cols
+    if by is None:
         return None
     return Cancellation(
-        cancelled_by=Party(row.cancelled_by),
-        cancelled_at=row.cancelled_at,
-        notified_at=row.notified_at,
-        notice=row.notice,
-        late=bool(row.late),
-        charge_client=bool(row.charge_client),
-        reason=row.reason or "",
-    )
-
-
-def _payment(row: PaymentRow, session: SessionRow | None) -> Payment:
-    return Payment(
-        session_id=row.session_id,
-        client_id=row.client_id,
-        professional_id=row.professional_id,
-        session_starts_at=row.session_starts_at,
-        state=PaymentState(row.state),
-        credits=row.credits,
-        updated_at=row.updated_at,
-        cancellation=_cancellation(session) if session is not None else None,
+        cancelled_by=Party(by),
+        cancelled_at=from_micros(at),
+        notified_at=from_micros(notified),
+        notice=timedelta(microseconds=notice),
+        late=bool(late),
+        charge_client=bool(charge),
+        reason=reason or "",
     )
 
 
 def get_session(session_id: str) -> Session:
-    row = S.get_or_none(S.session_id == session_id)
+    row = sql(_GET_SESSION, (session_id,)).fetchone()
     if row is None:
         raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
     return _session(row)
 
 
 def add_session(session: Session) -> None:
-    S.insert(
-        session_id=session.session_id,
-        client_id=session.client_id,
-        professional_id=session.professional_id,
-        starts_at=session.starts_at,
-        booked_at=session.booked_at,
-        updated_at=session.updated_at,
-        state=session.state.value,
-        version=session.version,
-        credits=session.credits,
-    ).execute()
+    sql(
+        _INSERT_SESSION,
+        (
+            session.session_id,
+            session.client_id,
+            session.professional_id,
+            to_micros(session.starts_at),
+            to_micros(session.booked_at),
+            to_micros(session.updated_at),
+            session.state.value,
+            session.version,
+            session.credits,
+        ),
+    )
     payment = payment_of(session)
-    P.insert(
-        session_id=payment.session_id,
-        client_id=payment.client_id,
-        professional_id=payment.professional_id,
-        session_starts_at=payment.session_starts_at,
-        state=payment.state.value,
-        section=payment.section.value,
-        credits=payment.credits,
-        updated_at=payment.updated_at,
-    ).execute()
+    sql(
+        _INSERT_PAYMENT,
+        (
+            payment.session_id,
+            payment.client_id,
+            payment.professional_id,
+            to_micros(payment.session_starts_at),
+            payment.state.value,
+            payment.section.value,
+            payment.credits,
+            to_micros(payment.updated_at),
+        ),
+    )
 
 
 def change_state(before: Session, after: Session) -> None:
     """Writes `after` only if the row is still exactly `before` (same state and version)."""
     c = after.cancellation
-    fields: dict[pw.Field, object] = {
-        S.state: after.state.value,
-        S.version: before.version + 1,
-        S.updated_at: after.updated_at,
-        S.completed_at: after.completed_at,
-    }
-    if c is not None:
-        fields.update(
-            {
-                S.cancelled_by: c.cancelled_by.value,
-                S.cancelled_at: c.cancelled_at,
-                S.notified_at: c.notified_at,
-                S.notice: c.notice,
-                S.late: c.late,
-                S.charge_client: c.charge_client,
-                S.reason: c.reason,
-            }
-        )
-    changed = (
-        S.update(fields)
-        .where(
-            (S.session_id == before.session_id)
-            & (S.state == before.state.value)
-            & (S.version == before.version)
-        )
-        .execute()
-    )
+    changed = sql(
+        _CHANGE_SESSION,
+        (
+            after.state.value,
+            before.version + 1,
+            to_micros(after.updated_at),
+            _micros(after.completed_at),
+            c.cancelled_by.value if c else None,
+            _micros(c.cancelled_at) if c else None,
+            _micros(c.notified_at) if c else None,
+            c.notice // _MICROSECOND if c else None,
+            c.late if c else None,
+            c.charge_client if c else None,
+            c.reason if c else None,
+            before.session_id,
+            before.state.value,
+            before.version,
+        ),
+    ).rowcount
     if changed != 1:
         _raise_lost_race(before)
     payment_state = PAYMENT_FOR_STATE[after.state]
-    changed = (
-        P.update(state=payment_state.value, section=payment_state.section.value, updated_at=after.updated_at)
-        .where((P.session_id == before.session_id) & (P.state == PAYMENT_FOR_STATE[before.state].value))
-        .execute()
-    )
+    changed = sql(
+        _CHANGE_PAYMENT,
+        (
+            payment_state.value,
+            payment_state.section.value,
+            to_micros(after.updated_at),
+            before.session_id,
+            PAYMENT_FOR_STATE[before.state].value,
+        ),
+    ).rowcount
     if changed != 1:
         raise Conflict(f"payment of session {before.session_id} changed concurrently; retry")
 
@@ -173,46 +212,50 @@ def audit(
     """`actor` is the party the domain acted for (CLIENT, PROFESSIONAL, SYSTEM); `principal` the
     authenticated caller who asked."""
     c = after.cancellation
-    AuditRow.insert(
-        session_id=after.session_id,
-        action=action,
-        actor=actor,
-        principal=str(principal),
-        from_state=before.state.value if before else None,
-        to_state=after.state.value,
-        notified_at=c.notified_at if c else None,
-        notice=c.notice if c else None,
-        charge_client=c.charge_client if c else None,
-        reason=c.reason if c else None,
-        request_id=request_id,
-        at=now,
-    ).execute()
+    sql(
+        _INSERT_AUDIT,
+        (
+            after.session_id,
+            action,
+            actor,
+            str(principal),
+            before.state.value if before else None,
+            after.state.value,
+            _micros(c.notified_at) if c else None,
+            c.notice // _MICROSECOND if c else None,
+            c.charge_client if c else None,
+            c.reason if c else None,
+            request_id,
+            to_micros(now),
+        ),
+    )
 
 
 def list_sessions(
     professional_id: str, client_id: str, state: SessionState | None, size: int, token: str
 ) -> Page[Session]:
-    """Oldest start first."""
+    """Oldest start first. Filters are fixed fragments; values always go as parameters."""
     query_id = ("sessions", professional_id, client_id, state.value if state else "")
     after = decode(query_id, token)
-    query = S.select()
-    if professional_id:
-        query = query.where(S.professional_id == professional_id)
-    if client_id:
-        query = query.where(S.client_id == client_id)
-    if state is not None:
-        query = query.where(S.state == state.value)
+    where: list[str] = []
+    params: list[object] = []
+    for fragment, value in (
+        ("professional_id = ?", professional_id),
+        ("client_id = ?", client_id),
+        ("state = ?", state.value if state else ""),
+    ):
+        if value:
+            where.append(fragment)
+            params.append(value)
     if after is not None:
         at, sid = int(after[0]), str(after[1])
-        query = query.where(
-            (S.starts_at > from_micros(at)) | ((S.starts_at == from_micros(at)) & (S.session_id > sid))
-        )
-    rows, token_out = cut(
-        query_id,
-        list(query.order_by(S.starts_at, S.session_id).limit(size + 1)),
-        size,
-        lambda r: [to_micros(r.starts_at), r.session_id],
+        where.append("(starts_at > ? OR (starts_at = ? AND session_id > ?))")
+        params += [at, at, sid]
+    text = (
+        f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
+        "ORDER BY starts_at, session_id LIMIT ?"
     )
+    rows, token_out = cut(query_id, sql(text, (*params, size + 1)).fetchall(), size, lambda r: [r[3], r[0]])
     return Page(tuple(_session(r) for r in rows), token_out)
 
 
@@ -220,18 +263,26 @@ def list_payments(professional_id: str, section: PaymentSection, size: int, toke
     """Most recent session first."""
     query_id = ("payments", professional_id, section.value)
     after = decode(query_id, token)
-    query = (
-        P.select(P, S)
-        .join(S, on=(S.session_id == P.session_id), attr="session_row")
-        .where((P.professional_id == professional_id) & (P.section == section.value))
+    if after is None:
+        cursor = sql(_LIST_PAYMENTS_FIRST, (professional_id, section.value, size + 1))
+    else:
+        at, sid = int(after[0]), str(after[1])
+        cursor = sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, at, at, sid, size + 1))
+    rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[5], r[2]])
+    return Page(tuple(_payment(r) for r in rows), token_out)
+
+
+def _payment(row: Sequence[Any]) -> Payment:
+    """A _LIST_PAYMENTS row: the payment's state and updated_at, then the session's columns."""
+    state, updated, *session = row
+    s = _session(session)
+    return Payment(
+        session_id=s.session_id,
+        client_id=s.client_id,
+        professional_id=s.professional_id,
+        session_starts_at=s.starts_at,
+        state=PaymentState(state),
+        credits=s.credits,
+        updated_at=from_micros(updated),
+        cancellation=s.cancellation,
     )
-    if after is not None:
-        at, sid = from_micros(int(after[0])), str(after[1])
-        query = query.where((P.session_starts_at < at) | ((P.session_starts_at == at) & (P.session_id < sid)))
-    rows, token_out = cut(
-        query_id,
-        list(query.order_by(P.session_starts_at.desc(), P.session_id.desc()).limit(size + 1)),
-        size,
-        lambda r: [to_micros(r.session_starts_at), r.session_id],
-    )
-    return Page(tuple(_payment(r, r.session_row) for r in rows), token_out)  # type: ignore[attr-defined]

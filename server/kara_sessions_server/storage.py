@@ -3,6 +3,8 @@ Unix epoch, UTC: exact, portable between SQLite and PostgreSQL, and cheap to ind
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -178,12 +180,36 @@ TABLES: list[type[Table]] = [
 ]
 
 
+def sql(text: str, params: Sequence[object] = ()) -> Any:
+    """Runs a prebuilt statement (written with `?` placeholders) on this thread's connection;
+    returns the cursor. The hot paths use these instead of peewee's query builder, which cost
+    more than the database itself (see BENCHMARKS.md); peewee still maps driver errors to its
+    own (IntegrityError, OperationalError, ...)."""
+    return database.execute_sql(_dialect(text), params)
+
+
+_DIALECT_CACHE: dict[tuple[str, str], str] = {}
+
+
+def _dialect(text: str) -> str:
+    marker = database.obj.param
+    key = (marker, text)
+    found = _DIALECT_CACHE.get(key)
+    if found is None:
+        found = _DIALECT_CACHE[key] = text if marker == "?" else text.replace("?", marker)
+    return found
+
+
 class Storage:
     """An open database: the peewee Database plus how to begin a transaction on it."""
 
     def __init__(self, db: PooledDatabase):
         self.db = db
         self.is_sqlite = isinstance(db, pw.SqliteDatabase)
+        # SQLite has one writer at a time. Queueing this process's writers on a lock hands the
+        # database from one to the next at once; left to SQLite's busy handler, waiters sleep
+        # and poll (up to 100 ms per nap), which is what made p99 hundreds of milliseconds.
+        self.write_lock = threading.Lock() if self.is_sqlite else None
 
     def transaction(self, write: bool) -> Any:
         if self.is_sqlite and write:

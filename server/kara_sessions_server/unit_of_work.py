@@ -3,13 +3,14 @@ commits explicitly; leaving the block without commit() rolls everything back."""
 
 from __future__ import annotations
 
+import threading
 from types import TracebackType
 from typing import Any
 
 import peewee as pw
 
 from .events import Event
-from .storage import Storage
+from .storage import SQLITE_BUSY_TIMEOUT_MS, Storage
 
 
 class _NotCommitted(Exception):
@@ -22,14 +23,29 @@ class UnitOfWork:
         self._write = write
         self._tx: Any = None
         self._committed = False
+        self._lock: threading.Lock | None = None
         # Told by the service layer once the transaction has committed.
         self.events: list[Event] = []
 
     def __enter__(self) -> UnitOfWork:
-        self._storage.db.connect(reuse_if_open=True)
-        self._tx = self._storage.transaction(self._write)
-        self._tx.__enter__()
+        lock = self._storage.write_lock if self._write else None
+        if lock is not None and not lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
+            raise pw.OperationalError("database is locked: another write took too long")
+        self._lock = lock
+        try:
+            self._storage.db.connect(reuse_if_open=True)
+            self._tx = self._storage.transaction(self._write)
+            self._tx.__enter__()
+        except BaseException:
+            self._release()
+            raise
         return self
+
+    def _release(self) -> None:
+        self._storage.release()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def commit(self) -> None:
         """Marks the work done; the transaction commits when the block ends."""
@@ -51,4 +67,4 @@ class UnitOfWork:
                 # The connection may be dead (server restart, network): discard it rather than
                 # hand it back to the pool for the next request to trip over.
                 self._storage.db.manual_close()
-            self._storage.release()
+            self._release()
