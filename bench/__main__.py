@@ -1,0 +1,425 @@
+"""`make bench` / `python -m bench`: CancelSession, BookSession, GetPayment and ListPayments next
+to the ceiling (the health service's Check on the same server and transport), at several
+concurrencies, on SQLite and PostgreSQL; growth from 10k to 1M sessions; and where a
+cancellation's time goes. Prints a table; `--json FILE` writes everything for machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kara_sessions_client.client import SessionsClient
+
+from .populate import DEEP_PROFESSIONAL, populate
+from .profile import profile_cancellation
+from .report import print_report
+
+DEFAULT_POSTGRES = os.environ.get("KARA_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BENCH_PROFESSIONAL = "pro-bench"
+CLIENTS = [f"bench-client-{i}" for i in range(32)]
+
+
+@dataclass
+class Run:
+    database: str
+    workload: str
+    concurrency: int
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: dict[str, int] = field(default_factory=dict)
+    ratio_to_ceiling: float | None = None
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def load(
+    target: str, workload: str, concurrency: int, duration: float, **job: Any
+) -> tuple[dict[str, Any], Run]:
+    """Runs one workload from a separate load-generator process."""
+    spec = {
+        "target": target,
+        "workload": workload,
+        "concurrency": concurrency,
+        "duration": duration,
+        "timeout": 30,
+        **job,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=duration + 300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed for {workload}: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    latencies = sorted(result["latencies"])
+    seconds = result["elapsed"]
+    run = Run(
+        database="",
+        workload=workload,
+        concurrency=concurrency,
+        requests=len(latencies),
+        seconds=round(seconds, 3),
+        rps=len(latencies) / seconds if seconds else 0.0,
+        p50_ms=_percentile(latencies, 0.50) * 1000,
+        p95_ms=_percentile(latencies, 0.95) * 1000,
+        p99_ms=_percentile(latencies, 0.99) * 1000,
+        errors=result["errors"],
+    )
+    return result, run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(database_url: str, log_path: Path) -> Iterator[str]:
+    """`kara-sessions serve` as operators run it (defaults; JSON log lines to a file)."""
+    port = _free_port()
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kara_sessions_client.cli",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--database-url",
+                database_url,
+                "--log-format",
+                "json",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    target = f"127.0.0.1:{port}"
+    try:
+        _wait_serving(target, proc)
+        yield target
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def _wait_serving(target: str, proc: subprocess.Popen[bytes]) -> None:
+    end = time.monotonic() + 60
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode}; see its log")
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise TimeoutError("the server did not start")
+
+
+@contextmanager
+def scratch_postgres(admin_url: str) -> Iterator[str]:
+    name = f"kara_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def postgres_reachable(url: str) -> str | None:
+    """None if reachable, else why not."""
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return None
+    except psycopg.OperationalError as exc:
+        return str(exc).strip().splitlines()[0]
+
+
+def bench_database(
+    name: str, url: str, concurrencies: list[int], duration: float, workdir: Path
+) -> list[Run]:
+    runs: list[Run] = []
+    with server(url, workdir / f"server-{name}.log") as target:
+        with SessionsClient(target, timeout=30) as kara:
+            for client in CLIENTS:
+                for _ in range(10):
+                    kara.grant_credits(client, 10_000)
+        booked_all: list[str] = []
+        for c in concurrencies:
+            _, ceiling = load(target, "ceiling", c, duration, warmup=0.5)
+            result, book = load(
+                target, "book", c, duration, clients=CLIENTS, professional_id=BENCH_PROFESSIONAL, collect=True
+            )
+            booked = result.get("session_ids", [])
+            _, cancel = load(target, "cancel", c, duration * 10, session_ids=booked)
+            booked_all += booked
+            _, get = load(target, "get_payment", c, duration, session_ids=booked_all[-20_000:], warmup=0.5)
+            _, page = load(
+                target, "list_payments", c, duration, professional_id=BENCH_PROFESSIONAL, warmup=0.5
+            )
+            for run in (ceiling, book, cancel, get, page):
+                run.database = name
+                run.ratio_to_ceiling = run.rps / ceiling.rps if ceiling.rps else None
+                runs.append(run)
+                click.echo(
+                    f"  {name:<10} {run.workload:<14} c={c:<3} {run.rps:8.0f} req/s  p99 {run.p99_ms:7.2f} ms",
+                    err=True,
+                )
+    return runs
+
+
+@dataclass
+class Growth:
+    database: str
+    workload: str
+    small: int
+    large: int
+    rps_small: float
+    rps_large: float
+    p50_ms_small: float
+    p50_ms_large: float
+
+    @property
+    def ratio(self) -> float:
+        """How much slower the large database is (p50 latency, large / small)."""
+        return self.p50_ms_large / self.p50_ms_small if self.p50_ms_small else float("nan")
+
+
+def bench_growth(
+    name: str, make_url: Any, sizes: tuple[int, int], duration: float, concurrency: int, workdir: Path
+) -> list[Growth]:
+    measured: dict[int, dict[str, Run]] = {}
+    for size in sizes:
+        with make_url(size) as url:
+            started = time.perf_counter()
+            sample, token = populate(url, size)
+            click.echo(
+                f"  {name}: {size:,} sessions loaded in {time.perf_counter() - started:.1f} s", err=True
+            )
+            with server(url, workdir / f"server-{name}-growth.log") as target:
+                _, get = load(target, "get_payment", concurrency, duration, session_ids=sample, warmup=0.5)
+                _, page = load(
+                    target,
+                    "list_payments",
+                    concurrency,
+                    duration,
+                    professional_id=DEEP_PROFESSIONAL,
+                    page_token=token,
+                    warmup=0.5,
+                )
+            measured[size] = {"get_payment": get, "list_payments (deep)": page}
+    small, large = sizes
+    return [
+        Growth(
+            name,
+            workload,
+            small,
+            large,
+            measured[small][workload].rps,
+            measured[large][workload].rps,
+            measured[small][workload].p50_ms,
+            measured[large][workload].p50_ms,
+        )
+        for workload in measured[small]
+    ]
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    memory = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f"{kib / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    import google.protobuf
+    import peewee
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": memory,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "peewee": peewee.__version__,
+        "sqlite": sqlite3.sqlite_version,
+    }
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--duration", type=click.FloatRange(0.1), default=5.0, show_default=True, help="Seconds per run."
+)
+@click.option(
+    "--concurrency",
+    "concurrencies",
+    type=click.IntRange(1, 256),
+    multiple=True,
+    default=(1, 8, 32),
+    show_default=True,
+    help="Calls in flight; repeat the option for several.",
+)
+@click.option(
+    "--postgres-url",
+    default=DEFAULT_POSTGRES,
+    show_default=True,
+    help="Admin URL; the benchmark creates and drops scratch databases on this server.",
+)
+@click.option("--no-postgres", is_flag=True, help="SQLite only.")
+@click.option(
+    "--growth-sizes",
+    default="10000,1000000",
+    show_default=True,
+    help="SMALL,LARGE session counts for the growth runs; 'none' to skip them.",
+)
+@click.option("--no-profile", is_flag=True, help="Skip the in-process cancellation profile.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write results here."
+)
+def main(
+    duration: float,
+    concurrencies: tuple[int, ...],
+    postgres_url: str,
+    no_postgres: bool,
+    growth_sizes: str,
+    no_profile: bool,
+    json_path: str | None,
+) -> None:
+    """Benchmark kara-sessions on this machine."""
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {
+            "duration_s": duration,
+            "concurrency": list(concurrencies),
+            "server": "kara-sessions serve defaults (16 workers, JSON log line per RPC, no auth, no TLS)",
+        },
+        "skipped": [],
+    }
+    databases: list[tuple[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kara-bench-") as tmp:
+        workdir = Path(tmp)
+
+        @contextmanager
+        def sqlite_url(size: int = 0) -> Iterator[str]:
+            yield f"sqlite:///{workdir / f'bench-{size}-{uuid.uuid4().hex[:6]}.db'}"
+
+        databases.append(("sqlite", sqlite_url))
+        why = "--no-postgres" if no_postgres else postgres_reachable(postgres_url)
+        if why is None:
+            databases.append(("postgresql", lambda size=0: scratch_postgres(postgres_url)))
+        else:
+            message = f"PostgreSQL skipped: {why} (set --postgres-url or KARA_BENCH_POSTGRES_URL)"
+            click.echo(message, err=True)
+            results["skipped"].append(message)
+
+        runs: list[Run] = []
+        for name, make_url in databases:
+            click.echo(f"{name}: throughput and latency", err=True)
+            with make_url() as url:
+                runs += bench_database(name, url, list(concurrencies), duration, workdir)
+        results["runs"] = [asdict(r) for r in runs]
+
+        growth: list[Growth] = []
+        if growth_sizes != "none":
+            small, large = (int(x) for x in growth_sizes.split(","))
+            for name, make_url in databases:
+                click.echo(f"{name}: growth {small:,} -> {large:,} sessions", err=True)
+                growth += bench_growth(name, make_url, (small, large), duration, 8, workdir)
+        results["growth"] = [{**asdict(g), "ratio": g.ratio} for g in growth]
+
+        if not no_profile:
+            click.echo("profiling one cancellation in-process", err=True)
+            profile = profile_cancellation(workdir)
+            rpc_c1 = next(
+                (r for r in runs if (r.database, r.workload, r.concurrency) == ("sqlite", "cancel", 1)), None
+            )
+            results["profile"] = {
+                **asdict(profile),
+                "rpc_cancel_p50_us_at_c1": rpc_c1.p50_ms * 1000 if rpc_c1 else None,
+            }
+    results["targets"] = targets(runs, growth)
+    print_report(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+        click.echo(f"results written to {json_path}", err=True)
+
+
+def targets(runs: list[Run], growth: list[Growth]) -> list[dict[str, Any]]:
+    def run(db: str, workload: str, c: int) -> Run | None:
+        return next((r for r in runs if (r.database, r.workload, r.concurrency) == (db, workload, c)), None)
+
+    out: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, goal: str, met: bool | None) -> None:
+        out.append({"target": name, "value": value, "goal": goal, "met": met})
+
+    sqlite8 = run("sqlite", "cancel", 8)
+    if sqlite8 is not None:
+        check(
+            "CancelSession SQLite c=8, share of ceiling",
+            sqlite8.ratio_to_ceiling,
+            ">= 0.50",
+            (sqlite8.ratio_to_ceiling or 0) >= 0.50,
+        )
+    sqlite32 = run("sqlite", "cancel", 32)
+    if sqlite32 is not None:
+        check("CancelSession SQLite c=32, p99 ms", sqlite32.p99_ms, "< 20", sqlite32.p99_ms < 20)
+    pg32 = run("postgresql", "cancel", 32)
+    if pg32 is not None:
+        check(
+            "CancelSession PostgreSQL c=32, share of ceiling",
+            pg32.ratio_to_ceiling,
+            ">= 0.35",
+            (pg32.ratio_to_ceiling or 0) >= 0.35,
+        )
+    for g in growth:
+        check(f"growth {g.database} {g.workload}, p50 large/small", g.ratio, "< 2.0", g.ratio < 2.0)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The load generator: runs in its own process (`python -m bench.loadgen`), so it never shares
+the server's interpreter. Reads one job as JSON on stdin, keeps `concurrency` calls in flight on
+one channel (grpc.aio) for `duration` seconds or until its work runs out, and writes every
+latency (seconds) as JSON on stdout."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kara.sessions.v1 import sessions_pb2 as pb
+from kara.sessions.v1 import sessions_pb2_grpc
+
+Request = tuple[Callable[..., Any], Any]
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def requests(job: dict[str, Any], channel: grpc.aio.Channel) -> Iterator[Request]:
+    """The calls of one workload, in order; a finite workload (cancel) ends when its sessions do."""
+    sessions = sessions_pb2_grpc.SessionServiceStub(channel)
+    kind = job["workload"]
+    if kind == "ceiling":
+        check = health_pb2_grpc.HealthStub(channel).Check
+        request = health_pb2.HealthCheckRequest()
+        return ((check, request) for _ in itertools.count())
+    if kind == "book":
+        clients = itertools.cycle(job["clients"])
+        starts = _timestamp(datetime.now(UTC) + timedelta(days=2))
+        return (
+            (
+                sessions.BookSession,
+                pb.BookSessionRequest(
+                    client_id=next(clients),
+                    professional_id=job["professional_id"],
+                    starts_at=starts,
+                    request_id=str(uuid.uuid4()),
+                ),
+            )
+            for _ in itertools.count()
+        )
+    if kind == "cancel":
+        return (
+            (
+                sessions.CancelSession,
+                pb.CancelSessionRequest(
+                    session_id=session_id, cancelled_by=pb.PARTY_CLIENT, request_id=str(uuid.uuid4())
+                ),
+            )
+            for session_id in job["session_ids"]
+        )
+    if kind == "get_payment":
+        ids = itertools.cycle(job["session_ids"])
+        return ((sessions.GetPayment, pb.GetPaymentRequest(session_id=next(ids))) for _ in itertools.count())
+    if kind == "list_payments":
+        request = pb.ListPaymentsRequest(
+            professional_id=job["professional_id"],
+            section=pb.PAYMENT_SECTION_UNPAID,
+            page_size=job.get("page_size", 50),
+            page_token=job.get("page_token", ""),
+        )
+        return ((sessions.ListPayments, request) for _ in itertools.count())
+    raise ValueError(f"unknown workload {kind!r}")
+
+
+async def run(job: dict[str, Any]) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(job["target"]) as channel:
+        await channel.channel_ready()
+        work = requests(job, channel)
+        warmup_end = time.perf_counter() + job.get("warmup", 0.0)
+        while time.perf_counter() < warmup_end:  # not counted: connection, caches, JIT-less warm paths
+            call, request = next(work)
+            await call(request, timeout=job["timeout"])
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        collected: list[str] = []  # session ids a book run made, for the cancel run to use
+        collect = bool(job.get("collect"))
+        deadline = time.perf_counter() + job["duration"]
+
+        async def worker() -> None:
+            for call, request in work:
+                if time.perf_counter() >= deadline:
+                    return
+                started = time.perf_counter()
+                try:
+                    response = await call(request, timeout=job["timeout"])
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    continue
+                latencies.append(time.perf_counter() - started)
+                if collect:
+                    collected.append(response.session_id)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(job["concurrency"])))
+        elapsed = time.perf_counter() - began
+    return {"latencies": latencies, "elapsed": elapsed, "errors": errors, "session_ids": collected}
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    json.dump(asyncio.run(run(job)), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The benchmark's readable output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def print_report(results: dict[str, Any]) -> None:
+    console = Console(width=130)
+    m = results["machine"]
+    console.print(
+        f"[bold]kara-sessions benchmark[/] on {m['cpu']} ({m['cores']} cores, {m['memory']}), "
+        f"Python {m['python']}, grpcio {m['grpcio']}, SQLite {m['sqlite']}; "
+        f"{results['settings']['duration_s']} s per run; server: {results['settings']['server']}"
+    )
+    for note in results.get("skipped", []):
+        console.print(f"[yellow]{note}[/]")
+
+    table = Table(title="Throughput and latency (load generator in its own process)")
+    for col in (
+        "database",
+        "RPC",
+        "in flight",
+        "req/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "of ceiling",
+        "errors",
+    ):
+        table.add_column(col, justify="left" if col in ("database", "RPC", "errors") else "right")
+    names = {
+        "ceiling": "ceiling: Health.Check",
+        "book": "BookSession",
+        "cancel": "CancelSession",
+        "get_payment": "GetPayment",
+        "list_payments": "ListPayments (50)",
+    }
+    for r in results.get("runs", []):
+        table.add_row(
+            r["database"],
+            names.get(r["workload"], r["workload"]),
+            str(r["concurrency"]),
+            _num(r["rps"], ".0f"),
+            _num(r["p50_ms"], ".2f"),
+            _num(r["p95_ms"], ".2f"),
+            _num(r["p99_ms"], ".2f"),
+            _num(r["ratio_to_ceiling"], ".0%"),
+            ", ".join(f"{k} {v}" for k, v in r["errors"].items()),
+        )
+    console.print(table)
+
+    if results.get("growth"):
+        growth = Table(title="Growth: the same reads on a small and a large database (8 in flight)")
+        for col in ("database", "RPC", "sessions", "req/s", "p50 ms", "p50 large/small"):
+            growth.add_column(col, justify="left" if col in ("database", "RPC") else "right")
+        for g in results["growth"]:
+            growth.add_row(
+                g["database"],
+                g["workload"],
+                f"{g['small']:,} -> {g['large']:,}",
+                f"{g['rps_small']:.0f} -> {g['rps_large']:.0f}",
+                f"{g['p50_ms_small']:.2f} -> {g['p50_ms_large']:.2f}",
+                f"{g['ratio']:.2f}",
+            )
+        console.print(growth)
+
+    if results.get("profile"):
+        p = results["profile"]
+        console.print(
+            f"[bold]One cancellation, in-process on SQLite:[/] state machine transition "
+            f"{p['transition_us']:.0f} us; whole service call (domain, ORM, database, commit) "
+            f"{p['service_cancel_us']:.0f} us; over gRPC at 1 in flight p50 "
+            f"{_num(p['rpc_cancel_p50_us_at_c1'], '.0f')} us (the difference is transport and interceptor)."
+        )
+        shares = Table(title="Where the service call's time goes (cProfile, own time)")
+        shares.add_column("component")
+        shares.add_column("share", justify="right")
+        for component, share in p["shares"].items():
+            shares.add_row(component, f"{share:.0%}")
+        console.print(shares)
+
+    if results.get("targets"):
+        t = Table(title="Targets")
+        for col in ("target", "value", "goal", "met"):
+            t.add_column(col)
+        for row in results["targets"]:
+            value = row["value"]
+            shown = "-" if value is None else (f"{value:.0%}" if "share" in row["target"] else f"{value:.2f}")
+            t.add_row(row["target"], shown, row["goal"], "yes" if row["met"] else "[red]NO[/]")
+        console.print(t)
