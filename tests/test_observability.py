@@ -95,6 +95,7 @@ def test_one_json_log_line_per_rpc_and_never_a_token(tmp_path: Path) -> None:
     assert token not in stderr and "wrong" not in stderr.replace("wrong owner", "")
     lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]
     rpc_lines = [line for line in lines if "method" in line]
+    assert not [line for line in lines if line["logger"].startswith("transitions")], "library chatter"
     cancel = next(line for line in rpc_lines if line["method"] == "CancelSession")
     assert cancel["code"] == "OK"
     assert cancel["principal"] == "service:backend"

@@ -15,6 +15,10 @@ RPC_FIELDS = ("method", "code", "duration_ms", "principal", "session_id", "reque
 
 LogFormat = Literal["auto", "json", "text"]
 
+# Libraries that log routine work at INFO: `transitions` writes three lines per state change,
+# which tripled the log and cost a fifth of a cancellation's time (BENCHMARKS.md).
+QUIET_LIBRARIES = ("transitions",)
+
 
 class KeyValueFormatter(logging.Formatter):
     def __init__(self) -> None:
@@ -38,6 +42,14 @@ def configure(level: str = "INFO", fmt: LogFormat = "auto", stream: TextIO | Non
         if as_json
         else KeyValueFormatter()
     )
+    # The logging HOWTO's "Optimization": our formats show no caller, thread or process, so
+    # skip collecting them (finding the caller walks the stack on every record).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
