@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run demo test test-sqlite lint typecheck check clean
+.PHONY: help install gen run demo test bench lint check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,10 +34,13 @@ demo: $(STAMP) ## Run the article's five scenarios against a throwaway server
 test: $(STAMP) ## Run the whole test suite (SQLite, and PostgreSQL when reachable; required when CI=true)
 	$(BIN)/python -m pytest $(ARGS)
 
+bench: $(STAMP) ## Benchmark on this machine (about 6 min; ARGS="--duration 2 --json out.json" etc.)
+	$(BIN)/python -m bench $(ARGS)
+
 lint: $(STAMP) ## ruff + mypy on the project's own code
-	$(BIN)/ruff check server client tests setup.py
-	$(BIN)/ruff format --check server client tests setup.py
-	$(BIN)/mypy server/kara_sessions_server client/kara_sessions_client
+	$(BIN)/ruff check server client tests bench setup.py
+	$(BIN)/ruff format --check server client tests bench setup.py
+	$(BIN)/mypy server/kara_sessions_server client/kara_sessions_client bench
 
 check: lint test ## Everything CI runs
 

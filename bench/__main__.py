@@ -196,7 +196,7 @@ def bench_database(
                 run.ratio_to_ceiling = run.rps / ceiling.rps if ceiling.rps else None
                 runs.append(run)
                 click.echo(
-                    f"  {name:<10} {run.workload:<14} c={c:<3} {run.rps:8.0f} req/s  p99 {run.p99_ms:7.2f} ms",
+                    f"  {name:<10} {run.workload:<14} c={c:<3} {run.rps:8.0f} req/s p99 {run.p99_ms:7.2f} ms",
                     err=True,
                 )
     return runs
@@ -274,8 +274,7 @@ def machine() -> dict[str, Any]:
         memory = f"{kib / 1024 / 1024:.0f} GiB"
     except (OSError, ValueError, IndexError):
         pass
-    import google.protobuf
-    import peewee
+    from importlib.metadata import version
 
     return {
         "cpu": cpu,
@@ -283,9 +282,10 @@ def machine() -> dict[str, Any]:
         "memory": memory,
         "os": platform.platform(),
         "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "protobuf": google.protobuf.__version__,
-        "peewee": peewee.__version__,
+        "grpcio": version("grpcio"),
+        "protobuf": version("protobuf"),
+        "peewee": version("peewee"),
+        "transitions": version("transitions"),
         "sqlite": sqlite3.sqlite_version,
     }
 
