@@ -41,7 +41,9 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     for run in runs.values():
         assert run["requests"] > 0 and not run["errors"], run
         assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
-    assert runs["cancel", 2]["requests"] == runs["book", 2]["requests"], "every booked session is cancelled once"
+    assert runs["cancel", 2]["requests"] == runs["book", 2]["requests"], (
+        "every booked session is cancelled once"
+    )
     assert [(g["workload"], g["small"], g["large"]) for g in results["growth"]] == [
         ("get_payment", 200, 2000),
         ("list_payments (deep)", 200, 2000),

@@ -153,7 +153,9 @@ def test_nobody_acts_on_another_persons_session(
 
 
 @pytest.mark.parametrize("who", ["professional:pro-2", "client:cl-2"])
-@pytest.mark.parametrize("rpc", ["GetSession", "GetPayment", "CompleteSession", "CancelSession"])
+@pytest.mark.parametrize(
+    "rpc", ["GetSession", "GetPayment", "CompleteSession", "CancelSession", "PreviewCancellation"]
+)
 def test_a_refusal_does_not_tell_whether_the_session_exists(
     server: RunningServer, as_: Callable[[str], SessionsClient], session_of_pro1: str, rpc: str, who: str
 ) -> None:
@@ -163,6 +165,7 @@ def test_a_refusal_does_not_tell_whether_the_session_exists(
         "GetPayment": lambda c, s: c.get_payment(s),
         "CompleteSession": lambda c, s: c.complete(s),
         "CancelSession": lambda c, s: c.cancel(s, party),
+        "PreviewCancellation": lambda c, s: c.preview(s, party),
     }
     missing = "00000000-0000-0000-0000-000000000000"
     theirs = refuse(server, lambda: calls[rpc](as_(who), session_of_pro1), DENIED, "PERMISSION_DENIED")

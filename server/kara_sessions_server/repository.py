@@ -65,7 +65,9 @@ _LIST_PAYMENTS = (
 )
 _LIST_PAYMENTS_FIRST = _LIST_PAYMENTS.format(after="")
 _LIST_PAYMENTS_AFTER = _LIST_PAYMENTS.format(
-    after="AND (p.session_starts_at < ? OR (p.session_starts_at = ? AND p.session_id < ?))"
+    # A row-value comparison, not `a < x OR (a = x AND b < y)`: PostgreSQL turns only the former
+    # into an index range, and without it a deep page scanned every row above it.
+    after="AND (p.session_starts_at, p.session_id) < (?, ?)"
 )
 
 
@@ -249,8 +251,8 @@ def list_sessions(
             params.append(value)
     if after is not None:
         at, sid = int(after[0]), str(after[1])
-        where.append("(starts_at > ? OR (starts_at = ? AND session_id > ?))")
-        params += [at, at, sid]
+        where.append("(starts_at, session_id) > (?, ?)")
+        params += [at, sid]
     text = (
         f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
         "ORDER BY starts_at, session_id LIMIT ?"
@@ -267,7 +269,7 @@ def list_payments(professional_id: str, section: PaymentSection, size: int, toke
         cursor = sql(_LIST_PAYMENTS_FIRST, (professional_id, section.value, size + 1))
     else:
         at, sid = int(after[0]), str(after[1])
-        cursor = sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, at, at, sid, size + 1))
+        cursor = sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, at, sid, size + 1))
     rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[5], r[2]])
     return Page(tuple(_payment(r) for r in rows), token_out)
 
