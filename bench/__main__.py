@@ -351,6 +351,9 @@ def main(
         why = "--no-postgres" if no_postgres else postgres_reachable(postgres_url)
         if why is None:
             databases.append(("postgresql", lambda size=0: scratch_postgres(postgres_url)))
+            with psycopg.connect(postgres_url) as conn:
+                row = conn.execute("SHOW server_version").fetchone()
+                results["machine"]["postgresql"] = row[0] if row else ""
         else:
             message = f"PostgreSQL skipped: {why} (set --postgres-url or KARA_BENCH_POSTGRES_URL)"
             click.echo(message, err=True)
