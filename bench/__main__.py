@@ -400,25 +400,17 @@ def targets(runs: list[Run], growth: list[Growth]) -> list[dict[str, Any]]:
     def check(name: str, value: float | None, goal: str, met: bool | None) -> None:
         out.append({"target": name, "value": value, "goal": goal, "met": met})
 
-    sqlite8 = run("sqlite", "cancel", 8)
-    if sqlite8 is not None:
-        check(
-            "CancelSession SQLite c=8, share of ceiling",
-            sqlite8.ratio_to_ceiling,
-            ">= 0.50",
-            (sqlite8.ratio_to_ceiling or 0) >= 0.50,
-        )
+    def share_of_ceiling(db: str, c: int, goal: float) -> None:
+        r = run(db, "cancel", c)
+        if r is not None:
+            ratio = r.ratio_to_ceiling or 0.0
+            check(f"CancelSession {db} c={c}, share of ceiling", ratio, f">= {goal:.2f}", ratio >= goal)
+
+    share_of_ceiling("sqlite", 8, 0.50)
     sqlite32 = run("sqlite", "cancel", 32)
     if sqlite32 is not None:
-        check("CancelSession SQLite c=32, p99 ms", sqlite32.p99_ms, "< 20", sqlite32.p99_ms < 20)
-    pg32 = run("postgresql", "cancel", 32)
-    if pg32 is not None:
-        check(
-            "CancelSession PostgreSQL c=32, share of ceiling",
-            pg32.ratio_to_ceiling,
-            ">= 0.35",
-            (pg32.ratio_to_ceiling or 0) >= 0.35,
-        )
+        check("CancelSession sqlite c=32, p99 ms", sqlite32.p99_ms, "< 20", sqlite32.p99_ms < 20)
+    share_of_ceiling("postgresql", 32, 0.35)
     for g in growth:
         check(f"growth {g.database} {g.workload}, p50 large/small", g.ratio, "< 2.0", g.ratio < 2.0)
     return out
