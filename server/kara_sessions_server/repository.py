@@ -20,7 +20,6 @@ from .model import (
     Party,
     Payment,
     PaymentSection,
-    PaymentState,
     Session,
     SessionState,
     payment_of,
@@ -56,8 +55,9 @@ _INSERT_AUDIT = (
     "notice, charge_client, reason, request_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # Newest session first, through the (professional_id, section, session_starts_at, session_id) index.
+# The payments table picks and orders the rows; each payment is derived from its session.
 _LIST_PAYMENTS = (
-    "SELECT p.state, p.updated_at, "
+    "SELECT "
     + ", ".join(f"s.{c.strip()}" for c in _SESSION_COLUMNS.split(","))
     + " FROM payments p JOIN sessions s ON s.session_id = p.session_id"
     " WHERE p.professional_id = ? AND p.section = ? {after}"
@@ -270,21 +270,5 @@ def list_payments(professional_id: str, section: PaymentSection, size: int, toke
     else:
         at, sid = int(after[0]), str(after[1])
         cursor = sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, at, sid, size + 1))
-    rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[5], r[2]])
-    return Page(tuple(_payment(r) for r in rows), token_out)
-
-
-def _payment(row: Sequence[Any]) -> Payment:
-    """A _LIST_PAYMENTS row: the payment's state and updated_at, then the session's columns."""
-    state, updated, *session = row
-    s = _session(session)
-    return Payment(
-        session_id=s.session_id,
-        client_id=s.client_id,
-        professional_id=s.professional_id,
-        session_starts_at=s.starts_at,
-        state=PaymentState(state),
-        credits=s.credits,
-        updated_at=from_micros(updated),
-        cancellation=s.cancellation,
-    )
+    rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[3], r[0]])
+    return Page(tuple(payment_of(_session(r)) for r in rows), token_out)
