@@ -1,4 +1,5 @@
-"""Builds and runs the gRPC server: SessionService, CreditService, health and reflection."""
+"""Builds and runs the gRPC server: SessionService, CreditService, InvoiceService, health and
+reflection."""
 
 from __future__ import annotations
 
@@ -14,12 +15,20 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from kara.sessions.v1 import credits_pb2, credits_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from kara.sessions.v1 import (
+    credits_pb2,
+    credits_pb2_grpc,
+    invoices_pb2,
+    invoices_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+)
 
 from . import migrations
 from .clock import Clock, SystemClock
-from .grpc_api import CreditServicer, SessionServicer
+from .grpc_api import CreditServicer, InvoiceServicer, SessionServicer
 from .interceptor import Authenticator, CallInterceptor
+from .invoice_services import InvoiceServices
 from .metrics import Metrics
 from .policy import DEFAULT_NOTICE_WINDOW, CancellationPolicy
 from .services import Services
@@ -31,6 +40,7 @@ log = logging.getLogger("kara_sessions_server")
 SERVICE_NAMES = (
     sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     credits_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
+    invoices_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
 )
 # Our largest request is a few hundred bytes and a page of 1000 payments about 300 KB.
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -159,6 +169,7 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     )
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(services), server)
     credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(services), server)
+    invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(InvoiceServices(services)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import PermissionDenied
-from .model import CancelSession, Party, Session
+from .model import CancelSession, Invoice, Party, Session
 
 _ID = re.compile(r"[!-~]{1,128}")
 
@@ -122,3 +122,21 @@ def check_grant(principal: Principal) -> None:
 def check_credit_account(principal: Principal, client_id: str) -> None:
     if not principal.is_service and (principal.role, principal.id) != (Role.CLIENT, client_id):
         raise _deny(f"{principal} may not see the credit account of client {client_id}")
+
+
+def invoice_denied(invoice_id: str) -> PermissionDenied:
+    return _deny(f"invoice {invoice_id} does not exist or you may not act on it", invoice_id=invoice_id)
+
+
+def check_invoices(principal: Principal, professional_id: str) -> None:
+    """A professional's invoices are theirs (and a service's) to create, list and change."""
+    if not principal.is_service and (principal.role, principal.id) != (Role.PROFESSIONAL, professional_id):
+        raise _deny(f"{principal} may not act on the invoices of professional {professional_id}")
+
+
+def check_invoice(principal: Principal, invoice: Invoice) -> None:
+    if not principal.is_service and (principal.role, principal.id) != (
+        Role.PROFESSIONAL,
+        invoice.professional_id,
+    ):
+        raise invoice_denied(invoice.invoice_id)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from datetime import UTC, datetime
 from typing import TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from kara.sessions.v1 import credits_pb2 as cpb
+from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from .errors import FieldViolation, InvalidRequest
@@ -16,7 +18,11 @@ from .model import (
     Cancellation,
     CancellationOutcome,
     CreditAccount,
+    Invoice,
+    InvoiceLine,
+    InvoiceState,
     LedgerKind,
+    PaidReason,
     Party,
     Payment,
     PaymentSection,
@@ -55,6 +61,16 @@ SECTION_TO_PB: dict[PaymentSection, pb.PaymentSection] = {
     PaymentSection.PAID: pb.PAYMENT_SECTION_PAID,
 }
 SECTION_FROM_PB: dict[int, PaymentSection] = {int(v): k for k, v in SECTION_TO_PB.items()}
+PAID_REASON_TO_PB: dict[PaidReason, pb.PaidReason] = {
+    PaidReason.COMPLETED: pb.PAID_REASON_COMPLETED,
+    PaidReason.CLIENT_LATE_CANCELLATION: pb.PAID_REASON_CLIENT_LATE_CANCELLATION,
+    PaidReason.CHARGED_LATE_CANCELLATION: pb.PAID_REASON_CHARGED_LATE_CANCELLATION,
+}
+INVOICE_STATE_TO_PB: dict[InvoiceState, ipb.InvoiceState] = {
+    InvoiceState.DRAFT: ipb.INVOICE_STATE_DRAFT,
+    InvoiceState.SUBMITTED: ipb.INVOICE_STATE_SUBMITTED,
+}
+INVOICE_STATE_FROM_PB: dict[int, InvoiceState] = {int(v): k for k, v in INVOICE_STATE_TO_PB.items()}
 LEDGER_KIND_TO_PB = {
     LedgerKind.GRANT: cpb.LEDGER_ENTRY_KIND_GRANT,
     LedgerKind.HOLD: cpb.LEDGER_ENTRY_KIND_HOLD,
@@ -81,6 +97,21 @@ class RequestReader:
         elif not _ID.fullmatch(value):
             self.fail(field, f"must be 1-{MAX_ID_LENGTH} printable ASCII characters without spaces")
         return value
+
+    def ids(self, field: str, max_count: int) -> tuple[str, ...]:
+        """A repeated id field: 1..max_count distinct, well-formed ids."""
+        values: tuple[str, ...] = tuple(getattr(self.request, field))
+        if not values:
+            self.fail(field, "give at least one id")
+        elif len(values) > max_count:
+            self.fail(field, f"must hold at most {max_count} ids (got {len(values)})")
+        for index, value in enumerate(values):
+            if not _ID.fullmatch(value):
+                self.fail(f"{field}[{index}]", f"must be 1-{MAX_ID_LENGTH} printable ASCII characters")
+        repeated = sorted(v for v, n in Counter(values).items() if n > 1)
+        if repeated:
+            self.fail(field, f"lists {', '.join(repeated[:3])} more than once")
+        return values
 
     def request_id(self) -> str:
         return self.id("request_id")
@@ -163,7 +194,10 @@ def payment_pb(p: Payment) -> pb.Payment:
         section=SECTION_TO_PB[p.section],
         credits=p.credits,
         updated_at=timestamp(p.updated_at),
+        invoice_id=p.invoice_id,
     )
+    if p.paid_reason is not None:
+        msg.paid_reason = PAID_REASON_TO_PB[p.paid_reason]
     if p.cancellation is not None:
         msg.cancellation.CopyFrom(cancellation_pb(p.cancellation))
     return msg
@@ -200,3 +234,30 @@ def account_pb(a: CreditAccount) -> cpb.CreditAccount:
         ],
         next_page_token=a.next_page_token,
     )
+
+
+def invoice_line_pb(line: InvoiceLine) -> ipb.InvoiceLine:
+    return ipb.InvoiceLine(
+        session_id=line.session_id,
+        client_id=line.client_id,
+        session_starts_at=timestamp(line.session_starts_at),
+        paid_reason=PAID_REASON_TO_PB[line.paid_reason],
+        credits=line.credits,
+        added_at=timestamp(line.added_at),
+    )
+
+
+def invoice_pb(i: Invoice) -> ipb.Invoice:
+    msg = ipb.Invoice(
+        invoice_id=i.invoice_id,
+        professional_id=i.professional_id,
+        state=INVOICE_STATE_TO_PB[i.state],
+        lines=[invoice_line_pb(line) for line in i.lines],
+        line_count=i.line_count,
+        total_credits=i.total_credits,
+        created_at=timestamp(i.created_at),
+        updated_at=timestamp(i.updated_at),
+    )
+    if i.submitted_at is not None:
+        msg.submitted_at.CopyFrom(timestamp(i.submitted_at))
+    return msg

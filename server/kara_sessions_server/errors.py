@@ -51,8 +51,20 @@ class NotFound(DomainError):
     reason = "NOT_FOUND"
 
 
+@dataclass(frozen=True, slots=True)
+class PreconditionViolation:
+    """One thing in the current state that stops the request (google.rpc.PreconditionFailure):
+    `type` is a reason such as SESSION_NOT_PAID, `subject` what it is about (sessions/ID)."""
+
+    type: str
+    subject: str
+    description: str
+
+
 class PreconditionFailed(DomainError):
     """The request is well formed but the current state (or the policy) forbids it."""
+
+    violations: tuple[PreconditionViolation, ...] = ()
 
 
 class Conflict(PreconditionFailed):
@@ -79,6 +91,49 @@ class SessionAlreadyStarted(PreconditionFailed):
 
 class SessionNotStarted(PreconditionFailed):
     reason = "SESSION_NOT_STARTED"
+
+
+class InvoiceNotDraft(PreconditionFailed):
+    reason = "INVOICE_NOT_DRAFT"
+
+
+class InvoiceEmpty(PreconditionFailed):
+    reason = "INVOICE_EMPTY"
+
+
+class NothingToInvoice(PreconditionFailed):
+    reason = "NOTHING_TO_INVOICE"
+
+
+class TooManySessions(PreconditionFailed):
+    reason = "TOO_MANY_SESSIONS"
+
+
+# A status and its details travel in trailing metadata, which gRPC clients cap at 8 KiB by
+# default: the message describes the first few refused sessions, the details the first dozen.
+_DESCRIBED = 3
+_DETAILED = 12
+
+
+class SessionsRefused(PreconditionFailed):
+    """Sessions an invoice cannot take (or give back). The reason and metadata name the first;
+    `violations` lists the first dozen and `refused_count` says how many there are."""
+
+    def __init__(self, violations: list[PreconditionViolation], **metadata: str):
+        first = violations[0]
+        message = "; ".join(v.description for v in violations[:_DESCRIBED])
+        if len(violations) > _DESCRIBED:
+            message += f"; and {len(violations) - _DESCRIBED} more sessions"
+        super().__init__(
+            message,
+            reason=first.type,
+            metadata={
+                "session_id": first.subject.removeprefix("sessions/"),
+                "refused_count": str(len(violations)),
+                **metadata,
+            },
+        )
+        self.violations = tuple(violations[:_DETAILED])
 
 
 class RequestIdReused(InvalidRequest):

@@ -21,4 +21,12 @@ class CreditsMoved:
     credits: int
 
 
-Event = SessionCancelled | CreditsMoved
+@dataclass(frozen=True, slots=True)
+class InvoiceChanged:
+    """CREATE, ADD, REMOVE or SUBMIT, with the number of sessions it put on or took off."""
+
+    action: str
+    sessions: int
+
+
+Event = SessionCancelled | CreditsMoved | InvoiceChanged

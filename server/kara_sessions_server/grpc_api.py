@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import grpc
 from kara.sessions.v1 import credits_pb2 as cpb
-from kara.sessions.v1 import credits_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import credits_pb2_grpc, invoices_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from .convert import (
+    INVOICE_STATE_FROM_PB,
     MAX_GRANT,
     MAX_REASON_LENGTH,
     PARTY_FROM_PB,
@@ -17,12 +19,24 @@ from .convert import (
     SESSION_STATE_FROM_PB,
     RequestReader,
     account_pb,
+    invoice_pb,
     payment_pb,
     preview_pb,
     session_pb,
 )
 from .interceptor import caller
-from .model import BookSession, CancelSession, CompleteSession, GrantCredits, PaymentSection
+from .invoice_services import InvoiceServices
+from .invoicing import MAX_INVOICE_LINES
+from .model import (
+    BookSession,
+    CancelSession,
+    ChangeInvoiceLines,
+    CompleteSession,
+    CreateInvoice,
+    GrantCredits,
+    PaymentSection,
+    SubmitInvoice,
+)
 from .services import Services
 
 Ctx = grpc.ServicerContext
@@ -138,3 +152,63 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
         return account_pb(
             self.services.get_credit_account(caller(), client_id, request.page_size, request.page_token)
         )
+
+
+def _lines_command(request: ipb.AddToInvoiceRequest | ipb.RemoveFromInvoiceRequest) -> ChangeInvoiceLines:
+    r = RequestReader(request)
+    cmd = ChangeInvoiceLines(
+        invoice_id=r.id("invoice_id"),
+        session_ids=r.ids("session_ids", MAX_INVOICE_LINES),
+        request_id=r.request_id(),
+    )
+    r.done()
+    return cmd
+
+
+class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
+    def __init__(self, services: InvoiceServices):
+        self.services = services
+
+    def CreateInvoice(self, request: ipb.CreateInvoiceRequest, context: Ctx) -> ipb.Invoice:
+        r = RequestReader(request)
+        professional_id = r.id("professional_id")
+        up_to = r.timestamp("up_to", required=False)
+        session_ids: tuple[str, ...] = ()
+        if request.session_ids and request.HasField("up_to"):
+            r.fail("session_ids", "give either session_ids or up_to, not both")
+        elif not request.HasField("up_to"):
+            session_ids = r.ids("session_ids", MAX_INVOICE_LINES)
+        request_id = r.request_id()
+        r.done()
+        cmd = CreateInvoice(professional_id, session_ids, up_to, request_id)
+        return invoice_pb(self.services.create_invoice(caller(), cmd))
+
+    def GetInvoice(self, request: ipb.GetInvoiceRequest, context: Ctx) -> ipb.Invoice:
+        r = RequestReader(request)
+        invoice_id = r.id("invoice_id")
+        r.done()
+        return invoice_pb(self.services.get_invoice(caller(), invoice_id))
+
+    def ListInvoices(self, request: ipb.ListInvoicesRequest, context: Ctx) -> ipb.ListInvoicesResponse:
+        r = RequestReader(request)
+        professional_id = r.id("professional_id")
+        state = r.enum("state", INVOICE_STATE_FROM_PB, required=False, allowed="an InvoiceState")
+        r.done()
+        page = self.services.list_invoices(
+            caller(), professional_id, state, request.page_size, request.page_token
+        )
+        return ipb.ListInvoicesResponse(
+            invoices=[invoice_pb(i) for i in page.items], next_page_token=page.next_page_token
+        )
+
+    def AddToInvoice(self, request: ipb.AddToInvoiceRequest, context: Ctx) -> ipb.Invoice:
+        return invoice_pb(self.services.add_to_invoice(caller(), _lines_command(request)))
+
+    def RemoveFromInvoice(self, request: ipb.RemoveFromInvoiceRequest, context: Ctx) -> ipb.Invoice:
+        return invoice_pb(self.services.remove_from_invoice(caller(), _lines_command(request)))
+
+    def SubmitInvoice(self, request: ipb.SubmitInvoiceRequest, context: Ctx) -> ipb.Invoice:
+        r = RequestReader(request)
+        cmd = SubmitInvoice(invoice_id=r.id("invoice_id"), request_id=r.request_id())
+        r.done()
+        return invoice_pb(self.services.submit_invoice(caller(), cmd))

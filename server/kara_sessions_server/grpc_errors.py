@@ -10,7 +10,14 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .errors import DomainError, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from .errors import (
+    DomainError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    Unauthenticated,
+)
 
 ERROR_DOMAIN = "sessions.kara"
 
@@ -46,6 +53,16 @@ def domain_status(error: DomainError) -> grpc.Status:
     if isinstance(error, PermissionDenied):
         return status(code_pb2.PERMISSION_DENIED, error.message, info)
     # PreconditionFailed, and any other refusal: the request is fine but the state forbids it.
+    if isinstance(error, PreconditionFailed) and error.violations:
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type=v.type, subject=v.subject, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        return status(code_pb2.FAILED_PRECONDITION, error.message, info, failure)
     return status(code_pb2.FAILED_PRECONDITION, error.message, info)
 
 

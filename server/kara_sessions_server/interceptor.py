@@ -151,6 +151,7 @@ class CallInterceptor(_ServerInterceptor):
                 "duration_ms": round(seconds * 1000, 3),
                 "principal": str(principal) if principal else "",
                 "session_id": getattr(request, "session_id", ""),
+                "invoice_id": getattr(request, "invoice_id", ""),
                 "request_id": getattr(request, "request_id", ""),
                 "peer": context.peer(),
                 "incident": incident,

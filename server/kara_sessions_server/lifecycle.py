@@ -1,13 +1,12 @@
 """A session's lifecycle as a `transitions` state machine.
 
 The Machine is built once at import; each loaded session is attached for one event and
-detached afterwards (building a Machine per request costs about three times as much).
-The guards (`is_late`, `client_pays`, `has_started`) are where the policy table lives.
+detached afterwards (machines.attached). The guards (`is_late`, `client_pays`,
+`has_started`) are where the policy table lives.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from transitions import EventData, Machine, MachineError
 
 from .errors import SessionNotBooked, SessionNotStarted
+from .machines import attached
 from .model import (
     CREDIT_MOVE_FOR_STATE,
     PAYMENT_FOR_STATE,
@@ -71,8 +71,6 @@ _MACHINE = Machine(
     prepare_event="prepare",
     model_attribute="state",
 )
-# add_model/remove_model mutate the machine's model list; serialise them across server threads.
-_ATTACH_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,17 +110,13 @@ class SessionLifecycle:
 
     def _fire(self, session: Session, now: datetime, trigger: str, **kwargs: Any) -> _SessionModel:
         model = _SessionModel(session, self.policy, now)
-        with _ATTACH_LOCK:
-            _MACHINE.add_model(model, initial=session.state.value)
-        try:
-            getattr(model, trigger)(**kwargs)
-        except MachineError as exc:
-            raise SessionNotBooked(
-                f"session {session.session_id} is {session.state.value}, not BOOKED; only a booked "
-                f"session can be {'cancelled' if trigger == 'cancel' else 'completed'}",
-                metadata={"session_id": session.session_id, "state": session.state.value},
-            ) from exc
-        finally:
-            with _ATTACH_LOCK:
-                _MACHINE.remove_model(model)
+        with attached(_MACHINE, model, session.state.value):
+            try:
+                getattr(model, trigger)(**kwargs)
+            except MachineError as exc:
+                raise SessionNotBooked(
+                    f"session {session.session_id} is {session.state.value}, not BOOKED; only a booked "
+                    f"session can be {'cancelled' if trigger == 'cancel' else 'completed'}",
+                    metadata={"session_id": session.session_id, "state": session.state.value},
+                ) from exc
         return model

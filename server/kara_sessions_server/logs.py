@@ -11,7 +11,17 @@ from typing import Literal, TextIO
 from pythonjsonlogger.json import JsonFormatter
 
 # Fields the RPC log line carries (as `extra`), in the order the text format shows them.
-RPC_FIELDS = ("method", "code", "duration_ms", "principal", "session_id", "request_id", "peer", "incident")
+RPC_FIELDS = (
+    "method",
+    "code",
+    "duration_ms",
+    "principal",
+    "session_id",
+    "invoice_id",
+    "request_id",
+    "peer",
+    "incident",
+)
 
 LogFormat = Literal["auto", "json", "text"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from .events import CreditsMoved, Event, SessionCancelled
+from .events import CreditsMoved, Event, InvoiceChanged, SessionCancelled
 from .model import SessionState
 
 # Seconds; a cancellation on SQLite takes about a millisecond, a slow PostgreSQL one tens of ms.
@@ -44,6 +44,18 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.invoice_actions = Counter(
+            "kara_invoice_actions",
+            "Committed invoice changes by action (CREATE, ADD, REMOVE, SUBMIT)",
+            ["action"],
+            registry=r,
+        )
+        self.invoiced_sessions = Counter(
+            "kara_invoice_sessions",
+            "Sessions put on (CREATE, ADD) or taken off (REMOVE) invoices by committed requests",
+            ["action"],
+            registry=r,
+        )
         self.database_errors = Counter(
             "kara_database_errors", "Database errors that failed an RPC, by kind", ["kind"], registry=r
         )
@@ -60,6 +72,10 @@ class Metrics:
             self.cancellations.labels(outcome, timing, event.cancelled_by.value.lower()).inc()
         elif isinstance(event, CreditsMoved):
             self.credits.labels(event.kind.value).inc(event.credits)
+        elif isinstance(event, InvoiceChanged):
+            self.invoice_actions.labels(event.action).inc()
+            if event.sessions:
+                self.invoiced_sessions.labels(event.action).inc(event.sessions)
 
     def database_error(self, kind: str) -> None:
         self.database_errors.labels(kind).inc()

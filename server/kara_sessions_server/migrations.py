@@ -2,9 +2,10 @@
 start on a schema older or newer than the one it was written for.
 
 Version 1 is the schema before versioning (no schema_version table). An empty database is
-created at the latest version directly, from the models. Each later version is one Migration of
-playhouse.migrate operations; every step runs in one transaction under a lock (BEGIN IMMEDIATE
-on SQLite, an advisory lock on PostgreSQL), so two processes never migrate at once."""
+created at the latest version directly, from the models. Each later version is one Migration:
+playhouse.migrate operations and tables to create; every step runs in one transaction under a
+lock (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL), so two processes never migrate
+at once."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from datetime import UTC, datetime
 import peewee as pw
 from playhouse.migrate import Operation, PostgresqlMigrator, SchemaMigrator, SqliteMigrator, migrate
 
-from .storage import TABLES, SchemaVersionRow, Storage
+from .storage import (
+    TABLES,
+    InvoiceAuditRow,
+    InvoiceLineRow,
+    InvoiceRow,
+    SchemaVersionRow,
+    Storage,
+    Table,
+)
 
 # Any fixed number: PostgreSQL advisory locks are keyed by an integer.
 _PG_LOCK_KEY = 0x6B61_7261
@@ -26,7 +35,10 @@ _PG_LOCK_KEY = 0x6B61_7261
 class Migration:
     version: int
     description: str
-    operations: Callable[[SchemaMigrator], list[Operation]]
+    operations: Callable[[SchemaMigrator], list[Operation]] = lambda m: []
+    # Created from their models as they are now. A later step that alters one of these tables
+    # must first freeze its shape here (test_migrations compares the result with a fresh schema).
+    tables: tuple[type[Table], ...] = ()
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -34,6 +46,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         2,
         "audit_log.principal: the authenticated caller of each change",
         lambda m: [m.add_column("audit_log", "principal", pw.CharField(max_length=160, null=True))],
+    ),
+    Migration(
+        3,
+        "invoices, invoice_lines and invoice_audit: paid sessions on professionals' invoices",
+        tables=(InvoiceRow, InvoiceLineRow, InvoiceAuditRow),
     ),
 )
 BASELINE = 1
@@ -107,6 +124,7 @@ def upgrade(
             if _version_or_baseline(storage) >= step.version:
                 continue
             migrate(*step.operations(_migrator(storage)))
+            storage.db.create_tables(step.tables)
             _stamp(step.version)
         on_step(step)
     return start, LATEST

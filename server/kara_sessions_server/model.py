@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
@@ -38,6 +38,20 @@ class PaymentState(enum.StrEnum):
 class PaymentSection(enum.StrEnum):
     UNPAID = "UNPAID"
     PAID = "PAID"
+
+
+class PaidReason(enum.StrEnum):
+    """Why a PAID payment was paid; what an invoice line tells the accounts department."""
+
+    COMPLETED = "COMPLETED"
+    CLIENT_LATE_CANCELLATION = "CLIENT_LATE_CANCELLATION"
+    # A professional's late cancellation with "Charge the client for this session" ticked.
+    CHARGED_LATE_CANCELLATION = "CHARGED_LATE_CANCELLATION"
+
+
+class InvoiceState(enum.StrEnum):
+    DRAFT = "DRAFT"
+    SUBMITTED = "SUBMITTED"
 
 
 class LedgerKind(enum.StrEnum):
@@ -99,14 +113,30 @@ class Payment:
     credits: int
     updated_at: datetime
     cancellation: Cancellation | None = None
+    paid_reason: PaidReason | None = None
+    # The invoice this paid session is on; "" while on none.
+    invoice_id: str = ""
 
     @property
     def section(self) -> PaymentSection:
         return self.state.section
 
 
-def payment_of(session: Session) -> Payment:
-    """A session's payment: every field follows from the session, so it is never read back."""
+def paid_reason(session: Session) -> PaidReason | None:
+    """Why the session's credit was taken; None while it is not (booked or voided)."""
+    if session.state is SessionState.COMPLETED:
+        return PaidReason.COMPLETED
+    if session.state is SessionState.CANCELLED_PAID:
+        assert session.cancellation is not None
+        if session.cancellation.cancelled_by is Party.CLIENT:
+            return PaidReason.CLIENT_LATE_CANCELLATION
+        return PaidReason.CHARGED_LATE_CANCELLATION
+    return None
+
+
+def payment_of(session: Session, invoice_id: str = "") -> Payment:
+    """A session's payment: every field follows from the session (and the invoice line, if
+    any), so it is never read back."""
     return Payment(
         session_id=session.session_id,
         client_id=session.client_id,
@@ -116,7 +146,47 @@ def payment_of(session: Session) -> Payment:
         credits=session.credits,
         updated_at=session.updated_at,
         cancellation=session.cancellation,
+        paid_reason=paid_reason(session),
+        invoice_id=invoice_id,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceLine:
+    """One paid session on an invoice. Paid sessions never change state again, so the line is a
+    faithful copy of the session taken when it was added."""
+
+    session_id: str
+    client_id: str
+    session_starts_at: datetime
+    paid_reason: PaidReason
+    credits: int
+    added_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Invoice:
+    invoice_id: str
+    professional_id: str
+    state: InvoiceState
+    created_at: datetime
+    updated_at: datetime
+    # Bumped by every change; the conditional UPDATE that changes the invoice checks it.
+    version: int
+    submitted_at: datetime | None = None
+    # Oldest session first. Left empty (with line_count and total_credits set) in list pages.
+    lines: tuple[InvoiceLine, ...] = ()
+    line_count: int = 0
+    total_credits: int = 0
+
+    def with_lines(self, lines: tuple[InvoiceLine, ...]) -> Invoice:
+        ordered = tuple(sorted(lines, key=lambda line: (line.session_starts_at, line.session_id)))
+        return replace(
+            self,
+            lines=ordered,
+            line_count=len(ordered),
+            total_credits=sum(line.credits for line in ordered),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +247,31 @@ class CompleteSession:
 class GrantCredits:
     client_id: str
     credits: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreateInvoice:
+    """Exactly one of session_ids and up_to."""
+
+    professional_id: str
+    session_ids: tuple[str, ...]
+    up_to: datetime | None
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeInvoiceLines:
+    """AddToInvoice or RemoveFromInvoice."""
+
+    invoice_id: str
+    session_ids: tuple[str, ...]
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitInvoice:
+    invoice_id: str
     request_id: str
 
 

@@ -29,11 +29,11 @@ from .storage import from_micros, sql, to_micros
 
 _MICROSECOND = timedelta(microseconds=1)
 
-_SESSION_COLUMNS = (
+SESSION_COLUMNS = (
     "session_id, client_id, professional_id, starts_at, booked_at, updated_at, state, version, credits, "
     "cancelled_by, cancelled_at, notified_at, notice, late, charge_client, reason, completed_at"
 )
-_GET_SESSION = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?"
+_GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?"
 _INSERT_SESSION = (
     "INSERT INTO sessions (session_id, client_id, professional_id, starts_at, booked_at, updated_at, "
     "state, version, credits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -55,11 +55,13 @@ _INSERT_AUDIT = (
     "notice, charge_client, reason, request_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # Newest session first, through the (professional_id, section, session_starts_at, session_id) index.
-# The payments table picks and orders the rows; each payment is derived from its session.
+# The payments table picks and orders the rows; each payment is derived from its session and
+# the invoice line it is on, if any.
 _LIST_PAYMENTS = (
     "SELECT "
-    + ", ".join(f"s.{c.strip()}" for c in _SESSION_COLUMNS.split(","))
-    + " FROM payments p JOIN sessions s ON s.session_id = p.session_id"
+    + ", ".join(f"s.{c.strip()}" for c in SESSION_COLUMNS.split(","))
+    + ", l.invoice_id FROM payments p JOIN sessions s ON s.session_id = p.session_id"
+    " LEFT JOIN invoice_lines l ON l.session_id = p.session_id"
     " WHERE p.professional_id = ? AND p.section = ? {after}"
     " ORDER BY p.session_starts_at DESC, p.session_id DESC LIMIT ?"
 )
@@ -79,7 +81,7 @@ def _time(value: int | None) -> datetime | None:
     return None if value is None else from_micros(value)
 
 
-def _session(row: Sequence[Any]) -> Session:
+def session_from_row(row: Sequence[Any]) -> Session:
     (sid, client, pro, starts, booked, updated, state, version, credits, *cancel, completed) = row
     return Session(
         session_id=sid,
@@ -115,7 +117,7 @@ def get_session(session_id: str) -> Session:
     row = sql(_GET_SESSION, (session_id,)).fetchone()
     if row is None:
         raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
-    return _session(row)
+    return session_from_row(row)
 
 
 def add_session(session: Session) -> None:
@@ -254,11 +256,11 @@ def list_sessions(
         where.append("(starts_at, session_id) > (?, ?)")
         params += [at, sid]
     text = (
-        f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
+        f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
         "ORDER BY starts_at, session_id LIMIT ?"
     )
     rows, token_out = cut(query_id, sql(text, (*params, size + 1)).fetchall(), size, lambda r: [r[3], r[0]])
-    return Page(tuple(_session(r) for r in rows), token_out)
+    return Page(tuple(session_from_row(r) for r in rows), token_out)
 
 
 def list_payments(professional_id: str, section: PaymentSection, size: int, token: str) -> Page[Payment]:
@@ -271,4 +273,4 @@ def list_payments(professional_id: str, section: PaymentSection, size: int, toke
         at, sid = int(after[0]), str(after[1])
         cursor = sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, at, sid, size + 1))
     rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[3], r[0]])
-    return Page(tuple(payment_of(_session(r)) for r in rows), token_out)
+    return Page(tuple(payment_of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out)

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import peewee as pw
 
-from . import authz, idempotency, ledger, repository, snapshots
+from . import authz, idempotency, invoice_repository, ledger, repository, snapshots
 from .authz import Principal
 from .clock import Clock, SystemClock
 from .errors import InvalidRequest, NotFound, PreconditionFailed
@@ -90,7 +90,7 @@ class Services:
             "professional_id": cmd.professional_id,
             "starts_at": cmd.starts_at,
         }
-        return self._mutate(
+        return self.mutate(
             who, "BookSession", cmd.request_id, params, work, snapshots.dump_session, snapshots.load_session
         )
 
@@ -101,7 +101,7 @@ class Services:
             # The lifecycle checks these again; checking first makes a malformed request
             # INVALID_ARGUMENT even when the session does not exist.
             self.policy.validate_request(cmd, now)
-            before = _load(who, cmd.session_id)
+            before = load_session(who, cmd.session_id)
             outcome = self.lifecycle.cancel(before, cmd, now)
             after = _apply(before, outcome, now)
             repository.change_state(before, after)
@@ -120,7 +120,7 @@ class Services:
             "notified_at": cmd.notified_at,
             "reason": cmd.reason,
         }
-        return self._mutate(
+        return self.mutate(
             who,
             "CancelSession",
             cmd.request_id,
@@ -135,11 +135,11 @@ class Services:
         with UnitOfWork(self.storage, write=False):
             now = self.clock.now()
             self.policy.validate_request(cmd, now)
-            return self.lifecycle.cancel(_load(who, cmd.session_id), cmd, now)
+            return self.lifecycle.cancel(load_session(who, cmd.session_id), cmd, now)
 
     def complete_session(self, who: Principal, cmd: CompleteSession) -> Session:
         def work(uow: UnitOfWork, now: datetime) -> Session:
-            before = _load(who, cmd.session_id)
+            before = load_session(who, cmd.session_id)
             authz.check_complete(who, before)
             after = replace(self.lifecycle.complete(before, now), version=before.version + 1)
             repository.change_state(before, after)
@@ -150,7 +150,7 @@ class Services:
             uow.events.append(CreditsMoved(LedgerKind.TAKE, before.credits))
             return after
 
-        return self._mutate(
+        return self.mutate(
             who,
             "CompleteSession",
             cmd.request_id,
@@ -162,7 +162,7 @@ class Services:
 
     def get_session(self, who: Principal, session_id: str) -> Session:
         with UnitOfWork(self.storage, write=False):
-            return _load(who, session_id)
+            return load_session(who, session_id)
 
     def list_sessions(
         self,
@@ -184,7 +184,8 @@ class Services:
 
     def get_payment(self, who: Principal, session_id: str) -> Payment:
         with UnitOfWork(self.storage, write=False):
-            return payment_of(_load(who, session_id))
+            session = load_session(who, session_id)
+            return payment_of(session, invoice_repository.invoice_of(session_id))
 
     def list_payments(
         self, who: Principal, professional_id: str, section: PaymentSection, size: int, token: str
@@ -204,7 +205,7 @@ class Services:
             uow.events.append(CreditsMoved(LedgerKind.GRANT, cmd.credits))
             return ledger.balance(cmd.client_id)
 
-        return self._mutate(
+        return self.mutate(
             who,
             "GrantCredits",
             cmd.request_id,
@@ -222,7 +223,7 @@ class Services:
 
     # --- idempotent mutation --------------------------------------------------------------
 
-    def _mutate(
+    def mutate(
         self,
         who: Principal,
         operation: str,
@@ -232,6 +233,8 @@ class Services:
         dump: Callable[[R], str],
         load: Callable[[str], R],
     ) -> R:
+        """Runs `work` once per request_id in one unit of work and stores its result (`dump`);
+        a retry gets that result back (`load`) and changes nothing."""
         # The caller is part of the request: another principal's request_id replays nothing of theirs.
         fp = idempotency.fingerprint(operation, {**params, "principal": str(who)})
         try:
@@ -256,7 +259,7 @@ class Services:
             return load(idempotency.check_same_request(stored, request_id, operation, fp))
 
 
-def _load(who: Principal, session_id: str) -> Session:
+def load_session(who: Principal, session_id: str) -> Session:
     """The session, if `who` may see it; to anyone but a service, a missing session and another
     person's session are refused alike."""
     try:

@@ -6,7 +6,19 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from .model import Cancellation, CreditAccount, Party, Payment, PaymentState, Session, SessionState
+from .model import (
+    Cancellation,
+    CreditAccount,
+    Invoice,
+    InvoiceLine,
+    InvoiceState,
+    PaidReason,
+    Party,
+    Payment,
+    Session,
+    SessionState,
+    payment_of,
+)
 
 
 def _dt(value: datetime | None) -> str | None:
@@ -90,19 +102,6 @@ def _payment(p: Payment) -> dict[str, Any]:
     }
 
 
-def _load_payment(d: dict[str, Any]) -> Payment:
-    return Payment(
-        session_id=d["session_id"],
-        client_id=d["client_id"],
-        professional_id=d["professional_id"],
-        session_starts_at=datetime.fromisoformat(d["session_starts_at"]),
-        state=PaymentState(d["state"]),
-        credits=d["credits"],
-        updated_at=datetime.fromisoformat(d["updated_at"]),
-        cancellation=_load_cancellation(d["cancellation"]),
-    )
-
-
 def dump_session(s: Session) -> str:
     return json.dumps(_session(s))
 
@@ -112,12 +111,15 @@ def load_session(raw: str) -> Session:
 
 
 def dump_settlement(pair: tuple[Session, Payment]) -> str:
+    # The payment is stored too for servers from before it was derived on load.
     return json.dumps({"session": _session(pair[0]), "payment": _payment(pair[1])})
 
 
 def load_settlement(raw: str) -> tuple[Session, Payment]:
-    d = json.loads(raw)
-    return _load_session(d["session"]), _load_payment(d["payment"])
+    """The payment follows from the session, as when it was first returned: a just-cancelled
+    session is on no invoice."""
+    session = _load_session(json.loads(raw)["session"])
+    return session, payment_of(session)
 
 
 def dump_account(a: CreditAccount) -> str:
@@ -127,3 +129,53 @@ def dump_account(a: CreditAccount) -> str:
 def load_account(raw: str) -> CreditAccount:
     d = json.loads(raw)
     return CreditAccount(client_id=d["client_id"], available=d["available"], held=d["held"], used=d["used"])
+
+
+def _invoice_line(line: InvoiceLine) -> dict[str, Any]:
+    return {
+        "session_id": line.session_id,
+        "client_id": line.client_id,
+        "session_starts_at": _dt(line.session_starts_at),
+        "paid_reason": line.paid_reason.value,
+        "credits": line.credits,
+        "added_at": _dt(line.added_at),
+    }
+
+
+def _load_invoice_line(d: dict[str, Any]) -> InvoiceLine:
+    return InvoiceLine(
+        session_id=d["session_id"],
+        client_id=d["client_id"],
+        session_starts_at=datetime.fromisoformat(d["session_starts_at"]),
+        paid_reason=PaidReason(d["paid_reason"]),
+        credits=d["credits"],
+        added_at=datetime.fromisoformat(d["added_at"]),
+    )
+
+
+def dump_invoice(i: Invoice) -> str:
+    return json.dumps(
+        {
+            "invoice_id": i.invoice_id,
+            "professional_id": i.professional_id,
+            "state": i.state.value,
+            "created_at": _dt(i.created_at),
+            "updated_at": _dt(i.updated_at),
+            "version": i.version,
+            "submitted_at": _dt(i.submitted_at),
+            "lines": [_invoice_line(line) for line in i.lines],
+        }
+    )
+
+
+def load_invoice(raw: str) -> Invoice:
+    d = json.loads(raw)
+    return Invoice(
+        invoice_id=d["invoice_id"],
+        professional_id=d["professional_id"],
+        state=InvoiceState(d["state"]),
+        created_at=datetime.fromisoformat(d["created_at"]),
+        updated_at=datetime.fromisoformat(d["updated_at"]),
+        version=d["version"],
+        submitted_at=_parse_dt(d["submitted_at"]),
+    ).with_lines(tuple(_load_invoice_line(line) for line in d["lines"]))

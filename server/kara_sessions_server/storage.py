@@ -158,6 +158,52 @@ class IdempotencyRow(Table):
         table_name = "idempotency_keys"
 
 
+class InvoiceRow(Table):
+    invoice_id = pw.CharField(primary_key=True, max_length=64)
+    professional_id = pw.CharField(max_length=128)
+    state = pw.CharField(max_length=16)
+    # Bumped by every change; the conditional UPDATE that changes the invoice checks it.
+    version = pw.IntegerField()
+    created_at = UtcTimestampField()
+    updated_at = UtcTimestampField()
+    submitted_at = UtcTimestampField(null=True)
+
+    class Meta:
+        table_name = "invoices"
+        # Keyset pagination of a professional's invoices, newest first.
+        indexes = ((("professional_id", "created_at", "invoice_id"), False),)
+
+
+class InvoiceLineRow(Table):
+    # The primary key is what keeps a session on at most one invoice, whichever replica asks.
+    session_id = pw.CharField(primary_key=True, max_length=64)
+    invoice_id = pw.CharField(max_length=64, index=True)
+    client_id = pw.CharField(max_length=128)
+    session_starts_at = UtcTimestampField()
+    paid_reason = pw.CharField(max_length=32)
+    credits = pw.IntegerField()
+    added_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "invoice_lines"
+
+
+class InvoiceAuditRow(Table):
+    """Who created, changed and submitted each invoice; removed lines are remembered here."""
+
+    audit_id = pw.BigAutoField()
+    invoice_id = pw.CharField(max_length=64, index=True)
+    action = pw.CharField(max_length=16)
+    # The sessions added or removed, comma-separated; NULL for CREATE's own row and SUBMIT.
+    session_ids = pw.TextField(null=True)
+    principal = pw.CharField(max_length=160)
+    request_id = pw.CharField(max_length=128)
+    at = UtcTimestampField()
+
+    class Meta:
+        table_name = "invoice_audit"
+
+
 class SchemaVersionRow(Table):
     """One row: the schema version the database is at (see migrations.py)."""
 
@@ -176,6 +222,9 @@ TABLES: list[type[Table]] = [
     LedgerEntryRow,
     AuditRow,
     IdempotencyRow,
+    InvoiceRow,
+    InvoiceLineRow,
+    InvoiceAuditRow,
     SchemaVersionRow,
 ]
 
