@@ -75,8 +75,17 @@ def session_of_pro1(as_: Callable[[str], SessionsClient], clock: FakeClock) -> s
     return str(svc.book("cl-1", "pro-1", clock.now() + LATER).session_id)
 
 
-def every_rpc(session_id: str) -> dict[str, Callable[[SessionsClient], Any]]:
-    """One valid call of every RPC, about pro-1 / cl-1 and `session_id`."""
+@pytest.fixture
+def invoice_of_pro1(as_: Callable[[str], SessionsClient], session_of_pro1: str, clock: FakeClock) -> str:
+    """A DRAFT invoice of pro-1 holding one late-cancelled session of cl-1."""
+    svc = as_("service:workstation")
+    late = svc.book("cl-1", "pro-1", clock.now() + timedelta(hours=10)).session_id
+    svc.cancel(late, "client")
+    return str(as_("professional:pro-1").create_invoice("pro-1", [late]).invoice_id)
+
+
+def every_rpc(session_id: str, invoice_id: str) -> dict[str, Callable[[SessionsClient], Any]]:
+    """One valid call of every RPC, about pro-1 / cl-1, `session_id` and `invoice_id`."""
     return {
         "BookSession": lambda c: c.book("cl-1", "pro-1", _far_future()),
         "GetSession": lambda c: c.get_session(session_id),
@@ -88,6 +97,12 @@ def every_rpc(session_id: str) -> dict[str, Callable[[SessionsClient], Any]]:
         "ListPayments": lambda c: c.list_payments("pro-1", "paid"),
         "GrantCredits": lambda c: c.grant_credits("cl-1", 1),
         "GetCreditAccount": lambda c: c.get_credit_account("cl-1"),
+        "CreateInvoice": lambda c: c.create_invoice("pro-1", up_to=_far_future()),
+        "GetInvoice": lambda c: c.get_invoice(invoice_id),
+        "ListInvoices": lambda c: c.list_invoices("pro-1"),
+        "AddToInvoice": lambda c: c.add_to_invoice(invoice_id, [session_id]),
+        "RemoveFromInvoice": lambda c: c.remove_from_invoice(invoice_id, [session_id]),
+        "SubmitInvoice": lambda c: c.submit_invoice(invoice_id),
     }
 
 
@@ -97,7 +112,7 @@ def _far_future() -> Any:
     return datetime(2030, 1, 1, tzinfo=UTC)
 
 
-RPCS = list(every_rpc("x"))
+RPCS = list(every_rpc("x", "x"))
 
 
 @pytest.mark.parametrize("rpc", RPCS)
@@ -108,6 +123,7 @@ RPCS = list(every_rpc("x"))
 def test_every_rpc_needs_a_valid_token(
     server: RunningServer,
     session_of_pro1: str,
+    invoice_of_pro1: str,
     tokens: dict[str, str],
     rpc: str,
     credential: str,
@@ -122,7 +138,10 @@ def test_every_rpc_needs_a_valid_token(
     }[credential]
     with SessionsClient(f"127.0.0.1:{server.port}", retry=NO_RETRY, metadata=metadata) as anonymous:
         err = refuse(
-            server, lambda: every_rpc(session_of_pro1)[rpc](anonymous), UNAUTHENTICATED, "UNAUTHENTICATED"
+            server,
+            lambda: every_rpc(session_of_pro1, invoice_of_pro1)[rpc](anonymous),
+            UNAUTHENTICATED,
+            "UNAUTHENTICATED",
         )
     assert real not in err.message
 
@@ -147,9 +166,15 @@ CROSS_OWNER = [
 
 @pytest.mark.parametrize(("rpc", "who"), CROSS_OWNER)
 def test_nobody_acts_on_another_persons_session(
-    server: RunningServer, as_: Callable[[str], SessionsClient], session_of_pro1: str, rpc: str, who: str
+    server: RunningServer,
+    as_: Callable[[str], SessionsClient],
+    session_of_pro1: str,
+    invoice_of_pro1: str,
+    rpc: str,
+    who: str,
 ) -> None:
-    refuse(server, lambda: every_rpc(session_of_pro1)[rpc](as_(who)), DENIED, "PERMISSION_DENIED")
+    call = every_rpc(session_of_pro1, invoice_of_pro1)[rpc]
+    refuse(server, lambda: call(as_(who)), DENIED, "PERMISSION_DENIED")
 
 
 @pytest.mark.parametrize("who", ["professional:pro-2", "client:cl-2"])

@@ -17,12 +17,14 @@ from typing import Any, TextIO
 import click
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from kara.sessions.v1 import invoices_pb2 as ipb
 from kara_sessions_server import commands as server_commands
 
 from . import exit_codes
 from .client import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
+    INVOICE_STATES,
     PARTIES,
     SECTIONS,
     SESSION_STATES,
@@ -31,6 +33,7 @@ from .client import (
     RetryPolicy,
     SessionsClient,
 )
+from .invoice_export import write_csv
 
 _RELATIVE = re.compile(r"^([+-])(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -59,6 +62,23 @@ class When(click.ParamType[datetime, str]):
 
 
 WHEN = When()
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class UpTo(When):
+    """A TIME as for When, or a date (2026-11-30), meaning through the end of that day, UTC."""
+
+    name = "DATE|TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, str) and _DATE.match(value):
+            try:
+                day = datetime.fromisoformat(value).replace(tzinfo=UTC)
+            except ValueError:
+                self.fail(f"{value!r} is not a date")
+            return day + timedelta(days=1, microseconds=-1)
+        return super().convert(value, param, ctx)
 
 
 class Output:
@@ -118,11 +138,17 @@ def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
         try:
             result = call(client)
         except KaraError as exc:
-            click.echo(f"error: {exc}", err=True)
-            for field_name, description in exc.field_violations:
-                click.echo(f"  {field_name}: {description}", err=True)
-            ctx.exit(exit_codes.for_code(exc.code))
+            _fail(ctx, exc)
     Output(obj["json"]).show(result)
+
+
+def _fail(ctx: click.Context, exc: KaraError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    for field_name, description in exc.field_violations:
+        click.echo(f"  {field_name}: {description}", err=True)
+    for kind, subject, description in exc.precondition_violations:
+        click.echo(f"  {subject}: {kind}: {description}", err=True)
+    ctx.exit(exit_codes.for_code(exc.code))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KARA"})
@@ -335,6 +361,108 @@ def credits_grant(ctx: click.Context, client_id: str, amount: int, request_id: s
 def credits_show(ctx: click.Context, client_id: str, page_size: int, page_token: str) -> None:
     """Show a client's balance and ledger, newest entry first."""
     _run(ctx, lambda c: c.get_credit_account(client_id, page_size, page_token))
+
+
+@main.group()
+def invoice() -> None:
+    """A professional's invoices of paid sessions, for the accounts department."""
+
+
+@invoice.command("create")
+@click.option("--professional", "professional_id", required=True)
+@click.option("--session", "session_ids", multiple=True, help="A paid session to invoice (repeatable).")
+@click.option(
+    "--up-to",
+    type=UpTo(),
+    default=None,
+    help="Instead of --session: every uninvoiced paid session starting by then (a date means its end, UTC).",
+)
+@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@click.pass_context
+def invoice_create(
+    ctx: click.Context,
+    professional_id: str,
+    session_ids: tuple[str, ...],
+    up_to: datetime | None,
+    request_id: str | None,
+) -> None:
+    """Create a DRAFT invoice of paid sessions."""
+    if bool(session_ids) == (up_to is not None):
+        raise click.UsageError("give either --session (one or more) or --up-to")
+    _run(ctx, lambda c: c.create_invoice(professional_id, session_ids, up_to=up_to, request_id=request_id))
+
+
+@invoice.command("show")
+@click.argument("invoice_id")
+@click.pass_context
+def invoice_show(ctx: click.Context, invoice_id: str) -> None:
+    """Show an invoice with its lines and total."""
+    _run(ctx, lambda c: c.get_invoice(invoice_id))
+
+
+@invoice.command("list")
+@click.option("--professional", "professional_id", required=True)
+@click.option("--state", type=click.Choice(sorted(INVOICE_STATES)), default=None)
+@click.option("--page-size", type=int, default=0)
+@click.option("--page-token", default="")
+@click.pass_context
+def invoice_list(
+    ctx: click.Context, professional_id: str, state: str | None, page_size: int, page_token: str
+) -> None:
+    """List a professional's invoices, newest first (without their lines)."""
+    _run(ctx, lambda c: c.list_invoices(professional_id, state, page_size, page_token))
+
+
+@invoice.command("add")
+@click.argument("invoice_id")
+@click.argument("session_ids", nargs=-1, required=True)
+@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@click.pass_context
+def invoice_add(
+    ctx: click.Context, invoice_id: str, session_ids: tuple[str, ...], request_id: str | None
+) -> None:
+    """Add paid sessions to a DRAFT invoice."""
+    _run(ctx, lambda c: c.add_to_invoice(invoice_id, session_ids, request_id))
+
+
+@invoice.command("remove")
+@click.argument("invoice_id")
+@click.argument("session_ids", nargs=-1, required=True)
+@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@click.pass_context
+def invoice_remove(
+    ctx: click.Context, invoice_id: str, session_ids: tuple[str, ...], request_id: str | None
+) -> None:
+    """Take sessions off a DRAFT invoice."""
+    _run(ctx, lambda c: c.remove_from_invoice(invoice_id, session_ids, request_id))
+
+
+@invoice.command("submit")
+@click.argument("invoice_id")
+@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@click.pass_context
+def invoice_submit(ctx: click.Context, invoice_id: str, request_id: str | None) -> None:
+    """Submit a DRAFT invoice; it is frozen from then on."""
+    _run(ctx, lambda c: c.submit_invoice(invoice_id, request_id))
+
+
+@invoice.command("export")
+@click.argument("invoice_id")
+@click.option("--format", "fmt", type=click.Choice(["csv"]), default="csv", show_default=True)
+@click.option(
+    "--output", type=click.File("w", encoding="utf-8", lazy=True), default="-", help="File (default: stdout)."
+)
+@click.pass_context
+def invoice_export(ctx: click.Context, invoice_id: str, fmt: str, output: TextIO) -> None:
+    """Write an invoice for the accounts department: a row per session, then the total."""
+    with _client(ctx) as client:
+        try:
+            found = client.get_invoice(invoice_id)
+        except KaraError as exc:
+            _fail(ctx, exc)
+    if found.state != ipb.INVOICE_STATE_SUBMITTED:
+        click.echo(f"warning: invoice {invoice_id} is a draft; submit it before sending it", err=True)
+    write_csv(found, output)
 
 
 @main.command("bulk-cancel")

@@ -24,7 +24,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from kara.sessions.v1 import credits_pb2 as cpb
-from kara.sessions.v1 import credits_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import credits_pb2_grpc, invoices_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 R = TypeVar("R")
@@ -34,6 +35,7 @@ DEFAULT_TIMEOUT = 10.0
 
 PARTIES = {"client": pb.PARTY_CLIENT, "professional": pb.PARTY_PROFESSIONAL}
 SECTIONS = {"unpaid": pb.PAYMENT_SECTION_UNPAID, "paid": pb.PAYMENT_SECTION_PAID}
+INVOICE_STATES = {"draft": ipb.INVOICE_STATE_DRAFT, "submitted": ipb.INVOICE_STATE_SUBMITTED}
 SESSION_STATES = {
     "booked": pb.SESSION_STATE_BOOKED,
     "cancelled-voided": pb.SESSION_STATE_CANCELLED_VOIDED,
@@ -84,6 +86,8 @@ class KaraError(Exception):
     reason: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     field_violations: list[tuple[str, str]] = field(default_factory=list)
+    # (type, subject, description) of each google.rpc.PreconditionFailure violation.
+    precondition_violations: list[tuple[str, str, str]] = field(default_factory=list)
     attempts: int = 1
 
     @property
@@ -103,11 +107,16 @@ class KaraError(Exception):
         for detail in status.details if status else ():
             info = error_details_pb2.ErrorInfo()
             bad_request = error_details_pb2.BadRequest()
+            failure = error_details_pb2.PreconditionFailure()
             if detail.Unpack(info):
                 error_obj.reason = info.reason
                 error_obj.metadata = dict(info.metadata)
             elif detail.Unpack(bad_request):
                 error_obj.field_violations = [(v.field, v.description) for v in bad_request.field_violations]
+            elif detail.Unpack(failure):
+                error_obj.precondition_violations = [
+                    (v.type, v.subject, v.description) for v in failure.violations
+                ]
         return error_obj
 
 
@@ -146,6 +155,7 @@ class SessionsClient:
         self.metadata = (*auth, *metadata)
         self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
         self.credits = credits_pb2_grpc.CreditServiceStub(self.channel)
+        self.invoices = invoices_pb2_grpc.InvoiceServiceStub(self.channel)
 
     def __enter__(self) -> SessionsClient:
         return self
@@ -301,6 +311,64 @@ class SessionsClient:
             cpb.GetCreditAccountRequest(client_id=client_id, page_size=page_size, page_token=page_token),
             cpb.CreditAccount,
         )
+
+    # --- invoices ---
+
+    def create_invoice(
+        self,
+        professional_id: str,
+        session_ids: Sequence[str] = (),
+        *,
+        up_to: datetime | None = None,
+        request_id: str | None = None,
+    ) -> ipb.Invoice:
+        """A DRAFT invoice of the given paid sessions, or (up_to) of every uninvoiced paid session
+        of the professional starting at or before that time."""
+        request = ipb.CreateInvoiceRequest(
+            professional_id=professional_id,
+            session_ids=list(session_ids),
+            request_id=request_id or new_request_id(),
+        )
+        if up_to is not None:
+            request.up_to.CopyFrom(timestamp(up_to))
+        return self._call(self.invoices.CreateInvoice, request, ipb.Invoice)
+
+    def get_invoice(self, invoice_id: str) -> ipb.Invoice:
+        return self._call(self.invoices.GetInvoice, ipb.GetInvoiceRequest(invoice_id=invoice_id), ipb.Invoice)
+
+    def list_invoices(
+        self, professional_id: str, state: str | None = None, page_size: int = 0, page_token: str = ""
+    ) -> ipb.ListInvoicesResponse:
+        return self._call(
+            self.invoices.ListInvoices,
+            ipb.ListInvoicesRequest(
+                professional_id=professional_id,
+                state=INVOICE_STATES[state] if state else ipb.INVOICE_STATE_UNSPECIFIED,
+                page_size=page_size,
+                page_token=page_token,
+            ),
+            ipb.ListInvoicesResponse,
+        )
+
+    def add_to_invoice(
+        self, invoice_id: str, session_ids: Sequence[str], request_id: str | None = None
+    ) -> ipb.Invoice:
+        request = ipb.AddToInvoiceRequest(
+            invoice_id=invoice_id, session_ids=list(session_ids), request_id=request_id or new_request_id()
+        )
+        return self._call(self.invoices.AddToInvoice, request, ipb.Invoice)
+
+    def remove_from_invoice(
+        self, invoice_id: str, session_ids: Sequence[str], request_id: str | None = None
+    ) -> ipb.Invoice:
+        request = ipb.RemoveFromInvoiceRequest(
+            invoice_id=invoice_id, session_ids=list(session_ids), request_id=request_id or new_request_id()
+        )
+        return self._call(self.invoices.RemoveFromInvoice, request, ipb.Invoice)
+
+    def submit_invoice(self, invoice_id: str, request_id: str | None = None) -> ipb.Invoice:
+        request = ipb.SubmitInvoiceRequest(invoice_id=invoice_id, request_id=request_id or new_request_id())
+        return self._call(self.invoices.SubmitInvoice, request, ipb.Invoice)
 
 
 __all__ = ["NO_RETRY", "TLS", "KaraError", "RetryPolicy", "SessionsClient"]

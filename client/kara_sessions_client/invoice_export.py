@@ -1,0 +1,52 @@
+"""An invoice as CSV for the accounts department: one row per session, then a total row."""
+
+from __future__ import annotations
+
+import csv
+from typing import TextIO
+
+from kara.sessions.v1 import invoices_pb2 as ipb
+from kara.sessions.v1 import sessions_pb2 as pb
+
+COLUMNS = (
+    "invoice_id",
+    "professional_id",
+    "invoice_state",
+    "session_id",
+    "client_id",
+    "session_date",
+    "session_starts_at",
+    "why_paid",
+    "credits",
+)
+
+# The article's words for why a session was paid.
+WHY_PAID = {
+    pb.PAID_REASON_COMPLETED: "completed",
+    pb.PAID_REASON_CLIENT_LATE_CANCELLATION: "client's late cancellation",
+    pb.PAID_REASON_CHARGED_LATE_CANCELLATION: "charged late cancellation",
+}
+STATES = {ipb.INVOICE_STATE_DRAFT: "draft", ipb.INVOICE_STATE_SUBMITTED: "submitted"}
+TOTAL = "total"
+
+
+def write_csv(invoice: ipb.Invoice, out: TextIO) -> None:
+    """Rows in the invoice's order (oldest session first); the last row carries the total in
+    `credits`, with `why_paid` set to "total" and no session."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    head = (invoice.invoice_id, invoice.professional_id, STATES.get(invoice.state, "unknown"))
+    for line in invoice.lines:
+        starts_at = line.session_starts_at.ToDatetime()
+        writer.writerow(
+            (
+                *head,
+                line.session_id,
+                line.client_id,
+                starts_at.date().isoformat(),
+                line.session_starts_at.ToJsonString(),
+                WHY_PAID.get(line.paid_reason, "unknown"),
+                line.credits,
+            )
+        )
+    writer.writerow((*head, "", "", "", "", TOTAL, invoice.total_credits))
