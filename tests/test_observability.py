@@ -68,6 +68,29 @@ def test_metrics_count_rpcs_outcomes_and_credits(
     assert credits == {"GRANT": 2, "HOLD": 2, "TAKE": 1, "RETURN": 1}
 
 
+def test_metrics_count_committed_invoice_changes(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    kara.grant_credits("cl-1", 2)
+    paid = []
+    for hours in (5, 6):
+        session_id = kara.book("cl-1", "pro-1", clock.now() + timedelta(hours=hours)).session_id
+        kara.cancel(session_id, "client")
+        paid.append(session_id)
+    invoice = kara.create_invoice("pro-1", paid, request_id="inv-1")
+    kara.create_invoice("pro-1", paid, request_id="inv-1")  # a replay changes nothing
+    kara.remove_from_invoice(invoice.invoice_id, paid[:1])
+    with pytest.raises(KaraError):
+        kara.create_invoice("pro-1", paid[1:])  # already invoiced
+    kara.submit_invoice(invoice.invoice_id)
+    assert server.metrics_port
+    m = scrape(server.metrics_port)
+    actions = {dict(k[1])["action"]: v for k, v in m.items() if k[0] == "kara_invoice_actions_total"}
+    assert actions == {"CREATE": 1, "REMOVE": 1, "SUBMIT": 1}
+    sessions = {dict(k[1])["action"]: v for k, v in m.items() if k[0] == "kara_invoice_sessions_total"}
+    assert sessions == {"CREATE": 2, "REMOVE": 1}
+
+
 def test_one_json_log_line_per_rpc_and_never_a_token(tmp_path: Path) -> None:
     tokens = write_tokens(tmp_path / "tokens.toml", ("service:backend",))
     token = tokens["service:backend"]

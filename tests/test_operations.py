@@ -125,7 +125,7 @@ def test_cli_round_trip_and_exit_codes(tmp_path: Path) -> None:
     assert time.monotonic() - start < 30
 
 
-def test_demo_plays_the_five_scenarios() -> None:
+def test_demo_plays_the_five_scenarios_and_invoices_the_paid_ones() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "kara_sessions_client.cli", "demo"],
         check=False,
@@ -137,3 +137,7 @@ def test_demo_plays_the_five_scenarios() -> None:
     assert out.stdout.count("SESSION_STATE_CANCELLED_VOIDED") == 3
     assert out.stdout.count("SESSION_STATE_CANCELLED_PAID") == 2
     assert "CHARGE_NOT_ALLOWED_WITH_NOTICE" in out.stdout
+    invoice = out.stdout.split("Invoice ", 1)[1]
+    assert "client's late cancellation: 1 credit" in invoice
+    assert "charged late cancellation: 1 credit" in invoice
+    assert "total: 2 credits" in invoice

@@ -359,3 +359,49 @@ def test_token_new_prints_a_token_and_the_entry_that_admits_it(tmp_path: Path) -
     assert table.principal_for(token) == Principal.parse("client:cl-9")
     assert table.principal_for(token + "x") is None
     assert token not in (tmp_path / "tokens.toml").read_text()
+
+
+@pytest.mark.parametrize("rpc", ["GetInvoice", "AddToInvoice", "RemoveFromInvoice", "SubmitInvoice"])
+def test_a_refusal_does_not_tell_whether_the_invoice_exists(
+    server: RunningServer,
+    as_: Callable[[str], SessionsClient],
+    session_of_pro1: str,
+    invoice_of_pro1: str,
+    rpc: str,
+) -> None:
+    other = as_("professional:pro-2")
+    missing = "00000000-0000-0000-0000-000000000000"
+    theirs = refuse(server, lambda: every_rpc(session_of_pro1, invoice_of_pro1)[rpc](other), DENIED, None)
+    nobodys = refuse(server, lambda: every_rpc(session_of_pro1, missing)[rpc](other), DENIED, None)
+    assert theirs.message.replace(invoice_of_pro1, "ID") == nobodys.message.replace(missing, "ID")
+
+
+def test_a_professional_invoices_only_their_own_sessions(
+    server: RunningServer, as_: Callable[[str], SessionsClient], clock: FakeClock
+) -> None:
+    """Another professional's paid session reads, to pro-1, like one that does not exist."""
+    svc = as_("service:workstation")
+    svc.grant_credits("cl-2", 1)
+    theirs = svc.book("cl-2", "pro-2", clock.now() + timedelta(hours=5)).session_id
+    svc.cancel(theirs, "client")
+    pro = as_("professional:pro-1")
+    missing = "00000000-0000-0000-0000-000000000000"
+    denied = refuse(server, lambda: pro.create_invoice("pro-1", [theirs]), DENIED, "PERMISSION_DENIED")
+    nobodys = refuse(server, lambda: pro.create_invoice("pro-1", [missing]), DENIED, "PERMISSION_DENIED")
+    assert denied.message.replace(theirs, "ID") == nobodys.message.replace(missing, "ID")
+    refuse(server, lambda: as_("client:cl-2").create_invoice("pro-2", [theirs]), DENIED, "PERMISSION_DENIED")
+
+
+def test_a_professional_manages_their_own_invoices(
+    server: RunningServer, as_: Callable[[str], SessionsClient], invoice_of_pro1: str
+) -> None:
+    pro = as_("professional:pro-1")
+    assert [i.invoice_id for i in pro.list_invoices("pro-1").invoices] == [invoice_of_pro1]
+    assert pro.submit_invoice(invoice_of_pro1).state == 2  # INVOICE_STATE_SUBMITTED
+    audit = db_snapshot(server)["invoice_audit"]
+    assert [(r["action"], r["principal"]) for r in audit] == [
+        ("CREATE", "professional:pro-1"),
+        ("SUBMIT", "professional:pro-1"),
+    ]
+    refuse(server, lambda: pro.list_invoices("pro-2"), DENIED, "PERMISSION_DENIED")
+    refuse(server, lambda: as_("client:cl-1").get_invoice(invoice_of_pro1), DENIED, "PERMISSION_DENIED")

@@ -13,6 +13,7 @@ from kara.sessions.v1 import credits_pb2 as cpb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from .client import KaraError, SessionsClient
+from .invoice_export import WHY_PAID
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,21 @@ def play(client: SessionsClient) -> None:
         client.cancel(session.session_id, "professional", charge_client=True)
     except KaraError as exc:
         click.echo(f"And refused: a professional charging despite 3 days' notice -> {exc}")
-        click.echo(f"   credits unchanged: {_balance(client.get_credit_account(client_id, page_size=1))}")
+        click.echo(f"   credits unchanged: {_balance(client.get_credit_account(client_id, page_size=1))}\n")
+    invoice_paid_sessions(client, f"demo-pro-{run}")
+
+
+def invoice_paid_sessions(client: SessionsClient, professional_id: str) -> None:
+    """The article's last step of every Paid case: "you can add the session to the invoice which
+    you send to the accounts department"."""
+    invoice = client.create_invoice(professional_id, up_to=datetime.now(UTC) + timedelta(days=1))
+    invoice = client.submit_invoice(invoice.invoice_id)
+    click.echo(f"Invoice {invoice.invoice_id} of {professional_id}: the paid sessions, submitted")
+    for line in invoice.lines:
+        click.echo(
+            f"   {line.session_id}  {line.client_id}  {WHY_PAID[line.paid_reason]}: {line.credits} credit"
+        )
+    click.echo(f"   total: {invoice.total_credits} credits")
 
 
 def run_demo(target: str | None) -> int:
