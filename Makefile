@@ -28,7 +28,7 @@ gen: $(STAMP) ## Regenerate the gRPC code from protos/
 run: $(STAMP) ## Serve on 127.0.0.1:50051 with SQLite in ./kara-sessions.db (ARGS="--database-url ..." to change)
 	$(BIN)/kara-sessions serve $(ARGS)
 
-demo: $(STAMP) ## Run the article's five scenarios against a throwaway server
+demo: $(STAMP) ## Run the article's five scenarios, then invoice the paid ones, on a throwaway server
 	$(BIN)/kara-sessions demo
 
 test: $(STAMP) ## Run the whole test suite (SQLite, and PostgreSQL when reachable; required when CI=true)
