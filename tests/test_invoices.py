@@ -536,6 +536,20 @@ def test_cli_create_show_submit_and_export_csv(
 def test_cli_refusals_name_each_session_and_exit_1(server: RunningServer, pro1: Sessions) -> None:
     refused = cli(server, "invoice", "create", "--professional", "pro-1", "--session", pro1.voided)
     assert refused.returncode == 1
-    assert "SESSION_NOT_PAID" in refused.stderr and f"sessions/{pro1.voided}" in refused.stderr
+    assert "SESSION_NOT_PAID" in refused.stderr and pro1.voided in refused.stderr
+    both = cli(
+        server,
+        "invoice",
+        "create",
+        "--professional",
+        "pro-1",
+        "--session",
+        pro1.voided,
+        "--session",
+        pro1.booked,
+    )
+    assert both.returncode == 1
+    listed = [line.strip().split(":")[0] for line in both.stderr.splitlines() if line.startswith("  ")]
+    assert listed == [f"sessions/{pro1.voided}", f"sessions/{pro1.booked}"], both.stderr
     usage = cli(server, "invoice", "create", "--professional", "pro-1")
     assert usage.returncode == 2 and "--session" in usage.stderr

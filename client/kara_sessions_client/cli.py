@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import click
 from google.protobuf import json_format
@@ -142,12 +142,14 @@ def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
     Output(obj["json"]).show(result)
 
 
-def _fail(ctx: click.Context, exc: KaraError) -> None:
+def _fail(ctx: click.Context, exc: KaraError) -> NoReturn:
     click.echo(f"error: {exc}", err=True)
     for field_name, description in exc.field_violations:
         click.echo(f"  {field_name}: {description}", err=True)
-    for kind, subject, description in exc.precondition_violations:
-        click.echo(f"  {subject}: {kind}: {description}", err=True)
+    violations = exc.precondition_violations
+    if len(violations) > 1 or any(description != exc.message for _, _, description in violations):
+        for kind, subject, description in violations:
+            click.echo(f"  {subject}: {kind}: {description}", err=True)
     ctx.exit(exit_codes.for_code(exc.code))
 
 
