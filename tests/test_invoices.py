@@ -481,6 +481,54 @@ def test_two_replicas_never_put_a_session_on_two_invoices(
     assert {e.reason for e in lost} == {"SESSION_ALREADY_INVOICED"}, lost
 
 
+def late_cancelled(kara: SessionsClient, clock: FakeClock, n: int) -> list[str]:
+    """n paid sessions of pro-1 (clients' late cancellations)."""
+    kara.grant_credits("cl-late", n)
+    sessions = [kara.book("cl-late", "pro-1", clock.now() + timedelta(hours=5)).session_id for _ in range(n)]
+    for session_id in sessions:
+        kara.cancel(session_id, "client")
+    return sessions
+
+
+@pytest.mark.parametrize("round_", range(4))
+def test_concurrent_changes_to_one_invoice_are_all_or_nothing_and_stop_at_submit(
+    kara: SessionsClient, server: RunningServer, clock: FakeClock, round_: int
+) -> None:
+    a, b, c = late_cancelled(kara, clock, 3)
+    invoice_id = kara.create_invoice("pro-1", [a, b]).invoice_id
+    changes: list[Callable[[], ipb.Invoice]] = [
+        lambda: kara.submit_invoice(invoice_id),
+        lambda: kara.add_to_invoice(invoice_id, [c]),
+        lambda: kara.remove_from_invoice(invoice_id, [b]),
+        lambda: kara.remove_from_invoice(invoice_id, [a]),
+    ] * 3
+    won, lost = _race(changes)
+    allowed = {
+        "INVOICE_NOT_DRAFT",
+        "CONCURRENT_MODIFICATION",
+        "INVOICE_EMPTY",
+        "SESSION_ALREADY_INVOICED",
+        "SESSION_NOT_ON_INVOICE",
+    }
+    assert {e.reason for e in lost} <= allowed, lost
+    final = kara.get_invoice(invoice_id)
+    # Replaying the audit trail gives the invoice's lines: every change that was answered OK
+    # took effect whole, and none went through after the submission.
+    audit = sorted(db_snapshot(server)["invoice_audit"], key=lambda r: r["audit_id"])
+    actions = [r["action"] for r in audit]
+    assert "SUBMIT" not in actions or actions.index("SUBMIT") == len(actions) - 1, actions
+    on_invoice: set[str] = set()
+    for row in audit:
+        sessions = set((row["session_ids"] or "").split(",")) - {""}
+        on_invoice = on_invoice | sessions if row["action"] in ("CREATE", "ADD") else on_invoice - sessions
+    assert {line.session_id for line in final.lines} == on_invoice
+    assert len(audit) == 1 + len(won)
+    submitted = [w for w in won if w.state == SUBMITTED]
+    assert len(submitted) <= 1
+    if submitted:
+        assert final.state == SUBMITTED and list(final.lines) == list(submitted[0].lines)
+
+
 # --- the sample client's CLI ---------------------------------------------------------------------
 
 
@@ -553,3 +601,16 @@ def test_cli_refusals_name_each_session_and_exit_1(server: RunningServer, pro1: 
     assert listed == [f"sessions/{pro1.voided}", f"sessions/{pro1.booked}"], both.stderr
     usage = cli(server, "invoice", "create", "--professional", "pro-1")
     assert usage.returncode == 2 and "--session" in usage.stderr
+
+
+def test_export_neutralises_ids_a_spreadsheet_would_run_as_formulas(
+    kara: SessionsClient, server: RunningServer, clock: FakeClock
+) -> None:
+    session_id = book(kara, clock, timedelta(hours=4), client_id="=HYPERLINK(1)", professional_id="pro-1")
+    kara.cancel(session_id, "client")
+    invoice_id = kara.create_invoice("pro-1", [session_id]).invoice_id
+    exported = cli(server, "invoice", "export", invoice_id)
+    assert exported.returncode == 0, exported.stderr
+    rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert rows[0]["client_id"] == "'=HYPERLINK(1)"
+    assert rows[0]["session_id"] == session_id and rows[-1]["credits"] == "1"

@@ -28,21 +28,29 @@ WHY_PAID = {
 }
 STATES = {ipb.INVOICE_STATE_DRAFT: "draft", ipb.INVOICE_STATE_SUBMITTED: "submitted"}
 TOTAL = "total"
+# A spreadsheet runs a cell starting with one of these as a formula (CSV injection); ids come
+# from other systems, so such a cell is written with a leading apostrophe, as OWASP advises.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _text(value: str) -> str:
+    return "'" + value if value.startswith(_FORMULA_START) else value
 
 
 def write_csv(invoice: ipb.Invoice, out: TextIO) -> None:
     """Rows in the invoice's order (oldest session first); the last row carries the total in
-    `credits`, with `why_paid` set to "total" and no session."""
+    `credits`, with `why_paid` set to "total" and no session. Ids that a spreadsheet would take
+    for a formula get a leading apostrophe."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
-    head = (invoice.invoice_id, invoice.professional_id, STATES.get(invoice.state, "unknown"))
+    head = (_text(invoice.invoice_id), _text(invoice.professional_id), STATES.get(invoice.state, "unknown"))
     for line in invoice.lines:
         starts_at = line.session_starts_at.ToDatetime()
         writer.writerow(
             (
                 *head,
-                line.session_id,
-                line.client_id,
+                _text(line.session_id),
+                _text(line.client_id),
                 starts_at.date().isoformat(),
                 line.session_starts_at.ToJsonString(),
                 WHY_PAID.get(line.paid_reason, "unknown"),
