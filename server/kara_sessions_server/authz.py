@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from .errors import PermissionDenied
+from .errors import NotFound, PermissionDenied
 from .model import CancelSession, Invoice, Party, Session
 
 _ID = re.compile(r"[!-~]{1,128}")
+
+T = TypeVar("T")
 
 
 class Role(enum.StrEnum):
@@ -63,6 +67,17 @@ def _deny(message: str, **metadata: str) -> PermissionDenied:
 
 def session_denied(session_id: str) -> PermissionDenied:
     return _deny(f"session {session_id} does not exist or you may not act on it", session_id=session_id)
+
+
+def found_or_denied(principal: Principal, load: Callable[[], T], denied: Callable[[], PermissionDenied]) -> T:
+    """`load()`; if what it loads does not exist, only a service is told so (NOT_FOUND). Anyone
+    else gets `denied()`, the refusal they would get for something that is not theirs."""
+    try:
+        return load()
+    except NotFound:
+        if principal.is_service:
+            raise
+        raise denied() from None
 
 
 def is_party_to(principal: Principal, session: Session) -> bool:

@@ -10,10 +10,10 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from transitions import EventData, Machine, MachineError
+from transitions import EventData, MachineError
 
 from .errors import InvoiceEmpty, InvoiceNotDraft
-from .machines import attached
+from .machines import attached, shared_machine
 from .model import Invoice, InvoiceState
 
 _I = InvoiceState
@@ -35,15 +35,7 @@ class _InvoiceModel:
         return self.invoice.line_count > 0
 
 
-_MACHINE = Machine(
-    model=None,
-    states=list(InvoiceState),
-    transitions=_TRANSITIONS,
-    initial=None,
-    auto_transitions=False,
-    send_event=True,
-    model_attribute="state",
-)
+_MACHINE = shared_machine(InvoiceState, _TRANSITIONS)
 
 
 def submit(invoice: Invoice, now: datetime) -> Invoice:

@@ -19,7 +19,7 @@ from .errors import Conflict, InvoiceNotDraft, NotFound, PreconditionViolation, 
 from .invoicing import Candidate, subject
 from .model import Invoice, InvoiceLine, InvoiceState, Page, PaidReason
 from .pagination import cut, decode
-from .repository import SESSION_COLUMNS, session_from_row
+from .repository import S_SESSION_COLUMNS, session_from_row
 from .storage import from_micros, sql, to_micros
 
 # Statements with an IN (...) list or many VALUES rows take at most this many items each.
@@ -51,9 +51,7 @@ _INSERT_AUDIT = (
 _INVOICE_OF = "SELECT invoice_id FROM invoice_lines WHERE session_id = ?"
 # Through the payments index (professional_id, section, session_starts_at, session_id).
 _UNINVOICED_PAID = (
-    "SELECT "
-    + ", ".join(f"s.{c.strip()}" for c in SESSION_COLUMNS.split(","))
-    + " FROM payments p JOIN sessions s ON s.session_id = p.session_id"
+    f"SELECT {S_SESSION_COLUMNS} FROM payments p JOIN sessions s ON s.session_id = p.session_id"
     " WHERE p.professional_id = ? AND p.section = 'PAID' AND p.session_starts_at <= ?"
     " AND NOT EXISTS (SELECT 1 FROM invoice_lines l WHERE l.session_id = p.session_id)"
     " ORDER BY p.session_starts_at, p.session_id LIMIT ?"
@@ -223,11 +221,10 @@ def invoice_of(session_id: str) -> str:
 
 def candidates(session_ids: Sequence[str]) -> dict[str, Candidate]:
     """The sessions among `session_ids` that exist, each with the invoice it is on."""
-    columns = ", ".join(f"s.{c.strip()}" for c in SESSION_COLUMNS.split(","))
     found: dict[str, Candidate] = {}
     for chunk in _chunks(session_ids):
         text = (
-            f"SELECT {columns}, l.invoice_id FROM sessions s "
+            f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM sessions s "
             "LEFT JOIN invoice_lines l ON l.session_id = s.session_id "
             f"WHERE s.session_id IN ({_marks(len(chunk))})"
         )

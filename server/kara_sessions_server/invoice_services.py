@@ -143,12 +143,9 @@ class InvoiceServices:
     def _load(who: Principal, invoice_id: str) -> Invoice:
         """The invoice, if `who` may see it; to anyone but a service, a missing invoice and another
         professional's are refused alike."""
-        try:
-            invoice = invoices.get_invoice(invoice_id)
-        except NotFound:
-            if who.is_service:
-                raise
-            raise authz.invoice_denied(invoice_id) from None
+        invoice = authz.found_or_denied(
+            who, lambda: invoices.get_invoice(invoice_id), lambda: authz.invoice_denied(invoice_id)
+        )
         authz.check_invoice(who, invoice)
         return invoice
 

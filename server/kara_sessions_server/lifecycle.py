@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from transitions import EventData, Machine, MachineError
+from transitions import EventData, MachineError
 
 from .errors import SessionNotBooked, SessionNotStarted
-from .machines import attached
+from .machines import attached, shared_machine
 from .model import (
     CREDIT_MOVE_FOR_STATE,
     PAYMENT_FOR_STATE,
@@ -61,16 +61,7 @@ class _SessionModel:
         return self.now >= self.session.starts_at
 
 
-_MACHINE = Machine(
-    model=None,
-    states=list(SessionState),
-    transitions=_TRANSITIONS,
-    initial=None,
-    auto_transitions=False,
-    send_event=True,
-    prepare_event="prepare",
-    model_attribute="state",
-)
+_MACHINE = shared_machine(SessionState, _TRANSITIONS, prepare_event="prepare")
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ the machine's model list, so they are serialised across the server's threads."""
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,21 @@ from typing import Any
 from transitions import Machine
 
 _ATTACH_LOCK = threading.Lock()
+
+
+def shared_machine(states: type[enum.Enum], transitions: list[dict[str, Any]], **options: Any) -> Machine:
+    """A Machine with no model of its own, for `attached`: guards get the EventData (send_event)
+    and only the listed transitions exist (no auto `to_<state>` triggers)."""
+    return Machine(
+        model=None,
+        states=list(states),
+        transitions=transitions,
+        initial=None,
+        auto_transitions=False,
+        send_event=True,
+        model_attribute="state",
+        **options,
+    )
 
 
 @contextmanager

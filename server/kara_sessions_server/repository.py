@@ -33,6 +33,8 @@ SESSION_COLUMNS = (
     "session_id, client_id, professional_id, starts_at, booked_at, updated_at, state, version, credits, "
     "cancelled_by, cancelled_at, notified_at, notice, late, charge_client, reason, completed_at"
 )
+# The same, for a query that joins sessions as `s`.
+S_SESSION_COLUMNS = ", ".join(f"s.{c.strip()}" for c in SESSION_COLUMNS.split(","))
 _GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?"
 _INSERT_SESSION = (
     "INSERT INTO sessions (session_id, client_id, professional_id, starts_at, booked_at, updated_at, "
@@ -58,9 +60,7 @@ _INSERT_AUDIT = (
 # The payments table picks and orders the rows; each payment is derived from its session and
 # the invoice line it is on, if any.
 _LIST_PAYMENTS = (
-    "SELECT "
-    + ", ".join(f"s.{c.strip()}" for c in SESSION_COLUMNS.split(","))
-    + ", l.invoice_id FROM payments p JOIN sessions s ON s.session_id = p.session_id"
+    f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM payments p JOIN sessions s ON s.session_id = p.session_id"
     " LEFT JOIN invoice_lines l ON l.session_id = p.session_id"
     " WHERE p.professional_id = ? AND p.section = ? {after}"
     " ORDER BY p.session_starts_at DESC, p.session_id DESC LIMIT ?"

@@ -16,7 +16,7 @@ import peewee as pw
 from . import authz, idempotency, invoice_repository, ledger, repository, snapshots
 from .authz import Principal
 from .clock import Clock, SystemClock
-from .errors import InvalidRequest, NotFound, PreconditionFailed
+from .errors import InvalidRequest, PreconditionFailed
 from .events import CreditsMoved, Event, SessionCancelled
 from .lifecycle import SessionLifecycle
 from .model import (
@@ -262,12 +262,9 @@ class Services:
 def load_session(who: Principal, session_id: str) -> Session:
     """The session, if `who` may see it; to anyone but a service, a missing session and another
     person's session are refused alike."""
-    try:
-        session = repository.get_session(session_id)
-    except NotFound:
-        if who.is_service:
-            raise
-        raise authz.session_denied(session_id) from None
+    session = authz.found_or_denied(
+        who, lambda: repository.get_session(session_id), lambda: authz.session_denied(session_id)
+    )
     authz.check_session(who, session)
     return session
 
