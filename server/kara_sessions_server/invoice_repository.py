@@ -48,7 +48,6 @@ _INSERT_AUDIT = (
     "INSERT INTO invoice_audit (invoice_id, action, session_ids, principal, request_id, at) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
-_INVOICE_OF = "SELECT invoice_id FROM invoice_lines WHERE session_id = ?"
 # Through the payments index (professional_id, section, session_starts_at, session_id).
 _UNINVOICED_PAID = (
     f"SELECT {S_SESSION_COLUMNS} FROM payments p JOIN sessions s ON s.session_id = p.session_id"
@@ -212,11 +211,6 @@ def invoices_of(session_ids: Sequence[str]) -> dict[str, str]:
         text = f"SELECT session_id, invoice_id FROM invoice_lines WHERE session_id IN ({_marks(len(chunk))})"
         found.update((sid, inv) for sid, inv in sql(text, chunk).fetchall())
     return found
-
-
-def invoice_of(session_id: str) -> str:
-    row = sql(_INVOICE_OF, (session_id,)).fetchone()
-    return "" if row is None else str(row[0])
 
 
 def candidates(session_ids: Sequence[str]) -> dict[str, Candidate]:

@@ -36,6 +36,10 @@ SESSION_COLUMNS = (
 # The same, for a query that joins sessions as `s`.
 S_SESSION_COLUMNS = ", ".join(f"s.{c.strip()}" for c in SESSION_COLUMNS.split(","))
 _GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?"
+_GET_SESSION_AND_INVOICE = (
+    f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM sessions s "
+    "LEFT JOIN invoice_lines l ON l.session_id = s.session_id WHERE s.session_id = ?"
+)
 _INSERT_SESSION = (
     "INSERT INTO sessions (session_id, client_id, professional_id, starts_at, booked_at, updated_at, "
     "state, version, credits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -111,6 +115,14 @@ def _cancellation(cols: Sequence[Any]) -> Cancellation | None:
         charge_client=bool(charge),
         reason=reason or "",
     )
+
+
+def get_session_and_invoice(session_id: str) -> tuple[Session, str]:
+    """The session and the invoice it is on ("" for none), in one query: "View details"."""
+    row = sql(_GET_SESSION_AND_INVOICE, (session_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
+    return session_from_row(row[:-1]), row[-1] or ""
 
 
 def get_session(session_id: str) -> Session:

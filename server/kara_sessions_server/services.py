@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import peewee as pw
 
-from . import authz, idempotency, invoice_repository, ledger, repository, snapshots
+from . import authz, idempotency, ledger, repository, snapshots
 from .authz import Principal
 from .clock import Clock, SystemClock
 from .errors import InvalidRequest, PreconditionFailed
@@ -184,8 +184,13 @@ class Services:
 
     def get_payment(self, who: Principal, session_id: str) -> Payment:
         with UnitOfWork(self.storage, write=False):
-            session = load_session(who, session_id)
-            return payment_of(session, invoice_repository.invoice_of(session_id))
+            session, invoice_id = authz.found_or_denied(
+                who,
+                lambda: repository.get_session_and_invoice(session_id),
+                lambda: authz.session_denied(session_id),
+            )
+            authz.check_session(who, session)
+            return payment_of(session, invoice_id)
 
     def list_payments(
         self, who: Principal, professional_id: str, section: PaymentSection, size: int, token: str
