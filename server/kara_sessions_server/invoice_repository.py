@@ -20,7 +20,7 @@ from .invoicing import Candidate, subject
 from .model import Invoice, InvoiceLine, InvoiceState, Page, PaidReason
 from .pagination import cut, decode
 from .repository import S_SESSION_COLUMNS, session_from_row
-from .storage import from_micros, sql, to_micros
+from .storage import from_micros, micros_or_none, sql, time_or_none, to_micros
 
 # Statements with an IN (...) list or many VALUES rows take at most this many items each.
 _CHUNK = 200
@@ -84,7 +84,7 @@ def _invoice(row: Sequence[Any]) -> Invoice:
         version=version,
         created_at=from_micros(created),
         updated_at=from_micros(updated),
-        submitted_at=None if submitted is None else from_micros(submitted),
+        submitted_at=time_or_none(submitted),
     )
     if summary:
         count, total = summary
@@ -122,7 +122,7 @@ def add_invoice(invoice: Invoice) -> None:
             invoice.version,
             to_micros(invoice.created_at),
             to_micros(invoice.updated_at),
-            None if invoice.submitted_at is None else to_micros(invoice.submitted_at),
+            micros_or_none(invoice.submitted_at),
         ),
     )
 
@@ -135,7 +135,7 @@ def change_invoice(before: Invoice, after: Invoice) -> None:
             after.state.value,
             before.version + 1,
             to_micros(after.updated_at),
-            None if after.submitted_at is None else to_micros(after.submitted_at),
+            micros_or_none(after.submitted_at),
             before.invoice_id,
             before.state.value,
             before.version,

@@ -95,7 +95,7 @@ def check_on_invoice(invoice: Invoice, session_ids: Sequence[str], on_invoice: C
 def check_room(invoice_id: str, lines_now: int, adding: int) -> None:
     if lines_now + adding > MAX_INVOICE_LINES:
         raise TooManySessions(
-            f"invoice {invoice_id or '(new)'} would have {lines_now + adding} lines; an invoice holds "
+            f"invoice {invoice_id} would have {lines_now + adding} lines; an invoice holds "
             f"at most {MAX_INVOICE_LINES}: put the rest on another invoice",
             metadata={"invoice_id": invoice_id, "lines": str(lines_now + adding)},
         )

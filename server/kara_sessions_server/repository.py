@@ -25,7 +25,7 @@ from .model import (
     payment_of,
 )
 from .pagination import cut, decode
-from .storage import from_micros, sql, to_micros
+from .storage import from_micros, micros_or_none, sql, time_or_none, to_micros
 
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -77,14 +77,6 @@ _LIST_PAYMENTS_AFTER = _LIST_PAYMENTS.format(
 )
 
 
-def _micros(value: datetime | None) -> int | None:
-    return None if value is None else to_micros(value)
-
-
-def _time(value: int | None) -> datetime | None:
-    return None if value is None else from_micros(value)
-
-
 def session_from_row(row: Sequence[Any]) -> Session:
     (sid, client, pro, starts, booked, updated, state, version, credits, *cancel, completed) = row
     return Session(
@@ -98,7 +90,7 @@ def session_from_row(row: Sequence[Any]) -> Session:
         version=version,
         credits=credits,
         cancellation=_cancellation(cancel),
-        completed_at=_time(completed),
+        completed_at=time_or_none(completed),
     )
 
 
@@ -172,10 +164,10 @@ def change_state(before: Session, after: Session) -> None:
             after.state.value,
             before.version + 1,
             to_micros(after.updated_at),
-            _micros(after.completed_at),
+            micros_or_none(after.completed_at),
             c.cancelled_by.value if c else None,
-            _micros(c.cancelled_at) if c else None,
-            _micros(c.notified_at) if c else None,
+            micros_or_none(c.cancelled_at) if c else None,
+            micros_or_none(c.notified_at) if c else None,
             c.notice // _MICROSECOND if c else None,
             c.late if c else None,
             c.charge_client if c else None,
@@ -237,7 +229,7 @@ def audit(
             str(principal),
             before.state.value if before else None,
             after.state.value,
-            _micros(c.notified_at) if c else None,
+            micros_or_none(c.notified_at) if c else None,
             c.notice // _MICROSECOND if c else None,
             c.charge_client if c else None,
             c.reason if c else None,

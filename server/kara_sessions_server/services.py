@@ -101,7 +101,7 @@ class Services:
             # The lifecycle checks these again; checking first makes a malformed request
             # INVALID_ARGUMENT even when the session does not exist.
             self.policy.validate_request(cmd, now)
-            before = load_session(who, cmd.session_id)
+            before = _load_session(who, cmd.session_id)
             outcome = self.lifecycle.cancel(before, cmd, now)
             after = _apply(before, outcome, now)
             repository.change_state(before, after)
@@ -135,11 +135,11 @@ class Services:
         with UnitOfWork(self.storage, write=False):
             now = self.clock.now()
             self.policy.validate_request(cmd, now)
-            return self.lifecycle.cancel(load_session(who, cmd.session_id), cmd, now)
+            return self.lifecycle.cancel(_load_session(who, cmd.session_id), cmd, now)
 
     def complete_session(self, who: Principal, cmd: CompleteSession) -> Session:
         def work(uow: UnitOfWork, now: datetime) -> Session:
-            before = load_session(who, cmd.session_id)
+            before = _load_session(who, cmd.session_id)
             authz.check_complete(who, before)
             after = replace(self.lifecycle.complete(before, now), version=before.version + 1)
             repository.change_state(before, after)
@@ -162,7 +162,7 @@ class Services:
 
     def get_session(self, who: Principal, session_id: str) -> Session:
         with UnitOfWork(self.storage, write=False):
-            return load_session(who, session_id)
+            return _load_session(who, session_id)
 
     def list_sessions(
         self,
@@ -264,7 +264,7 @@ class Services:
             return load(idempotency.check_same_request(stored, request_id, operation, fp))
 
 
-def load_session(who: Principal, session_id: str) -> Session:
+def _load_session(who: Principal, session_id: str) -> Session:
     """The session, if `who` may see it; to anyone but a service, a missing session and another
     person's session are refused alike."""
     session = authz.found_or_denied(

@@ -31,6 +31,14 @@ def from_micros(value: int) -> datetime:
     return EPOCH + timedelta(microseconds=value)
 
 
+def micros_or_none(value: datetime | None) -> int | None:
+    return None if value is None else to_micros(value)
+
+
+def time_or_none(value: int | None) -> datetime | None:
+    return None if value is None else from_micros(value)
+
+
 class UtcTimestampField(pw.BigIntegerField):
     def db_value(self, value: datetime | None) -> int | None:
         return None if value is None else to_micros(value)
