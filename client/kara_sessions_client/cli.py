@@ -62,6 +62,8 @@ class When(click.ParamType[datetime, str]):
 
 
 WHEN = When()
+# Every mutating command takes the same idempotency key; reusing it replays the first result.
+request_id_option = click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -214,7 +216,7 @@ def main(
 @click.option("--client", "client_id", required=True)
 @click.option("--professional", "professional_id", required=True)
 @click.option("--starts-at", type=WHEN, required=True, help="ISO-8601 with timezone, or relative (+3d).")
-@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@request_id_option
 @click.pass_context
 def book(
     ctx: click.Context, client_id: str, professional_id: str, starts_at: datetime, request_id: str | None
@@ -240,7 +242,7 @@ def _cancel_options(f: Callable[..., None]) -> Callable[..., None]:
 
 @main.command()
 @_cancel_options
-@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@request_id_option
 @click.pass_context
 def cancel(
     ctx: click.Context,
@@ -287,7 +289,7 @@ def preview(
 
 @main.command()
 @click.argument("session_id")
-@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@request_id_option
 @click.pass_context
 def complete(ctx: click.Context, session_id: str, request_id: str | None) -> None:
     """Record that a session took place (its credit is taken)."""
@@ -348,7 +350,7 @@ def credits() -> None:
 @credits.command("grant")
 @click.argument("client_id")
 @click.argument("amount", type=click.IntRange(1, 10_000))
-@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@request_id_option
 @click.pass_context
 def credits_grant(ctx: click.Context, client_id: str, amount: int, request_id: str | None) -> None:
     """Add AMOUNT sponsored credits to CLIENT_ID's account."""
@@ -379,7 +381,7 @@ def invoice() -> None:
     default=None,
     help="Instead of --session: every uninvoiced paid session starting by then (a date means its end, UTC).",
 )
-@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@request_id_option
 @click.pass_context
 def invoice_create(
     ctx: click.Context,
@@ -418,7 +420,7 @@ def invoice_list(
 @invoice.command("add")
 @click.argument("invoice_id")
 @click.argument("session_ids", nargs=-1, required=True)
-@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@request_id_option
 @click.pass_context
 def invoice_add(
     ctx: click.Context, invoice_id: str, session_ids: tuple[str, ...], request_id: str | None
@@ -430,7 +432,7 @@ def invoice_add(
 @invoice.command("remove")
 @click.argument("invoice_id")
 @click.argument("session_ids", nargs=-1, required=True)
-@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@request_id_option
 @click.pass_context
 def invoice_remove(
     ctx: click.Context, invoice_id: str, session_ids: tuple[str, ...], request_id: str | None
@@ -441,7 +443,7 @@ def invoice_remove(
 
 @invoice.command("submit")
 @click.argument("invoice_id")
-@click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+@request_id_option
 @click.pass_context
 def invoice_submit(ctx: click.Context, invoice_id: str, request_id: str | None) -> None:
     """Submit a DRAFT invoice; it is frozen from then on."""
