@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import grpc
 import psycopg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from kara_sessions_client.client import SessionsClient
+from tests.support.processes import free_port, serve_command, wait_serving
 
 from .populate import DEEP_PROFESSIONAL, populate
 from .profile import profile_cancellation
@@ -98,55 +97,24 @@ def load(
     return result, run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def server(database_url: str, log_path: Path) -> Iterator[str]:
     """`kara-sessions serve` as operators run it (defaults; JSON log lines to a file)."""
-    port = _free_port()
+    port = free_port()
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kara_sessions_client.cli",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--database-url",
-                database_url,
-                "--log-format",
-                "json",
-            ],
+            serve_command(
+                "--listen", f"127.0.0.1:{port}", "--database-url", database_url, "--log-format", "json"
+            ),
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
-    target = f"127.0.0.1:{port}"
     try:
-        _wait_serving(target, proc)
-        yield target
+        wait_serving(port, proc, deadline=60)
+        yield f"127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-
-
-def _wait_serving(target: str, proc: subprocess.Popen[bytes]) -> None:
-    end = time.monotonic() + 60
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}; see its log")
-            try:
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                return
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise TimeoutError("the server did not start")
 
 
 @contextmanager

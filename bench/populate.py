@@ -7,9 +7,9 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-from kara_sessions_server import migrations
-from kara_sessions_server.pagination import encode
-from kara_sessions_server.storage import open_storage, to_micros
+from kara_sessions_server.adapters import migrations
+from kara_sessions_server.adapters.pagination import encode
+from kara_sessions_server.adapters.storage import open_storage, to_micros
 
 DEEP_PROFESSIONAL = "pro-deep"
 _BASE = datetime(2027, 1, 1, tzinfo=UTC)

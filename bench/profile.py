@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from kara_sessions_server import migrations
-from kara_sessions_server.authz import UNAUTHENTICATED_SERVICE
-from kara_sessions_server.clock import SystemClock
-from kara_sessions_server.model import BookSession, CancelSession, GrantCredits, Party, Session
-from kara_sessions_server.services import Services
-from kara_sessions_server.storage import open_storage
+from kara_sessions_server.adapters import migrations
+from kara_sessions_server.adapters.storage import open_storage
+from kara_sessions_server.domain.clock import SystemClock
+from kara_sessions_server.domain.model import BookSession, CancelSession, GrantCredits, Party, Session
+from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE
+from kara_sessions_server.service_layer.services import Services
 
 WHO = UNAUTHENTICATED_SERVICE
 

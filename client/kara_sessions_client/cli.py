@@ -18,7 +18,8 @@ import click
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from kara.sessions.v1 import invoices_pb2 as ipb
-from kara_sessions_server import commands as server_commands
+
+from kara_sessions_server.entrypoints import commands as server_commands
 
 from . import exit_codes
 from .client import (

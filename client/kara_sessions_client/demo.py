@@ -104,7 +104,7 @@ def run_demo(target: str | None) -> int:
         with SessionsClient(target) as client:
             play(client)
         return 0
-    from kara_sessions_server.app import Settings, start
+    from kara_sessions_server.entrypoints.grpc.server import Settings, start
 
     with tempfile.TemporaryDirectory(prefix="kara-demo-") as tmp:
         server = start(Settings(listen="127.0.0.1:0", database_url=f"sqlite:///{Path(tmp) / 'demo.db'}"))

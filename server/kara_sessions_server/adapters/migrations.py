@@ -1,0 +1,171 @@
+"""The database schema is versioned. `kara-sessions migrate` upgrades it; the server refuses to
+start on a schema older or newer than the one it was written for.
+
+Version 1 is the schema before versioning (no schema_version table). An empty database is
+created at the latest version directly, from the models. Each later version is one Migration:
+playhouse.migrate operations and tables to create; every step runs in one transaction under a
+lock (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL), so two processes never migrate
+at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import peewee as pw
+from playhouse.migrate import Operation, PostgresqlMigrator, SchemaMigrator, SqliteMigrator, migrate
+
+from kara_sessions_server.adapters.storage import (
+    TABLES,
+    InvoiceAuditRow,
+    InvoiceLineRow,
+    InvoiceRow,
+    SchemaVersionRow,
+    Storage,
+    Table,
+)
+
+# Any fixed number: PostgreSQL advisory locks are keyed by an integer.
+_PG_LOCK_KEY = 0x6B61_7261
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    operations: Callable[[SchemaMigrator], list[Operation]] = lambda m: []
+    # Created from their models as they are now. A later step that alters one of these tables
+    # must first freeze its shape here (test_migrations compares the result with a fresh schema).
+    tables: tuple[type[Table], ...] = ()
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        2,
+        "audit_log.principal: the authenticated caller of each change",
+        lambda m: [m.add_column("audit_log", "principal", pw.CharField(max_length=160, null=True))],
+    ),
+    Migration(
+        3,
+        "invoices, invoice_lines and invoice_audit: paid sessions on professionals' invoices",
+        tables=(InvoiceRow, InvoiceLineRow, InvoiceAuditRow),
+    ),
+)
+BASELINE = 1
+LATEST = MIGRATIONS[-1].version if MIGRATIONS else BASELINE
+
+
+class SchemaError(Exception):
+    """The database's schema is not the one this server was written for."""
+
+
+def current_version(storage: Storage) -> int | None:
+    """The schema version, or None for an empty database."""
+    tables = set(storage.db.get_tables())
+    if SchemaVersionRow._meta.table_name in tables:
+        row = SchemaVersionRow.get_or_none(SchemaVersionRow.id == 1)
+        if row is not None:
+            return int(row.version)
+    return BASELINE if "sessions" in tables else None
+
+
+def prepare(storage: Storage) -> int:
+    """At server start: creates the schema in an empty database; refuses any other version
+    than LATEST with a message that says what to do."""
+    with _locked(storage):
+        version = current_version(storage)
+        if version is None:
+            _create(storage)
+            return LATEST
+    check(version)
+    return version
+
+
+def check(version: int) -> None:
+    if version > LATEST:
+        raise SchemaError(
+            f"the database schema is at version {version}, newer than this server knows ({LATEST}); "
+            "run a newer kara-sessions, or restore a backup taken before the upgrade"
+        )
+    if version < LATEST:
+        raise SchemaError(
+            f"the database schema is at version {version}; this server needs {LATEST}: "
+            "run `kara-sessions migrate` with the same --database-url first"
+        )
+
+
+def pending(storage: Storage) -> list[Migration]:
+    """What `migrate` would apply; raises SchemaError on a schema newer than LATEST."""
+    with _locked(storage):
+        version = current_version(storage)
+    if version is None:
+        return []
+    if version > LATEST:
+        check(version)
+    return [m for m in MIGRATIONS if m.version > version]
+
+
+def upgrade(
+    storage: Storage, on_step: Callable[[Migration], None] = lambda m: None
+) -> tuple[int | None, int]:
+    """Brings the schema to LATEST, one committed step per migration. Returns (from, to)."""
+    with _locked(storage):
+        start = current_version(storage)
+        if start is None:
+            _create(storage)
+            return None, LATEST
+    if start > LATEST:
+        check(start)
+    for step in MIGRATIONS:
+        with _locked(storage):
+            # Re-read under the lock: another process may have applied this step meanwhile.
+            if _version_or_baseline(storage) >= step.version:
+                continue
+            migrate(*step.operations(_migrator(storage)))
+            storage.db.create_tables(step.tables)
+            _stamp(step.version)
+        on_step(step)
+    return start, LATEST
+
+
+def _version_or_baseline(storage: Storage) -> int:
+    return current_version(storage) or BASELINE
+
+
+def _create(storage: Storage) -> None:
+    storage.db.create_tables(TABLES, safe=True)
+    _stamp(LATEST)
+
+
+def _stamp(version: int) -> None:
+    SchemaVersionRow.create_table(safe=True)  # absent from a version-1 database
+    now = datetime.now(UTC)
+    (
+        SchemaVersionRow.insert(id=1, version=version, updated_at=now)
+        .on_conflict(
+            conflict_target=[SchemaVersionRow.id],
+            update={SchemaVersionRow.version: version, SchemaVersionRow.updated_at: now},
+        )
+        .execute()
+    )
+
+
+def _migrator(storage: Storage) -> SchemaMigrator:
+    if storage.is_sqlite:
+        return SqliteMigrator(storage.db)
+    return PostgresqlMigrator(storage.db)
+
+
+@contextmanager
+def _locked(storage: Storage) -> Iterator[None]:
+    """A write transaction that no other process's schema work can overlap."""
+    storage.db.connect(reuse_if_open=True)
+    try:
+        with storage.transaction(write=True):
+            if not storage.is_sqlite:
+                storage.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK_KEY,))
+            yield
+    finally:
+        storage.release()

@@ -1,0 +1,280 @@
+"""Sessions, their payments and the audit log.
+
+State changes are conditional UPDATEs (state and version must still be what was read), so of
+two concurrent cancellations exactly one changes the row; the other sees zero rows updated.
+The statements are prebuilt SQL run through peewee's connection (storage.sql): building them
+with peewee's query builder cost more than executing them (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from kara_sessions_server.adapters.pagination import cut, decode
+from kara_sessions_server.adapters.storage import from_micros, micros_or_none, sql, time_or_none, to_micros
+from kara_sessions_server.domain.errors import Conflict, NotFound, SessionNotBooked
+from kara_sessions_server.domain.model import (
+    PAYMENT_FOR_STATE,
+    Cancellation,
+    Page,
+    Party,
+    Payment,
+    PaymentSection,
+    Session,
+    SessionState,
+    payment_of,
+)
+from kara_sessions_server.domain.principal import Principal
+
+_MICROSECOND = timedelta(microseconds=1)
+
+SESSION_COLUMNS = (
+    "session_id, client_id, professional_id, starts_at, booked_at, updated_at, state, version, credits, "
+    "cancelled_by, cancelled_at, notified_at, notice, late, charge_client, reason, completed_at"
+)
+# The same, for a query that joins sessions as `s`.
+S_SESSION_COLUMNS = ", ".join(f"s.{c.strip()}" for c in SESSION_COLUMNS.split(","))
+_GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?"
+_GET_SESSION_AND_INVOICE = (
+    f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM sessions s "
+    "LEFT JOIN invoice_lines l ON l.session_id = s.session_id WHERE s.session_id = ?"
+)
+_INSERT_SESSION = (
+    "INSERT INTO sessions (session_id, client_id, professional_id, starts_at, booked_at, updated_at, "
+    "state, version, credits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_PAYMENT = (
+    "INSERT INTO payments (session_id, client_id, professional_id, session_starts_at, state, section, "
+    "credits, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_CHANGE_SESSION = (
+    "UPDATE sessions SET state = ?, version = ?, updated_at = ?, completed_at = ?, cancelled_by = ?, "
+    "cancelled_at = ?, notified_at = ?, notice = ?, late = ?, charge_client = ?, reason = ? "
+    "WHERE session_id = ? AND state = ? AND version = ?"
+)
+_CHANGE_PAYMENT = (
+    "UPDATE payments SET state = ?, section = ?, updated_at = ? WHERE session_id = ? AND state = ?"
+)
+_INSERT_AUDIT = (
+    "INSERT INTO audit_log (session_id, action, actor, principal, from_state, to_state, notified_at, "
+    "notice, charge_client, reason, request_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Newest session first, through the (professional_id, section, session_starts_at, session_id) index.
+# The payments table picks and orders the rows; each payment is derived from its session and
+# the invoice line it is on, if any.
+_LIST_PAYMENTS = (
+    f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM payments p JOIN sessions s ON s.session_id = p.session_id"
+    " LEFT JOIN invoice_lines l ON l.session_id = p.session_id"
+    " WHERE p.professional_id = ? AND p.section = ? {after}"
+    " ORDER BY p.session_starts_at DESC, p.session_id DESC LIMIT ?"
+)
+_LIST_PAYMENTS_FIRST = _LIST_PAYMENTS.format(after="")
+_LIST_PAYMENTS_AFTER = _LIST_PAYMENTS.format(
+    # A row-value comparison, not `a < x OR (a = x AND b < y)`: PostgreSQL turns only the former
+    # into an index range, and without it a deep page scanned every row above it.
+    after="AND (p.session_starts_at, p.session_id) < (?, ?)"
+)
+
+
+def session_from_row(row: Sequence[Any]) -> Session:
+    (sid, client, pro, starts, booked, updated, state, version, credits, *cancel, completed) = row
+    return Session(
+        session_id=sid,
+        client_id=client,
+        professional_id=pro,
+        starts_at=from_micros(starts),
+        booked_at=from_micros(booked),
+        updated_at=from_micros(updated),
+        state=SessionState(state),
+        version=version,
+        credits=credits,
+        cancellation=_cancellation(cancel),
+        completed_at=time_or_none(completed),
+    )
+
+
+def _cancellation(cols: Sequence[Any]) -> Cancellation | None:
+    by, at, notified, notice, late, charge, reason = cols
+    if by is None:
+        return None
+    return Cancellation(
+        cancelled_by=Party(by),
+        cancelled_at=from_micros(at),
+        notified_at=from_micros(notified),
+        notice=timedelta(microseconds=notice),
+        late=bool(late),
+        charge_client=bool(charge),
+        reason=reason or "",
+    )
+
+
+def get_session_and_invoice(session_id: str) -> tuple[Session, str]:
+    """The session and the invoice it is on ("" for none), in one query: "View details"."""
+    row = sql(_GET_SESSION_AND_INVOICE, (session_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
+    return session_from_row(row[:-1]), row[-1] or ""
+
+
+def get_session(session_id: str) -> Session:
+    row = sql(_GET_SESSION, (session_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
+    return session_from_row(row)
+
+
+def add_session(session: Session) -> None:
+    sql(
+        _INSERT_SESSION,
+        (
+            session.session_id,
+            session.client_id,
+            session.professional_id,
+            to_micros(session.starts_at),
+            to_micros(session.booked_at),
+            to_micros(session.updated_at),
+            session.state.value,
+            session.version,
+            session.credits,
+        ),
+    )
+    payment = payment_of(session)
+    sql(
+        _INSERT_PAYMENT,
+        (
+            payment.session_id,
+            payment.client_id,
+            payment.professional_id,
+            to_micros(payment.session_starts_at),
+            payment.state.value,
+            payment.section.value,
+            payment.credits,
+            to_micros(payment.updated_at),
+        ),
+    )
+
+
+def change_state(before: Session, after: Session) -> None:
+    """Writes `after` only if the row is still exactly `before` (same state and version)."""
+    c = after.cancellation
+    changed = sql(
+        _CHANGE_SESSION,
+        (
+            after.state.value,
+            before.version + 1,
+            to_micros(after.updated_at),
+            micros_or_none(after.completed_at),
+            c.cancelled_by.value if c else None,
+            micros_or_none(c.cancelled_at) if c else None,
+            micros_or_none(c.notified_at) if c else None,
+            c.notice // _MICROSECOND if c else None,
+            c.late if c else None,
+            c.charge_client if c else None,
+            c.reason if c else None,
+            before.session_id,
+            before.state.value,
+            before.version,
+        ),
+    ).rowcount
+    if changed != 1:
+        _raise_lost_race(before)
+    payment_state = PAYMENT_FOR_STATE[after.state]
+    changed = sql(
+        _CHANGE_PAYMENT,
+        (
+            payment_state.value,
+            payment_state.section.value,
+            to_micros(after.updated_at),
+            before.session_id,
+            PAYMENT_FOR_STATE[before.state].value,
+        ),
+    ).rowcount
+    if changed != 1:
+        raise Conflict(f"payment of session {before.session_id} changed concurrently; retry")
+
+
+def _raise_lost_race(before: Session) -> None:
+    current = get_session(before.session_id)
+    if current.state is not SessionState.BOOKED:
+        raise SessionNotBooked(
+            f"session {before.session_id} is {current.state.value}, not BOOKED; it was changed by "
+            "another request",
+            metadata={"session_id": before.session_id, "state": current.state.value},
+        )
+    raise Conflict(
+        f"session {before.session_id} was changed by another request; read it again and retry",
+        metadata={"session_id": before.session_id},
+    )
+
+
+def audit(
+    before: Session | None,
+    after: Session,
+    action: str,
+    actor: str,
+    principal: Principal,
+    request_id: str,
+    now: datetime,
+) -> None:
+    """`actor` is the party the domain acted for (CLIENT, PROFESSIONAL, SYSTEM); `principal` the
+    authenticated caller who asked."""
+    c = after.cancellation
+    sql(
+        _INSERT_AUDIT,
+        (
+            after.session_id,
+            action,
+            actor,
+            str(principal),
+            before.state.value if before else None,
+            after.state.value,
+            micros_or_none(c.notified_at) if c else None,
+            c.notice // _MICROSECOND if c else None,
+            c.charge_client if c else None,
+            c.reason if c else None,
+            request_id,
+            to_micros(now),
+        ),
+    )
+
+
+def list_sessions(
+    professional_id: str, client_id: str, state: SessionState | None, size: int, token: str
+) -> Page[Session]:
+    """Oldest start first. Filters are fixed fragments; values always go as parameters."""
+    query_id = ("sessions", professional_id, client_id, state.value if state else "")
+    after = decode(query_id, token)
+    where: list[str] = []
+    params: list[object] = []
+    for fragment, value in (
+        ("professional_id = ?", professional_id),
+        ("client_id = ?", client_id),
+        ("state = ?", state.value if state else ""),
+    ):
+        if value:
+            where.append(fragment)
+            params.append(value)
+    if after is not None:
+        at, sid = int(after[0]), str(after[1])
+        where.append("(starts_at, session_id) > (?, ?)")
+        params += [at, sid]
+    text = (
+        f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
+        "ORDER BY starts_at, session_id LIMIT ?"
+    )
+    rows, token_out = cut(query_id, sql(text, (*params, size + 1)).fetchall(), size, lambda r: [r[3], r[0]])
+    return Page(tuple(session_from_row(r) for r in rows), token_out)
+
+
+def list_payments(professional_id: str, section: PaymentSection, size: int, token: str) -> Page[Payment]:
+    """Most recent session first."""
+    query_id = ("payments", professional_id, section.value)
+    after = decode(query_id, token)
+    if after is None:
+        cursor = sql(_LIST_PAYMENTS_FIRST, (professional_id, section.value, size + 1))
+    else:
+        at, sid = int(after[0]), str(after[1])
+        cursor = sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, at, sid, size + 1))
+    rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[3], r[0]])
+    return Page(tuple(payment_of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out)

@@ -1,0 +1,181 @@
+"""JSON snapshots of domain results, stored with a request_id so a retry gets the first answer."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from kara_sessions_server.domain.model import (
+    Cancellation,
+    CreditAccount,
+    Invoice,
+    InvoiceLine,
+    InvoiceState,
+    PaidReason,
+    Party,
+    Payment,
+    Session,
+    SessionState,
+    payment_of,
+)
+
+
+def _dt(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _parse_dt(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _cancellation(c: Cancellation | None) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    return {
+        "cancelled_by": c.cancelled_by.value,
+        "cancelled_at": _dt(c.cancelled_at),
+        "notified_at": _dt(c.notified_at),
+        "notice_us": c.notice // timedelta(microseconds=1),
+        "late": c.late,
+        "charge_client": c.charge_client,
+        "reason": c.reason,
+    }
+
+
+def _load_cancellation(d: dict[str, Any] | None) -> Cancellation | None:
+    if d is None:
+        return None
+    return Cancellation(
+        cancelled_by=Party(d["cancelled_by"]),
+        cancelled_at=datetime.fromisoformat(d["cancelled_at"]),
+        notified_at=datetime.fromisoformat(d["notified_at"]),
+        notice=timedelta(microseconds=d["notice_us"]),
+        late=d["late"],
+        charge_client=d["charge_client"],
+        reason=d["reason"],
+    )
+
+
+def _session(s: Session) -> dict[str, Any]:
+    return {
+        "session_id": s.session_id,
+        "client_id": s.client_id,
+        "professional_id": s.professional_id,
+        "starts_at": _dt(s.starts_at),
+        "booked_at": _dt(s.booked_at),
+        "updated_at": _dt(s.updated_at),
+        "state": s.state.value,
+        "version": s.version,
+        "credits": s.credits,
+        "cancellation": _cancellation(s.cancellation),
+        "completed_at": _dt(s.completed_at),
+    }
+
+
+def _load_session(d: dict[str, Any]) -> Session:
+    return Session(
+        session_id=d["session_id"],
+        client_id=d["client_id"],
+        professional_id=d["professional_id"],
+        starts_at=datetime.fromisoformat(d["starts_at"]),
+        booked_at=datetime.fromisoformat(d["booked_at"]),
+        updated_at=datetime.fromisoformat(d["updated_at"]),
+        state=SessionState(d["state"]),
+        version=d["version"],
+        credits=d["credits"],
+        cancellation=_load_cancellation(d["cancellation"]),
+        completed_at=_parse_dt(d["completed_at"]),
+    )
+
+
+def _payment(p: Payment) -> dict[str, Any]:
+    return {
+        "session_id": p.session_id,
+        "client_id": p.client_id,
+        "professional_id": p.professional_id,
+        "session_starts_at": _dt(p.session_starts_at),
+        "state": p.state.value,
+        "credits": p.credits,
+        "updated_at": _dt(p.updated_at),
+        "cancellation": _cancellation(p.cancellation),
+    }
+
+
+def dump_session(s: Session) -> str:
+    return json.dumps(_session(s))
+
+
+def load_session(raw: str) -> Session:
+    return _load_session(json.loads(raw))
+
+
+def dump_settlement(pair: tuple[Session, Payment]) -> str:
+    # The payment is stored too for servers from before it was derived on load.
+    return json.dumps({"session": _session(pair[0]), "payment": _payment(pair[1])})
+
+
+def load_settlement(raw: str) -> tuple[Session, Payment]:
+    """The payment follows from the session, as when it was first returned: a just-cancelled
+    session is on no invoice."""
+    session = _load_session(json.loads(raw)["session"])
+    return session, payment_of(session)
+
+
+def dump_account(a: CreditAccount) -> str:
+    return json.dumps({"client_id": a.client_id, "available": a.available, "held": a.held, "used": a.used})
+
+
+def load_account(raw: str) -> CreditAccount:
+    d = json.loads(raw)
+    return CreditAccount(client_id=d["client_id"], available=d["available"], held=d["held"], used=d["used"])
+
+
+def _invoice_line(line: InvoiceLine) -> dict[str, Any]:
+    return {
+        "session_id": line.session_id,
+        "client_id": line.client_id,
+        "session_starts_at": _dt(line.session_starts_at),
+        "paid_reason": line.paid_reason.value,
+        "credits": line.credits,
+        "added_at": _dt(line.added_at),
+    }
+
+
+def _load_invoice_line(d: dict[str, Any]) -> InvoiceLine:
+    return InvoiceLine(
+        session_id=d["session_id"],
+        client_id=d["client_id"],
+        session_starts_at=datetime.fromisoformat(d["session_starts_at"]),
+        paid_reason=PaidReason(d["paid_reason"]),
+        credits=d["credits"],
+        added_at=datetime.fromisoformat(d["added_at"]),
+    )
+
+
+def dump_invoice(i: Invoice) -> str:
+    return json.dumps(
+        {
+            "invoice_id": i.invoice_id,
+            "professional_id": i.professional_id,
+            "state": i.state.value,
+            "created_at": _dt(i.created_at),
+            "updated_at": _dt(i.updated_at),
+            "version": i.version,
+            "submitted_at": _dt(i.submitted_at),
+            "lines": [_invoice_line(line) for line in i.lines],
+        }
+    )
+
+
+def load_invoice(raw: str) -> Invoice:
+    d = json.loads(raw)
+    return Invoice(
+        invoice_id=d["invoice_id"],
+        professional_id=d["professional_id"],
+        state=InvoiceState(d["state"]),
+        created_at=datetime.fromisoformat(d["created_at"]),
+        updated_at=datetime.fromisoformat(d["updated_at"]),
+        version=d["version"],
+        submitted_at=_parse_dt(d["submitted_at"]),
+    ).with_lines(tuple(_load_invoice_line(line) for line in d["lines"]))

@@ -1,0 +1,32 @@
+"""What happened, told after the transaction that did it commits (a replayed request tells
+nothing: it changed nothing). Metrics subscribe to these; the domain knows no subscriber."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kara_sessions_server.domain.model import LedgerKind, Party, SessionState
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCancelled:
+    cancelled_by: Party
+    late: bool
+    state: SessionState
+
+
+@dataclass(frozen=True, slots=True)
+class CreditsMoved:
+    kind: LedgerKind
+    credits: int
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceChanged:
+    """CREATE, ADD, REMOVE or SUBMIT, with the number of sessions it put on or took off."""
+
+    action: str
+    sessions: int
+
+
+Event = SessionCancelled | CreditsMoved | InvoiceChanged

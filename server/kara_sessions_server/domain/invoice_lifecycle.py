@@ -1,0 +1,68 @@
+"""An invoice's lifecycle as a `transitions` state machine: DRAFT -> SUBMITTED, then frozen.
+
+While DRAFT, lines may be added and removed (`edit`, an internal transition). `submit` needs at
+least one line. No transition leaves SUBMITTED: what was sent to the accounts department stays
+as it was sent."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from transitions import EventData, MachineError
+
+from kara_sessions_server.domain.errors import InvoiceEmpty, InvoiceNotDraft
+from kara_sessions_server.domain.machines import attached, shared_machine
+from kara_sessions_server.domain.model import Invoice, InvoiceState
+
+_I = InvoiceState
+
+_TRANSITIONS: list[dict[str, Any]] = [
+    {"trigger": "submit", "source": _I.DRAFT, "dest": _I.SUBMITTED, "conditions": ["has_lines"]},
+    {"trigger": "edit", "source": _I.DRAFT, "dest": None},
+]
+
+_VERBS = {"submit": "submitted", "edit": "changed"}
+
+
+class _InvoiceModel:
+    def __init__(self, invoice: Invoice):
+        self.state: str = invoice.state.value
+        self.invoice = invoice
+
+    def has_lines(self, event: EventData) -> bool:
+        return self.invoice.line_count > 0
+
+
+_MACHINE = shared_machine(InvoiceState, _TRANSITIONS)
+
+
+def submit(invoice: Invoice, now: datetime) -> Invoice:
+    if _fire(invoice, "submit") is not InvoiceState.SUBMITTED:
+        raise InvoiceEmpty(
+            f"invoice {invoice.invoice_id} has no lines; add paid sessions before submitting it",
+            metadata={"invoice_id": invoice.invoice_id},
+        )
+    return replace(
+        invoice, state=InvoiceState.SUBMITTED, submitted_at=now, updated_at=now, version=invoice.version + 1
+    )
+
+
+def edit(invoice: Invoice, now: datetime) -> Invoice:
+    """The invoice after a change of its lines (the caller sets them); refused unless DRAFT."""
+    _fire(invoice, "edit")
+    return replace(invoice, updated_at=now, version=invoice.version + 1)
+
+
+def _fire(invoice: Invoice, trigger: str) -> InvoiceState:
+    with attached(_MACHINE, _InvoiceModel(invoice), invoice.state.value) as model:
+        try:
+            getattr(model, trigger)()
+        except MachineError as exc:
+            raise InvoiceNotDraft(
+                f"invoice {invoice.invoice_id} is {invoice.state.value}; only a DRAFT invoice can be "
+                f"{_VERBS[trigger]} (a submitted invoice is frozen)",
+                metadata={"invoice_id": invoice.invoice_id, "state": invoice.state.value},
+            ) from exc
+        return InvoiceState(model.state)

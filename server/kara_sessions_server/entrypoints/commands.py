@@ -1,0 +1,273 @@
+"""The server's commands: `serve`, `migrate` and `token`, added to the `kara-sessions` CLI.
+
+Every serve option comes, in this order of precedence, from the command line, the environment
+(KARA_<OPTION>) or the config file (--config, TOML, keys named like the options with
+underscores), else its default. Heavy imports wait until a command runs, so client commands
+start fast."""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+# Config-file keys whose values are files: relative paths are relative to the config file.
+_PATH_KEYS = frozenset({"tls_cert", "tls_key", "client_ca", "tokens_file"})
+
+FILE = click.Path(exists=True, dir_okay=False)
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc.strerror or exc}", ctx, param) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{value} is not valid TOML: {exc}", ctx, param) from exc
+    known = {p.name for p in serve.params if p.name and p.name != "config"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise click.BadParameter(
+            f"{value}: unknown keys {unknown}; the keys are: {', '.join(sorted(known))}", ctx, param
+        )
+    for key in _PATH_KEYS & set(data):
+        data[key] = str(path.parent / str(data[key]))
+    # Only what this command takes: `migrate` shares the server's file but needs database_url.
+    taken = {p.name for p in ctx.command.params}
+    ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in data.items() if k in taken}}
+    return value
+
+
+def _option(name: str, env: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(name, envvar=f"KARA_{env}", show_envvar=True, **kwargs)
+
+
+config_option = _option(
+    "--config",
+    "CONFIG",
+    type=FILE,
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config,
+    help="TOML file of options (keys as below, with underscores). Flags and KARA_* variables win.",
+)
+database_option = _option(
+    "--database-url",
+    "DATABASE_URL",
+    default="sqlite:///kara-sessions.db",
+    show_default=True,
+    help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB.",
+)
+
+
+@click.command()
+@config_option
+@_option("--listen", "LISTEN", default="127.0.0.1:50051", show_default=True, help="HOST:PORT to serve on.")
+@database_option
+@_option(
+    "--notice-window-hours",
+    "NOTICE_WINDOW_HOURS",
+    type=click.FloatRange(min=0, min_open=True),
+    default=24.0,
+    show_default=True,
+    help="Notice at least this long is enough notice; shorter is a late cancellation.",
+)
+@_option("--tokens-file", "TOKENS_FILE", type=FILE, help="TOML file of bearer-token hashes and principals.")
+@_option("--tls-cert", "TLS_CERT", type=FILE, help="PEM server certificate chain.")
+@_option("--tls-key", "TLS_KEY", type=FILE, help="PEM server private key.")
+@_option("--client-ca", "CLIENT_CA", type=FILE, help="PEM CA: require client certificates it signed (mTLS).")
+@_option(
+    "--insecure",
+    "INSECURE",
+    is_flag=True,
+    help="Allow a non-loopback --listen without TLS and tokens (never in production).",
+)
+@_option(
+    "--metrics-port",
+    "METRICS_PORT",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default: off).",
+)
+@_option("--metrics-host", "METRICS_HOST", default="127.0.0.1", show_default=True, help="Metrics address.")
+@_option(
+    "--max-workers",
+    "MAX_WORKERS",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    help="RPCs served at once (and database connections).",
+)
+@_option(
+    "--max-message-bytes",
+    "MAX_MESSAGE_BYTES",
+    type=click.IntRange(4096, 64 * 1024 * 1024),
+    default=1024 * 1024,
+    show_default=True,
+    help="Largest request or response.",
+)
+@_option(
+    "--grace-seconds",
+    "GRACE_SECONDS",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM/SIGINT, how long calls in flight may finish.",
+)
+@_option(
+    "--log-level",
+    "LOG_LEVEL",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+    default="INFO",
+    show_default=True,
+    help="INFO logs one line per RPC.",
+)
+@_option(
+    "--log-format",
+    "LOG_FORMAT",
+    type=click.Choice(["auto", "json", "text"]),
+    default="auto",
+    show_default=True,
+    help="auto: JSON lines unless stderr is a terminal.",
+)
+def serve(
+    listen: str,
+    database_url: str,
+    notice_window_hours: float,
+    tokens_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    client_ca: str | None,
+    insecure: bool,
+    metrics_port: int | None,
+    metrics_host: str,
+    max_workers: int,
+    max_message_bytes: int,
+    grace_seconds: float,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Serve SessionService and CreditService (plus health and reflection).
+
+    An empty database gets the current schema; an older one must be upgraded with
+    `kara-sessions migrate` first. Exit codes: 2 invalid configuration, 1 could not start.
+    """
+    import peewee as pw
+
+    from kara_sessions_server.adapters.migrations import SchemaError
+    from kara_sessions_server.entrypoints import logs
+    from kara_sessions_server.entrypoints.grpc.server import Settings
+    from kara_sessions_server.entrypoints.grpc.server import serve as run_server
+    from kara_sessions_server.entrypoints.grpc.tokens import TokenFileError, TokenTable
+
+    logs.configure(log_level, log_format)  # type: ignore[arg-type]
+    try:
+        settings = Settings(
+            listen=listen,
+            database_url=database_url,
+            notice_window=timedelta(hours=notice_window_hours),
+            max_workers=max_workers,
+            grace_seconds=grace_seconds,
+            tls_cert=_read(tls_cert),
+            tls_key=_read(tls_key),
+            client_ca=_read(client_ca),
+            tokens=TokenTable.load(tokens_file) if tokens_file else None,
+            insecure=insecure,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            max_message_bytes=max_message_bytes,
+        )
+        settings.check_exposure()
+        settings.server_credentials()
+    except (TokenFileError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        run_server(settings)
+    except (OSError, ValueError, SchemaError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except pw.DatabaseError as exc:
+        raise click.ClickException(f"cannot open the database: {exc}") from exc
+
+
+@click.command()
+@config_option
+@database_option
+@click.option("--check", is_flag=True, help="Change nothing; exit 1 if the schema is not current.")
+def migrate(database_url: str, check: bool) -> None:
+    """Upgrade the database schema to this version's (one transaction per step)."""
+    import peewee as pw
+
+    from kara_sessions_server.adapters import migrations
+    from kara_sessions_server.adapters.storage import open_storage
+
+    try:
+        storage = open_storage(database_url, max_connections=2)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        if check:
+            steps = migrations.pending(storage)
+            for step in steps:
+                click.echo(f"pending: {step.version}: {step.description}")
+            click.echo(f"schema is {'not ' if steps else ''}current (this version: {migrations.LATEST})")
+            sys.exit(1 if steps else 0)
+        start, end = migrations.upgrade(
+            storage, lambda step: click.echo(f"applied {step.version}: {step.description}")
+        )
+        if start is None:
+            click.echo(f"created the schema at version {end}")
+        else:
+            click.echo(
+                f"schema at version {end}" + (f" (was {start})" if start != end else ", nothing to do")
+            )
+    except migrations.SchemaError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except pw.DatabaseError as exc:
+        raise click.ClickException(f"database error, nothing was changed by the failed step: {exc}") from exc
+    finally:
+        storage.close()
+
+
+@click.group()
+def token() -> None:
+    """Bearer tokens for --tokens-file."""
+
+
+@token.command("new")
+@click.argument("principal")
+@click.option("--note", default="", help="Free text kept next to the hash (who, what for).")
+def token_new(principal: str, note: str) -> None:
+    """Make a token for PRINCIPAL (service, service:NAME, professional:ID, client:ID).
+
+    Prints the token (hand it to the caller; it is stored nowhere) on stdout, and the entry to
+    add to the tokens file on stderr.
+    """
+    from kara_sessions_server.domain.principal import Principal
+    from kara_sessions_server.entrypoints.grpc.tokens import hash_token, new_token
+
+    try:
+        parsed = Principal.parse(principal)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="PRINCIPAL") from exc
+    value = new_token()
+    click.echo(value)
+    entry = f'[[tokens]]\nprincipal = "{parsed}"\nsha256 = "{hash_token(value)}"\n'
+    if note:
+        entry += f"note = {_toml_string(note)}\n"
+    click.echo(f"# add to the tokens file:\n{entry}", err=True)
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None

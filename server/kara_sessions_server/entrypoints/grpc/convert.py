@@ -1,0 +1,263 @@
+"""Protobuf <-> domain conversion, and validation of request fields that needs no database."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from kara.sessions.v1 import credits_pb2 as cpb
+from kara.sessions.v1 import invoices_pb2 as ipb
+from kara.sessions.v1 import sessions_pb2 as pb
+
+from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
+from kara_sessions_server.domain.model import (
+    Cancellation,
+    CancellationOutcome,
+    CreditAccount,
+    Invoice,
+    InvoiceLine,
+    InvoiceState,
+    LedgerKind,
+    PaidReason,
+    Party,
+    Payment,
+    PaymentSection,
+    PaymentState,
+    Session,
+    SessionState,
+)
+
+E = TypeVar("E")
+
+MAX_ID_LENGTH = 128
+MAX_REASON_LENGTH = 1000
+MAX_GRANT = 10_000
+# Printable ASCII without spaces: ids from other systems pass, stray whitespace does not.
+_ID = re.compile(rf"[!-~]{{1,{MAX_ID_LENGTH}}}")
+
+SESSION_STATE_TO_PB: dict[SessionState, pb.SessionState] = {
+    SessionState.BOOKED: pb.SESSION_STATE_BOOKED,
+    SessionState.CANCELLED_VOIDED: pb.SESSION_STATE_CANCELLED_VOIDED,
+    SessionState.CANCELLED_PAID: pb.SESSION_STATE_CANCELLED_PAID,
+    SessionState.COMPLETED: pb.SESSION_STATE_COMPLETED,
+}
+SESSION_STATE_FROM_PB: dict[int, SessionState] = {int(v): k for k, v in SESSION_STATE_TO_PB.items()}
+PARTY_TO_PB: dict[Party, pb.Party] = {
+    Party.CLIENT: pb.PARTY_CLIENT,
+    Party.PROFESSIONAL: pb.PARTY_PROFESSIONAL,
+}
+PARTY_FROM_PB: dict[int, Party] = {int(v): k for k, v in PARTY_TO_PB.items()}
+PAYMENT_STATE_TO_PB = {
+    PaymentState.PENDING: pb.PAYMENT_STATE_PENDING,
+    PaymentState.VOIDED: pb.PAYMENT_STATE_VOIDED,
+    PaymentState.PAID: pb.PAYMENT_STATE_PAID,
+}
+SECTION_TO_PB: dict[PaymentSection, pb.PaymentSection] = {
+    PaymentSection.UNPAID: pb.PAYMENT_SECTION_UNPAID,
+    PaymentSection.PAID: pb.PAYMENT_SECTION_PAID,
+}
+SECTION_FROM_PB: dict[int, PaymentSection] = {int(v): k for k, v in SECTION_TO_PB.items()}
+PAID_REASON_TO_PB: dict[PaidReason, pb.PaidReason] = {
+    PaidReason.COMPLETED: pb.PAID_REASON_COMPLETED,
+    PaidReason.CLIENT_LATE_CANCELLATION: pb.PAID_REASON_CLIENT_LATE_CANCELLATION,
+    PaidReason.CHARGED_LATE_CANCELLATION: pb.PAID_REASON_CHARGED_LATE_CANCELLATION,
+}
+INVOICE_STATE_TO_PB: dict[InvoiceState, ipb.InvoiceState] = {
+    InvoiceState.DRAFT: ipb.INVOICE_STATE_DRAFT,
+    InvoiceState.SUBMITTED: ipb.INVOICE_STATE_SUBMITTED,
+}
+INVOICE_STATE_FROM_PB: dict[int, InvoiceState] = {int(v): k for k, v in INVOICE_STATE_TO_PB.items()}
+LEDGER_KIND_TO_PB = {
+    LedgerKind.GRANT: cpb.LEDGER_ENTRY_KIND_GRANT,
+    LedgerKind.HOLD: cpb.LEDGER_ENTRY_KIND_HOLD,
+    LedgerKind.RETURN: cpb.LEDGER_ENTRY_KIND_RETURN,
+    LedgerKind.TAKE: cpb.LEDGER_ENTRY_KIND_TAKE,
+}
+
+
+class RequestReader:
+    """Collects every field violation of a request, so a caller can fix them all at once."""
+
+    def __init__(self, request: Message):
+        self.request = request
+        self.violations: list[FieldViolation] = []
+
+    def fail(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def id(self, field: str, *, required: bool = True) -> str:
+        value: str = getattr(self.request, field)
+        if not value:
+            if required:
+                self.fail(field, "is required")
+        elif not _ID.fullmatch(value):
+            self.fail(field, f"must be 1-{MAX_ID_LENGTH} printable ASCII characters without spaces")
+        return value
+
+    def ids(self, field: str, max_count: int) -> tuple[str, ...]:
+        """A repeated id field: 1..max_count distinct, well-formed ids."""
+        values: tuple[str, ...] = tuple(getattr(self.request, field))
+        if not values:
+            self.fail(field, "give at least one id")
+        elif len(values) > max_count:
+            self.fail(field, f"must hold at most {max_count} ids (got {len(values)})")
+        for index, value in enumerate(values):
+            if not _ID.fullmatch(value):
+                self.fail(f"{field}[{index}]", f"must be 1-{MAX_ID_LENGTH} printable ASCII characters")
+        repeated = sorted(v for v, n in Counter(values).items() if n > 1)
+        if repeated:
+            self.fail(field, f"lists {', '.join(repeated[:3])} more than once")
+        return values
+
+    def request_id(self) -> str:
+        return self.id("request_id")
+
+    def text(self, field: str, max_length: int) -> str:
+        value: str = getattr(self.request, field)
+        if len(value) > max_length:
+            self.fail(field, f"must be at most {max_length} characters (got {len(value)})")
+        return value
+
+    def timestamp(self, field: str, *, required: bool) -> datetime | None:
+        if not self.request.HasField(field):
+            if required:
+                self.fail(field, "is required")
+            return None
+        ts: Timestamp = getattr(self.request, field)
+        try:
+            return ts.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            self.fail(field, "is not a valid timestamp (years 0001-9999, nanos 0-999999999)")
+            return None
+
+    def enum(self, field: str, mapping: dict[int, E], *, required: bool, allowed: str) -> E | None:
+        value: int = getattr(self.request, field)
+        if value in mapping:
+            return mapping[value]
+        if value == 0 and not required:
+            return None
+        self.fail(field, f"must be one of {allowed}" + (" (it is required)" if value == 0 else ""))
+        return None
+
+    def done(self) -> None:
+        if self.violations:
+            raise InvalidRequest(self.violations)
+
+
+def timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def cancellation_pb(c: Cancellation) -> pb.Cancellation:
+    return pb.Cancellation(
+        cancelled_by=PARTY_TO_PB[c.cancelled_by],
+        cancelled_at=timestamp(c.cancelled_at),
+        notified_at=timestamp(c.notified_at),
+        notice_seconds=int(c.notice.total_seconds()),
+        late=c.late,
+        charge_client=c.charge_client,
+        reason=c.reason,
+    )
+
+
+def session_pb(s: Session) -> pb.Session:
+    msg = pb.Session(
+        session_id=s.session_id,
+        client_id=s.client_id,
+        professional_id=s.professional_id,
+        starts_at=timestamp(s.starts_at),
+        state=SESSION_STATE_TO_PB[s.state],
+        booked_at=timestamp(s.booked_at),
+        updated_at=timestamp(s.updated_at),
+        credits=s.credits,
+    )
+    if s.cancellation is not None:
+        msg.cancellation.CopyFrom(cancellation_pb(s.cancellation))
+    if s.completed_at is not None:
+        msg.completed_at.CopyFrom(timestamp(s.completed_at))
+    return msg
+
+
+def payment_pb(p: Payment) -> pb.Payment:
+    msg = pb.Payment(
+        session_id=p.session_id,
+        client_id=p.client_id,
+        professional_id=p.professional_id,
+        session_starts_at=timestamp(p.session_starts_at),
+        state=PAYMENT_STATE_TO_PB[p.state],
+        section=SECTION_TO_PB[p.section],
+        credits=p.credits,
+        updated_at=timestamp(p.updated_at),
+        invoice_id=p.invoice_id,
+    )
+    if p.paid_reason is not None:
+        msg.paid_reason = PAID_REASON_TO_PB[p.paid_reason]
+    if p.cancellation is not None:
+        msg.cancellation.CopyFrom(cancellation_pb(p.cancellation))
+    return msg
+
+
+def preview_pb(o: CancellationOutcome) -> pb.PreviewCancellationResponse:
+    return pb.PreviewCancellationResponse(
+        session_state=SESSION_STATE_TO_PB[o.session_state],
+        payment_state=PAYMENT_STATE_TO_PB[o.payment_state],
+        payment_section=SECTION_TO_PB[o.payment_state.section],
+        late=o.cancellation.late,
+        notice_seconds=int(o.cancellation.notice.total_seconds()),
+        credits_returned=o.credits_returned,
+        credits_taken=o.credits_taken,
+    )
+
+
+def account_pb(a: CreditAccount) -> cpb.CreditAccount:
+    return cpb.CreditAccount(
+        client_id=a.client_id,
+        available=a.available,
+        held=a.held,
+        used=a.used,
+        entries=[
+            cpb.LedgerEntry(
+                entry_id=e.entry_id,
+                kind=LEDGER_KIND_TO_PB[e.kind],
+                credits=e.credits,
+                session_id=e.session_id or "",
+                request_id=e.request_id,
+                created_at=timestamp(e.created_at),
+            )
+            for e in a.entries
+        ],
+        next_page_token=a.next_page_token,
+    )
+
+
+def invoice_line_pb(line: InvoiceLine) -> ipb.InvoiceLine:
+    return ipb.InvoiceLine(
+        session_id=line.session_id,
+        client_id=line.client_id,
+        session_starts_at=timestamp(line.session_starts_at),
+        paid_reason=PAID_REASON_TO_PB[line.paid_reason],
+        credits=line.credits,
+        added_at=timestamp(line.added_at),
+    )
+
+
+def invoice_pb(i: Invoice) -> ipb.Invoice:
+    msg = ipb.Invoice(
+        invoice_id=i.invoice_id,
+        professional_id=i.professional_id,
+        state=INVOICE_STATE_TO_PB[i.state],
+        lines=[invoice_line_pb(line) for line in i.lines],
+        line_count=i.line_count,
+        total_credits=i.total_credits,
+        created_at=timestamp(i.created_at),
+        updated_at=timestamp(i.updated_at),
+    )
+    if i.submitted_at is not None:
+        msg.submitted_at.CopyFrom(timestamp(i.submitted_at))
+    return msg

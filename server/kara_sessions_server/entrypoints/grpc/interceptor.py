@@ -1,0 +1,175 @@
+"""Everything every RPC goes through, in one place: deadline, authentication, mapping errors to
+statuses, metrics and the log line. The servicers only parse, call a service and convert."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import peewee as pw
+from google.rpc import code_pb2
+
+from kara_sessions_server.domain.errors import DomainError, Unauthenticated
+from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE, Principal
+from kara_sessions_server.entrypoints.grpc.metrics import Metrics
+from kara_sessions_server.entrypoints.grpc.status import domain_status, incident_status, new_incident, status
+from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
+
+log = logging.getLogger("kara_sessions_server.rpc")
+
+_CALLER: ContextVar[Principal] = ContextVar("caller")
+
+Behaviour = Callable[[Any, grpc.ServicerContext], Any]
+
+if TYPE_CHECKING:  # grpc-stubs makes it generic; grpcio's class is not subscriptable at runtime
+    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.ServerInterceptor
+
+
+def caller() -> Principal:
+    """The authenticated principal of the RPC this thread is serving."""
+    return _CALLER.get()
+
+
+class Authenticator:
+    """`authorization: Bearer <token>` metadata → Principal. With no token table (development
+    on loopback only; see app.check_exposure) every caller is a trusted service."""
+
+    def __init__(self, tokens: TokenTable | None):
+        self.tokens = tokens
+
+    def authenticate(self, metadata: Any) -> Principal:
+        if self.tokens is None:
+            return UNAUTHENTICATED_SERVICE
+        header = next((value for key, value in metadata or () if key == "authorization"), None)
+        if not isinstance(header, str):
+            raise Unauthenticated("no credentials: send the metadata `authorization: Bearer <token>`")
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("the authorization metadata must be `Bearer <token>`")
+        principal = self.tokens.principal_for(token.strip())
+        if principal is None:
+            raise Unauthenticated("the bearer token is not valid (unknown or revoked)")
+        return principal
+
+
+class CallInterceptor(_ServerInterceptor):
+    """Wraps the unary handlers of `protected` services with auth and error mapping, and every
+    unary handler (health included) with metrics. Wrapped handlers are built once per method."""
+
+    def __init__(self, authenticator: Authenticator, metrics: Metrics, protected: frozenset[str]):
+        self.authenticator = authenticator
+        self.metrics = metrics
+        self.protected = protected
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = handler_call_details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = continuation(handler_call_details)
+            if handler is None or handler.unary_unary is None:
+                return handler  # unknown method (not cached: callers choose its name), or streaming
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._wrap(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            self._handlers[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        service, _, name = method.lstrip("/").rpartition("/")
+        if service not in self.protected:
+            return self._observed(name, behaviour)
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            principal: Principal | None = None
+            incident = ""
+            try:
+                if context.time_remaining() <= 0:
+                    context.abort_with_status(
+                        status(code_pb2.DEADLINE_EXCEEDED, "the deadline passed before the call started")
+                    )
+                principal = self.authenticator.authenticate(context.invocation_metadata())
+                token = _CALLER.set(principal)
+                try:
+                    return behaviour(request, context)
+                finally:
+                    _CALLER.reset(token)
+            except DomainError as exc:
+                context.abort_with_status(domain_status(exc))
+            except Exception as exc:
+                if _code_name(context) != "OK":
+                    raise  # context.abort() was called: the status is already set
+                incident = new_incident()
+                context.abort_with_status(self._failure(exc, name, incident))
+            finally:
+                self._record(name, context, started, principal, request, incident)
+
+        return call
+
+    def _failure(self, exc: Exception, name: str, incident: str) -> grpc.Status:
+        log.error("%s failed (incident %s)", name, incident, exc_info=exc, extra={"incident": incident})
+        if isinstance(exc, pw.DatabaseError):
+            self.metrics.database_error(type(exc).__name__)
+        if isinstance(exc, pw.OperationalError | pw.InterfaceError):
+            return incident_status(
+                code_pb2.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database is unavailable or busy", incident
+            )
+        return incident_status(code_pb2.INTERNAL, "INTERNAL", "internal error", incident)
+
+    def _record(
+        self,
+        name: str,
+        context: grpc.ServicerContext,
+        started: float,
+        principal: Principal | None,
+        request: Any,
+        incident: str,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        code = _code_name(context)
+        self.metrics.observe_rpc(name, code, seconds)
+        log.info(
+            "%s %s",
+            name,
+            code,
+            extra={
+                "method": name,
+                "code": code,
+                "duration_ms": round(seconds * 1000, 3),
+                "principal": str(principal) if principal else "",
+                "session_id": getattr(request, "session_id", ""),
+                "invoice_id": getattr(request, "invoice_id", ""),
+                "request_id": getattr(request, "request_id", ""),
+                "peer": context.peer(),
+                "incident": incident,
+            },
+        )
+
+    def _observed(self, name: str, behaviour: Behaviour) -> Behaviour:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                return behaviour(request, context)
+            finally:
+                self.metrics.observe_rpc(name, _code_name(context), time.perf_counter() - started)
+
+        return call
+
+
+def _code_name(context: grpc.ServicerContext) -> str:
+    # ServicerContext.code() exists since grpcio 1.38; grpc-stubs predates it.
+    code = context.code()  # type: ignore[attr-defined]
+    return code.name if isinstance(code, grpc.StatusCode) else "OK"

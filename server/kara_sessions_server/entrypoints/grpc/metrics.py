@@ -1,0 +1,92 @@
+"""Prometheus metrics, served over HTTP on their own port (`--metrics-port`).
+
+Each server has its own registry, so several servers can live in one process (as in the tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from kara_sessions_server.domain.events import CreditsMoved, Event, InvoiceChanged, SessionCancelled
+from kara_sessions_server.domain.model import SessionState
+
+# Seconds; a cancellation on SQLite takes about a millisecond, a slow PostgreSQL one tens of ms.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.rpcs = Counter(
+            "kara_rpc_requests", "RPCs handled, by method and status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "kara_rpc_duration_seconds",
+            "Time to handle an RPC, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cancellations = Counter(
+            "kara_cancellations",
+            "Committed cancellations by outcome (voided/paid), timing (late/on_time) and party",
+            ["outcome", "timing", "cancelled_by"],
+            registry=r,
+        )
+        self.credits = Counter(
+            "kara_credits_moved",
+            "Credits moved by committed requests, by ledger entry kind (GRANT, HOLD, RETURN, TAKE)",
+            ["kind"],
+            registry=r,
+        )
+        self.invoice_actions = Counter(
+            "kara_invoice_actions",
+            "Committed invoice changes by action (CREATE, ADD, REMOVE, SUBMIT)",
+            ["action"],
+            registry=r,
+        )
+        self.invoiced_sessions = Counter(
+            "kara_invoice_sessions",
+            "Sessions put on (CREATE, ADD) or taken off (REMOVE) invoices by committed requests",
+            ["action"],
+            registry=r,
+        )
+        self.database_errors = Counter(
+            "kara_database_errors", "Database errors that failed an RPC, by kind", ["kind"], registry=r
+        )
+        self._http: Any = None
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        self.rpcs.labels(method, code).inc()
+        self.latency.labels(method).observe(seconds)
+
+    def observe_event(self, event: Event) -> None:
+        if isinstance(event, SessionCancelled):
+            outcome = "paid" if event.state is SessionState.CANCELLED_PAID else "voided"
+            timing = "late" if event.late else "on_time"
+            self.cancellations.labels(outcome, timing, event.cancelled_by.value.lower()).inc()
+        elif isinstance(event, CreditsMoved):
+            self.credits.labels(event.kind.value).inc(event.credits)
+        elif isinstance(event, InvoiceChanged):
+            self.invoice_actions.labels(event.action).inc()
+            if event.sessions:
+                self.invoiced_sessions.labels(event.action).inc(event.sessions)
+
+    def database_error(self, kind: str) -> None:
+        self.database_errors.labels(kind).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        """Starts the /metrics HTTP endpoint; returns the port (useful when `port` is 0)."""
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,236 @@
+"""Builds and runs the gRPC server: SessionService, CreditService, InvoiceService, health and
+reflection."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kara.sessions.v1 import (
+    credits_pb2,
+    credits_pb2_grpc,
+    invoices_pb2,
+    invoices_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+)
+
+from kara_sessions_server.adapters import migrations
+from kara_sessions_server.adapters.storage import DEFAULT_DATABASE_URL, Storage, open_storage
+from kara_sessions_server.domain.clock import Clock, SystemClock
+from kara_sessions_server.domain.policy import DEFAULT_NOTICE_WINDOW, CancellationPolicy
+from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
+from kara_sessions_server.entrypoints.grpc.metrics import Metrics
+from kara_sessions_server.entrypoints.grpc.servicers import CreditServicer, InvoiceServicer, SessionServicer
+from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
+from kara_sessions_server.service_layer.invoice_services import InvoiceServices
+from kara_sessions_server.service_layer.services import Services
+
+log = logging.getLogger("kara_sessions_server")
+
+SERVICE_NAMES = (
+    sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    credits_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
+    invoices_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
+)
+# Our largest request is a few hundred bytes and a page of 1000 payments about 300 KB.
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    database_url: str = DEFAULT_DATABASE_URL
+    notice_window: timedelta = DEFAULT_NOTICE_WINDOW
+    max_workers: int = 16
+    grace_seconds: float = 10.0
+    # TLS: PEM server certificate chain and key; with client_ca, clients must present a
+    # certificate it signed (mutual TLS).
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    client_ca: bytes | None = None
+    # Bearer tokens; None turns authentication off (allowed on loopback only, or with insecure).
+    tokens: TokenTable | None = None
+    # Listen on a non-loopback address without TLS and authentication anyway.
+    insecure: bool = False
+    # Prometheus /metrics on this port (0: any free port); None: no metrics endpoint.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if self.tls_cert is None and self.tls_key is None:
+            if self.client_ca is not None:
+                raise ValueError("a client CA (mutual TLS) needs a server certificate and key")
+            return None
+        if self.tls_cert is None or self.tls_key is None:
+            raise ValueError("TLS needs both a server certificate and its key")
+        return grpc.ssl_server_credentials(
+            [(self.tls_key, self.tls_cert)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+    def check_exposure(self) -> None:
+        """Beyond loopback, a server without TLS and authentication is a mistake unless said
+        out loud with `insecure`."""
+        if self.insecure or is_loopback(self.listen):
+            return
+        missing = [
+            what
+            for what, present in (
+                ("TLS (--tls-cert/--tls-key)", self.tls_cert),
+                ("auth (--tokens-file)", self.tokens),
+            )
+            if present is None
+        ]
+        if missing:
+            raise ValueError(
+                f"refusing to listen on {self.listen} without {' and '.join(missing)}: anyone who can "
+                "reach it could cancel sessions. Configure them, listen on 127.0.0.1, or pass --insecure."
+            )
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name, 0.0.0.0 or [::]: reachable from elsewhere
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    storage: Storage
+    health: health.HealthServicer
+    services: Services
+    executor: futures.ThreadPoolExecutor
+    metrics: Metrics
+    metrics_port: int | None = None
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stops taking new calls, lets calls in flight finish (up to `grace` s), then closes."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.executor.shutdown(wait=True)
+        self.metrics.close()
+        self.storage.close()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
+    """Opens the database (creating the schema if it is empty; refusing a schema of another
+    version), then serves. Raises ValueError, OSError or migrations.SchemaError."""
+    settings.check_exposure()
+    credentials = settings.server_credentials()
+    storage = open_storage(settings.database_url, max_connections=settings.max_workers + 2)
+    try:
+        migrations.prepare(storage)
+    except BaseException:
+        storage.close()
+        raise
+    metrics = Metrics()
+    services = Services(
+        storage,
+        clock or SystemClock(),
+        CancellationPolicy(settings.notice_window),
+        publish=metrics.observe_event,
+    )
+    executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc")
+    interceptor = CallInterceptor(Authenticator(settings.tokens), metrics, frozenset(SERVICE_NAMES))
+    server = grpc.server(
+        executor,
+        interceptors=[interceptor],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            # Refuse a second server on the same port instead of sharing it silently.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(services), server)
+    credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(services), server)
+    invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(InvoiceServices(services)), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
+    if port == 0:
+        storage.close()
+        raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
+    metrics_port = None
+    if settings.metrics_port is not None:
+        try:
+            metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            storage.close()
+            raise OSError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}"
+            ) from exc
+    server.start()
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, storage, health_servicer, services, executor, metrics, metrics_port)
+
+
+def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then drains calls in flight for up to grace_seconds."""
+    running = start(settings)
+    host = settings.listen.rsplit(":", 1)[0]
+    log.info(
+        "kara-sessions listening on %s:%d (database %s, %s, %s)%s",
+        host,
+        running.port,
+        _redact(settings.database_url),
+        "TLS" if settings.tls_cert else "no TLS",
+        "bearer-token auth" if settings.tokens else "NO AUTHENTICATION",
+        f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else "",
+    )
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info(
+            "received %s, shutting down (grace %.0fs)", signal.Signals(signum).name, settings.grace_seconds
+        )
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    done.wait()
+    running.stop(settings.grace_seconds)
+    log.info("stopped")
+
+
+def _redact(url: str) -> str:
+    """Hides a password in a database URL before it is logged."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url

@@ -1,0 +1,214 @@
+"""gRPC servicers. Each handler parses and validates its request, calls one service function as
+the authenticated caller and converts the result. Authentication, error statuses, metrics and
+logs are the interceptor's (interceptor.py)."""
+
+from __future__ import annotations
+
+import grpc
+from kara.sessions.v1 import credits_pb2 as cpb
+from kara.sessions.v1 import credits_pb2_grpc, invoices_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import invoices_pb2 as ipb
+from kara.sessions.v1 import sessions_pb2 as pb
+
+from kara_sessions_server.domain.invoicing import MAX_INVOICE_LINES
+from kara_sessions_server.domain.model import (
+    BookSession,
+    CancelSession,
+    ChangeInvoiceLines,
+    CompleteSession,
+    CreateInvoice,
+    GrantCredits,
+    PaymentSection,
+    SubmitInvoice,
+)
+from kara_sessions_server.entrypoints.grpc.convert import (
+    INVOICE_STATE_FROM_PB,
+    MAX_GRANT,
+    MAX_REASON_LENGTH,
+    PARTY_FROM_PB,
+    SECTION_FROM_PB,
+    SESSION_STATE_FROM_PB,
+    RequestReader,
+    account_pb,
+    invoice_pb,
+    payment_pb,
+    preview_pb,
+    session_pb,
+)
+from kara_sessions_server.entrypoints.grpc.interceptor import caller
+from kara_sessions_server.service_layer.invoice_services import InvoiceServices
+from kara_sessions_server.service_layer.services import Services
+
+Ctx = grpc.ServicerContext
+
+
+def _cancel_command(request: pb.CancelSessionRequest, *, require_request_id: bool) -> CancelSession:
+    r = RequestReader(request)
+    session_id = r.id("session_id")
+    party = r.enum("cancelled_by", PARTY_FROM_PB, required=True, allowed="PARTY_CLIENT, PARTY_PROFESSIONAL")
+    notified_at = r.timestamp("notified_at", required=False)
+    reason = r.text("reason", MAX_REASON_LENGTH)
+    request_id = r.id("request_id", required=require_request_id)
+    r.done()
+    assert party is not None
+    return CancelSession(session_id, party, request.charge_client, notified_at, reason, request_id)
+
+
+class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
+    def __init__(self, services: Services):
+        self.services = services
+
+    def BookSession(self, request: pb.BookSessionRequest, context: Ctx) -> pb.Session:
+        r = RequestReader(request)
+        cmd = BookSession(
+            client_id=r.id("client_id"),
+            professional_id=r.id("professional_id"),
+            starts_at=r.timestamp("starts_at", required=True),  # type: ignore[arg-type]
+            request_id=r.request_id(),
+        )
+        r.done()
+        return session_pb(self.services.book_session(caller(), cmd))
+
+    def GetSession(self, request: pb.GetSessionRequest, context: Ctx) -> pb.Session:
+        r = RequestReader(request)
+        session_id = r.id("session_id")
+        r.done()
+        return session_pb(self.services.get_session(caller(), session_id))
+
+    def ListSessions(self, request: pb.ListSessionsRequest, context: Ctx) -> pb.ListSessionsResponse:
+        r = RequestReader(request)
+        professional_id = r.id("professional_id", required=False)
+        client_id = r.id("client_id", required=False)
+        state = r.enum("state", SESSION_STATE_FROM_PB, required=False, allowed="a SessionState")
+        r.done()
+        page = self.services.list_sessions(
+            caller(), professional_id, client_id, state, request.page_size, request.page_token
+        )
+        return pb.ListSessionsResponse(
+            sessions=[session_pb(s) for s in page.items], next_page_token=page.next_page_token
+        )
+
+    def CancelSession(self, request: pb.CancelSessionRequest, context: Ctx) -> pb.CancelSessionResponse:
+        session, payment = self.services.cancel_session(
+            caller(), _cancel_command(request, require_request_id=True)
+        )
+        return pb.CancelSessionResponse(session=session_pb(session), payment=payment_pb(payment))
+
+    def PreviewCancellation(
+        self, request: pb.CancelSessionRequest, context: Ctx
+    ) -> pb.PreviewCancellationResponse:
+        outcome = self.services.preview_cancellation(
+            caller(), _cancel_command(request, require_request_id=False)
+        )
+        return preview_pb(outcome)
+
+    def CompleteSession(self, request: pb.CompleteSessionRequest, context: Ctx) -> pb.Session:
+        r = RequestReader(request)
+        cmd = CompleteSession(session_id=r.id("session_id"), request_id=r.request_id())
+        r.done()
+        return session_pb(self.services.complete_session(caller(), cmd))
+
+    def GetPayment(self, request: pb.GetPaymentRequest, context: Ctx) -> pb.Payment:
+        r = RequestReader(request)
+        session_id = r.id("session_id")
+        r.done()
+        return payment_pb(self.services.get_payment(caller(), session_id))
+
+    def ListPayments(self, request: pb.ListPaymentsRequest, context: Ctx) -> pb.ListPaymentsResponse:
+        r = RequestReader(request)
+        professional_id = r.id("professional_id")
+        section = r.enum(
+            "section", SECTION_FROM_PB, required=True, allowed="PAYMENT_SECTION_UNPAID, PAYMENT_SECTION_PAID"
+        )
+        r.done()
+        assert isinstance(section, PaymentSection)
+        page = self.services.list_payments(
+            caller(), professional_id, section, request.page_size, request.page_token
+        )
+        return pb.ListPaymentsResponse(
+            payments=[payment_pb(p) for p in page.items], next_page_token=page.next_page_token
+        )
+
+
+class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
+    def __init__(self, services: Services):
+        self.services = services
+
+    def GrantCredits(self, request: cpb.GrantCreditsRequest, context: Ctx) -> cpb.CreditAccount:
+        r = RequestReader(request)
+        client_id = r.id("client_id")
+        if not 1 <= request.credits <= MAX_GRANT:
+            r.fail("credits", f"must be between 1 and {MAX_GRANT}")
+        request_id = r.request_id()
+        r.done()
+        return account_pb(
+            self.services.grant_credits(caller(), GrantCredits(client_id, request.credits, request_id))
+        )
+
+    def GetCreditAccount(self, request: cpb.GetCreditAccountRequest, context: Ctx) -> cpb.CreditAccount:
+        r = RequestReader(request)
+        client_id = r.id("client_id")
+        r.done()
+        return account_pb(
+            self.services.get_credit_account(caller(), client_id, request.page_size, request.page_token)
+        )
+
+
+def _lines_command(request: ipb.AddToInvoiceRequest | ipb.RemoveFromInvoiceRequest) -> ChangeInvoiceLines:
+    r = RequestReader(request)
+    cmd = ChangeInvoiceLines(
+        invoice_id=r.id("invoice_id"),
+        session_ids=r.ids("session_ids", MAX_INVOICE_LINES),
+        request_id=r.request_id(),
+    )
+    r.done()
+    return cmd
+
+
+class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
+    def __init__(self, services: InvoiceServices):
+        self.services = services
+
+    def CreateInvoice(self, request: ipb.CreateInvoiceRequest, context: Ctx) -> ipb.Invoice:
+        r = RequestReader(request)
+        professional_id = r.id("professional_id")
+        up_to = r.timestamp("up_to", required=False)
+        session_ids: tuple[str, ...] = ()
+        if request.session_ids and request.HasField("up_to"):
+            r.fail("session_ids", "give either session_ids or up_to, not both")
+        elif not request.HasField("up_to"):
+            session_ids = r.ids("session_ids", MAX_INVOICE_LINES)
+        request_id = r.request_id()
+        r.done()
+        cmd = CreateInvoice(professional_id, session_ids, up_to, request_id)
+        return invoice_pb(self.services.create_invoice(caller(), cmd))
+
+    def GetInvoice(self, request: ipb.GetInvoiceRequest, context: Ctx) -> ipb.Invoice:
+        r = RequestReader(request)
+        invoice_id = r.id("invoice_id")
+        r.done()
+        return invoice_pb(self.services.get_invoice(caller(), invoice_id))
+
+    def ListInvoices(self, request: ipb.ListInvoicesRequest, context: Ctx) -> ipb.ListInvoicesResponse:
+        r = RequestReader(request)
+        professional_id = r.id("professional_id")
+        state = r.enum("state", INVOICE_STATE_FROM_PB, required=False, allowed="an InvoiceState")
+        r.done()
+        page = self.services.list_invoices(
+            caller(), professional_id, state, request.page_size, request.page_token
+        )
+        return ipb.ListInvoicesResponse(
+            invoices=[invoice_pb(i) for i in page.items], next_page_token=page.next_page_token
+        )
+
+    def AddToInvoice(self, request: ipb.AddToInvoiceRequest, context: Ctx) -> ipb.Invoice:
+        return invoice_pb(self.services.add_to_invoice(caller(), _lines_command(request)))
+
+    def RemoveFromInvoice(self, request: ipb.RemoveFromInvoiceRequest, context: Ctx) -> ipb.Invoice:
+        return invoice_pb(self.services.remove_from_invoice(caller(), _lines_command(request)))
+
+    def SubmitInvoice(self, request: ipb.SubmitInvoiceRequest, context: Ctx) -> ipb.Invoice:
+        r = RequestReader(request)
+        cmd = SubmitInvoice(invoice_id=r.id("invoice_id"), request_id=r.request_id())
+        r.done()
+        return invoice_pb(self.services.submit_invoice(caller(), cmd))

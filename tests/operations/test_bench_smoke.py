@@ -1,0 +1,55 @@
+"""A smoke run of `make bench` with tiny sizes: every part runs and reports. (The benchmark's
+numbers are checked by reading them, never asserted here.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--duration",
+            "0.3",
+            "--concurrency",
+            "2",
+            "--no-postgres",
+            "--growth-sizes",
+            "200,2000",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    runs = {(r["workload"], r["concurrency"]): r for r in results["runs"]}
+    assert set(runs) == {(w, 2) for w in ("ceiling", "book", "cancel", "get_payment", "list_payments")}
+    for run in runs.values():
+        assert run["requests"] > 0 and not run["errors"], run
+        assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
+    assert runs["cancel", 2]["requests"] == runs["book", 2]["requests"], (
+        "every booked session is cancelled once"
+    )
+    assert [(g["workload"], g["small"], g["large"]) for g in results["growth"]] == [
+        ("get_payment", 200, 2000),
+        ("list_payments (deep)", 200, 2000),
+    ]
+    profile = results["profile"]
+    assert profile["transition_us"] > 0 and profile["service_cancel_us"] > profile["transition_us"]
+    assert abs(sum(profile["shares"].values()) - 1) < 1e-6
+    assert "PostgreSQL skipped: --no-postgres" in results["skipped"][0]
+    assert "Throughput and latency" in done.stdout and "Targets" in done.stdout

@@ -1,0 +1,106 @@
+"""`kara-sessions serve` configuration: flags, then KARA_* variables, then the --config file,
+then defaults; validated at start with errors a person can act on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ..support.processes import free_port, serve_command, wait_serving
+
+
+def serving_port(args: list[str], env: dict[str, str], ports: list[int]) -> int:
+    """Starts `serve` with `args` and `env`; returns which of `ports` it came up on."""
+    proc = subprocess.Popen(
+        serve_command(*args), env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        for port in ports:
+            try:
+                wait_serving(port, proc, deadline=3 if port != ports[-1] else 20)
+                return port
+            except TimeoutError:
+                continue
+        raise AssertionError("the server came up on none of the ports")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_flags_beat_environment_beats_config_file(tmp_path: Path) -> None:
+    file_port, env_port, flag_port = free_port(), free_port(), free_port()
+    config = tmp_path / "kara.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:{file_port}"\ndatabase_url = "sqlite:///{tmp_path / "k.db"}"\n'
+        'log_level = "WARNING"\n'
+    )
+    ports = [file_port, env_port, flag_port]
+    base = ["--config", str(config)]
+    assert serving_port(base, {}, ports) == file_port
+    assert serving_port(base, {"KARA_LISTEN": f"127.0.0.1:{env_port}"}, ports) == env_port
+    flagged = [*base, "--listen", f"127.0.0.1:{flag_port}"]
+    assert serving_port(flagged, {"KARA_LISTEN": f"127.0.0.1:{env_port}"}, ports) == flag_port
+    assert (tmp_path / "k.db").exists(), "the database URL came from the file"
+
+
+def test_config_file_comes_from_the_environment_too(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "kara.toml"
+    config.write_text(f'listen = "127.0.0.1:{port}"\ndatabase_url = "sqlite:///{tmp_path / "k.db"}"\n')
+    assert serving_port([], {"KARA_CONFIG": str(config)}, [port]) == port
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('listn = "127.0.0.1:1"\n', "unknown keys ['listn']"),
+        ("max_workers = 0\n", "0 is not in the range 1<=x<=256"),
+        ('tokens_file = "missing.toml"\n', "does not exist"),
+        ("listen = [\n", "is not valid TOML"),
+        ('listen = "0.0.0.0:0"\n', "refusing to listen on 0.0.0.0:0 without TLS"),
+    ],
+)
+def test_bad_configuration_is_refused_at_start_with_a_clear_error(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    config = tmp_path / "kara.toml"
+    config.write_text(content)
+    done = subprocess.run(
+        serve_command("--config", str(config), "--database-url", f"sqlite:///{tmp_path / 'k.db'}"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in " ".join(done.stderr.split()), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_help_documents_every_option_and_its_variable() -> None:
+    done = subprocess.run(serve_command("--help"), capture_output=True, text=True, timeout=60, check=True)
+    text = " ".join(done.stdout.split())
+    for name in (
+        "config",
+        "listen",
+        "database-url",
+        "notice-window-hours",
+        "tokens-file",
+        "tls-cert",
+        "tls-key",
+        "client-ca",
+        "insecure",
+        "metrics-port",
+        "metrics-host",
+        "max-workers",
+        "max-message-bytes",
+        "grace-seconds",
+        "log-level",
+        "log-format",
+    ):
+        assert f"--{name}" in text
+        assert f"KARA_{name.upper().replace('-', '_')}" in text

@@ -1,0 +1,179 @@
+"""What operators see: Prometheus metrics scraped over HTTP, and one JSON log line per RPC."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kara_sessions_client.client import KaraError, SessionsClient
+from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
+
+from ..support.clock import FakeClock
+from ..support.processes import start_server_process
+from ..support.tokens import write_tokens
+
+
+@pytest.fixture
+def server(database_url: str, clock: FakeClock) -> Iterator[RunningServer]:
+    running = start(
+        Settings(listen="127.0.0.1:0", database_url=database_url, max_workers=4, metrics_port=0), clock=clock
+    )
+    yield running
+    running.stop(grace=1)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_rpcs_outcomes_and_credits(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    kara.grant_credits("cl-1", 2)
+    late = kara.book("cl-1", "pro-1", clock.now() + timedelta(hours=5)).session_id
+    early = kara.book("cl-1", "pro-1", clock.now() + timedelta(days=5)).session_id
+    kara.cancel(late, "client", request_id="late-1")
+    kara.cancel(late, "client", request_id="late-1")  # a replay moves nothing and counts as no cancellation
+    kara.cancel(early, "professional")
+    with pytest.raises(KaraError):
+        kara.cancel(early, "professional")
+    assert server.metrics_port
+    m = scrape(server.metrics_port)
+
+    def rpcs(method: str, code: str) -> float:
+        return m.get(("kara_rpc_requests_total", (("code", code), ("method", method))), 0)
+
+    assert rpcs("CancelSession", "OK") == 3
+    assert rpcs("CancelSession", "FAILED_PRECONDITION") == 1
+    assert rpcs("BookSession", "OK") == 2
+    assert m[("kara_rpc_duration_seconds_count", (("method", "CancelSession"),))] == 4
+    cancellations = {k[1]: v for k, v in m.items() if k[0] == "kara_cancellations_total"}
+    assert cancellations == {
+        (("cancelled_by", "client"), ("outcome", "paid"), ("timing", "late")): 1,
+        (("cancelled_by", "professional"), ("outcome", "voided"), ("timing", "on_time")): 1,
+    }
+    credits = {dict(k[1])["kind"]: v for k, v in m.items() if k[0] == "kara_credits_moved_total"}
+    assert credits == {"GRANT": 2, "HOLD": 2, "TAKE": 1, "RETURN": 1}
+
+
+def test_metrics_count_committed_invoice_changes(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    kara.grant_credits("cl-1", 2)
+    paid = []
+    for hours in (5, 6):
+        session_id = kara.book("cl-1", "pro-1", clock.now() + timedelta(hours=hours)).session_id
+        kara.cancel(session_id, "client")
+        paid.append(session_id)
+    invoice = kara.create_invoice("pro-1", paid, request_id="inv-1")
+    kara.create_invoice("pro-1", paid, request_id="inv-1")  # a replay changes nothing
+    kara.remove_from_invoice(invoice.invoice_id, paid[:1])
+    with pytest.raises(KaraError):
+        kara.create_invoice("pro-1", paid[1:])  # already invoiced
+    kara.submit_invoice(invoice.invoice_id)
+    assert server.metrics_port
+    m = scrape(server.metrics_port)
+    actions = {dict(k[1])["action"]: v for k, v in m.items() if k[0] == "kara_invoice_actions_total"}
+    assert actions == {"CREATE": 1, "REMOVE": 1, "SUBMIT": 1}
+    sessions = {dict(k[1])["action"]: v for k, v in m.items() if k[0] == "kara_invoice_sessions_total"}
+    assert sessions == {"CREATE": 2, "REMOVE": 1}
+
+
+def test_one_json_log_line_per_rpc_and_never_a_token(tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path / "tokens.toml", ("service:backend",))
+    token = tokens["service:backend"]
+    proc, port = start_server_process(
+        f"sqlite:///{tmp_path / 'k.db'}",
+        "--tokens-file",
+        str(tmp_path / "tokens.toml"),
+        "--log-format",
+        "json",
+        log_level="INFO",
+    )
+    try:
+        with SessionsClient(f"127.0.0.1:{port}", token=token) as kara:
+            kara.grant_credits("cl-1", 1, request_id="grant-1")
+            from datetime import UTC, datetime
+
+            session_id = kara.book("cl-1", "pro-1", datetime.now(UTC) + timedelta(days=3)).session_id
+            kara.cancel(session_id, "client", request_id="cancel-1")
+        with SessionsClient(f"127.0.0.1:{port}", token="wrong") as intruder, pytest.raises(KaraError):
+            intruder.get_session(session_id)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    stderr = proc.stderr.read().decode()  # type: ignore[union-attr]
+    assert token not in stderr and "wrong" not in stderr.replace("wrong owner", "")
+    lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    rpc_lines = [line for line in lines if "method" in line]
+    assert not [line for line in lines if line["logger"].startswith("transitions")], "library chatter"
+    cancel = next(line for line in rpc_lines if line["method"] == "CancelSession")
+    assert cancel["code"] == "OK"
+    assert cancel["principal"] == "service:backend"
+    assert cancel["session_id"] == session_id
+    assert cancel["request_id"] == "cancel-1"
+    assert cancel["duration_ms"] > 0 and cancel["level"] == "INFO" and "time" in cancel
+    refused = next(line for line in rpc_lines if line["method"] == "GetSession")
+    assert (refused["code"], refused["principal"]) == ("UNAUTHENTICATED", "")
+    assert [line["method"] for line in rpc_lines] == [
+        "GrantCredits",
+        "BookSession",
+        "CancelSession",
+        "GetSession",
+    ]
+
+
+def test_a_call_whose_deadline_passed_while_queued_is_not_run(tmp_path: Path, clock: FakeClock) -> None:
+    """One worker, busy waiting for a database lock; a call queued behind it with a short
+    deadline must not be run once the worker is free."""
+    import sqlite3
+    import threading
+
+    import grpc
+
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    running = start(
+        Settings(listen="127.0.0.1:0", database_url=url, max_workers=1, metrics_port=0), clock=clock
+    )
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}", timeout=30) as kara:
+            kara.grant_credits("cl-1", 1)
+            session_id = kara.book("cl-1", "pro-1", clock.now() + timedelta(days=2)).session_id
+            lock = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")  # the worker's cancellation will wait for this
+            slow = threading.Thread(target=lambda: kara.cancel(session_id, "client"))
+            slow.start()
+            with (
+                SessionsClient(f"127.0.0.1:{running.port}", timeout=0.3) as hasty,
+                pytest.raises(KaraError) as late,
+            ):
+                hasty.get_session(session_id)
+            assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            lock.execute("ROLLBACK")
+            slow.join(timeout=30)
+        assert running.metrics_port
+        m = scrape(running.metrics_port)
+        get_calls = {
+            dict(k[1])["code"]: v
+            for k, v in m.items()
+            if k[0] == "kara_rpc_requests_total" and dict(k[1])["method"] == "GetSession"
+        }
+        # gRPC drops a call that expired in the queue; should one reach the interceptor anyway,
+        # the interceptor refuses it. Either way it is never run.
+        assert get_calls in ({}, {"DEADLINE_EXCEEDED": 1}), get_calls
+        assert m[("kara_rpc_requests_total", (("code", "OK"), ("method", "CancelSession")))] == 1
+    finally:
+        running.stop(grace=1)

@@ -1,0 +1,145 @@
+"""What operators and generic gRPC tools rely on: health, reflection, graceful shutdown, the
+CLI's exit codes, and no traceback ever reaching a caller."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from kara.sessions.v1 import sessions_pb2 as pb
+
+from kara_sessions_client.client import KaraError, SessionsClient
+from kara_sessions_server.entrypoints.grpc.server import RunningServer
+
+from ..support.booking import book
+from ..support.clock import FakeClock
+from ..support.processes import start_server_process
+
+
+def test_health_reports_every_service(server: RunningServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "kara.sessions.v1.SessionService", "kara.sessions.v1.CreditService"):
+            assert (
+                stub.Check(health_pb2.HealthCheckRequest(service=name)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
+
+
+def test_reflection_lists_the_services(server: RunningServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = {s.name for s in next(responses).list_services_response.service}
+    assert {
+        "kara.sessions.v1.SessionService",
+        "kara.sessions.v1.CreditService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+def test_database_failure_is_unavailable_without_traceback(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock, database_url: str
+) -> None:
+    session_id = book(kara, clock, timedelta(days=2))
+    # Pull the tables out from under the running server.
+    with server.storage.db.connection_context():
+        server.storage.db.execute_sql("DROP TABLE idempotency_keys")
+    with pytest.raises(KaraError) as failed:
+        kara.cancel(session_id, "client")
+    assert failed.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+    assert failed.value.reason in ("DATABASE_UNAVAILABLE", "INTERNAL")
+    assert "incident" in failed.value.metadata
+    assert "Traceback" not in failed.value.message and "peewee" not in failed.value.message
+    assert kara.get_session(session_id).state == pb.SESSION_STATE_BOOKED  # the transaction rolled back
+    errors = [
+        sample.value
+        for family in server.metrics.registry.collect()
+        if family.name == "kara_database_errors"
+        for sample in family.samples
+        if sample.name == "kara_database_errors_total"
+    ]
+    assert sum(errors) == failed.value.attempts  # UNAVAILABLE is retried; each attempt failed
+
+
+def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
+    proc, port = start_server_process(f"sqlite:///{tmp_path / 'k.db'}")
+    with SessionsClient(f"127.0.0.1:{port}") as kara:
+        kara.grant_credits("c", 1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert b"Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kara_sessions_client.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_round_trip_and_exit_codes(tmp_path: Path) -> None:
+    proc, port = start_server_process(f"sqlite:///{tmp_path / 'k.db'}")
+    target = ["--target", f"127.0.0.1:{port}"]
+    try:
+        granted = _cli(*target, "--json", "credits", "grant", "client-9", "1")
+        assert granted.returncode == 0, granted.stderr
+        assert json.loads(granted.stdout)["available"] == 1
+        booked = _cli(
+            *target, "--json", "book", "--client", "client-9", "--professional", "p", "--starts-at", "+3d"
+        )
+        session_id = json.loads(booked.stdout)["session_id"]
+        preview = _cli(*target, "--json", "preview", session_id, "--by", "client")
+        assert json.loads(preview.stdout)["payment_state"] == "PAYMENT_STATE_VOIDED"
+        refused = _cli(*target, "cancel", session_id, "--by", "professional", "--charge-client")
+        assert refused.returncode == 1
+        assert "CHARGE_NOT_ALLOWED_WITH_NOTICE" in refused.stderr and "Traceback" not in refused.stderr
+        cancelled = _cli(*target, "--json", "cancel", session_id, "--by", "client", "--reason", "ill")
+        assert json.loads(cancelled.stdout)["payment"]["state"] == "PAYMENT_STATE_VOIDED"
+        shown = _cli(*target, "session", session_id)
+        assert "SESSION_STATE_CANCELLED_VOIDED" in shown.stdout
+        listed = _cli(*target, "--json", "payments", "--professional", "p", "--section", "unpaid")
+        assert [p["session_id"] for p in json.loads(listed.stdout)["payments"]] == [session_id]
+        account = _cli(*target, "--json", "credits", "show", "client-9")
+        assert json.loads(account.stdout)["available"] == 1
+        bad_time = _cli(*target, "book", "--client", "c", "--professional", "p", "--starts-at", "tomorrow")
+        assert bad_time.returncode == 2 and "ISO-8601" in bad_time.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    start = time.monotonic()
+    unreachable = _cli("--target", f"127.0.0.1:{port}", "--timeout", "1", "session", "x")
+    assert unreachable.returncode == 3 and "UNAVAILABLE" in unreachable.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_demo_plays_the_five_scenarios_and_invoices_the_paid_ones() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "kara_sessions_client.cli", "demo"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("SESSION_STATE_CANCELLED_VOIDED") == 3
+    assert out.stdout.count("SESSION_STATE_CANCELLED_PAID") == 2
+    assert "CHARGE_NOT_ALLOWED_WITH_NOTICE" in out.stdout
+    invoice = out.stdout.split("Invoice ", 1)[1]
+    assert "client's late cancellation: 1 credit" in invoice
+    assert "charged late cancellation: 1 credit" in invoice
+    assert "total: 2 credits" in invoice

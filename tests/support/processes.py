@@ -1,0 +1,78 @@
+"""Servers in their own processes, started the way an operator starts one: `kara-sessions serve`.
+The tests and the benchmark (bench/) both start their servers through these."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(port: int, proc: subprocess.Popen[bytes], deadline: float = 30) -> None:
+    end = time.monotonic() + deadline
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                said = proc.stderr.read() if proc.stderr is not None else b"(see its log)"
+                raise RuntimeError(f"server exited with {proc.returncode}: {said!r}")
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise TimeoutError(f"server on {port} did not become SERVING")
+
+
+def serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kara_sessions_client.cli", "serve", *args]
+
+
+def start_server_process(
+    database_url: str,
+    *extra: str,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+    log_level: str = "WARNING",
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A `kara-sessions serve` process, SERVING on 127.0.0.1:port when this returns."""
+    port = port or free_port()
+    args: Sequence[str] = (
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--database-url",
+        database_url,
+        "--log-level",
+        log_level,
+        "--grace-seconds",
+        "5",
+        *extra,
+    )
+    proc = subprocess.Popen(
+        serve_command(*args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        wait_serving(port, proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, port
