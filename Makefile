@@ -37,10 +37,11 @@ test: $(STAMP) ## Run the whole test suite (SQLite, and PostgreSQL when reachabl
 bench: $(STAMP) ## Benchmark on this machine (about 6 min; ARGS="--duration 2 --json out.json" etc.)
 	$(BIN)/python -m bench $(ARGS)
 
-lint: $(STAMP) ## ruff + mypy on the project's own code
+lint: $(STAMP) ## ruff, mypy and the layer contracts (lint-imports) on the project's own code
 	$(BIN)/ruff check server client tests bench setup.py
 	$(BIN)/ruff format --check server client tests bench setup.py
 	$(BIN)/mypy server/kara_sessions_server client/kara_sessions_client bench
+	$(BIN)/lint-imports
 
 check: lint test ## Everything CI runs
 
