@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run demo test bench lint check clean
+.PHONY: help install gen docs run demo test bench lint check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ install: $(STAMP) ## Create .venv, install the project and generate the gRPC cod
 
 gen: $(STAMP) ## Regenerate the gRPC code from protos/
 	$(BIN)/python -c "import setup; setup.generate_protos()"
+
+docs: $(STAMP) ## Regenerate docs/lifecycle.md from the state machines' transition tables
+	$(BIN)/python -m kara_sessions_server.entrypoints.lifecycle_doc docs/lifecycle.md
 
 run: $(STAMP) ## Serve on 127.0.0.1:50051 with SQLite in ./kara-sessions.db (ARGS="--database-url ..." to change)
 	$(BIN)/kara-sessions serve $(ARGS)

@@ -13,13 +13,14 @@ from typing import Any
 from transitions import EventData, MachineError
 
 from kara_sessions_server.domain.errors import InvoiceEmpty, InvoiceNotDraft
-from kara_sessions_server.domain.machines import attached, shared_machine
+from kara_sessions_server.domain.machines import Lifecycle, attached, shared_machine
 from kara_sessions_server.domain.model import Invoice, InvoiceState
 
 _I = InvoiceState
 
-_TRANSITIONS: list[dict[str, Any]] = [
+TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "submit", "source": _I.DRAFT, "dest": _I.SUBMITTED, "conditions": ["has_lines"]},
+    # Internal (no change of state): adding or removing lines, allowed only while DRAFT.
     {"trigger": "edit", "source": _I.DRAFT, "dest": None},
 ]
 
@@ -32,10 +33,12 @@ class _InvoiceModel:
         self.invoice = invoice
 
     def has_lines(self, event: EventData) -> bool:
+        """The invoice has at least one line."""
         return self.invoice.line_count > 0
 
 
-_MACHINE = shared_machine(InvoiceState, _TRANSITIONS)
+INVOICE_LIFECYCLE = Lifecycle("Invoice", InvoiceState, InvoiceState.DRAFT, TRANSITIONS, _InvoiceModel)
+_MACHINE = shared_machine(INVOICE_LIFECYCLE)
 
 
 def submit(invoice: Invoice, now: datetime) -> Invoice:

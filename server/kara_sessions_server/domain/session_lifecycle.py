@@ -1,8 +1,9 @@
 """A session's lifecycle as a `transitions` state machine.
 
 The Machine is built once at import; each loaded session is attached for one event and
-detached afterwards (machines.attached). The guards (`is_late`, `client_pays`,
-`has_started`) are where the policy table lives.
+detached afterwards (machines.attached). `prepare` (the policy's assessment of the notice) and
+the guards `client_pays` and `has_started` are where the article's table lives; docs/lifecycle.md
+draws TRANSITIONS as the server runs it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from transitions import EventData, MachineError
 
 from kara_sessions_server.domain.errors import SessionNotBooked, SessionNotStarted
-from kara_sessions_server.domain.machines import attached, shared_machine
+from kara_sessions_server.domain.machines import Lifecycle, attached, shared_machine
 from kara_sessions_server.domain.model import (
     CREDIT_MOVE_FOR_STATE,
     PAYMENT_FOR_STATE,
@@ -28,7 +29,7 @@ from kara_sessions_server.domain.policy import CancellationPolicy, Notice
 
 _S = SessionState
 
-_TRANSITIONS: list[dict[str, Any]] = [
+TRANSITIONS: list[dict[str, Any]] = [
     # Order matters: the first transition whose guards pass wins.
     {"trigger": "cancel", "source": _S.BOOKED, "dest": _S.CANCELLED_PAID, "conditions": ["client_pays"]},
     {"trigger": "cancel", "source": _S.BOOKED, "dest": _S.CANCELLED_VOIDED},
@@ -48,20 +49,31 @@ class _SessionModel:
 
     # machine-level prepare_event: runs once per event, after the source state is accepted
     def prepare(self, event: EventData) -> None:
+        """On cancel: the policy measures the notice (starts_at - notified_at, notified_at
+        defaulting to now) and refuses a client ticking the charge box or recording notice,
+        notice recorded in the future or before the booking, a cancellation after the start
+        without earlier notice, and the charge box ticked with enough notice (the programme's
+        terms)."""
         if event.event.name == "cancel":
             command: CancelSession = event.kwargs["command"]
             self.notice = self.policy.assess(self.session, command, self.now)
 
     def client_pays(self, event: EventData) -> bool:
+        """Late (notice < the window), and either the client cancelled (automatic) or the
+        professional ticked "Charge the client for this session"."""
         command: CancelSession = event.kwargs["command"]
         assert self.notice is not None
         return self.policy.client_pays(command.cancelled_by, command.charge_client, self.notice.late)
 
     def has_started(self, event: EventData) -> bool:
+        """The session's start time has come."""
         return self.now >= self.session.starts_at
 
 
-_MACHINE = shared_machine(SessionState, _TRANSITIONS, prepare_event="prepare")
+SESSION_LIFECYCLE = Lifecycle(
+    "Session", SessionState, SessionState.BOOKED, TRANSITIONS, _SessionModel, prepare_event="prepare"
+)
+_MACHINE = shared_machine(SESSION_LIFECYCLE)
 
 
 @dataclass(frozen=True, slots=True)
