@@ -1,5 +1,5 @@
 """Domain errors. Each carries a stable machine-readable reason; the gRPC layer maps the
-error class to a status code in one place (grpc_errors.py)."""
+error class to a status code in one place (entrypoints/grpc/status.py)."""
 
 from __future__ import annotations
 

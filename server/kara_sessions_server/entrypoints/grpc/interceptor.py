@@ -38,7 +38,7 @@ def caller() -> Principal:
 
 class Authenticator:
     """`authorization: Bearer <token>` metadata → Principal. With no token table (development
-    on loopback only; see app.check_exposure) every caller is a trusted service."""
+    on loopback only; see server.Settings.check_exposure) every caller is a trusted service."""
 
     def __init__(self, tokens: TokenTable | None):
         self.tokens = tokens
