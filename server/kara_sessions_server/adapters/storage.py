@@ -7,7 +7,7 @@ import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse, urlsplit
 
 import peewee as pw
@@ -19,6 +19,11 @@ DEFAULT_DATABASE_URL = "sqlite:///kara-sessions.db"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Pooled connections idle longer than this are reopened (PostgreSQL may drop idle ones).
 STALE_CONNECTION_SECONDS = 300
+
+# SQLite in WAL mode: FULL syncs the WAL on every commit, so an acknowledged change survives a
+# power loss or an OS crash; NORMAL syncs only at checkpoints and may lose the last commits then.
+SqliteSynchronous = Literal["full", "normal"]
+DEFAULT_SQLITE_SYNCHRONOUS: SqliteSynchronous = "full"
 
 database = pw.DatabaseProxy()
 
@@ -285,43 +290,55 @@ class Storage:
         self.db.close_all()
 
 
-def open_storage(url: str, *, max_connections: int = 32) -> Storage:
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///PATH` URL; None for any other database."""
+    if urlsplit(url).scheme != "sqlite":
+        return None
+    path = url[len("sqlite:///") :]
+    if not path or path == ":memory:":
+        raise ValueError(
+            "an in-memory SQLite database is private to one connection; give a file path, "
+            "e.g. sqlite:///kara-sessions.db"
+        )
+    return Path(path).expanduser()
+
+
+def open_storage(
+    url: str, *, max_connections: int = 32, sqlite_synchronous: SqliteSynchronous = DEFAULT_SQLITE_SYNCHRONOUS
+) -> Storage:
     """Opens `sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host/db`.
     The schema is migrations.py's business.
 
     Only one Storage is open per process: the tables are bound to a module-level proxy."""
-    db = _connect(url, max_connections)
+    db = _connect(url, max_connections, sqlite_synchronous)
     database.initialize(db)
     return Storage(db)
 
 
-def _connect(url: str, max_connections: int) -> PooledDatabase:
+def _connect(url: str, max_connections: int, sqlite_synchronous: SqliteSynchronous) -> PooledDatabase:
     pool = {
         "max_connections": max_connections,
         "stale_timeout": STALE_CONNECTION_SECONDS,
         "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
     }
-    scheme = urlsplit(url).scheme
-    if scheme == "sqlite":
-        path = url[len("sqlite:///") :]
-        if not path or path == ":memory:":
-            raise ValueError(
-                "an in-memory SQLite database is private to one connection; give a file path, "
-                "e.g. sqlite:///kara-sessions.db"
-            )
-        Path(path).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(url)
+    if path is not None:
+        if sqlite_synchronous not in ("full", "normal"):
+            raise ValueError(f"SQLite synchronous must be full or normal, not {sqlite_synchronous!r}")
+        path.resolve().parent.mkdir(parents=True, exist_ok=True)
         return PooledSqliteDatabase(
-            str(Path(path).expanduser()),
+            str(path),
             # The pool lends a connection to one thread at a time, but not always the same thread.
             check_same_thread=False,
             **pool,
             pragmas={
                 "journal_mode": "wal",
-                "synchronous": "normal",
+                "synchronous": sqlite_synchronous,
                 "foreign_keys": 1,
                 "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
             },
         )
+    scheme = urlsplit(url).scheme
     if scheme in ("postgresql", "postgres"):
         params = parseresult_to_dict(urlparse(url))
         return PooledPostgresqlDatabase(params.pop("database"), **pool, **params)

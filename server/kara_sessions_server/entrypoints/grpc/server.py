@@ -24,8 +24,14 @@ from kara.sessions.v1 import (
     sessions_pb2_grpc,
 )
 
-from kara_sessions_server.adapters import migrations
-from kara_sessions_server.adapters.storage import DEFAULT_DATABASE_URL, Storage, open_storage
+from kara_sessions_server.adapters import durability, migrations
+from kara_sessions_server.adapters.storage import (
+    DEFAULT_DATABASE_URL,
+    DEFAULT_SQLITE_SYNCHRONOUS,
+    SqliteSynchronous,
+    Storage,
+    open_storage,
+)
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.policy import DEFAULT_NOTICE_WINDOW, CancellationPolicy
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
@@ -50,6 +56,7 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 class Settings:
     listen: str = "127.0.0.1:50051"
     database_url: str = DEFAULT_DATABASE_URL
+    sqlite_synchronous: SqliteSynchronous = DEFAULT_SQLITE_SYNCHRONOUS
     notice_window: timedelta = DEFAULT_NOTICE_WINDOW
     max_workers: int = 16
     grace_seconds: float = 10.0
@@ -142,9 +149,14 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     version), then serves. Raises ValueError, OSError or migrations.SchemaError."""
     settings.check_exposure()
     credentials = settings.server_credentials()
-    storage = open_storage(settings.database_url, max_connections=settings.max_workers + 2)
+    storage = open_storage(
+        settings.database_url,
+        max_connections=settings.max_workers + 2,
+        sqlite_synchronous=settings.sqlite_synchronous,
+    )
     try:
         migrations.prepare(storage)
+        _log_durability(durability.inspect(storage))
     except BaseException:
         storage.close()
         raise
@@ -196,6 +208,17 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, port, storage, health_servicer, services, executor, metrics, metrics_port)
+
+
+def _log_durability(found: durability.Durability) -> None:
+    """Says what an acknowledged change survives, and warns where it may not survive."""
+    log.info(
+        "database durability: %s",
+        found.describe(),
+        extra={"durability": found.settings, "durable": not found.risks},
+    )
+    for risk in found.risks:
+        log.warning("an acknowledged change can be lost: %s", risk)
 
 
 def serve(settings: Settings) -> None:
