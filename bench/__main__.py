@@ -98,13 +98,19 @@ def load(
 
 
 @contextmanager
-def server(database_url: str, log_path: Path) -> Iterator[str]:
-    """`kara-sessions serve` as operators run it (defaults; JSON log lines to a file)."""
+def server(database_url: str, log_path: Path, *options: str) -> Iterator[str]:
+    """`kara-sessions serve` as operators run it (defaults unless `options`; JSON log lines to a file)."""
     port = free_port()
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             serve_command(
-                "--listen", f"127.0.0.1:{port}", "--database-url", database_url, "--log-format", "json"
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--database-url",
+                database_url,
+                "--log-format",
+                "json",
+                *options,
             ),
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -168,6 +174,46 @@ def bench_database(
                     err=True,
                 )
     return runs
+
+
+def bench_durability(workdir: Path, duration: float, concurrency: int = 8) -> list[dict[str, Any]]:
+    """BookSession and CancelSession on SQLite with synchronous NORMAL and FULL, one after the other
+    in the same run: what syncing the WAL on every commit costs."""
+    rows: list[dict[str, Any]] = []
+    for mode in ("normal", "full"):
+        url = f"sqlite:///{workdir / f'durability-{mode}.db'}"
+        with server(url, workdir / f"server-durability-{mode}.log", "--sqlite-synchronous", mode) as target:
+            with SessionsClient(target, timeout=30) as kara:
+                for client in CLIENTS:
+                    kara.grant_credits(client, 10_000)
+            result, book = load(
+                target,
+                "book",
+                concurrency,
+                duration,
+                clients=CLIENTS,
+                professional_id=BENCH_PROFESSIONAL,
+                collect=True,
+            )
+            _, cancel = load(target, "cancel", concurrency, duration * 10, session_ids=result["session_ids"])
+        for run in (book, cancel):
+            rows.append(
+                {
+                    "synchronous": mode,
+                    "workload": run.workload,
+                    "concurrency": concurrency,
+                    "rps": run.rps,
+                    "p50_ms": run.p50_ms,
+                    "p99_ms": run.p99_ms,
+                    "errors": run.errors,
+                }
+            )
+            click.echo(
+                f"  sqlite synchronous={mode:<6} {run.workload:<7} c={concurrency} {run.rps:8.0f} req/s "
+                f"p99 {run.p99_ms:7.2f} ms",
+                err=True,
+            )
+    return rows
 
 
 @dataclass
@@ -285,6 +331,7 @@ def machine() -> dict[str, Any]:
     help="SMALL,LARGE session counts for the growth runs; 'none' to skip them.",
 )
 @click.option("--no-profile", is_flag=True, help="Skip the in-process cancellation profile.")
+@click.option("--no-durability", is_flag=True, help="Skip comparing SQLite synchronous=NORMAL with FULL.")
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write results here."
 )
@@ -295,6 +342,7 @@ def main(
     no_postgres: bool,
     growth_sizes: str,
     no_profile: bool,
+    no_durability: bool,
     json_path: str | None,
 ) -> None:
     """Benchmark kara-sessions on this machine."""
@@ -341,6 +389,10 @@ def main(
                 click.echo(f"{name}: growth {small:,} -> {large:,} sessions", err=True)
                 growth += bench_growth(name, make_url, (small, large), duration, 8, workdir)
         results["growth"] = [{**asdict(g), "ratio": g.ratio} for g in growth]
+
+        if not no_durability:
+            click.echo("sqlite: synchronous=normal against full (durable commits)", err=True)
+            results["durability"] = bench_durability(workdir, duration)
 
         if not no_profile:
             click.echo("profiling one cancellation in-process", err=True)

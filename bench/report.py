@@ -12,6 +12,25 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _durability_table(rows: list[dict[str, Any]], names: dict[str, str]) -> Table:
+    durable = Table(title="SQLite durability: synchronous=NORMAL against FULL (the default), same run")
+    for col in ("RPC", "in flight", "synchronous", "req/s", "p50 ms", "p99 ms", "req/s vs normal"):
+        durable.add_column(col, justify="left" if col in ("RPC", "synchronous") else "right")
+    normal = {r["workload"]: r["rps"] for r in rows if r["synchronous"] == "normal"}
+    for r in rows:
+        base = normal.get(r["workload"])
+        durable.add_row(
+            names.get(r["workload"], r["workload"]),
+            str(r["concurrency"]),
+            r["synchronous"],
+            _num(r["rps"], ".0f"),
+            _num(r["p50_ms"], ".2f"),
+            _num(r["p99_ms"], ".2f"),
+            _num(r["rps"] / base if base else None, ".0%"),
+        )
+    return durable
+
+
 def print_report(results: dict[str, Any]) -> None:
     console = Console(width=130)
     m = results["machine"]
@@ -71,6 +90,9 @@ def print_report(results: dict[str, Any]) -> None:
                 f"{g['ratio']:.2f}",
             )
         console.print(growth)
+
+    if results.get("durability"):
+        console.print(_durability_table(results["durability"], names))
 
     if results.get("profile"):
         p = results["profile"]

@@ -546,6 +546,7 @@ def demo(demo_target: str | None) -> None:
 
 main.add_command(server_commands.serve)
 main.add_command(server_commands.migrate)
+main.add_command(server_commands.backup)
 main.add_command(server_commands.token)
 
 if __name__ == "__main__":

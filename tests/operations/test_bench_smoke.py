@@ -52,4 +52,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert profile["transition_us"] > 0 and profile["service_cancel_us"] > profile["transition_us"]
     assert abs(sum(profile["shares"].values()) - 1) < 1e-6
     assert "PostgreSQL skipped: --no-postgres" in results["skipped"][0]
+    durability = [(r["synchronous"], r["workload"]) for r in results["durability"]]
+    assert durability == [("normal", "book"), ("normal", "cancel"), ("full", "book"), ("full", "cancel")]
+    assert all(r["rps"] > 0 and not r["errors"] for r in results["durability"])
+    assert "SQLite durability" in done.stdout
     assert "Throughput and latency" in done.stdout and "Targets" in done.stdout

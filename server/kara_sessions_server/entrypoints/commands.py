@@ -1,4 +1,4 @@
-"""The server's commands: `serve`, `migrate` and `token`, added to the `kara-sessions` CLI.
+"""The server's commands: `serve`, `migrate`, `backup` and `token`, added to the `kara-sessions` CLI.
 
 Every serve option comes, in this order of precedence, from the command line, the environment
 (KARA_<OPTION>) or the config file (--config, TOML, keys named like the options with
@@ -73,6 +73,16 @@ database_option = _option(
 @_option("--listen", "LISTEN", default="127.0.0.1:50051", show_default=True, help="HOST:PORT to serve on.")
 @database_option
 @_option(
+    "--sqlite-synchronous",
+    "SQLITE_SYNCHRONOUS",
+    type=click.Choice(["full", "normal"]),
+    default="full",
+    show_default=True,
+    help="SQLite only. full: an acknowledged change survives a power loss or OS crash. normal: "
+    "faster commits, but after a power loss or OS crash the last acknowledged changes may roll "
+    "back, and their callers, told OK, will never retry them. Keep full for real credits.",
+)
+@_option(
     "--notice-window-hours",
     "NOTICE_WINDOW_HOURS",
     type=click.FloatRange(min=0, min_open=True),
@@ -141,6 +151,7 @@ database_option = _option(
 def serve(
     listen: str,
     database_url: str,
+    sqlite_synchronous: str,
     notice_window_hours: float,
     tokens_file: str | None,
     tls_cert: str | None,
@@ -173,6 +184,7 @@ def serve(
         settings = Settings(
             listen=listen,
             database_url=database_url,
+            sqlite_synchronous=sqlite_synchronous,  # type: ignore[arg-type]
             notice_window=timedelta(hours=notice_window_hours),
             max_workers=max_workers,
             grace_seconds=grace_seconds,
@@ -234,6 +246,44 @@ def migrate(database_url: str, check: bool) -> None:
         raise click.ClickException(f"database error, nothing was changed by the failed step: {exc}") from exc
     finally:
         storage.close()
+
+
+@click.command()
+@config_option
+@database_option
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+def backup(database_url: str, dest: Path) -> None:
+    """Copy the SQLite database to DEST while the server serves, and verify the copy.
+
+    The copy is one consistent snapshot (SQLite's online backup API), checked on its own
+    (integrity, schema version, every credit account against its ledger, every payment against
+    its session) before it is renamed to DEST. DEST must not exist. For PostgreSQL, use pg_dump
+    (see the README). Exit codes: 1 the backup failed or did not verify (DEST is not written).
+    """
+    from kara_sessions_server.adapters.backup import BackupError
+    from kara_sessions_server.adapters.backup import backup as take_backup
+    from kara_sessions_server.adapters.migrations import LATEST
+    from kara_sessions_server.adapters.storage import sqlite_path
+
+    try:
+        source = sqlite_path(database_url)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if source is None:
+        raise click.UsageError(
+            "backup copies a SQLite database; back up PostgreSQL with pg_dump (see the README)"
+        )
+    try:
+        report = take_backup(source, dest)
+    except BackupError as exc:
+        raise click.ClickException(f"backup failed, nothing written to {dest}: {exc}") from exc
+    v = report.verified
+    behind = "" if v.schema_version == LATEST else f" (this release needs {LATEST}: migrate after a restore)"
+    click.echo(
+        f"backed up {source} to {report.path} ({report.size_bytes:,} bytes, {report.seconds:.2f} s): "
+        f"integrity ok, schema version {v.schema_version}{behind}, {v.sessions} sessions with their "
+        f"payments, {v.credit_accounts} credit accounts balanced"
+    )
 
 
 @click.group()
