@@ -19,6 +19,8 @@ from playhouse.migrate import Operation, PostgresqlMigrator, SchemaMigrator, Sql
 
 from kara_sessions_server.adapters.storage import (
     TABLES,
+    EventRetentionRow,
+    EventRow,
     InvoiceAuditRow,
     InvoiceLineRow,
     InvoiceRow,
@@ -51,6 +53,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         3,
         "invoices, invoice_lines and invoice_audit: paid sessions on professionals' invoices",
         tables=(InvoiceRow, InvoiceLineRow, InvoiceAuditRow),
+    ),
+    Migration(
+        4,
+        "events and event_retention: the outbox other services read through EventService",
+        tables=(EventRow, EventRetentionRow),
     ),
 )
 BASELINE = 1

@@ -217,6 +217,45 @@ class InvoiceAuditRow(Table):
         table_name = "invoice_audit"
 
 
+class EventRow(Table):
+    """The outbox (issue 12): one row per committed change, written in the change's transaction.
+    The feed's order is (txid, position); see outbox.py for why a sequence alone is not enough."""
+
+    position = pw.BigAutoField()
+    # PostgreSQL: the writing transaction's id (pg_current_xact_id()). SQLite: 0, since one
+    # writer at a time makes position alone the commit order.
+    txid = pw.BigIntegerField()
+    event_id = pw.CharField(max_length=36, unique=True)
+    type = pw.CharField(max_length=64)
+    subject = pw.CharField(max_length=128)
+    # Whose it is: the feed a professional or a client may read.
+    professional_id = pw.CharField(max_length=128, null=True)
+    client_id = pw.CharField(max_length=128, null=True)
+    time = UtcTimestampField()
+    # The state after the change, as the request_id record stores it (snapshots.py).
+    data = pw.TextField()
+
+    class Meta:
+        table_name = "events"
+        indexes = (
+            (("txid", "position"), True),
+            (("professional_id", "txid", "position"), False),
+            (("client_id", "txid", "position"), False),
+        )
+
+
+class EventRetentionRow(Table):
+    """One row: the newest event pruned so far. A cursor at or before it has lost events."""
+
+    id = pw.IntegerField(primary_key=True)
+    pruned_txid = pw.BigIntegerField()
+    pruned_position = pw.BigIntegerField()
+    updated_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "event_retention"
+
+
 class SchemaVersionRow(Table):
     """One row: the schema version the database is at (see migrations.py)."""
 
@@ -238,6 +277,8 @@ TABLES: list[type[Table]] = [
     InvoiceRow,
     InvoiceLineRow,
     InvoiceAuditRow,
+    EventRow,
+    EventRetentionRow,
     SchemaVersionRow,
 ]
 
@@ -248,6 +289,11 @@ def sql(text: str, params: Sequence[object] = ()) -> Any:
     more than the database itself (see BENCHMARKS.md); peewee still maps driver errors to its
     own (IntegrityError, OperationalError, ...)."""
     return database.execute_sql(_dialect(text), params)
+
+
+def on_sqlite() -> bool:
+    """Whether this process's database is SQLite (statements that differ by dialect ask)."""
+    return isinstance(database.obj, pw.SqliteDatabase)
 
 
 _DIALECT_CACHE: dict[tuple[str, str], str] = {}

@@ -150,3 +150,10 @@ class PermissionDenied(DomainError):
     """The caller is known but may not do this (or may not know whether the target exists)."""
 
     reason = "PERMISSION_DENIED"
+
+
+class CursorExpired(DomainError):
+    """An event cursor older than the events the server still keeps: the consumer must
+    resynchronise from the current state instead of silently missing events."""
+
+    reason = "CURSOR_EXPIRED"

@@ -29,4 +29,11 @@ class InvoiceChanged:
     sessions: int
 
 
-Event = SessionCancelled | CreditsMoved | InvoiceChanged
+@dataclass(frozen=True, slots=True)
+class FeedAppended:
+    """An event went into the feed (counted per type)."""
+
+    type: str
+
+
+Event = SessionCancelled | CreditsMoved | InvoiceChanged | FeedAppended

@@ -125,6 +125,22 @@ database_option = _option(
     help="Largest request or response.",
 )
 @_option(
+    "--event-retention-days",
+    "EVENT_RETENTION_DAYS",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Keep events this long; a consumer's cursor older than that gets OUT_OF_RANGE.",
+)
+@_option(
+    "--max-event-streams",
+    "MAX_EVENT_STREAMS",
+    type=click.IntRange(0, 1024),
+    default=None,
+    help="Open StreamEvents calls at once; each holds a worker thread (default: max-workers / 4; "
+    "0: ListEvents only).",
+)
+@_option(
     "--grace-seconds",
     "GRACE_SECONDS",
     type=click.FloatRange(0),
@@ -162,11 +178,14 @@ def serve(
     metrics_host: str,
     max_workers: int,
     max_message_bytes: int,
+    event_retention_days: float,
+    max_event_streams: int | None,
     grace_seconds: float,
     log_level: str,
     log_format: str,
 ) -> None:
-    """Serve SessionService and CreditService (plus health and reflection).
+    """Serve SessionService, CreditService, InvoiceService and EventService (plus health and
+    reflection).
 
     An empty database gets the current schema; an older one must be upgraded with
     `kara-sessions migrate` first. Exit codes: 2 invalid configuration, 1 could not start.
@@ -196,9 +215,12 @@ def serve(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             max_message_bytes=max_message_bytes,
+            event_retention=timedelta(days=event_retention_days),
+            max_event_streams=max_event_streams,
         )
         settings.check_exposure()
         settings.server_credentials()
+        settings.event_streams  # noqa: B018 (validates the stream limit against the workers)
     except (TokenFileError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     try:

@@ -111,3 +111,14 @@ def check_invoice(principal: Principal, invoice: Invoice) -> None:
         invoice.professional_id,
     ):
         raise invoice_denied(invoice.invoice_id)
+
+
+def feed_scope(principal: Principal) -> tuple[str | None, str | None]:
+    """(professional_id, client_id) the principal's event feed is limited to; None: no limit. A
+    service reads the whole feed, a professional the events of their sessions and invoices, a
+    client those of their sessions and credit account."""
+    if principal.role is Role.PROFESSIONAL:
+        return principal.id, None
+    if principal.role is Role.CLIENT:
+        return None, principal.id
+    return None, None

@@ -14,6 +14,7 @@ from kara_sessions_server.adapters.pagination import page_size
 from kara_sessions_server.domain import invoice_lifecycle, invoicing
 from kara_sessions_server.domain.errors import NotFound, NothingToInvoice, TooManySessions
 from kara_sessions_server.domain.events import InvoiceChanged
+from kara_sessions_server.domain.feed import Change, EventType
 from kara_sessions_server.domain.invoicing import MAX_INVOICE_LINES, Candidate
 from kara_sessions_server.domain.model import (
     ChangeInvoiceLines,
@@ -57,7 +58,7 @@ class InvoiceServices:
             return invoice
 
         params = {"professional_id": cmd.professional_id, "session_ids": cmd.session_ids, "up_to": cmd.up_to}
-        return self._mutate(who, "CreateInvoice", cmd.request_id, params, work)
+        return self._mutate(who, "CreateInvoice", cmd.request_id, params, work, EventType.INVOICE_CREATED)
 
     def add_to_invoice(self, who: Principal, cmd: ChangeInvoiceLines) -> Invoice:
         def work(uow: UnitOfWork, now: datetime) -> Invoice:
@@ -73,7 +74,7 @@ class InvoiceServices:
             return after.with_lines(before.lines + lines)
 
         params = {"invoice_id": cmd.invoice_id, "session_ids": cmd.session_ids}
-        return self._mutate(who, "AddToInvoice", cmd.request_id, params, work)
+        return self._mutate(who, "AddToInvoice", cmd.request_id, params, work, EventType.INVOICE_CHANGED)
 
     def remove_from_invoice(self, who: Principal, cmd: ChangeInvoiceLines) -> Invoice:
         def work(uow: UnitOfWork, now: datetime) -> Invoice:
@@ -88,7 +89,7 @@ class InvoiceServices:
             return after.with_lines(tuple(line for line in before.lines if line.session_id not in removed))
 
         params = {"invoice_id": cmd.invoice_id, "session_ids": cmd.session_ids}
-        return self._mutate(who, "RemoveFromInvoice", cmd.request_id, params, work)
+        return self._mutate(who, "RemoveFromInvoice", cmd.request_id, params, work, EventType.INVOICE_CHANGED)
 
     def submit_invoice(self, who: Principal, cmd: SubmitInvoice) -> Invoice:
         def work(uow: UnitOfWork, now: datetime) -> Invoice:
@@ -99,7 +100,8 @@ class InvoiceServices:
             uow.events.append(InvoiceChanged("SUBMIT", 0))
             return after
 
-        return self._mutate(who, "SubmitInvoice", cmd.request_id, {"invoice_id": cmd.invoice_id}, work)
+        params = {"invoice_id": cmd.invoice_id}
+        return self._mutate(who, "SubmitInvoice", cmd.request_id, params, work, EventType.INVOICE_SUBMITTED)
 
     def get_invoice(self, who: Principal, invoice_id: str) -> Invoice:
         with UnitOfWork(self.core.storage, write=False):
@@ -116,10 +118,23 @@ class InvoiceServices:
     # --- helpers --------------------------------------------------------------------------
 
     def _mutate(
-        self, who: Principal, operation: str, request_id: str, params: Mapping[str, object], work: Work
+        self,
+        who: Principal,
+        operation: str,
+        request_id: str,
+        params: Mapping[str, object],
+        work: Work,
+        told: EventType,
     ) -> Invoice:
         return self.core.mutate(
-            who, operation, request_id, params, work, snapshots.dump_invoice, snapshots.load_invoice
+            who,
+            operation,
+            request_id,
+            params,
+            work,
+            snapshots.dump_invoice,
+            snapshots.load_invoice,
+            lambda invoice: Change.of_invoice(told, invoice),
         )
 
     def _chosen(self, who: Principal, cmd: CreateInvoice) -> list[Candidate]:

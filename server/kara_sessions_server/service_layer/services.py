@@ -13,12 +13,13 @@ from typing import TypeVar
 
 import peewee as pw
 
-from kara_sessions_server.adapters import idempotency, ledger, session_repository, snapshots
+from kara_sessions_server.adapters import idempotency, ledger, outbox, session_repository, snapshots
 from kara_sessions_server.adapters.pagination import page_size
 from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.errors import InvalidRequest, PreconditionFailed
-from kara_sessions_server.domain.events import CreditsMoved, Event, SessionCancelled
+from kara_sessions_server.domain.events import CreditsMoved, Event, FeedAppended, SessionCancelled
+from kara_sessions_server.domain.feed import Change, EventType
 from kara_sessions_server.domain.model import (
     CREDITS_PER_SESSION,
     BookSession,
@@ -39,6 +40,7 @@ from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.domain.session_lifecycle import SessionLifecycle
 from kara_sessions_server.service_layer import authz
+from kara_sessions_server.service_layer.commit_signal import CommitSignal
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 R = TypeVar("R")
@@ -53,6 +55,8 @@ class Services:
     policy: CancellationPolicy = field(default_factory=CancellationPolicy)
     # Told of what committed (metrics); never of a replay or a rollback.
     publish: Callable[[Event], None] = field(default=lambda event: None)
+    # Wakes the event feed's followers after each commit.
+    signal: CommitSignal = field(default_factory=CommitSignal)
 
     def __post_init__(self) -> None:
         self.lifecycle = SessionLifecycle(self.policy)
@@ -92,7 +96,14 @@ class Services:
             "starts_at": cmd.starts_at,
         }
         return self.mutate(
-            who, "BookSession", cmd.request_id, params, work, snapshots.dump_session, snapshots.load_session
+            who,
+            "BookSession",
+            cmd.request_id,
+            params,
+            work,
+            snapshots.dump_session,
+            snapshots.load_session,
+            lambda session: Change.of_session(EventType.SESSION_BOOKED, session),
         )
 
     def cancel_session(self, who: Principal, cmd: CancelSession) -> tuple[Session, Payment]:
@@ -131,6 +142,7 @@ class Services:
             work,
             snapshots.dump_settlement,
             snapshots.load_settlement,
+            lambda settled: Change.of_session(EventType.SESSION_CANCELLED, settled[0]),
         )
 
     def preview_cancellation(self, who: Principal, cmd: CancelSession) -> CancellationOutcome:
@@ -161,6 +173,7 @@ class Services:
             work,
             snapshots.dump_session,
             snapshots.load_session,
+            lambda session: Change.of_session(EventType.SESSION_COMPLETED, session),
         )
 
     def get_session(self, who: Principal, session_id: str) -> Session:
@@ -221,6 +234,7 @@ class Services:
             work,
             snapshots.dump_account,
             snapshots.load_account,
+            Change.of_account,
         )
 
     def get_credit_account(self, who: Principal, client_id: str, size: int, token: str) -> CreditAccount:
@@ -240,9 +254,11 @@ class Services:
         work: Callable[[UnitOfWork, datetime], R],
         dump: Callable[[R], str],
         load: Callable[[str], R],
+        change: Callable[[R], Change],
     ) -> R:
-        """Runs `work` once per request_id in one unit of work and stores its result (`dump`);
-        a retry gets that result back (`load`) and changes nothing."""
+        """Runs `work` once per request_id in one unit of work, storing its result (`dump`) and
+        the one event that tells the feed of it (`change`) in the same transaction; a retry gets
+        that result back (`load`) and changes nothing, the feed included."""
         # The caller is part of the request: another principal's request_id replays nothing of theirs.
         fp = idempotency.fingerprint(operation, {**params, "principal": str(who)})
         try:
@@ -252,10 +268,15 @@ class Services:
                     return load(idempotency.check_same_request(stored, request_id, operation, fp))
                 now = self.clock.now()
                 result = work(uow, now)
-                idempotency.record(request_id, operation, fp, dump(result), now)
+                data = dump(result)
+                idempotency.record(request_id, operation, fp, data, now)
+                told = change(result)
+                outbox.append(told, data, now)
+                uow.events.append(FeedAppended(told.type.value))
                 uow.commit()
             for event in uow.events:
                 self.publish(event)
+            self.signal.notify()
             return result
         except (PreconditionFailed, pw.IntegrityError):
             # We may have lost a race to a request with the same request_id (e.g. a retry that

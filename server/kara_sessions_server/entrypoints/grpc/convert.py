@@ -10,10 +10,12 @@ from typing import TypeVar
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from kara.sessions.v1 import credits_pb2 as cpb
+from kara.sessions.v1 import events_pb2 as epb
 from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
+from kara_sessions_server.domain.feed import FeedEvent, SessionChanged
 from kara_sessions_server.domain.model import (
     Cancellation,
     CancellationOutcome,
@@ -260,4 +262,18 @@ def invoice_pb(i: Invoice) -> ipb.Invoice:
     )
     if i.submitted_at is not None:
         msg.submitted_at.CopyFrom(timestamp(i.submitted_at))
+    return msg
+
+
+def event_pb(e: FeedEvent) -> epb.Event:
+    msg = epb.Event(
+        event_id=e.event_id, cursor=e.cursor, type=e.type.value, subject=e.subject, time=timestamp(e.time)
+    )
+    if isinstance(e.data, SessionChanged):
+        msg.session_changed.session.CopyFrom(session_pb(e.data.session))
+        msg.session_changed.payment.CopyFrom(payment_pb(e.data.payment))
+    elif isinstance(e.data, CreditAccount):
+        msg.credit_account.CopyFrom(account_pb(e.data))
+    else:
+        msg.invoice.CopyFrom(invoice_pb(e.data))
     return msg

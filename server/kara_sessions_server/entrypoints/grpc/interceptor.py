@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import peewee as pw
@@ -77,47 +78,87 @@ class CallInterceptor(_ServerInterceptor):
         wrapped = self._handlers.get(method)
         if wrapped is None:
             handler = continuation(handler_call_details)
-            if handler is None or handler.unary_unary is None:
-                return handler  # unknown method (not cached: callers choose its name), or streaming
-            wrapped = grpc.unary_unary_rpc_method_handler(
-                self._wrap(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            if handler is None:
+                return None  # unknown method (not cached: callers choose its name)
+            if handler.unary_unary is not None:
+                wrapped = grpc.unary_unary_rpc_method_handler(
+                    self._wrap(method, handler.unary_unary),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+            elif handler.unary_stream is not None and self._is_protected(method):
+                wrapped = grpc.unary_stream_rpc_method_handler(
+                    self._wrap_stream(method, handler.unary_stream),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+            else:
+                return handler  # health's Watch, reflection: not ours to authenticate
             self._handlers[method] = wrapped
         return wrapped
 
+    def _is_protected(self, method: str) -> bool:
+        return method.lstrip("/").rpartition("/")[0] in self.protected
+
     def _wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
-        service, _, name = method.lstrip("/").rpartition("/")
-        if service not in self.protected:
+        name = method.rpartition("/")[2]
+        if not self._is_protected(method):
             return self._observed(name, behaviour)
 
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
-            principal: Principal | None = None
-            incident = ""
+            state = _CallState()
             try:
-                if context.time_remaining() <= 0:
-                    context.abort_with_status(
-                        status(code_pb2.DEADLINE_EXCEEDED, "the deadline passed before the call started")
-                    )
-                principal = self.authenticator.authenticate(context.invocation_metadata())
-                token = _CALLER.set(principal)
-                try:
-                    return behaviour(request, context)
-                finally:
-                    _CALLER.reset(token)
-            except DomainError as exc:
-                context.abort_with_status(domain_status(exc))
+                return self._run(behaviour, request, context, state)
             except Exception as exc:
-                if _code_name(context) != "OK":
-                    raise  # context.abort() was called: the status is already set
-                incident = new_incident()
-                context.abort_with_status(self._failure(exc, name, incident))
+                self._abort(exc, name, context, state)
             finally:
-                self._record(name, context, started, principal, request, incident)
+                self._record(name, context, started, state, request)
 
         return call
+
+    def _wrap_stream(self, method: str, behaviour: Behaviour) -> Behaviour:
+        """A server-streaming call: as `_wrap`, for the whole stream. A failure after some
+        messages ends the stream with its status; a caller that hung up is logged CANCELLED."""
+        name = method.rpartition("/")[2]
+
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.perf_counter()
+            state = _CallState(stream=True)
+            try:
+                # The servicer reads the caller before it returns its iterator, so the caller
+                # variable need not outlive this frame (a generator may be closed elsewhere).
+                yield from self._run(behaviour, request, context, state)
+            except Exception as exc:
+                self._abort(exc, name, context, state)
+            finally:
+                self._record(name, context, started, state, request)
+
+        return stream
+
+    def _run(
+        self, behaviour: Behaviour, request: Any, context: grpc.ServicerContext, state: _CallState
+    ) -> Any:
+        remaining = context.time_remaining()  # None: the caller set no deadline
+        if remaining is not None and remaining <= 0:
+            context.abort_with_status(
+                status(code_pb2.DEADLINE_EXCEEDED, "the deadline passed before the call started")
+            )
+        state.principal = self.authenticator.authenticate(context.invocation_metadata())
+        token = _CALLER.set(state.principal)
+        try:
+            return behaviour(request, context)
+        finally:
+            _CALLER.reset(token)
+
+    def _abort(self, exc: Exception, name: str, context: grpc.ServicerContext, state: _CallState) -> NoReturn:
+        if isinstance(exc, DomainError):
+            context.abort_with_status(domain_status(exc))
+        if _code_name(context) != "OK":
+            raise exc  # context.abort() was called: the status is already set
+        state.incident = new_incident()
+        context.abort_with_status(self._failure(exc, name, state.incident))
+        raise exc  # not reached: abort_with_status raises
 
     def _failure(self, exc: Exception, name: str, incident: str) -> grpc.Status:
         log.error("%s failed (incident %s)", name, incident, exc_info=exc, extra={"incident": incident})
@@ -130,16 +171,12 @@ class CallInterceptor(_ServerInterceptor):
         return incident_status(code_pb2.INTERNAL, "INTERNAL", "internal error", incident)
 
     def _record(
-        self,
-        name: str,
-        context: grpc.ServicerContext,
-        started: float,
-        principal: Principal | None,
-        request: Any,
-        incident: str,
+        self, name: str, context: grpc.ServicerContext, started: float, state: _CallState, request: Any
     ) -> None:
         seconds = time.perf_counter() - started
         code = _code_name(context)
+        if code == "OK" and state.stream and not context.is_active():
+            code = "CANCELLED"  # the caller hung up mid-stream
         self.metrics.observe_rpc(name, code, seconds)
         log.info(
             "%s %s",
@@ -149,12 +186,12 @@ class CallInterceptor(_ServerInterceptor):
                 "method": name,
                 "code": code,
                 "duration_ms": round(seconds * 1000, 3),
-                "principal": str(principal) if principal else "",
+                "principal": str(state.principal) if state.principal else "",
                 "session_id": getattr(request, "session_id", ""),
                 "invoice_id": getattr(request, "invoice_id", ""),
                 "request_id": getattr(request, "request_id", ""),
                 "peer": context.peer(),
-                "incident": incident,
+                "incident": state.incident,
             },
         )
 
@@ -167,6 +204,13 @@ class CallInterceptor(_ServerInterceptor):
                 self.metrics.observe_rpc(name, _code_name(context), time.perf_counter() - started)
 
         return call
+
+
+@dataclass
+class _CallState:
+    principal: Principal | None = None
+    incident: str = ""
+    stream: bool = False
 
 
 def _code_name(context: grpc.ServicerContext) -> str:

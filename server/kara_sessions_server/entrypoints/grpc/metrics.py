@@ -7,9 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from kara_sessions_server.domain.events import CreditsMoved, Event, InvoiceChanged, SessionCancelled
+from kara_sessions_server.domain.events import (
+    CreditsMoved,
+    Event,
+    FeedAppended,
+    InvoiceChanged,
+    SessionCancelled,
+)
 from kara_sessions_server.domain.model import SessionState
 
 # Seconds; a cancellation on SQLite takes about a millisecond, a slow PostgreSQL one tens of ms.
@@ -56,6 +62,21 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        self.events_appended = Counter(
+            "kara_events_appended",
+            "Events appended to the feed by committed changes, by type",
+            ["type"],
+            registry=r,
+        )
+        self.event_streams = Gauge(
+            "kara_event_streams_open", "StreamEvents calls open now on this server", registry=r
+        )
+        self.event_lag = Histogram(
+            "kara_event_stream_lag_seconds",
+            "How far behind the change each event was when a stream sent it (send time - event time)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+            registry=r,
+        )
         self.database_errors = Counter(
             "kara_database_errors", "Database errors that failed an RPC, by kind", ["kind"], registry=r
         )
@@ -72,6 +93,8 @@ class Metrics:
             self.cancellations.labels(outcome, timing, event.cancelled_by.value.lower()).inc()
         elif isinstance(event, CreditsMoved):
             self.credits.labels(event.kind.value).inc(event.credits)
+        elif isinstance(event, FeedAppended):
+            self.events_appended.labels(event.type).inc()
         elif isinstance(event, InvoiceChanged):
             self.invoice_actions.labels(event.action).inc()
             if event.sessions:

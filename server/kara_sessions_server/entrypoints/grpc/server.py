@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from kara.sessions.v1 import (
     credits_pb2,
     credits_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     invoices_pb2,
     invoices_pb2_grpc,
     sessions_pb2,
@@ -36,8 +38,15 @@ from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.policy import DEFAULT_NOTICE_WINDOW, CancellationPolicy
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
-from kara_sessions_server.entrypoints.grpc.servicers import CreditServicer, InvoiceServicer, SessionServicer
+from kara_sessions_server.entrypoints.grpc.servicers import (
+    CreditServicer,
+    EventServicer,
+    InvoiceServicer,
+    SessionServicer,
+    StreamGate,
+)
 from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
+from kara_sessions_server.service_layer.feed import DEFAULT_RETENTION, EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
 from kara_sessions_server.service_layer.services import Services
 
@@ -47,6 +56,7 @@ SERVICE_NAMES = (
     sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     credits_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
     invoices_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
 # Our largest request is a few hundred bytes and a page of 1000 payments about 300 KB.
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -73,6 +83,23 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Events older than this are pruned; a cursor older than what is kept is OUT_OF_RANGE.
+    event_retention: timedelta = DEFAULT_RETENTION
+    # How often the server prunes old events (each batch its own short transaction).
+    event_prune_seconds: float = 60.0
+    # Open StreamEvents calls; each holds a worker thread. None: a quarter of max_workers (so
+    # none below 4 workers: ListEvents still works).
+    max_event_streams: int | None = None
+
+    @property
+    def event_streams(self) -> int:
+        streams = self.max_event_streams if self.max_event_streams is not None else self.max_workers // 4
+        if streams and streams >= self.max_workers:
+            raise ValueError(
+                f"{streams} event streams would hold all {self.max_workers} workers, leaving none for "
+                "other calls: lower --max-event-streams or raise --max-workers"
+            )
+        return streams
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None and self.tls_key is None:
@@ -124,17 +151,26 @@ class RunningServer:
     storage: Storage
     health: health.HealthServicer
     services: Services
+    events: EventServices
+    streams: StreamGate
     executor: futures.ThreadPoolExecutor
     metrics: Metrics
+    pruner: EventPruner
     metrics_port: int | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float | None = None) -> None:
-        """Stops taking new calls, lets calls in flight finish (up to `grace` s), then closes."""
+        """Stops taking new calls, ends event streams, lets calls in flight finish (up to `grace`
+        s), then closes."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
+        self.pruner.stop()
+        # Open streams end cleanly now (their callers resume from their last cursor elsewhere)
+        # instead of holding the drain for the whole grace period.
+        self.streams.closing.set()
+        self.services.signal.notify()
         self.server.stop(grace).wait()
         self.executor.shutdown(wait=True)
         self.metrics.close()
@@ -142,6 +178,34 @@ class RunningServer:
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+class EventPruner:
+    """Prunes events older than the retention period every `every` seconds, in the background."""
+
+    def __init__(self, events: EventServices, every: float):
+        self._events = events
+        self._every = every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="event-pruner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._done.wait(self._every):
+            try:
+                pruned = self._events.prune()
+            except Exception:
+                log.exception("pruning old events failed; will try again")
+                continue
+            if pruned:
+                log.info("pruned %d events older than %s", pruned, self._events.retention)
 
 
 def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
@@ -182,6 +246,9 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(services), server)
     credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(services), server)
     invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(InvoiceServices(services)), server)
+    events = EventServices(services, retention=settings.event_retention)
+    streams = StreamGate(settings.event_streams)
+    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(events, streams, metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -205,9 +272,23 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
                 f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}"
             ) from exc
     server.start()
+    pruner = EventPruner(events, settings.event_prune_seconds)
+    pruner.start()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, storage, health_servicer, services, executor, metrics, metrics_port)
+    return RunningServer(
+        server=server,
+        port=port,
+        storage=storage,
+        health=health_servicer,
+        services=services,
+        events=events,
+        streams=streams,
+        executor=executor,
+        metrics=metrics,
+        pruner=pruner,
+        metrics_port=metrics_port,
+    )
 
 
 def _log_durability(found: durability.Durability) -> None:

@@ -4,12 +4,19 @@ logs are the interceptor's (interceptor.py)."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
 import grpc
+from google.rpc import code_pb2
 from kara.sessions.v1 import credits_pb2 as cpb
-from kara.sessions.v1 import credits_pb2_grpc, invoices_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import credits_pb2_grpc, events_pb2_grpc, invoices_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import events_pb2 as epb
 from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import sessions_pb2 as pb
 
+from kara_sessions_server.domain.feed import EventType, FeedEvent
 from kara_sessions_server.domain.invoicing import MAX_INVOICE_LINES
 from kara_sessions_server.domain.model import (
     BookSession,
@@ -30,16 +37,23 @@ from kara_sessions_server.entrypoints.grpc.convert import (
     SESSION_STATE_FROM_PB,
     RequestReader,
     account_pb,
+    event_pb,
     invoice_pb,
     payment_pb,
     preview_pb,
     session_pb,
 )
 from kara_sessions_server.entrypoints.grpc.interceptor import caller
+from kara_sessions_server.entrypoints.grpc.metrics import Metrics
+from kara_sessions_server.entrypoints.grpc.status import error_info, status
+from kara_sessions_server.service_layer.feed import EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
 from kara_sessions_server.service_layer.services import Services
 
 Ctx = grpc.ServicerContext
+
+# A cursor is a few dozen characters; anything much longer is not one.
+MAX_CURSOR_LENGTH = 200
 
 
 def _cancel_command(request: pb.CancelSessionRequest, *, require_request_id: bool) -> CancelSession:
@@ -212,3 +226,74 @@ class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
         cmd = SubmitInvoice(invoice_id=r.id("invoice_id"), request_id=r.request_id())
         r.done()
         return invoice_pb(self.services.submit_invoice(caller(), cmd))
+
+
+def _feed_request(
+    request: epb.ListEventsRequest | epb.StreamEventsRequest,
+) -> tuple[str, tuple[EventType, ...]]:
+    r = RequestReader(request)
+    after = r.text("after", MAX_CURSOR_LENGTH)
+    known = {t.value for t in EventType}
+    for index, name in enumerate(request.types):
+        if name not in known:
+            r.fail(f"types[{index}]", f"unknown event type {name!r}; known: {', '.join(sorted(known))}")
+    r.done()
+    return after, tuple(EventType(name) for name in dict.fromkeys(request.types))
+
+
+class StreamGate:
+    """Bounds the open StreamEvents calls (each holds a worker thread for as long as it is open)
+    and ends them all when the server shuts down."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self.closing = threading.Event()
+
+    def try_enter(self) -> bool:
+        return not self.closing.is_set() and self._slots.acquire(blocking=False)
+
+    def leave(self) -> None:
+        self._slots.release()
+
+
+class EventServicer(events_pb2_grpc.EventServiceServicer):
+    def __init__(self, services: EventServices, gate: StreamGate, metrics: Metrics):
+        self.services = services
+        self.gate = gate
+        self.metrics = metrics
+
+    def ListEvents(self, request: epb.ListEventsRequest, context: Ctx) -> epb.ListEventsResponse:
+        after, types = _feed_request(request)
+        events = self.services.list_events(caller(), after, request.page_size, types)
+        return epb.ListEventsResponse(events=[event_pb(e) for e in events])
+
+    def StreamEvents(self, request: epb.StreamEventsRequest, context: Ctx) -> Iterator[epb.Event]:
+        after, types = _feed_request(request)
+        # Read now, while the interceptor has set it: the stream below runs after this returns.
+        who = caller()
+        return self._stream(context, self.services.follow(who, after, types, lambda: self._open(context)))
+
+    def _open(self, context: Ctx) -> bool:
+        return context.is_active() and not self.gate.closing.is_set()
+
+    def _stream(self, context: Ctx, events: Iterator[FeedEvent]) -> Iterator[epb.Event]:
+        if not self.gate.try_enter():
+            context.abort_with_status(
+                status(
+                    code_pb2.RESOURCE_EXHAUSTED,
+                    f"this server streams events to at most {self.gate.limit} callers at once (or is "
+                    "shutting down): retry later, poll ListEvents, or raise --max-event-streams",
+                    error_info("TOO_MANY_STREAMS", limit=str(self.gate.limit)),
+                )
+            )
+        # A caller that hangs up wakes the stream at once instead of at its next look.
+        context.add_callback(self.services.core.signal.notify)
+        self.metrics.event_streams.inc()
+        try:
+            for event in events:
+                self.metrics.event_lag.observe(max(0.0, (datetime.now(UTC) - event.time).total_seconds()))
+                yield event_pb(event)
+        finally:
+            self.metrics.event_streams.dec()
+            self.gate.leave()

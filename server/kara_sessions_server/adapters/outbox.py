@@ -1,0 +1,157 @@
+"""The transactional outbox: each committed change's event, written in the change's transaction,
+read back in commit order after a cursor, and pruned after the retention period.
+
+Why not order by a sequence alone: on PostgreSQL a transaction takes its sequence value when it
+inserts, but commits later, so a transaction that took 41 can commit after one that took 42. A
+reader that saw 42 and stored it as its cursor would never see 41. So each event also records
+its transaction's id (pg_current_xact_id()), the feed is ordered by (txid, position), and a
+reader only reads events of transactions older than its snapshot's xmin: every transaction
+below xmin has finished, so nothing can ever appear below the cursor after it has passed. A
+transaction still open holds the feed back (it delays, it never loses). On SQLite one writer at
+a time commits in position order, so txid is 0 and position alone is the order.
+
+The cursor is opaque to callers: base64 of `txid.position`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import NamedTuple
+
+from kara_sessions_server.adapters.storage import from_micros, on_sqlite, sql, to_micros
+from kara_sessions_server.domain.errors import CursorExpired, InvalidRequest
+from kara_sessions_server.domain.feed import Change, EventType
+
+
+class Cursor(NamedTuple):
+    txid: int
+    position: int
+
+    def encode(self) -> str:
+        return base64.urlsafe_b64encode(f"{self.txid}.{self.position}".encode()).decode().rstrip("=")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    cursor: Cursor
+    event_id: str
+    type: EventType
+    subject: str
+    time: datetime
+    data: str
+
+
+def decode(token: str, field: str = "after") -> Cursor | None:
+    if not token:
+        return None
+    try:
+        txid, position = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(".")
+        cursor = Cursor(int(txid), int(position))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        cursor = None
+    if cursor is None or cursor.txid < 0 or cursor.position < 0:
+        raise InvalidRequest.single(field, "is not an event cursor: pass an event's `cursor`, or omit it")
+    return cursor
+
+
+_COLUMNS = "(txid, event_id, type, subject, professional_id, client_id, time, data)"
+_APPEND_SQLITE = f"INSERT INTO events {_COLUMNS} VALUES (0, ?, ?, ?, ?, ?, ?, ?)"
+_APPEND_POSTGRES = (
+    f"INSERT INTO events {_COLUMNS} VALUES (pg_current_xact_id()::text::bigint, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Only transactions that have finished: see the module's docstring.
+_HORIZON_POSTGRES = "txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+_SELECT = "SELECT txid, position, event_id, type, subject, time, data FROM events"
+_PRUNED = "SELECT pruned_txid, pruned_position FROM event_retention WHERE id = 1"
+_MARK_PRUNED = (
+    "INSERT INTO event_retention (id, pruned_txid, pruned_position, updated_at) VALUES (1, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET pruned_txid = excluded.pruned_txid, "
+    "pruned_position = excluded.pruned_position, updated_at = excluded.updated_at"
+)
+
+
+def append(change: Change, data: str, now: datetime) -> None:
+    """Adds the event of `change` to the transaction that makes the change."""
+    sql(
+        _APPEND_SQLITE if on_sqlite() else _APPEND_POSTGRES,
+        (
+            str(uuid.uuid4()),
+            change.type.value,
+            change.subject,
+            change.professional_id,
+            change.client_id,
+            to_micros(now),
+            data,
+        ),
+    )
+
+
+def read(
+    after: Cursor | None,
+    limit: int,
+    types: Sequence[EventType] = (),
+    professional_id: str | None = None,
+    client_id: str | None = None,
+) -> list[StoredEvent]:
+    """Up to `limit` events after the cursor in feed order, among those whose transactions have
+    finished; refuses a cursor older than the events still kept."""
+    where: list[str] = [] if on_sqlite() else [_HORIZON_POSTGRES]
+    params: list[object] = []
+    if after is not None:
+        where.append("(txid, position) > (?, ?)")
+        params += [after.txid, after.position]
+    for column, value in (("professional_id", professional_id), ("client_id", client_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if types:
+        where.append(f"type IN ({', '.join('?' * len(types))})")
+        params += [t.value for t in types]
+    text = f"{_SELECT} {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY txid, position LIMIT ?"
+    rows = sql(text, (*params, limit)).fetchall()
+    # Checked after reading: on PostgreSQL each statement has its own snapshot, and a prune that
+    # committed before the read above is visible here, so a skipped event is always noticed.
+    if after is not None:
+        pruned = pruned_through()
+        if pruned is not None and after < pruned:
+            raise CursorExpired(
+                "this cursor is older than the events the server keeps (they are pruned after the "
+                "retention period): resynchronise from the current state, then continue from an "
+                "empty cursor",
+                metadata={"after": after.encode(), "oldest_kept_after": pruned.encode()},
+            )
+    return [
+        StoredEvent(Cursor(txid, position), event_id, EventType(kind), subject, from_micros(at), data)
+        for txid, position, event_id, kind, subject, at, data in rows
+    ]
+
+
+def pruned_through() -> Cursor | None:
+    row = sql(_PRUNED).fetchone()
+    return None if row is None else Cursor(int(row[0]), int(row[1]))
+
+
+def prune(older_than: datetime, batch: int, now: datetime) -> int:
+    """Deletes up to `batch` of the oldest events, in feed order, that are older than
+    `older_than`, and remembers the newest one deleted. Returns how many it deleted."""
+    where = "" if on_sqlite() else f"WHERE {_HORIZON_POSTGRES}"
+    head = sql(f"SELECT txid, position, time FROM events {where} ORDER BY txid, position LIMIT ?", (batch,))
+    cutoff = to_micros(older_than)
+    last = None
+    # The feed is pruned from its head only, up to the first event still to be kept, so what is
+    # gone is always everything at or before one cursor.
+    for txid, position, at in head.fetchall():
+        if at >= cutoff:
+            break
+        last = Cursor(txid, position)
+    if last is None:
+        return 0
+    deleted: int = sql(
+        "DELETE FROM events WHERE (txid, position) <= (?, ?)", (last.txid, last.position)
+    ).rowcount
+    sql(_MARK_PRUNED, (last.txid, last.position, to_micros(now)))
+    return deleted

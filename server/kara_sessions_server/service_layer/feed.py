@@ -1,0 +1,95 @@
+"""Reading the event feed (EventService): a page after a cursor, following it as changes commit,
+and pruning what is older than the retention period. Appending is `Services.mutate`'s, in the
+transaction of each change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from kara_sessions_server.adapters import outbox, snapshots
+from kara_sessions_server.domain.errors import InvalidRequest
+from kara_sessions_server.domain.feed import EventType, FeedData, FeedEvent, SessionChanged
+from kara_sessions_server.domain.model import Session, payment_of
+from kara_sessions_server.domain.principal import Principal
+from kara_sessions_server.service_layer import authz
+from kara_sessions_server.service_layer.services import Services
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_RETENTION = timedelta(days=30)
+# Each batch of pruning is its own short transaction, so it never holds writers up for long.
+PRUNE_BATCH = 500
+
+
+def _session_changed(session: Session) -> SessionChanged:
+    return SessionChanged(session, payment_of(session))
+
+
+# The stored data is what the request_id record stores for the same request (snapshots.py).
+_LOAD: dict[EventType, Callable[[str], FeedData]] = {
+    EventType.SESSION_BOOKED: lambda raw: _session_changed(snapshots.load_session(raw)),
+    EventType.SESSION_COMPLETED: lambda raw: _session_changed(snapshots.load_session(raw)),
+    EventType.SESSION_CANCELLED: lambda raw: SessionChanged(*snapshots.load_settlement(raw)),
+    EventType.CREDITS_GRANTED: snapshots.load_account,
+    EventType.INVOICE_CREATED: snapshots.load_invoice,
+    EventType.INVOICE_CHANGED: snapshots.load_invoice,
+    EventType.INVOICE_SUBMITTED: snapshots.load_invoice,
+}
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidRequest.single("page_size", "must not be negative")
+    if requested > MAX_PAGE_SIZE:
+        raise InvalidRequest.single("page_size", f"must be at most {MAX_PAGE_SIZE}")
+    return requested or DEFAULT_PAGE_SIZE
+
+
+@dataclass
+class EventServices:
+    core: Services
+    retention: timedelta = DEFAULT_RETENTION
+    # How often a follower looks for commits made by other server processes.
+    poll_seconds: float = 0.5
+
+    def list_events(
+        self, who: Principal, after: str, size: int, types: Sequence[EventType]
+    ) -> list[FeedEvent]:
+        cursor = outbox.decode(after)
+        size = page_size(size)
+        professional_id, client_id = authz.feed_scope(who)
+        with UnitOfWork(self.core.storage, write=False):
+            stored = outbox.read(cursor, size, types, professional_id, client_id)
+        return [
+            FeedEvent(s.event_id, s.cursor.encode(), s.type, s.subject, s.time, _LOAD[s.type](s.data))
+            for s in stored
+        ]
+
+    def follow(
+        self, who: Principal, after: str, types: Sequence[EventType], keep_going: Callable[[], bool]
+    ) -> Iterator[FeedEvent]:
+        """The events after `after`, then each new one as it commits, while `keep_going()`."""
+        cursor = after
+        while keep_going():
+            seen = self.core.signal.commits
+            page = self.list_events(who, cursor, MAX_PAGE_SIZE, types)
+            for event in page:
+                yield event
+                cursor = event.cursor
+            if len(page) < MAX_PAGE_SIZE:
+                self.core.signal.wait(seen, self.poll_seconds)
+
+    def prune(self) -> int:
+        """Deletes the events older than the retention period, a batch per transaction."""
+        total = 0
+        while True:
+            with UnitOfWork(self.core.storage) as uow:
+                now = self.core.clock.now()
+                deleted = outbox.prune(now - self.retention, PRUNE_BATCH, now)
+                uow.commit()
+            total += deleted
+            if deleted < PRUNE_BATCH:
+                return total
