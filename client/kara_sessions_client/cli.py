@@ -34,6 +34,7 @@ from .client import (
     RetryPolicy,
     SessionsClient,
 )
+from .cloud_events import cloud_event
 from .invoice_export import write_csv
 
 _RELATIVE = re.compile(r"^([+-])(\d+(?:\.\d+)?)([smhd])$")
@@ -468,6 +469,32 @@ def invoice_export(ctx: click.Context, invoice_id: str, fmt: str, output: TextIO
     if found.state != ipb.INVOICE_STATE_SUBMITTED:
         click.echo(f"warning: invoice {invoice_id} is a draft; submit it before sending it", err=True)
     write_csv(found, output)
+
+
+@main.command()
+@click.option("--after", default="", help="Start just after this event's cursor (default: the oldest kept).")
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    help="Only events of this type (repeatable), e.g. kara.sessions.v1.session.cancelled.",
+)
+@click.option("--follow", is_flag=True, help="Keep running and print each new event as it commits.")
+@click.pass_context
+def events(ctx: click.Context, after: str, types: tuple[str, ...], follow: bool) -> None:
+    """Print events as CloudEvents JSON, one object per line (pipe into jq).
+
+    Each line carries its cursor as the `karacursor` attribute: store the last one you handled
+    and pass it to --after to resume exactly after it. With --follow, a dropped connection is
+    retried with backoff from the last cursor.
+    """
+    with _client(ctx) as client:
+        try:
+            for event in client.events(after, types, follow=follow):
+                click.echo(json.dumps(cloud_event(event), separators=(",", ":")))
+                sys.stdout.flush()
+        except KaraError as exc:
+            _fail(ctx, exc)
 
 
 @main.command("bulk-cancel")

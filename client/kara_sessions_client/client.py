@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -24,7 +24,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from kara.sessions.v1 import credits_pb2 as cpb
-from kara.sessions.v1 import credits_pb2_grpc, invoices_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import credits_pb2_grpc, events_pb2_grpc, invoices_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import events_pb2 as epb
 from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import sessions_pb2 as pb
 
@@ -46,6 +47,9 @@ SESSION_STATES = {
 # Transient failures worth another attempt. A mutation is retried with its request_id, so the
 # server applies it at most once even when the first attempt committed but its answer was lost.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# An event stream that ends for one of these is reopened from the last cursor: the server went
+# away or is shutting down (CANCELLED, UNAVAILABLE), or has no stream to spare right now.
+STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,7 @@ class SessionsClient:
         self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
         self.credits = credits_pb2_grpc.CreditServiceStub(self.channel)
         self.invoices = invoices_pb2_grpc.InvoiceServiceStub(self.channel)
+        self.feed = events_pb2_grpc.EventServiceStub(self.channel)
 
     def __enter__(self) -> SessionsClient:
         return self
@@ -369,6 +374,56 @@ class SessionsClient:
     def submit_invoice(self, invoice_id: str, request_id: str | None = None) -> ipb.Invoice:
         request = ipb.SubmitInvoiceRequest(invoice_id=invoice_id, request_id=request_id or new_request_id())
         return self._call(self.invoices.SubmitInvoice, request, ipb.Invoice)
+
+    # --- events ---
+
+    def list_events(self, after: str = "", types: Sequence[str] = (), page_size: int = 0) -> list[epb.Event]:
+        """One page of events after the cursor `after` ("" = the oldest kept), oldest first."""
+        request = epb.ListEventsRequest(after=after, page_size=page_size, types=types)
+        return list(self._call(self.feed.ListEvents, request, epb.ListEventsResponse).events)
+
+    def events(
+        self, after: str = "", types: Sequence[str] = (), *, follow: bool = False
+    ) -> Iterator[epb.Event]:
+        """Every event after the cursor `after`, oldest first, each exactly once.
+
+        Without `follow`, the events there are now, then the iterator ends. With `follow`, then
+        each new event as it commits, for as long as you iterate: a stream that drops (the
+        server restarts, the network blips) is reopened with backoff from the cursor of the last
+        event received. Store `event.cursor` once you have handled an event and pass it as
+        `after` when your process starts again. A cursor older than the server keeps raises
+        KaraError OUT_OF_RANGE (resynchronise from the current state)."""
+        if not follow:
+            yield from self._pages(after, types)
+            return
+        cursor = after
+        failures = 0
+        while True:
+            stream = self.feed.StreamEvents(
+                epb.StreamEventsRequest(after=cursor, types=types), metadata=self.metadata
+            )
+            try:
+                for event in stream:
+                    failures = 0
+                    yield event
+                    cursor = event.cursor
+            except grpc.RpcError as exc:
+                error = KaraError.from_rpc_error(exc)
+                if error.code not in STREAM_RETRYABLE:
+                    raise error from None
+            finally:
+                stream.cancel()
+            time.sleep(self.retry.delay(min(failures, 16)))
+            failures += 1
+
+    def _pages(self, after: str, types: Sequence[str]) -> Iterator[epb.Event]:
+        cursor = after
+        while True:
+            page = self.list_events(cursor, types, page_size=1000)
+            yield from page
+            if not page:
+                return
+            cursor = page[-1].cursor
 
 
 __all__ = ["NO_RETRY", "TLS", "KaraError", "RetryPolicy", "SessionsClient"]
