@@ -25,6 +25,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
             "--no-postgres",
             "--growth-sizes",
             "200,2000",
+            "--event-count",
+            "20",
             "--json",
             str(out),
         ],
@@ -52,6 +54,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert profile["transition_us"] > 0 and profile["service_cancel_us"] > profile["transition_us"]
     assert abs(sum(profile["shares"].values()) - 1) < 1e-6
     assert "PostgreSQL skipped: --no-postgres" in results["skipped"][0]
+    assert [(d["database"], d["events"]) for d in results["event_delivery"]] == [("sqlite", 20)]
+    assert 0 < results["event_delivery"][0]["p50_ms"] <= results["event_delivery"][0]["p99_ms"]
     durability = [(r["synchronous"], r["workload"]) for r in results["durability"]]
     assert durability == [("normal", "book"), ("normal", "cancel"), ("full", "book"), ("full", "cancel")]
     assert all(r["rps"] > 0 and not r["errors"] for r in results["durability"])
