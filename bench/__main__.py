@@ -13,11 +13,13 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +178,46 @@ def bench_database(
     return runs
 
 
+def bench_event_delivery(name: str, url: str, workdir: Path, count: int) -> dict[str, Any]:
+    """How long a committed cancellation takes to reach a consumer's open StreamEvents: from the
+    event's time (taken in the cancellation's transaction, just before its commit) to its arrival
+    at the consumer. The cancellations go one at a time, a few milliseconds apart."""
+    arrivals: list[float] = []
+    log = workdir / f"server-{name}-events.log"
+    with server(url, log) as target, SessionsClient(target) as kara, SessionsClient(target) as consumer:
+        kara.grant_credits(CLIENTS[0], count)
+        starts = datetime.now(UTC) + timedelta(days=3)
+        sessions = [kara.book(CLIENTS[0], BENCH_PROFESSIONAL, starts).session_id for _ in range(count)]
+        # No session has been cancelled yet: the stream's backlog is empty.
+        stream = consumer.events("", ["kara.sessions.v1.session.cancelled"], follow=True)
+        done = threading.Event()
+
+        def consume() -> None:
+            for event in stream:
+                arrivals.append(time.time() - event.time.ToDatetime(tzinfo=UTC).timestamp())
+                if len(arrivals) == count:
+                    done.set()
+                    return
+
+        threading.Thread(target=consume, daemon=True).start()
+        time.sleep(0.3)
+        for session_id in sessions:
+            kara.cancel(session_id, "client")
+            time.sleep(0.005)
+        done.wait(60)
+    lags = sorted(arrivals)
+    result = {
+        "database": name,
+        "events": len(lags),
+        "p50_ms": _percentile(lags, 0.50) * 1000,
+        "p99_ms": _percentile(lags, 0.99) * 1000,
+        "max_ms": (lags[-1] * 1000) if lags else float("nan"),
+    }
+    p50, p99 = result["p50_ms"], result["p99_ms"]
+    click.echo(f"  {name:<10} cancellation -> open stream: p50 {p50:.2f} ms, p99 {p99:.2f} ms", err=True)
+    return result
+
+
 def bench_durability(workdir: Path, duration: float, concurrency: int = 8) -> list[dict[str, Any]]:
     """BookSession and CancelSession on SQLite with synchronous NORMAL and FULL, one after the other
     in the same run: what syncing the WAL on every commit costs."""
@@ -332,6 +374,14 @@ def machine() -> dict[str, Any]:
 )
 @click.option("--no-profile", is_flag=True, help="Skip the in-process cancellation profile.")
 @click.option("--no-durability", is_flag=True, help="Skip comparing SQLite synchronous=NORMAL with FULL.")
+@click.option("--no-events", is_flag=True, help="Skip the event-delivery measurement.")
+@click.option(
+    "--event-count",
+    type=click.IntRange(1, 100_000),
+    default=300,
+    show_default=True,
+    help="Cancellations whose delivery to an open stream is timed.",
+)
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write results here."
 )
@@ -343,6 +393,8 @@ def main(
     growth_sizes: str,
     no_profile: bool,
     no_durability: bool,
+    no_events: bool,
+    event_count: int,
     json_path: str | None,
 ) -> None:
     """Benchmark kara-sessions on this machine."""
@@ -381,6 +433,13 @@ def main(
             with make_url() as url:
                 runs += bench_database(name, url, list(concurrencies), duration, workdir)
         results["runs"] = [asdict(r) for r in runs]
+
+        if not no_events:
+            results["event_delivery"] = []
+            for name, make_url in databases:
+                click.echo(f"{name}: from a committed cancellation to an open event stream", err=True)
+                with make_url() as url:
+                    results["event_delivery"].append(bench_event_delivery(name, url, workdir, event_count))
 
         growth: list[Growth] = []
         if growth_sizes != "none":

@@ -7,12 +7,51 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+NAMES = {
+    "ceiling": "ceiling: Health.Check",
+    "book": "BookSession",
+    "cancel": "CancelSession",
+    "get_payment": "GetPayment",
+    "list_payments": "ListPayments (50)",
+}
+
 
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _durability_table(rows: list[dict[str, Any]], names: dict[str, str]) -> Table:
+def _growth_table(rows: list[dict[str, Any]]) -> Table:
+    growth = Table(title="Growth: the same reads on a small and a large database (8 in flight)")
+    for col in ("database", "RPC", "sessions", "req/s", "p50 ms", "p50 large/small"):
+        growth.add_column(col, justify="left" if col in ("database", "RPC") else "right")
+    for g in rows:
+        growth.add_row(
+            g["database"],
+            g["workload"],
+            f"{g['small']:,} -> {g['large']:,}",
+            f"{g['rps_small']:.0f} -> {g['rps_large']:.0f}",
+            f"{g['p50_ms_small']:.2f} -> {g['p50_ms_large']:.2f}",
+            f"{g['ratio']:.2f}",
+        )
+    return growth
+
+
+def _delivery_table(rows: list[dict[str, Any]]) -> Table:
+    delivery = Table(title="From a committed cancellation to its arrival on an open StreamEvents")
+    for col in ("database", "events", "p50 ms", "p99 ms", "max ms"):
+        delivery.add_column(col, justify="left" if col == "database" else "right")
+    for d in rows:
+        delivery.add_row(
+            d["database"],
+            str(d["events"]),
+            _num(d["p50_ms"], ".2f"),
+            _num(d["p99_ms"], ".2f"),
+            _num(d["max_ms"], ".2f"),
+        )
+    return delivery
+
+
+def _durability_table(rows: list[dict[str, Any]]) -> Table:
     durable = Table(title="SQLite durability: synchronous=NORMAL against FULL (the default), same run")
     for col in ("RPC", "in flight", "synchronous", "req/s", "p50 ms", "p99 ms", "req/s vs normal"):
         durable.add_column(col, justify="left" if col in ("RPC", "synchronous") else "right")
@@ -20,7 +59,7 @@ def _durability_table(rows: list[dict[str, Any]], names: dict[str, str]) -> Tabl
     for r in rows:
         base = normal.get(r["workload"])
         durable.add_row(
-            names.get(r["workload"], r["workload"]),
+            NAMES.get(r["workload"], r["workload"]),
             str(r["concurrency"]),
             r["synchronous"],
             _num(r["rps"], ".0f"),
@@ -55,13 +94,7 @@ def print_report(results: dict[str, Any]) -> None:
         "errors",
     ):
         table.add_column(col, justify="left" if col in ("database", "RPC", "errors") else "right")
-    names = {
-        "ceiling": "ceiling: Health.Check",
-        "book": "BookSession",
-        "cancel": "CancelSession",
-        "get_payment": "GetPayment",
-        "list_payments": "ListPayments (50)",
-    }
+    names = NAMES
     for r in results.get("runs", []):
         table.add_row(
             r["database"],
@@ -77,22 +110,13 @@ def print_report(results: dict[str, Any]) -> None:
     console.print(table)
 
     if results.get("growth"):
-        growth = Table(title="Growth: the same reads on a small and a large database (8 in flight)")
-        for col in ("database", "RPC", "sessions", "req/s", "p50 ms", "p50 large/small"):
-            growth.add_column(col, justify="left" if col in ("database", "RPC") else "right")
-        for g in results["growth"]:
-            growth.add_row(
-                g["database"],
-                g["workload"],
-                f"{g['small']:,} -> {g['large']:,}",
-                f"{g['rps_small']:.0f} -> {g['rps_large']:.0f}",
-                f"{g['p50_ms_small']:.2f} -> {g['p50_ms_large']:.2f}",
-                f"{g['ratio']:.2f}",
-            )
-        console.print(growth)
+        console.print(_growth_table(results["growth"]))
+
+    if results.get("event_delivery"):
+        console.print(_delivery_table(results["event_delivery"]))
 
     if results.get("durability"):
-        console.print(_durability_table(results["durability"], names))
+        console.print(_durability_table(results["durability"]))
 
     if results.get("profile"):
         p = results["profile"]
