@@ -18,6 +18,8 @@ from kara_sessions_server.adapters.storage import open_storage
 from kara_sessions_server.domain.clock import SystemClock
 from kara_sessions_server.domain.model import BookSession, CancelSession, GrantCredits, Party, Session
 from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE
+from kara_sessions_server.domain.programme import DEFAULT_TERMS
+from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.services import Services
 
 WHO = UNAUTHENTICATED_SERVICE
@@ -60,6 +62,7 @@ def profile_cancellation(workdir: Path, n: int = 2000) -> CancellationProfile:
     try:
         migrations.prepare(storage)
         services = Services(storage, SystemClock())
+        ProgrammeServices(services).ensure_default(DEFAULT_TERMS.notice_window)
         sessions = _book(services, n, "client-a")
         now = datetime.now(UTC)
         started = time.perf_counter()

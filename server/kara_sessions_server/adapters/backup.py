@@ -10,22 +10,26 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kara_sessions_server.domain.model import PAYMENT_FOR_STATE, SessionState
+from kara_sessions_server.adapters.storage import EPOCH
+from kara_sessions_server.domain.model import PaymentState, Session, SessionState, Waiver, payment_state
+from kara_sessions_server.domain.programme import DEFAULT_TERMS
 
 _BALANCES = """
-SELECT a.client_id, a.available, a.held, a.used,
+SELECT a.client_id, a.programme_id, a.available, a.held, a.used,
        COALESCE(SUM(CASE WHEN e.kind = 'GRANT' THEN e.credits END), 0),
        COALESCE(SUM(CASE WHEN e.kind = 'HOLD' THEN e.credits END), 0),
        COALESCE(SUM(CASE WHEN e.kind = 'RETURN' THEN e.credits END), 0),
-       COALESCE(SUM(CASE WHEN e.kind = 'TAKE' THEN e.credits END), 0)
-FROM credit_accounts a LEFT JOIN ledger_entries e ON e.client_id = a.client_id
-GROUP BY a.client_id, a.available, a.held, a.used
+       COALESCE(SUM(CASE WHEN e.kind = 'TAKE' THEN e.credits END), 0),
+       COALESCE(SUM(CASE WHEN e.kind = 'REFUND' THEN e.credits END), 0)
+FROM credit_accounts a
+LEFT JOIN ledger_entries e ON e.client_id = a.client_id AND e.programme_id = a.programme_id
+GROUP BY a.client_id, a.programme_id, a.available, a.held, a.used
 """
 _PAYMENTS = (
-    "SELECT s.session_id, s.state, p.state FROM sessions s "
+    "SELECT s.session_id, s.state, s.no_show_takes_credit, s.waived_at, p.state FROM sessions s "
     "LEFT JOIN payments p ON p.session_id = s.session_id"
 )
 
@@ -97,18 +101,33 @@ def verify(path: Path) -> Verified:
             raise BackupError(f"integrity check failed: {'; '.join(integrity[:5])}")
         version = _version(db)
         accounts = db.execute(_BALANCES).fetchall()
-        for client_id, available, held, used, granted, hold, returned, taken in accounts:
-            if (available, held, used) != (granted - hold + returned, hold - returned - taken, taken):
-                raise BackupError(f"credit account {client_id} disagrees with its ledger")
+        for client_id, programme_id, available, held, used, g, h, r, t, f in accounts:
+            if (available, held, used) != (g - h + r + f, h - r - t, t - f):
+                raise BackupError(
+                    f"credit account {client_id} (programme {programme_id}) disagrees with its ledger"
+                )
         sessions = db.execute(_PAYMENTS).fetchall()
-        for session_id, state, payment in sessions:
-            if payment != PAYMENT_FOR_STATE[SessionState(state)].value:
+        for session_id, state, no_show_takes, waived_at, payment in sessions:
+            expected = _payment(SessionState(state), bool(no_show_takes), waived_at is not None)
+            if payment != expected.value:
                 raise BackupError(f"session {session_id} is {state} but its payment is {payment}")
         return Verified(version, len(sessions), len(accounts))
     except sqlite3.Error as exc:
         raise BackupError(f"{path} is not a readable kara-sessions database: {exc}") from exc
     finally:
         db.close()
+
+
+def _payment(state: SessionState, no_show_takes_credit: bool, waived: bool) -> PaymentState:
+    """What the session's payment must be: the domain's rule, from the columns it reads."""
+    terms = replace(DEFAULT_TERMS, no_show_takes_credit=no_show_takes_credit)
+    session = Session(
+        "", "", "", EPOCH, EPOCH, EPOCH, state, 0, terms=terms, waiver=_WAIVED if waived else None
+    )
+    return payment_state(session)
+
+
+_WAIVED = Waiver(EPOCH, "", "")
 
 
 def _version(db: sqlite3.Connection) -> int:

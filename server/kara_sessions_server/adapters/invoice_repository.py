@@ -16,7 +16,14 @@ from typing import Any
 
 from kara_sessions_server.adapters.pagination import cut, decode
 from kara_sessions_server.adapters.session_repository import S_SESSION_COLUMNS, session_from_row
-from kara_sessions_server.adapters.storage import from_micros, micros_or_none, sql, time_or_none, to_micros
+from kara_sessions_server.adapters.storage import (
+    from_micros,
+    micros_or_none,
+    on_sqlite,
+    sql,
+    time_or_none,
+    to_micros,
+)
 from kara_sessions_server.domain.errors import (
     Conflict,
     InvoiceNotDraft,
@@ -61,6 +68,10 @@ _UNINVOICED_PAID = (
     " AND NOT EXISTS (SELECT 1 FROM invoice_lines l WHERE l.session_id = p.session_id)"
     " ORDER BY p.session_starts_at, p.session_id LIMIT ?"
 )
+# PostgreSQL: lock the sessions read for invoicing until the transaction ends, so a WaiveCharge
+# (which updates the session's row) and an invoice cannot both go through on one session: the
+# second waits for the first and then sees it. SQLite has one writer at a time already.
+_LOCK_SESSIONS = " FOR UPDATE OF s"
 # Summaries for the list: the line count and total are summed here, never stored twice.
 _LIST_INVOICES = (
     "SELECT i.invoice_id, i.professional_id, i.state, i.version, i.created_at, i.updated_at, "
@@ -70,6 +81,10 @@ _LIST_INVOICES = (
     "GROUP BY i.invoice_id, i.professional_id, i.state, i.version, i.created_at, i.updated_at, "
     "i.submitted_at ORDER BY i.created_at DESC, i.invoice_id DESC LIMIT ?"
 )
+
+
+def _locking() -> str:
+    return "" if on_sqlite() else _LOCK_SESSIONS
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -220,13 +235,14 @@ def invoices_of(session_ids: Sequence[str]) -> dict[str, str]:
 
 
 def candidates(session_ids: Sequence[str]) -> dict[str, Candidate]:
-    """The sessions among `session_ids` that exist, each with the invoice it is on."""
+    """The sessions among `session_ids` that exist, each with the invoice it is on; locked in
+    session_id order on PostgreSQL (see _LOCK_SESSIONS; one order, so no deadlock)."""
     found: dict[str, Candidate] = {}
-    for chunk in _chunks(session_ids):
+    for chunk in _chunks(sorted(session_ids)):
         text = (
             f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM sessions s "
             "LEFT JOIN invoice_lines l ON l.session_id = s.session_id "
-            f"WHERE s.session_id IN ({_marks(len(chunk))})"
+            f"WHERE s.session_id IN ({_marks(len(chunk))}) ORDER BY s.session_id{_locking()}"
         )
         for row in sql(text, chunk).fetchall():
             session = session_from_row(row[:-1])
@@ -236,7 +252,7 @@ def candidates(session_ids: Sequence[str]) -> dict[str, Candidate]:
 
 def uninvoiced_paid(professional_id: str, up_to: datetime, limit: int) -> list[Candidate]:
     """The professional's paid sessions on no invoice that start at or before `up_to`, oldest first."""
-    rows = sql(_UNINVOICED_PAID, (professional_id, to_micros(up_to), limit)).fetchall()
+    rows = sql(_UNINVOICED_PAID + _locking(), (professional_id, to_micros(up_to), limit)).fetchall()
     return [Candidate(session_from_row(row), "") for row in rows]
 
 

@@ -12,42 +12,102 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import peewee as pw
 from playhouse.migrate import Operation, PostgresqlMigrator, SchemaMigrator, SqliteMigrator, migrate
 
+from kara_sessions_server.adapters import programme_repository
 from kara_sessions_server.adapters.storage import (
     TABLES,
+    CreditAccountRow,
+    DurationField,
     EventRetentionRow,
     EventRow,
     InvoiceAuditRow,
     InvoiceLineRow,
     InvoiceRow,
+    ProgrammeRow,
     SchemaVersionRow,
     Storage,
     Table,
+    UtcTimestampField,
 )
+from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, default_programme
 
 # Any fixed number: PostgreSQL advisory locks are keyed by an integer.
 _PG_LOCK_KEY = 0x6B61_7261
 
 
 @dataclass(frozen=True, slots=True)
+class Context:
+    """What a migration may need to know of how the server ran before it."""
+
+    # The --notice-window-hours the server ran with: what sessions booked before programmes
+    # were promised (schema version 5).
+    notice_window: timedelta = timedelta(hours=24)
+
+
+@dataclass(frozen=True, slots=True)
 class Migration:
     version: int
     description: str
-    operations: Callable[[SchemaMigrator], list[Operation]] = lambda m: []
+    operations: Callable[[SchemaMigrator, Storage], list[Operation]] = lambda m, s: []
     # Created from their models as they are now. A later step that alters one of these tables
     # must first freeze its shape here (test_migrations compares the result with a fresh schema).
     tables: tuple[type[Table], ...] = ()
+    # Moves data, after the operations and the new tables, in the same transaction.
+    data: Callable[[Storage, Context], None] = lambda s, c: None
+
+
+def _v5_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
+    """Sessions record their programme and terms; ledger entries their programme; the old
+    one-per-client credit_accounts makes way for one per client and programme (filled by
+    _v5_data). The columns are frozen here as version 5 defines them."""
+    session_columns = {
+        "programme_id": pw.CharField(max_length=64, default=DEFAULT_PROGRAMME_ID),
+        "notice_window": DurationField(default=DEFAULT_TERMS.notice_window),
+        "professional_may_charge_late": pw.BooleanField(default=True),
+        "no_show_takes_credit": pw.BooleanField(default=True),
+        "no_show_at": UtcTimestampField(null=True),
+        "waived_at": UtcTimestampField(null=True),
+        "waived_by": pw.CharField(max_length=160, null=True),
+        "waive_reason": pw.TextField(null=True),
+    }
+    ops = [m.add_column("sessions", name, field) for name, field in session_columns.items()]
+    ops += [
+        m.add_column(
+            "ledger_entries", "programme_id", pw.CharField(max_length=64, default=DEFAULT_PROGRAMME_ID)
+        ),
+        m.drop_index("ledger_entries", "ledger_entries_client_id_entry_id"),
+        m.add_index("ledger_entries", ("client_id", "programme_id", "entry_id"), False),
+        m.rename_table("credit_accounts", "credit_accounts_v4"),
+    ]
+    if not storage.is_sqlite:
+        # PostgreSQL names the primary key's index after the table it was made for.
+        ops.append(m.sql("ALTER INDEX credit_accounts_pkey RENAME TO credit_accounts_v4_pkey"))
+    return ops
+
+
+def _v5_data(storage: Storage, context: Context) -> None:
+    now = datetime.now(UTC)
+    db = storage.db
+    window = context.notice_window // timedelta(microseconds=1)
+    db.execute_sql(f"UPDATE sessions SET notice_window = {db.param}", (window,))
+    copy = (
+        "INSERT INTO credit_accounts (client_id, programme_id, available, held, used, updated_at) "
+        f"SELECT client_id, {db.param}, available, held, used, updated_at FROM credit_accounts_v4"
+    )
+    db.execute_sql(copy, (DEFAULT_PROGRAMME_ID,))
+    db.execute_sql("DROP TABLE credit_accounts_v4")
+    programme_repository.add(default_programme(now, context.notice_window))
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
         "audit_log.principal: the authenticated caller of each change",
-        lambda m: [m.add_column("audit_log", "principal", pw.CharField(max_length=160, null=True))],
+        lambda m, s: [m.add_column("audit_log", "principal", pw.CharField(max_length=160, null=True))],
     ),
     Migration(
         3,
@@ -58,6 +118,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         4,
         "events and event_retention: the outbox other services read through EventService",
         tables=(EventRow, EventRetentionRow),
+    ),
+    Migration(
+        5,
+        "programmes: credits per programme, each session's terms, no-shows and waivers",
+        _v5_operations,
+        tables=(ProgrammeRow, CreditAccountRow),
+        data=_v5_data,
     ),
 )
 BASELINE = 1
@@ -115,7 +182,7 @@ def pending(storage: Storage) -> list[Migration]:
 
 
 def upgrade(
-    storage: Storage, on_step: Callable[[Migration], None] = lambda m: None
+    storage: Storage, on_step: Callable[[Migration], None] = lambda m: None, context: Context = Context()
 ) -> tuple[int | None, int]:
     """Brings the schema to LATEST, one committed step per migration. Returns (from, to)."""
     with _locked(storage):
@@ -130,8 +197,9 @@ def upgrade(
             # Re-read under the lock: another process may have applied this step meanwhile.
             if _version_or_baseline(storage) >= step.version:
                 continue
-            migrate(*step.operations(_migrator(storage)))
+            migrate(*step.operations(_migrator(storage), storage))
             storage.db.create_tables(step.tables)
+            step.data(storage, context)
             _stamp(step.version)
         on_step(step)
     return start, LATEST

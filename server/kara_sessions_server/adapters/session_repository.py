@@ -13,9 +13,8 @@ from typing import Any
 
 from kara_sessions_server.adapters.pagination import cut, decode
 from kara_sessions_server.adapters.storage import from_micros, micros_or_none, sql, time_or_none, to_micros
-from kara_sessions_server.domain.errors import Conflict, NotFound, SessionNotBooked
+from kara_sessions_server.domain.errors import Conflict, NotFound, NotWaivable, SessionNotBooked
 from kara_sessions_server.domain.model import (
-    PAYMENT_FOR_STATE,
     Cancellation,
     Page,
     Party,
@@ -23,15 +22,20 @@ from kara_sessions_server.domain.model import (
     PaymentSection,
     Session,
     SessionState,
+    Waiver,
     payment_of,
+    payment_state,
 )
 from kara_sessions_server.domain.principal import Principal
+from kara_sessions_server.domain.programme import Terms
 
 _MICROSECOND = timedelta(microseconds=1)
 
 SESSION_COLUMNS = (
     "session_id, client_id, professional_id, starts_at, booked_at, updated_at, state, version, credits, "
-    "cancelled_by, cancelled_at, notified_at, notice, late, charge_client, reason, completed_at"
+    "cancelled_by, cancelled_at, notified_at, notice, late, charge_client, reason, completed_at, "
+    "programme_id, notice_window, professional_may_charge_late, no_show_takes_credit, no_show_at, "
+    "waived_at, waived_by, waive_reason"
 )
 # The same, for a query that joins sessions as `s`.
 S_SESSION_COLUMNS = ", ".join(f"s.{c.strip()}" for c in SESSION_COLUMNS.split(","))
@@ -42,7 +46,8 @@ _GET_SESSION_AND_INVOICE = (
 )
 _INSERT_SESSION = (
     "INSERT INTO sessions (session_id, client_id, professional_id, starts_at, booked_at, updated_at, "
-    "state, version, credits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "state, version, credits, programme_id, notice_window, professional_may_charge_late, "
+    "no_show_takes_credit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_PAYMENT = (
     "INSERT INTO payments (session_id, client_id, professional_id, session_starts_at, state, section, "
@@ -50,7 +55,8 @@ _INSERT_PAYMENT = (
 )
 _CHANGE_SESSION = (
     "UPDATE sessions SET state = ?, version = ?, updated_at = ?, completed_at = ?, cancelled_by = ?, "
-    "cancelled_at = ?, notified_at = ?, notice = ?, late = ?, charge_client = ?, reason = ? "
+    "cancelled_at = ?, notified_at = ?, notice = ?, late = ?, charge_client = ?, reason = ?, "
+    "no_show_at = ?, waived_at = ?, waived_by = ?, waive_reason = ? "
     "WHERE session_id = ? AND state = ? AND version = ?"
 )
 _CHANGE_PAYMENT = (
@@ -78,7 +84,9 @@ _LIST_PAYMENTS_AFTER = _LIST_PAYMENTS.format(
 
 
 def session_from_row(row: Sequence[Any]) -> Session:
-    (sid, client, pro, starts, booked, updated, state, version, credits, *cancel, completed) = row
+    (sid, client, pro, starts, booked, updated, state, version, credits, *rest) = row
+    cancel = rest[:7]
+    completed, programme_id, window, may_charge, no_show_takes, no_show_at, *waiver = rest[7:]
     return Session(
         session_id=sid,
         client_id=client,
@@ -91,7 +99,16 @@ def session_from_row(row: Sequence[Any]) -> Session:
         credits=credits,
         cancellation=_cancellation(cancel),
         completed_at=time_or_none(completed),
+        programme_id=programme_id,
+        terms=Terms(timedelta(microseconds=window), bool(may_charge), bool(no_show_takes)),
+        no_show_at=time_or_none(no_show_at),
+        waiver=_waiver(waiver),
     )
+
+
+def _waiver(cols: Sequence[Any]) -> Waiver | None:
+    at, by, reason = cols
+    return None if at is None else Waiver(from_micros(at), by, reason or "")
 
 
 def _cancellation(cols: Sequence[Any]) -> Cancellation | None:
@@ -137,6 +154,10 @@ def add_session(session: Session) -> None:
             session.state.value,
             session.version,
             session.credits,
+            session.programme_id,
+            session.terms.notice_window // _MICROSECOND,
+            session.terms.professional_may_charge_late,
+            session.terms.no_show_takes_credit,
         ),
     )
     payment = payment_of(session)
@@ -158,6 +179,7 @@ def add_session(session: Session) -> None:
 def change_state(before: Session, after: Session) -> None:
     """Writes `after` only if the row is still exactly `before` (same state and version)."""
     c = after.cancellation
+    w = after.waiver
     changed = sql(
         _CHANGE_SESSION,
         (
@@ -172,6 +194,10 @@ def change_state(before: Session, after: Session) -> None:
             c.late if c else None,
             c.charge_client if c else None,
             c.reason if c else None,
+            micros_or_none(after.no_show_at),
+            micros_or_none(w.waived_at) if w else None,
+            w.waived_by if w else None,
+            w.reason if w else None,
             before.session_id,
             before.state.value,
             before.version,
@@ -179,15 +205,15 @@ def change_state(before: Session, after: Session) -> None:
     ).rowcount
     if changed != 1:
         _raise_lost_race(before)
-    payment_state = PAYMENT_FOR_STATE[after.state]
+    paid = payment_state(after)
     changed = sql(
         _CHANGE_PAYMENT,
         (
-            payment_state.value,
-            payment_state.section.value,
+            paid.value,
+            paid.section.value,
             to_micros(after.updated_at),
             before.session_id,
-            PAYMENT_FOR_STATE[before.state].value,
+            payment_state(before).value,
         ),
     ).rowcount
     if changed != 1:
@@ -196,6 +222,11 @@ def change_state(before: Session, after: Session) -> None:
 
 def _raise_lost_race(before: Session) -> None:
     current = get_session(before.session_id)
+    if current.waiver is not None and before.waiver is None:
+        raise NotWaivable(
+            f"session {before.session_id}'s charge was waived by another request",
+            metadata={"session_id": before.session_id, "state": current.state.value},
+        )
     if current.state is not SessionState.BOOKED:
         raise SessionNotBooked(
             f"session {before.session_id} is {current.state.value}, not BOOKED; it was changed by "
@@ -218,8 +249,10 @@ def audit(
     now: datetime,
 ) -> None:
     """`actor` is the party the domain acted for (CLIENT, PROFESSIONAL, SYSTEM); `principal` the
-    authenticated caller who asked."""
-    c = after.cancellation
+    authenticated caller who asked. A cancellation's details are recorded with it, a waiver's
+    reason with the waiver."""
+    c = None if action == "WAIVE" else after.cancellation
+    reason = after.waiver.reason if action == "WAIVE" and after.waiver else (c.reason if c else None)
     sql(
         _INSERT_AUDIT,
         (
@@ -232,7 +265,7 @@ def audit(
             micros_or_none(c.notified_at) if c else None,
             c.notice // _MICROSECOND if c else None,
             c.charge_client if c else None,
-            c.reason if c else None,
+            reason,
             request_id,
             to_micros(now),
         ),

@@ -17,8 +17,10 @@ from kara_sessions_server.domain.model import (
     Payment,
     Session,
     SessionState,
+    Waiver,
     payment_of,
 )
+from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, Programme, Terms
 
 
 def _dt(value: datetime | None) -> str | None:
@@ -70,7 +72,42 @@ def _session(s: Session) -> dict[str, Any]:
         "credits": s.credits,
         "cancellation": _cancellation(s.cancellation),
         "completed_at": _dt(s.completed_at),
+        "programme_id": s.programme_id,
+        "terms": _terms(s.terms),
+        "no_show_at": _dt(s.no_show_at),
+        "waiver": None
+        if s.waiver is None
+        else {
+            "waived_at": _dt(s.waiver.waived_at),
+            "waived_by": s.waiver.waived_by,
+            "reason": s.waiver.reason,
+        },
     }
+
+
+def _terms(t: Terms) -> dict[str, Any]:
+    return {
+        "notice_window_us": t.notice_window // timedelta(microseconds=1),
+        "professional_may_charge_late": t.professional_may_charge_late,
+        "no_show_takes_credit": t.no_show_takes_credit,
+    }
+
+
+def _load_terms(d: dict[str, Any] | None) -> Terms:
+    """Results stored before programmes have none: those sessions were booked under the defaults."""
+    if d is None:
+        return DEFAULT_TERMS
+    return Terms(
+        notice_window=timedelta(microseconds=d["notice_window_us"]),
+        professional_may_charge_late=d["professional_may_charge_late"],
+        no_show_takes_credit=d["no_show_takes_credit"],
+    )
+
+
+def _load_waiver(d: dict[str, Any] | None) -> Waiver | None:
+    if d is None:
+        return None
+    return Waiver(datetime.fromisoformat(d["waived_at"]), d["waived_by"], d["reason"])
 
 
 def _load_session(d: dict[str, Any]) -> Session:
@@ -86,6 +123,10 @@ def _load_session(d: dict[str, Any]) -> Session:
         credits=d["credits"],
         cancellation=_load_cancellation(d["cancellation"]),
         completed_at=_parse_dt(d["completed_at"]),
+        programme_id=d.get("programme_id", DEFAULT_PROGRAMME_ID),
+        terms=_load_terms(d.get("terms")),
+        no_show_at=_parse_dt(d.get("no_show_at")),
+        waiver=_load_waiver(d.get("waiver")),
     )
 
 
@@ -123,12 +164,51 @@ def load_settlement(raw: str) -> tuple[Session, Payment]:
 
 
 def dump_account(a: CreditAccount) -> str:
-    return json.dumps({"client_id": a.client_id, "available": a.available, "held": a.held, "used": a.used})
+    return json.dumps(
+        {
+            "client_id": a.client_id,
+            "programme_id": a.programme_id,
+            "available": a.available,
+            "held": a.held,
+            "used": a.used,
+        }
+    )
 
 
 def load_account(raw: str) -> CreditAccount:
     d = json.loads(raw)
-    return CreditAccount(client_id=d["client_id"], available=d["available"], held=d["held"], used=d["used"])
+    return CreditAccount(
+        client_id=d["client_id"],
+        available=d["available"],
+        held=d["held"],
+        used=d["used"],
+        programme_id=d.get("programme_id", DEFAULT_PROGRAMME_ID),
+    )
+
+
+def dump_programme(p: Programme) -> str:
+    return json.dumps(
+        {
+            "programme_id": p.programme_id,
+            "display_name": p.display_name,
+            "terms": _terms(p.terms),
+            "created_at": _dt(p.created_at),
+            "updated_at": _dt(p.updated_at),
+            "version": p.version,
+        }
+    )
+
+
+def load_programme(raw: str) -> Programme:
+    d = json.loads(raw)
+    return Programme(
+        programme_id=d["programme_id"],
+        display_name=d["display_name"],
+        terms=_load_terms(d["terms"]),
+        created_at=datetime.fromisoformat(d["created_at"]),
+        updated_at=datetime.fromisoformat(d["updated_at"]),
+        version=d["version"],
+    )
 
 
 def _invoice_line(line: InvoiceLine) -> dict[str, Any]:

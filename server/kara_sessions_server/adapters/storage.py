@@ -14,6 +14,8 @@ import peewee as pw
 from playhouse.db_url import parseresult_to_dict
 from playhouse.pool import PooledDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
 
+from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS
+
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT_DATABASE_URL = "sqlite:///kara-sessions.db"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -85,6 +87,16 @@ class SessionRow(Table):
     charge_client = pw.BooleanField(null=True)
     reason = pw.TextField(null=True)
     completed_at = UtcTimestampField(null=True)
+    # Schema version 5: the programme and its terms when the session was booked (the defaults
+    # are what every session booked before programmes was promised), no-shows and waivers.
+    programme_id = pw.CharField(max_length=64, default=DEFAULT_PROGRAMME_ID)
+    notice_window = DurationField(default=DEFAULT_TERMS.notice_window)
+    professional_may_charge_late = pw.BooleanField(default=DEFAULT_TERMS.professional_may_charge_late)
+    no_show_takes_credit = pw.BooleanField(default=DEFAULT_TERMS.no_show_takes_credit)
+    no_show_at = UtcTimestampField(null=True)
+    waived_at = UtcTimestampField(null=True)
+    waived_by = pw.CharField(max_length=160, null=True)
+    waive_reason = pw.TextField(null=True)
 
     class Meta:
         table_name = "sessions"
@@ -112,7 +124,10 @@ class PaymentRow(Table):
 
 
 class CreditAccountRow(Table):
-    client_id = pw.CharField(primary_key=True, max_length=128)
+    """One account per client and programme (schema version 5; before it, per client)."""
+
+    client_id = pw.CharField(max_length=128)
+    programme_id = pw.CharField(max_length=64)
     available = pw.IntegerField(constraints=[pw.Check("available >= 0")])
     held = pw.IntegerField(constraints=[pw.Check("held >= 0")])
     used = pw.IntegerField(constraints=[pw.Check("used >= 0")])
@@ -120,6 +135,7 @@ class CreditAccountRow(Table):
 
     class Meta:
         table_name = "credit_accounts"
+        primary_key = pw.CompositeKey("client_id", "programme_id")
 
 
 class LedgerEntryRow(Table):
@@ -130,11 +146,12 @@ class LedgerEntryRow(Table):
     session_id = pw.CharField(max_length=64, null=True)
     request_id = pw.CharField(max_length=128)
     created_at = UtcTimestampField()
+    programme_id = pw.CharField(max_length=64, default=DEFAULT_PROGRAMME_ID)
 
     class Meta:
         table_name = "ledger_entries"
         indexes = (
-            (("client_id", "entry_id"), False),
+            (("client_id", "programme_id", "entry_id"), False),
             # A session's credit moves exactly once per kind: held once, then returned or taken once.
             (("session_id", "kind"), True),
         )
@@ -217,6 +234,21 @@ class InvoiceAuditRow(Table):
         table_name = "invoice_audit"
 
 
+class ProgrammeRow(Table):
+    programme_id = pw.CharField(primary_key=True, max_length=64)
+    display_name = pw.CharField(max_length=200)
+    notice_window = DurationField()
+    professional_may_charge_late = pw.BooleanField()
+    no_show_takes_credit = pw.BooleanField()
+    # Bumped by every change; UpdateProgramme's conditional UPDATE checks it.
+    version = pw.IntegerField()
+    created_at = UtcTimestampField()
+    updated_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "programmes"
+
+
 class EventRow(Table):
     """The outbox (issue 12): one row per committed change, written in the change's transaction.
     The feed's order is (txid, position); see outbox.py for why a sequence alone is not enough."""
@@ -279,6 +311,7 @@ TABLES: list[type[Table]] = [
     InvoiceAuditRow,
     EventRow,
     EventRetentionRow,
+    ProgrammeRow,
     SchemaVersionRow,
 ]
 

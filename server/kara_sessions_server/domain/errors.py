@@ -157,3 +157,25 @@ class CursorExpired(DomainError):
     resynchronise from the current state instead of silently missing events."""
 
     reason = "CURSOR_EXPIRED"
+
+
+class ChargeNotAllowedByProgramme(PreconditionFailed):
+    """The session's programme does not let a professional charge a late cancellation."""
+
+    reason = "CHARGE_NOT_ALLOWED_BY_PROGRAMME"
+
+
+class NotWaivable(PreconditionFailed):
+    """Only a taken credit of a late cancellation or a no-show can be waived, once."""
+
+    reason = "NOT_WAIVABLE"
+
+
+class OnInvoice(PreconditionFailed):
+    """The session is on an invoice: take it off the draft first (a submitted one is final)."""
+
+    reason = "ON_INVOICE"
+
+
+class AlreadyExists(DomainError):
+    reason = "ALREADY_EXISTS"

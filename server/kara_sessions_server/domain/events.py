@@ -36,4 +36,14 @@ class FeedAppended:
     type: str
 
 
-Event = SessionCancelled | CreditsMoved | InvoiceChanged | FeedAppended
+@dataclass(frozen=True, slots=True)
+class NoShowMarked:
+    charged: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeWaived:
+    pass
+
+
+Event = SessionCancelled | CreditsMoved | InvoiceChanged | FeedAppended | NoShowMarked | ChargeWaived

@@ -9,17 +9,22 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kara_sessions_server.domain.model import CreditAccount, Invoice, Payment, Session
+from kara_sessions_server.domain.programme import Programme
 
 
 class EventType(enum.StrEnum):
     SESSION_BOOKED = "kara.sessions.v1.session.booked"
     SESSION_CANCELLED = "kara.sessions.v1.session.cancelled"
     SESSION_COMPLETED = "kara.sessions.v1.session.completed"
+    SESSION_NO_SHOW = "kara.sessions.v1.session.no_show"
+    SESSION_CHARGE_WAIVED = "kara.sessions.v1.session.charge_waived"
     CREDITS_GRANTED = "kara.sessions.v1.credits.granted"
     INVOICE_CREATED = "kara.sessions.v1.invoice.created"
     # Lines added or removed while DRAFT.
     INVOICE_CHANGED = "kara.sessions.v1.invoice.changed"
     INVOICE_SUBMITTED = "kara.sessions.v1.invoice.submitted"
+    PROGRAMME_CREATED = "kara.sessions.v1.programme.created"
+    PROGRAMME_UPDATED = "kara.sessions.v1.programme.updated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +50,11 @@ class Change:
     def of_invoice(cls, type: EventType, invoice: Invoice) -> Change:
         return cls(type, invoice.invoice_id, invoice.professional_id, None)
 
+    @classmethod
+    def of_programme(cls, type: EventType, programme: Programme) -> Change:
+        """Read by services only: no professional or client is named."""
+        return cls(type, programme.programme_id)
+
 
 @dataclass(frozen=True, slots=True)
 class SessionChanged:
@@ -52,7 +62,7 @@ class SessionChanged:
     payment: Payment
 
 
-FeedData = SessionChanged | CreditAccount | Invoice
+FeedData = SessionChanged | CreditAccount | Invoice | Programme
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kara_sessions_server.domain.errors import PreconditionViolation, SessionsRefused, TooManySessions
-from kara_sessions_server.domain.model import PAYMENT_FOR_STATE, Invoice, InvoiceLine, Session, paid_reason
+from kara_sessions_server.domain.model import Invoice, InvoiceLine, Session, paid_reason, payment_state
 
 # Keeps an invoice (every line comes back with it) well under the 1 MiB message limit.
 MAX_INVOICE_LINES = 1000
@@ -51,7 +51,7 @@ def _violation(professional_id: str, candidate: Candidate) -> PreconditionViolat
             "SESSION_NOT_PAID",
             subject(s.session_id),
             f"session {s.session_id} is {s.state.value} and its payment "
-            f"{PAYMENT_FOR_STATE[s.state].value}; only a session whose payment is PAID can be invoiced",
+            f"{payment_state(s).value}; only a session whose payment is PAID can be invoiced",
         )
     if candidate.invoice_id:
         return PreconditionViolation(

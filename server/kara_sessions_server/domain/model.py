@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
+from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, ProgrammeChanges, Terms
+
 T = TypeVar("T")
 
 # One booking holds one sponsored credit.
@@ -18,6 +20,8 @@ class SessionState(enum.StrEnum):
     CANCELLED_VOIDED = "CANCELLED_VOIDED"
     CANCELLED_PAID = "CANCELLED_PAID"
     COMPLETED = "COMPLETED"
+    # The client did not come; the session's terms say whether the credit is taken.
+    NO_SHOW = "NO_SHOW"
 
 
 class Party(enum.StrEnum):
@@ -47,6 +51,8 @@ class PaidReason(enum.StrEnum):
     CLIENT_LATE_CANCELLATION = "CLIENT_LATE_CANCELLATION"
     # A professional's late cancellation with "Charge the client for this session" ticked.
     CHARGED_LATE_CANCELLATION = "CHARGED_LATE_CANCELLATION"
+    # The client did not come, under terms that charge a no-show.
+    NO_SHOW = "NO_SHOW"
 
 
 class InvoiceState(enum.StrEnum):
@@ -59,9 +65,13 @@ class LedgerKind(enum.StrEnum):
     HOLD = "HOLD"
     RETURN = "RETURN"
     TAKE = "TAKE"
+    # A waived charge: the taken credit goes back (used -1, available +1).
+    REFUND = "REFUND"
 
 
-# The payment each session state implies; the state machine and the payment never disagree.
+# The payment each session state implies, where the state alone decides it; the state machine
+# and the payment never disagree. A NO_SHOW's payment follows its terms, and a waiver voids a
+# payment (payment_state below).
 PAYMENT_FOR_STATE: dict[SessionState, PaymentState] = {
     SessionState.BOOKED: PaymentState.PENDING,
     SessionState.CANCELLED_VOIDED: PaymentState.VOIDED,
@@ -69,12 +79,19 @@ PAYMENT_FOR_STATE: dict[SessionState, PaymentState] = {
     SessionState.COMPLETED: PaymentState.PAID,
 }
 
-# What happens to the held credit on entering a settled state.
+# What happens to the held credit on entering a settled state (a NO_SHOW: see credit_move).
 CREDIT_MOVE_FOR_STATE: dict[SessionState, LedgerKind] = {
     SessionState.CANCELLED_VOIDED: LedgerKind.RETURN,
     SessionState.CANCELLED_PAID: LedgerKind.TAKE,
     SessionState.COMPLETED: LedgerKind.TAKE,
 }
+
+
+def credit_move(state: SessionState, terms: Terms) -> LedgerKind | None:
+    """What entering `state` does with the held credit under `terms`; None for BOOKED."""
+    if state is SessionState.NO_SHOW:
+        return LedgerKind.TAKE if terms.no_show_takes_credit else LedgerKind.RETURN
+    return CREDIT_MOVE_FOR_STATE.get(state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +102,15 @@ class Cancellation:
     notice: timedelta
     late: bool
     charge_client: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Waiver:
+    """A charge waived afterwards: who (the principal) waived it, when and why."""
+
+    waived_at: datetime
+    waived_by: str
     reason: str
 
 
@@ -101,6 +127,11 @@ class Session:
     credits: int = CREDITS_PER_SESSION
     cancellation: Cancellation | None = None
     completed_at: datetime | None = None
+    # The programme whose credit the session holds, and its terms when the session was booked.
+    programme_id: str = DEFAULT_PROGRAMME_ID
+    terms: Terms = DEFAULT_TERMS
+    no_show_at: datetime | None = None
+    waiver: Waiver | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,14 +147,31 @@ class Payment:
     paid_reason: PaidReason | None = None
     # The invoice this paid session is on; "" while on none.
     invoice_id: str = ""
+    programme_id: str = DEFAULT_PROGRAMME_ID
+    terms: Terms = DEFAULT_TERMS
+    waiver: Waiver | None = None
 
     @property
     def section(self) -> PaymentSection:
         return self.state.section
 
 
+def payment_state(session: Session) -> PaymentState:
+    """The session's payment: PENDING while booked, PAID while its credit is taken, else VOIDED."""
+    if session.state is SessionState.BOOKED:
+        return PaymentState.PENDING
+    if session.waiver is not None:
+        return PaymentState.VOIDED
+    taken = credit_move(session.state, session.terms) is LedgerKind.TAKE
+    return PaymentState.PAID if taken else PaymentState.VOIDED
+
+
 def paid_reason(session: Session) -> PaidReason | None:
-    """Why the session's credit was taken; None while it is not (booked or voided)."""
+    """Why the session's credit was taken; None while it is not (booked, voided or waived)."""
+    if payment_state(session) is not PaymentState.PAID:
+        return None
+    if session.state is SessionState.NO_SHOW:
+        return PaidReason.NO_SHOW
     if session.state is SessionState.COMPLETED:
         return PaidReason.COMPLETED
     if session.state is SessionState.CANCELLED_PAID:
@@ -142,12 +190,15 @@ def payment_of(session: Session, invoice_id: str = "") -> Payment:
         client_id=session.client_id,
         professional_id=session.professional_id,
         session_starts_at=session.starts_at,
-        state=PAYMENT_FOR_STATE[session.state],
+        state=payment_state(session),
         credits=session.credits,
         updated_at=session.updated_at,
         cancellation=session.cancellation,
         paid_reason=paid_reason(session),
         invoice_id=invoice_id,
+        programme_id=session.programme_id,
+        terms=session.terms,
+        waiver=session.waiver,
     )
 
 
@@ -208,6 +259,8 @@ class CreditAccount:
     used: int
     entries: tuple[LedgerEntry, ...] = field(default=())
     next_page_token: str = ""
+    # A client has one account per programme.
+    programme_id: str = DEFAULT_PROGRAMME_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +278,7 @@ class BookSession:
     professional_id: str
     starts_at: datetime
     request_id: str
+    programme_id: str = DEFAULT_PROGRAMME_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,9 +298,38 @@ class CompleteSession:
 
 
 @dataclass(frozen=True, slots=True)
+class MarkNoShow:
+    session_id: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class WaiveCharge:
+    session_id: str
+    reason: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class GrantCredits:
     client_id: str
     credits: int
+    request_id: str
+    programme_id: str = DEFAULT_PROGRAMME_ID
+
+
+@dataclass(frozen=True, slots=True)
+class CreateProgramme:
+    programme_id: str
+    display_name: str
+    terms: Terms
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateProgramme:
+    programme_id: str
+    changes: ProgrammeChanges
     request_id: str
 
 

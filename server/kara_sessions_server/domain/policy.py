@@ -1,5 +1,8 @@
 """The sponsored-credit cancellation policy (help-centre article), as pure functions.
 
+The window and whether a professional may charge are the session's programme's terms as they
+were when it was booked (programme.py); the article's are the default programme's.
+
 | who cancels  | notice          | charge box    | outcome                       |
 |--------------|-----------------|---------------|-------------------------------|
 | client       | >= window       | (not theirs)  | VOIDED: credit returned       |
@@ -7,6 +10,7 @@
 | client       | <  window       | (automatic)   | PAID: credit taken            |
 | professional | <  window       | ticked        | PAID: credit taken            |
 | professional | <  window       | clear         | VOIDED: credit returned       |
+| professional | <  window       | ticked, but the programme forbids it: refused      |
 
 The article speaks of "more than" and "less than" 24 hours and leaves exactly 24 hours open;
 we resolve it in the client's favour: notice >= window is enough notice.
@@ -18,13 +22,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kara_sessions_server.domain.errors import (
+    ChargeNotAllowedByProgramme,
     ChargeNotAllowedWithNotice,
     InvalidRequest,
     SessionAlreadyStarted,
 )
 from kara_sessions_server.domain.model import CancelSession, Party, Session
-
-DEFAULT_NOTICE_WINDOW = timedelta(hours=24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +41,6 @@ class Notice:
 
 @dataclass(frozen=True, slots=True)
 class CancellationPolicy:
-    notice_window: timedelta = DEFAULT_NOTICE_WINDOW
-
     def validate_request(self, command: CancelSession, now: datetime) -> None:
         """Rules that need no session: checked before anything is loaded."""
         if command.cancelled_by is Party.CLIENT and command.charge_client:
@@ -82,17 +83,25 @@ class CancellationPolicy:
                 "(set notified_at)",
                 metadata={"session_id": session.session_id, "starts_at": session.starts_at.isoformat()},
             )
+        window = session.terms.notice_window
         notice = session.starts_at - notified_at
-        late = notice < self.notice_window
+        late = notice < window
         if command.charge_client and not late:
             raise ChargeNotAllowedWithNotice(
-                f"the client gave {_hours(notice)} of notice (at least {_hours(self.notice_window)}); "
-                "under the programme's terms they must not be charged: clear charge_client",
+                f"the client gave {_hours(notice)} of notice (at least {_hours(window)}); under the terms "
+                f"of programme {session.programme_id!r} they must not be charged: clear charge_client",
                 metadata={
                     "session_id": session.session_id,
+                    "programme_id": session.programme_id,
                     "notice_seconds": str(int(notice.total_seconds())),
-                    "notice_window_seconds": str(int(self.notice_window.total_seconds())),
+                    "notice_window_seconds": str(int(window.total_seconds())),
                 },
+            )
+        if command.charge_client and not session.terms.professional_may_charge_late:
+            raise ChargeNotAllowedByProgramme(
+                f"programme {session.programme_id!r} does not let a professional charge a late "
+                "cancellation: clear charge_client (the credit goes back to the client)",
+                metadata={"session_id": session.session_id, "programme_id": session.programme_id},
             )
         return Notice(notified_at=notified_at, notice=notice, late=late)
 

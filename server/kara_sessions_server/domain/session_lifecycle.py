@@ -14,26 +14,38 @@ from typing import Any
 
 from transitions import EventData, MachineError
 
-from kara_sessions_server.domain.errors import SessionNotBooked, SessionNotStarted
+from kara_sessions_server.domain.errors import NotWaivable, OnInvoice, SessionNotBooked, SessionNotStarted
 from kara_sessions_server.domain.machines import Lifecycle, attached, shared_machine
 from kara_sessions_server.domain.model import (
-    CREDIT_MOVE_FOR_STATE,
-    PAYMENT_FOR_STATE,
     Cancellation,
     CancellationOutcome,
     CancelSession,
+    LedgerKind,
+    PaymentState,
     Session,
     SessionState,
+    Waiver,
+    credit_move,
+    payment_state,
 )
 from kara_sessions_server.domain.policy import CancellationPolicy, Notice
 
 _S = SessionState
+_DONE = {"cancel": "cancelled", "complete": "completed", "no_show": "marked as a no-show", "waive": "waived"}
 
 TRANSITIONS: list[dict[str, Any]] = [
     # Order matters: the first transition whose guards pass wins.
     {"trigger": "cancel", "source": _S.BOOKED, "dest": _S.CANCELLED_PAID, "conditions": ["client_pays"]},
     {"trigger": "cancel", "source": _S.BOOKED, "dest": _S.CANCELLED_VOIDED},
     {"trigger": "complete", "source": _S.BOOKED, "dest": _S.COMPLETED, "conditions": ["has_started"]},
+    {"trigger": "no_show", "source": _S.BOOKED, "dest": _S.NO_SHOW, "conditions": ["has_started"]},
+    # Internal: the state stays; the payment becomes VOIDED and the credit goes back.
+    {
+        "trigger": "waive",
+        "source": [_S.CANCELLED_PAID, _S.NO_SHOW],
+        "dest": None,
+        "conditions": ["credit_taken", "on_no_invoice"],
+    },
 ]
 
 
@@ -46,6 +58,8 @@ class _SessionModel:
         self.policy = policy
         self.now = now
         self.notice: Notice | None = None
+        # Whether the event fired a transition (transitions returns False when no guard passed).
+        self.fired = False
 
     # machine-level prepare_event: runs once per event, after the source state is accepted
     def prepare(self, event: EventData) -> None:
@@ -68,6 +82,16 @@ class _SessionModel:
     def has_started(self, event: EventData) -> bool:
         """The session's start time has come."""
         return self.now >= self.session.starts_at
+
+    def credit_taken(self, event: EventData) -> bool:
+        """The payment is PAID: the credit was taken (by a late cancellation, or a no-show its
+        terms charge) and not already waived."""
+        return payment_state(self.session) is PaymentState.PAID
+
+    def on_no_invoice(self, event: EventData) -> bool:
+        """The session is on no invoice (a draft's line must be removed first; a submitted
+        invoice is final)."""
+        return not event.kwargs["invoice_id"]
 
 
 SESSION_LIFECYCLE = Lifecycle(
@@ -94,32 +118,75 @@ class SessionLifecycle:
             charge_client=command.charge_client,
             reason=command.reason,
         )
+        move = credit_move(new_state, session.terms)
+        assert move is not None
         return CancellationOutcome(
             session_state=new_state,
-            payment_state=PAYMENT_FOR_STATE[new_state],
+            payment_state=PaymentState.PAID if move is LedgerKind.TAKE else PaymentState.VOIDED,
             cancellation=cancellation,
-            credit_move=CREDIT_MOVE_FOR_STATE[new_state],
+            credit_move=move,
         )
 
     def complete(self, session: Session, now: datetime) -> Session:
-        model = self._fire(session, now, "complete")
-        if SessionState(model.state) is not SessionState.COMPLETED:
-            raise SessionNotStarted(
-                f"session {session.session_id} starts at {session.starts_at.isoformat()}; "
-                "it can be completed only once it has started",
-                metadata={"session_id": session.session_id, "starts_at": session.starts_at.isoformat()},
-            )
+        self._started(session, now, "complete", "completed")
         return replace(session, state=SessionState.COMPLETED, completed_at=now, updated_at=now)
 
+    def no_show(self, session: Session, now: datetime) -> tuple[Session, LedgerKind]:
+        """The client did not come: the session and what its terms do with the held credit."""
+        self._started(session, now, "no_show", "marked as a no-show")
+        after = replace(session, state=SessionState.NO_SHOW, no_show_at=now, updated_at=now)
+        move = credit_move(SessionState.NO_SHOW, session.terms)
+        assert move is not None
+        return after, move
+
+    def waive(self, session: Session, invoice_id: str, waived_by: str, reason: str, now: datetime) -> Session:
+        """Waives the charge on a session whose credit was taken; refused otherwise."""
+        why_not = (
+            "only the charge of a late cancellation or of a no-show can be waived, while its credit is taken"
+        )
+        try:
+            waived = self._fire(session, now, "waive", invoice_id=invoice_id).fired
+        except SessionNotBooked:
+            raise NotWaivable(
+                f"session {session.session_id} is {session.state.value}: {why_not}",
+                metadata={"session_id": session.session_id, "state": session.state.value},
+            ) from None
+        if not waived:
+            if payment_state(session) is not PaymentState.PAID:
+                raise NotWaivable(
+                    f"session {session.session_id}'s payment is {payment_state(session).value}"
+                    f"{' (already waived)' if session.waiver else ''}: {why_not}",
+                    metadata={"session_id": session.session_id, "state": session.state.value},
+                )
+            raise on_invoice_refusal(session, invoice_id)
+        return replace(session, waiver=Waiver(now, waived_by, reason), updated_at=now)
+
+    def _started(self, session: Session, now: datetime, trigger: str, done: str) -> None:
+        if not self._fire(session, now, trigger).fired:
+            raise SessionNotStarted(
+                f"session {session.session_id} starts at {session.starts_at.isoformat()}; "
+                f"it can be {done} only once it has started",
+                metadata={"session_id": session.session_id, "starts_at": session.starts_at.isoformat()},
+            )
+
     def _fire(self, session: Session, now: datetime, trigger: str, **kwargs: Any) -> _SessionModel:
+        """Fires `trigger`; the model says whether a transition fired (all of its guards passed)."""
         model = _SessionModel(session, self.policy, now)
         with attached(_MACHINE, model, session.state.value):
             try:
-                getattr(model, trigger)(**kwargs)
+                model.fired = bool(getattr(model, trigger)(**kwargs))
             except MachineError as exc:
                 raise SessionNotBooked(
                     f"session {session.session_id} is {session.state.value}, not BOOKED; only a booked "
-                    f"session can be {'cancelled' if trigger == 'cancel' else 'completed'}",
+                    f"session can be {_DONE[trigger]}",
                     metadata={"session_id": session.session_id, "state": session.state.value},
                 ) from exc
         return model
+
+
+def on_invoice_refusal(session: Session, invoice_id: str) -> OnInvoice:
+    return OnInvoice(
+        f"session {session.session_id} is on invoice {invoice_id}: remove it from that draft invoice "
+        "first (a submitted invoice is final)",
+        metadata={"session_id": session.session_id, "invoice_id": invoice_id},
+    )

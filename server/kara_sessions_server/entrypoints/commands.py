@@ -88,7 +88,8 @@ database_option = _option(
     type=click.FloatRange(min=0, min_open=True),
     default=24.0,
     show_default=True,
-    help="Notice at least this long is enough notice; shorter is a late cancellation.",
+    help="The default programme's notice window when the server first creates that programme (an "
+    "empty database); afterwards change it with `kara-sessions programme update default`.",
 )
 @_option("--tokens-file", "TOKENS_FILE", type=FILE, help="TOML file of bearer-token hashes and principals.")
 @_option("--tls-cert", "TLS_CERT", type=FILE, help="PEM server certificate chain.")
@@ -235,7 +236,15 @@ def serve(
 @config_option
 @database_option
 @click.option("--check", is_flag=True, help="Change nothing; exit 1 if the schema is not current.")
-def migrate(database_url: str, check: bool) -> None:
+@click.option(
+    "--notice-window-hours",
+    type=click.FloatRange(min=0, min_open=True),
+    default=24.0,
+    show_default=True,
+    help="Upgrading to version 5 (programmes): the --notice-window-hours the server ran with, which "
+    "sessions booked before programmes were promised and the default programme keeps.",
+)
+def migrate(database_url: str, check: bool, notice_window_hours: float) -> None:
     """Upgrade the database schema to this version's (one transaction per step)."""
     import peewee as pw
 
@@ -254,7 +263,9 @@ def migrate(database_url: str, check: bool) -> None:
             click.echo(f"schema is {'not ' if steps else ''}current (this version: {migrations.LATEST})")
             sys.exit(1 if steps else 0)
         start, end = migrations.upgrade(
-            storage, lambda step: click.echo(f"applied {step.version}: {step.description}")
+            storage,
+            lambda step: click.echo(f"applied {step.version}: {step.description}"),
+            migrations.Context(notice_window=timedelta(hours=notice_window_hours)),
         )
         if start is None:
             click.echo(f"created the schema at version {end}")

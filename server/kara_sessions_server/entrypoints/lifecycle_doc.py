@@ -10,19 +10,17 @@ from __future__ import annotations
 import copy
 import inspect
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from transitions.extensions.diagrams import GraphMachine
 
+from kara_sessions_server.adapters.storage import EPOCH
 from kara_sessions_server.domain.invoice_lifecycle import INVOICE_LIFECYCLE
 from kara_sessions_server.domain.machines import Lifecycle
-from kara_sessions_server.domain.model import (
-    CREDIT_MOVE_FOR_STATE,
-    PAYMENT_FOR_STATE,
-    LedgerKind,
-    SessionState,
-)
+from kara_sessions_server.domain.model import LedgerKind, Session, SessionState, credit_move, payment_state
+from kara_sessions_server.domain.programme import DEFAULT_TERMS, Terms
 from kara_sessions_server.domain.session_lifecycle import SESSION_LIFECYCLE
 
 DEFAULT_PATH = Path("docs/lifecycle.md")
@@ -67,16 +65,30 @@ def transition_table(lifecycle: Lifecycle) -> list[str]:
     for n, t in enumerate(lifecycle.transitions, start=1):
         dest = t["dest"].value if t["dest"] is not None else "(stays; internal)"
         guards = "; ".join(f"`{g}`: {_doc(lifecycle, g)}" for g in t.get("conditions", [])) or "none"
-        rows.append(f"| {n} | `{t['trigger']}` | {t['source'].value} | {dest} | {guards} |")
+        sources = t["source"] if isinstance(t["source"], list) else [t["source"]]
+        source = " or ".join(state.value for state in sources)
+        rows.append(f"| {n} | `{t['trigger']}` | {source} | {dest} | {guards} |")
     return rows
 
 
+def _outcome(state: SessionState, terms: Terms) -> tuple[str, str]:
+    session = Session("", "", "", EPOCH, EPOCH, EPOCH, state, 0, terms=terms)
+    payment = payment_state(session)
+    return f"{payment.value} ({payment.section.value.title()})", _CREDIT[credit_move(state, terms)]
+
+
 def session_states() -> list[str]:
+    """Each state's payment and credit, from the domain's own rules (payment_state, credit_move),
+    under terms that charge a no-show and terms that do not."""
     rows = ["| session state | payment (section) | credit |", "|---|---|---|"]
+    charged, free = DEFAULT_TERMS, replace(DEFAULT_TERMS, no_show_takes_credit=False)
     for state in SessionState:
-        payment = PAYMENT_FOR_STATE[state]
-        credit = _CREDIT[CREDIT_MOVE_FOR_STATE.get(state)]
-        rows.append(f"| {state.value} | {payment.value} ({payment.section.value.title()}) | {credit} |")
+        (pay, credit), (pay_free, credit_free) = _outcome(state, charged), _outcome(state, free)
+        if (pay, credit) != (pay_free, credit_free):
+            pay = f"{pay} if the terms charge a no-show, else {pay_free}"
+            credit = f"{credit}, else {credit_free}"
+        rows.append(f"| {state.value} | {pay} | {credit} |")
+    rows.append("| CANCELLED_PAID or NO_SHOW after `waive` | VOIDED (Unpaid) | given back (REFUND) |")
     return rows
 
 
@@ -113,8 +125,7 @@ def render() -> str:
     )
     lines += [
         "",
-        "What each state means for the payment and the credit (`PAYMENT_FOR_STATE`,",
-        "`CREDIT_MOVE_FOR_STATE`):",
+        "What each state means for the payment and the credit (`payment_state`, `credit_move`):",
         "",
     ]
     lines += session_states()

@@ -122,3 +122,16 @@ def feed_scope(principal: Principal) -> tuple[str | None, str | None]:
     if principal.role is Role.CLIENT:
         return None, principal.id
     return None, None
+
+
+def check_professional_act(principal: Principal, session: Session, what: str) -> None:
+    """Acts only the session's professional (or a service) may take: a no-show, a waiver."""
+    if principal.role is Role.CLIENT:
+        raise _deny(f"a client may not {what}; the session's professional may", session_id=session.session_id)
+    if not is_party_to(principal, session):
+        raise session_denied(session.session_id)
+
+
+def check_manage_programmes(principal: Principal) -> None:
+    if not principal.is_service:
+        raise _deny("only a trusted service may create or change programmes")

@@ -33,10 +33,14 @@ _LOAD: dict[EventType, Callable[[str], FeedData]] = {
     EventType.SESSION_BOOKED: lambda raw: _session_changed(snapshots.load_session(raw)),
     EventType.SESSION_COMPLETED: lambda raw: _session_changed(snapshots.load_session(raw)),
     EventType.SESSION_CANCELLED: lambda raw: SessionChanged(*snapshots.load_settlement(raw)),
+    EventType.SESSION_NO_SHOW: lambda raw: SessionChanged(*snapshots.load_settlement(raw)),
+    EventType.SESSION_CHARGE_WAIVED: lambda raw: SessionChanged(*snapshots.load_settlement(raw)),
     EventType.CREDITS_GRANTED: snapshots.load_account,
     EventType.INVOICE_CREATED: snapshots.load_invoice,
     EventType.INVOICE_CHANGED: snapshots.load_invoice,
     EventType.INVOICE_SUBMITTED: snapshots.load_invoice,
+    EventType.PROGRAMME_CREATED: snapshots.load_programme,
+    EventType.PROGRAMME_UPDATED: snapshots.load_programme,
 }
 
 

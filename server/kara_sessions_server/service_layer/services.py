@@ -13,12 +13,28 @@ from typing import TypeVar
 
 import peewee as pw
 
-from kara_sessions_server.adapters import idempotency, ledger, outbox, session_repository, snapshots
+from kara_sessions_server.adapters import (
+    idempotency,
+    invoice_repository,
+    ledger,
+    outbox,
+    programme_repository,
+    session_repository,
+    snapshots,
+)
+from kara_sessions_server.adapters.ledger import Account
 from kara_sessions_server.adapters.pagination import page_size
 from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.errors import InvalidRequest, PreconditionFailed
-from kara_sessions_server.domain.events import CreditsMoved, Event, FeedAppended, SessionCancelled
+from kara_sessions_server.domain.events import (
+    ChargeWaived,
+    CreditsMoved,
+    Event,
+    FeedAppended,
+    NoShowMarked,
+    SessionCancelled,
+)
 from kara_sessions_server.domain.feed import Change, EventType
 from kara_sessions_server.domain.model import (
     CREDITS_PER_SESSION,
@@ -29,16 +45,20 @@ from kara_sessions_server.domain.model import (
     CreditAccount,
     GrantCredits,
     LedgerKind,
+    MarkNoShow,
     Page,
+    Party,
     Payment,
     PaymentSection,
     Session,
     SessionState,
+    WaiveCharge,
     payment_of,
 )
 from kara_sessions_server.domain.policy import CancellationPolicy
-from kara_sessions_server.domain.principal import Principal
-from kara_sessions_server.domain.session_lifecycle import SessionLifecycle
+from kara_sessions_server.domain.principal import Principal, Role
+from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID
+from kara_sessions_server.domain.session_lifecycle import SessionLifecycle, on_invoice_refusal
 from kara_sessions_server.service_layer import authz
 from kara_sessions_server.service_layer.commit_signal import CommitSignal
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
@@ -83,18 +103,19 @@ class Services:
                 state=SessionState.BOOKED,
                 version=1,
                 credits=CREDITS_PER_SESSION,
+                programme_id=cmd.programme_id,
+                terms=programme_repository.get(cmd.programme_id).terms,
             )
-            ledger.hold(cmd.client_id, session.session_id, session.credits, cmd.request_id, now)
+            ledger.hold(_account(session), session.session_id, session.credits, cmd.request_id, now)
             session_repository.add_session(session)
             session_repository.audit(None, session, "BOOK", SYSTEM_ACTOR, who, cmd.request_id, now)
             uow.events.append(CreditsMoved(LedgerKind.HOLD, session.credits))
             return session
 
-        params = {
-            "client_id": cmd.client_id,
-            "professional_id": cmd.professional_id,
-            "starts_at": cmd.starts_at,
-        }
+        params = _with_programme(
+            {"client_id": cmd.client_id, "professional_id": cmd.professional_id, "starts_at": cmd.starts_at},
+            cmd.programme_id,
+        )
         return self.mutate(
             who,
             "BookSession",
@@ -118,7 +139,7 @@ class Services:
             after = _apply(before, outcome, now)
             session_repository.change_state(before, after)
             ledger.settle(
-                before.client_id, before.session_id, outcome.credit_move, before.credits, cmd.request_id, now
+                _account(before), before.session_id, outcome.credit_move, before.credits, cmd.request_id, now
             )
             session_repository.audit(
                 before, after, "CANCEL", cmd.cancelled_by.value, who, cmd.request_id, now
@@ -159,7 +180,7 @@ class Services:
             after = replace(self.lifecycle.complete(before, now), version=before.version + 1)
             session_repository.change_state(before, after)
             ledger.settle(
-                before.client_id, before.session_id, LedgerKind.TAKE, before.credits, cmd.request_id, now
+                _account(before), before.session_id, LedgerKind.TAKE, before.credits, cmd.request_id, now
             )
             session_repository.audit(before, after, "COMPLETE", SYSTEM_ACTOR, who, cmd.request_id, now)
             uow.events.append(CreditsMoved(LedgerKind.TAKE, before.credits))
@@ -175,6 +196,70 @@ class Services:
             snapshots.load_session,
             lambda session: Change.of_session(EventType.SESSION_COMPLETED, session),
         )
+
+    def mark_no_show(self, who: Principal, cmd: MarkNoShow) -> tuple[Session, Payment]:
+        def work(uow: UnitOfWork, now: datetime) -> tuple[Session, Payment]:
+            before = _load_session(who, cmd.session_id)
+            authz.check_professional_act(who, before, "mark a session as a no-show")
+            noshow, move = self.lifecycle.no_show(before, now)
+            after = replace(noshow, version=before.version + 1)
+            session_repository.change_state(before, after)
+            ledger.settle(_account(before), before.session_id, move, before.credits, cmd.request_id, now)
+            session_repository.audit(before, after, "NO_SHOW", _actor(who), who, cmd.request_id, now)
+            uow.events.append(NoShowMarked(charged=move is LedgerKind.TAKE))
+            uow.events.append(CreditsMoved(move, before.credits))
+            return after, payment_of(after)
+
+        return self.mutate(
+            who,
+            "MarkNoShow",
+            cmd.request_id,
+            {"session_id": cmd.session_id},
+            work,
+            snapshots.dump_settlement,
+            snapshots.load_settlement,
+            lambda settled: Change.of_session(EventType.SESSION_NO_SHOW, settled[0]),
+        )
+
+    def waive_charge(self, who: Principal, cmd: WaiveCharge) -> tuple[Session, Payment]:
+        def work(uow: UnitOfWork, now: datetime) -> tuple[Session, Payment]:
+            before, invoice_id = self._session_and_invoice(who, cmd.session_id)
+            authz.check_professional_act(who, before, "waive a charge")
+            waived = self.lifecycle.waive(before, invoice_id, str(who), cmd.reason, now)
+            after = replace(waived, version=before.version + 1)
+            # The conditional UPDATE locks the session's row; an AddToInvoice locks it too before
+            # it adds a line, so whichever came second sees the other: look again under the lock.
+            session_repository.change_state(before, after)
+            if on_invoice := invoice_repository.invoices_of([before.session_id]):
+                raise on_invoice_refusal(before, on_invoice[before.session_id])
+            ledger.settle(
+                _account(before), before.session_id, LedgerKind.REFUND, before.credits, cmd.request_id, now
+            )
+            session_repository.audit(before, after, "WAIVE", _actor(who), who, cmd.request_id, now)
+            uow.events.append(ChargeWaived())
+            uow.events.append(CreditsMoved(LedgerKind.REFUND, before.credits))
+            return after, payment_of(after)
+
+        return self.mutate(
+            who,
+            "WaiveCharge",
+            cmd.request_id,
+            {"session_id": cmd.session_id, "reason": cmd.reason},
+            work,
+            snapshots.dump_settlement,
+            snapshots.load_settlement,
+            lambda settled: Change.of_session(EventType.SESSION_CHARGE_WAIVED, settled[0]),
+        )
+
+    @staticmethod
+    def _session_and_invoice(who: Principal, session_id: str) -> tuple[Session, str]:
+        session, invoice_id = authz.found_or_denied(
+            who,
+            lambda: session_repository.get_session_and_invoice(session_id),
+            lambda: authz.session_denied(session_id),
+        )
+        authz.check_session(who, session)
+        return session, invoice_id
 
     def get_session(self, who: Principal, session_id: str) -> Session:
         with UnitOfWork(self.storage, write=False):
@@ -200,13 +285,7 @@ class Services:
 
     def get_payment(self, who: Principal, session_id: str) -> Payment:
         with UnitOfWork(self.storage, write=False):
-            session, invoice_id = authz.found_or_denied(
-                who,
-                lambda: session_repository.get_session_and_invoice(session_id),
-                lambda: authz.session_denied(session_id),
-            )
-            authz.check_session(who, session)
-            return payment_of(session, invoice_id)
+            return payment_of(*self._session_and_invoice(who, session_id))
 
     def list_payments(
         self, who: Principal, professional_id: str, section: PaymentSection, size: int, token: str
@@ -222,26 +301,29 @@ class Services:
         authz.check_grant(who)
 
         def work(uow: UnitOfWork, now: datetime) -> CreditAccount:
-            ledger.grant(cmd.client_id, cmd.credits, cmd.request_id, now)
+            account = Account(cmd.client_id, programme_repository.get(cmd.programme_id).programme_id)
+            ledger.grant(account, cmd.credits, cmd.request_id, now)
             uow.events.append(CreditsMoved(LedgerKind.GRANT, cmd.credits))
-            return ledger.balance(cmd.client_id)
+            return ledger.balance(account)
 
         return self.mutate(
             who,
             "GrantCredits",
             cmd.request_id,
-            {"client_id": cmd.client_id, "credits": cmd.credits},
+            _with_programme({"client_id": cmd.client_id, "credits": cmd.credits}, cmd.programme_id),
             work,
             snapshots.dump_account,
             snapshots.load_account,
             Change.of_account,
         )
 
-    def get_credit_account(self, who: Principal, client_id: str, size: int, token: str) -> CreditAccount:
+    def get_credit_account(
+        self, who: Principal, client_id: str, programme_id: str, size: int, token: str
+    ) -> CreditAccount:
         authz.check_credit_account(who, client_id)
         size = page_size(size)
         with UnitOfWork(self.storage, write=False):
-            return ledger.account(client_id, size, token)
+            return ledger.account(Account(client_id, programme_id), size, token)
 
     # --- idempotent mutation --------------------------------------------------------------
 
@@ -296,6 +378,21 @@ def _load_session(who: Principal, session_id: str) -> Session:
     )
     authz.check_session(who, session)
     return session
+
+
+def _account(session: Session) -> Account:
+    return Account(session.client_id, session.programme_id)
+
+
+def _actor(who: Principal) -> str:
+    """The party a professional's own request acts for; a service acts as the system."""
+    return Party.PROFESSIONAL.value if who.role is Role.PROFESSIONAL else SYSTEM_ACTOR
+
+
+def _with_programme(params: dict[str, object], programme_id: str) -> dict[str, object]:
+    """A request's parameters for its fingerprint. The default programme is left out, so a
+    request_id first used before programmes existed still replays."""
+    return params if programme_id == DEFAULT_PROGRAMME_ID else {**params, "programme_id": programme_id}
 
 
 def _apply(before: Session, outcome: CancellationOutcome, now: datetime) -> Session:

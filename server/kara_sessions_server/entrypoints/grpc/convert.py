@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from kara.sessions.v1 import credits_pb2 as cpb
 from kara.sessions.v1 import events_pb2 as epb
 from kara.sessions.v1 import invoices_pb2 as ipb
+from kara.sessions.v1 import programmes_pb2 as ppb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
@@ -31,7 +33,9 @@ from kara_sessions_server.domain.model import (
     PaymentState,
     Session,
     SessionState,
+    Waiver,
 )
+from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, Programme, Terms
 
 E = TypeVar("E")
 
@@ -46,6 +50,7 @@ SESSION_STATE_TO_PB: dict[SessionState, pb.SessionState] = {
     SessionState.CANCELLED_VOIDED: pb.SESSION_STATE_CANCELLED_VOIDED,
     SessionState.CANCELLED_PAID: pb.SESSION_STATE_CANCELLED_PAID,
     SessionState.COMPLETED: pb.SESSION_STATE_COMPLETED,
+    SessionState.NO_SHOW: pb.SESSION_STATE_NO_SHOW,
 }
 SESSION_STATE_FROM_PB: dict[int, SessionState] = {int(v): k for k, v in SESSION_STATE_TO_PB.items()}
 PARTY_TO_PB: dict[Party, pb.Party] = {
@@ -67,6 +72,7 @@ PAID_REASON_TO_PB: dict[PaidReason, pb.PaidReason] = {
     PaidReason.COMPLETED: pb.PAID_REASON_COMPLETED,
     PaidReason.CLIENT_LATE_CANCELLATION: pb.PAID_REASON_CLIENT_LATE_CANCELLATION,
     PaidReason.CHARGED_LATE_CANCELLATION: pb.PAID_REASON_CHARGED_LATE_CANCELLATION,
+    PaidReason.NO_SHOW: pb.PAID_REASON_NO_SHOW,
 }
 INVOICE_STATE_TO_PB: dict[InvoiceState, ipb.InvoiceState] = {
     InvoiceState.DRAFT: ipb.INVOICE_STATE_DRAFT,
@@ -78,6 +84,7 @@ LEDGER_KIND_TO_PB = {
     LedgerKind.HOLD: cpb.LEDGER_ENTRY_KIND_HOLD,
     LedgerKind.RETURN: cpb.LEDGER_ENTRY_KIND_RETURN,
     LedgerKind.TAKE: cpb.LEDGER_ENTRY_KIND_TAKE,
+    LedgerKind.REFUND: cpb.LEDGER_ENTRY_KIND_REFUND,
 }
 
 
@@ -99,6 +106,21 @@ class RequestReader:
         elif not _ID.fullmatch(value):
             self.fail(field, f"must be 1-{MAX_ID_LENGTH} printable ASCII characters without spaces")
         return value
+
+    def programme_id(self, field: str = "programme_id") -> str:
+        """An optional programme id; empty means the default programme."""
+        return self.id(field, required=False) or DEFAULT_PROGRAMME_ID
+
+    def duration(self, message: Message, field: str, name: str) -> timedelta | None:
+        """`message.field` (a google.protobuf.Duration) as a timedelta; `name` for violations."""
+        if not message.HasField(field):
+            self.fail(name, "is required")
+            return None
+        value: Duration = getattr(message, field)
+        if not -999_999_999 <= value.nanos <= 999_999_999 or (value.seconds > 0 > value.nanos):
+            self.fail(name, "is not a valid duration")
+            return None
+        return value.ToTimedelta()
 
     def ids(self, field: str, max_count: int) -> tuple[str, ...]:
         """A repeated id field: 1..max_count distinct, well-formed ids."""
@@ -183,7 +205,43 @@ def session_pb(s: Session) -> pb.Session:
         msg.cancellation.CopyFrom(cancellation_pb(s.cancellation))
     if s.completed_at is not None:
         msg.completed_at.CopyFrom(timestamp(s.completed_at))
+    msg.programme_id = s.programme_id
+    msg.terms.CopyFrom(terms_pb(s.terms))
+    if s.no_show_at is not None:
+        msg.no_show_at.CopyFrom(timestamp(s.no_show_at))
+    if s.waiver is not None:
+        msg.waiver.CopyFrom(waiver_pb(s.waiver))
     return msg
+
+
+def duration(value: timedelta) -> Duration:
+    d = Duration()
+    d.FromTimedelta(value)
+    return d
+
+
+def terms_pb(t: Terms) -> ppb.ProgrammeTerms:
+    return ppb.ProgrammeTerms(
+        notice_window=duration(t.notice_window),
+        professional_may_charge_late=t.professional_may_charge_late,
+        no_show_takes_credit=t.no_show_takes_credit,
+    )
+
+
+def waiver_pb(w: Waiver) -> pb.Waiver:
+    return pb.Waiver(waived_at=timestamp(w.waived_at), waived_by=w.waived_by, reason=w.reason)
+
+
+def programme_pb(p: Programme) -> ppb.Programme:
+    return ppb.Programme(
+        programme_id=p.programme_id,
+        display_name=p.display_name,
+        notice_window=duration(p.terms.notice_window),
+        professional_may_charge_late=p.terms.professional_may_charge_late,
+        no_show_takes_credit=p.terms.no_show_takes_credit,
+        create_time=timestamp(p.created_at),
+        update_time=timestamp(p.updated_at),
+    )
 
 
 def payment_pb(p: Payment) -> pb.Payment:
@@ -202,6 +260,10 @@ def payment_pb(p: Payment) -> pb.Payment:
         msg.paid_reason = PAID_REASON_TO_PB[p.paid_reason]
     if p.cancellation is not None:
         msg.cancellation.CopyFrom(cancellation_pb(p.cancellation))
+    msg.programme_id = p.programme_id
+    msg.terms.CopyFrom(terms_pb(p.terms))
+    if p.waiver is not None:
+        msg.waiver.CopyFrom(waiver_pb(p.waiver))
     return msg
 
 
@@ -235,6 +297,7 @@ def account_pb(a: CreditAccount) -> cpb.CreditAccount:
             for e in a.entries
         ],
         next_page_token=a.next_page_token,
+        programme_id=a.programme_id,
     )
 
 
@@ -274,6 +337,8 @@ def event_pb(e: FeedEvent) -> epb.Event:
         msg.session_changed.payment.CopyFrom(payment_pb(e.data.payment))
     elif isinstance(e.data, CreditAccount):
         msg.credit_account.CopyFrom(account_pb(e.data))
+    elif isinstance(e.data, Programme):
+        msg.programme.CopyFrom(programme_pb(e.data))
     else:
         msg.invoice.CopyFrom(invoice_pb(e.data))
     return msg

@@ -10,10 +10,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from kara_sessions_server.domain.events import (
+    ChargeWaived,
     CreditsMoved,
     Event,
     FeedAppended,
     InvoiceChanged,
+    NoShowMarked,
     SessionCancelled,
 )
 from kara_sessions_server.domain.model import SessionState
@@ -62,6 +64,13 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        self.no_shows = Counter(
+            "kara_no_shows",
+            "Committed no-shows by outcome (paid: the credit taken; voided: returned)",
+            ["outcome"],
+            registry=r,
+        )
+        self.waivers = Counter("kara_waivers", "Committed waivers of a charge", registry=r)
         self.events_appended = Counter(
             "kara_events_appended",
             "Events appended to the feed by committed changes, by type",
@@ -93,6 +102,10 @@ class Metrics:
             self.cancellations.labels(outcome, timing, event.cancelled_by.value.lower()).inc()
         elif isinstance(event, CreditsMoved):
             self.credits.labels(event.kind.value).inc(event.credits)
+        elif isinstance(event, NoShowMarked):
+            self.no_shows.labels("paid" if event.charged else "voided").inc()
+        elif isinstance(event, ChargeWaived):
+            self.waivers.inc()
         elif isinstance(event, FeedAppended):
             self.events_appended.labels(event.type).inc()
         elif isinstance(event, InvoiceChanged):

@@ -22,6 +22,8 @@ from kara.sessions.v1 import (
     events_pb2_grpc,
     invoices_pb2,
     invoices_pb2_grpc,
+    programmes_pb2,
+    programmes_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
 )
@@ -35,19 +37,22 @@ from kara_sessions_server.adapters.storage import (
     open_storage,
 )
 from kara_sessions_server.domain.clock import Clock, SystemClock
-from kara_sessions_server.domain.policy import DEFAULT_NOTICE_WINDOW, CancellationPolicy
+from kara_sessions_server.domain.policy import CancellationPolicy
+from kara_sessions_server.domain.programme import DEFAULT_TERMS
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.servicers import (
     CreditServicer,
     EventServicer,
     InvoiceServicer,
+    ProgrammeServicer,
     SessionServicer,
     StreamGate,
 )
 from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
 from kara_sessions_server.service_layer.feed import DEFAULT_RETENTION, EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
+from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.services import Services
 
 log = logging.getLogger("kara_sessions_server")
@@ -57,6 +62,7 @@ SERVICE_NAMES = (
     credits_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
     invoices_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    programmes_pb2.DESCRIPTOR.services_by_name["ProgrammeService"].full_name,
 )
 # Our largest request is a few hundred bytes and a page of 1000 payments about 300 KB.
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -67,7 +73,8 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     database_url: str = DEFAULT_DATABASE_URL
     sqlite_synchronous: SqliteSynchronous = DEFAULT_SQLITE_SYNCHRONOUS
-    notice_window: timedelta = DEFAULT_NOTICE_WINDOW
+    # The default programme's notice window when the server first creates that programme.
+    notice_window: timedelta = DEFAULT_TERMS.notice_window
     max_workers: int = 16
     grace_seconds: float = 10.0
     # TLS: PEM server certificate chain and key; with client_ca, clients must present a
@@ -212,6 +219,7 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     """Opens the database (creating the schema if it is empty; refusing a schema of another
     version), then serves. Raises ValueError, OSError or migrations.SchemaError."""
     settings.check_exposure()
+    streams = StreamGate(settings.event_streams)
     credentials = settings.server_credentials()
     storage = open_storage(
         settings.database_url,
@@ -228,9 +236,15 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     services = Services(
         storage,
         clock or SystemClock(),
-        CancellationPolicy(settings.notice_window),
+        CancellationPolicy(),
         publish=metrics.observe_event,
     )
+    programmes = ProgrammeServices(services)
+    try:
+        programmes.ensure_default(settings.notice_window)
+    except BaseException:
+        storage.close()
+        raise
     executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc")
     interceptor = CallInterceptor(Authenticator(settings.tokens), metrics, frozenset(SERVICE_NAMES))
     server = grpc.server(
@@ -247,8 +261,8 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(services), server)
     invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(InvoiceServices(services)), server)
     events = EventServices(services, retention=settings.event_retention)
-    streams = StreamGate(settings.event_streams)
     events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(events, streams, metrics), server)
+    programmes_pb2_grpc.add_ProgrammeServiceServicer_to_server(ProgrammeServicer(programmes), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -11,9 +11,16 @@ from datetime import UTC, datetime
 import grpc
 from google.rpc import code_pb2
 from kara.sessions.v1 import credits_pb2 as cpb
-from kara.sessions.v1 import credits_pb2_grpc, events_pb2_grpc, invoices_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import (
+    credits_pb2_grpc,
+    events_pb2_grpc,
+    invoices_pb2_grpc,
+    programmes_pb2_grpc,
+    sessions_pb2_grpc,
+)
 from kara.sessions.v1 import events_pb2 as epb
 from kara.sessions.v1 import invoices_pb2 as ipb
+from kara.sessions.v1 import programmes_pb2 as ppb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_server.domain.feed import EventType, FeedEvent
@@ -24,10 +31,15 @@ from kara_sessions_server.domain.model import (
     ChangeInvoiceLines,
     CompleteSession,
     CreateInvoice,
+    CreateProgramme,
     GrantCredits,
+    MarkNoShow,
     PaymentSection,
     SubmitInvoice,
+    UpdateProgramme,
+    WaiveCharge,
 )
+from kara_sessions_server.domain.programme import MUTABLE_FIELDS, ProgrammeChanges, Terms
 from kara_sessions_server.entrypoints.grpc.convert import (
     INVOICE_STATE_FROM_PB,
     MAX_GRANT,
@@ -41,6 +53,7 @@ from kara_sessions_server.entrypoints.grpc.convert import (
     invoice_pb,
     payment_pb,
     preview_pb,
+    programme_pb,
     session_pb,
 )
 from kara_sessions_server.entrypoints.grpc.interceptor import caller
@@ -48,6 +61,7 @@ from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.status import error_info, status
 from kara_sessions_server.service_layer.feed import EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
+from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.services import Services
 
 Ctx = grpc.ServicerContext
@@ -79,9 +93,28 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             professional_id=r.id("professional_id"),
             starts_at=r.timestamp("starts_at", required=True),  # type: ignore[arg-type]
             request_id=r.request_id(),
+            programme_id=r.programme_id(),
         )
         r.done()
         return session_pb(self.services.book_session(caller(), cmd))
+
+    def MarkNoShow(self, request: pb.MarkNoShowRequest, context: Ctx) -> pb.MarkNoShowResponse:
+        r = RequestReader(request)
+        cmd = MarkNoShow(session_id=r.id("session_id"), request_id=r.request_id())
+        r.done()
+        session, payment = self.services.mark_no_show(caller(), cmd)
+        return pb.MarkNoShowResponse(session=session_pb(session), payment=payment_pb(payment))
+
+    def WaiveCharge(self, request: pb.WaiveChargeRequest, context: Ctx) -> pb.WaiveChargeResponse:
+        r = RequestReader(request)
+        session_id = r.id("session_id")
+        reason = r.text("reason", MAX_REASON_LENGTH)
+        if not reason.strip():
+            r.fail("reason", "is required: say why the charge is waived (it is kept with the waiver)")
+        cmd = WaiveCharge(session_id=session_id, reason=reason, request_id=r.request_id())
+        r.done()
+        session, payment = self.services.waive_charge(caller(), cmd)
+        return pb.WaiveChargeResponse(session=session_pb(session), payment=payment_pb(payment))
 
     def GetSession(self, request: pb.GetSessionRequest, context: Ctx) -> pb.Session:
         r = RequestReader(request)
@@ -154,17 +187,20 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
         if not 1 <= request.credits <= MAX_GRANT:
             r.fail("credits", f"must be between 1 and {MAX_GRANT}")
         request_id = r.request_id()
+        programme_id = r.programme_id()
         r.done()
-        return account_pb(
-            self.services.grant_credits(caller(), GrantCredits(client_id, request.credits, request_id))
-        )
+        cmd = GrantCredits(client_id, request.credits, request_id, programme_id)
+        return account_pb(self.services.grant_credits(caller(), cmd))
 
     def GetCreditAccount(self, request: cpb.GetCreditAccountRequest, context: Ctx) -> cpb.CreditAccount:
         r = RequestReader(request)
         client_id = r.id("client_id")
+        programme_id = r.programme_id()
         r.done()
         return account_pb(
-            self.services.get_credit_account(caller(), client_id, request.page_size, request.page_token)
+            self.services.get_credit_account(
+                caller(), client_id, programme_id, request.page_size, request.page_token
+            )
         )
 
 
@@ -297,3 +333,62 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         finally:
             self.metrics.event_streams.dec()
             self.gate.leave()
+
+
+class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
+    def __init__(self, services: ProgrammeServices):
+        self.services = services
+
+    def CreateProgramme(self, request: ppb.CreateProgrammeRequest, context: Ctx) -> ppb.Programme:
+        r = RequestReader(request)
+        given = request.programme
+        window = r.duration(given, "notice_window", "programme.notice_window")
+        request_id = r.request_id()
+        r.done()
+        assert window is not None
+        terms = Terms(window, given.professional_may_charge_late, given.no_show_takes_credit)
+        cmd = CreateProgramme(request.programme_id, given.display_name, terms, request_id)
+        return programme_pb(self.services.create_programme(caller(), cmd))
+
+    def GetProgramme(self, request: ppb.GetProgrammeRequest, context: Ctx) -> ppb.Programme:
+        r = RequestReader(request)
+        programme_id = r.id("programme_id")
+        r.done()
+        return programme_pb(self.services.get_programme(caller(), programme_id))
+
+    def ListProgrammes(self, request: ppb.ListProgrammesRequest, context: Ctx) -> ppb.ListProgrammesResponse:
+        page = self.services.list_programmes(caller(), request.page_size, request.page_token)
+        return ppb.ListProgrammesResponse(
+            programmes=[programme_pb(p) for p in page.items], next_page_token=page.next_page_token
+        )
+
+    def UpdateProgramme(self, request: ppb.UpdateProgrammeRequest, context: Ctx) -> ppb.Programme:
+        r = RequestReader(request)
+        given = request.programme
+        if not given.programme_id:
+            r.fail("programme.programme_id", "is required: the programme to change")
+        paths = set(request.update_mask.paths)
+        if "*" in paths:
+            paths = set(MUTABLE_FIELDS)
+        unknown = sorted(paths - set(MUTABLE_FIELDS))
+        if not paths or unknown:
+            r.fail(
+                "update_mask",
+                f"name the fields to change among {', '.join(MUTABLE_FIELDS)} (or *)"
+                + (f"; not {', '.join(unknown)}" if unknown else ""),
+            )
+        window = None
+        if "notice_window" in paths:
+            window = r.duration(given, "notice_window", "programme.notice_window")
+        request_id = r.request_id()
+        r.done()
+        changes = ProgrammeChanges(
+            display_name=given.display_name if "display_name" in paths else None,
+            notice_window=window,
+            professional_may_charge_late=(
+                given.professional_may_charge_late if "professional_may_charge_late" in paths else None
+            ),
+            no_show_takes_credit=given.no_show_takes_credit if "no_show_takes_credit" in paths else None,
+        )
+        cmd = UpdateProgramme(given.programme_id, changes, request_id)
+        return programme_pb(self.services.update_programme(caller(), cmd))

@@ -11,6 +11,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from kara_sessions_server.domain.errors import (
+    AlreadyExists,
     CursorExpired,
     DomainError,
     InvalidRequest,
@@ -47,6 +48,8 @@ def domain_status(error: DomainError) -> grpc.Status:
             ]
         )
         return status(code_pb2.INVALID_ARGUMENT, error.message, info, bad_request)
+    if isinstance(error, AlreadyExists):
+        return status(code_pb2.ALREADY_EXISTS, error.message, info)
     if isinstance(error, CursorExpired):
         return status(code_pb2.OUT_OF_RANGE, error.message, info)
     if isinstance(error, NotFound):

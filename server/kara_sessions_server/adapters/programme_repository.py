@@ -1,0 +1,116 @@
+"""Programmes and their terms. A programme changes by a conditional UPDATE on its version, so of
+two concurrent updates exactly one goes through; the other is told to read it again."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from kara_sessions_server.adapters.pagination import cut, decode
+from kara_sessions_server.adapters.storage import from_micros, sql, to_micros
+from kara_sessions_server.domain.errors import AlreadyExists, Conflict, NotFound
+from kara_sessions_server.domain.model import Page
+from kara_sessions_server.domain.programme import Programme, Terms
+
+_MICROSECOND = timedelta(microseconds=1)
+_COLUMNS = (
+    "programme_id, display_name, notice_window, professional_may_charge_late, no_show_takes_credit, "
+    "version, created_at, updated_at"
+)
+_GET = f"SELECT {_COLUMNS} FROM programmes WHERE programme_id = ?"
+_INSERT = (
+    f"INSERT INTO programmes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (programme_id) DO NOTHING"
+)
+_CHANGE = (
+    "UPDATE programmes SET display_name = ?, notice_window = ?, professional_may_charge_late = ?, "
+    "no_show_takes_credit = ?, version = ?, updated_at = ? WHERE programme_id = ? AND version = ?"
+)
+
+
+def _programme(row: Sequence[Any]) -> Programme:
+    programme_id, name, window, may_charge, no_show, version, created, updated = row
+    return Programme(
+        programme_id=programme_id,
+        display_name=name,
+        terms=Terms(timedelta(microseconds=window), bool(may_charge), bool(no_show)),
+        created_at=from_micros(created),
+        updated_at=from_micros(updated),
+        version=version,
+    )
+
+
+def _values(p: Programme) -> tuple[object, ...]:
+    t = p.terms
+    return (
+        p.programme_id,
+        p.display_name,
+        t.notice_window // _MICROSECOND,
+        t.professional_may_charge_late,
+        t.no_show_takes_credit,
+        p.version,
+        to_micros(p.created_at),
+        to_micros(p.updated_at),
+    )
+
+
+def get(programme_id: str) -> Programme:
+    row = sql(_GET, (programme_id,)).fetchone()
+    if row is None:
+        raise NotFound(
+            f"programme {programme_id!r} does not exist (ListProgrammes shows them)",
+            metadata={"programme_id": programme_id},
+        )
+    return _programme(row)
+
+
+def add(programme: Programme) -> bool:
+    """Inserts the programme; False if one with its id exists already."""
+    return bool(sql(_INSERT, _values(programme)).rowcount == 1)
+
+
+def create(programme: Programme) -> None:
+    if not add(programme):
+        raise AlreadyExists(
+            f"programme {programme.programme_id!r} already exists: choose another programme_id, or "
+            "UpdateProgramme to change it",
+            metadata={"programme_id": programme.programme_id},
+        )
+
+
+def change(before: Programme, after: Programme) -> None:
+    t = after.terms
+    changed = sql(
+        _CHANGE,
+        (
+            after.display_name,
+            t.notice_window // _MICROSECOND,
+            t.professional_may_charge_late,
+            t.no_show_takes_credit,
+            before.version + 1,
+            to_micros(after.updated_at),
+            before.programme_id,
+            before.version,
+        ),
+    ).rowcount
+    if changed != 1:
+        raise Conflict(
+            f"programme {before.programme_id!r} was changed by another request; read it again and retry",
+            metadata={"programme_id": before.programme_id},
+        )
+
+
+def list_programmes(size: int, token: str) -> Page[Programme]:
+    """By programme_id."""
+    query_id = ("programmes",)
+    after = decode(query_id, token)
+    if after is None:
+        rows = sql(f"SELECT {_COLUMNS} FROM programmes ORDER BY programme_id LIMIT ?", (size + 1,))
+    else:
+        rows = sql(
+            f"SELECT {_COLUMNS} FROM programmes WHERE programme_id > ? ORDER BY programme_id LIMIT ?",
+            (str(after[0]), size + 1),
+        )
+    page, token_out = cut(query_id, rows.fetchall(), size, lambda r: [r[0]])
+    return Page(tuple(_programme(r) for r in page), token_out)

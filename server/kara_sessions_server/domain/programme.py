@@ -1,0 +1,110 @@
+"""Programmes: who sponsors a credit, and on what terms (issue 13).
+
+The article speaks of "the programme's terms and conditions": a Wellbeing Hub, an employer's or
+an insurer's scheme. Programmes differ in their notice window, in whether a professional may
+charge a late cancellation, and in whether a no-show takes the credit. A session is booked
+against one programme's credit and keeps the terms in force when it was booked."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
+
+V = TypeVar("V")
+
+DEFAULT_PROGRAMME_ID = "default"
+MIN_NOTICE_WINDOW = timedelta(hours=1)
+MAX_NOTICE_WINDOW = timedelta(days=14)
+MAX_DISPLAY_NAME = 200
+_PROGRAMME_ID = re.compile(r"[a-z][a-z0-9-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """What a session was promised when it was booked."""
+
+    notice_window: timedelta
+    professional_may_charge_late: bool
+    no_show_takes_credit: bool
+
+
+# The article's terms: the Wellbeing Hubs programme, and every session booked before programmes.
+DEFAULT_TERMS = Terms(
+    notice_window=timedelta(hours=24), professional_may_charge_late=True, no_show_takes_credit=True
+)
+
+# The fields UpdateProgramme may change.
+MUTABLE_FIELDS = ("display_name", "notice_window", "professional_may_charge_late", "no_show_takes_credit")
+
+
+@dataclass(frozen=True, slots=True)
+class ProgrammeChanges:
+    """What UpdateProgramme changes: the fields that are not None."""
+
+    display_name: str | None = None
+    notice_window: timedelta | None = None
+    professional_may_charge_late: bool | None = None
+    no_show_takes_credit: bool | None = None
+
+
+def _either(new: V | None, old: V) -> V:
+    return old if new is None else new
+
+
+@dataclass(frozen=True, slots=True)
+class Programme:
+    programme_id: str
+    display_name: str
+    terms: Terms
+    created_at: datetime
+    updated_at: datetime
+    version: int = 1
+
+    def changed(self, changes: ProgrammeChanges, now: datetime) -> Programme:
+        """The programme with `changes` applied, checked. Sessions already booked keep the terms
+        they were booked under; only new bookings get these."""
+        t = self.terms
+        terms = Terms(
+            notice_window=_either(changes.notice_window, t.notice_window),
+            professional_may_charge_late=_either(
+                changes.professional_may_charge_late, t.professional_may_charge_late
+            ),
+            no_show_takes_credit=_either(changes.no_show_takes_credit, t.no_show_takes_credit),
+        )
+        display_name = _either(changes.display_name, self.display_name)
+        check(self.programme_id, display_name, terms, id_field=None)
+        return replace(self, display_name=display_name, terms=terms, updated_at=now, version=self.version + 1)
+
+
+def check(
+    programme_id: str, display_name: str, terms: Terms, *, id_field: str | None = "programme_id"
+) -> None:
+    """Refuses a malformed programme, naming every field at fault."""
+    violations = []
+    if id_field is not None and not _PROGRAMME_ID.fullmatch(programme_id):
+        violations.append(
+            (
+                id_field,
+                "must be 1-64 characters: lower-case letters, digits and hyphens, starting with a letter",
+            )
+        )
+    if not display_name.strip() or len(display_name) > MAX_DISPLAY_NAME:
+        violations.append(("programme.display_name", f"is required, at most {MAX_DISPLAY_NAME} characters"))
+    if not MIN_NOTICE_WINDOW <= terms.notice_window <= MAX_NOTICE_WINDOW:
+        violations.append(("programme.notice_window", "must be between 1 hour and 14 days"))
+    if violations:
+        raise InvalidRequest([FieldViolation(f, d) for f, d in violations])
+
+
+def default_programme(now: datetime, notice_window: timedelta = DEFAULT_TERMS.notice_window) -> Programme:
+    return Programme(
+        DEFAULT_PROGRAMME_ID,
+        "Default programme",
+        replace(DEFAULT_TERMS, notice_window=notice_window),
+        created_at=now,
+        updated_at=now,
+    )

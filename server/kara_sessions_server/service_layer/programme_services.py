@@ -1,0 +1,100 @@
+"""Programme use cases: create, read, list and update a programme's terms (a service's job), and
+making sure the default programme exists when the server starts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from kara_sessions_server.adapters import programme_repository, snapshots
+from kara_sessions_server.adapters.pagination import page_size
+from kara_sessions_server.domain import programme as programmes
+from kara_sessions_server.domain.feed import Change, EventType
+from kara_sessions_server.domain.model import CreateProgramme, Page, UpdateProgramme
+from kara_sessions_server.domain.principal import Principal
+from kara_sessions_server.domain.programme import Programme
+from kara_sessions_server.service_layer import authz
+from kara_sessions_server.service_layer.services import Services
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+
+log = logging.getLogger("kara_sessions_server")
+
+
+@dataclass
+class ProgrammeServices:
+    core: Services
+
+    def create_programme(self, who: Principal, cmd: CreateProgramme) -> Programme:
+        authz.check_manage_programmes(who)
+        programmes.check(cmd.programme_id, cmd.display_name, cmd.terms)
+
+        def work(uow: UnitOfWork, now: datetime) -> Programme:
+            created = Programme(cmd.programme_id, cmd.display_name, cmd.terms, created_at=now, updated_at=now)
+            programme_repository.create(created)
+            return created
+
+        params = {"programme_id": cmd.programme_id, "display_name": cmd.display_name, "terms": cmd.terms}
+        return self._mutate(who, "CreateProgramme", cmd.request_id, params, work, EventType.PROGRAMME_CREATED)
+
+    def update_programme(self, who: Principal, cmd: UpdateProgramme) -> Programme:
+        authz.check_manage_programmes(who)
+
+        def work(uow: UnitOfWork, now: datetime) -> Programme:
+            before = programme_repository.get(cmd.programme_id)
+            after = before.changed(cmd.changes, now)
+            programme_repository.change(before, after)
+            return after
+
+        params = {"programme_id": cmd.programme_id, "changes": cmd.changes}
+        return self._mutate(who, "UpdateProgramme", cmd.request_id, params, work, EventType.PROGRAMME_UPDATED)
+
+    def get_programme(self, who: Principal, programme_id: str) -> Programme:
+        with UnitOfWork(self.core.storage, write=False):
+            return programme_repository.get(programme_id)
+
+    def list_programmes(self, who: Principal, size: int, token: str) -> Page[Programme]:
+        size = page_size(size)
+        with UnitOfWork(self.core.storage, write=False):
+            return programme_repository.list_programmes(size, token)
+
+    def ensure_default(self, notice_window: timedelta) -> Programme:
+        """Creates the default programme with `notice_window` unless it exists; says so when the
+        stored window differs (it is changed with UpdateProgramme, not by a flag)."""
+        with UnitOfWork(self.core.storage) as uow:
+            programme_repository.add(programmes.default_programme(self.core.clock.now(), notice_window))
+            default = programme_repository.get(programmes.DEFAULT_PROGRAMME_ID)
+            uow.commit()
+        if default.terms.notice_window != notice_window:
+            log.warning(
+                "the default programme's notice window is %s, not the %s of --notice-window-hours: the "
+                "flag only sets it when the default programme is first created; change it with "
+                "UpdateProgramme (kara-sessions programme update default --notice-window-hours H)",
+                default.terms.notice_window,
+                notice_window,
+            )
+        return default
+
+    def _mutate(
+        self,
+        who: Principal,
+        operation: str,
+        request_id: str,
+        params: dict[str, object],
+        work: Work,
+        told: EventType,
+    ) -> Programme:
+        return self.core.mutate(
+            who,
+            operation,
+            request_id,
+            params,
+            work,
+            snapshots.dump_programme,
+            snapshots.load_programme,
+            lambda programme: Change.of_programme(told, programme),
+        )
+
+
+Work = Callable[[UnitOfWork, datetime], Programme]
