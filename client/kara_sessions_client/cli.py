@@ -6,6 +6,7 @@ Exit codes: 0 ok; 1 the server refused the request; 2 bad command-line usage;
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -66,6 +67,9 @@ class When(click.ParamType[datetime, str]):
 WHEN = When()
 # Every mutating command takes the same idempotency key; reusing it replays the first result.
 request_id_option = click.option("--request-id", default=None, help="Idempotency key (default: a new UUID).")
+programme_option = click.option(
+    "--programme", "programme_id", default="", help="The programme sponsoring the credit (default: default)."
+)
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -218,13 +222,19 @@ def main(
 @click.option("--client", "client_id", required=True)
 @click.option("--professional", "professional_id", required=True)
 @click.option("--starts-at", type=WHEN, required=True, help="ISO-8601 with timezone, or relative (+3d).")
+@programme_option
 @request_id_option
 @click.pass_context
 def book(
-    ctx: click.Context, client_id: str, professional_id: str, starts_at: datetime, request_id: str | None
+    ctx: click.Context,
+    client_id: str,
+    professional_id: str,
+    starts_at: datetime,
+    programme_id: str,
+    request_id: str | None,
 ) -> None:
-    """Book a session, holding one of the client's sponsored credits."""
-    _run(ctx, lambda c: c.book(client_id, professional_id, starts_at, request_id))
+    """Book a session, holding one of the client's sponsored credits of the programme."""
+    _run(ctx, lambda c: c.book(client_id, professional_id, starts_at, request_id, programme_id))
 
 
 def _cancel_options(f: Callable[..., None]) -> Callable[..., None]:
@@ -298,6 +308,29 @@ def complete(ctx: click.Context, session_id: str, request_id: str | None) -> Non
     _run(ctx, lambda c: c.complete(session_id, request_id))
 
 
+@main.command("no-show")
+@click.argument("session_id")
+@request_id_option
+@click.pass_context
+def no_show(ctx: click.Context, session_id: str, request_id: str | None) -> None:
+    """Record that the client did not come (once the session has started).
+
+    The session's programme says whether the credit is taken (PAID) or returned (VOIDED)."""
+    _run(ctx, lambda c: c.mark_no_show(session_id, request_id))
+
+
+@main.command()
+@click.argument("session_id")
+@click.option("--reason", required=True, help="Why the charge is waived (kept with the waiver).")
+@request_id_option
+@click.pass_context
+def waive(ctx: click.Context, session_id: str, reason: str, request_id: str | None) -> None:
+    """Waive a charge afterwards: the credit goes back to the client, the payment becomes VOIDED.
+
+    Only a late cancellation's or a no-show's charge, and only while the session is on no invoice."""
+    _run(ctx, lambda c: c.waive_charge(session_id, reason, request_id))
+
+
 @main.command()
 @click.argument("session_id")
 @click.pass_context
@@ -352,21 +385,132 @@ def credits() -> None:
 @credits.command("grant")
 @click.argument("client_id")
 @click.argument("amount", type=click.IntRange(1, 10_000))
+@programme_option
 @request_id_option
 @click.pass_context
-def credits_grant(ctx: click.Context, client_id: str, amount: int, request_id: str | None) -> None:
-    """Add AMOUNT sponsored credits to CLIENT_ID's account."""
-    _run(ctx, lambda c: c.grant_credits(client_id, amount, request_id))
+def credits_grant(
+    ctx: click.Context, client_id: str, amount: int, programme_id: str, request_id: str | None
+) -> None:
+    """Add AMOUNT sponsored credits of the programme to CLIENT_ID's account in it."""
+    _run(ctx, lambda c: c.grant_credits(client_id, amount, request_id, programme_id))
 
 
 @credits.command("show")
 @click.argument("client_id")
+@programme_option
 @click.option("--page-size", type=int, default=0, help="Ledger entries to show.")
 @click.option("--page-token", default="")
 @click.pass_context
-def credits_show(ctx: click.Context, client_id: str, page_size: int, page_token: str) -> None:
-    """Show a client's balance and ledger, newest entry first."""
-    _run(ctx, lambda c: c.get_credit_account(client_id, page_size, page_token))
+def credits_show(
+    ctx: click.Context, client_id: str, programme_id: str, page_size: int, page_token: str
+) -> None:
+    """Show a client's balance and ledger in a programme, newest entry first."""
+    _run(ctx, lambda c: c.get_credit_account(client_id, page_size, page_token, programme_id))
+
+
+@main.group()
+def programme() -> None:
+    """The programmes that sponsor credits, and their terms (a service's to manage)."""
+
+
+def _terms_options(f: Callable[..., None], *, create: bool) -> Callable[..., None]:
+    f = click.option(
+        "--no-show-takes-credit/--no-show-returns-credit",
+        "no_show_takes_credit",
+        default=True if create else None,
+        help="Whether a no-show is charged (PAID) or not (VOIDED)."
+        + (" [default: charged]" if create else ""),
+    )(f)
+    f = click.option(
+        "--professional-may-charge-late/--professional-may-not-charge-late",
+        "may_charge_late",
+        default=True if create else None,
+        help="Whether a professional may tick the charge box on a late cancellation."
+        + (" [default: may]" if create else ""),
+    )(f)
+    f = click.option(
+        "--notice-window-hours",
+        type=click.FloatRange(1, 14 * 24),
+        default=24.0 if create else None,
+        show_default=create,
+        help="Notice at least this long is enough notice (1 hour to 14 days).",
+    )(f)
+    return click.option("--name", "display_name", required=create, help="Display name.")(f)
+
+
+@programme.command("create")
+@click.argument("programme_id")
+@functools.partial(_terms_options, create=True)
+@request_id_option
+@click.pass_context
+def programme_create(
+    ctx: click.Context,
+    programme_id: str,
+    display_name: str,
+    notice_window_hours: float,
+    may_charge_late: bool,
+    no_show_takes_credit: bool,
+    request_id: str | None,
+) -> None:
+    """Create a programme PROGRAMME_ID (lower-case letters, digits, hyphens)."""
+    _run(
+        ctx,
+        lambda c: c.create_programme(
+            programme_id,
+            display_name,
+            timedelta(hours=notice_window_hours),
+            professional_may_charge_late=may_charge_late,
+            no_show_takes_credit=no_show_takes_credit,
+            request_id=request_id,
+        ),
+    )
+
+
+@programme.command("show")
+@click.argument("programme_id")
+@click.pass_context
+def programme_show(ctx: click.Context, programme_id: str) -> None:
+    """Show a programme and its terms."""
+    _run(ctx, lambda c: c.get_programme(programme_id))
+
+
+@programme.command("list")
+@click.option("--page-size", type=int, default=0)
+@click.option("--page-token", default="")
+@click.pass_context
+def programme_list(ctx: click.Context, page_size: int, page_token: str) -> None:
+    """List the programmes, by id."""
+    _run(ctx, lambda c: c.list_programmes(page_size, page_token))
+
+
+@programme.command("update")
+@click.argument("programme_id")
+@functools.partial(_terms_options, create=False)
+@request_id_option
+@click.pass_context
+def programme_update(
+    ctx: click.Context,
+    programme_id: str,
+    display_name: str | None,
+    notice_window_hours: float | None,
+    may_charge_late: bool | None,
+    no_show_takes_credit: bool | None,
+    request_id: str | None,
+) -> None:
+    """Change the options given; sessions already booked keep the terms they were booked under."""
+    if all(v is None for v in (display_name, notice_window_hours, may_charge_late, no_show_takes_credit)):
+        raise click.UsageError("give at least one of --name, --notice-window-hours and the terms flags")
+    _run(
+        ctx,
+        lambda c: c.update_programme(
+            programme_id,
+            display_name=display_name,
+            notice_window=None if notice_window_hours is None else timedelta(hours=notice_window_hours),
+            professional_may_charge_late=may_charge_late,
+            no_show_takes_credit=no_show_takes_credit,
+            request_id=request_id,
+        ),
+    )
 
 
 @main.group()

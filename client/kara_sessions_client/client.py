@@ -16,17 +16,25 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import duration_pb2, field_mask_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from kara.sessions.v1 import credits_pb2 as cpb
-from kara.sessions.v1 import credits_pb2_grpc, events_pb2_grpc, invoices_pb2_grpc, sessions_pb2_grpc
+from kara.sessions.v1 import (
+    credits_pb2_grpc,
+    events_pb2_grpc,
+    invoices_pb2_grpc,
+    programmes_pb2_grpc,
+    sessions_pb2_grpc,
+)
 from kara.sessions.v1 import events_pb2 as epb
 from kara.sessions.v1 import invoices_pb2 as ipb
+from kara.sessions.v1 import programmes_pb2 as ppb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 R = TypeVar("R")
@@ -42,6 +50,7 @@ SESSION_STATES = {
     "cancelled-voided": pb.SESSION_STATE_CANCELLED_VOIDED,
     "cancelled-paid": pb.SESSION_STATE_CANCELLED_PAID,
     "completed": pb.SESSION_STATE_COMPLETED,
+    "no-show": pb.SESSION_STATE_NO_SHOW,
 }
 
 # Transient failures worth another attempt. A mutation is retried with its request_id, so the
@@ -132,6 +141,12 @@ def timestamp(value: datetime) -> Timestamp:
     return ts
 
 
+def _duration(value: timedelta) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromTimedelta(value)
+    return d
+
+
 def new_request_id() -> str:
     return str(uuid.uuid4())
 
@@ -161,6 +176,7 @@ class SessionsClient:
         self.credits = credits_pb2_grpc.CreditServiceStub(self.channel)
         self.invoices = invoices_pb2_grpc.InvoiceServiceStub(self.channel)
         self.feed = events_pb2_grpc.EventServiceStub(self.channel)
+        self.programmes = programmes_pb2_grpc.ProgrammeServiceStub(self.channel)
 
     def __enter__(self) -> SessionsClient:
         return self
@@ -190,8 +206,14 @@ class SessionsClient:
     # --- sessions ---
 
     def book(
-        self, client_id: str, professional_id: str, starts_at: datetime, request_id: str | None = None
+        self,
+        client_id: str,
+        professional_id: str,
+        starts_at: datetime,
+        request_id: str | None = None,
+        programme_id: str = "",
     ) -> pb.Session:
+        """Holds one of the client's credits of `programme_id` ("" = default) for the session."""
         return self._call(
             self.sessions.BookSession,
             pb.BookSessionRequest(
@@ -199,9 +221,22 @@ class SessionsClient:
                 professional_id=professional_id,
                 starts_at=timestamp(starts_at),
                 request_id=request_id or new_request_id(),
+                programme_id=programme_id,
             ),
             pb.Session,
         )
+
+    def mark_no_show(self, session_id: str, request_id: str | None = None) -> pb.MarkNoShowResponse:
+        request = pb.MarkNoShowRequest(session_id=session_id, request_id=request_id or new_request_id())
+        return self._call(self.sessions.MarkNoShow, request, pb.MarkNoShowResponse)
+
+    def waive_charge(
+        self, session_id: str, reason: str, request_id: str | None = None
+    ) -> pb.WaiveChargeResponse:
+        request = pb.WaiveChargeRequest(
+            session_id=session_id, reason=reason, request_id=request_id or new_request_id()
+        )
+        return self._call(self.sessions.WaiveCharge, request, pb.WaiveChargeResponse)
 
     def get_session(self, session_id: str) -> pb.Session:
         return self._call(self.sessions.GetSession, pb.GetSessionRequest(session_id=session_id), pb.Session)
@@ -299,23 +334,90 @@ class SessionsClient:
 
     # --- credits ---
 
-    def grant_credits(self, client_id: str, credits: int, request_id: str | None = None) -> cpb.CreditAccount:
+    def grant_credits(
+        self, client_id: str, credits: int, request_id: str | None = None, programme_id: str = ""
+    ) -> cpb.CreditAccount:
         return self._call(
             self.credits.GrantCredits,
             cpb.GrantCreditsRequest(
-                client_id=client_id, credits=credits, request_id=request_id or new_request_id()
+                client_id=client_id,
+                credits=credits,
+                request_id=request_id or new_request_id(),
+                programme_id=programme_id,
             ),
             cpb.CreditAccount,
         )
 
     def get_credit_account(
-        self, client_id: str, page_size: int = 0, page_token: str = ""
+        self, client_id: str, page_size: int = 0, page_token: str = "", programme_id: str = ""
     ) -> cpb.CreditAccount:
-        return self._call(
-            self.credits.GetCreditAccount,
-            cpb.GetCreditAccountRequest(client_id=client_id, page_size=page_size, page_token=page_token),
-            cpb.CreditAccount,
+        request = cpb.GetCreditAccountRequest(
+            client_id=client_id, page_size=page_size, page_token=page_token, programme_id=programme_id
         )
+        return self._call(self.credits.GetCreditAccount, request, cpb.CreditAccount)
+
+    # --- programmes ---
+
+    def create_programme(
+        self,
+        programme_id: str,
+        display_name: str,
+        notice_window: timedelta,
+        *,
+        professional_may_charge_late: bool = True,
+        no_show_takes_credit: bool = True,
+        request_id: str | None = None,
+    ) -> ppb.Programme:
+        programme = ppb.Programme(
+            display_name=display_name,
+            notice_window=_duration(notice_window),
+            professional_may_charge_late=professional_may_charge_late,
+            no_show_takes_credit=no_show_takes_credit,
+        )
+        request = ppb.CreateProgrammeRequest(
+            programme=programme, programme_id=programme_id, request_id=request_id or new_request_id()
+        )
+        return self._call(self.programmes.CreateProgramme, request, ppb.Programme)
+
+    def get_programme(self, programme_id: str) -> ppb.Programme:
+        request = ppb.GetProgrammeRequest(programme_id=programme_id)
+        return self._call(self.programmes.GetProgramme, request, ppb.Programme)
+
+    def list_programmes(self, page_size: int = 0, page_token: str = "") -> ppb.ListProgrammesResponse:
+        request = ppb.ListProgrammesRequest(page_size=page_size, page_token=page_token)
+        return self._call(self.programmes.ListProgrammes, request, ppb.ListProgrammesResponse)
+
+    def update_programme(
+        self,
+        programme_id: str,
+        *,
+        display_name: str | None = None,
+        notice_window: timedelta | None = None,
+        professional_may_charge_late: bool | None = None,
+        no_show_takes_credit: bool | None = None,
+        request_id: str | None = None,
+    ) -> ppb.Programme:
+        """Changes the fields given (not None); sessions already booked keep their terms."""
+        programme = ppb.Programme(programme_id=programme_id)
+        paths = []
+        if display_name is not None:
+            programme.display_name = display_name
+            paths.append("display_name")
+        if notice_window is not None:
+            programme.notice_window.CopyFrom(_duration(notice_window))
+            paths.append("notice_window")
+        if professional_may_charge_late is not None:
+            programme.professional_may_charge_late = professional_may_charge_late
+            paths.append("professional_may_charge_late")
+        if no_show_takes_credit is not None:
+            programme.no_show_takes_credit = no_show_takes_credit
+            paths.append("no_show_takes_credit")
+        request = ppb.UpdateProgrammeRequest(
+            programme=programme,
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+            request_id=request_id or new_request_id(),
+        )
+        return self._call(self.programmes.UpdateProgramme, request, ppb.Programme)
 
     # --- invoices ---
 

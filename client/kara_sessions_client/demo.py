@@ -83,7 +83,35 @@ def play(client: SessionsClient) -> None:
     except KaraError as exc:
         click.echo(f"And refused: a professional charging despite 3 days' notice -> {exc}")
         click.echo(f"   credits unchanged: {_balance(client.get_credit_account(client_id, page_size=1))}\n")
+    programme_and_waiver(client, run)
     invoice_paid_sessions(client, f"demo-pro-{run}")
+
+
+def programme_and_waiver(client: SessionsClient, run: str) -> None:
+    """Programmes differ: under a 48-hour programme, 30 hours' notice is late. And a professional
+    may waive a charge afterwards, as a goodwill gesture."""
+    programme_id = f"demo-48h-{run}"
+    client.create_programme(programme_id, "A 48-hour wellbeing programme", timedelta(hours=48))
+    client_id = f"demo-client-{run}-48h"
+    client.grant_credits(client_id, 1, programme_id=programme_id)
+    session = client.book(
+        client_id, f"demo-pro-{run}", datetime.now(UTC) + timedelta(hours=30), programme_id=programme_id
+    )
+    result = client.cancel(session.session_id, "client")
+    click.echo(f"6. Client cancels with 30 h notice under programme {programme_id} (48 h window)")
+    click.echo(
+        f"   payment: {_name(pb.PaymentState, result.payment.state)} in section "
+        f"{_name(pb.PaymentSection, result.payment.section)} (under the default 24 h it would be VOIDED)"
+    )
+    waived = client.waive_charge(session.session_id, "demo: the client had a family emergency")
+    account = client.get_credit_account(client_id, page_size=1, programme_id=programme_id)
+    click.echo("7. The professional waives that charge afterwards")
+    click.echo(
+        f"   payment: {_name(pb.PaymentState, waived.payment.state)} in section "
+        f"{_name(pb.PaymentSection, waived.payment.section)}, waived by {waived.payment.waiver.waived_by}: "
+        f"{waived.payment.waiver.reason}"
+    )
+    click.echo(f"   credits after: {_balance(account)} (a REFUND entry in the ledger)\n")
 
 
 def invoice_paid_sessions(client: SessionsClient, professional_id: str) -> None:

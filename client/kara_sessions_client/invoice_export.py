@@ -25,6 +25,7 @@ WHY_PAID = {
     pb.PAID_REASON_COMPLETED: "completed",
     pb.PAID_REASON_CLIENT_LATE_CANCELLATION: "client's late cancellation",
     pb.PAID_REASON_CHARGED_LATE_CANCELLATION: "charged late cancellation",
+    pb.PAID_REASON_NO_SHOW: "no-show",
 }
 STATES = {ipb.INVOICE_STATE_DRAFT: "draft", ipb.INVOICE_STATE_SUBMITTED: "submitted"}
 TOTAL = "total"
