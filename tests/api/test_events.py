@@ -288,9 +288,11 @@ def test_streams_are_bounded_and_end_cleanly_when_the_server_stops(tmp_path: Pat
         running.stop(grace=0)
 
 
-def test_too_many_streams_for_the_workers_is_refused_at_start() -> None:
+def test_too_many_streams_for_the_workers_is_refused_at_start(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'k.db'}"
     with pytest.raises(ValueError, match="--max-event-streams"):
-        start(Settings(listen="127.0.0.1:0", max_workers=4, max_event_streams=4))
+        start(Settings(listen="127.0.0.1:0", database_url=url, max_workers=4, max_event_streams=4))
+    assert not (tmp_path / "k.db").exists(), "refused before opening the database"
 
 
 # --- who reads what -------------------------------------------------------------------------

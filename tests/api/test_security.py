@@ -98,7 +98,19 @@ def every_rpc(session_id: str, invoice_id: str) -> dict[str, Callable[[SessionsC
         "AddToInvoice": lambda c: c.add_to_invoice(invoice_id, [session_id]),
         "RemoveFromInvoice": lambda c: c.remove_from_invoice(invoice_id, [session_id]),
         "SubmitInvoice": lambda c: c.submit_invoice(invoice_id),
+        "MarkNoShow": lambda c: c.mark_no_show(session_id),
+        "WaiveCharge": lambda c: c.waive_charge(session_id, "goodwill"),
+        "CreateProgramme": lambda c: c.create_programme("eap", "EAP", timedelta(hours=48)),
+        "UpdateProgramme": lambda c: c.update_programme("default", display_name="Mine"),
+        "GetProgramme": lambda c: c.get_programme("default"),
+        "ListProgrammes": lambda c: c.list_programmes(),
+        "ListEvents": lambda c: c.list_events(),
+        "StreamEvents": lambda c: next(c.events(follow=True)),
     }
+
+
+# Read by anyone authenticated, within what is theirs: no refusal to show for another person.
+NOT_OWNED = {"GetProgramme", "ListProgrammes", "ListEvents", "StreamEvents"}
 
 
 def _far_future() -> Any:
@@ -154,7 +166,8 @@ CROSS_OWNER = [
     (rpc, who)
     for who in ("professional:pro-2", "client:cl-2")
     for rpc in RPCS
-    if not (rpc == "CancelSession" and who.startswith("client"))  # covered by cancelled_by below
+    if rpc not in NOT_OWNED
+    and not (rpc == "CancelSession" and who.startswith("client"))  # covered by cancelled_by below
     and not (rpc == "PreviewCancellation" and who.startswith("client"))
 ]
 

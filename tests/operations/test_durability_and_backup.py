@@ -246,6 +246,8 @@ def test_a_copy_whose_ledger_disagrees_fails_verification(
     with sqlite3.connect(broken) as db:
         db.execute("UPDATE credit_accounts SET available = available + 1")
     db.close()
-    with pytest.raises(backup.BackupError, match="credit account client-1 disagrees with its ledger"):
+    with pytest.raises(
+        backup.BackupError, match=r"credit account client-1 \(programme default\) disagrees with its ledger"
+    ):
         backup.verify(broken)
     assert backup.verify(good).credit_accounts == 1

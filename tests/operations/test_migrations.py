@@ -16,7 +16,7 @@ from kara_sessions_server.entrypoints.grpc.server import Settings, start
 
 from ..support.booking import book
 from ..support.clock import FakeClock
-from ..support.database import reset_postgres
+from ..support.database import db_snapshot, reset_postgres
 
 
 def columns(storage: Storage) -> dict[str, set[tuple[str, str, bool]]]:
@@ -39,6 +39,47 @@ def migrate_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[st
     )
 
 
+V5_SESSION_COLUMNS = (
+    "programme_id",
+    "notice_window",
+    "professional_may_charge_late",
+    "no_show_takes_credit",
+    "no_show_at",
+    "waived_at",
+    "waived_by",
+    "waive_reason",
+)
+
+
+def downgrade_to_version_4(database_url: str) -> None:
+    """The database as version 4 left it (before programmes), with the data it holds: the new
+    session and ledger columns dropped, one credit account per client, no programmes table."""
+    storage = open_storage(database_url)
+    db = storage.db
+    with db.connection_context(), db.atomic():
+        for column in V5_SESSION_COLUMNS:
+            db.execute_sql(f"ALTER TABLE sessions DROP COLUMN {column}")
+        db.execute_sql("DROP INDEX ledger_entries_client_id_programme_id_entry_id")
+        db.execute_sql("ALTER TABLE ledger_entries DROP COLUMN programme_id")
+        db.execute_sql(
+            "CREATE INDEX ledger_entries_client_id_entry_id ON ledger_entries (client_id, entry_id)"
+        )
+        accounts = db.execute_sql(
+            "SELECT client_id, available, held, used, updated_at FROM credit_accounts"
+        ).fetchall()
+        db.execute_sql("DROP TABLE credit_accounts")
+        db.execute_sql(
+            "CREATE TABLE credit_accounts (client_id VARCHAR(128) NOT NULL PRIMARY KEY, "
+            "available INTEGER NOT NULL CHECK (available >= 0), held INTEGER NOT NULL CHECK (held >= 0), "
+            "used INTEGER NOT NULL CHECK (used >= 0), updated_at BIGINT NOT NULL)"
+        )
+        for row in accounts:
+            db.execute_sql(f"INSERT INTO credit_accounts VALUES ({', '.join([db.param] * 5)})", row)
+        db.execute_sql("DROP TABLE programmes")
+        db.execute_sql("UPDATE schema_version SET version = 4")
+    storage.close()
+
+
 def make_version_1(database_url: str, clock: FakeClock) -> str:
     """A database as the first release left it: no schema_version table, no audit principal, no
     invoice tables and no event tables, with one booked session in it. Returns the session's id."""
@@ -48,6 +89,7 @@ def make_version_1(database_url: str, clock: FakeClock) -> str:
             session_id = book(kara, clock, timedelta(days=2))
     finally:
         running.stop(grace=0)
+    downgrade_to_version_4(database_url)
     storage = open_storage(database_url)
     with storage.db.connection_context():
         storage.db.execute_sql("ALTER TABLE audit_log DROP COLUMN principal")
@@ -77,10 +119,10 @@ def test_an_old_database_is_refused_then_migrated_keeping_its_data(
 
     check = migrate_cli(database_url, "--check")
     assert check.returncode == 1, check
-    assert all(f"pending: {n}" in check.stdout for n in (2, 3, 4)), check.stdout
+    assert all(f"pending: {n}" in check.stdout for n in (2, 3, 4, 5)), check.stdout
     done = migrate_cli(database_url)
     assert done.returncode == 0, done.stderr
-    assert all(f"applied {n}" in done.stdout for n in (2, 3, 4)) and "(was 1)" in done.stdout
+    assert all(f"applied {n}" in done.stdout for n in (2, 3, 4, 5)) and "(was 1)" in done.stdout
     again = migrate_cli(database_url)
     assert "nothing to do" in again.stdout
 
@@ -88,8 +130,6 @@ def test_an_old_database_is_refused_then_migrated_keeping_its_data(
     try:
         with SessionsClient(f"127.0.0.1:{running.port}") as kara:
             kara.cancel(session_id, "client")
-        from ..support.database import db_snapshot
-
         audit = db_snapshot(running)["audit_log"]
         assert [(r["action"], r["principal"]) for r in audit] == [
             ("BOOK", None),  # written before principals were recorded
@@ -130,3 +170,85 @@ def test_migrate_creates_an_empty_database(tmp_path: object) -> None:
     url = f"sqlite:///{tmp_path}/new.db"
     done = migrate_cli(url)
     assert done.returncode == 0 and f"created the schema at version {migrations.LATEST}" in done.stdout
+
+
+def test_a_version_4_database_upgrades_to_programmes_keeping_everything(
+    database_url: str, clock: FakeClock
+) -> None:
+    """Today's data, from before programmes: every session, payment, ledger entry, invoice and
+    event is kept, all of it in the default programme, under the window the server ran with."""
+    window = timedelta(hours=48)
+    running = start(
+        Settings(listen="127.0.0.1:0", database_url=database_url, notice_window=window), clock=clock
+    )
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            kara.grant_credits("client-1", 4)
+            paid = kara.book("client-1", "pro-1", clock.now() + timedelta(hours=30)).session_id
+            voided = kara.book("client-1", "pro-1", clock.now() + timedelta(days=4)).session_id
+            booked = kara.book("client-1", "pro-1", clock.now() + timedelta(days=5)).session_id
+            kara.cancel(paid, "client")  # 30 h notice, but the server ran with a 48-hour window
+            kara.cancel(voided, "client")
+            invoice = kara.create_invoice("pro-1", [paid]).invoice_id
+            events = kara.list_events()
+        before = db_snapshot(running)
+    finally:
+        running.stop(grace=0)
+    downgrade_to_version_4(database_url)
+
+    done = migrate_cli(database_url, "--notice-window-hours", "48")
+    assert done.returncode == 0 and "applied 5" in done.stdout, done.stderr
+
+    running = start(
+        Settings(listen="127.0.0.1:0", database_url=database_url, notice_window=timedelta(hours=48)),
+        clock=clock,
+    )
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            for session_id in (paid, voided, booked):
+                session = kara.get_session(session_id)
+                assert session.programme_id == "default"
+                assert session.terms.notice_window.ToTimedelta() == timedelta(hours=48)
+                assert session.terms.professional_may_charge_late and session.terms.no_show_takes_credit
+            account = kara.get_credit_account("client-1")
+            assert (account.programme_id, account.available, account.held, account.used) == (
+                "default",
+                2,
+                1,
+                1,
+            )
+            assert [e.kind for e in account.entries][::-1] == [
+                1,
+                2,
+                2,
+                2,
+                4,
+                3,
+            ]  # GRANT, 3 HOLD, TAKE, RETURN
+            assert kara.get_invoice(invoice).line_count == 1
+            assert kara.list_events()[: len(events)] == events
+            default = kara.get_programme("default")
+            assert default.notice_window.ToTimedelta() == timedelta(hours=48)
+            # The upgraded sessions settle as they were promised.
+            kara.cancel(booked, "client")
+            assert kara.get_payment(booked).state == 2  # VOIDED: 4 days of notice
+        after = db_snapshot(running)
+    finally:
+        running.stop(grace=0)
+    for table in ("invoices", "invoice_lines", "invoice_audit"):
+        assert after[table] == before[table], table
+    settled = [p for p in before["payments"] if p["session_id"] != booked]
+    assert [p for p in after["payments"] if p["session_id"] != booked] == settled
+    assert len(after["ledger_entries"]) == len(before["ledger_entries"]) + 1
+    assert_balances(after)
+
+
+def assert_balances(tables: dict[str, list[dict[str, object]]]) -> None:
+    for account in tables["credit_accounts"]:
+        entries = [
+            e
+            for e in tables["ledger_entries"]
+            if (e["client_id"], e["programme_id"]) == (account["client_id"], account["programme_id"])
+        ]
+        granted = sum(int(e["credits"]) for e in entries if e["kind"] == "GRANT")  # type: ignore[call-overload]
+        assert int(account["available"]) + int(account["held"]) + int(account["used"]) == granted  # type: ignore[call-overload]

@@ -139,6 +139,10 @@ def test_demo_plays_the_five_scenarios_and_invoices_the_paid_ones() -> None:
     assert out.stdout.count("SESSION_STATE_CANCELLED_VOIDED") == 3
     assert out.stdout.count("SESSION_STATE_CANCELLED_PAID") == 2
     assert "CHARGE_NOT_ALLOWED_WITH_NOTICE" in out.stdout
+    assert "under programme demo-48h-" in out.stdout
+    waiver = out.stdout.split("7. The professional waives", 1)[1]
+    assert "PAYMENT_STATE_VOIDED in section PAYMENT_SECTION_UNPAID, waived by" in waiver
+    assert "credits after: available 1, held 0, used 0" in waiver
     invoice = out.stdout.split("Invoice ", 1)[1]
     assert "client's late cancellation: 1 credit" in invoice
     assert "charged late cancellation: 1 credit" in invoice

@@ -29,27 +29,26 @@ def db_snapshot(server: RunningServer) -> dict[str, list[dict[str, Any]]]:
 
 
 def assert_ledger_balances(server: RunningServer) -> None:
-    """No credit created or lost: for every account, the balances equal the ledger's sums."""
+    """No credit created or lost: for every account (a client's, in one programme), the balances
+    equal the ledger's sums, and the credits held are those of its booked sessions."""
     snapshot = db_snapshot(server)
-    sums: dict[str, dict[str, int]] = {}
+    sums: dict[tuple[str, str], dict[str, int]] = {}
+    moves = {
+        "GRANT": {"available": 1},
+        "HOLD": {"available": -1, "held": 1},
+        "RETURN": {"held": -1, "available": 1},
+        "TAKE": {"held": -1, "used": 1},
+        "REFUND": {"used": -1, "available": 1},
+    }
     for entry in snapshot["ledger_entries"]:
-        acc = sums.setdefault(entry["client_id"], {"available": 0, "held": 0, "used": 0})
-        n = entry["credits"]
-        kind = entry["kind"]
-        if kind == "GRANT":
-            acc["available"] += n
-        elif kind == "HOLD":
-            acc["available"] -= n
-            acc["held"] += n
-        elif kind == "RETURN":
-            acc["held"] -= n
-            acc["available"] += n
-        elif kind == "TAKE":
-            acc["held"] -= n
-            acc["used"] += n
+        key = (entry["client_id"], entry["programme_id"])
+        acc = sums.setdefault(key, {"available": 0, "held": 0, "used": 0})
+        for column, sign in moves[entry["kind"]].items():
+            acc[column] += sign * entry["credits"]
     for account in snapshot["credit_accounts"]:
-        expected = sums.get(account["client_id"], {"available": 0, "held": 0, "used": 0})
+        key = (account["client_id"], account["programme_id"])
+        expected = sums.get(key, {"available": 0, "held": 0, "used": 0})
         actual = {k: account[k] for k in ("available", "held", "used")}
-        assert actual == expected, f"account {account['client_id']} disagrees with its ledger"
+        assert actual == expected, f"account {key} disagrees with its ledger"
     held_sessions = sum(1 for s in snapshot["sessions"] if s["state"] == "BOOKED")
     assert sum(a["held"] for a in snapshot["credit_accounts"]) == held_sessions
