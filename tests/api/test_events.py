@@ -424,7 +424,13 @@ def test_replays_of_the_feed_match_the_tables(
 
 
 def assert_feed_matches_tables(kara: SessionsClient, tables: dict[str, list[dict[str, object]]]) -> None:
-    changes = {"BOOK": "session.booked", "CANCEL": "session.cancelled", "COMPLETE": "session.completed"}
+    changes = {
+        "BOOK": "session.booked",
+        "CANCEL": "session.cancelled",
+        "COMPLETE": "session.completed",
+        "NO_SHOW": "session.no_show",
+        "WAIVE": "session.charge_waived",
+    }
     expected = sorted(
         [(changes[str(row["action"])], str(row["session_id"])) for row in tables["audit_log"]]
         + [
@@ -433,6 +439,33 @@ def assert_feed_matches_tables(kara: SessionsClient, tables: dict[str, list[dict
             if row["kind"] == "GRANT"
         ]
     )
-    events = list(kara.events())
+    events = [e for e in kara.events() if not e.type.startswith(T + "programme.")]
     assert sorted((e.type.removeprefix(T), e.subject) for e in events) == expected
     assert len({e.event_id for e in events}) == len(events)
+
+
+def test_no_shows_waivers_and_programmes_tell_the_feed(
+    kara: SessionsClient, clock: FakeClock, server: RunningServer
+) -> None:
+    kara.create_programme("eap", "EAP", timedelta(hours=48))
+    kara.update_programme("eap", no_show_takes_credit=False)
+    kara.grant_credits("client-1", 2)
+    session_id = kara.book("client-1", "pro-1", clock.now() + timedelta(hours=1)).session_id
+    clock.advance(timedelta(hours=2))
+    kara.mark_no_show(session_id)
+    kara.waive_charge(session_id, "goodwill")
+    events = kara.list_events()
+    assert kinds(events) == [
+        "programme.created",
+        "programme.updated",
+        "credits.granted",
+        "session.booked",
+        "session.no_show",
+        "session.charge_waived",
+    ]
+    assert events[1].programme.no_show_takes_credit is False
+    no_show, waived = events[4].session_changed, events[5].session_changed
+    assert (no_show.session.state, no_show.payment.state) == (pb.SESSION_STATE_NO_SHOW, pb.PAYMENT_STATE_PAID)
+    assert waived.payment.state == pb.PAYMENT_STATE_VOIDED
+    assert waived.payment.waiver.reason == "goodwill"
+    assert_feed_matches_tables(kara, db_snapshot(server))
