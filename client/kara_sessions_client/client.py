@@ -55,7 +55,11 @@ SESSION_STATES = {
 
 # Transient failures worth another attempt. A mutation is retried with its request_id, so the
 # server applies it at most once even when the first attempt committed but its answer was lost.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# ABORTED: the transaction lost a conflict with a concurrent one. INTERNAL (a bug, or a database
+# an operator must fix: read-only, full, wrong schema) and refusals are not retried.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+)
 # An event stream that ends for one of these is reopened from the last cursor: the server went
 # away or is shutting down (CANCELLED, UNAVAILABLE), or has no stream to spare right now.
 STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -50,3 +50,14 @@ def check_same_request(stored: StoredResult, request_id: str, operation: str, fp
 
 def record(request_id: str, operation: str, fp: str, result: str, now: datetime) -> None:
     sql(_RECORD, (request_id, operation, fp, result, to_micros(now)))
+
+
+_PRUNE = (
+    "DELETE FROM idempotency_keys WHERE request_id IN "
+    "(SELECT request_id FROM idempotency_keys WHERE created_at < ? LIMIT ?)"
+)
+
+
+def prune(older_than: datetime, batch: int) -> int:
+    """Forgets up to `batch` stored results recorded before `older_than`."""
+    return int(sql(_PRUNE, (to_micros(older_than), batch)).rowcount)

@@ -35,6 +35,8 @@ from kara_sessions_server.adapters.storage import (
 )
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, default_programme
 
+# A schema step may rewrite a large table: its statements get far longer than a request's.
+_MIGRATION_SECONDS = 3600.0
 # Any fixed number: PostgreSQL advisory locks are keyed by an integer.
 _PG_LOCK_KEY = 0x6B61_7261
 
@@ -125,6 +127,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         _v5_operations,
         tables=(ProgrammeRow, CreditAccountRow),
         data=_v5_data,
+    ),
+    Migration(
+        6,
+        "indexes on idempotency_keys.created_at and audit_log.at: pruning by age",
+        lambda m, s: [
+            m.add_index("idempotency_keys", ("created_at",), False),
+            m.add_index("audit_log", ("at",), False),
+        ],
     ),
 )
 BASELINE = 1
@@ -236,11 +246,15 @@ def _migrator(storage: Storage) -> SchemaMigrator:
 @contextmanager
 def _locked(storage: Storage) -> Iterator[None]:
     """A write transaction that no other process's schema work can overlap."""
-    storage.db.connect(reuse_if_open=True)
+    tx = storage.begin(write=True, timeout=_MIGRATION_SECONDS)
     try:
-        with storage.transaction(write=True):
-            if not storage.is_sqlite:
-                storage.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK_KEY,))
-            yield
+        if not storage.is_sqlite:
+            storage.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK_KEY,))
+        yield
+    except BaseException as exc:
+        tx.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    else:
+        tx.__exit__(None, None, None)
     finally:
         storage.release()

@@ -55,14 +55,19 @@ def _values(p: Programme) -> tuple[object, ...]:
     )
 
 
-def get(programme_id: str) -> Programme:
+def find(programme_id: str) -> Programme | None:
     row = sql(_GET, (programme_id,)).fetchone()
-    if row is None:
+    return None if row is None else _programme(row)
+
+
+def get(programme_id: str) -> Programme:
+    found = find(programme_id)
+    if found is None:
         raise NotFound(
             f"programme {programme_id!r} does not exist (ListProgrammes shows them)",
             metadata={"programme_id": programme_id},
         )
-    return _programme(row)
+    return found
 
 
 def add(programme: Programme) -> bool:

@@ -311,3 +311,12 @@ def list_payments(professional_id: str, section: PaymentSection, size: int, toke
         cursor = sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, at, sid, size + 1))
     rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[3], r[0]])
     return Page(tuple(payment_of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out)
+
+
+_PRUNE_AUDIT = "DELETE FROM audit_log WHERE audit_id IN (SELECT audit_id FROM audit_log WHERE at < ? LIMIT ?)"
+
+
+def prune_audit(older_than: datetime, batch: int) -> int:
+    """Deletes up to `batch` audit rows written before `older_than` (only when an operator asks
+    for an audit retention: the audit log is the record)."""
+    return int(sql(_PRUNE_AUDIT, (to_micros(older_than), batch)).rowcount)

@@ -3,22 +3,33 @@ Unix epoch, UTC: exact, portable between SQLite and PostgreSQL, and cheap to ind
 
 from __future__ import annotations
 
+import sqlite3
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse, urlsplit
 
 import peewee as pw
+import psycopg
 from playhouse.db_url import parseresult_to_dict
 from playhouse.pool import PooledDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
 
+from kara_sessions_server.adapters.watchdog import Watchdog
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT_DATABASE_URL = "sqlite:///kara-sessions.db"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# SQLite waits this long for another process's lock before Storage.begin looks again.
+SQLITE_BUSY_POLL_MS = 100
+DEFAULT_MAX_TRANSACTION_SECONDS = 10.0
+# Bound every statement and lock wait of one transaction (SET LOCAL, for this transaction only).
+_PG_TIMEOUTS = "SELECT set_config('statement_timeout', ?, true), set_config('lock_timeout', ?, true)"
+# A PostgreSQL that does not answer a connection attempt is down, as far as a request is concerned.
+PG_CONNECT_TIMEOUT_SECONDS = 3
 # Pooled connections idle longer than this are reopened (PostgreSQL may drop idle ones).
 STALE_CONNECTION_SECONDS = 300
 
@@ -171,7 +182,8 @@ class AuditRow(Table):
     charge_client = pw.BooleanField(null=True)
     reason = pw.TextField(null=True)
     request_id = pw.CharField(max_length=128)
-    at = UtcTimestampField()
+    # Indexed (schema version 6) for --audit-retention-days.
+    at = UtcTimestampField(index=True)
 
     class Meta:
         table_name = "audit_log"
@@ -182,7 +194,8 @@ class IdempotencyRow(Table):
     operation = pw.CharField(max_length=64)
     fingerprint = pw.CharField(max_length=64)
     result = pw.TextField()
-    created_at = UtcTimestampField()
+    # Indexed (schema version 6) so old results are pruned without scanning the table.
+    created_at = UtcTimestampField(index=True)
 
     class Meta:
         table_name = "idempotency_keys"
@@ -342,15 +355,79 @@ def _dialect(text: str) -> str:
 
 
 class Storage:
-    """An open database: the peewee Database plus how to begin a transaction on it."""
+    """An open database: the peewee Database, how to begin a transaction on it with a time limit,
+    and the watchdog that interrupts what outlives its limit."""
 
-    def __init__(self, db: PooledDatabase):
+    def __init__(self, db: PooledDatabase, max_transaction_seconds: float = DEFAULT_MAX_TRANSACTION_SECONDS):
         self.db = db
         self.is_sqlite = isinstance(db, pw.SqliteDatabase)
+        # No transaction may last longer, whatever its call's deadline (or without one).
+        self.max_transaction_seconds = max_transaction_seconds
+        self.watchdog = Watchdog()
+        # Set when the server shuts down: nothing waits for a database lock any more.
+        self.closing = threading.Event()
         # SQLite has one writer at a time. Queueing this process's writers on a lock hands the
         # database from one to the next at once; left to SQLite's busy handler, waiters sleep
         # and poll (up to 100 ms per nap), which is what made p99 hundreds of milliseconds.
         self.write_lock = threading.Lock() if self.is_sqlite else None
+
+    def begin(self, write: bool, timeout: float, keep_waiting: Callable[[], bool] = lambda: True) -> Any:
+        """Opens this thread's connection and a transaction on it; no statement in it may wait
+        longer than `timeout` seconds (PostgreSQL enforces it; on SQLite the watchdog interrupts
+        a statement, and waiting for another process's lock stops at the timeout, when
+        `keep_waiting()` turns False, or when the storage closes)."""
+        self.db.connect(reuse_if_open=True)
+        tx = self.transaction(write)
+        if self.is_sqlite:
+            self._begin_sqlite(tx, time.monotonic() + timeout, keep_waiting)
+            return tx
+        tx.__enter__()
+        if not self.is_sqlite:
+            try:
+                ms = f"{max(1, int(timeout * 1000))}ms"
+                sql(_PG_TIMEOUTS, (ms, ms))
+            except BaseException:
+                tx.__exit__(pw.OperationalError, None, None)
+                raise
+        return tx
+
+    def _begin_sqlite(self, tx: Any, deadline: float, keep_waiting: Callable[[], bool]) -> None:
+        # SQLite's own busy wait cannot be interrupted, so it is kept short (SQLITE_BUSY_POLL_MS)
+        # and retried here, where the deadline, the caller and a shutdown are looked at.
+        while True:
+            try:
+                tx.__enter__()
+                return
+            except pw.OperationalError as exc:
+                locked = "locked" in str(exc) or "busy" in str(exc)
+                if not locked or time.monotonic() >= deadline or self.closing.is_set() or not keep_waiting():
+                    raise
+
+    def probe(self, timeout: float) -> str | None:
+        """None if the database answers a query on a fresh connection within `timeout` seconds,
+        else what went wrong. Uses no pooled connection, so it sees what a new request would."""
+        try:
+            if self.is_sqlite:
+                conn = sqlite3.connect(self.db.database, timeout=timeout)
+                try:
+                    conn.execute("SELECT version FROM schema_version").fetchone()
+                finally:
+                    conn.close()
+            else:
+                params = {**self.db.connect_params, "connect_timeout": max(1, round(timeout))}
+                with psycopg.connect(dbname=self.db.database, **params) as pg:
+                    pg.execute("SELECT 1").fetchone()
+        except (sqlite3.Error, psycopg.Error, OSError) as exc:
+            return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None
+
+    def interrupter(self) -> Callable[[], None]:
+        """Stops whatever this thread's connection is doing, from another thread."""
+        connection = self.db.connection()
+        if self.is_sqlite:
+            return connection.interrupt  # type: ignore[no-any-return]
+        # A cancel request opens a connection of its own: never let it block the caller.
+        return lambda: threading.Thread(target=connection.cancel, name="pg-cancel", daemon=True).start()
 
     def transaction(self, write: bool) -> Any:
         if self.is_sqlite and write:
@@ -365,6 +442,8 @@ class Storage:
             self.db.close()
 
     def close(self) -> None:
+        self.closing.set()
+        self.watchdog.stop()
         self.release()
         self.db.close_all()
 
@@ -383,7 +462,11 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def open_storage(
-    url: str, *, max_connections: int = 32, sqlite_synchronous: SqliteSynchronous = DEFAULT_SQLITE_SYNCHRONOUS
+    url: str,
+    *,
+    max_connections: int = 32,
+    sqlite_synchronous: SqliteSynchronous = DEFAULT_SQLITE_SYNCHRONOUS,
+    max_transaction_seconds: float = DEFAULT_MAX_TRANSACTION_SECONDS,
 ) -> Storage:
     """Opens `sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host/db`.
     The schema is migrations.py's business.
@@ -391,7 +474,7 @@ def open_storage(
     Only one Storage is open per process: the tables are bound to a module-level proxy."""
     db = _connect(url, max_connections, sqlite_synchronous)
     database.initialize(db)
-    return Storage(db)
+    return Storage(db, max_transaction_seconds)
 
 
 def _connect(url: str, max_connections: int, sqlite_synchronous: SqliteSynchronous) -> PooledDatabase:
@@ -414,11 +497,12 @@ def _connect(url: str, max_connections: int, sqlite_synchronous: SqliteSynchrono
                 "journal_mode": "wal",
                 "synchronous": sqlite_synchronous,
                 "foreign_keys": 1,
-                "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
+                "busy_timeout": SQLITE_BUSY_POLL_MS,
             },
         )
     scheme = urlsplit(url).scheme
     if scheme in ("postgresql", "postgres"):
         params = parseresult_to_dict(urlparse(url))
+        params.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_SECONDS)
         return PooledPostgresqlDatabase(params.pop("database"), **pool, **params)
     raise ValueError(f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH or postgresql://...")

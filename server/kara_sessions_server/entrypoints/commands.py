@@ -142,12 +142,36 @@ database_option = _option(
     "0: ListEvents only).",
 )
 @_option(
+    "--max-transaction-seconds",
+    "MAX_TRANSACTION_SECONDS",
+    type=click.FloatRange(0.1, 600),
+    default=10.0,
+    show_default=True,
+    help="No transaction may take longer (less if its call's deadline comes first); then it rolls back.",
+)
+@_option(
+    "--request-id-retention-days",
+    "REQUEST_ID_RETENTION_DAYS",
+    type=click.FloatRange(min=0, min_open=True),
+    default=7.0,
+    show_default=True,
+    help="Keep each request_id's first result this long; reusing an older request_id starts a new request.",
+)
+@_option(
+    "--audit-retention-days",
+    "AUDIT_RETENTION_DAYS",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Prune audit rows older than this (default: keep them, they are the record).",
+)
+@_option(
     "--grace-seconds",
     "GRACE_SECONDS",
     type=click.FloatRange(0),
     default=10.0,
     show_default=True,
-    help="On SIGTERM/SIGINT, how long calls in flight may finish.",
+    help="On SIGTERM/SIGINT, how long calls in flight may finish; then their transactions are "
+    "interrupted and rolled back, and the process exits within a second.",
 )
 @_option(
     "--log-level",
@@ -181,6 +205,9 @@ def serve(
     max_message_bytes: int,
     event_retention_days: float,
     max_event_streams: int | None,
+    max_transaction_seconds: float,
+    request_id_retention_days: float,
+    audit_retention_days: float | None,
     grace_seconds: float,
     log_level: str,
     log_format: str,
@@ -218,6 +245,9 @@ def serve(
             max_message_bytes=max_message_bytes,
             event_retention=timedelta(days=event_retention_days),
             max_event_streams=max_event_streams,
+            max_transaction_seconds=max_transaction_seconds,
+            request_id_retention=timedelta(days=request_id_retention_days),
+            audit_retention=None if audit_retention_days is None else timedelta(days=audit_retention_days),
         )
         settings.check_exposure()
         settings.server_credentials()

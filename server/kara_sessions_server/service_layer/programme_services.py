@@ -62,10 +62,14 @@ class ProgrammeServices:
     def ensure_default(self, notice_window: timedelta) -> Programme:
         """Creates the default programme with `notice_window` unless it exists; says so when the
         stored window differs (it is changed with UpdateProgramme, not by a flag)."""
-        with UnitOfWork(self.core.storage) as uow:
-            programme_repository.add(programmes.default_programme(self.core.clock.now(), notice_window))
-            default = programme_repository.get(programmes.DEFAULT_PROGRAMME_ID)
-            uow.commit()
+        with UnitOfWork(self.core.storage, write=False):
+            default = programme_repository.find(programmes.DEFAULT_PROGRAMME_ID)
+        if default is None:
+            # Written only when missing, so a read-only database still serves its reads.
+            with UnitOfWork(self.core.storage) as uow:
+                programme_repository.add(programmes.default_programme(self.core.clock.now(), notice_window))
+                default = programme_repository.get(programmes.DEFAULT_PROGRAMME_ID)
+                uow.commit()
         if default.terms.notice_window != notice_window:
             log.warning(
                 "the default programme's notice window is %s, not the %s of --notice-window-hours: the "

@@ -1,16 +1,22 @@
 """One request, one unit of work: a single transaction that the service layer opens and
-commits explicitly; leaving the block without commit() rolls everything back."""
+commits explicitly; leaving the block without commit() rolls everything back.
+
+Every transaction is bounded: by its call's deadline (the caller stops waiting then) and by the
+storage's ceiling. A transaction whose caller has gone by the time it would commit is rolled
+back instead, so a caller told "failed" never finds the change made after all."""
 
 from __future__ import annotations
 
 import threading
+import time
 from types import TracebackType
 from typing import Any
 
 import peewee as pw
 
-from kara_sessions_server.adapters.storage import SQLITE_BUSY_TIMEOUT_MS, Storage
+from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.events import Event
+from kara_sessions_server.service_layer.call_context import CURRENT, Call, CallGone, DeadlineExceeded
 
 
 class _NotCommitted(Exception):
@@ -24,28 +30,35 @@ class UnitOfWork:
         self._tx: Any = None
         self._committed = False
         self._lock: threading.Lock | None = None
+        self._watch: int | None = None
+        self._call: Call | None = None
         # Told by the service layer once the transaction has committed.
         self.events: list[Event] = []
 
     def __enter__(self) -> UnitOfWork:
+        self._call = CURRENT.get()
+        timeout = self._storage.max_transaction_seconds
+        remaining = self._call.remaining() if self._call is not None else None
+        if remaining is not None:
+            if remaining <= 0:
+                raise DeadlineExceeded("the deadline passed before the call's transaction began")
+            timeout = min(timeout, remaining)
         lock = self._storage.write_lock if self._write else None
-        if lock is not None and not lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
-            raise pw.OperationalError("database is locked: another write took too long")
+        if lock is not None and not lock.acquire(timeout=timeout):
+            self._raise_timeout(pw.OperationalError("database is locked: another write took too long"))
         self._lock = lock
         try:
-            self._storage.db.connect(reuse_if_open=True)
-            self._tx = self._storage.transaction(self._write)
-            self._tx.__enter__()
-        except BaseException:
+            call = self._call
+            self._tx = self._storage.begin(self._write, timeout, call.is_active if call else lambda: True)
+            # PostgreSQL times its own statements out; SQLite is interrupted by the watchdog.
+            deadline = time.monotonic() + timeout if self._storage.is_sqlite else None
+            self._watch = self._storage.watchdog.watch(deadline, self._storage.interrupter())
+        except BaseException as exc:
             self._release()
+            if isinstance(exc, pw.DatabaseError):
+                self._raise_timeout(exc)
             raise
         return self
-
-    def _release(self) -> None:
-        self._storage.release()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
 
     def commit(self) -> None:
         """Marks the work done; the transaction commits when the block ends."""
@@ -57,7 +70,10 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None and not self._committed:
+        gone = exc_type is None and self._committed and self._call is not None and not self._call.is_active()
+        if gone:
+            exc_type = CallGone
+        elif exc_type is None and not self._committed:
             # peewee commits a clean exit; make an uncommitted one roll back instead.
             exc_type = _NotCommitted
         try:
@@ -68,3 +84,23 @@ class UnitOfWork:
                 # hand it back to the pool for the next request to trip over.
                 self._storage.db.manual_close()
             self._release()
+        if gone:
+            raise CallGone("the caller stopped waiting before the transaction committed; rolled back")
+        if isinstance(exc, pw.DatabaseError):
+            self._raise_timeout(exc)
+
+    def _raise_timeout(self, exc: BaseException) -> None:
+        """A database error after the call's deadline is the deadline's doing; else it stands."""
+        remaining = self._call.remaining() if self._call is not None else None
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the call's deadline passed during its transaction; rolled back") from exc
+        raise exc
+
+    def _release(self) -> None:
+        if self._watch is not None:
+            self._storage.watchdog.release(self._watch)
+            self._watch = None
+        self._storage.release()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

@@ -4,6 +4,7 @@ statuses, metrics and the log line. The servicers only parse, call a service and
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -11,14 +12,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
-import peewee as pw
 from google.rpc import code_pb2
 
+from kara_sessions_server.adapters import faults
 from kara_sessions_server.domain.errors import DomainError, Unauthenticated
 from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE, Principal
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
-from kara_sessions_server.entrypoints.grpc.status import domain_status, incident_status, new_incident, status
+from kara_sessions_server.entrypoints.grpc.status import (
+    domain_status,
+    incident_status,
+    new_incident,
+    permanent_status,
+    status,
+)
 from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
+from kara_sessions_server.service_layer.call_context import CURRENT, Call, CallGone, DeadlineExceeded
 
 log = logging.getLogger("kara_sessions_server.rpc")
 
@@ -63,10 +71,18 @@ class CallInterceptor(_ServerInterceptor):
     """Wraps the unary handlers of `protected` services with auth and error mapping, and every
     unary handler (health included) with metrics. Wrapped handlers are built once per method."""
 
-    def __init__(self, authenticator: Authenticator, metrics: Metrics, protected: frozenset[str]):
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        metrics: Metrics,
+        protected: frozenset[str],
+        stopping: threading.Event | None = None,
+    ):
         self.authenticator = authenticator
         self.metrics = metrics
         self.protected = protected
+        # Set when the server starts shutting down (calls it cancels then got UNAVAILABLE).
+        self.stopping = stopping or threading.Event()
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def intercept_service(
@@ -146,9 +162,12 @@ class CallInterceptor(_ServerInterceptor):
             )
         state.principal = self.authenticator.authenticate(context.invocation_metadata())
         token = _CALLER.set(state.principal)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        call = CURRENT.set(Call(deadline, context.is_active))
         try:
             return behaviour(request, context)
         finally:
+            CURRENT.reset(call)
             _CALLER.reset(token)
 
     def _abort(self, exc: Exception, name: str, context: grpc.ServicerContext, state: _CallState) -> NoReturn:
@@ -161,22 +180,42 @@ class CallInterceptor(_ServerInterceptor):
         raise exc  # not reached: abort_with_status raises
 
     def _failure(self, exc: Exception, name: str, incident: str) -> grpc.Status:
-        log.error("%s failed (incident %s)", name, incident, exc_info=exc, extra={"incident": incident})
-        if isinstance(exc, pw.DatabaseError):
-            self.metrics.database_error(type(exc).__name__)
-        if isinstance(exc, pw.OperationalError | pw.InterfaceError):
-            return incident_status(
-                code_pb2.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database is unavailable or busy", incident
+        if isinstance(exc, DeadlineExceeded):
+            log.info("%s: %s", name, exc, extra={"incident": incident})
+            return incident_status(code_pb2.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", str(exc), incident)
+        if isinstance(exc, CallGone):
+            log.info("%s: %s", name, exc, extra={"incident": incident})
+            return incident_status(code_pb2.CANCELLED, "CANCELLED", str(exc), incident)
+        fault = faults.classify(exc)
+        if fault is None:
+            log.error("%s failed (incident %s)", name, incident, exc_info=exc, extra={"incident": incident})
+            return incident_status(code_pb2.INTERNAL, "INTERNAL", "internal error", incident)
+        self.metrics.database_error(fault.kind, fault.transient)
+        if fault.transient:
+            log.warning(
+                "%s: %s (incident %s)", name, fault.what, incident, exc_info=exc, extra={"incident": incident}
             )
-        return incident_status(code_pb2.INTERNAL, "INTERNAL", "internal error", incident)
+            code = code_pb2.ABORTED if fault.reason == faults.CONFLICT else code_pb2.UNAVAILABLE
+            return incident_status(
+                code, fault.reason, f"{fault.what}; retry with the same request_id", incident
+            )
+        log.error(
+            "%s: %s (incident %s): an operator must fix the database",
+            name,
+            fault.what,
+            incident,
+            exc_info=exc,
+            extra={"incident": incident},
+        )
+        return permanent_status(fault.reason, fault.what, incident)
 
     def _record(
         self, name: str, context: grpc.ServicerContext, started: float, state: _CallState, request: Any
     ) -> None:
         seconds = time.perf_counter() - started
         code = _code_name(context)
-        if code == "OK" and state.stream and not context.is_active():
-            code = "CANCELLED"  # the caller hung up mid-stream
+        if code == "OK" and not context.is_active():
+            code = self._what_the_caller_got(context)
         self.metrics.observe_rpc(name, code, seconds)
         log.info(
             "%s %s",
@@ -194,6 +233,14 @@ class CallInterceptor(_ServerInterceptor):
                 "incident": state.incident,
             },
         )
+
+    def _what_the_caller_got(self, context: grpc.ServicerContext) -> str:
+        """The status of a call that ended before its handler did: its deadline passed, the
+        server cancelled it while shutting down, or the caller hung up."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return "DEADLINE_EXCEEDED"
+        return "UNAVAILABLE" if self.stopping.is_set() else "CANCELLED"
 
     def _observed(self, name: str, behaviour: Behaviour) -> Behaviour:
         def call(request: Any, context: grpc.ServicerContext) -> Any:

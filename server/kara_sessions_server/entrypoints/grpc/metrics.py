@@ -87,7 +87,10 @@ class Metrics:
             registry=r,
         )
         self.database_errors = Counter(
-            "kara_database_errors", "Database errors that failed an RPC, by kind", ["kind"], registry=r
+            "kara_database_errors",
+            "Database errors that failed an RPC, by kind and whether a retry may succeed",
+            ["kind", "transient"],
+            registry=r,
         )
         self._http: Any = None
 
@@ -113,8 +116,8 @@ class Metrics:
             if event.sessions:
                 self.invoiced_sessions.labels(event.action).inc(event.sessions)
 
-    def database_error(self, kind: str) -> None:
-        self.database_errors.labels(kind).inc()
+    def database_error(self, kind: str, transient: bool) -> None:
+        self.database_errors.labels(kind, "true" if transient else "false").inc()
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint; returns the port (useful when `port` is 0)."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,6 +33,7 @@ from kara.sessions.v1 import (
 from kara_sessions_server.adapters import durability, migrations
 from kara_sessions_server.adapters.storage import (
     DEFAULT_DATABASE_URL,
+    DEFAULT_MAX_TRANSACTION_SECONDS,
     DEFAULT_SQLITE_SYNCHRONOUS,
     SqliteSynchronous,
     Storage,
@@ -39,6 +42,7 @@ from kara_sessions_server.adapters.storage import (
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.domain.programme import DEFAULT_TERMS
+from kara_sessions_server.entrypoints.grpc.health_monitor import HealthMonitor
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.servicers import (
@@ -50,9 +54,11 @@ from kara_sessions_server.entrypoints.grpc.servicers import (
     StreamGate,
 )
 from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
+from kara_sessions_server.entrypoints.maintenance import Pruner
 from kara_sessions_server.service_layer.feed import DEFAULT_RETENTION, EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
+from kara_sessions_server.service_layer.retention import DEFAULT_REQUEST_ID_RETENTION, Retention
 from kara_sessions_server.service_layer.services import Services
 
 log = logging.getLogger("kara_sessions_server")
@@ -92,8 +98,16 @@ class Settings:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     # Events older than this are pruned; a cursor older than what is kept is OUT_OF_RANGE.
     event_retention: timedelta = DEFAULT_RETENTION
-    # How often the server prunes old events (each batch its own short transaction).
+    # How often the server prunes (each batch its own short transaction).
     event_prune_seconds: float = 60.0
+    # Stored request_id results older than this are forgotten: a retry that late is a new request.
+    request_id_retention: timedelta = DEFAULT_REQUEST_ID_RETENTION
+    # None: audit rows are kept for good.
+    audit_retention: timedelta | None = None
+    # The longest any transaction may take, whatever its call's deadline.
+    max_transaction_seconds: float = DEFAULT_MAX_TRANSACTION_SECONDS
+    # How often the health service probes the database.
+    health_check_seconds: float = 2.0
     # Open StreamEvents calls; each holds a worker thread. None: a quarter of max_workers (so
     # none below 4 workers: ListEvents still works).
     max_event_streams: int | None = None
@@ -162,57 +176,41 @@ class RunningServer:
     streams: StreamGate
     executor: futures.ThreadPoolExecutor
     metrics: Metrics
-    pruner: EventPruner
+    pruner: Pruner
+    monitor: HealthMonitor
+    stopping: threading.Event
     metrics_port: int | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
-    def stop(self, grace: float | None = None) -> None:
-        """Stops taking new calls, ends event streams, lets calls in flight finish (up to `grace`
-        s), then closes."""
+    def stop(self, grace: float | None = None) -> bool:
+        """Stops taking new calls, ends event streams, lets calls in flight finish for up to
+        `grace` seconds, then interrupts (and so rolls back) the transactions still open and
+        closes. Returns False if a call's thread was still running a second later."""
         if self._stopped.is_set():
-            return
+            return True
         self._stopped.set()
+        self.stopping.set()
         self.health.enter_graceful_shutdown()
+        self.monitor.stop()
         self.pruner.stop()
         # Open streams end cleanly now (their callers resume from their last cursor elsewhere)
         # instead of holding the drain for the whole grace period.
         self.streams.closing.set()
         self.services.signal.notify()
         self.server.stop(grace).wait()
-        self.executor.shutdown(wait=True)
+        # The calls are over for their callers. A transaction still open was told it failed:
+        # interrupt it, so it rolls back instead of holding the process for a database.
+        if interrupted := self.storage.watchdog.interrupt_all():
+            log.warning("interrupted %d transactions still open after the grace period", interrupted)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        finished = _join_workers(self.executor, timeout=1.0)
         self.metrics.close()
-        self.storage.close()
+        if finished:
+            self.storage.close()
+        return finished
 
     def wait(self) -> None:
         self.server.wait_for_termination()
-
-
-class EventPruner:
-    """Prunes events older than the retention period every `every` seconds, in the background."""
-
-    def __init__(self, events: EventServices, every: float):
-        self._events = events
-        self._every = every
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="event-pruner", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._done.wait(self._every):
-            try:
-                pruned = self._events.prune()
-            except Exception:
-                log.exception("pruning old events failed; will try again")
-                continue
-            if pruned:
-                log.info("pruned %d events older than %s", pruned, self._events.retention)
 
 
 def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
@@ -225,6 +223,7 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
         settings.database_url,
         max_connections=settings.max_workers + 2,
         sqlite_synchronous=settings.sqlite_synchronous,
+        max_transaction_seconds=settings.max_transaction_seconds,
     )
     try:
         migrations.prepare(storage)
@@ -246,7 +245,8 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
         storage.close()
         raise
     executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc")
-    interceptor = CallInterceptor(Authenticator(settings.tokens), metrics, frozenset(SERVICE_NAMES))
+    stopping = threading.Event()
+    interceptor = CallInterceptor(Authenticator(settings.tokens), metrics, frozenset(SERVICE_NAMES), stopping)
     server = grpc.server(
         executor,
         interceptors=[interceptor],
@@ -286,10 +286,7 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
                 f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}"
             ) from exc
     server.start()
-    pruner = EventPruner(events, settings.event_prune_seconds)
-    pruner.start()
-    for name in ("", *SERVICE_NAMES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    pruner, monitor = _background(settings, services, events, health_servicer)
     return RunningServer(
         server=server,
         port=port,
@@ -301,6 +298,8 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
         executor=executor,
         metrics=metrics,
         pruner=pruner,
+        monitor=monitor,
+        stopping=stopping,
         metrics_port=metrics_port,
     )
 
@@ -314,6 +313,33 @@ def _log_durability(found: durability.Durability) -> None:
     )
     for risk in found.risks:
         log.warning("an acknowledged change can be lost: %s", risk)
+
+
+def _background(
+    settings: Settings, services: Services, events: EventServices, health_servicer: health.HealthServicer
+) -> tuple[Pruner, HealthMonitor]:
+    """Starts the pruner and the health monitor."""
+    retention = Retention(services, settings.request_id_retention, settings.audit_retention)
+    pruner = Pruner(
+        settings.event_prune_seconds,
+        {
+            "events": events.prune,
+            "request_id results": retention.prune_request_ids,
+            "audit rows": retention.prune_audit,
+        },
+    )
+    pruner.start()
+    names = ("", *SERVICE_NAMES)
+    monitor = HealthMonitor(services.storage, health_servicer, names, every=settings.health_check_seconds)
+    monitor.start()
+    return pruner, monitor
+
+
+def _join_workers(executor: futures.ThreadPoolExecutor, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    for thread in list(getattr(executor, "_threads", ())):
+        thread.join(max(0.0, end - time.monotonic()))
+    return not any(t.is_alive() for t in getattr(executor, "_threads", ()))
 
 
 def serve(settings: Settings) -> None:
@@ -340,8 +366,15 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     done.wait()
-    running.stop(settings.grace_seconds)
-    log.info("stopped")
+    if running.stop(settings.grace_seconds):
+        log.info("stopped")
+        return
+    # A thread is still inside the database driver, which ignored the interrupt. The process
+    # exits anyway (the database rolls its transaction back when the connection drops): a
+    # shutdown is bounded by the grace period, whatever the database does.
+    log.error("a call's thread is still in the database after the grace period; exiting regardless")
+    logging.shutdown()
+    os._exit(0)
 
 
 def _redact(url: str) -> str:

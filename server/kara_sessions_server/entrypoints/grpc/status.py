@@ -80,3 +80,12 @@ def incident_status(code: int, reason: str, what: str, incident: str) -> grpc.St
     """What a caller learns of a failure: a short message and an id to find the traceback by."""
     message = f"{what} (incident {incident}); retry with the same request_id, it is never applied twice"
     return status(code, message, error_info(reason, incident=incident))
+
+
+def permanent_status(reason: str, what: str, incident: str) -> grpc.Status:
+    """A database fault no retry will cure: the caller learns the reason; an operator fixes it."""
+    message = (
+        f"{what} (incident {incident}); the request was not applied, and retrying will not help "
+        "until an operator fixes the database"
+    )
+    return status(code_pb2.INTERNAL, message, error_info(reason, incident=incident))

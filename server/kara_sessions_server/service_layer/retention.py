@@ -1,0 +1,41 @@
+"""Forgetting what is no longer needed, in small batches that each commit on their own, so a
+pruning run never holds the database from requests for long: stored request_id results past
+the retention period (a retry that late starts a new request) and, only if an operator asks,
+audit rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from kara_sessions_server.adapters import idempotency, session_repository
+from kara_sessions_server.service_layer.services import Services
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+
+DEFAULT_REQUEST_ID_RETENTION = timedelta(days=7)
+BATCH = 500
+
+
+@dataclass
+class Retention:
+    core: Services
+    request_ids: timedelta = DEFAULT_REQUEST_ID_RETENTION
+    # None: audit rows are kept for good (they are the record).
+    audit: timedelta | None = None
+
+    def prune_request_ids(self) -> int:
+        return self._in_batches(idempotency.prune, self.request_ids)
+
+    def prune_audit(self) -> int:
+        return 0 if self.audit is None else self._in_batches(session_repository.prune_audit, self.audit)
+
+    def _in_batches(self, prune: Callable[[datetime, int], int], keep: timedelta) -> int:
+        total = 0
+        while True:
+            with UnitOfWork(self.core.storage) as uow:
+                deleted = prune(self.core.clock.now() - keep, BATCH)
+                uow.commit()
+            total += deleted
+            if deleted < BATCH:
+                return total
