@@ -53,10 +53,13 @@ V5_SESSION_COLUMNS = (
 
 def downgrade_to_version_4(database_url: str) -> None:
     """The database as version 4 left it (before programmes), with the data it holds: the new
-    session and ledger columns dropped, one credit account per client, no programmes table."""
+    session and ledger columns dropped, one credit account per client, no programmes table, and
+    none of version 6's indexes."""
     storage = open_storage(database_url)
     db = storage.db
     with db.connection_context(), db.atomic():
+        db.execute_sql("DROP INDEX idempotency_keys_created_at")
+        db.execute_sql("DROP INDEX audit_log_at")
         for column in V5_SESSION_COLUMNS:
             db.execute_sql(f"ALTER TABLE sessions DROP COLUMN {column}")
         db.execute_sql("DROP INDEX ledger_entries_client_id_programme_id_entry_id")
@@ -119,10 +122,10 @@ def test_an_old_database_is_refused_then_migrated_keeping_its_data(
 
     check = migrate_cli(database_url, "--check")
     assert check.returncode == 1, check
-    assert all(f"pending: {n}" in check.stdout for n in (2, 3, 4, 5)), check.stdout
+    assert all(f"pending: {n}" in check.stdout for n in (2, 3, 4, 5, 6)), check.stdout
     done = migrate_cli(database_url)
     assert done.returncode == 0, done.stderr
-    assert all(f"applied {n}" in done.stdout for n in (2, 3, 4, 5)) and "(was 1)" in done.stdout
+    assert all(f"applied {n}" in done.stdout for n in (2, 3, 4, 5, 6)) and "(was 1)" in done.stdout
     again = migrate_cli(database_url)
     assert "nothing to do" in again.stdout
 

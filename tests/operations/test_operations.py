@@ -49,7 +49,7 @@ def test_reflection_lists_the_services(server: RunningServer) -> None:
     } <= names
 
 
-def test_database_failure_is_unavailable_without_traceback(
+def test_a_missing_table_is_a_schema_mismatch_without_traceback(
     server: RunningServer, kara: SessionsClient, clock: FakeClock, database_url: str
 ) -> None:
     session_id = book(kara, clock, timedelta(days=2))
@@ -58,8 +58,9 @@ def test_database_failure_is_unavailable_without_traceback(
         server.storage.db.execute_sql("DROP TABLE idempotency_keys")
     with pytest.raises(KaraError) as failed:
         kara.cancel(session_id, "client")
-    assert failed.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
-    assert failed.value.reason in ("DATABASE_UNAVAILABLE", "INTERNAL")
+    # A permanent fault (issue 14): the operator's reason, and the client does not retry it.
+    assert (failed.value.code, failed.value.reason) == (grpc.StatusCode.INTERNAL, "SCHEMA_MISMATCH")
+    assert failed.value.attempts == 1
     assert "incident" in failed.value.metadata
     assert "Traceback" not in failed.value.message and "peewee" not in failed.value.message
     assert kara.get_session(session_id).state == pb.SESSION_STATE_BOOKED  # the transaction rolled back
@@ -70,7 +71,7 @@ def test_database_failure_is_unavailable_without_traceback(
         for sample in family.samples
         if sample.name == "kara_database_errors_total"
     ]
-    assert sum(errors) == failed.value.attempts  # UNAVAILABLE is retried; each attempt failed
+    assert sum(errors) == failed.value.attempts == 1
 
 
 def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:

@@ -1,0 +1,302 @@
+"""When the database misbehaves: a network cut or stall between the server and PostgreSQL, a lock
+held by someone else, a read-only or schema-less database, a shutdown while a transaction is
+stuck, and retention. Real servers, real databases, a real TCP proxy; only the clock is fake."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+import psycopg
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kara.sessions.v1 import sessions_pb2 as pb
+
+from kara_sessions_client.client import NO_RETRY, KaraError, RetryPolicy, SessionsClient
+from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
+
+from ..support.clock import FakeClock
+from ..support.database import assert_ledger_balances, db_snapshot, reset_postgres
+from ..support.processes import start_server_process
+from ..support.tcp_proxy import TcpProxy
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _health(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        return int(reply.status)
+
+
+def _eventually(condition: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def behind_proxy(postgres_database: str, clock: FakeClock) -> Iterator[tuple[RunningServer, TcpProxy]]:
+    reset_postgres(postgres_database)
+    parts = urlsplit(postgres_database)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
+    url = urlunsplit(parts._replace(netloc=netloc))
+    running = start(Settings(listen="127.0.0.1:0", database_url=url, health_check_seconds=0.2), clock=clock)
+    yield running, proxy
+    proxy.restore()
+    running.stop(grace=1)
+    proxy.close()
+
+
+@pytest.mark.postgres
+def test_a_cut_fails_fast_health_follows_and_the_same_request_id_succeeds_after(
+    behind_proxy: tuple[RunningServer, TcpProxy], clock: FakeClock
+) -> None:
+    running, proxy = behind_proxy
+    with SessionsClient(f"127.0.0.1:{running.port}", timeout=10, retry=NO_RETRY) as kara:
+        kara.grant_credits("client-1", 2)
+        session_id = kara.book("client-1", "pro-1", clock.now() + timedelta(days=3)).session_id
+        assert _health(running.port) == SERVING
+
+        proxy.cut()
+        started = time.monotonic()
+        with pytest.raises(KaraError) as failed:
+            kara.cancel(session_id, "client", request_id="cancel-in-the-cut")
+        assert time.monotonic() - started < 5, "a cut database must fail the call fast"
+        assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+        assert failed.value.reason == "DATABASE_UNAVAILABLE"
+        assert failed.value.transient and "incident" in failed.value.message
+        _eventually(lambda: _health(running.port) == NOT_SERVING, 5)
+
+        proxy.restore()
+        _eventually(lambda: _health(running.port) == SERVING, 5)
+        done = kara.cancel(session_id, "client", request_id="cancel-in-the-cut")
+        assert done.payment.state == pb.PAYMENT_STATE_VOIDED
+        assert kara.cancel(session_id, "client", request_id="cancel-in-the-cut") == done
+        account = kara.get_credit_account("client-1")
+        assert (account.available, account.held, account.used) == (2, 0, 0)
+    assert_ledger_balances(running)
+
+
+@pytest.mark.postgres
+def test_a_stalled_network_is_bounded_by_the_callers_deadline(
+    behind_proxy: tuple[RunningServer, TcpProxy], clock: FakeClock
+) -> None:
+    running, proxy = behind_proxy
+    with SessionsClient(f"127.0.0.1:{running.port}", timeout=1, retry=NO_RETRY) as kara:
+        kara.grant_credits("client-1", 1, request_id="grant-0")
+        proxy.pause()
+        started = time.monotonic()
+        with pytest.raises(KaraError) as failed:
+            kara.grant_credits("client-1", 5, request_id="grant-in-the-stall")
+        assert failed.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        assert time.monotonic() - started < 3
+        _eventually(lambda: _health(running.port) == NOT_SERVING, 5)
+        proxy.restore()
+        _eventually(lambda: _health(running.port) == SERVING, 5)
+    with SessionsClient(f"127.0.0.1:{running.port}", timeout=10) as kara:
+        # The stalled grant's caller was told it failed: it never committed, and the retry
+        # with the same request_id applies it exactly once.
+        kara.grant_credits("client-1", 5, request_id="grant-in-the-stall")
+        kara.grant_credits("client-1", 5, request_id="grant-in-the-stall")
+        assert kara.get_credit_account("client-1").available == 6
+    assert_ledger_balances(running)
+
+
+def _hold_lock(database_url: str, session_id: str) -> Callable[[], None]:
+    """Another client holding a lock the server will need: SQLite's write lock, or the
+    session's row on PostgreSQL. Returns the release."""
+    if database_url.startswith("sqlite:///"):
+        conn = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+    else:
+        conn = psycopg.connect(database_url)  # type: ignore[assignment]
+        conn.execute("SELECT 1 FROM sessions WHERE session_id = %s FOR UPDATE", (session_id,))
+
+    def release() -> None:
+        conn.rollback()
+        conn.close()
+
+    return release
+
+
+def test_a_lock_wait_ends_at_the_callers_deadline_and_changes_nothing(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock, database_url: str
+) -> None:
+    kara.grant_credits("client-1", 1)
+    session_id = kara.book("client-1", "pro-1", clock.now() + timedelta(days=3)).session_id
+    release = _hold_lock(database_url, session_id)
+    try:
+        with SessionsClient(f"127.0.0.1:{server.port}", timeout=1, retry=NO_RETRY) as hurried:
+            started = time.monotonic()
+            with pytest.raises(KaraError) as failed:
+                hurried.cancel(session_id, "client", request_id="cancel-1")
+            assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 2.5
+        time.sleep(0.3)  # let the server's transaction notice and roll back
+    finally:
+        release()
+    assert kara.get_session(session_id).state == pb.SESSION_STATE_BOOKED
+    retried = kara.cancel(session_id, "client", request_id="cancel-1")
+    assert retried.session.state == pb.SESSION_STATE_CANCELLED_VOIDED
+    assert_ledger_balances(server)
+
+
+def test_sigterm_with_a_transaction_stuck_on_a_lock_exits_in_time_and_commits_nothing(
+    database_url: str, tmp_path: Path
+) -> None:
+    proc, port = start_server_process(database_url, "--grace-seconds", "2", "--log-level", "INFO")
+    target = f"127.0.0.1:{port}"
+    with SessionsClient(target) as kara:
+        kara.grant_credits("client-1", 1)
+        session_id = kara.book("client-1", "pro-1", _far()).session_id
+    release = _hold_lock(database_url, session_id)
+    outcome: list[object] = []
+
+    def stuck_cancel() -> None:
+        with SessionsClient(target, timeout=60, retry=NO_RETRY) as kara:
+            try:
+                outcome.append(kara.cancel(session_id, "client"))
+            except KaraError as exc:
+                outcome.append(exc)
+
+    caller = threading.Thread(target=stuck_cancel)
+    try:
+        caller.start()
+        time.sleep(0.7)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        assert time.monotonic() - stopped < 3.0, "shutdown must end within grace (2 s) + 1 s"
+        caller.join(timeout=10)
+    finally:
+        release()
+    assert isinstance(outcome[0], KaraError), outcome
+    said = outcome[0].code
+    stderr = proc.stderr.read().decode()  # type: ignore[union-attr]
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    cancel_lines = [line for line in lines if line.get("method") == "CancelSession"]
+    # Interrupted (PostgreSQL) or no longer waiting for the lock (SQLite), the stuck call unwound
+    # and logged the status its caller got, not OK.
+    assert [line["code"] for line in cancel_lines] == [said.name], stderr[-3000:]
+    assert said is not grpc.StatusCode.OK
+    proc, port = start_server_process(database_url)
+    try:
+        with SessionsClient(f"127.0.0.1:{port}") as kara:
+            assert kara.get_session(session_id).state == pb.SESSION_STATE_BOOKED
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _far() -> object:
+    from datetime import UTC, datetime
+
+    return datetime(2031, 1, 1, tzinfo=UTC)
+
+
+def _immutable(path: Path, on: bool) -> bool:
+    """chattr +i: even root cannot write the file, so SQLite opens it read-only."""
+    done = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def test_a_read_only_database_says_so_and_the_client_does_not_retry(tmp_path: Path, clock: FakeClock) -> None:
+    db = tmp_path / "kara.db"
+    url = f"sqlite:///{db}"
+    first = start(Settings(listen="127.0.0.1:0", database_url=url), clock=clock)
+    with SessionsClient(f"127.0.0.1:{first.port}") as kara:
+        kara.grant_credits("client-1", 1)
+    first.stop(grace=1)
+    if not _immutable(db, True):
+        pytest.skip("chattr +i is not supported on this filesystem: cannot make a read-only database")
+    try:
+        running = start(Settings(listen="127.0.0.1:0", database_url=url), clock=clock)
+        try:
+            with SessionsClient(f"127.0.0.1:{running.port}", retry=RetryPolicy(attempts=4)) as kara:
+                assert kara.get_credit_account("client-1").available == 1  # reads still work
+                with pytest.raises(KaraError) as refused:
+                    kara.grant_credits("client-1", 1)
+        finally:
+            running.stop(grace=1)
+    finally:
+        _immutable(db, False)
+    err = refused.value
+    assert (err.code, err.reason, err.attempts) == (grpc.StatusCode.INTERNAL, "DATABASE_READ_ONLY", 1)
+    assert "read-only" in err.message and "retrying will not help" in err.message and err.metadata["incident"]
+    assert not err.transient
+
+
+def test_a_missing_table_is_a_schema_mismatch_not_a_retry(
+    server: RunningServer, kara: SessionsClient
+) -> None:
+    kara.grant_credits("client-1", 1)
+    with Raw(server) as run:
+        run("DROP TABLE programmes")
+    with pytest.raises(KaraError) as refused:
+        kara.book("client-1", "pro-1", _far())  # type: ignore[arg-type]
+    assert (refused.value.code, refused.value.reason, refused.value.attempts) == (
+        grpc.StatusCode.INTERNAL,
+        "SCHEMA_MISMATCH",
+        1,
+    )
+
+
+class Raw:
+    """A statement on the server's database outside the server (an operator's mistake)."""
+
+    def __init__(self, server: RunningServer):
+        self.storage = server.storage
+
+    def __enter__(self) -> Callable[[str], None]:
+        self.storage.db.connect(reuse_if_open=True)
+
+        def run(statement: str) -> None:
+            self.storage.db.execute_sql(statement)
+
+        return run
+
+    def __exit__(self, *exc: object) -> None:
+        self.storage.release()
+
+
+def test_old_request_id_results_are_pruned_and_recent_ones_kept(database_url: str, clock: FakeClock) -> None:
+    running = start(
+        Settings(
+            listen="127.0.0.1:0",
+            database_url=database_url,
+            request_id_retention=timedelta(days=7),
+            audit_retention=timedelta(days=30),
+        ),
+        clock=clock,
+    )
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            kara.grant_credits("client-1", 1, request_id="old")
+            kara.book("client-1", "pro-1", clock.now() + timedelta(days=1), request_id="old-book")
+            clock.advance(timedelta(days=8))
+            kara.grant_credits("client-1", 1, request_id="recent")
+            assert running.pruner.run_once() == {"events": 0, "request_id results": 2, "audit rows": 0}
+            kept = {r["request_id"] for r in db_snapshot(running)["idempotency_keys"]}
+            assert kept == {"recent"}
+            # A retry within the window replays; an expired request_id is a new request.
+            kara.grant_credits("client-1", 1, request_id="recent")
+            kara.grant_credits("client-1", 1, request_id="old")
+            assert kara.get_credit_account("client-1").available == 2
+            clock.advance(timedelta(days=25))
+            assert running.pruner.run_once()["audit rows"] == 1  # the booking's, 33 days old
+            assert len(db_snapshot(running)["audit_log"]) == 0
+    finally:
+        running.stop(grace=1)
