@@ -21,12 +21,13 @@ Key = list[str | int]
 Row = TypeVar("Row")
 
 
-def page_size(requested: int) -> int:
+def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE) -> int:
+    """The page size asked for (0: `default`), at most MAX_PAGE_SIZE."""
     if requested < 0:
         raise InvalidRequest.single("page_size", "must not be negative")
     if requested > MAX_PAGE_SIZE:
         raise InvalidRequest.single("page_size", f"must be at most {MAX_PAGE_SIZE}")
-    return requested or DEFAULT_PAGE_SIZE
+    return requested or default
 
 
 def _query_digest(query: Sequence[str]) -> str:

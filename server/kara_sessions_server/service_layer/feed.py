@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from kara_sessions_server.adapters import outbox, snapshots
-from kara_sessions_server.domain.errors import InvalidRequest
+from kara_sessions_server.adapters.pagination import MAX_PAGE_SIZE, page_size
 from kara_sessions_server.domain.feed import EventType, FeedData, FeedEvent, SessionChanged
 from kara_sessions_server.domain.model import Session, payment_of
 from kara_sessions_server.domain.principal import Principal
@@ -17,8 +17,8 @@ from kara_sessions_server.service_layer import authz
 from kara_sessions_server.service_layer.services import Services
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
+# Events are small: a bigger default page than the other lists' (pagination.MAX_PAGE_SIZE caps it).
 DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 DEFAULT_RETENTION = timedelta(days=30)
 # Each batch of pruning is its own short transaction, so it never holds writers up for long.
 PRUNE_BATCH = 500
@@ -44,14 +44,6 @@ _LOAD: dict[EventType, Callable[[str], FeedData]] = {
 }
 
 
-def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidRequest.single("page_size", "must not be negative")
-    if requested > MAX_PAGE_SIZE:
-        raise InvalidRequest.single("page_size", f"must be at most {MAX_PAGE_SIZE}")
-    return requested or DEFAULT_PAGE_SIZE
-
-
 @dataclass
 class EventServices:
     core: Services
@@ -63,7 +55,7 @@ class EventServices:
         self, who: Principal, after: str, size: int, types: Sequence[EventType]
     ) -> list[FeedEvent]:
         cursor = outbox.decode(after)
-        size = page_size(size)
+        size = page_size(size, DEFAULT_PAGE_SIZE)
         professional_id, client_id = authz.feed_scope(who)
         with UnitOfWork(self.core.storage, write=False):
             stored = outbox.read(cursor, size, types, professional_id, client_id)
