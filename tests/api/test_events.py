@@ -16,19 +16,18 @@ from kara.sessions.v1 import events_pb2_grpc
 from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import sessions_pb2 as pb
 
-from kara_sessions_client.client import NO_RETRY, KaraError, SessionsClient
+from kara_sessions_client.client import KaraError, SessionsClient
 from kara_sessions_server.adapters import outbox, snapshots
 from kara_sessions_server.domain.feed import Change
 from kara_sessions_server.domain.model import CreditAccount
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
-from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 from ..support.booking import book
 from ..support.clock import FakeClock
 from ..support.database import db_snapshot
 from ..support.refusals import INVALID, PRECONDITION, refuse
-from ..support.tokens import write_tokens
+from ..support.tokens import secured_server
 
 T = "kara.sessions.v1."
 
@@ -302,25 +301,8 @@ PRINCIPALS = ("service:bus", "professional:pro-1", "client:cl-1", "client:cl-2")
 
 @pytest.fixture
 def secured(database_url: str, clock: FakeClock, tmp_path: Path) -> Iterator[Callable[[str], SessionsClient]]:
-    tokens = write_tokens(tmp_path / "tokens.toml", PRINCIPALS)
-    running = start(
-        Settings(
-            listen="127.0.0.1:0", database_url=database_url, tokens=TokenTable.load(tmp_path / "tokens.toml")
-        ),
-        clock=clock,
-    )
-    clients: list[SessionsClient] = []
-
-    def as_(principal: str) -> SessionsClient:
-        token = tokens.get(principal)  # None: no credentials at all
-        client = SessionsClient(f"127.0.0.1:{running.port}", timeout=15, retry=NO_RETRY, token=token)
-        clients.append(client)
-        return client
-
-    yield as_
-    for client in clients:
-        client.close()
-    running.stop(grace=1)
+    with secured_server(database_url, clock, tmp_path, PRINCIPALS) as as_:
+        yield as_
 
 
 def test_each_principal_reads_only_its_own_events(

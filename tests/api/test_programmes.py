@@ -17,13 +17,12 @@ from kara.sessions.v1 import credits_pb2 as cpb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import NO_RETRY, KaraError, SessionsClient
-from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
-from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
+from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
 from ..support.clock import FakeClock
 from ..support.database import assert_ledger_balances, db_snapshot
 from ..support.refusals import INVALID, NOT_FOUND, PRECONDITION, refuse
-from ..support.tokens import write_tokens
+from ..support.tokens import secured_server
 
 VOIDED, PAID = pb.PAYMENT_STATE_VOIDED, pb.PAYMENT_STATE_PAID
 UNPAID_SECTION, PAID_SECTION = pb.PAYMENT_SECTION_UNPAID, pb.PAYMENT_SECTION_PAID
@@ -416,24 +415,8 @@ PRINCIPALS = ("service:workstation", "professional:pro-1", "professional:pro-2",
 
 @pytest.fixture
 def as_(database_url: str, clock: FakeClock, tmp_path: Path) -> Iterator[Callable[[str], SessionsClient]]:
-    tokens = write_tokens(tmp_path / "tokens.toml", PRINCIPALS)
-    running = start(
-        Settings(
-            listen="127.0.0.1:0", database_url=database_url, tokens=TokenTable.load(tmp_path / "tokens.toml")
-        ),
-        clock=clock,
-    )
-    clients: list[SessionsClient] = []
-
-    def make(principal: str) -> SessionsClient:
-        client = SessionsClient(f"127.0.0.1:{running.port}", retry=NO_RETRY, token=tokens.get(principal))
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-    running.stop(grace=1)
+    with secured_server(database_url, clock, tmp_path, PRINCIPALS) as as_:
+        yield as_
 
 
 def _code(call: Callable[[], object]) -> grpc.StatusCode | None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
-import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 from ..support.clock import FakeClock
+from ..support.processes import run_cli
 
 SYNCHRONOUS = {1: "normal", 2: "full"}
 
@@ -98,16 +97,6 @@ def test_the_server_says_what_its_database_promises(
     logged = [r for r in caplog.records if r.getMessage().startswith("database durability:")]
     assert [r.getMessage() for r in logged] == [f"database durability: {found.describe()}"]
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kara_sessions_client.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def _read_backup(path: Path) -> sqlite3.Connection:
@@ -195,7 +184,7 @@ def test_a_backup_taken_while_eight_threads_cancel_is_consistent_and_restores(
     shutil.copyfile(dest, live)
     for leftover in (Path(f"{live}-wal"), Path(f"{live}-shm")):
         leftover.unlink(missing_ok=True)
-    check = cli("migrate", "--check", "--database-url", f"sqlite:///{live}")
+    check = run_cli("migrate", "--check", "--database-url", f"sqlite:///{live}")
     assert check.returncode == 0, check.stdout + check.stderr
     restored = start(Settings(listen="127.0.0.1:0", database_url=f"sqlite:///{live}"), clock=clock)
     try:
@@ -217,19 +206,23 @@ def test_backup_command_copies_verifies_and_never_overwrites(
         kara.book("client-1", "pro-1", clock.now() + timedelta(days=2))
     url = f"sqlite:///{sqlite_server.storage.db.database}"
     dest = tmp_path / "copy.db"
-    done = cli("backup", "--database-url", url, str(dest))
+    done = run_cli("backup", "--database-url", url, str(dest))
     assert done.returncode == 0, done.stderr
     said = f"integrity ok, schema version {migrations.LATEST}, 1 sessions with their payments, 1 credit"
     assert said in done.stdout
     assert assert_consistent_on_its_own(dest)
     assert not list(tmp_path.glob(".*partial*"))
 
-    again = cli("backup", "--database-url", url, str(dest))
+    again = run_cli("backup", "--database-url", url, str(dest))
     assert again.returncode == 1
     assert "already exists" in again.stderr
-    missing = cli("backup", "--database-url", f"sqlite:///{tmp_path / 'nothing.db'}", str(tmp_path / "x.db"))
+    missing = run_cli(
+        "backup", "--database-url", f"sqlite:///{tmp_path / 'nothing.db'}", str(tmp_path / "x.db")
+    )
     assert (missing.returncode, "there is no database" in missing.stderr) == (1, True)
-    postgres = cli("backup", "--database-url", "postgresql://postgres@127.0.0.1/test", str(tmp_path / "y.db"))
+    postgres = run_cli(
+        "backup", "--database-url", "postgresql://postgres@127.0.0.1/test", str(tmp_path / "y.db")
+    )
     assert (postgres.returncode, "pg_dump" in postgres.stderr) == (2, True)
     assert not (tmp_path / "x.db").exists() and not (tmp_path / "y.db").exists()
 

@@ -22,7 +22,7 @@ from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
 from ..support.booking import book
 from ..support.clock import FakeClock
-from ..support.processes import start_server_process
+from ..support.processes import run_cli, start_server_process
 
 
 def test_health_reports_every_service(server: RunningServer) -> None:
@@ -83,47 +83,37 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
     assert b"Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kara_sessions_client.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_cli_round_trip_and_exit_codes(tmp_path: Path) -> None:
     proc, port = start_server_process(f"sqlite:///{tmp_path / 'k.db'}")
     target = ["--target", f"127.0.0.1:{port}"]
     try:
-        granted = _cli(*target, "--json", "credits", "grant", "client-9", "1")
+        granted = run_cli(*target, "--json", "credits", "grant", "client-9", "1")
         assert granted.returncode == 0, granted.stderr
         assert json.loads(granted.stdout)["available"] == 1
-        booked = _cli(
+        booked = run_cli(
             *target, "--json", "book", "--client", "client-9", "--professional", "p", "--starts-at", "+3d"
         )
         session_id = json.loads(booked.stdout)["session_id"]
-        preview = _cli(*target, "--json", "preview", session_id, "--by", "client")
+        preview = run_cli(*target, "--json", "preview", session_id, "--by", "client")
         assert json.loads(preview.stdout)["payment_state"] == "PAYMENT_STATE_VOIDED"
-        refused = _cli(*target, "cancel", session_id, "--by", "professional", "--charge-client")
+        refused = run_cli(*target, "cancel", session_id, "--by", "professional", "--charge-client")
         assert refused.returncode == 1
         assert "CHARGE_NOT_ALLOWED_WITH_NOTICE" in refused.stderr and "Traceback" not in refused.stderr
-        cancelled = _cli(*target, "--json", "cancel", session_id, "--by", "client", "--reason", "ill")
+        cancelled = run_cli(*target, "--json", "cancel", session_id, "--by", "client", "--reason", "ill")
         assert json.loads(cancelled.stdout)["payment"]["state"] == "PAYMENT_STATE_VOIDED"
-        shown = _cli(*target, "session", session_id)
+        shown = run_cli(*target, "session", session_id)
         assert "SESSION_STATE_CANCELLED_VOIDED" in shown.stdout
-        listed = _cli(*target, "--json", "payments", "--professional", "p", "--section", "unpaid")
+        listed = run_cli(*target, "--json", "payments", "--professional", "p", "--section", "unpaid")
         assert [p["session_id"] for p in json.loads(listed.stdout)["payments"]] == [session_id]
-        account = _cli(*target, "--json", "credits", "show", "client-9")
+        account = run_cli(*target, "--json", "credits", "show", "client-9")
         assert json.loads(account.stdout)["available"] == 1
-        bad_time = _cli(*target, "book", "--client", "c", "--professional", "p", "--starts-at", "tomorrow")
+        bad_time = run_cli(*target, "book", "--client", "c", "--professional", "p", "--starts-at", "tomorrow")
         assert bad_time.returncode == 2 and "ISO-8601" in bad_time.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     start = time.monotonic()
-    unreachable = _cli("--target", f"127.0.0.1:{port}", "--timeout", "1", "session", "x")
+    unreachable = run_cli("--target", f"127.0.0.1:{port}", "--timeout", "1", "session", "x")
     assert unreachable.returncode == 3 and "UNAVAILABLE" in unreachable.stderr
     assert time.monotonic() - start < 30
 

@@ -76,3 +76,14 @@ def start_server_process(
         proc.wait()
         raise
     return proc, port
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`kara-sessions ARGS...` to the end, as a person would run it; its output and exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "kara_sessions_client.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
