@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
@@ -156,6 +157,9 @@ def test_a_call_whose_deadline_passed_while_queued_is_not_run(tmp_path: Path, cl
             lock.execute("BEGIN IMMEDIATE")  # the worker's cancellation will wait for this
             slow = threading.Thread(target=lambda: kara.cancel(session_id, "client"))
             slow.start()
+            # Let the cancellation take the only worker first (it then waits up to 10 s for the
+            # lock); sent at once, the read could win the worker and pass.
+            time.sleep(0.5)
             with (
                 SessionsClient(f"127.0.0.1:{running.port}", timeout=0.3) as hasty,
                 pytest.raises(KaraError) as late,
