@@ -67,6 +67,25 @@ _SQLITE: tuple[tuple[str, bool, str, str], ...] = (
 )
 
 
+def is_database_error(exc: BaseException | None) -> bool:
+    return isinstance(exc, pw.DatabaseError | pw.InterfaceError)
+
+
+def is_connection_error(exc: BaseException | None) -> bool:
+    """The connection itself may be broken: it must not go back to the pool."""
+    return isinstance(exc, pw.OperationalError | pw.InterfaceError)
+
+
+def is_duplicate(exc: BaseException) -> bool:
+    """A unique key refused a row (another request inserted it first)."""
+    return isinstance(exc, pw.IntegrityError)
+
+
+def lock_timeout() -> Exception:
+    """The error for a write that waited too long for this process's own writer queue."""
+    return pw.OperationalError("database is locked: another write took too long")
+
+
 def classify(exc: BaseException) -> Fault | None:
     """The fault behind a database exception; None if `exc` is not one."""
     if not isinstance(exc, pw.DatabaseError | pw.InterfaceError):

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TypeVar
 
-import peewee as pw
-
 from kara_sessions_server.adapters import (
+    faults,
     idempotency,
     invoice_repository,
     ledger,
@@ -360,7 +359,9 @@ class Services:
                 self.publish(event)
             self.signal.notify()
             return result
-        except (PreconditionFailed, pw.IntegrityError):
+        except Exception as exc:
+            if not isinstance(exc, PreconditionFailed) and not faults.is_duplicate(exc):
+                raise
             # We may have lost a race to a request with the same request_id (e.g. a retry that
             # overtook its original): if that request committed, its result is ours.
             with UnitOfWork(self.storage, write=False):

@@ -12,8 +12,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-import peewee as pw
-
+from kara_sessions_server.adapters import faults
 from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.events import Event
 from kara_sessions_server.service_layer.call_context import CURRENT, Call, CallGone, DeadlineExceeded
@@ -45,7 +44,7 @@ class UnitOfWork:
             timeout = min(timeout, remaining)
         lock = self._storage.write_lock if self._write else None
         if lock is not None and not lock.acquire(timeout=timeout):
-            self._raise_timeout(pw.OperationalError("database is locked: another write took too long"))
+            self._raise_timeout(faults.lock_timeout())
         self._lock = lock
         try:
             call = self._call
@@ -55,7 +54,7 @@ class UnitOfWork:
             self._watch = self._storage.watchdog.watch(deadline, self._storage.interrupter())
         except BaseException as exc:
             self._release()
-            if isinstance(exc, pw.DatabaseError):
+            if faults.is_database_error(exc):
                 self._raise_timeout(exc)
             raise
         return self
@@ -79,14 +78,14 @@ class UnitOfWork:
         try:
             self._tx.__exit__(exc_type, exc, tb)
         finally:
-            if isinstance(exc, pw.OperationalError | pw.InterfaceError):
+            if faults.is_connection_error(exc):
                 # The connection may be dead (server restart, network): discard it rather than
                 # hand it back to the pool for the next request to trip over.
                 self._storage.db.manual_close()
             self._release()
         if gone:
             raise CallGone("the caller stopped waiting before the transaction committed; rolled back")
-        if isinstance(exc, pw.DatabaseError):
+        if exc is not None and faults.is_database_error(exc):
             self._raise_timeout(exc)
 
     def _raise_timeout(self, exc: BaseException) -> None:
