@@ -13,8 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kara_sessions_server.adapters.storage import EPOCH
-from kara_sessions_server.domain.model import PaymentState, Session, SessionState, Waiver, payment_state
+from kara_sessions_server.domain.model import SessionState, payment_for
 from kara_sessions_server.domain.programme import DEFAULT_TERMS
 
 _BALANCES = """
@@ -108,7 +107,8 @@ def verify(path: Path) -> Verified:
                 )
         sessions = db.execute(_PAYMENTS).fetchall()
         for session_id, state, no_show_takes, waived_at, payment in sessions:
-            expected = _payment(SessionState(state), bool(no_show_takes), waived_at is not None)
+            terms = replace(DEFAULT_TERMS, no_show_takes_credit=bool(no_show_takes))
+            expected = payment_for(SessionState(state), terms, waived=waived_at is not None)
             if payment != expected.value:
                 raise BackupError(f"session {session_id} is {state} but its payment is {payment}")
         return Verified(version, len(sessions), len(accounts))
@@ -116,18 +116,6 @@ def verify(path: Path) -> Verified:
         raise BackupError(f"{path} is not a readable kara-sessions database: {exc}") from exc
     finally:
         db.close()
-
-
-def _payment(state: SessionState, no_show_takes_credit: bool, waived: bool) -> PaymentState:
-    """What the session's payment must be: the domain's rule, from the columns it reads."""
-    terms = replace(DEFAULT_TERMS, no_show_takes_credit=no_show_takes_credit)
-    session = Session(
-        "", "", "", EPOCH, EPOCH, EPOCH, state, 0, terms=terms, waiver=_WAIVED if waived else None
-    )
-    return payment_state(session)
-
-
-_WAIVED = Waiver(EPOCH, "", "")
 
 
 def _version(db: sqlite3.Connection) -> int:

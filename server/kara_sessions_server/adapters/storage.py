@@ -382,13 +382,12 @@ class Storage:
             self._begin_sqlite(tx, time.monotonic() + timeout, keep_waiting)
             return tx
         tx.__enter__()
-        if not self.is_sqlite:
-            try:
-                ms = f"{max(1, int(timeout * 1000))}ms"
-                sql(_PG_TIMEOUTS, (ms, ms))
-            except BaseException:
-                tx.__exit__(pw.OperationalError, None, None)
-                raise
+        try:
+            ms = f"{max(1, int(timeout * 1000))}ms"
+            sql(_PG_TIMEOUTS, (ms, ms))
+        except BaseException:
+            tx.__exit__(pw.OperationalError, None, None)
+            raise
         return tx
 
     def _begin_sqlite(self, tx: Any, deadline: float, keep_waiting: Callable[[], bool]) -> None:

@@ -158,12 +158,17 @@ class Payment:
 
 def payment_state(session: Session) -> PaymentState:
     """The session's payment: PENDING while booked, PAID while its credit is taken, else VOIDED."""
-    if session.state is SessionState.BOOKED:
+    return payment_for(session.state, session.terms, waived=session.waiver is not None)
+
+
+def payment_for(state: SessionState, terms: Terms, *, waived: bool = False) -> PaymentState:
+    """The payment a session in `state` under `terms` has (payment_state's rule, for callers
+    that hold the state and terms rather than a session)."""
+    if state is SessionState.BOOKED:
         return PaymentState.PENDING
-    if session.waiver is not None:
+    if waived:
         return PaymentState.VOIDED
-    taken = credit_move(session.state, session.terms) is LedgerKind.TAKE
-    return PaymentState.PAID if taken else PaymentState.VOIDED
+    return PaymentState.PAID if credit_move(state, terms) is LedgerKind.TAKE else PaymentState.VOIDED
 
 
 def paid_reason(session: Session) -> PaidReason | None:

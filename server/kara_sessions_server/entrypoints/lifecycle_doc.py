@@ -16,10 +16,9 @@ from typing import Any
 
 from transitions.extensions.diagrams import GraphMachine
 
-from kara_sessions_server.adapters.storage import EPOCH
 from kara_sessions_server.domain.invoice_lifecycle import INVOICE_LIFECYCLE
 from kara_sessions_server.domain.machines import Lifecycle
-from kara_sessions_server.domain.model import LedgerKind, Session, SessionState, credit_move, payment_state
+from kara_sessions_server.domain.model import LedgerKind, SessionState, credit_move, payment_for
 from kara_sessions_server.domain.programme import DEFAULT_TERMS, Terms
 from kara_sessions_server.domain.session_lifecycle import SESSION_LIFECYCLE
 
@@ -72,13 +71,12 @@ def transition_table(lifecycle: Lifecycle) -> list[str]:
 
 
 def _outcome(state: SessionState, terms: Terms) -> tuple[str, str]:
-    session = Session("", "", "", EPOCH, EPOCH, EPOCH, state, 0, terms=terms)
-    payment = payment_state(session)
+    payment = payment_for(state, terms)
     return f"{payment.value} ({payment.section.value.title()})", _CREDIT[credit_move(state, terms)]
 
 
 def session_states() -> list[str]:
-    """Each state's payment and credit, from the domain's own rules (payment_state, credit_move),
+    """Each state's payment and credit, from the domain's own rules (payment_for, credit_move),
     under terms that charge a no-show and terms that do not."""
     rows = ["| session state | payment (section) | credit |", "|---|---|---|"]
     charged, free = DEFAULT_TERMS, replace(DEFAULT_TERMS, no_show_takes_credit=False)

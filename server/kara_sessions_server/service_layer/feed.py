@@ -28,13 +28,17 @@ def _session_changed(session: Session) -> SessionChanged:
     return SessionChanged(session, payment_of(session))
 
 
+def _settled(raw: str) -> SessionChanged:
+    return SessionChanged(*snapshots.load_settlement(raw))
+
+
 # The stored data is what the request_id record stores for the same request (snapshots.py).
 _LOAD: dict[EventType, Callable[[str], FeedData]] = {
     EventType.SESSION_BOOKED: lambda raw: _session_changed(snapshots.load_session(raw)),
     EventType.SESSION_COMPLETED: lambda raw: _session_changed(snapshots.load_session(raw)),
-    EventType.SESSION_CANCELLED: lambda raw: SessionChanged(*snapshots.load_settlement(raw)),
-    EventType.SESSION_NO_SHOW: lambda raw: SessionChanged(*snapshots.load_settlement(raw)),
-    EventType.SESSION_CHARGE_WAIVED: lambda raw: SessionChanged(*snapshots.load_settlement(raw)),
+    EventType.SESSION_CANCELLED: _settled,
+    EventType.SESSION_NO_SHOW: _settled,
+    EventType.SESSION_CHARGE_WAIVED: _settled,
     EventType.CREDITS_GRANTED: snapshots.load_account,
     EventType.INVOICE_CREATED: snapshots.load_invoice,
     EventType.INVOICE_CHANGED: snapshots.load_invoice,
