@@ -366,13 +366,22 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     done.wait()
+    # The bound holds whatever blocks the way out (a driver ignoring the interrupt, a thread the
+    # interpreter would wait for at exit): the database rolls back what a dropped connection
+    # leaves open.
+    bound = threading.Timer(
+        settings.grace_seconds + 1.5, _exit_now, ("shutdown took longer than the grace period",)
+    )
+    bound.daemon = True
+    bound.start()
     if running.stop(settings.grace_seconds):
         log.info("stopped")
         return
-    # A thread is still inside the database driver, which ignored the interrupt. The process
-    # exits anyway (the database rolls its transaction back when the connection drops): a
-    # shutdown is bounded by the grace period, whatever the database does.
-    log.error("a call's thread is still in the database after the grace period; exiting regardless")
+    _exit_now("a call's thread is still in the database after the grace period")
+
+
+def _exit_now(why: str) -> None:
+    log.error("%s; exiting regardless", why)
     logging.shutdown()
     os._exit(0)
 
