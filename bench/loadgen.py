@@ -1,13 +1,15 @@
 """The load generator: runs in its own process (`python -m bench.loadgen`), so it never shares
 the server's interpreter. Reads one job as JSON on stdin, keeps `concurrency` calls in flight on
 one channel (grpc.aio) for `duration` seconds or until its work runs out, and writes every
-latency (seconds) as JSON on stdout."""
+latency (seconds) as JSON on stdout, with the CPU time the server's processes (`server_pids`)
+spent over exactly the measured window, read from /proc/PID/stat."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import os
 import sys
 import time
 import uuid
@@ -22,6 +24,21 @@ from kara.sessions.v1 import sessions_pb2 as pb
 from kara.sessions.v1 import sessions_pb2_grpc
 
 Request = tuple[Callable[..., Any], Any]
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU time of these processes (all their threads) so far; None if unreadable."""
+    total = 0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                # Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+                fields = stat.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / TICKS_PER_SECOND
 
 
 def _timestamp(value: datetime) -> Timestamp:
@@ -105,10 +122,20 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
                 if collect:
                     collected.append(response.session_id)
 
+        pids = job.get("server_pids", [])
+        cpu_before = cpu_seconds(pids)
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(job["concurrency"])))
         elapsed = time.perf_counter() - began
-    return {"latencies": latencies, "elapsed": elapsed, "errors": errors, "session_ids": collected}
+        cpu_after = cpu_seconds(pids)
+    server_cpu = None if cpu_before is None or cpu_after is None or not pids else cpu_after - cpu_before
+    return {
+        "latencies": latencies,
+        "elapsed": elapsed,
+        "errors": errors,
+        "session_ids": collected,
+        "server_cpu_s": server_cpu,
+    }
 
 
 def main() -> None:

@@ -36,6 +36,25 @@ def _growth_table(rows: list[dict[str, Any]]) -> Table:
     return growth
 
 
+def _processes_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(
+        title="serve --processes N on PostgreSQL (the load generator shares the same 2 cores)",
+    )
+    for col in ("RPC", "processes", "in flight", "req/s", "p50 ms", "p99 ms", "server CPU us/call"):
+        table.add_column(col, justify="left" if col == "RPC" else "right")
+    for r in rows:
+        table.add_row(
+            NAMES.get(r["workload"], r["workload"]),
+            str(r["processes"]),
+            str(r["concurrency"]),
+            _num(r["rps"], ".0f"),
+            _num(r["p50_ms"], ".2f"),
+            _num(r["p99_ms"], ".2f"),
+            _num(r.get("server_cpu_us"), ".0f"),
+        )
+    return table
+
+
 def _delivery_table(rows: list[dict[str, Any]]) -> Table:
     delivery = Table(title="From a committed cancellation to its arrival on an open StreamEvents")
     for col in ("database", "events", "p50 ms", "p99 ms", "max ms"):
@@ -91,6 +110,8 @@ def print_report(results: dict[str, Any]) -> None:
         "p95 ms",
         "p99 ms",
         "of ceiling",
+        "server CPU us/call",
+        "CPU x ceiling",
         "errors",
     ):
         table.add_column(col, justify="left" if col in ("database", "RPC", "errors") else "right")
@@ -105,9 +126,14 @@ def print_report(results: dict[str, Any]) -> None:
             _num(r["p95_ms"], ".2f"),
             _num(r["p99_ms"], ".2f"),
             _num(r["ratio_to_ceiling"], ".0%"),
+            _num(r.get("server_cpu_us"), ".0f"),
+            _num(r.get("server_cpu_ratio_to_ceiling"), ".2f"),
             ", ".join(f"{k} {v}" for k, v in r["errors"].items()),
         )
     console.print(table)
+
+    if results.get("processes"):
+        console.print(_processes_table(results["processes"]))
 
     if results.get("growth"):
         console.print(_growth_table(results["growth"]))

@@ -43,6 +43,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     for run in runs.values():
         assert run["requests"] > 0 and not run["errors"], run
         assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
+        assert run["server_cpu_us"] > 0, "the server's CPU per call is read from /proc"
     assert runs["cancel", 2]["requests"] == runs["book", 2]["requests"], (
         "every booked session is cancelled once"
     )

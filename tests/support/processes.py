@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,6 +38,19 @@ def wait_serving(port: int, proc: subprocess.Popen[bytes], deadline: float = 30)
             except grpc.RpcError:
                 time.sleep(0.1)
     raise TimeoutError(f"server on {port} did not become SERVING")
+
+
+def server_children(pid: int) -> list[int]:
+    """The server processes `serve --processes N` (pid) started (not multiprocessing's helpers)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            stat = (cmdline.parent / "stat").read_text()
+            if int(stat.rpartition(")")[2].split()[1]) == pid and b"spawn_main" in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 def serve_command(*args: str) -> list[str]:
