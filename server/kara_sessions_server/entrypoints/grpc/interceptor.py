@@ -52,9 +52,10 @@ class Authenticator:
     def __init__(self, tokens: TokenTable | None):
         self.tokens = tokens
 
-    def authenticate(self, metadata: Any) -> Principal:
+    def authenticate(self, context: grpc.ServicerContext) -> Principal:
         if self.tokens is None:
             return UNAUTHENTICATED_SERVICE
+        metadata = context.invocation_metadata()  # only now: building it costs every call
         header = next((value for key, value in metadata or () if key == "authorization"), None)
         if not isinstance(header, str):
             raise Unauthenticated("no credentials: send the metadata `authorization: Bearer <token>`")
@@ -160,7 +161,7 @@ class CallInterceptor(_ServerInterceptor):
             context.abort_with_status(
                 status(code_pb2.DEADLINE_EXCEEDED, "the deadline passed before the call started")
             )
-        state.principal = self.authenticator.authenticate(context.invocation_metadata())
+        state.principal = self.authenticator.authenticate(context)
         token = _CALLER.set(state.principal)
         deadline = None if remaining is None else time.monotonic() + remaining
         call = CURRENT.set(Call(deadline, context.is_active))

@@ -93,10 +93,16 @@ class Metrics:
             registry=r,
         )
         self._http: Any = None
+        # Labelled children, bound once per (method, code): `labels()` costs a lock and a lookup.
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        self.rpcs.labels(method, code).inc()
-        self.latency.labels(method).observe(seconds)
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = (self.rpcs.labels(method, code), self.latency.labels(method))
+            self._rpc_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_event(self, event: Event) -> None:
         if isinstance(event, SessionCancelled):
