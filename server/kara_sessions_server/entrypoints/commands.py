@@ -174,6 +174,16 @@ database_option = _option(
     "interrupted and rolled back, and the process exits within a second.",
 )
 @_option(
+    "--processes",
+    "PROCESSES",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port (SO_REUSEPORT), to use more than one core. PostgreSQL "
+    "only; each process has its own --max-workers threads and connections, and its own metrics "
+    "port (--metrics-port + 0, 1, ...).",
+)
+@_option(
     "--log-level",
     "LOG_LEVEL",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
@@ -209,6 +219,7 @@ def serve(
     request_id_retention_days: float,
     audit_retention_days: float | None,
     grace_seconds: float,
+    processes: int,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -222,11 +233,12 @@ def serve(
 
     from kara_sessions_server.adapters.migrations import SchemaError
     from kara_sessions_server.entrypoints import logs
+    from kara_sessions_server.entrypoints.grpc.processes import refuse_sqlite, serve_processes
     from kara_sessions_server.entrypoints.grpc.server import Settings
     from kara_sessions_server.entrypoints.grpc.server import serve as run_server
     from kara_sessions_server.entrypoints.grpc.tokens import TokenFileError, TokenTable
 
-    logs.configure(log_level, log_format)  # type: ignore[arg-type]
+    logs.configure(log_level, log_format, with_pid=processes > 1)  # type: ignore[arg-type]
     try:
         settings = Settings(
             listen=listen,
@@ -252,9 +264,12 @@ def serve(
         settings.check_exposure()
         settings.server_credentials()
         settings.event_streams  # noqa: B018 (validates the stream limit against the workers)
+        refuse_sqlite(database_url, processes)
     except (TokenFileError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     try:
+        if processes > 1:
+            sys.exit(serve_processes(settings, processes, log_level, log_format))
         run_server(settings)
     except (OSError, ValueError, SchemaError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -100,6 +100,10 @@ class Settings:
     event_retention: timedelta = DEFAULT_RETENTION
     # How often the server prunes (each batch its own short transaction).
     event_prune_seconds: float = 60.0
+    # False in all but one of `serve --processes N`'s processes: one pruner is enough.
+    prunes: bool = True
+    # Let other processes of `serve --processes N` listen on the same port (SO_REUSEPORT).
+    share_port: bool = False
     # Stored request_id results older than this are forgotten: a retry that late is a new request.
     request_id_retention: timedelta = DEFAULT_REQUEST_ID_RETENTION
     # None: audit rows are kept for good.
@@ -253,8 +257,9 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            # Refuse a second server on the same port instead of sharing it silently.
-            ("grpc.so_reuseport", 0),
+            # Refuse a second server on the same port instead of sharing it silently, unless
+            # this is one of `serve --processes N`'s (entrypoints/grpc/processes.py).
+            ("grpc.so_reuseport", 1 if settings.share_port else 0),
         ],
     )
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(services), server)
@@ -328,7 +333,8 @@ def _background(
             "audit rows": retention.prune_audit,
         },
     )
-    pruner.start()
+    if settings.prunes:
+        pruner.start()
     names = ("", *SERVICE_NAMES)
     monitor = HealthMonitor(services.storage, health_servicer, names, every=settings.health_check_seconds)
     monitor.start()
