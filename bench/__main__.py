@@ -62,6 +62,8 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+# Options every benchmarked server gets besides its defaults (from --max-workers).
+SERVER_OPTIONS: list[str] = []
 # The processes of each server `server()` started, by address: the load generator reads their CPU.
 SERVER_PIDS: dict[str, list[int]] = {}
 
@@ -124,6 +126,7 @@ def server(database_url: str, log_path: Path, *options: str) -> Iterator[str]:
                 database_url,
                 "--log-format",
                 "json",
+                *SERVER_OPTIONS,
                 *options,
             ),
             stdout=subprocess.DEVNULL,
@@ -429,6 +432,12 @@ def machine() -> dict[str, Any]:
 @click.option("--no-durability", is_flag=True, help="Skip comparing SQLite synchronous=NORMAL with FULL.")
 @click.option("--no-events", is_flag=True, help="Skip the event-delivery measurement.")
 @click.option(
+    "--max-workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Run every server with this --max-workers instead of its default.",
+)
+@click.option(
     "--processes",
     "process_counts",
     default="1,2",
@@ -454,17 +463,20 @@ def main(
     no_profile: bool,
     no_durability: bool,
     no_events: bool,
+    max_workers: int | None,
     process_counts: str,
     event_count: int,
     json_path: str | None,
 ) -> None:
     """Benchmark kara-sessions on this machine."""
+    SERVER_OPTIONS.extend(["--max-workers", str(max_workers), "--max-event-streams", "0"] * bool(max_workers))
     results: dict[str, Any] = {
         "machine": machine(),
         "settings": {
             "duration_s": duration,
             "concurrency": list(concurrencies),
-            "server": "kara-sessions serve defaults (JSON log line per RPC, no auth, no TLS)",
+            "server": "kara-sessions serve defaults (JSON log line per RPC, no auth, no TLS)"
+            + (f", --max-workers {max_workers}" if max_workers else ""),
         },
         "skipped": [],
     }
