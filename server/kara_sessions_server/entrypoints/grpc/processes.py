@@ -173,8 +173,10 @@ def _supervise(children: Sequence[BaseProcess], stopping: list[int]) -> bool:
     while not stopping:
         ended = wait([c.sentinel for c in children], timeout=0.5)
         if ended and not stopping:
-            dead = [c for c in children if not c.is_alive()]
+            # A sentinel fires as the process exits, a moment before it can be reaped: join it.
+            dead = [c for c in children if c.sentinel in ended]
             for child in dead:
+                child.join(5)
                 log.error(
                     "server process %s (pid %s) exited with %s; stopping the others",
                     child.name,
