@@ -4,9 +4,18 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+# buf (lint and breaking-change checks for protos/) from the npm registry, into a project folder.
+BUF_VERSION := 1.75.0
+TOOLS  := .tools
+BUF    := $(TOOLS)/node_modules/.bin/buf
+# The API as released to clients: `buf breaking` compares protos/ with it. Move it forward (a
+# full commit of main) when a release ships; a branch can compare with main instead:
+# make lint BUF_AGAINST='.git\#branch=main,subdir=protos'
+API_BASELINE ?= 9016d3a4fd557de9ed2950f4c557c22e315f9588
+BUF_AGAINST  ?= .git\#ref=$(API_BASELINE),subdir=protos,depth=10000
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen docs run demo test bench lint check clean
+.PHONY: help install gen docs run demo test test-client-install bench lint check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -17,7 +26,8 @@ $(BIN)/python:
 
 # Reinstall (which regenerates the protobuf code) whenever the project definition or a proto changes.
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/kara/sessions/v1/*.proto)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# setuptools says "Editable installation." on every editable build (a note, not a deprecation).
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e ".[server,dev]"
 	@touch $@
 
 install: $(STAMP) ## Create .venv, install the project and generate the gRPC code
@@ -37,16 +47,24 @@ demo: $(STAMP) ## Run the article's five scenarios, then invoice the paid ones, 
 test: $(STAMP) ## Run the whole test suite (SQLite, and PostgreSQL when reachable; required when CI=true)
 	$(BIN)/python -m pytest $(ARGS)
 
+test-client-install: $(STAMP) ## Install just the client (no [server]) into a fresh venv; drive a server with it
+	$(BIN)/python -m pytest -m client_install tests/install $(ARGS)
+
 bench: $(STAMP) ## Benchmark on this machine (about 6 min; ARGS="--duration 2 --json out.json" etc.)
 	$(BIN)/python -m bench $(ARGS)
 
-lint: $(STAMP) ## ruff, mypy and the layer contracts (lint-imports) on the project's own code
+$(BUF):
+	npm install --prefix $(TOOLS) --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
+
+lint: $(STAMP) $(BUF) ## ruff, mypy, the layer contracts (lint-imports), and buf lint/breaking on protos/
+	$(BUF) lint protos
+	$(BUF) breaking protos --against '$(BUF_AGAINST)'
 	$(BIN)/ruff check server client tests bench setup.py
 	$(BIN)/ruff format --check server client tests bench setup.py
 	$(BIN)/mypy server/kara_sessions_server client/kara_sessions_client bench
 	$(BIN)/lint-imports
 
-check: lint test ## Everything CI runs
+check: lint test test-client-install ## Everything CI runs
 
 clean: ## Remove the virtualenv, generated code and caches
-	rm -rf $(VENV) client/kara build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) client/kara build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -37,6 +37,8 @@ from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import programmes_pb2 as ppb
 from kara.sessions.v1 import sessions_pb2 as pb
 
+from .trace_context import with_trace
+
 R = TypeVar("R")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -195,7 +197,7 @@ class SessionsClient:
         attempt = 0
         while True:
             try:
-                response = method(request, timeout=self.timeout, metadata=self.metadata)
+                response = method(request, timeout=self.timeout, metadata=with_trace(self.metadata))
             except grpc.RpcError as exc:
                 error = KaraError.from_rpc_error(exc)
                 attempt += 1
@@ -506,7 +508,7 @@ class SessionsClient:
         failures = 0
         while True:
             stream = self.feed.StreamEvents(
-                epb.StreamEventsRequest(after=cursor, types=types), metadata=self.metadata
+                epb.StreamEventsRequest(after=cursor, types=types), metadata=with_trace(self.metadata)
             )
             try:
                 for event in stream:

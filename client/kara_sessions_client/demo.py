@@ -132,7 +132,13 @@ def run_demo(target: str | None) -> int:
         with SessionsClient(target) as client:
             play(client)
         return 0
-    from kara_sessions_server.entrypoints.grpc.server import Settings, start
+    try:
+        from kara_sessions_server.entrypoints.grpc.server import Settings, start
+    except ImportError as exc:  # the client install: no server to run in-process
+        raise click.ClickException(
+            f"the demo's throwaway server needs the server install ({exc.name} is missing): "
+            'pip install "kara-sessions[server]", or give --target HOST:PORT'
+        ) from None
 
     with tempfile.TemporaryDirectory(prefix="kara-demo-") as tmp:
         server = start(Settings(listen="127.0.0.1:0", database_url=f"sqlite:///{Path(tmp) / 'demo.db'}"))

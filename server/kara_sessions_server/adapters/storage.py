@@ -361,6 +361,7 @@ class Storage:
     def __init__(self, db: PooledDatabase, max_transaction_seconds: float = DEFAULT_MAX_TRANSACTION_SECONDS):
         self.db = db
         self.is_sqlite = isinstance(db, pw.SqliteDatabase)
+        self.system = "sqlite" if self.is_sqlite else "postgresql"
         # No transaction may last longer, whatever its call's deadline (or without one).
         self.max_transaction_seconds = max_transaction_seconds
         self.watchdog = Watchdog()

@@ -7,6 +7,7 @@ start fast."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import tomllib
 from collections.abc import Callable
@@ -20,6 +21,19 @@ import click
 _PATH_KEYS = frozenset({"tls_cert", "tls_key", "client_ca", "tokens_file"})
 
 FILE = click.Path(exists=True, dir_okay=False)
+
+# What `pip install "kara-sessions[server]"` adds to the client install (`pip install kara-sessions`).
+_SERVER_MODULES = ("peewee", "psycopg", "transitions", "prometheus_client", "grpc_health", "grpc_reflection")
+
+
+def require_server(command: str) -> None:
+    """Says in one line how to install the server when this is only the client install."""
+    missing = [name for name in _SERVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise click.ClickException(
+            f'`kara-sessions {command}` needs the server: pip install "kara-sessions[server]" '
+            f"(missing: {', '.join(missing)})"
+        )
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -174,6 +188,14 @@ database_option = _option(
     "interrupted and rolled back, and the process exits within a second.",
 )
 @_option(
+    "--otlp-endpoint",
+    "OTLP_ENDPOINT",
+    default=None,
+    help="Export a trace span per RPC and per database transaction to this OpenTelemetry collector "
+    "(OTLP/gRPC, e.g. http://127.0.0.1:4317). The standard OTEL_EXPORTER_OTLP_* and OTEL_SERVICE_NAME "
+    "variables apply too. Default: no tracing.",
+)
+@_option(
     "--processes",
     "PROCESSES",
     type=click.IntRange(1, 64),
@@ -219,6 +241,7 @@ def serve(
     request_id_retention_days: float,
     audit_retention_days: float | None,
     grace_seconds: float,
+    otlp_endpoint: str | None,
     processes: int,
     log_level: str,
     log_format: str,
@@ -229,6 +252,7 @@ def serve(
     An empty database gets the current schema; an older one must be upgraded with
     `kara-sessions migrate` first. Exit codes: 2 invalid configuration, 1 could not start.
     """
+    require_server("serve")
     import peewee as pw
 
     from kara_sessions_server.adapters.migrations import SchemaError
@@ -260,6 +284,7 @@ def serve(
             max_transaction_seconds=max_transaction_seconds,
             request_id_retention=timedelta(days=request_id_retention_days),
             audit_retention=None if audit_retention_days is None else timedelta(days=audit_retention_days),
+            otlp_endpoint=otlp_endpoint,
         )
         settings.check_exposure()
         settings.server_credentials()
@@ -291,6 +316,7 @@ def serve(
 )
 def migrate(database_url: str, check: bool, notice_window_hours: float) -> None:
     """Upgrade the database schema to this version's (one transaction per step)."""
+    require_server("migrate")
     import peewee as pw
 
     from kara_sessions_server.adapters import migrations
@@ -338,6 +364,7 @@ def backup(database_url: str, dest: Path) -> None:
     its session) before it is renamed to DEST. DEST must not exist. For PostgreSQL, use pg_dump
     (see the README). Exit codes: 1 the backup failed or did not verify (DEST is not written).
     """
+    require_server("backup")
     from kara_sessions_server.adapters.backup import BackupError
     from kara_sessions_server.adapters.backup import backup as take_backup
     from kara_sessions_server.adapters.migrations import LATEST

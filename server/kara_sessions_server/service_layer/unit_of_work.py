@@ -12,7 +12,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from kara_sessions_server.adapters import faults
+from kara_sessions_server.adapters import faults, tracing
 from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.events import Event
 from kara_sessions_server.service_layer.call_context import CURRENT, Call, CallGone, DeadlineExceeded
@@ -31,10 +31,14 @@ class UnitOfWork:
         self._lock: threading.Lock | None = None
         self._watch: int | None = None
         self._call: Call | None = None
+        self._span: Any = None
         # Told by the service layer once the transaction has committed.
         self.events: list[Event] = []
 
     def __enter__(self) -> UnitOfWork:
+        storage = self._storage
+        # From here: waiting for SQLite's writer lock is part of the transaction's time.
+        self._span = tracing.transaction_started(storage.system, storage.db.database, self._write)
         self._call = CURRENT.get()
         timeout = self._storage.max_transaction_seconds
         remaining = self._call.remaining() if self._call is not None else None
@@ -53,7 +57,7 @@ class UnitOfWork:
             deadline = time.monotonic() + timeout if self._storage.is_sqlite else None
             self._watch = self._storage.watchdog.watch(deadline, self._storage.interrupter())
         except BaseException as exc:
-            self._release()
+            self._release(exc)
             if faults.is_database_error(exc):
                 self._raise_timeout(exc)
             raise
@@ -75,14 +79,18 @@ class UnitOfWork:
         elif exc_type is None and not self._committed:
             # peewee commits a clean exit; make an uncommitted one roll back instead.
             exc_type = _NotCommitted
+        error: BaseException | None = exc
         try:
             self._tx.__exit__(exc_type, exc, tb)
+        except BaseException as failed:  # the commit itself failed
+            error = failed
+            raise
         finally:
             if faults.is_connection_error(exc):
                 # The connection may be dead (server restart, network): discard it rather than
                 # hand it back to the pool for the next request to trip over.
                 self._storage.db.manual_close()
-            self._release()
+            self._release(error, committed=error is None and exc_type is None)
         if gone:
             raise CallGone("the caller stopped waiting before the transaction committed; rolled back")
         if exc is not None and faults.is_database_error(exc):
@@ -95,7 +103,9 @@ class UnitOfWork:
             raise DeadlineExceeded("the call's deadline passed during its transaction; rolled back") from exc
         raise exc
 
-    def _release(self) -> None:
+    def _release(self, error: BaseException | None = None, committed: bool = False) -> None:
+        tracing.ended(self._span, error, committed)
+        self._span = None
         if self._watch is not None:
             self._storage.watchdog.release(self._watch)
             self._watch = None

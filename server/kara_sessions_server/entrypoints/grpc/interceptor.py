@@ -158,9 +158,7 @@ class CallInterceptor(_ServerInterceptor):
     ) -> Any:
         remaining = context.time_remaining()  # None: the caller set no deadline
         if remaining is not None and remaining <= 0:
-            context.abort_with_status(
-                status(code_pb2.DEADLINE_EXCEEDED, "the deadline passed before the call started")
-            )
+            abort(context, status(code_pb2.DEADLINE_EXCEEDED, "the deadline passed before the call started"))
         state.principal = self.authenticator.authenticate(context)
         token = _CALLER.set(state.principal)
         deadline = None if remaining is None else time.monotonic() + remaining
@@ -173,11 +171,11 @@ class CallInterceptor(_ServerInterceptor):
 
     def _abort(self, exc: Exception, name: str, context: grpc.ServicerContext, state: _CallState) -> NoReturn:
         if isinstance(exc, DomainError):
-            context.abort_with_status(domain_status(exc))
+            abort(context, domain_status(exc))
         if _code_name(context) != "OK":
             raise exc  # context.abort() was called: the status is already set
         state.incident = new_incident()
-        context.abort_with_status(self._failure(exc, name, state.incident))
+        abort(context, self._failure(exc, name, state.incident))
         raise exc  # not reached: abort_with_status raises
 
     def _failure(self, exc: Exception, name: str, incident: str) -> grpc.Status:
@@ -259,6 +257,16 @@ class _CallState:
     principal: Principal | None = None
     incident: str = ""
     stream: bool = False
+
+
+def abort(context: grpc.ServicerContext, failed: grpc.Status) -> NoReturn:
+    """Ends the call with `failed`, its rich details included. The code and details are also
+    set one by one first, for a wrapping context that only watches those (OpenTelemetry's,
+    whose span would otherwise say OK)."""
+    context.set_code(failed.code)
+    context.set_details(failed.details)
+    context.abort_with_status(failed)
+    raise AssertionError("abort_with_status returned")  # it raises; this tells mypy so
 
 
 def _code_name(context: grpc.ServicerContext) -> str:

@@ -29,6 +29,7 @@ from kara.sessions.v1 import (
     sessions_pb2,
     sessions_pb2_grpc,
 )
+from opentelemetry.sdk.trace import TracerProvider
 
 from kara_sessions_server.adapters import durability, migrations
 from kara_sessions_server.adapters.storage import (
@@ -42,6 +43,7 @@ from kara_sessions_server.adapters.storage import (
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.domain.programme import DEFAULT_TERMS
+from kara_sessions_server.entrypoints import tracing
 from kara_sessions_server.entrypoints.grpc.health_monitor import HealthMonitor
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
@@ -104,6 +106,9 @@ class Settings:
     prunes: bool = True
     # Let other processes of `serve --processes N` listen on the same port (SO_REUSEPORT).
     share_port: bool = False
+    # Export spans over OTLP/gRPC to this collector (entrypoints/tracing.py); the standard
+    # OTEL_EXPORTER_OTLP_* variables work too. None and no such variable: no tracing.
+    otlp_endpoint: str | None = None
     # Stored request_id results older than this are forgotten: a retry that late is a new request.
     request_id_retention: timedelta = DEFAULT_REQUEST_ID_RETENTION
     # None: audit rows are kept for good.
@@ -184,6 +189,9 @@ class RunningServer:
     monitor: HealthMonitor
     stopping: threading.Event
     metrics_port: int | None = None
+    # The tracer provider start() made (and so flushes and shuts down at stop); None otherwise.
+    tracer_provider: TracerProvider | None = None
+    traced: bool = False
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float | None = None) -> bool:
@@ -209,6 +217,10 @@ class RunningServer:
         self.executor.shutdown(wait=False, cancel_futures=True)
         finished = _join_workers(self.executor, timeout=1.0)
         self.metrics.close()
+        if self.traced:
+            tracing.trace_transactions(None)
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # exports the spans still batched
         if finished:
             self.storage.close()
         return finished
@@ -217,12 +229,17 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
-def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
+def start(
+    settings: Settings, clock: Clock | None = None, tracer_provider: TracerProvider | None = None
+) -> RunningServer:
     """Opens the database (creating the schema if it is empty; refusing a schema of another
-    version), then serves. Raises ValueError, OSError or migrations.SchemaError."""
+    version), then serves. Raises ValueError, OSError or migrations.SchemaError.
+    `tracer_provider` traces with that provider (tests); else settings say whether to trace."""
     settings.check_exposure()
     streams = StreamGate(settings.event_streams)
     credentials = settings.server_credentials()
+    owned_provider = _exporting_provider(settings) if tracer_provider is None else None
+    tracing.trace_transactions(tracer_provider or owned_provider)
     storage = open_storage(
         settings.database_url,
         max_connections=settings.max_workers + 2,
@@ -253,7 +270,7 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     interceptor = CallInterceptor(Authenticator(settings.tokens), metrics, frozenset(SERVICE_NAMES), stopping)
     server = grpc.server(
         executor,
-        interceptors=[interceptor],
+        interceptors=[*tracing.server_interceptors(tracer_provider or owned_provider), interceptor],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -306,7 +323,16 @@ def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
         monitor=monitor,
         stopping=stopping,
         metrics_port=metrics_port,
+        tracer_provider=owned_provider,
+        traced=(tracer_provider or owned_provider) is not None,
     )
+
+
+def _exporting_provider(settings: Settings) -> TracerProvider | None:
+    """The tracer provider the settings (or OTEL_* variables) ask for; None: no tracing."""
+    if not tracing.wanted(settings.otlp_endpoint):
+        return None
+    return tracing.exporting_provider(settings.otlp_endpoint)
 
 
 def _log_durability(found: durability.Durability) -> None:

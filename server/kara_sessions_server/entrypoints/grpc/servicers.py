@@ -56,7 +56,7 @@ from kara_sessions_server.entrypoints.grpc.convert import (
     programme_pb,
     session_pb,
 )
-from kara_sessions_server.entrypoints.grpc.interceptor import caller
+from kara_sessions_server.entrypoints.grpc.interceptor import abort, caller
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.status import error_info, status
 from kara_sessions_server.service_layer.feed import EventServices
@@ -315,13 +315,14 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
 
     def _stream(self, context: Ctx, events: Iterator[FeedEvent]) -> Iterator[epb.Event]:
         if not self.gate.try_enter():
-            context.abort_with_status(
+            abort(
+                context,
                 status(
                     code_pb2.RESOURCE_EXHAUSTED,
                     f"this server streams events to at most {self.gate.limit} callers at once (or is "
                     "shutting down): retry later, poll ListEvents, or raise --max-event-streams",
                     error_info("TOO_MANY_STREAMS", limit=str(self.gate.limit)),
-                )
+                ),
             )
         # A caller that hangs up wakes the stream at once instead of at its next look.
         context.add_callback(self.services.core.signal.notify)
