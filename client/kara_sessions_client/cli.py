@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import click
-from google.protobuf import json_format
 from google.protobuf.message import Message
 from kara.sessions.v1 import invoices_pb2 as ipb
 
 from kara_sessions_server.entrypoints import commands as server_commands
 
-from . import exit_codes
+from . import exit_codes, render
 from .client import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -37,6 +36,7 @@ from .client import (
 )
 from .cloud_events import cloud_event
 from .invoice_export import write_csv
+from .trace_context import continue_from_environment
 
 _RELATIVE = re.compile(r"^([+-])(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -89,35 +89,6 @@ class UpTo(When):
         return super().convert(value, param, ctx)
 
 
-class Output:
-    def __init__(self, as_json: bool):
-        self.as_json = as_json
-
-    def show(self, message: Message) -> None:
-        data = json_format.MessageToDict(message, preserving_proto_field_name=True)
-        if self.as_json:
-            click.echo(json.dumps(data, indent=2, sort_keys=False))
-        else:
-            _print_tree(data)
-
-
-def _print_tree(data: Any, indent: int = 0) -> None:
-    pad = "  " * indent
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if isinstance(value, dict | list):
-                click.echo(f"{pad}{key}:")
-                _print_tree(value, indent + 1)
-            else:
-                click.echo(f"{pad}{key}: {value}")
-    elif isinstance(data, list):
-        for item in data:
-            click.echo(f"{pad}-")
-            _print_tree(item, indent + 1)
-    else:
-        click.echo(f"{pad}{data}")
-
-
 def _client(ctx: click.Context) -> SessionsClient:
     obj = ctx.obj
     tls = None
@@ -147,7 +118,7 @@ def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
             result = call(client)
         except KaraError as exc:
             _fail(ctx, exc)
-    Output(obj["json"]).show(result)
+    render.show(result, obj["json"])
 
 
 def _fail(ctx: click.Context, exc: KaraError) -> NoReturn:
@@ -205,6 +176,7 @@ def main(
     """
     if bool(cert_file) != bool(key_file):
         raise click.UsageError("--cert-file and --key-file go together")
+    continue_from_environment()
     ctx.obj = {
         "target": target,
         "json": as_json,

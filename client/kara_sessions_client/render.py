@@ -1,0 +1,283 @@
+"""How the CLI shows a result.
+
+- `--json`: the message as JSON (proto field names), for scripts.
+- On a terminal: a list is a table with the columns a person scans; one object is an aligned
+  two-column view, with any list inside it (ledger entries, invoice lines) as a table below.
+  Enum values lose their type prefix (CANCELLED_PAID, not SESSION_STATE_CANCELLED_PAID), times
+  show to the minute in UTC and figures (credits, counts) are right-aligned.
+- Otherwise (a pipe, a file): indented `key: value` lines, kept stable for the scripts that
+  read them (tests/api/snapshots holds what they look like).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+import click
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+# Enum value prefixes (AIP: each value starts with its type's name); a person reads the rest.
+_ENUM_PREFIX = re.compile(
+    r"^(SESSION_STATE|PAYMENT_STATE|PAYMENT_SECTION|PARTY|PAID_REASON|INVOICE_STATE|LEDGER_ENTRY_KIND)_"
+)
+# Shown as 1d 0h / 3h 00m: a Duration ("86400s") and the int64 seconds of notice.
+_DURATIONS = frozenset({"notice_window", "notice_seconds"})
+_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+# Fields that hold amounts or counts: right-aligned, as figures are in a ledger.
+_FIGURES = frozenset(
+    {"credits", "available", "held", "used", "line_count", "total_credits"}
+    | {"credits_returned", "credits_taken"}
+)
+
+
+def show(message: Message, as_json: bool, console: Console | None = None) -> None:
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=False))
+        return
+    console = console or Console()
+    if not console.is_terminal:
+        _print_plain(data)
+        return
+    # On a terminal every field shows, false and zero included: a missing line reads as unknown.
+    full = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    for renderable in _views(message.DESCRIPTOR.name, _in_field_order(message.DESCRIPTOR, full)):
+        console.print(renderable)
+
+
+def _in_field_order(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (from MessageToDict, set fields first) in the .proto's field order, as a person
+    reading the API expects."""
+    ordered: dict[str, Any] = {}
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.message_type is not None and isinstance(value, dict):
+            value = _in_field_order(field.message_type, value)
+        elif field.message_type is not None and isinstance(value, list):
+            value = [_in_field_order(field.message_type, v) if isinstance(v, dict) else v for v in value]
+        ordered[field.name] = value
+    return ordered
+
+
+# --- plain: the stable form for pipes and files ---
+
+
+def _print_plain(data: Any, indent: int = 0) -> None:
+    pad = "  " * indent
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, dict | list):
+                click.echo(f"{pad}{key}:")
+                _print_plain(value, indent + 1)
+            else:
+                click.echo(f"{pad}{key}: {value}")
+    elif isinstance(data, list):
+        for item in data:
+            click.echo(f"{pad}-")
+            _print_plain(item, indent + 1)
+    else:
+        click.echo(f"{pad}{data}")
+
+
+# --- terminal: tables and aligned views ---
+
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+
+def _views(kind: str, data: dict[str, Any]) -> list[Any]:
+    listing = _LISTS.get(kind)
+    if listing is not None:
+        key, title, columns = listing
+        views: list[Any] = [_table(title, columns, data.get(key, []))]
+        if data.get("next_page_token"):
+            views.append(f"more: --page-token {data['next_page_token']}")
+        return views
+    nested = _NESTED.get(kind)
+    # The list inside goes in its own table, and a page token under it.
+    scalars = {k: v for k, v in data.items() if not (nested and k == nested[0]) and k != "next_page_token"}
+    views = [_pairs(scalars)]
+    if nested is not None:
+        key, title, columns = nested
+        views.append(_table(title, columns, data.get(key, [])))
+        if data.get("next_page_token"):
+            views.append(f"more: --page-token {data['next_page_token']}")
+    return views
+
+
+def _table(title: str, columns: list[Column], rows: Iterable[dict[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for index, (name, _) in enumerate(columns):
+        # The row's own id stays whole, to copy into the next command (a UUID is 36 characters);
+        # other cells wrap on a narrow terminal.
+        if index == 0 and name in _ID_HEADERS:
+            table.add_column(name, no_wrap=True, min_width=36)
+        else:
+            table.add_column(name, justify="right" if name in _FIGURE_HEADERS else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*(cell(row) for _, cell in columns))
+    return table
+
+
+def _pairs(data: dict[str, Any]) -> Table:
+    """One object as `field  value` lines; nested messages flatten to dotted names."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for key, value in _flatten(data):
+        field = key.rpartition(".")[2]
+        if field in _DURATIONS and value != "":
+            shown = _duration(float(str(value).rstrip("s")))
+        else:
+            shown = _value(value)
+        grid.add_row(key, f"{shown:>6}" if field in _FIGURES else shown)
+    return grid
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            yield f"{prefix}{key}", ", ".join(_value(v) for v in value) if value else "-"
+        elif isinstance(value, dict):
+            continue  # an unset message
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str):
+        if _TIMESTAMP.match(value):
+            return _when(value)
+        if not value:
+            return "-"
+        return _ENUM_PREFIX.sub("", value)
+    return str(value)
+
+
+def _when(value: str) -> str:
+    """An RFC 3339 time in UTC, to the minute: what a person compares at a glance."""
+    if not value:
+        return "-"
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return moment.strftime("%Y-%m-%d %H:%M") + "Z"
+
+
+def _field(*path: str) -> Callable[[dict[str, Any]], str]:
+    def cell(row: dict[str, Any]) -> str:
+        value: Any = row
+        for key in path:
+            value = value.get(key, "") if isinstance(value, dict) else ""
+        return _value(value)
+
+    return cell
+
+
+def _duration(seconds: float) -> str:
+    sign, seconds = ("-" if seconds < 0 else ""), abs(int(seconds))
+    days, rest = divmod(seconds, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    text = f"{days}d {hours}h" if days else f"{hours}h {rest // 60:02d}m"
+    return sign + text
+
+
+def _notice(row: dict[str, Any]) -> str:
+    """How much notice a cancellation gave, and whether it was late ("" before one)."""
+    cancellation = row.get("cancellation") or {}
+    if not cancellation.get("cancelled_at"):
+        return ""
+    given = _duration(float(cancellation.get("notice_seconds", 0)))
+    return f"late ({given})" if cancellation.get("late") else f"on time ({given})"
+
+
+def _payment(row: dict[str, Any]) -> str:
+    """PAID (Paid), VOIDED (Unpaid): the state and the Payments tab's section, as the article
+    writes them."""
+    state, section = _value(row.get("state", "")), _value(row.get("section", ""))
+    return f"{state} ({section.title()})" if section != "-" else state
+
+
+def _window(row: dict[str, Any]) -> str:
+    window = str(row.get("notice_window", ""))
+    return _duration(float(window.rstrip("s"))) if window else ""
+
+
+_FIGURE_HEADERS = frozenset({"credits", "available", "held", "used", "lines"})
+_ID_HEADERS = frozenset({"session", "invoice"})
+
+_SESSION_COLUMNS: list[Column] = [
+    ("session", _field("session_id")),
+    ("client", _field("client_id")),
+    ("professional", _field("professional_id")),
+    ("starts", _field("starts_at")),
+    ("state", _field("state")),
+    ("credits", _field("credits")),
+    ("notice", _notice),
+]
+_PAYMENT_COLUMNS: list[Column] = [
+    ("session", _field("session_id")),
+    ("client", _field("client_id")),
+    ("starts", _field("session_starts_at")),
+    ("payment (section)", _payment),
+    ("credits", _field("credits")),
+    ("reason", _field("paid_reason")),
+    ("notice", _notice),
+    ("invoice", _field("invoice_id")),
+]
+_INVOICE_COLUMNS: list[Column] = [
+    ("invoice", _field("invoice_id")),
+    ("professional", _field("professional_id")),
+    ("state", _field("state")),
+    ("lines", _field("line_count")),
+    ("credits", _field("total_credits")),
+    ("created", _field("created_at")),
+    ("submitted", _field("submitted_at")),
+]
+_PROGRAMME_COLUMNS: list[Column] = [
+    ("programme", _field("programme_id")),
+    ("name", _field("display_name")),
+    ("notice window", _window),
+    ("professional may charge late", _field("professional_may_charge_late")),
+    ("no-show takes credit", _field("no_show_takes_credit")),
+]
+_LEDGER_COLUMNS: list[Column] = [
+    ("entry", _field("entry_id")),
+    ("kind", _field("kind")),
+    ("credits", _field("credits")),
+    ("session", _field("session_id")),
+    ("at", _field("created_at")),
+]
+_LINE_COLUMNS: list[Column] = [
+    ("session", _field("session_id")),
+    ("client", _field("client_id")),
+    ("starts", _field("session_starts_at")),
+    ("reason", _field("paid_reason")),
+    ("credits", _field("credits")),
+    ("added", _field("added_at")),
+]
+
+# message name -> (its repeated field, the table's title, the columns)
+_LISTS: dict[str, tuple[str, str, list[Column]]] = {
+    "ListSessionsResponse": ("sessions", "Sessions", _SESSION_COLUMNS),
+    "ListPaymentsResponse": ("payments", "Payments", _PAYMENT_COLUMNS),
+    "ListInvoicesResponse": ("invoices", "Invoices", _INVOICE_COLUMNS),
+    "ListProgrammesResponse": ("programmes", "Programmes", _PROGRAMME_COLUMNS),
+}
+# One object with a list inside: the object as pairs, then the list as a table.
+_NESTED: dict[str, tuple[str, str, list[Column]]] = {
+    "CreditAccount": ("entries", "Ledger (newest first)", _LEDGER_COLUMNS),
+    "Invoice": ("lines", "Lines", _LINE_COLUMNS),
+}
