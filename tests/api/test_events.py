@@ -287,11 +287,22 @@ def test_streams_are_bounded_and_end_cleanly_when_the_server_stops(tmp_path: Pat
         running.stop(grace=0)
 
 
-def test_too_many_streams_for_the_workers_is_refused_at_start(tmp_path: Path) -> None:
+def test_open_streams_take_no_worker_from_other_calls(tmp_path: Path, clock: FakeClock) -> None:
     url = f"sqlite:///{tmp_path / 'k.db'}"
-    with pytest.raises(ValueError, match="--max-event-streams"):
-        start(Settings(listen="127.0.0.1:0", database_url=url, max_workers=4, max_event_streams=4))
-    assert not (tmp_path / "k.db").exists(), "refused before opening the database"
+    running = start(
+        Settings(listen="127.0.0.1:0", database_url=url, max_workers=1, max_event_streams=2), clock=clock
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    stub = events_pb2_grpc.EventServiceStub(channel)
+    try:
+        streams = [stub.StreamEvents(epb.StreamEventsRequest()) for _ in range(2)]
+        with SessionsClient(f"127.0.0.1:{running.port}", timeout=5) as kara:
+            kara.grant_credits("client-1", 1)  # the one worker is free while both streams are open
+            assert [next(s).type for s in streams] == [T + "credits.granted"] * 2
+            assert kara.get_credit_account("client-1").available == 1
+    finally:
+        channel.close()
+        running.stop(grace=1)
 
 
 # --- who reads what -------------------------------------------------------------------------

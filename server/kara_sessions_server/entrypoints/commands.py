@@ -127,9 +127,9 @@ database_option = _option(
     "--max-workers",
     "MAX_WORKERS",
     type=click.IntRange(1, 256),
-    default=16,
-    show_default=True,
-    help="RPCs served at once (and database connections).",
+    default=None,
+    help="Calls served at once, each with a database connection (default: 4 on SQLite, 16 on "
+    "PostgreSQL; BENCHMARKS.md says why). Event streams have threads of their own.",
 )
 @_option(
     "--max-message-bytes",
@@ -151,9 +151,10 @@ database_option = _option(
     "--max-event-streams",
     "MAX_EVENT_STREAMS",
     type=click.IntRange(0, 1024),
-    default=None,
-    help="Open StreamEvents calls at once; each holds a worker thread (default: max-workers / 4; "
-    "0: ListEvents only).",
+    default=4,
+    show_default=True,
+    help="Open StreamEvents calls at once, each on a thread of its own beside --max-workers "
+    "(0: ListEvents only).",
 )
 @_option(
     "--max-transaction-seconds",
@@ -233,10 +234,10 @@ def serve(
     insecure: bool,
     metrics_port: int | None,
     metrics_host: str,
-    max_workers: int,
+    max_workers: int | None,
     max_message_bytes: int,
     event_retention_days: float,
-    max_event_streams: int | None,
+    max_event_streams: int,
     max_transaction_seconds: float,
     request_id_retention_days: float,
     audit_retention_days: float | None,
@@ -288,7 +289,6 @@ def serve(
         )
         settings.check_exposure()
         settings.server_credentials()
-        settings.event_streams  # noqa: B018 (validates the stream limit against the workers)
         refuse_sqlite(database_url, processes)
     except (TokenFileError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc

@@ -36,9 +36,6 @@ class UnitOfWork:
         self.events: list[Event] = []
 
     def __enter__(self) -> UnitOfWork:
-        storage = self._storage
-        # From here: waiting for SQLite's writer lock is part of the transaction's time.
-        self._span = tracing.transaction_started(storage.system, storage.db.database, self._write)
         self._call = CURRENT.get()
         timeout = self._storage.max_transaction_seconds
         remaining = self._call.remaining() if self._call is not None else None
@@ -46,9 +43,15 @@ class UnitOfWork:
             if remaining <= 0:
                 raise DeadlineExceeded("the deadline passed before the call's transaction began")
             timeout = min(timeout, remaining)
+        storage = self._storage
+        # From here: waiting for SQLite's writer lock is part of the transaction's time.
+        self._span = tracing.transaction_started(storage.system, storage.db.database, self._write)
         lock = self._storage.write_lock if self._write else None
         if lock is not None and not lock.acquire(timeout=timeout):
-            self._raise_timeout(faults.lock_timeout())
+            waited_too_long = faults.lock_timeout()
+            tracing.ended(self._span, waited_too_long)
+            self._span = None
+            self._raise_timeout(waited_too_long)
         self._lock = lock
         try:
             call = self._call

@@ -78,8 +78,11 @@ class CallInterceptor(_ServerInterceptor):
         metrics: Metrics,
         protected: frozenset[str],
         stopping: threading.Event | None = None,
+        workers: int | None = None,
     ):
         self.authenticator = authenticator
+        # Unary calls running at once (streams have threads of their own); None: no limit.
+        self._running = threading.BoundedSemaphore(workers) if workers else None
         self.metrics = metrics
         self.protected = protected
         # Set when the server starts shutting down (calls it cancels then got UNAVAILABLE).
@@ -163,9 +166,16 @@ class CallInterceptor(_ServerInterceptor):
         token = _CALLER.set(state.principal)
         deadline = None if remaining is None else time.monotonic() + remaining
         call = CURRENT.set(Call(deadline, context.is_active))
+        gate = None if state.stream else self._running
+        if gate is not None and not gate.acquire(timeout=remaining):
+            CURRENT.reset(call)
+            _CALLER.reset(token)
+            raise DeadlineExceeded("the deadline passed while the call waited for a worker")
         try:
             return behaviour(request, context)
         finally:
+            if gate is not None:
+                gate.release()
             CURRENT.reset(call)
             _CALLER.reset(token)
 

@@ -39,6 +39,7 @@ from kara_sessions_server.adapters.storage import (
     SqliteSynchronous,
     Storage,
     open_storage,
+    sqlite_path,
 )
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.policy import CancellationPolicy
@@ -72,6 +73,11 @@ SERVICE_NAMES = (
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     programmes_pb2.DESCRIPTOR.services_by_name["ProgrammeService"].full_name,
 )
+# Unary calls running at once, by database. Fewer threads spend less CPU handing the interpreter
+# lock to one another: on SQLite, whose writers queue anyway, 4 cost 5-10% less CPU per call than
+# 16 (BENCHMARKS.md, issue 15); PostgreSQL calls wait on the network, so more of them overlap.
+DEFAULT_WORKERS = {"sqlite": 4, "postgresql": 16}
+DEFAULT_EVENT_STREAMS = 4
 # Our largest request is a few hundred bytes and a page of 1000 payments about 300 KB.
 MAX_MESSAGE_BYTES = 1024 * 1024
 
@@ -83,7 +89,8 @@ class Settings:
     sqlite_synchronous: SqliteSynchronous = DEFAULT_SQLITE_SYNCHRONOUS
     # The default programme's notice window when the server first creates that programme.
     notice_window: timedelta = DEFAULT_TERMS.notice_window
-    max_workers: int = 16
+    # Unary calls served at once; None: the database's default (DEFAULT_WORKERS).
+    max_workers: int | None = None
     grace_seconds: float = 10.0
     # TLS: PEM server certificate chain and key; with client_ca, clients must present a
     # certificate it signed (mutual TLS).
@@ -117,19 +124,18 @@ class Settings:
     max_transaction_seconds: float = DEFAULT_MAX_TRANSACTION_SECONDS
     # How often the health service probes the database.
     health_check_seconds: float = 2.0
-    # Open StreamEvents calls; each holds a worker thread. None: a quarter of max_workers (so
-    # none below 4 workers: ListEvents still works).
-    max_event_streams: int | None = None
+    # Open StreamEvents calls, each on a thread of its own beside the workers (0: ListEvents only).
+    max_event_streams: int = DEFAULT_EVENT_STREAMS
+
+    @property
+    def workers(self) -> int:
+        if self.max_workers is not None:
+            return self.max_workers
+        return DEFAULT_WORKERS["sqlite" if sqlite_path(self.database_url) else "postgresql"]
 
     @property
     def event_streams(self) -> int:
-        streams = self.max_event_streams if self.max_event_streams is not None else self.max_workers // 4
-        if streams and streams >= self.max_workers:
-            raise ValueError(
-                f"{streams} event streams would hold all {self.max_workers} workers, leaving none for "
-                "other calls: lower --max-event-streams or raise --max-workers"
-            )
-        return streams
+        return self.max_event_streams
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None and self.tls_key is None:
@@ -242,7 +248,7 @@ def start(
     tracing.trace_transactions(tracer_provider or owned_provider)
     storage = open_storage(
         settings.database_url,
-        max_connections=settings.max_workers + 2,
+        max_connections=settings.workers + settings.event_streams + 2,
         sqlite_synchronous=settings.sqlite_synchronous,
         max_transaction_seconds=settings.max_transaction_seconds,
     )
@@ -265,9 +271,15 @@ def start(
     except BaseException:
         storage.close()
         raise
-    executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc")
+    # A stream holds its thread while open: streams get threads of their own, and the
+    # interceptor lets at most `workers` unary calls run at once on the rest.
+    executor = futures.ThreadPoolExecutor(
+        max_workers=settings.workers + settings.event_streams, thread_name_prefix="rpc"
+    )
     stopping = threading.Event()
-    interceptor = CallInterceptor(Authenticator(settings.tokens), metrics, frozenset(SERVICE_NAMES), stopping)
+    interceptor = CallInterceptor(
+        Authenticator(settings.tokens), metrics, frozenset(SERVICE_NAMES), stopping, workers=settings.workers
+    )
     server = grpc.server(
         executor,
         interceptors=[*tracing.server_interceptors(tracer_provider or owned_provider), interceptor],
