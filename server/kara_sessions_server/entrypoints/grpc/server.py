@@ -244,8 +244,6 @@ def start(
     settings.check_exposure()
     streams = StreamGate(settings.event_streams)
     credentials = settings.server_credentials()
-    owned_provider = _exporting_provider(settings) if tracer_provider is None else None
-    tracing.trace_transactions(tracer_provider or owned_provider)
     storage = open_storage(
         settings.database_url,
         max_connections=settings.workers + settings.event_streams + 2,
@@ -277,6 +275,8 @@ def start(
         max_workers=settings.workers + settings.event_streams, thread_name_prefix="rpc"
     )
     stopping = threading.Event()
+    owned_provider = _exporting_provider(settings) if tracer_provider is None else None
+    tracing.trace_transactions(tracer_provider or owned_provider)
     interceptor = CallInterceptor(
         Authenticator(settings.tokens), metrics, frozenset(SERVICE_NAMES), stopping, workers=settings.workers
     )
@@ -308,14 +308,14 @@ def start(
     else:
         port = server.add_secure_port(settings.listen, credentials)
     if port == 0:
-        storage.close()
+        _abandon(storage, owned_provider)
         raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
     metrics_port = None
     if settings.metrics_port is not None:
         try:
             metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
         except OSError as exc:
-            storage.close()
+            _abandon(storage, owned_provider)
             raise OSError(
                 f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}"
             ) from exc
@@ -338,6 +338,14 @@ def start(
         tracer_provider=owned_provider,
         traced=(tracer_provider or owned_provider) is not None,
     )
+
+
+def _abandon(storage: Storage, provider: TracerProvider | None) -> None:
+    """Undoes a start that failed once the database was open and tracing on."""
+    tracing.trace_transactions(None)
+    if provider is not None:
+        provider.shutdown()
+    storage.close()
 
 
 def _exporting_provider(settings: Settings) -> TracerProvider | None:
