@@ -300,3 +300,35 @@ def test_old_request_id_results_are_pruned_and_recent_ones_kept(database_url: st
             assert len(db_snapshot(running)["audit_log"]) == 0
     finally:
         running.stop(grace=1)
+
+
+def test_without_a_near_deadline_a_lock_wait_ends_at_max_transaction_seconds(
+    database_url: str, clock: FakeClock
+) -> None:
+    """The server's own bound, for a caller whose deadline is far off (on PostgreSQL, the
+    connection's default timeouts, set when it connects)."""
+    if database_url.startswith("postgresql"):
+        reset_postgres(database_url)
+    running = start(
+        Settings(listen="127.0.0.1:0", database_url=database_url, max_transaction_seconds=1), clock=clock
+    )
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}", timeout=30, retry=NO_RETRY) as kara:
+            kara.grant_credits("client-1", 1)
+            session_id = kara.book("client-1", "pro-1", clock.now() + timedelta(days=3)).session_id
+            release = _hold_lock(database_url, session_id)
+            try:
+                started = time.monotonic()
+                with pytest.raises(KaraError) as failed:
+                    kara.cancel(session_id, "client", request_id="cancel-1")
+                assert failed.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+                assert time.monotonic() - started < 5, "waited past max_transaction_seconds"
+            finally:
+                release()
+            assert kara.get_session(session_id).state == pb.SESSION_STATE_BOOKED
+            assert kara.cancel(session_id, "client", request_id="cancel-1").session.state == (
+                pb.SESSION_STATE_CANCELLED_VOIDED
+            )
+        assert_ledger_balances(running)
+    finally:
+        running.stop(grace=1)

@@ -384,8 +384,11 @@ class Storage:
             return tx
         tx.__enter__()
         try:
-            ms = f"{max(1, int(timeout * 1000))}ms"
-            sql(_PG_TIMEOUTS, (ms, ms))
+            # Each connection starts with both timeouts at max_transaction_seconds (_connect):
+            # only a transaction with another limit (a call's nearer deadline, a migration's
+            # hour) pays a statement, a round trip, to set its own.
+            if _ms(timeout) != _ms(self.max_transaction_seconds):
+                sql(_PG_TIMEOUTS, (f"{_ms(timeout)}ms", f"{_ms(timeout)}ms"))
         except BaseException:
             tx.__exit__(pw.OperationalError, None, None)
             raise
@@ -472,12 +475,18 @@ def open_storage(
     The schema is migrations.py's business.
 
     Only one Storage is open per process: the tables are bound to a module-level proxy."""
-    db = _connect(url, max_connections, sqlite_synchronous)
+    db = _connect(url, max_connections, sqlite_synchronous, max_transaction_seconds)
     database.initialize(db)
     return Storage(db, max_transaction_seconds)
 
 
-def _connect(url: str, max_connections: int, sqlite_synchronous: SqliteSynchronous) -> PooledDatabase:
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _connect(
+    url: str, max_connections: int, sqlite_synchronous: SqliteSynchronous, max_transaction_seconds: float
+) -> PooledDatabase:
     pool = {
         "max_connections": max_connections,
         "stale_timeout": STALE_CONNECTION_SECONDS,
@@ -504,5 +513,10 @@ def _connect(url: str, max_connections: int, sqlite_synchronous: SqliteSynchrono
     if scheme in ("postgresql", "postgres"):
         params = parseresult_to_dict(urlparse(url))
         params.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_SECONDS)
+        # Every session's default: no statement, and no wait for a lock, outlives the longest
+        # transaction allowed. Storage.begin lowers them for a call with a nearer deadline.
+        limit = _ms(max_transaction_seconds)
+        bounds = f"-c statement_timeout={limit} -c lock_timeout={limit}"
+        params["options"] = f"{params['options']} {bounds}" if params.get("options") else bounds
         return PooledPostgresqlDatabase(params.pop("database"), **pool, **params)
     raise ValueError(f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH or postgresql://...")
