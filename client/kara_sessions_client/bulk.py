@@ -7,6 +7,7 @@ that already went through get their first result back from the server.
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import io
 import json
@@ -255,7 +256,10 @@ def run(
 
     results: list[Result] = []
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bulk") as pool:
-        for future in as_completed([pool.submit(one, row) for row in rows]):
+        # Each row runs in the caller's context, so a trace the caller is in (TRACEPARENT, or a
+        # current span) reaches the server with every row's call.
+        futures = [pool.submit(contextvars.copy_context().run, one, row) for row in rows]
+        for future in as_completed(futures):
             result = future.result()
             results.append(result)
             on_result(result)

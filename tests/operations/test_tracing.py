@@ -110,6 +110,26 @@ def test_the_cli_joins_the_trace_in_traceparent(traced: RunningServer, spans: In
     assert grant.parent is not None and f"{grant.parent.span_id:016x}" == span_id
 
 
+def test_bulk_cancel_rows_join_the_trace_in_traceparent(
+    traced: RunningServer, spans: InMemorySpanExporter, clock: FakeClock
+) -> None:
+    with SessionsClient(f"127.0.0.1:{traced.port}") as kara:
+        kara.grant_credits("client-4", 2)
+        ids = [kara.book("client-4", "pro-1", clock.now() + timedelta(days=2)).session_id for _ in range(2)]
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    done = CliRunner().invoke(
+        cli,
+        ["--target", f"127.0.0.1:{traced.port}", "bulk-cancel", "-"],
+        input="session_id,cancelled_by\n" + "".join(f"{i},client\n" for i in ids),
+        env={"TRACEPARENT": f"00-{trace_id}-b7ad6b7169203331-01"},
+    )
+    assert done.exit_code == 0, done.output
+    traced.stop(grace=1)
+    cancels = [s for s in spans.get_finished_spans() if s.name.endswith("/CancelSession")]
+    assert len(cancels) == 2
+    assert {f"{s.context.trace_id:032x}" for s in cancels} == {trace_id}, "each row's call is in the trace"
+
+
 def test_without_tracing_no_span_is_made(
     traced: RunningServer, spans: InMemorySpanExporter, database_url: str, clock: FakeClock
 ) -> None:
