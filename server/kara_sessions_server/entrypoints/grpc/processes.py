@@ -67,10 +67,11 @@ def serve_processes(settings: Any, processes: int, log_level: str, log_format: s
     host, port = _split(settings.listen)
     with _reserved_port(host, port) as bound:
         context = multiprocessing.get_context("spawn")
+        parent = os.getpid()
         children = [
             context.Process(
                 target=_child,
-                args=(_child_settings(settings, f"{host}:{bound}", index), log_level, log_format),
+                args=(_child_settings(settings, f"{host}:{bound}", index), log_level, log_format, parent),
                 name=f"kara-sessions-{index}",
                 daemon=False,
             )
@@ -98,10 +99,10 @@ def _child_settings(settings: Any, listen: str, index: int) -> Any:
     return replace(settings, listen=listen, share_port=True, prunes=index == 0, metrics_port=metrics_port)
 
 
-def _child(settings: Any, log_level: str, log_format: str) -> None:
+def _child(settings: Any, log_level: str, log_format: str, parent: int) -> None:
     from kara_sessions_server.entrypoints.grpc.server import serve
 
-    _die_with_parent()
+    _die_with_parent(parent)
     logs.configure(log_level, log_format, with_pid=True)  # type: ignore[arg-type]
     try:
         serve(settings)
@@ -110,15 +111,16 @@ def _child(settings: Any, log_level: str, log_format: str) -> None:
         sys.exit(1)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Linux: SIGTERM this process if the parent dies, even by SIGKILL, so no server process
-    is left serving on its own (a supervisor would start a new parent beside it)."""
+    is left serving on its own (a supervisor would start a new parent beside it). `parent` is
+    the parent's pid: in a container it may well be 1."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the parent's SIGTERM handling still applies
         pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent:  # the parent died before prctl took effect: we were re-parented
         os.kill(os.getpid(), signal.SIGTERM)
 
 
