@@ -15,18 +15,15 @@ from rich.table import Table
 
 from . import bulk, exit_codes
 from .client import SessionsClient
+from .render import hours
 
 
 def _describe(r: bulk.Result) -> str:
     if r.ok:
         moved = "credit returned" if r.outcome == "VOIDED" else "credit taken"
-        return f"{r.outcome} ({moved}, notice {_hours(r.notice_seconds)})"
+        return f"{r.outcome} ({moved}, notice {hours(r.notice_seconds)})"
     reason = f" [{r.reason}]" if r.reason else ""
     return f"{r.status}{reason}: {r.message}"
-
-
-def _hours(seconds: int | None) -> str:
-    return "" if seconds is None else f"{seconds / 3600:.1f} h"
 
 
 @contextmanager
@@ -58,7 +55,7 @@ def _table(results: list[bulk.Result]) -> Table:
         credit = "returned" if r.credits_returned else "taken" if r.credits_taken else ""
         error = "" if r.ok else r.reason or f"{r.status}: {r.message}"
         table.add_row(
-            str(r.line), r.session_id, r.cancelled_by, _hours(r.notice_seconds), r.outcome, credit, error
+            str(r.line), r.session_id, r.cancelled_by, hours(r.notice_seconds), r.outcome, credit, error
         )
     return table
 

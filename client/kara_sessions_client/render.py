@@ -27,7 +27,7 @@ from rich.table import Table
 _ENUM_PREFIX = re.compile(
     r"^(SESSION_STATE|PAYMENT_STATE|PAYMENT_SECTION|PARTY|PAID_REASON|INVOICE_STATE|LEDGER_ENTRY_KIND)_"
 )
-# Shown as 1d 0h / 3h 00m: a Duration ("86400s") and the int64 seconds of notice.
+# Shown in hours: a Duration ("86400s") and the int64 seconds of notice.
 _DURATIONS = frozenset({"notice_window", "notice_seconds"})
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 # Fields that hold amounts or counts: right-aligned, as figures are in a ledger.
@@ -136,10 +136,8 @@ def _pairs(data: dict[str, Any]) -> Table:
     grid.add_column()
     for key, value in _flatten(data):
         field = key.rpartition(".")[2]
-        if field in _DURATIONS and value != "":
-            shown = _duration(float(str(value).rstrip("s")))
-        else:
-            shown = _value(value)
+        is_duration = field in _DURATIONS and value != ""
+        shown = hours(float(str(value).rstrip("s"))) if is_duration else _value(value)
         grid.add_row(key, f"{shown:>6}" if field in _FIGURES else shown)
     return grid
 
@@ -186,12 +184,10 @@ def _field(*path: str) -> Callable[[dict[str, Any]], str]:
     return cell
 
 
-def _duration(seconds: float) -> str:
-    sign, seconds = ("-" if seconds < 0 else ""), abs(int(seconds))
-    days, rest = divmod(seconds, 86_400)
-    hours, rest = divmod(rest, 3_600)
-    text = f"{days}d {hours}h" if days else f"{hours}h {rest // 60:02d}m"
-    return sign + text
+def hours(seconds: float | None) -> str:
+    """A notice or a window as people speak of the article's 24 hours: 26.0 h (bulk-cancel's
+    table uses it too)."""
+    return "" if seconds is None else f"{seconds / 3600:.1f} h"
 
 
 def _notice(row: dict[str, Any]) -> str:
@@ -199,7 +195,7 @@ def _notice(row: dict[str, Any]) -> str:
     cancellation = row.get("cancellation") or {}
     if not cancellation.get("cancelled_at"):
         return ""
-    given = _duration(float(cancellation.get("notice_seconds", 0)))
+    given = hours(float(cancellation.get("notice_seconds", 0)))
     return f"late ({given})" if cancellation.get("late") else f"on time ({given})"
 
 
@@ -212,7 +208,7 @@ def _payment(row: dict[str, Any]) -> str:
 
 def _window(row: dict[str, Any]) -> str:
     window = str(row.get("notice_window", ""))
-    return _duration(float(window.rstrip("s"))) if window else ""
+    return hours(float(window.rstrip("s"))) if window else ""
 
 
 _FIGURE_HEADERS = frozenset({"credits", "available", "held", "used", "lines"})
