@@ -133,10 +133,6 @@ class Settings:
             return self.max_workers
         return DEFAULT_WORKERS["sqlite" if sqlite_path(self.database_url) else "postgresql"]
 
-    @property
-    def event_streams(self) -> int:
-        return self.max_event_streams
-
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None and self.tls_key is None:
             if self.client_ca is not None:
@@ -242,11 +238,11 @@ def start(
     version), then serves. Raises ValueError, OSError or migrations.SchemaError.
     `tracer_provider` traces with that provider (tests); else settings say whether to trace."""
     settings.check_exposure()
-    streams = StreamGate(settings.event_streams)
+    streams = StreamGate(settings.max_event_streams)
     credentials = settings.server_credentials()
     storage = open_storage(
         settings.database_url,
-        max_connections=settings.workers + settings.event_streams + 2,
+        max_connections=settings.workers + settings.max_event_streams + 2,
         sqlite_synchronous=settings.sqlite_synchronous,
         max_transaction_seconds=settings.max_transaction_seconds,
     )
@@ -272,7 +268,7 @@ def start(
     # A stream holds its thread while open: streams get threads of their own, and the
     # interceptor lets at most `workers` unary calls run at once on the rest.
     executor = futures.ThreadPoolExecutor(
-        max_workers=settings.workers + settings.event_streams, thread_name_prefix="rpc"
+        max_workers=settings.workers + settings.max_event_streams, thread_name_prefix="rpc"
     )
     stopping = threading.Event()
     owned_provider = _exporting_provider(settings) if tracer_provider is None else None
