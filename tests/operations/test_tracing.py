@@ -1,15 +1,20 @@
 """Tracing (OpenTelemetry): a server span per RPC, following the gRPC semantic conventions, that
 continues the trace of the calling service's span (from the client library, or from TRACEPARENT
 for the CLI), with a child span per database transaction. Spans go to the SDK's in-memory
-exporter instead of a collector."""
+exporter, and, for `serve --otlp-endpoint`, over OTLP/gRPC to a collector's receiver."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent import futures
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from click.testing import CliRunner
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -21,6 +26,7 @@ from kara_sessions_server.adapters import tracing as storage_tracing
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 
 from ..support.clock import FakeClock
+from ..support.processes import start_server_process
 
 
 @pytest.fixture
@@ -143,3 +149,45 @@ def test_without_tracing_no_span_is_made(
     finally:
         plain.stop(grace=1)
     assert spans.get_finished_spans() == ()
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OpenTelemetry collector's OTLP/gRPC trace receiver, keeping what it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_serve_exports_to_the_collector_at_otlp_endpoint(tmp_path: Path) -> None:
+    collector = _Collector()
+    receiver = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
+    port = receiver.add_insecure_port("127.0.0.1:0")
+    receiver.start()
+    try:
+        proc, server_port = start_server_process(
+            f"sqlite:///{tmp_path / 'k.db'}", "--otlp-endpoint", f"http://127.0.0.1:{port}"
+        )
+        try:
+            with SessionsClient(f"127.0.0.1:{server_port}") as kara:
+                kara.grant_credits("client-5", 1)
+        finally:
+            proc.terminate()  # the server flushes its batched spans as it stops
+            assert proc.wait(timeout=30) == 0
+    finally:
+        receiver.stop(None)
+    spans = {
+        span.name: (resource.resource, span)
+        for request in collector.requests
+        for resource in request.resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    }
+    resource, grant = spans["/kara.sessions.v1.CreditService/GrantCredits"]
+    assert {a.key: a.value.string_value for a in resource.attributes}["service.name"] == "kara-sessions"
+    transactions = [s for name, (_, s) in spans.items() if name.endswith(" transaction")]
+    assert any(t.parent_span_id == grant.span_id for t in transactions)

@@ -9,7 +9,9 @@ transaction a child span (adapters/tracing.py). Off, nothing of OpenTelemetry ru
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -19,6 +21,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from kara_sessions_server.adapters import tracing as storage_tracing
 
 SERVICE_NAME = "kara-sessions"
+# At shutdown, how long the spans still batched may take to reach the collector.
+FLUSH_SECONDS = 0.5
+
+log = logging.getLogger("kara_sessions_server")
 
 
 def wanted(otlp_endpoint: str | None) -> bool:
@@ -41,6 +47,16 @@ def exporting_provider(otlp_endpoint: str | None) -> TracerProvider:
     exporter = OTLPSpanExporter(endpoint=otlp_endpoint) if otlp_endpoint else OTLPSpanExporter()
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def shut_down(provider: TracerProvider) -> None:
+    """Exports what is batched, waiting at most FLUSH_SECONDS: a collector that does not answer
+    (the exporter retries for up to 10 s) must not hold up the server's exit."""
+    flush = threading.Thread(target=provider.shutdown, name="trace-flush", daemon=True)
+    flush.start()
+    flush.join(FLUSH_SECONDS)
+    if flush.is_alive():
+        log.warning("the trace collector did not take the last spans within %.1f s: dropped", FLUSH_SECONDS)
 
 
 def trace_transactions(provider: TracerProvider | None) -> None:

@@ -222,7 +222,7 @@ class RunningServer:
         if self.traced:
             tracing.trace_transactions(None)
         if self.tracer_provider is not None:
-            self.tracer_provider.shutdown()  # exports the spans still batched
+            tracing.shut_down(self.tracer_provider)
         if finished:
             self.storage.close()
         return finished
@@ -340,7 +340,7 @@ def _abandon(storage: Storage, provider: TracerProvider | None) -> None:
     """Undoes a start that failed once the database was open and tracing on."""
     tracing.trace_transactions(None)
     if provider is not None:
-        provider.shutdown()
+        tracing.shut_down(provider)
     storage.close()
 
 
