@@ -182,3 +182,31 @@ def test_a_call_whose_deadline_passed_while_queued_is_not_run(tmp_path: Path, cl
         assert m[("kara_rpc_requests_total", (("code", "OK"), ("method", "CancelSession")))] == 1
     finally:
         running.stop(grace=1)
+
+
+def test_a_json_log_line_has_the_time_level_logger_message_and_every_extra_field() -> None:
+    import logging
+
+    from kara_sessions_server.entrypoints.logs import JsonLineFormatter
+
+    formatter = JsonLineFormatter()
+    record = logging.LogRecord("kara_sessions_server.rpc", logging.INFO, "", 1, "%s %s", ("A", "OK"), None)
+    record.method, record.duration_ms, record.peer = "CancelSession", 1.25, "ipv4:127.0.0.1:5000"
+    line = json.loads(formatter.format(record))
+    expected_time = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(record.created)))
+    assert line == {
+        "time": f"{expected_time},{int(record.msecs):03d}",
+        "level": "INFO",
+        "logger": "kara_sessions_server.rpc",
+        "message": "A OK",
+        "method": "CancelSession",
+        "duration_ms": 1.25,
+        "peer": "ipv4:127.0.0.1:5000",
+    }
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        import sys
+
+        failed = logging.LogRecord("k", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert "RuntimeError: boom" in json.loads(formatter.format(failed))["exc_info"]

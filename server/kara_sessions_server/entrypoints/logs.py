@@ -47,15 +47,16 @@ class JsonLineFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._second = -1
-        self._second_text = ""
+        # (second, its text), replaced as one object so that threads never see a mixed pair.
+        self._second: tuple[int, str] = (-1, "")
 
     def _time(self, created: float) -> str:
         second = int(created)
-        if second != self._second:  # a race here formats the same second twice: harmless
-            self._second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            self._second = second
-        return f"{self._second_text},{int((created - second) * 1000):03d}"
+        cached, text = self._second
+        if second != cached:
+            text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._second = (second, text)
+        return f"{text},{int((created - second) * 1000):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
