@@ -62,8 +62,15 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-# Options every benchmarked server gets besides its defaults (from --max-workers).
+# Options every benchmarked server gets besides its defaults (server_options()).
 SERVER_OPTIONS: list[str] = []
+
+
+def server_options(max_workers: int | None) -> list[str]:
+    """--max-workers N for every server, streams off so that N is all its threads."""
+    return [] if max_workers is None else ["--max-workers", str(max_workers), "--max-event-streams", "0"]
+
+
 # The processes of each server `server()` started, by address: the load generator reads their CPU.
 SERVER_PIDS: dict[str, list[int]] = {}
 
@@ -113,10 +120,12 @@ def load(
 
 
 @contextmanager
-def server(database_url: str, log_path: Path, *options: str) -> Iterator[str]:
-    """`kara-sessions serve` as operators run it (defaults unless `options`; JSON log lines to a file)."""
+def server(database_url: str, log_path: Path, *options: str, processes: int = 1) -> Iterator[str]:
+    """`kara-sessions serve` as operators run it (defaults unless `options`; JSON log lines to a
+    file), as `processes` server processes (`serve --processes`)."""
     port = free_port()
-    processes = int(options[options.index("--processes") + 1]) if "--processes" in options else 1
+    if processes > 1:
+        options = (*options, "--processes", str(processes))
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             serve_command(
@@ -220,7 +229,7 @@ def bench_processes(make_url: Any, workdir: Path, duration: float, counts: list[
     rows: list[dict[str, Any]] = []
     for n in counts:
         log = workdir / f"server-processes-{n}.log"
-        with make_url() as url, server(url, log, "--processes", str(n)) as target:
+        with make_url() as url, server(url, log, processes=n) as target:
             with SessionsClient(target, timeout=30) as kara:
                 for client in CLIENTS:
                     kara.grant_credits(client, 1_000)
@@ -469,7 +478,7 @@ def main(
     json_path: str | None,
 ) -> None:
     """Benchmark kara-sessions on this machine."""
-    SERVER_OPTIONS.extend(["--max-workers", str(max_workers), "--max-event-streams", "0"] * bool(max_workers))
+    SERVER_OPTIONS[:] = server_options(max_workers)
     results: dict[str, Any] = {
         "machine": machine(),
         "settings": {

@@ -163,21 +163,20 @@ class CallInterceptor(_ServerInterceptor):
         if remaining is not None and remaining <= 0:
             abort(context, status(code_pb2.DEADLINE_EXCEEDED, "the deadline passed before the call started"))
         state.principal = self.authenticator.authenticate(context)
-        token = _CALLER.set(state.principal)
+        # The deadline is fixed before waiting for a worker: the wait spends the caller's time.
         deadline = None if remaining is None else time.monotonic() + remaining
-        call = CURRENT.set(Call(deadline, context.is_active))
         gate = None if state.stream else self._running
         if gate is not None and not gate.acquire(timeout=remaining):
-            CURRENT.reset(call)
-            _CALLER.reset(token)
             raise DeadlineExceeded("the deadline passed while the call waited for a worker")
+        token = _CALLER.set(state.principal)
+        call = CURRENT.set(Call(deadline, context.is_active))
         try:
             return behaviour(request, context)
         finally:
-            if gate is not None:
-                gate.release()
             CURRENT.reset(call)
             _CALLER.reset(token)
+            if gate is not None:
+                gate.release()
 
     def _abort(self, exc: Exception, name: str, context: grpc.ServicerContext, state: _CallState) -> NoReturn:
         if isinstance(exc, DomainError):
