@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -52,6 +53,19 @@ def _start(url: str, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[byte
     return proc, port, log, children
 
 
+def _two_free_ports() -> int:
+    """A port P with P + 1 free as well: the children's metrics ports."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as next_one:
+            try:
+                next_one.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("found no two consecutive free ports")
+
+
 def _lines(log: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
 
@@ -59,7 +73,7 @@ def _lines(log: Path) -> list[dict[str, object]]:
 @pytest.mark.postgres
 def test_two_processes_share_the_port_and_stop_together(postgres_database: str, tmp_path: Path) -> None:
     reset_postgres(postgres_database)
-    metrics = free_port()
+    metrics = _two_free_ports()
     proc, port, log, children = _start(postgres_database, tmp_path, "--metrics-port", str(metrics))
     try:
         for n in range(20):  # a new connection per call, so the kernel spreads them
