@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -114,4 +116,23 @@ def test_one_machine_serves_every_session_and_keeps_none() -> None:
     with pytest.raises(SessionNotBooked):
         lc.complete(_session(timedelta(hours=-1), SessionState.COMPLETED), NOW)
     assert lifecycle._MACHINE is machine
-    assert machine.models == []  # attached for one event, detached afterwards, even on error
+    assert machine.models == []  # each event is fired on a model the machine never holds
+
+
+def test_threads_firing_on_the_shared_machine_at_once_each_get_their_own_outcome() -> None:
+    """The Machine is shared by every worker thread: a late and an early cancellation decided at
+    the same moment must not see each other's model."""
+    lc = SessionLifecycle(CancellationPolicy())
+    late, early = _session(timedelta(hours=1)), _session(timedelta(hours=30))
+    start = threading.Barrier(8)
+
+    def decide(i: int) -> list[tuple[bool, SessionState]]:
+        start.wait()
+        session = late if i % 2 else early
+        outcomes = [lc.cancel(session, _cancel(Party.CLIENT), NOW) for _ in range(300)]
+        return [(i % 2 == 1, o.session_state) for o in outcomes]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [r for rs in pool.map(decide, range(8)) for r in rs]
+    expected = {True: SessionState.CANCELLED_PAID, False: SessionState.CANCELLED_VOIDED}
+    assert [state for _, state in results] == [expected[was_late] for was_late, _ in results]

@@ -13,7 +13,7 @@ from typing import Any
 from transitions import EventData, MachineError
 
 from kara_sessions_server.domain.errors import InvoiceEmpty, InvoiceNotDraft
-from kara_sessions_server.domain.machines import Lifecycle, attached, shared_machine
+from kara_sessions_server.domain.machines import Lifecycle, fire, shared_machine
 from kara_sessions_server.domain.model import Invoice, InvoiceState
 
 _I = InvoiceState
@@ -59,13 +59,13 @@ def edit(invoice: Invoice, now: datetime) -> Invoice:
 
 
 def _fire(invoice: Invoice, trigger: str) -> InvoiceState:
-    with attached(_MACHINE, _InvoiceModel(invoice), invoice.state.value) as model:
-        try:
-            getattr(model, trigger)()
-        except MachineError as exc:
-            raise InvoiceNotDraft(
-                f"invoice {invoice.invoice_id} is {invoice.state.value}; only a DRAFT invoice can be "
-                f"{_VERBS[trigger]} (a submitted invoice is frozen)",
-                metadata={"invoice_id": invoice.invoice_id, "state": invoice.state.value},
-            ) from exc
-        return InvoiceState(model.state)
+    model = _InvoiceModel(invoice)
+    try:
+        fire(_MACHINE, model, invoice.state.value, trigger)
+    except MachineError as exc:
+        raise InvoiceNotDraft(
+            f"invoice {invoice.invoice_id} is {invoice.state.value}; only a DRAFT invoice can be "
+            f"{_VERBS[trigger]} (a submitted invoice is frozen)",
+            metadata={"invoice_id": invoice.invoice_id, "state": invoice.state.value},
+        ) from exc
+    return InvoiceState(model.state)

@@ -1,23 +1,18 @@
-"""A lifecycle as data, and driving its shared `transitions` Machine for one event.
+"""A lifecycle as data, and firing an event of its shared `transitions` Machine on one model.
 
 A Lifecycle is the transition table a reader checks against the article; the server's Machine
 and the diagram in docs/lifecycle.md (`make docs`) are both built from it. Each lifecycle builds
-its Machine once at import and attaches a model for one event at a time (building a Machine per
-request costs about three times as much). add_model/remove_model mutate the machine's model
-list, so they are serialised across the server's threads."""
+its Machine once at import. An event is fired on a model the Machine does not hold: attaching one
+per request (add_model/remove_model, under a lock, since they change the Machine's model list)
+cost more than the transition itself (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
 import enum
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from transitions import Machine
-
-_ATTACH_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -36,7 +31,7 @@ class Lifecycle:
 
 
 def shared_machine(lifecycle: Lifecycle) -> Machine:
-    """A Machine with no model of its own, for `attached`: guards get the EventData (send_event)
+    """A Machine with no model of its own, for `fire`: guards get the EventData (send_event)
     and only the listed transitions exist (no auto `to_<state>` triggers)."""
     return Machine(
         model=None,
@@ -50,13 +45,13 @@ def shared_machine(lifecycle: Lifecycle) -> Machine:
     )
 
 
-@contextmanager
-def attached(machine: Machine, model: Any, state: str) -> Iterator[Any]:
-    """`model`, attached to `machine` in `state` for the duration of the block."""
-    with _ATTACH_LOCK:
-        machine.add_model(model, initial=state)
-    try:
-        yield model
-    finally:
-        with _ATTACH_LOCK:
-            machine.remove_model(model)
+def fire(machine: Machine, model: Any, state: str, trigger: str, **kwargs: Any) -> bool:
+    """Fires `trigger` on `model`, which starts in `state`; True if a transition ran (its guards
+    passed), and the model then holds its new state. Raises MachineError if no transition of
+    `trigger` leaves `state`.
+
+    This is what the trigger method add_model would bind does (`Event.trigger`, partial on the
+    model), without registering the model: the Machine is only read, so threads may fire on
+    their own models at once (it has no queue: `queued` is off)."""
+    setattr(model, machine.model_attribute, state)
+    return bool(machine.events[trigger].trigger(model, **kwargs))

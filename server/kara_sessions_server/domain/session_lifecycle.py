@@ -1,7 +1,7 @@
 """A session's lifecycle as a `transitions` state machine.
 
-The Machine is built once at import; each loaded session is attached for one event and
-detached afterwards (machines.attached). `prepare` (the policy's assessment of the notice) and
+The Machine is built once at import; each event is fired on a model of the loaded session
+(machines.fire). `prepare` (the policy's assessment of the notice) and
 the guards `client_pays` and `has_started` are where the article's table lives; docs/lifecycle.md
 draws TRANSITIONS as the server runs it.
 """
@@ -15,7 +15,7 @@ from typing import Any
 from transitions import EventData, MachineError
 
 from kara_sessions_server.domain.errors import NotWaivable, OnInvoice, SessionNotBooked, SessionNotStarted
-from kara_sessions_server.domain.machines import Lifecycle, attached, shared_machine
+from kara_sessions_server.domain.machines import Lifecycle, fire, shared_machine
 from kara_sessions_server.domain.model import (
     Cancellation,
     CancellationOutcome,
@@ -172,15 +172,14 @@ class SessionLifecycle:
     def _fire(self, session: Session, now: datetime, trigger: str, **kwargs: Any) -> _SessionModel:
         """Fires `trigger`; the model says whether a transition fired (all of its guards passed)."""
         model = _SessionModel(session, self.policy, now)
-        with attached(_MACHINE, model, session.state.value):
-            try:
-                model.fired = bool(getattr(model, trigger)(**kwargs))
-            except MachineError as exc:
-                raise SessionNotBooked(
-                    f"session {session.session_id} is {session.state.value}, not BOOKED; only a booked "
-                    f"session can be {_DONE[trigger]}",
-                    metadata={"session_id": session.session_id, "state": session.state.value},
-                ) from exc
+        try:
+            model.fired = fire(_MACHINE, model, session.state.value, trigger, **kwargs)
+        except MachineError as exc:
+            raise SessionNotBooked(
+                f"session {session.session_id} is {session.state.value}, not BOOKED; only a booked "
+                f"session can be {_DONE[trigger]}",
+                metadata={"session_id": session.session_id, "state": session.state.value},
+            ) from exc
         return model
 
 
