@@ -93,34 +93,37 @@ class Metrics:
             registry=r,
         )
         self._http: Any = None
-        # Labelled children, bound once per (method, code): `labels()` costs a lock and a lookup.
-        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # Labelled children, bound once per (metric, labels): `labels()` costs a lock and a
+        # lookup, and every RPC and every committed change moves two or more of them.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        return child
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        children = self._rpc_children.get((method, code))
-        if children is None:
-            children = (self.rpcs.labels(method, code), self.latency.labels(method))
-            self._rpc_children[(method, code)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self._child(self.rpcs, method, code).inc()
+        self._child(self.latency, method).observe(seconds)
 
     def observe_event(self, event: Event) -> None:
         if isinstance(event, SessionCancelled):
             outcome = "paid" if event.state is SessionState.CANCELLED_PAID else "voided"
             timing = "late" if event.late else "on_time"
-            self.cancellations.labels(outcome, timing, event.cancelled_by.value.lower()).inc()
+            self._child(self.cancellations, outcome, timing, event.cancelled_by.value.lower()).inc()
         elif isinstance(event, CreditsMoved):
-            self.credits.labels(event.kind.value).inc(event.credits)
+            self._child(self.credits, event.kind.value).inc(event.credits)
         elif isinstance(event, NoShowMarked):
-            self.no_shows.labels("paid" if event.charged else "voided").inc()
+            self._child(self.no_shows, "paid" if event.charged else "voided").inc()
         elif isinstance(event, ChargeWaived):
             self.waivers.inc()
         elif isinstance(event, FeedAppended):
-            self.events_appended.labels(event.type).inc()
+            self._child(self.events_appended, event.type).inc()
         elif isinstance(event, InvoiceChanged):
-            self.invoice_actions.labels(event.action).inc()
+            self._child(self.invoice_actions, event.action).inc()
             if event.sessions:
-                self.invoiced_sessions.labels(event.action).inc(event.sessions)
+                self._child(self.invoiced_sessions, event.action).inc(event.sessions)
 
     def database_error(self, kind: str, transient: bool) -> None:
         self.database_errors.labels(kind, "true" if transient else "false").inc()
