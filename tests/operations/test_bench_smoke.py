@@ -54,6 +54,9 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     profile = results["profile"]
     assert profile["transition_us"] > 0 and profile["service_cancel_us"] > profile["transition_us"]
     assert abs(sum(profile["shares"].values()) - 1) < 1e-6
+    handler = profile["handler_cpu_us"]
+    assert set(handler) == {"GetPayment", "CancelSession"}
+    assert 0 < handler["GetPayment"] < handler["CancelSession"], "a write costs more than a read"
     assert "PostgreSQL skipped: --no-postgres" in results["skipped"][0]
     assert [(d["database"], d["events"]) for d in results["event_delivery"]] == [("sqlite", 20)]
     assert 0 < results["event_delivery"][0]["p50_ms"] <= results["event_delivery"][0]["p99_ms"]
