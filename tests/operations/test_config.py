@@ -62,6 +62,8 @@ def test_config_file_comes_from_the_environment_too(tmp_path: Path) -> None:
         ('tokens_file = "missing.toml"\n', "does not exist"),
         ("listen = [\n", "is not valid TOML"),
         ('listen = "0.0.0.0:0"\n', "refusing to listen on 0.0.0.0:0 without TLS"),
+        ('cpus = "99999"\n', "this process may run on CPUs"),
+        ('cpus = "1-x"\n', "--cpus lists CPU numbers and ranges"),
     ],
 )
 def test_bad_configuration_is_refused_at_start_with_a_clear_error(
@@ -99,6 +101,8 @@ def test_help_documents_every_option_and_its_variable() -> None:
         "max-workers",
         "max-message-bytes",
         "grace-seconds",
+        "processes",
+        "cpus",
         "log-level",
         "log-format",
     ):

@@ -207,6 +207,15 @@ database_option = _option(
     "port (--metrics-port + 0, 1, ...).",
 )
 @_option(
+    "--cpus",
+    "CPUS",
+    default="",
+    help="Keep the server on these CPUs, e.g. 2 or 2,3 or 2-5 (Linux); with --processes N, each "
+    "process on one of them in turn. One CPU per process spares its threads the hand-offs between "
+    "CPUs (a third less CPU per call, measured in BENCHMARKS.md); give CPUs nothing else is pinned to. "
+    "Default: wherever the OS schedules it.",
+)
+@_option(
     "--log-level",
     "LOG_LEVEL",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
@@ -244,6 +253,7 @@ def serve(
     grace_seconds: float,
     otlp_endpoint: str | None,
     processes: int,
+    cpus: str,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -257,6 +267,7 @@ def serve(
     import peewee as pw
 
     from kara_sessions_server.adapters.migrations import SchemaError
+    from kara_sessions_server.entrypoints import cpus as cpu_affinity
     from kara_sessions_server.entrypoints import logs
     from kara_sessions_server.entrypoints.grpc.processes import refuse_sqlite, serve_processes
     from kara_sessions_server.entrypoints.grpc.server import Settings
@@ -286,6 +297,7 @@ def serve(
             request_id_retention=timedelta(days=request_id_retention_days),
             audit_retention=None if audit_retention_days is None else timedelta(days=audit_retention_days),
             otlp_endpoint=otlp_endpoint,
+            cpus=cpu_affinity.parse(cpus) if cpus else (),
         )
         settings.check_exposure()
         settings.server_credentials()

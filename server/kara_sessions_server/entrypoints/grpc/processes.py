@@ -96,7 +96,11 @@ def _child_settings(settings: Any, listen: str, index: int) -> Any:
     metrics_port = settings.metrics_port
     if metrics_port:  # one metrics endpoint per process: PORT, PORT+1, ...
         metrics_port += index
-    return replace(settings, listen=listen, share_port=True, prunes=index == 0, metrics_port=metrics_port)
+    # With --cpus, each process keeps to one of them, in turn.
+    cpus = (settings.cpus[index % len(settings.cpus)],) if settings.cpus else ()
+    return replace(
+        settings, listen=listen, share_port=True, prunes=index == 0, metrics_port=metrics_port, cpus=cpus
+    )
 
 
 def _child(settings: Any, log_level: str, log_format: str, parent: int) -> None:

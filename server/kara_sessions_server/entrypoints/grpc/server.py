@@ -44,7 +44,7 @@ from kara_sessions_server.adapters.storage import (
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.domain.programme import DEFAULT_TERMS
-from kara_sessions_server.entrypoints import tracing
+from kara_sessions_server.entrypoints import cpus, tracing
 from kara_sessions_server.entrypoints.grpc.health_monitor import HealthMonitor
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
@@ -126,6 +126,8 @@ class Settings:
     health_check_seconds: float = 2.0
     # Open StreamEvents calls, each on a thread of its own beside the workers (0: ListEvents only).
     max_event_streams: int = DEFAULT_EVENT_STREAMS
+    # The CPUs this process's threads run on (entrypoints/cpus.py); empty: wherever the OS puts them.
+    cpus: tuple[int, ...] = ()
 
     @property
     def workers(self) -> int:
@@ -392,6 +394,8 @@ def _join_workers(executor: futures.ThreadPoolExecutor, timeout: float) -> bool:
 
 def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then drains calls in flight for up to grace_seconds."""
+    if settings.cpus:  # before the server starts its threads: each inherits its starter's CPUs
+        cpus.pin(settings.cpus)
     running = start(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
