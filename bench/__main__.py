@@ -66,9 +66,10 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 SERVER_OPTIONS: list[str] = []
 
 
-def server_options(max_workers: int | None) -> list[str]:
-    """--max-workers N for every server, streams off so that N is all its threads."""
-    return [] if max_workers is None else ["--max-workers", str(max_workers), "--max-event-streams", "0"]
+def server_options(max_workers: int | None, cpus: str = "") -> list[str]:
+    """--max-workers N for every server, streams off so that N is all its threads; --cpus."""
+    workers = [] if max_workers is None else ["--max-workers", str(max_workers), "--max-event-streams", "0"]
+    return workers + (["--cpus", cpus] if cpus else [])
 
 
 # The processes of each server `server()` started, by address: the load generator reads their CPU.
@@ -447,6 +448,11 @@ def machine() -> dict[str, Any]:
     help="Run every server with this --max-workers instead of its default.",
 )
 @click.option(
+    "--cpus",
+    default="",
+    help="Run every server with `serve --cpus` this list (e.g. 0: its threads on CPU 0 only).",
+)
+@click.option(
     "--processes",
     "process_counts",
     default="1,2",
@@ -473,19 +479,21 @@ def main(
     no_durability: bool,
     no_events: bool,
     max_workers: int | None,
+    cpus: str,
     process_counts: str,
     event_count: int,
     json_path: str | None,
 ) -> None:
     """Benchmark kara-sessions on this machine."""
-    SERVER_OPTIONS[:] = server_options(max_workers)
+    SERVER_OPTIONS[:] = server_options(max_workers, cpus)
     results: dict[str, Any] = {
         "machine": machine(),
         "settings": {
             "duration_s": duration,
             "concurrency": list(concurrencies),
             "server": "kara-sessions serve defaults (JSON log line per RPC, no auth, no TLS)"
-            + (f", --max-workers {max_workers}" if max_workers else ""),
+            + (f", --max-workers {max_workers}" if max_workers else "")
+            + (f", --cpus {cpus}" if cpus else ""),
         },
         "skipped": [],
     }
