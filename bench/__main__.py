@@ -244,6 +244,53 @@ def bench_processes(make_url: Any, workdir: Path, duration: float, counts: list[
     return rows
 
 
+def bench_pinned(workdir: Path, duration: float, cpu: int, concurrency: int = 8) -> list[dict[str, Any]]:
+    """The SQLite runs at `concurrency` in flight again, from a server with `serve --cpus CPU`
+    (every thread on one CPU): what the option buys on this machine, beside the main table."""
+    click.echo(f"sqlite: serve --cpus {cpu}", err=True)
+    rows: list[dict[str, Any]] = []
+    url = f"sqlite:///{workdir / f'bench-pinned-{uuid.uuid4().hex[:6]}.db'}"
+    with server(url, workdir / "server-pinned.log", "--cpus", str(cpu)) as target:
+        with SessionsClient(target, timeout=30) as kara:
+            for client in CLIENTS:
+                kara.grant_credits(client, 1_000)
+        _, ceiling = load(target, "ceiling", concurrency, duration, warmup=0.5)
+        result, _ = load(
+            target,
+            "book",
+            concurrency,
+            duration,
+            clients=CLIENTS,
+            professional_id=BENCH_PROFESSIONAL,
+            collect=True,
+        )
+        booked = result["session_ids"]
+        _, get = load(target, "get_payment", concurrency, duration, session_ids=booked, warmup=0.5)
+        _, cancel = load(target, "cancel", concurrency, duration * 10, session_ids=booked)
+    for run in (ceiling, get, cancel):
+        run.database = "sqlite"
+        compare(run, ceiling)
+        echo_run(run)
+        rows.append({**asdict(run), "cpus": str(cpu)})
+    return rows
+
+
+def _spare_cpu() -> int | None:
+    """The CPU for bench_pinned: this process's last (the first often takes more of the
+    machine's interrupts); None with only one, where pinning would change nothing."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return allowed[-1] if len(allowed) > 1 else None
+
+
+def bench_profile(workdir: Path, runs: list[Run]) -> dict[str, Any]:
+    click.echo("profiling one cancellation in-process", err=True)
+    profile = profile_cancellation(workdir)
+    rpc_c1 = next(
+        (r for r in runs if (r.database, r.workload, r.concurrency) == ("sqlite", "cancel", 1)), None
+    )
+    return {**asdict(profile), "rpc_cancel_p50_us_at_c1": rpc_c1.p50_ms * 1000 if rpc_c1 else None}
+
+
 def bench_event_delivery(name: str, url: str, workdir: Path, count: int) -> dict[str, Any]:
     """How long a committed cancellation takes to reach a consumer's open StreamEvents: from the
     event's time (taken in the cancellation's transaction, just before its commit) to its arrival
@@ -442,6 +489,9 @@ def machine() -> dict[str, Any]:
 @click.option("--no-durability", is_flag=True, help="Skip comparing SQLite synchronous=NORMAL with FULL.")
 @click.option("--no-events", is_flag=True, help="Skip the event-delivery measurement.")
 @click.option(
+    "--no-pinned", is_flag=True, help="Skip the SQLite runs with the server on one CPU (serve --cpus)."
+)
+@click.option(
     "--max-workers",
     type=click.IntRange(1, 256),
     default=None,
@@ -478,6 +528,7 @@ def main(
     no_profile: bool,
     no_durability: bool,
     no_events: bool,
+    no_pinned: bool,
     max_workers: int | None,
     cpus: str,
     process_counts: str,
@@ -529,6 +580,9 @@ def main(
                 dict(databases)["postgresql"], workdir, duration, [int(n) for n in process_counts.split(",")]
             )
 
+        if not no_pinned and not cpus and (cpu := _spare_cpu()) is not None:
+            results["pinned"] = bench_pinned(workdir, duration, cpu)
+
         if not no_events:
             results["event_delivery"] = []
             for name, make_url in databases:
@@ -549,15 +603,7 @@ def main(
             results["durability"] = bench_durability(workdir, duration)
 
         if not no_profile:
-            click.echo("profiling one cancellation in-process", err=True)
-            profile = profile_cancellation(workdir)
-            rpc_c1 = next(
-                (r for r in runs if (r.database, r.workload, r.concurrency) == ("sqlite", "cancel", 1)), None
-            )
-            results["profile"] = {
-                **asdict(profile),
-                "rpc_cancel_p50_us_at_c1": rpc_c1.p50_ms * 1000 if rpc_c1 else None,
-            }
+            results["profile"] = bench_profile(workdir, runs)
     results["targets"] = targets(runs, growth)
     print_report(results)
     if json_path:

@@ -55,6 +55,23 @@ def _processes_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _pinned_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"serve --cpus {rows[0]['cpus']}: SQLite again, every server thread on one CPU")
+    for col in ("RPC", "in flight", "req/s", "p99 ms", "of ceiling", "server CPU us/call", "CPU x ceiling"):
+        table.add_column(col, justify="left" if col == "RPC" else "right")
+    for r in rows:
+        table.add_row(
+            NAMES.get(r["workload"], r["workload"]),
+            str(r["concurrency"]),
+            _num(r["rps"], ".0f"),
+            _num(r["p99_ms"], ".2f"),
+            _num(r["ratio_to_ceiling"] * 100 if r["ratio_to_ceiling"] else None, ".0f") + "%",
+            _num(r.get("server_cpu_us"), ".0f"),
+            _num(r.get("server_cpu_ratio_to_ceiling"), ".2f"),
+        )
+    return table
+
+
 def _delivery_table(rows: list[dict[str, Any]]) -> Table:
     delivery = Table(title="From a committed cancellation to its arrival on an open StreamEvents")
     for col in ("database", "events", "p50 ms", "p99 ms", "max ms"):
@@ -134,6 +151,9 @@ def print_report(results: dict[str, Any]) -> None:
 
     if results.get("processes"):
         console.print(_processes_table(results["processes"]))
+
+    if results.get("pinned"):
+        console.print(_pinned_table(results["pinned"]))
 
     if results.get("growth"):
         console.print(_growth_table(results["growth"]))

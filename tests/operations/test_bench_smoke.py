@@ -4,6 +4,7 @@ numbers are checked by reading them, never asserted here.)"""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,10 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert set(handler) == {"GetPayment", "CancelSession"}
     assert 0 < handler["GetPayment"] < handler["CancelSession"], "a write costs more than a read"
     assert "PostgreSQL skipped: --no-postgres" in results["skipped"][0]
+    if len(os.sched_getaffinity(0)) > 1:  # else there is no other CPU to compare with
+        pinned = {r["workload"]: r for r in results["pinned"]}
+        assert set(pinned) == {"ceiling", "get_payment", "cancel"}
+        assert all(r["requests"] > 0 and not r["errors"] and r["server_cpu_us"] > 0 for r in pinned.values())
     assert [(d["database"], d["events"]) for d in results["event_delivery"]] == [("sqlite", 20)]
     assert 0 < results["event_delivery"][0]["p50_ms"] <= results["event_delivery"][0]["p99_ms"]
     durability = [(r["synchronous"], r["workload"]) for r in results["durability"]]
