@@ -10,7 +10,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from transitions import EventData, MachineError
+from transitions import EventData
 
 from kara_sessions_server.domain.errors import InvoiceEmpty, InvoiceNotDraft
 from kara_sessions_server.domain.machines import Lifecycle, fire, shared_machine
@@ -60,12 +60,15 @@ def edit(invoice: Invoice, now: datetime) -> Invoice:
 
 def _fire(invoice: Invoice, trigger: str) -> InvoiceState:
     model = _InvoiceModel(invoice)
-    try:
-        fire(_MACHINE, model, invoice.state.value, trigger)
-    except MachineError as exc:
-        raise InvoiceNotDraft(
+    fire(
+        _MACHINE,
+        model,
+        invoice.state.value,
+        trigger,
+        lambda: InvoiceNotDraft(
             f"invoice {invoice.invoice_id} is {invoice.state.value}; only a DRAFT invoice can be "
             f"{_VERBS[trigger]} (a submitted invoice is frozen)",
             metadata={"invoice_id": invoice.invoice_id, "state": invoice.state.value},
-        ) from exc
+        ),
+    )
     return InvoiceState(model.state)

@@ -9,10 +9,11 @@ cost more than the transition itself (BENCHMARKS.md)."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from transitions import Machine
+from transitions import Machine, MachineError
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,23 @@ def shared_machine(lifecycle: Lifecycle) -> Machine:
     )
 
 
-def fire(machine: Machine, model: Any, state: str, trigger: str, **kwargs: Any) -> bool:
+def fire(
+    machine: Machine,
+    model: Any,
+    state: str,
+    trigger: str,
+    refusal: Callable[[], Exception],
+    **kwargs: Any,
+) -> bool:
     """Fires `trigger` on `model`, which starts in `state`; True if a transition ran (its guards
-    passed), and the model then holds its new state. Raises MachineError if no transition of
-    `trigger` leaves `state`.
+    passed), and the model then holds its new state. If no transition of `trigger` leaves
+    `state`, raises `refusal()` (the domain's error for that).
 
     This is what the trigger method add_model would bind does (`Event.trigger`, partial on the
     model), without registering the model: the Machine is only read, so threads may fire on
     their own models at once (it has no queue: `queued` is off)."""
     setattr(model, machine.model_attribute, state)
-    return bool(machine.events[trigger].trigger(model, **kwargs))
+    try:
+        return bool(machine.events[trigger].trigger(model, **kwargs))
+    except MachineError as exc:
+        raise refusal() from exc

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from transitions import EventData, MachineError
+from transitions import EventData
 
 from kara_sessions_server.domain.errors import NotWaivable, OnInvoice, SessionNotBooked, SessionNotStarted
 from kara_sessions_server.domain.machines import Lifecycle, fire, shared_machine
@@ -172,14 +172,18 @@ class SessionLifecycle:
     def _fire(self, session: Session, now: datetime, trigger: str, **kwargs: Any) -> _SessionModel:
         """Fires `trigger`; the model says whether a transition fired (all of its guards passed)."""
         model = _SessionModel(session, self.policy, now)
-        try:
-            model.fired = fire(_MACHINE, model, session.state.value, trigger, **kwargs)
-        except MachineError as exc:
-            raise SessionNotBooked(
+        model.fired = fire(
+            _MACHINE,
+            model,
+            session.state.value,
+            trigger,
+            lambda: SessionNotBooked(
                 f"session {session.session_id} is {session.state.value}, not BOOKED; only a booked "
                 f"session can be {_DONE[trigger]}",
                 metadata={"session_id": session.session_id, "state": session.state.value},
-            ) from exc
+            ),
+            **kwargs,
+        )
         return model
 
 
