@@ -120,6 +120,19 @@ def load(
     return result, run
 
 
+def grant_and_book(target: str, concurrency: int, duration: float, credits: int) -> tuple[list[str], Run]:
+    """Gives every benchmark client `credits`, then books sessions for `duration` seconds:
+    the booked session ids (for a cancel run) and the booking run."""
+    with SessionsClient(target, timeout=30) as kara:
+        for client in CLIENTS:
+            kara.grant_credits(client, credits)
+    result, book = load(
+        target, "book", concurrency, duration, clients=CLIENTS, professional_id=BENCH_PROFESSIONAL,
+        collect=True,
+    )  # fmt: skip
+    return result["session_ids"], book
+
+
 @contextmanager
 def server(database_url: str, log_path: Path, *options: str, processes: int = 1) -> Iterator[str]:
     """`kara-sessions serve` as operators run it (defaults unless `options`; JSON log lines to a
@@ -231,13 +244,8 @@ def bench_processes(make_url: Any, workdir: Path, duration: float, counts: list[
     for n in counts:
         log = workdir / f"server-processes-{n}.log"
         with make_url() as url, server(url, log, processes=n) as target:
-            with SessionsClient(target, timeout=30) as kara:
-                for client in CLIENTS:
-                    kara.grant_credits(client, 1_000)
-            result, _ = load(
-                target, "book", 8, duration, clients=CLIENTS, professional_id=BENCH_PROFESSIONAL, collect=True
-            )
-            _, cancel = load(target, "cancel", 8, duration * 10, session_ids=result["session_ids"])
+            booked, _ = grant_and_book(target, 8, duration, 1_000)
+            _, cancel = load(target, "cancel", 8, duration * 10, session_ids=booked)
         cancel.database = "postgresql"
         echo_run(cancel)
         rows.append({**asdict(cancel), "processes": n})
@@ -251,20 +259,8 @@ def bench_pinned(workdir: Path, duration: float, cpu: int, concurrency: int = 8)
     rows: list[dict[str, Any]] = []
     url = f"sqlite:///{workdir / f'bench-pinned-{uuid.uuid4().hex[:6]}.db'}"
     with server(url, workdir / "server-pinned.log", "--cpus", str(cpu)) as target:
-        with SessionsClient(target, timeout=30) as kara:
-            for client in CLIENTS:
-                kara.grant_credits(client, 1_000)
         _, ceiling = load(target, "ceiling", concurrency, duration, warmup=0.5)
-        result, _ = load(
-            target,
-            "book",
-            concurrency,
-            duration,
-            clients=CLIENTS,
-            professional_id=BENCH_PROFESSIONAL,
-            collect=True,
-        )
-        booked = result["session_ids"]
+        booked, _ = grant_and_book(target, concurrency, duration, 1_000)
         _, get = load(target, "get_payment", concurrency, duration, session_ids=booked, warmup=0.5)
         _, cancel = load(target, "cancel", concurrency, duration * 10, session_ids=booked)
     for run in (ceiling, get, cancel):
@@ -338,19 +334,8 @@ def bench_durability(workdir: Path, duration: float, concurrency: int = 8) -> li
     for mode in ("normal", "full"):
         url = f"sqlite:///{workdir / f'durability-{mode}.db'}"
         with server(url, workdir / f"server-durability-{mode}.log", "--sqlite-synchronous", mode) as target:
-            with SessionsClient(target, timeout=30) as kara:
-                for client in CLIENTS:
-                    kara.grant_credits(client, 10_000)
-            result, book = load(
-                target,
-                "book",
-                concurrency,
-                duration,
-                clients=CLIENTS,
-                professional_id=BENCH_PROFESSIONAL,
-                collect=True,
-            )
-            _, cancel = load(target, "cancel", concurrency, duration * 10, session_ids=result["session_ids"])
+            booked, book = grant_and_book(target, concurrency, duration, 10_000)
+            _, cancel = load(target, "cancel", concurrency, duration * 10, session_ids=booked)
         for run in (book, cancel):
             rows.append(
                 {
