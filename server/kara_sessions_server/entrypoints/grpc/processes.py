@@ -63,6 +63,13 @@ def serve_processes(settings: Any, processes: int, log_level: str, log_format: s
     """Runs `processes` servers on settings.listen until SIGTERM/SIGINT; returns the exit code.
     `settings` is a grpc.server.Settings (imported by the children, not here)."""
     refuse_sqlite(settings.database_url, processes)
+    if 0 < len(settings.cpus) < processes:
+        log.warning(
+            "%d server processes on %d CPUs (--cpus %s): some share a CPU, and each gets less of it",
+            processes,
+            len(settings.cpus),
+            ",".join(map(str, settings.cpus)),
+        )
     _prepare_database(settings.database_url, settings.notice_window)
     host, port = _split(settings.listen)
     with _reserved_port(host, port) as bound:
