@@ -212,7 +212,7 @@ database_option = _option(
     default="",
     help="Keep the server on these CPUs, e.g. 2 or 2,3 or 2-5 (Linux); with --processes N, each "
     "process on one of them in turn. One CPU per process spares its threads the hand-offs between "
-    "CPUs (a third less CPU per call, measured in BENCHMARKS.md); give CPUs nothing else is pinned to. "
+    "CPUs (a quarter to a half less CPU per call, BENCHMARKS.md); give CPUs nothing else is pinned to. "
     "Default: wherever the OS schedules it.",
 )
 @_option(

