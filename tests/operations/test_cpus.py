@@ -14,8 +14,7 @@ import pytest
 from kara_sessions_client.client import SessionsClient
 
 from ..support.database import reset_postgres
-from ..support.processes import start_server_process
-from .test_server_processes import _start
+from ..support.processes import start_server_process, start_two_processes
 
 ALLOWED = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 pytestmark = pytest.mark.skipif(not ALLOWED, reason="--cpus needs Linux's sched_setaffinity")
@@ -58,7 +57,7 @@ def test_every_thread_of_the_server_stays_on_its_cpu(tmp_path: Path) -> None:
 def test_each_process_keeps_to_its_own_cpu(postgres_database: str, tmp_path: Path) -> None:
     reset_postgres(postgres_database)
     first, second = ALLOWED[:2]
-    proc, port, _, children = _start(postgres_database, tmp_path, "--cpus", f"{first},{second}")
+    proc, port, _, children = start_two_processes(postgres_database, tmp_path, "--cpus", f"{first},{second}")
     try:
         deadline = time.monotonic() + 10
         for _ in range(4):  # new connections spread over the two processes

@@ -4,7 +4,6 @@ child that dies takes the server down with it (for the supervisor to restart). S
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,7 +17,7 @@ import pytest
 from kara_sessions_client.client import SessionsClient
 
 from ..support.database import reset_postgres
-from ..support.processes import free_port, serve_command, server_children, wait_serving
+from ..support.processes import free_port, json_log_lines, serve_command, start_two_processes
 
 
 def _alive(pid: int) -> bool:
@@ -29,28 +28,6 @@ def _alive(pid: int) -> bool:
     # A zombie is dead but not yet reaped by its parent.
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().rpartition(")")[2].split()[0] != "Z"
-
-
-def _start(url: str, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, Path, list[int]]:
-    port, log = free_port(), tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            serve_command(
-                "--listen", f"127.0.0.1:{port}", "--database-url", url, "--log-format", "json",
-                "--processes", "2", "--grace-seconds", "2", *extra,
-            ),
-            stdout=subprocess.DEVNULL,
-            stderr=out,
-        )  # fmt: skip
-    wait_serving(port, proc)
-    deadline = time.monotonic() + 30
-    while len(children := server_children(proc.pid)) < 2:
-        assert time.monotonic() < deadline, f"two server processes did not start: {log.read_text()}"
-        time.sleep(0.1)
-    while sum("kara-sessions listening on" in str(line["message"]) for line in _lines(log)) < 2:
-        assert time.monotonic() < deadline, f"both server processes did not listen: {log.read_text()}"
-        time.sleep(0.1)
-    return proc, port, log, children
 
 
 def _two_free_ports() -> int:
@@ -66,15 +43,13 @@ def _two_free_ports() -> int:
     raise RuntimeError("found no two consecutive free ports")
 
 
-def _lines(log: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-
-
 @pytest.mark.postgres
 def test_two_processes_share_the_port_and_stop_together(postgres_database: str, tmp_path: Path) -> None:
     reset_postgres(postgres_database)
     metrics = _two_free_ports()
-    proc, port, log, children = _start(postgres_database, tmp_path, "--metrics-port", str(metrics))
+    proc, port, log, children = start_two_processes(
+        postgres_database, tmp_path, "--metrics-port", str(metrics)
+    )
     try:
         for n in range(20):  # a new connection per call, so the kernel spreads them
             with SessionsClient(f"127.0.0.1:{port}") as kara:
@@ -88,7 +63,7 @@ def test_two_processes_share_the_port_and_stop_together(postgres_database: str, 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert not any(_alive(child) for child in children)
-    lines = _lines(log)
+    lines = json_log_lines(log)
     served_by = {line["pid"] for line in lines if line.get("method") == "GrantCredits"}
     assert served_by == set(children), "both processes answered calls, and each line says which"
     assert all("pid" in line for line in lines), "every line names its process, the parent's too"
@@ -97,17 +72,17 @@ def test_two_processes_share_the_port_and_stop_together(postgres_database: str, 
 @pytest.mark.postgres
 def test_a_dead_child_stops_the_server_for_its_supervisor(postgres_database: str, tmp_path: Path) -> None:
     reset_postgres(postgres_database)
-    proc, _, log, children = _start(postgres_database, tmp_path)
+    proc, _, log, children = start_two_processes(postgres_database, tmp_path)
     os.kill(children[0], signal.SIGKILL)
     assert proc.wait(timeout=30) == 1
     assert not _alive(children[1])
-    assert any("exited with -9; stopping the others" in str(line["message"]) for line in _lines(log))
+    assert any("exited with -9; stopping the others" in str(line["message"]) for line in json_log_lines(log))
 
 
 @pytest.mark.postgres
 def test_children_stop_when_the_parent_is_killed(postgres_database: str, tmp_path: Path) -> None:
     reset_postgres(postgres_database)
-    proc, _, _, children = _start(postgres_database, tmp_path)
+    proc, _, _, children = start_two_processes(postgres_database, tmp_path)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 20

@@ -3,6 +3,7 @@ The tests and the benchmark (bench/) both start their servers through these."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -101,3 +102,34 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
+
+
+def json_log_lines(log: Path) -> list[dict[str, object]]:
+    """The JSON lines of a server's log (its other lines are skipped)."""
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+def start_two_processes(
+    url: str, tmp_path: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], int, Path, list[int]]:
+    """`serve --processes 2` on `url`, once both children listen: the parent, the port, the
+    JSON log and the children's pids."""
+    port, log = free_port(), tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            serve_command(
+                "--listen", f"127.0.0.1:{port}", "--database-url", url, "--log-format", "json",
+                "--processes", "2", "--grace-seconds", "2", *extra,
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )  # fmt: skip
+    wait_serving(port, proc)
+    deadline = time.monotonic() + 30
+    while len(children := server_children(proc.pid)) < 2:
+        assert time.monotonic() < deadline, f"two server processes did not start: {log.read_text()}"
+        time.sleep(0.1)
+    while sum("kara-sessions listening on" in str(line["message"]) for line in json_log_lines(log)) < 2:
+        assert time.monotonic() < deadline, f"both server processes did not listen: {log.read_text()}"
+        time.sleep(0.1)
+    return proc, port, log, children
