@@ -4,9 +4,9 @@ that call split by component. The RPC's latency minus the service call is transp
 interceptor (auth, metrics, log line).
 
 Also the CPU time of a whole call through the interceptor and servicer (what a worker thread
-runs, access line included), with no transport and no other thread: a figure that moves only
-when the code does, where the server's CPU per call swings by a quarter from run to run on a
-shared 2-core VM (BENCHMARKS.md)."""
+runs, access line included), with no transport and no other thread: it varies by about a tenth
+from run to run where the server's CPU per call varies by a quarter or more on a shared 2-core
+VM, so alternating runs of two versions show a change of a few percent (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ class _Context:
         return None
 
 
-def handler_cpu(workdir: Path, calls: int = 500, rounds: int = 5) -> dict[str, float]:
+def handler_cpu(workdir: Path, calls: int = 300, rounds: int = 5) -> dict[str, float]:
     """CPU us per GetPayment and CancelSession run as a server's worker runs them (interceptor,
     servicer, service, metrics, the JSON access line to a file), without gRPC's transport or
     threads: the best of `rounds` rounds of `calls`."""
