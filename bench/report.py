@@ -55,19 +55,36 @@ def _processes_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _pinned_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title=f"serve --cpus {rows[0]['cpus']}: SQLite again, every server thread on one CPU")
-    for col in ("RPC", "in flight", "req/s", "p99 ms", "of ceiling", "server CPU us/call", "CPU x ceiling"):
-        table.add_column(col, justify="left" if col == "RPC" else "right")
-    for r in rows:
+def _runs_table(title: str, runs: list[dict[str, Any]]) -> Table:
+    """Load-generator runs (bench.Run as dicts), one row each."""
+    table = Table(title=title)
+    for col in (
+        "database",
+        "RPC",
+        "in flight",
+        "req/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "of ceiling",
+        "server CPU us/call",
+        "CPU x ceiling",
+        "errors",
+    ):
+        table.add_column(col, justify="left" if col in ("database", "RPC", "errors") else "right")
+    for r in runs:
         table.add_row(
+            r["database"],
             NAMES.get(r["workload"], r["workload"]),
             str(r["concurrency"]),
             _num(r["rps"], ".0f"),
+            _num(r["p50_ms"], ".2f"),
+            _num(r["p95_ms"], ".2f"),
             _num(r["p99_ms"], ".2f"),
-            _num(r["ratio_to_ceiling"] * 100 if r["ratio_to_ceiling"] else None, ".0f") + "%",
+            _num(r["ratio_to_ceiling"], ".0%"),
             _num(r.get("server_cpu_us"), ".0f"),
             _num(r.get("server_cpu_ratio_to_ceiling"), ".2f"),
+            ", ".join(f"{k} {v}" for k, v in r["errors"].items()),
         )
     return table
 
@@ -117,43 +134,16 @@ def print_report(results: dict[str, Any]) -> None:
     for note in results.get("skipped", []):
         console.print(f"[yellow]{note}[/]")
 
-    table = Table(title="Throughput and latency (load generator in its own process)")
-    for col in (
-        "database",
-        "RPC",
-        "in flight",
-        "req/s",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "of ceiling",
-        "server CPU us/call",
-        "CPU x ceiling",
-        "errors",
-    ):
-        table.add_column(col, justify="left" if col in ("database", "RPC", "errors") else "right")
-    names = NAMES
-    for r in results.get("runs", []):
-        table.add_row(
-            r["database"],
-            names.get(r["workload"], r["workload"]),
-            str(r["concurrency"]),
-            _num(r["rps"], ".0f"),
-            _num(r["p50_ms"], ".2f"),
-            _num(r["p95_ms"], ".2f"),
-            _num(r["p99_ms"], ".2f"),
-            _num(r["ratio_to_ceiling"], ".0%"),
-            _num(r.get("server_cpu_us"), ".0f"),
-            _num(r.get("server_cpu_ratio_to_ceiling"), ".2f"),
-            ", ".join(f"{k} {v}" for k, v in r["errors"].items()),
-        )
-    console.print(table)
+    title = "Throughput and latency (load generator in its own process)"
+    console.print(_runs_table(title, results.get("runs", [])))
 
     if results.get("processes"):
         console.print(_processes_table(results["processes"]))
 
     if results.get("pinned"):
-        console.print(_pinned_table(results["pinned"]))
+        pinned = results["pinned"]
+        title = f"serve --cpus {pinned[0]['cpus']}: SQLite again, every server thread on one CPU"
+        console.print(_runs_table(title, pinned))
 
     if results.get("growth"):
         console.print(_growth_table(results["growth"]))
