@@ -159,14 +159,13 @@ class CallInterceptor(_ServerInterceptor):
     def _run(
         self, behaviour: Behaviour, request: Any, context: grpc.ServicerContext, state: _CallState
     ) -> Any:
-        remaining = context.time_remaining()  # None: the caller set no deadline
-        if remaining is not None and remaining <= 0:
+        # Fixed before waiting for a worker: the wait spends the caller's time.
+        deadline = call_deadline(context)
+        if deadline is not None and deadline <= time.monotonic():
             abort(context, status(code_pb2.DEADLINE_EXCEEDED, "the deadline passed before the call started"))
         state.principal = self.authenticator.authenticate(context)
-        # The deadline is fixed before waiting for a worker: the wait spends the caller's time.
-        deadline = None if remaining is None else time.monotonic() + remaining
         gate = None if state.stream else self._running
-        if gate is not None and not gate.acquire(timeout=remaining):
+        if gate is not None and not gate.acquire(timeout=_seconds_until(deadline)):
             raise DeadlineExceeded("the deadline passed while the call waited for a worker")
         token = _CALLER.set(state.principal)
         call = CURRENT.set(Call(deadline, context.is_active))
@@ -245,8 +244,8 @@ class CallInterceptor(_ServerInterceptor):
     def _what_the_caller_got(self, context: grpc.ServicerContext) -> str:
         """The status of a call that ended before its handler did: its deadline passed, the
         server cancelled it while shutting down, or the caller hung up."""
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        deadline = call_deadline(context)
+        if deadline is not None and deadline <= time.monotonic():
             return "DEADLINE_EXCEEDED"
         return "UNAVAILABLE" if self.stopping.is_set() else "CANCELLED"
 
@@ -266,6 +265,26 @@ class _CallState:
     principal: Principal | None = None
     incident: str = ""
     stream: bool = False
+
+
+def call_deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic()'s clock, or None when the caller set none. The
+    one reading of grpcio's `time_remaining()`: a call without a deadline (grpcurl's, Go's,
+    Java's and Node's default) reports about 9.2e18 seconds, not None, and a wait that long
+    overflows every timed wait in the standard library."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining >= _NO_DEADLINE:
+        return None
+    return time.monotonic() + remaining
+
+
+# Anything at least this far off is no deadline: threading's longest wait, 292 years. A later
+# deadline than that would also overflow the waits, and means the same to a caller.
+_NO_DEADLINE = threading.TIMEOUT_MAX
+
+
+def _seconds_until(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def abort(context: grpc.ServicerContext, failed: grpc.Status) -> NoReturn:
