@@ -128,8 +128,8 @@ def valid_request(method: MethodDescriptor, w: World) -> Message:
             invoice_id=w.invoice, session_ids=[w.invoiced], request_id=rid()
         ),
         "SubmitInvoice": lambda: invoices_pb2.SubmitInvoiceRequest(invoice_id=w.invoice, request_id=rid()),
-        "ListEvents": lambda: events_pb2.ListEventsRequest(),
-        "StreamEvents": lambda: events_pb2.StreamEventsRequest(),
+        "ListEvents": events_pb2.ListEventsRequest,
+        "StreamEvents": events_pb2.StreamEventsRequest,
         "CreateProgramme": lambda: programmes_pb2.CreateProgrammeRequest(
             programme_id=f"p-{uuid.uuid4().hex[:12]}",
             programme=programmes_pb2.Programme(
@@ -138,7 +138,7 @@ def valid_request(method: MethodDescriptor, w: World) -> Message:
             request_id=rid(),
         ),
         "GetProgramme": lambda: programmes_pb2.GetProgrammeRequest(programme_id="default"),
-        "ListProgrammes": lambda: programmes_pb2.ListProgrammesRequest(),
+        "ListProgrammes": programmes_pb2.ListProgrammesRequest,
         "UpdateProgramme": lambda: programmes_pb2.UpdateProgrammeRequest(
             programme=programmes_pb2.Programme(programme_id="default", display_name=f"Default {rid()[:10]}"),
             update_mask={"paths": ["display_name"]},
