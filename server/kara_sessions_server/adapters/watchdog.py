@@ -53,16 +53,19 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(TICK_SECONDS):
-            now = time.monotonic()
-            with self._lock:
-                expired = [
-                    t
-                    for t, (deadline, _) in self._watched.items()
-                    if deadline is not None and deadline <= now
-                ]
-                doomed = [self._watched.pop(t)[1] for t in expired]
-            for interrupt in doomed:
-                _call(interrupt)
+            self.interrupt_expired(time.monotonic())
+
+    def interrupt_expired(self, now: float) -> int:
+        """Interrupts every transaction whose deadline is at or before `now` (the thread's
+        tick). Under the lock, as interrupt_all: an interrupt called after it, once release()
+        had returned, would land on whatever transaction the connection serves next."""
+        with self._lock:
+            expired = [
+                t for t, (deadline, _) in self._watched.items() if deadline is not None and deadline <= now
+            ]
+            for token in expired:
+                _call(self._watched.pop(token)[1])
+        return len(expired)
 
 
 def _call(interrupt: Callable[[], None]) -> None:
