@@ -402,9 +402,11 @@ class SessionsClient:
         professional_may_charge_late: bool | None = None,
         no_show_takes_credit: bool | None = None,
         request_id: str | None = None,
+        etag: str = "",
     ) -> ppb.Programme:
-        """Changes the fields given (not None); sessions already booked keep their terms."""
-        programme = ppb.Programme(programme_id=programme_id)
+        """Changes the fields given (not None); sessions already booked keep their terms. With
+        `etag` (a Programme's), only if no other change came since that version."""
+        programme = ppb.Programme(programme_id=programme_id, etag=etag)
         paths = []
         if display_name is not None:
             programme.display_name = display_name

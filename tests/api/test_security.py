@@ -290,12 +290,14 @@ def test_a_request_id_replays_only_for_the_principal_that_sent_it(
 ) -> None:
     first = as_("service:workstation").cancel(session_of_pro1, "client", request_id="rid-1")
     assert as_("service:workstation").cancel(session_of_pro1, "client", request_id="rid-1") == first
-    refuse(
+    refused = refuse(
         server,
         lambda: as_("client:cl-1").cancel(session_of_pro1, "client", request_id="rid-1"),
         grpc.StatusCode.INVALID_ARGUMENT,
         "REQUEST_ID_REUSED",
     )
+    # The same parameters from another caller: the message must not claim they differ.
+    assert "by another caller" in refused.message, refused.message
 
 
 def _routable_address() -> str:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -23,6 +24,7 @@ from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import NO_RETRY, KaraError, RetryPolicy, SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
+from kara_sessions_server.service_layer.services import Services
 
 from ..support.clock import FakeClock
 from ..support.database import assert_ledger_balances, db_snapshot, reset_postgres
@@ -78,6 +80,12 @@ def test_a_cut_fails_fast_health_follows_and_the_same_request_id_succeeds_after(
         assert failed.value.code == grpc.StatusCode.UNAVAILABLE
         assert failed.value.reason == "DATABASE_UNAVAILABLE"
         assert failed.value.transient and "incident" in failed.value.message
+        assert "retry with the same request_id" in failed.value.message
+        with pytest.raises(KaraError) as read_failed:
+            kara.get_session(session_id)
+        # A read has no request_id to keep: its advice is a plain retry.
+        assert read_failed.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "request_id" not in read_failed.value.message, read_failed.value.message
         _eventually(lambda: _health(running.port) == NOT_SERVING, 5)
 
         proxy.restore()
@@ -332,3 +340,32 @@ def test_without_a_near_deadline_a_lock_wait_ends_at_max_transaction_seconds(
         assert_ledger_balances(running)
     finally:
         running.stop(grace=1)
+
+
+@pytest.mark.parametrize(
+    ("rpc", "call", "mutation"),
+    [
+        ("get_session", lambda k: k.get_session("s-1"), False),
+        ("cancel_session", lambda k: k.cancel("s-1", "client"), True),
+    ],
+)
+def test_an_internal_error_advises_what_fits_the_rpc(
+    server: RunningServer,
+    kara: SessionsClient,
+    monkeypatch: pytest.MonkeyPatch,
+    rpc: str,
+    call: Any,
+    mutation: bool,
+) -> None:
+    """A fault in our code (injected here) was answered "retry with the same request_id, it is
+    never applied twice" even on reads, and for a failure that repeats on every retry."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Services, rpc, broken)
+    with pytest.raises(KaraError) as failed:
+        call(kara)
+    assert failed.value.code == grpc.StatusCode.INTERNAL
+    assert "report the incident id" in failed.value.message
+    assert ("request_id" in failed.value.message) is mutation, failed.value.message

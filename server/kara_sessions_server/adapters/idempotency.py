@@ -42,8 +42,8 @@ def check_same_request(stored: StoredResult, request_id: str, operation: str, fp
     if stored.operation != operation or stored.fingerprint != fp:
         raise RequestIdReused.single(
             "request_id",
-            f"{request_id!r} was already used for a different {stored.operation} request; "
-            "use a new request_id for a new request",
+            f"{request_id!r} was already used for a {stored.operation} request with other parameters "
+            "or by another caller; use a new request_id for a new request",
         )
     return stored.result
 

@@ -273,7 +273,7 @@ def audit(
 def list_invoices(professional_id: str, state: InvoiceState | None, size: int, token: str) -> Page[Invoice]:
     """Newest first; each invoice with its line count and total, without its lines."""
     query_id = ("invoices", professional_id, state.value if state else "")
-    after = decode(query_id, token)
+    after = decode(query_id, token, (int, str))
     where = ""
     params: list[object] = [professional_id]
     if state is not None:
@@ -281,7 +281,7 @@ def list_invoices(professional_id: str, state: InvoiceState | None, size: int, t
         params.append(state.value)
     if after is not None:
         where += "AND (i.created_at, i.invoice_id) < (?, ?) "
-        params += [int(after[0]), str(after[1])]
+        params += after
     rows = sql(_LIST_INVOICES.format(where=where), (*params, size + 1)).fetchall()
     page, token_out = cut(query_id, rows, size, lambda r: [r[4], r[0]])
     return Page(tuple(_invoice(r) for r in page), token_out)

@@ -143,13 +143,13 @@ def balance(key: Account) -> CreditAccount:
 def entries(key: Account, size: int, token: str) -> Page[LedgerEntry]:
     """Newest first."""
     query_id = ("ledger", key.client_id, key.programme_id)
-    after = decode(query_id, token)
+    after = decode(query_id, token, (int,))
     entry = LedgerEntryRow
     query = entry.select().where(
         (entry.client_id == key.client_id) & (entry.programme_id == key.programme_id)
     )
     if after is not None:
-        query = query.where(entry.entry_id < int(after[0]))
+        query = query.where(entry.entry_id < after[0])
     rows, token_out = cut(
         query_id, list(query.order_by(entry.entry_id.desc()).limit(size + 1)), size, lambda r: [r.entry_id]
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,15 +46,22 @@ class StoredEvent:
     data: str
 
 
+# What Cursor.encode writes, and nothing else: no sign, space, underscore or leading zero, and
+# each part within a 64-bit column (checked after the match).
+_CANONICAL = re.compile(r"(0|[1-9][0-9]{0,18})\.(0|[1-9][0-9]{0,18})")
+_MAX_BIGINT = 2**63 - 1
+
+
 def decode(token: str, field: str = "after") -> Cursor | None:
     if not token:
         return None
     try:
-        txid, position = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(".")
-        cursor = Cursor(int(txid), int(position))
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        cursor = None
-    if cursor is None or cursor.txid < 0 or cursor.position < 0:
+        text = ""
+    match = _CANONICAL.fullmatch(text)
+    cursor = Cursor(int(match[1]), int(match[2])) if match else None
+    if cursor is None or max(cursor) > _MAX_BIGINT:
         raise InvalidRequest.single(field, "is not an event cursor: pass an event's `cursor`, or omit it")
     return cursor
 

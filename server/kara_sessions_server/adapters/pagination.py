@@ -39,22 +39,45 @@ def encode(query: Sequence[str], key: Key) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode(query: Sequence[str], token: str) -> Key | None:
+def decode(query: Sequence[str], token: str, shape: Sequence[type]) -> Key | None:
+    """The sort key `token` carries, if `encode` made it for this `query`: a key of `shape`
+    (one type per position) whose integers fit a 64-bit column. Anything else, a token edited
+    or made up by hand included, is refused as a whole. The tokens are not signed: a key only
+    says where in the caller's own list to resume (every filter is authorised on each call),
+    so a forged one can skip rows of that list but reach nothing else."""
     if not token:
         return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
         key = data["k"]
-        valid = data["q"] == _query_digest(query) and isinstance(key, list)
+        valid = data["q"] == _query_digest(query) and _has_shape(key, shape)
     except (binascii.Error, ValueError, KeyError, TypeError):
         valid = False
     if not valid:
         raise InvalidRequest.single(
             "page_token",
-            "is not a token returned by this list call with the same filters; start again without it",
+            "is not a page token of this list: pass the next_page_token of the same call with the "
+            "same filters, or start again without one",
         )
     return list(key)
+
+
+_INT64 = range(-(2**63), 2**63)
+# Text keys are ids (at most 128 characters); a little slack, no more.
+_MAX_KEY_TEXT = 256
+
+
+def _has_shape(key: object, shape: Sequence[type]) -> bool:
+    if not isinstance(key, list) or len(key) != len(shape):
+        return False
+    for value, kind in zip(key, shape, strict=True):
+        # bool is an int to Python, never to a column; a NUL is text no PostgreSQL column holds.
+        if type(value) is not kind or (kind is int and value not in _INT64):
+            return False
+        if isinstance(value, str) and (len(value) > _MAX_KEY_TEXT or "\x00" in value):
+            return False
+    return True
 
 
 def cut(query: Sequence[str], rows: list[Row], size: int, key: Callable[[Row], Key]) -> tuple[list[Row], str]:

@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 from kara_sessions_server.adapters.pagination import cut, decode
-from kara_sessions_server.adapters.storage import from_micros, sql, to_micros
+from kara_sessions_server.adapters.storage import from_micros, on_sqlite, sql, to_micros
 from kara_sessions_server.domain.errors import AlreadyExists, Conflict, NotFound
 from kara_sessions_server.domain.model import Page
 from kara_sessions_server.domain.programme import Programme, Terms
@@ -70,6 +70,17 @@ def get(programme_id: str) -> Programme:
     return found
 
 
+def get_for_change(programme_id: str) -> Programme:
+    """As `get`, holding the row until the transaction ends. SQLite needs no lock clause: its
+    writing transactions run one at a time already."""
+    if on_sqlite():
+        return get(programme_id)
+    row = sql(_GET + " FOR UPDATE", (programme_id,)).fetchone()
+    if row is None:
+        return get(programme_id)  # its NotFound
+    return _programme(row)
+
+
 def add(programme: Programme) -> bool:
     """Inserts the programme; False if one with its id exists already."""
     return bool(sql(_INSERT, _values(programme)).rowcount == 1)
@@ -109,13 +120,13 @@ def change(before: Programme, after: Programme) -> None:
 def list_programmes(size: int, token: str) -> Page[Programme]:
     """By programme_id."""
     query_id = ("programmes",)
-    after = decode(query_id, token)
+    after = decode(query_id, token, (str,))
     if after is None:
         rows = sql(f"SELECT {_COLUMNS} FROM programmes ORDER BY programme_id LIMIT ?", (size + 1,))
     else:
         rows = sql(
             f"SELECT {_COLUMNS} FROM programmes WHERE programme_id > ? ORDER BY programme_id LIMIT ?",
-            (str(after[0]), size + 1),
+            (after[0], size + 1),
         )
     page, token_out = cut(query_id, rows.fetchall(), size, lambda r: [r[0]])
     return Page(tuple(_programme(r) for r in page), token_out)

@@ -277,7 +277,7 @@ def list_sessions(
 ) -> Page[Session]:
     """Oldest start first. Filters are fixed fragments; values always go as parameters."""
     query_id = ("sessions", professional_id, client_id, state.value if state else "")
-    after = decode(query_id, token)
+    after = decode(query_id, token, (int, str))
     where: list[str] = []
     params: list[object] = []
     for fragment, value in (
@@ -289,9 +289,8 @@ def list_sessions(
             where.append(fragment)
             params.append(value)
     if after is not None:
-        at, sid = int(after[0]), str(after[1])
         where.append("(starts_at, session_id) > (?, ?)")
-        params += [at, sid]
+        params += after
     text = (
         f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
         "ORDER BY starts_at, session_id LIMIT ?"
@@ -303,12 +302,11 @@ def list_sessions(
 def list_payments(professional_id: str, section: PaymentSection, size: int, token: str) -> Page[Payment]:
     """Most recent session first."""
     query_id = ("payments", professional_id, section.value)
-    after = decode(query_id, token)
+    after = decode(query_id, token, (int, str))
     if after is None:
         cursor = sql(_LIST_PAYMENTS_FIRST, (professional_id, section.value, size + 1))
     else:
-        at, sid = int(after[0]), str(after[1])
-        cursor = sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, at, sid, size + 1))
+        cursor = sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, *after, size + 1))
     rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[3], r[0]])
     return Page(tuple(payment_of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out)
 

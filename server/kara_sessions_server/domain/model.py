@@ -336,6 +336,8 @@ class UpdateProgramme:
     programme_id: str
     changes: ProgrammeChanges
     request_id: str
+    # The version the caller changed (Programme.etag); "" applies the change to the latest.
+    etag: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,11 @@ class Programme:
     updated_at: datetime
     version: int = 1
 
+    @property
+    def etag(self) -> str:
+        """The version as callers see it (AIP-154): opaque, so it may change form later."""
+        return f"v{self.version}"
+
     def changed(self, changes: ProgrammeChanges, now: datetime) -> Programme:
         """The programme with `changes` applied, checked. Sessions already booked keep the terms
         they were booked under; only new bookings get these."""

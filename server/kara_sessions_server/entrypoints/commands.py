@@ -165,6 +165,14 @@ database_option = _option(
     help="No transaction may take longer (less if its call's deadline comes first); then it rolls back.",
 )
 @_option(
+    "--max-booking-horizon-days",
+    "MAX_BOOKING_HORIZON_DAYS",
+    type=click.FloatRange(1, 3650),
+    default=730.0,
+    show_default=True,
+    help="How far ahead a session may be booked; a later starts_at is INVALID_ARGUMENT.",
+)
+@_option(
     "--request-id-retention-days",
     "REQUEST_ID_RETENTION_DAYS",
     type=click.FloatRange(min=0, min_open=True),
@@ -248,6 +256,7 @@ def serve(
     event_retention_days: float,
     max_event_streams: int,
     max_transaction_seconds: float,
+    max_booking_horizon_days: float,
     request_id_retention_days: float,
     audit_retention_days: float | None,
     grace_seconds: float,
@@ -294,6 +303,7 @@ def serve(
             event_retention=timedelta(days=event_retention_days),
             max_event_streams=max_event_streams,
             max_transaction_seconds=max_transaction_seconds,
+            max_booking_horizon=timedelta(days=max_booking_horizon_days),
             request_id_retention=timedelta(days=request_id_retention_days),
             audit_retention=None if audit_retention_days is None else timedelta(days=audit_retention_days),
             otlp_endpoint=otlp_endpoint,

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from kara_sessions_server.adapters import programme_repository, snapshots
 from kara_sessions_server.adapters.pagination import page_size
 from kara_sessions_server.domain import programme as programmes
+from kara_sessions_server.domain.errors import Conflict
 from kara_sessions_server.domain.feed import Change, EventType
 from kara_sessions_server.domain.model import CreateProgramme, Page, UpdateProgramme
 from kara_sessions_server.domain.principal import Principal
@@ -42,12 +43,23 @@ class ProgrammeServices:
         authz.check_manage_programmes(who)
 
         def work(uow: UnitOfWork, now: datetime) -> Programme:
-            before = programme_repository.get(cmd.programme_id)
+            # Locked as it is read: concurrent updates without an etag queue here and each
+            # applies to the one before it, instead of all but one losing the race.
+            before = programme_repository.get_for_change(cmd.programme_id)
+            if cmd.etag and cmd.etag != before.etag:
+                raise Conflict(
+                    f"programme {cmd.programme_id!r} is at etag {before.etag}, not {cmd.etag}: another "
+                    "change came first; read it again, or update without an etag",
+                    reason="ETAG_MISMATCH",
+                    metadata={"programme_id": cmd.programme_id, "etag": before.etag},
+                )
             after = before.changed(cmd.changes, now)
             programme_repository.change(before, after)
             return after
 
-        params = {"programme_id": cmd.programme_id, "changes": cmd.changes}
+        params: dict[str, object] = {"programme_id": cmd.programme_id, "changes": cmd.changes}
+        if cmd.etag:
+            params["etag"] = cmd.etag
         return self._mutate(who, "UpdateProgramme", cmd.request_id, params, work, EventType.PROGRAMME_UPDATED)
 
     def get_programme(self, who: Principal, programme_id: str) -> Programme:

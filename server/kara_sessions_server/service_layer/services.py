@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from kara_sessions_server.adapters import (
@@ -67,6 +67,9 @@ R = TypeVar("R")
 SYSTEM_ACTOR = "SYSTEM"
 
 
+DEFAULT_BOOKING_HORIZON = timedelta(days=730)
+
+
 @dataclass
 class Services:
     storage: Storage
@@ -76,6 +79,8 @@ class Services:
     publish: Callable[[Event], None] = field(default=lambda event: None)
     # Wakes the event feed's followers after each commit.
     signal: CommitSignal = field(default_factory=CommitSignal)
+    # How far ahead a session may be booked: a typo'd year would otherwise hold a credit for ever.
+    booking_horizon: timedelta = DEFAULT_BOOKING_HORIZON
 
     def __post_init__(self) -> None:
         self.lifecycle = SessionLifecycle(self.policy)
@@ -91,6 +96,13 @@ class Services:
                     "starts_at",
                     f"must be in the future (server time is {now.isoformat()})",
                     reason="STARTS_AT_NOT_IN_FUTURE",
+                )
+            if cmd.starts_at > now + self.booking_horizon:
+                raise InvalidRequest.single(
+                    "starts_at",
+                    f"must be at most {self.booking_horizon.days} days ahead (server time is "
+                    f"{now.isoformat()}; the server's --max-booking-horizon-days)",
+                    reason="STARTS_AT_BEYOND_HORIZON",
                 )
             session = Session(
                 session_id=str(uuid.uuid4()),

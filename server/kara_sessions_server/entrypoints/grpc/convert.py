@@ -44,6 +44,8 @@ MAX_REASON_LENGTH = 1000
 MAX_GRANT = 10_000
 # Printable ASCII without spaces: ids from other systems pass, stray whitespace does not.
 _ID = re.compile(rf"[!-~]{{1,{MAX_ID_LENGTH}}}")
+# C0 controls but tab and newline, DEL, and C1 controls (U+009B is CSI on some terminals).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 SESSION_STATE_TO_PB: dict[SessionState, pb.SessionState] = {
     SessionState.BOOKED: pb.SESSION_STATE_BOOKED,
@@ -140,10 +142,22 @@ class RequestReader:
     def request_id(self) -> str:
         return self.id("request_id")
 
-    def text(self, field: str, max_length: int) -> str:
-        value: str = getattr(self.request, field)
+    def text(self, field: str, max_length: int, *, message: Message | None = None, name: str = "") -> str:
+        """Free text a person will read (`message.field`, the request's by default; `name` for
+        violations): at most `max_length` characters, and no control characters but tab and
+        newline. Those would move a reader's cursor, clear their screen or retitle their window
+        when shown in a terminal, and PostgreSQL refuses a NUL in text outright."""
+        value: str = getattr(self.request if message is None else message, field)
+        name = name or field
         if len(value) > max_length:
-            self.fail(field, f"must be at most {max_length} characters (got {len(value)})")
+            self.fail(name, f"must be at most {max_length} characters (got {len(value)})")
+        control = _CONTROL.search(value)
+        if control is not None:
+            self.fail(
+                name,
+                f"must not contain control characters (found U+{ord(control.group()):04X} at "
+                f"position {control.start()}); tab and newline are allowed",
+            )
         return value
 
     def timestamp(self, field: str, *, required: bool) -> datetime | None:
@@ -247,6 +261,7 @@ def programme_pb(p: Programme) -> ppb.Programme:
         no_show_takes_credit=p.terms.no_show_takes_credit,
         create_time=timestamp(p.created_at),
         update_time=timestamp(p.updated_at),
+        etag=p.etag,
     )
 
 

@@ -58,7 +58,8 @@ class HealthMonitor:
         up = problem is None
         if up != self._up:
             if up:
-                log.info("the database answers again: health SERVING")
+                again = "" if self._up is None else " again"
+                log.info("the database answers%s: health SERVING", again)
             else:
                 log.warning("the database does not answer (%s): health NOT_SERVING", problem)
             for name in self._names:

@@ -15,7 +15,7 @@ import grpc
 from google.rpc import code_pb2
 
 from kara_sessions_server.adapters import faults
-from kara_sessions_server.domain.errors import DomainError, Unauthenticated
+from kara_sessions_server.domain.errors import DomainError, InvalidRequest, Unauthenticated
 from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE, Principal
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.status import (
@@ -103,13 +103,13 @@ class CallInterceptor(_ServerInterceptor):
             if handler.unary_unary is not None:
                 wrapped = grpc.unary_unary_rpc_method_handler(
                     self._wrap(method, handler.unary_unary),
-                    request_deserializer=handler.request_deserializer,
+                    request_deserializer=_tolerant(handler.request_deserializer),
                     response_serializer=handler.response_serializer,
                 )
             elif handler.unary_stream is not None and self._is_protected(method):
                 wrapped = grpc.unary_stream_rpc_method_handler(
                     self._wrap_stream(method, handler.unary_stream),
-                    request_deserializer=handler.request_deserializer,
+                    request_deserializer=_tolerant(handler.request_deserializer),
                     response_serializer=handler.response_serializer,
                 )
             else:
@@ -131,7 +131,7 @@ class CallInterceptor(_ServerInterceptor):
             try:
                 return self._run(behaviour, request, context, state)
             except Exception as exc:
-                self._abort(exc, name, context, state)
+                self._abort(exc, name, context, state, request)
             finally:
                 self._record(name, context, started, state, request)
 
@@ -150,7 +150,7 @@ class CallInterceptor(_ServerInterceptor):
                 # variable need not outlive this frame (a generator may be closed elsewhere).
                 yield from self._run(behaviour, request, context, state)
             except Exception as exc:
-                self._abort(exc, name, context, state)
+                self._abort(exc, name, context, state, request)
             finally:
                 self._record(name, context, started, state, request)
 
@@ -159,6 +159,8 @@ class CallInterceptor(_ServerInterceptor):
     def _run(
         self, behaviour: Behaviour, request: Any, context: grpc.ServicerContext, state: _CallState
     ) -> Any:
+        if isinstance(request, Undecodable):
+            raise request.refusal()
         # Fixed before waiting for a worker: the wait spends the caller's time.
         deadline = call_deadline(context)
         if deadline is not None and deadline <= time.monotonic():
@@ -177,35 +179,44 @@ class CallInterceptor(_ServerInterceptor):
             if gate is not None:
                 gate.release()
 
-    def _abort(self, exc: Exception, name: str, context: grpc.ServicerContext, state: _CallState) -> NoReturn:
+    def _abort(
+        self, exc: Exception, name: str, context: grpc.ServicerContext, state: _CallState, request: Any
+    ) -> NoReturn:
         if isinstance(exc, DomainError):
             abort(context, domain_status(exc))
         if _code_name(context) != "OK":
             raise exc  # context.abort() was called: the status is already set
         state.incident = new_incident()
-        abort(context, self._failure(exc, name, state.incident))
+        abort(context, self._failure(exc, name, state.incident, _is_mutation(name, request)))
         raise exc  # not reached: abort_with_status raises
 
-    def _failure(self, exc: Exception, name: str, incident: str) -> grpc.Status:
+    def _failure(self, exc: Exception, name: str, incident: str, mutation: bool) -> grpc.Status:
+        # A mutation's retry must keep its request_id (then it is never applied twice); a read's
+        # retry is just a retry.
+        retry = "retry with the same request_id: it is never applied twice" if mutation else "retry"
         if isinstance(exc, DeadlineExceeded):
             log.info("%s: %s", name, exc, extra={"incident": incident})
-            return incident_status(code_pb2.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", str(exc), incident)
+            advice = f"{retry}, with a longer deadline if this repeats"
+            return incident_status(
+                code_pb2.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", str(exc), incident, advice
+            )
         if isinstance(exc, CallGone):
             log.info("%s: %s", name, exc, extra={"incident": incident})
-            return incident_status(code_pb2.CANCELLED, "CANCELLED", str(exc), incident)
+            return incident_status(code_pb2.CANCELLED, "CANCELLED", str(exc), incident, retry)
         fault = faults.classify(exc)
         if fault is None:
             log.error("%s failed (incident %s)", name, incident, exc_info=exc, extra={"incident": incident})
-            return incident_status(code_pb2.INTERNAL, "INTERNAL", "internal error", incident)
+            advice = "a fault in the server, not in the request: report the incident id" + (
+                "; if you retry, keep the request_id: it is never applied twice" if mutation else ""
+            )
+            return incident_status(code_pb2.INTERNAL, "INTERNAL", "internal error", incident, advice)
         self.metrics.database_error(fault.kind, fault.transient)
         if fault.transient:
             log.warning(
                 "%s: %s (incident %s)", name, fault.what, incident, exc_info=exc, extra={"incident": incident}
             )
             code = code_pb2.ABORTED if fault.reason == faults.CONFLICT else code_pb2.UNAVAILABLE
-            return incident_status(
-                code, fault.reason, f"{fault.what}; retry with the same request_id", incident
-            )
+            return incident_status(code, fault.reason, fault.what, incident, retry)
         log.error(
             "%s: %s (incident %s): an operator must fix the database",
             name,
@@ -253,6 +264,8 @@ class CallInterceptor(_ServerInterceptor):
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             try:
+                if isinstance(request, Undecodable):
+                    abort(context, domain_status(request.refusal()))
                 return behaviour(request, context)
             finally:
                 self.metrics.observe_rpc(name, _code_name(context), time.perf_counter() - started)
@@ -260,11 +273,46 @@ class CallInterceptor(_ServerInterceptor):
         return call
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A request whose bytes are not its method's message. grpcio would answer INTERNAL and log
+    an ERROR with a traceback for each one, so any caller could fill the log; the handler gets
+    this instead and refuses it as the caller's mistake."""
+
+    error: str
+
+    def refusal(self) -> InvalidRequest:
+        return InvalidRequest.single(
+            "request",
+            f"the request's bytes are not this method's protobuf message ({self.error}): "
+            "serialise the request message the method's .proto names",
+            reason="MALFORMED_REQUEST",
+        )
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def read(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, and whatever a generated parser may raise
+            return Undecodable(type(exc).__name__)
+
+    return read
+
+
 @dataclass
 class _CallState:
     principal: Principal | None = None
     incident: str = ""
     stream: bool = False
+
+
+def _is_mutation(name: str, request: Any) -> bool:
+    """Every mutation takes a request_id; a preview takes one too, and changes nothing."""
+    return hasattr(request, "request_id") and not name.startswith("Preview")
 
 
 def call_deadline(context: grpc.ServicerContext) -> float | None:

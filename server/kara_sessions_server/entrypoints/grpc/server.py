@@ -16,7 +16,7 @@ from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from kara.sessions.v1 import (
     credits_pb2,
     credits_pb2_grpc,
@@ -62,7 +62,7 @@ from kara_sessions_server.service_layer.feed import DEFAULT_RETENTION, EventServ
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.retention import DEFAULT_REQUEST_ID_RETENTION, Retention
-from kara_sessions_server.service_layer.services import Services
+from kara_sessions_server.service_layer.services import DEFAULT_BOOKING_HORIZON, Services
 
 log = logging.getLogger("kara_sessions_server")
 
@@ -128,6 +128,8 @@ class Settings:
     max_event_streams: int = DEFAULT_EVENT_STREAMS
     # The CPUs this process's threads run on (entrypoints/cpus.py); empty: wherever the OS puts them.
     cpus: tuple[int, ...] = ()
+    # A session may start at most this far ahead of its booking.
+    max_booking_horizon: timedelta = DEFAULT_BOOKING_HORIZON
 
     @property
     def workers(self) -> int:
@@ -260,6 +262,7 @@ def start(
         clock or SystemClock(),
         CancellationPolicy(),
         publish=metrics.observe_event,
+        booking_horizon=settings.max_booking_horizon,
     )
     programmes = ProgrammeServices(services)
     try:
@@ -297,10 +300,7 @@ def start(
     programmes_pb2_grpc.add_ProgrammeServiceServicer_to_server(ProgrammeServicer(programmes), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    _serve_reflection(server)
     if credentials is None:
         port = server.add_insecure_port(settings.listen)
     else:
@@ -351,6 +351,27 @@ def _exporting_provider(settings: Settings) -> TracerProvider | None:
     if not tracing.wanted(settings.otlp_endpoint):
         return None
     return tracing.exporting_provider(settings.otlp_endpoint)
+
+
+# grpcio-reflection ships only v1alpha; grpc.reflection.v1 is the same protocol under a new name,
+# field for field, so one servicer answers both (grpcurl and Postman ask for v1 first).
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _serve_reflection(server: grpc.Server) -> None:
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    servicer = reflection.ReflectionServicer(
+        (*SERVICE_NAMES, health_name, reflection.SERVICE_NAME, REFLECTION_V1)
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+    )
 
 
 def _log_durability(found: durability.Durability) -> None:

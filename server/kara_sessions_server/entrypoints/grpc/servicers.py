@@ -39,7 +39,7 @@ from kara_sessions_server.domain.model import (
     UpdateProgramme,
     WaiveCharge,
 )
-from kara_sessions_server.domain.programme import MUTABLE_FIELDS, ProgrammeChanges, Terms
+from kara_sessions_server.domain.programme import MAX_DISPLAY_NAME, MUTABLE_FIELDS, ProgrammeChanges, Terms
 from kara_sessions_server.entrypoints.grpc.convert import (
     INVOICE_STATE_FROM_PB,
     MAX_GRANT,
@@ -68,6 +68,8 @@ Ctx = grpc.ServicerContext
 
 # A cursor is a few dozen characters; anything much longer is not one.
 MAX_CURSOR_LENGTH = 200
+# An etag is "v" and a version; anything much longer is not one of ours.
+MAX_ETAG_LENGTH = 64
 
 
 def _cancel_command(request: pb.CancelSessionRequest, *, require_request_id: bool) -> CancelSession:
@@ -344,6 +346,7 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
         r = RequestReader(request)
         given = request.programme
         window = r.duration(given, "notice_window", "programme.notice_window")
+        r.text("display_name", MAX_DISPLAY_NAME, message=given, name="programme.display_name")
         request_id = r.request_id()
         r.done()
         assert window is not None
@@ -379,8 +382,11 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
                 + (f"; not {', '.join(unknown)}" if unknown else ""),
             )
         window = None
+        if "display_name" in paths:
+            r.text("display_name", MAX_DISPLAY_NAME, message=given, name="programme.display_name")
         if "notice_window" in paths:
             window = r.duration(given, "notice_window", "programme.notice_window")
+        r.text("etag", MAX_ETAG_LENGTH, message=given, name="programme.etag")
         request_id = r.request_id()
         r.done()
         changes = ProgrammeChanges(
@@ -391,5 +397,5 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
             ),
             no_show_takes_credit=given.no_show_takes_credit if "no_show_takes_credit" in paths else None,
         )
-        cmd = UpdateProgramme(given.programme_id, changes, request_id)
+        cmd = UpdateProgramme(given.programme_id, changes, request_id, etag=given.etag)
         return programme_pb(self.services.update_programme(caller(), cmd))

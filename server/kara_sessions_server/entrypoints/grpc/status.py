@@ -76,10 +76,10 @@ def new_incident() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def incident_status(code: int, reason: str, what: str, incident: str) -> grpc.Status:
-    """What a caller learns of a failure: a short message and an id to find the traceback by."""
-    message = f"{what} (incident {incident}); retry with the same request_id, it is never applied twice"
-    return status(code, message, error_info(reason, incident=incident))
+def incident_status(code: int, reason: str, what: str, incident: str, advice: str) -> grpc.Status:
+    """What a caller learns of a failure: a short message, what to do, and an id to find the
+    traceback by."""
+    return status(code, f"{what} (incident {incident}); {advice}", error_info(reason, incident=incident))
 
 
 def permanent_status(reason: str, what: str, incident: str) -> grpc.Status:
