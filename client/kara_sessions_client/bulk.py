@@ -110,6 +110,8 @@ def read_rows(stream: IO[str], fmt: str) -> tuple[list[Row], list[Malformed]]:
 
 
 def _csv_records(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    if not text.strip():
+        return  # an empty file has no rows, not a malformed header
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip() for h in reader.fieldnames or []]
     missing = {"session_id", "cancelled_by"} - set(header)

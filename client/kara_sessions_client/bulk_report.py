@@ -83,6 +83,9 @@ def run_bulk(
     if not console.is_terminal:
         console = Console(width=160)  # a log or a pipe: don't squeeze the table into 80 columns
     rows, bad = bulk.read_rows(file, fmt)
+    if not rows and not bad:
+        print("error: the file holds no rows: nothing to cancel", file=sys.stderr)
+        return exit_codes.USAGE
     malformed = bulk.malformed_results(bad)
     for m in bad:
         print(f"line {m.line}: malformed, not sent: {m.message}", file=sys.stderr)

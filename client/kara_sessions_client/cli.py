@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import click
+import grpc
 from google.protobuf.message import Message
 from kara.sessions.v1 import invoices_pb2 as ipb
 
@@ -42,6 +43,11 @@ _RELATIVE = re.compile(r"^([+-])(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
+# The server's page-size bound (0: the server's default), checked here so a typo is a usage error.
+PAGE_SIZE = click.IntRange(0, 1000)
+PAGE_SIZE_HELP = "at most 1000 (default: the server's, 50)."
+
+
 class When(click.ParamType[datetime, str]):
     """An ISO-8601 time with a timezone (2026-12-01T10:00:00Z) or a time relative to now (+3h, -30m, +2d)."""
 
@@ -51,17 +57,28 @@ class When(click.ParamType[datetime, str]):
         if isinstance(value, datetime):
             return value
         match = _RELATIVE.match(value)
-        if match:
-            sign, amount, unit = match.groups()
-            delta = timedelta(**{_UNITS[unit]: float(amount)})
-            return datetime.now(UTC) + (delta if sign == "+" else -delta)
         try:
+            if match:
+                sign, amount, unit = match.groups()
+                delta = timedelta(**{_UNITS[unit]: float(amount)})
+                return datetime.now(UTC) + (delta if sign == "+" else -delta)
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            self.fail(f"{value!r} is not an ISO-8601 time (2026-12-01T10:00:00Z) or a relative time (+3h)")
+            self.fail(f"{value!r} is not an ISO-8601 time ({_example()}) or a relative time (+3h)")
+        except OverflowError:
+            self.fail(f"{value!r} is outside the years 0001-9999")
         if parsed.tzinfo is None:
             self.fail(f"{value!r} has no timezone; add Z or an offset like +00:00")
-        return parsed
+        try:
+            # In UTC, as the API carries it: an offset can push a time past either end.
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            self.fail(f"{value!r} is outside the years 0001-9999 once in UTC")
+
+
+def _example() -> str:
+    """An example time a reader can use as it is: tomorrow at 10:00 UTC."""
+    return (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT10:00:00Z")
 
 
 WHEN = When()
@@ -122,21 +139,40 @@ def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
 
 
 def _fail(ctx: click.Context, exc: KaraError) -> NoReturn:
-    click.echo(f"error: {exc}", err=True)
+    click.echo(f"error: {render.visible(str(exc))}", err=True)
     for field_name, description in exc.field_violations:
-        click.echo(f"  {field_name}: {description}", err=True)
+        click.echo(f"  {field_name}: {render.visible(description)}", err=True)
     violations = exc.precondition_violations
     if len(violations) > 1 or any(description != exc.message for _, _, description in violations):
         for kind, subject, description in violations:
-            click.echo(f"  {subject}: {kind}: {description}", err=True)
+            click.echo(f"  {subject}: {kind}: {render.visible(description)}", err=True)
+    hint = _hint(ctx, exc)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
     ctx.exit(exit_codes.for_code(exc.code))
+
+
+def _hint(ctx: click.Context, exc: KaraError) -> str:
+    """What to change on this command line, for the failures a first run meets."""
+    if exc.code is grpc.StatusCode.UNAVAILABLE and "connect" in exc.message:
+        return (
+            f"no server answers at {ctx.obj['target']}: start one (make run) or point at yours "
+            "with --target HOST:PORT or KARA_TARGET"
+        )
+    if exc.code is grpc.StatusCode.UNAUTHENTICATED:
+        return "pass a bearer token with --token TOKEN or KARA_TOKEN (kara-sessions token --help)"
+    return ""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KARA"})
 @click.option("--target", default=DEFAULT_TARGET, show_default=True, help="Server address host:port.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option(
-    "--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Deadline per attempt, s."
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Deadline per attempt, s (more than 0).",
 )
 @click.option(
     "--attempts",
@@ -315,7 +351,7 @@ def session(ctx: click.Context, session_id: str) -> None:
 @click.option("--professional", "professional_id", default="")
 @click.option("--client", "client_id", default="")
 @click.option("--state", type=click.Choice(sorted(SESSION_STATES)), default=None)
-@click.option("--page-size", type=int, default=0)
+@click.option("--page-size", type=PAGE_SIZE, default=0, help=PAGE_SIZE_HELP)
 @click.option("--page-token", default="")
 @click.pass_context
 def sessions(
@@ -326,14 +362,18 @@ def sessions(
     page_size: int,
     page_token: str,
 ) -> None:
-    """List sessions (the Sessions tab), oldest start first."""
+    """List sessions (the Sessions tab), oldest start first.
+
+    Give --professional or --client (or both): the list is always someone's."""
+    if not professional_id and not client_id:
+        raise click.UsageError("give --professional ID or --client ID (or both)")
     _run(ctx, lambda c: c.list_sessions(professional_id, client_id, state, page_size, page_token))
 
 
 @main.command()
 @click.option("--professional", "professional_id", required=True)
 @click.option("--section", type=click.Choice(sorted(SECTIONS)), required=True)
-@click.option("--page-size", type=int, default=0)
+@click.option("--page-size", type=PAGE_SIZE, default=0, help=PAGE_SIZE_HELP)
 @click.option("--page-token", default="")
 @click.pass_context
 def payments(ctx: click.Context, professional_id: str, section: str, page_size: int, page_token: str) -> None:
@@ -370,7 +410,7 @@ def credits_grant(
 @credits.command("show")
 @click.argument("client_id")
 @programme_option
-@click.option("--page-size", type=int, default=0, help="Ledger entries to show.")
+@click.option("--page-size", type=PAGE_SIZE, default=0, help=f"Ledger entries to show; {PAGE_SIZE_HELP}")
 @click.option("--page-token", default="")
 @click.pass_context
 def credits_show(
@@ -447,7 +487,7 @@ def programme_show(ctx: click.Context, programme_id: str) -> None:
 
 
 @programme.command("list")
-@click.option("--page-size", type=int, default=0)
+@click.option("--page-size", type=PAGE_SIZE, default=0, help=PAGE_SIZE_HELP)
 @click.option("--page-token", default="")
 @click.pass_context
 def programme_list(ctx: click.Context, page_size: int, page_token: str) -> None:
@@ -525,7 +565,7 @@ def invoice_show(ctx: click.Context, invoice_id: str) -> None:
 @invoice.command("list")
 @click.option("--professional", "professional_id", required=True)
 @click.option("--state", type=click.Choice(sorted(INVOICE_STATES)), default=None)
-@click.option("--page-size", type=int, default=0)
+@click.option("--page-size", type=PAGE_SIZE, default=0, help=PAGE_SIZE_HELP)
 @click.option("--page-token", default="")
 @click.pass_context
 def invoice_list(

@@ -21,6 +21,7 @@ import click
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Enum value prefixes (AIP: each value starts with its type's name); a person reads the rest.
@@ -37,12 +38,26 @@ _FIGURES = frozenset(
 )
 
 
+def visible(text: str) -> str:
+    """`text` with every character a terminal would act on (escape sequences, bells, carriage
+    returns, newlines) written out as its Python escape, `\\x1b`: free text comes from other
+    people, and must not clear the reader's screen, retitle their window or forge a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def show(message: Message, as_json: bool, console: Console | None = None) -> None:
     data = json_format.MessageToDict(message, preserving_proto_field_name=True)
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=False))
         return
     console = console or Console()
+    listing = _LISTS.get(message.DESCRIPTOR.name)
+    if listing is not None and not data.get(listing[0]):
+        # Said on stderr: a script reading stdout still finds an empty list there.
+        click.echo(f"no {listing[1].lower()}", err=True)
+        return
     if not console.is_terminal:
         _print_plain(data)
         return
@@ -81,13 +96,13 @@ def _print_plain(data: Any, indent: int = 0) -> None:
                 click.echo(f"{pad}{key}:")
                 _print_plain(value, indent + 1)
             else:
-                click.echo(f"{pad}{key}: {value}")
+                click.echo(f"{pad}{key}: {visible(str(value))}")
     elif isinstance(data, list):
         for item in data:
             click.echo(f"{pad}-")
             _print_plain(item, indent + 1)
     else:
-        click.echo(f"{pad}{data}")
+        click.echo(f"{pad}{visible(str(data))}")
 
 
 # --- terminal: tables and aligned views ---
@@ -162,7 +177,8 @@ def _value(value: Any) -> str:
             return _when(value)
         if not value:
             return "-"
-        return _ENUM_PREFIX.sub("", value)
+        # Rich reads [brackets] as markup: a value is shown as it is, never as styling.
+        return escape(visible(_ENUM_PREFIX.sub("", value)))
     return str(value)
 
 
