@@ -24,6 +24,7 @@ from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
 from ..support.booking import book
 from ..support.clock import FakeClock
+from ..support.database import db_snapshot
 from ..support.foreign import api_methods, raw_bytes_call
 from ..support.refusals import INVALID, PRECONDITION, refuse
 
@@ -239,3 +240,24 @@ def test_reflection_v1_is_served_beside_v1alpha(channel: grpc.Channel) -> None:
         replies = list(info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
         names = {s.name for s in replies[0].list_services_response.service}
         assert {"kara.sessions.v1.SessionService", "grpc.reflection.v1.ServerReflection"} <= names, version
+
+
+@pytest.mark.parametrize("seconds", [10**15, -(2**63), 315_576_000_001])
+def test_a_duration_beyond_protobufs_range_is_invalid_argument(
+    server: RunningServer, channel: grpc.Channel, seconds: int
+) -> None:
+    """Found by the generated requests: Duration.ToTimedelta() overflowed (INTERNAL)."""
+    from kara.sessions.v1 import programmes_pb2, programmes_pb2_grpc
+
+    stub = programmes_pb2_grpc.ProgrammeServiceStub(channel)
+    request = programmes_pb2.CreateProgrammeRequest(
+        programme_id="huge",
+        programme=programmes_pb2.Programme(display_name="Huge", notice_window={"seconds": seconds}),
+        request_id="r-huge",
+    )
+    before = db_snapshot(server)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.CreateProgramme(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "programme.notice_window" in (refused.value.details() or "")
+    assert db_snapshot(server) == before

@@ -119,8 +119,13 @@ class RequestReader:
             self.fail(name, "is required")
             return None
         value: Duration = getattr(message, field)
-        if not -999_999_999 <= value.nanos <= 999_999_999 or (value.seconds > 0 > value.nanos):
-            self.fail(name, "is not a valid duration")
+        valid = (
+            -_MAX_DURATION_SECONDS <= value.seconds <= _MAX_DURATION_SECONDS
+            and -999_999_999 <= value.nanos <= 999_999_999
+            and not (value.seconds > 0 > value.nanos or value.seconds < 0 < value.nanos)
+        )
+        if not valid:
+            self.fail(name, "is not a valid duration (at most 10,000 years, nanos of the same sign)")
             return None
         return value.ToTimedelta()
 
@@ -185,6 +190,9 @@ class RequestReader:
         if self.violations:
             raise InvalidRequest(self.violations)
 
+
+# google.protobuf.Duration's own range: about 10,000 years either way.
+_MAX_DURATION_SECONDS = 315_576_000_000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
