@@ -8,7 +8,6 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
-from datetime import timedelta
 
 import grpc
 import pytest
@@ -18,7 +17,7 @@ from kara_sessions_client.client import SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
 from ..support.clock import FakeClock
-from ..support.foreign import SERVER_FAULTS, World, api_methods, outcome, raw_call, valid_request
+from ..support.foreign import SERVER_FAULTS, World, api_methods, make_world, outcome, raw_call, valid_request
 
 WORKERS = 8  # the `server` fixture's max_workers
 BURST = 3 * WORKERS
@@ -26,17 +25,7 @@ BURST = 3 * WORKERS
 
 @pytest.fixture
 def world(kara: SessionsClient, clock: FakeClock) -> World:
-    client, pro = "fc-client", "fc-pro"
-    kara.grant_credits(client, 4 + BURST)
-    booked = kara.book(client, pro, clock.now() + timedelta(days=3)).session_id
-    started = kara.book(client, pro, clock.now() + timedelta(hours=1)).session_id
-    paid = kara.book(client, pro, clock.now() + timedelta(hours=2)).session_id
-    invoiced = kara.book(client, pro, clock.now() + timedelta(hours=3)).session_id
-    kara.cancel(paid, "client")
-    kara.cancel(invoiced, "client")
-    invoice = kara.create_invoice(pro, [invoiced]).invoice_id
-    clock.advance(timedelta(hours=1, minutes=30))
-    return World(clock.now(), booked, started, paid, invoiced, invoice)
+    return make_world(kara, clock, spare_credits=BURST)
 
 
 @pytest.fixture

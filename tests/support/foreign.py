@@ -16,6 +16,10 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from kara.sessions.v1 import credits_pb2, events_pb2, invoices_pb2, programmes_pb2, sessions_pb2
 
+from kara_sessions_client.client import SessionsClient
+
+from .clock import FakeClock
+
 API_FILES = (sessions_pb2, credits_pb2, invoices_pb2, events_pb2, programmes_pb2)
 
 
@@ -78,6 +82,22 @@ class World:
     invoice: str
     client: str = "fc-client"
     professional: str = "fc-pro"
+
+
+def make_world(kara: SessionsClient, clock: FakeClock, spare_credits: int) -> World:
+    """Books what World names (the clock then 90 minutes on, so one has started), leaving the
+    client `spare_credits` to book with."""
+    client, pro = "fc-client", "fc-pro"
+    kara.grant_credits(client, 4 + spare_credits)
+    booked = kara.book(client, pro, clock.now() + timedelta(days=3)).session_id
+    started = kara.book(client, pro, clock.now() + timedelta(hours=1)).session_id
+    paid = kara.book(client, pro, clock.now() + timedelta(hours=2)).session_id
+    invoiced = kara.book(client, pro, clock.now() + timedelta(hours=3)).session_id
+    kara.cancel(paid, "client")
+    kara.cancel(invoiced, "client")
+    invoice = kara.create_invoice(pro, [invoiced]).invoice_id
+    clock.advance(timedelta(hours=1, minutes=30))
+    return World(clock.now(), booked, started, paid, invoiced, invoice)
 
 
 def rid() -> str:
