@@ -261,3 +261,13 @@ def test_a_duration_beyond_protobufs_range_is_invalid_argument(
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "programme.notice_window" in (refused.value.details() or "")
     assert db_snapshot(server) == before
+
+
+@pytest.mark.parametrize("programme_id", ["a\x00b", "with space", "x" * 129])
+def test_the_programme_to_update_is_a_well_formed_id(
+    server: RunningServer, kara: SessionsClient, programme_id: str
+) -> None:
+    """Found by the generated requests: UpdateProgramme checked only that programme.programme_id
+    was set, so a NUL reached PostgreSQL (INTERNAL)."""
+    refused = refuse(server, lambda: kara.update_programme(programme_id, display_name="X"), INVALID, None)
+    assert violation_fields(refused) == ["programme.programme_id"]

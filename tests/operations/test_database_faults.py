@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -169,7 +169,7 @@ def test_sigterm_with_a_transaction_stuck_on_a_lock_exits_in_time_and_commits_no
     target = f"127.0.0.1:{port}"
     with SessionsClient(target) as kara:
         kara.grant_credits("client-1", 1)
-        session_id = kara.book("client-1", "pro-1", _far()).session_id
+        session_id = kara.book("client-1", "pro-1", _ahead(datetime.now(UTC))).session_id
     release = _hold_lock(database_url, session_id)
     outcome: list[object] = []
 
@@ -209,10 +209,9 @@ def test_sigterm_with_a_transaction_stuck_on_a_lock_exits_in_time_and_commits_no
         proc.wait(timeout=30)
 
 
-def _far() -> object:
-    from datetime import UTC, datetime
-
-    return datetime(2031, 1, 1, tzinfo=UTC)
+def _ahead(now: datetime) -> datetime:
+    """Well after `now`, inside the booking horizon."""
+    return now + timedelta(days=100)
 
 
 def _immutable(path: Path, on: bool) -> bool:
@@ -248,13 +247,13 @@ def test_a_read_only_database_says_so_and_the_client_does_not_retry(tmp_path: Pa
 
 
 def test_a_missing_table_is_a_schema_mismatch_not_a_retry(
-    server: RunningServer, kara: SessionsClient
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
 ) -> None:
     kara.grant_credits("client-1", 1)
     with Raw(server) as run:
         run("DROP TABLE programmes")
     with pytest.raises(KaraError) as refused:
-        kara.book("client-1", "pro-1", _far())  # type: ignore[arg-type]
+        kara.book("client-1", "pro-1", _ahead(clock.now()))
     assert (refused.value.code, refused.value.reason, refused.value.attempts) == (
         grpc.StatusCode.INTERNAL,
         "SCHEMA_MISMATCH",

@@ -4,6 +4,7 @@ CLI's exit codes, and no traceback ever reaching a caller."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import KaraError, SessionsClient
-from kara_sessions_server.entrypoints.grpc.server import RunningServer
+from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 
 from ..support.booking import book
 from ..support.clock import FakeClock
@@ -131,10 +132,22 @@ def test_demo_plays_the_five_scenarios_and_invoices_the_paid_ones() -> None:
     assert out.stdout.count("SESSION_STATE_CANCELLED_PAID") == 2
     assert "CHARGE_NOT_ALLOWED_WITH_NOTICE" in out.stdout
     assert "under programme demo-48h-" in out.stdout
-    waiver = out.stdout.split("7. The professional waives", 1)[1]
+    # The throwaway server has no tokens: the demo calls as a service, and must not claim
+    # a professional waived (issue 23).
+    assert "The professional waives" not in out.stdout
+    waiver = out.stdout.split("7. The charge is waived afterwards", 1)[1]
+    assert "waived by service:unauthenticated" in waiver
     assert "PAYMENT_STATE_VOIDED in section PAYMENT_SECTION_UNPAID, waived by" in waiver
     assert "credits after: available 1, held 0, used 0" in waiver
     invoice = out.stdout.split("Invoice ", 1)[1]
     assert "client's late cancellation: 1 credit" in invoice
     assert "charged late cancellation: 1 credit" in invoice
     assert "total: 2 credits" in invoice
+
+
+def test_a_new_database_is_not_said_to_answer_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kara_sessions_server")
+    running = start(Settings(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'new.db'}"))
+    running.stop(grace=1)
+    health = [r.getMessage() for r in caplog.records if "health SERVING" in r.getMessage()]
+    assert health == ["the database answers: health SERVING"]

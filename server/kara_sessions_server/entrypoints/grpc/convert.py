@@ -100,13 +100,15 @@ class RequestReader:
     def fail(self, field: str, description: str) -> None:
         self.violations.append(FieldViolation(field, description))
 
-    def id(self, field: str, *, required: bool = True) -> str:
-        value: str = getattr(self.request, field)
+    def id(self, field: str, *, required: bool = True, message: Message | None = None, name: str = "") -> str:
+        """An id (`message.field`, the request's by default; `name` for violations)."""
+        value: str = getattr(self.request if message is None else message, field)
+        name = name or field
         if not value:
             if required:
-                self.fail(field, "is required")
+                self.fail(name, "is required")
         elif not _ID.fullmatch(value):
-            self.fail(field, f"must be 1-{MAX_ID_LENGTH} printable ASCII characters without spaces")
+            self.fail(name, f"must be 1-{MAX_ID_LENGTH} printable ASCII characters without spaces")
         return value
 
     def programme_id(self, field: str = "programme_id") -> str:

@@ -369,8 +369,7 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
     def UpdateProgramme(self, request: ppb.UpdateProgrammeRequest, context: Ctx) -> ppb.Programme:
         r = RequestReader(request)
         given = request.programme
-        if not given.programme_id:
-            r.fail("programme.programme_id", "is required: the programme to change")
+        r.id("programme_id", message=given, name="programme.programme_id")
         paths = set(request.update_mask.paths)
         if "*" in paths:
             paths = set(MUTABLE_FIELDS)
