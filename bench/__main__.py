@@ -31,6 +31,7 @@ from tests.support.processes import free_port, serve_command, server_children, w
 
 from .populate import DEEP_PROFESSIONAL, populate
 from .profile import profile_cancellation
+from .relay import bench_relay
 from .report import print_report
 
 DEFAULT_POSTGRES = os.environ.get("KARA_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -502,6 +503,13 @@ def machine() -> dict[str, Any]:
     help="Cancellations whose delivery to an open stream is timed.",
 )
 @click.option(
+    "--relay-count",
+    type=click.IntRange(0, 100_000),
+    default=1000,
+    show_default=True,
+    help="Events of the backlog `kara-sessions relay` moves to NATS JetStream (0: skip the relay).",
+)
+@click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write results here."
 )
 def main(
@@ -518,6 +526,7 @@ def main(
     cpus: str,
     process_counts: str,
     event_count: int,
+    relay_count: int,
     json_path: str | None,
 ) -> None:
     """Benchmark kara-sessions on this machine."""
@@ -575,6 +584,8 @@ def main(
                 with make_url() as url:
                     results["event_delivery"].append(bench_event_delivery(name, url, workdir, event_count))
 
+        _relay_section(results, workdir / f"relay-{uuid.uuid4().hex[:6]}.db", workdir, relay_count)
+
         growth: list[Growth] = []
         if growth_sizes != "none":
             small, large = (int(x) for x in growth_sizes.split(","))
@@ -594,6 +605,18 @@ def main(
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
         click.echo(f"results written to {json_path}", err=True)
+
+
+def _relay_section(results: dict[str, Any], database: Path, workdir: Path, count: int) -> None:
+    if not count:
+        return
+    click.echo("sqlite: kara-sessions relay to NATS JetStream", err=True)
+    with server(f"sqlite:///{database}", workdir / "server-relay.log") as target:
+        relayed = bench_relay(target, workdir, count, live=min(200, count))
+    if relayed is None:
+        results["skipped"].append("relay skipped: no nats-server binary")
+    else:
+        results["relay"] = relayed
 
 
 def targets(runs: list[Run], growth: list[Growth]) -> list[dict[str, Any]]:

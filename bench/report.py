@@ -151,6 +151,20 @@ def print_report(results: dict[str, Any]) -> None:
     if results.get("event_delivery"):
         console.print(_delivery_table(results["event_delivery"]))
 
+    if results.get("relay"):
+        r = results["relay"]
+        relay = Table(title="kara-sessions relay: the feed into NATS JetStream (SQLite server)")
+        for col in ("backlog events", "events/s", "live events", "commit -> subscriber p50 ms", "p99 ms"):
+            relay.add_column(col, justify="right")
+        relay.add_row(
+            str(r["backlog_events"]),
+            _num(r["events_per_s"], ".0f"),
+            str(r["live_events"]),
+            _num(r["p50_ms"], ".2f"),
+            _num(r["p99_ms"], ".2f"),
+        )
+        console.print(relay)
+
     if results.get("durability"):
         console.print(_durability_table(results["durability"]))
 

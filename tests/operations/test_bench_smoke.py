@@ -28,6 +28,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
             "200,2000",
             "--event-count",
             "20",
+            "--relay-count",
+            "30",
             "--json",
             str(out),
         ],
@@ -64,6 +66,9 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert set(pinned) == {"ceiling", "get_payment", "cancel"}
         assert all(r["requests"] > 0 and not r["errors"] and r["server_cpu_us"] > 0 for r in pinned.values())
     assert [(d["database"], d["events"]) for d in results["event_delivery"]] == [("sqlite", 20)]
+    relay = results["relay"]
+    assert (relay["backlog_events"], relay["live_events"]) == (30, 30)
+    assert relay["events_per_s"] > 0 and 0 < relay["p50_ms"] <= relay["p99_ms"]
     assert 0 < results["event_delivery"][0]["p50_ms"] <= results["event_delivery"][0]["p99_ms"]
     durability = [(r["synchronous"], r["workload"]) for r in results["durability"]]
     assert durability == [("normal", "book"), ("normal", "cancel"), ("full", "book"), ("full", "cancel")]

@@ -8,7 +8,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from kara_sessions_client.cloud_events import cloud_event
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 
 from ..support.clock import FakeClock
-from ..support.nats_server import NatsServer, stream_messages
+from ..support.nats_server import NatsServer, relay_command, stream_messages
 from ..support.processes import run_cli, start_server_process
 
 STREAM = "KARA_TEST"
@@ -55,8 +54,7 @@ class Relays:
     def start(self, target: str, nats_url: str, *extra: str) -> subprocess.Popen[bytes]:
         log = (self.folder / f"relay-{len(self.procs)}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kara_sessions_client.cli", "--target", target, "relay"]
-            + ["--nats-url", nats_url, "--stream", STREAM, *extra],
+            relay_command(target, nats_url, STREAM, *extra),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

