@@ -19,7 +19,7 @@ import click
 import nats
 
 from kara_sessions_client.client import SessionsClient
-from tests.support.nats_server import CANDIDATES, NatsServer, relay_command, stream_messages
+from tests.support.nats_server import CANDIDATES, NatsServer, relay_command, stream_count
 
 STREAM = "KARA_BENCH"
 
@@ -41,7 +41,7 @@ def _relay(target: str, nats_url: str, log: Path) -> Any:
 
 def _wait_for(url: str, count: int, seconds: float) -> float:
     started = time.monotonic()
-    while len(stream_messages(url, STREAM)) < count:
+    while stream_count(url, STREAM) < count:
         if time.monotonic() - started > seconds:
             raise RuntimeError(f"the relay did not store {count} events within {seconds:.0f} s")
         time.sleep(0.05)

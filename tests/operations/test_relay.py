@@ -22,7 +22,7 @@ from kara_sessions_client.cloud_events import cloud_event
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 
 from ..support.clock import FakeClock
-from ..support.nats_server import NatsServer, relay_command, stream_messages
+from ..support.nats_server import NatsServer, relay_command, stream_count, stream_messages
 from ..support.processes import run_cli, start_server_process
 
 STREAM = "KARA_TEST"
@@ -93,7 +93,7 @@ def until(check: Callable[[], bool], seconds: float, what: str) -> None:
 def relayed_all(target: str, nats_url: str) -> Callable[[], bool]:
     def check() -> bool:
         try:
-            return len(stream_messages(nats_url, STREAM)) >= len(feed(target))
+            return stream_count(nats_url, STREAM) >= len(feed(target))
         except Exception:  # NATS restarting: not yet
             return False
 
@@ -146,7 +146,7 @@ def test_kill_9_mid_burst_then_a_restart_misses_and_repeats_nothing(
     producer = threading.Thread(target=grants, args=(target, 80, 0.01))
     producer.start()
     relay = relays.start(target, broker.url)
-    until(lambda: len(stream_messages(broker.url, STREAM)) >= 15, 30, "some events relayed")
+    until(lambda: stream_count(broker.url, STREAM) >= 15, 30, "some events relayed")
     relay.kill()  # kill -9, while changes keep coming
     relay.wait(10)
     relays.start(target, broker.url)
@@ -177,7 +177,7 @@ def test_a_nats_restart_mid_burst_loses_and_repeats_nothing(
     relays.start(target, broker.url)
     producer = threading.Thread(target=grants, args=(target, 80, 0.01))
     producer.start()
-    until(lambda: len(stream_messages(broker.url, STREAM)) >= 15, 30, "some events relayed")
+    until(lambda: stream_count(broker.url, STREAM) >= 15, 30, "some events relayed")
     broker.kill()
     time.sleep(1.0)
     broker.start()  # same port, same store

@@ -96,7 +96,9 @@ def stream_messages(url: str, stream: str) -> list[Message]:
                 info = await js.stream_info(stream)
             except nats.js.errors.NotFoundError:
                 return []
-            found = []
+            found: list[Message] = []
+            if not info.state.messages:
+                return found
             for seq in range(info.state.first_seq, info.state.last_seq + 1):
                 msg = await js.get_msg(stream, seq)
                 headers = msg.headers or {}
@@ -107,3 +109,18 @@ def stream_messages(url: str, stream: str) -> list[Message]:
             await nc.close()
 
     return asyncio.run(read())
+
+
+def stream_count(url: str, stream: str) -> int:
+    """How many messages the stream holds (0 if there is no such stream)."""
+
+    async def count() -> int:
+        nc = await nats.connect(url, connect_timeout=5)
+        try:
+            return int((await nc.jetstream(timeout=5).stream_info(stream)).state.messages)
+        except nats.js.errors.NotFoundError:
+            return 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
