@@ -106,20 +106,24 @@ class UpTo(When):
         return super().convert(value, param, ctx)
 
 
+def _tls(ctx: click.Context) -> TLS | None:
+    obj = ctx.obj
+    if not obj["tls"]:
+        return None
+    return TLS(
+        root_certificates=_read(obj["ca_file"]),
+        certificate_chain=_read(obj["cert_file"]),
+        private_key=_read(obj["key_file"]),
+    )
+
+
 def _client(ctx: click.Context) -> SessionsClient:
     obj = ctx.obj
-    tls = None
-    if obj["tls"]:
-        tls = TLS(
-            root_certificates=_read(obj["ca_file"]),
-            certificate_chain=_read(obj["cert_file"]),
-            private_key=_read(obj["key_file"]),
-        )
     return SessionsClient(
         obj["target"],
         timeout=obj["timeout"],
         retry=RetryPolicy(attempts=obj["attempts"]),
-        tls=tls,
+        tls=_tls(ctx),
         token=obj["token"],
     )
 
@@ -761,18 +765,10 @@ def relay(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     obj = ctx.obj
-    _client(ctx).close()  # the TLS files are read and checked as for every other command
-    tls = None
-    if obj["tls"]:
-        tls = TLS(
-            root_certificates=_read(obj["ca_file"]),
-            certificate_chain=_read(obj["cert_file"]),
-            private_key=_read(obj["key_file"]),
-        )
     settings = RelaySettings(
         server=server or obj["target"],
         token=obj["token"],
-        tls=tls,
+        tls=_tls(ctx),
         types=types,
         subject_prefix=subject_prefix,
         metrics_port=metrics_port,
