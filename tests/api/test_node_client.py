@@ -6,6 +6,7 @@ its two packages into .tools/node-caller; on CI it must run."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,7 +37,7 @@ def _node() -> str:
 
 
 def test_a_node_client_without_deadlines_gets_the_articles_answers(
-    server: RunningServer, clock: FakeClock
+    server: RunningServer, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     node = _node()
     # ESM finds packages beside the script, so the caller runs from the cache folder.
@@ -72,3 +73,4 @@ def test_a_node_client_without_deadlines_gets_the_articles_answers(
     codes = lines["burst"]["codes"]
     assert codes == {"OK": 24, "NOT_FOUND": 24}, codes
     assert_ledger_balances(server)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
