@@ -8,6 +8,10 @@ ARGS   ?=
 BUF_VERSION := 1.75.0
 TOOLS  := .tools
 BUF    := $(TOOLS)/node_modules/.bin/buf
+# The Node caller of tests/api/test_node_client.py (@grpc/grpc-js, @grpc/proto-loader), from the
+# npm registry into a cache folder. Without npm it is left out, and that test skips (fails on CI).
+NODE_CALLER := $(TOOLS)/node-caller
+NODE_DEPS   := $(NODE_CALLER)/node_modules/.package-lock.json
 # The API as released to clients: `buf breaking` compares protos/ with it. Move it forward (a
 # full commit of main) when a release ships; a branch can compare with main instead:
 # make lint BUF_AGAINST='.git\#branch=main,subdir=protos'
@@ -53,10 +57,6 @@ test-client-install: $(STAMP) ## Install just the client (no [server]) into a fr
 bench: $(STAMP) ## Benchmark on this machine (about 6 min; ARGS="--duration 2 --json out.json" etc.)
 	$(BIN)/python -m bench $(ARGS)
 
-# The Node caller of tests/api/test_node_client.py (@grpc/grpc-js, @grpc/proto-loader), from the
-# npm registry into a cache folder. Without npm it is left out, and that test skips (fails on CI).
-NODE_CALLER := $(TOOLS)/node-caller
-NODE_DEPS   := $(NODE_CALLER)/node_modules/.package-lock.json
 $(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
 		mkdir -p $(NODE_CALLER) && cp tests/node/package.json tests/node/package-lock.json $(NODE_CALLER)/ && \
