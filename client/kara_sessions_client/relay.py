@@ -138,7 +138,12 @@ class Relay:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         if self.settings.metrics_port is not None:
-            start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
+            try:
+                start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
+            except OSError as exc:
+                log.error("cannot serve metrics on port %d: %s", self.settings.metrics_port, exc.strerror)
+                await self.broker.close()
+                return NEEDS_OPERATOR
         progress = asyncio.create_task(self._progress())
         try:
             return await self._relay()

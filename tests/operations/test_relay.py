@@ -284,3 +284,27 @@ async def _publish_as_a_relay_did(url: str, event_id: str, cursor: str) -> None:
         "kara.sessions.credits.granted", b"{}", headers={"Nats-Msg-Id": event_id, "Kara-Cursor": cursor}
     )
     await nc.close()
+
+
+def test_metrics_are_served_and_a_taken_port_is_named(
+    kara_server: RunningServer, broker: NatsServer, relays: Relays
+) -> None:
+    import socket
+    import urllib.request
+
+    from ..support.processes import free_port
+
+    target = f"127.0.0.1:{kara_server.port}"
+    grants(target, 3)
+    port = free_port()
+    relays.start(target, broker.url, "--metrics-port", str(port))
+    until(relayed_all(target, broker.url), 30, "the events relayed")
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "kara_relay_events_relayed_total 3.0" in page
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        second = relays.start(target, broker.url, "--metrics-port", str(taken.getsockname()[1]))
+        assert second.wait(20) == 1
+    assert "cannot serve metrics on port" in relays.log(1)
+    assert "Traceback" not in relays.log(1)
