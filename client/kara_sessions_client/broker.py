@@ -30,6 +30,8 @@ class OutOfOrder(Exception):
 class Broker(Protocol):
     #: Where it is, for log lines ("nats://127.0.0.1:4222").
     where: str
+    #: How an operator empties what the relay publishes to, to start over ("purge the stream ...").
+    empty_it: str
 
     async def connect(self) -> None:
         """Raises Unavailable."""

@@ -35,6 +35,7 @@ class NatsBroker:
         self.urls = urls
         self.where = ",".join(urls)
         self.stream = stream
+        self.empty_it = f"purge the stream (nats stream purge {stream})"
         self.subjects = [f"{subject_prefix}.>"]
         self.max_age = max_age
         self.reconnects = 0

@@ -17,9 +17,10 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -32,6 +33,7 @@ from .client import TLS
 from .cloud_events import cloud_event
 
 log = logging.getLogger("kara_sessions_client.relay")
+R = TypeVar("R")
 
 TYPE_PREFIX = "kara.sessions.v1."
 # Exit codes: 0 stopped by a signal; 1 cannot go on without an operator (see the log line).
@@ -162,8 +164,8 @@ class Relay:
         ) as channel:
             feed = events_pb2_grpc.EventServiceStub(channel)
             while not self.stopping.is_set():
-                stored = await self._broker(self.broker.last)
-                if stored is None and self.stopping.is_set():
+                done, stored = await self._on_broker(self.broker.last)
+                if not done:
                     break
                 try:
                     await self._follow(feed, stored)
@@ -212,16 +214,9 @@ class Relay:
         stored = Stored(event.event_id, event.cursor)
         payload = body(event)
         where = subject(self.settings.subject_prefix, event.type)
-        while True:
-            try:
-                duplicate = await self.broker.publish(where, payload, stored, previous)
-                break
-            except Unavailable as exc:
-                self._bus.failed(str(exc))
-                if self.stopping.is_set():
-                    return
-                await self._sleep(self._bus.backoff(self.settings.max_backoff_seconds))
-        self._bus.recovered()
+        done, duplicate = await self._on_broker(lambda: self.broker.publish(where, payload, stored, previous))
+        if not done:
+            return
         if duplicate:
             self.metrics.duplicates.inc()
         else:
@@ -261,28 +256,31 @@ class Relay:
         task.cancel()
         return False
 
-    async def _broker(self, ask: object) -> Stored | None:
+    async def _on_broker(self, ask: Callable[[], Awaitable[R]]) -> tuple[bool, R | None]:
+        """(True, the answer) once the broker gives one, retried through its outages; (False,
+        None) if stop() is called while it is away."""
         while True:
             try:
-                result: Stored | None = await ask()  # type: ignore[operator]
-                self._bus.recovered()
-                return result
+                answer = await ask()
             except Unavailable as exc:
                 self._bus.failed(str(exc))
                 if self.stopping.is_set():
-                    return None
+                    return False, None
                 await self._sleep(self._bus.backoff(self.settings.max_backoff_seconds))
+            else:
+                self._bus.recovered()
+                return True, answer
 
     def _cursor_expired(self, stored: Stored | None, exc: grpc.aio.AioRpcError) -> int:
         log.error(
             "the server no longer keeps the events after the broker's newest (cursor %s): %s. The events "
             "between were pruned before they were relayed, so the stream cannot be completed. To "
-            "resynchronise: purge the stream (nats stream purge %s), restart the relay (it then relays "
-            "from the oldest event the server keeps), and have consumers rebuild from the current "
-            "state (ListSessions, ListPayments, GetCreditAccount)",
+            "resynchronise: %s, restart the relay (it then relays from the oldest event the server "
+            "keeps), and have consumers rebuild from the current state (ListSessions, ListPayments, "
+            "GetCreditAccount)",
             stored.cursor if stored else "",
             exc.details(),
-            getattr(self.broker, "stream", "the stream"),
+            self.broker.empty_it,
         )
         return NEEDS_OPERATOR
 
