@@ -55,30 +55,22 @@ def _values(p: Programme) -> tuple[object, ...]:
     )
 
 
-def find(programme_id: str) -> Programme | None:
-    row = sql(_GET, (programme_id,)).fetchone()
+def find(programme_id: str, *, for_change: bool = False) -> Programme | None:
+    """`for_change`: the row stays locked until the transaction ends. SQLite needs no lock
+    clause: its writing transactions run one at a time already."""
+    lock = " FOR UPDATE" if for_change and not on_sqlite() else ""
+    row = sql(_GET + lock, (programme_id,)).fetchone()
     return None if row is None else _programme(row)
 
 
-def get(programme_id: str) -> Programme:
-    found = find(programme_id)
+def get(programme_id: str, *, for_change: bool = False) -> Programme:
+    found = find(programme_id, for_change=for_change)
     if found is None:
         raise NotFound(
             f"programme {programme_id!r} does not exist (ListProgrammes shows them)",
             metadata={"programme_id": programme_id},
         )
     return found
-
-
-def get_for_change(programme_id: str) -> Programme:
-    """As `get`, holding the row until the transaction ends. SQLite needs no lock clause: its
-    writing transactions run one at a time already."""
-    if on_sqlite():
-        return get(programme_id)
-    row = sql(_GET + " FOR UPDATE", (programme_id,)).fetchone()
-    if row is None:
-        return get(programme_id)  # its NotFound
-    return _programme(row)
 
 
 def add(programme: Programme) -> bool:

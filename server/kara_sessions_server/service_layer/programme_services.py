@@ -45,7 +45,7 @@ class ProgrammeServices:
         def work(uow: UnitOfWork, now: datetime) -> Programme:
             # Locked as it is read: concurrent updates without an etag queue here and each
             # applies to the one before it, instead of all but one losing the race.
-            before = programme_repository.get_for_change(cmd.programme_id)
+            before = programme_repository.get(cmd.programme_id, for_change=True)
             if cmd.etag and cmd.etag != before.etag:
                 raise Conflict(
                     f"programme {cmd.programme_id!r} is at etag {before.etag}, not {cmd.etag}: another "
