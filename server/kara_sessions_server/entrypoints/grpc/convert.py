@@ -44,6 +44,8 @@ MAX_REASON_LENGTH = 1000
 MAX_GRANT = 10_000
 # Printable ASCII without spaces: ids from other systems pass, stray whitespace does not.
 _ID = re.compile(rf"[!-~]{{1,{MAX_ID_LENGTH}}}")
+# google.protobuf.Duration's own range: about 10,000 years either way.
+_MAX_DURATION_SECONDS = 315_576_000_000
 # C0 controls but tab and newline, DEL, and C1 controls (U+009B is CSI on some terminals).
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -100,10 +102,14 @@ class RequestReader:
     def fail(self, field: str, description: str) -> None:
         self.violations.append(FieldViolation(field, description))
 
+    def _read(self, field: str, message: Message | None, name: str) -> tuple[str, str]:
+        """`message.field` (the request's by default), and the name violations give it."""
+        value: str = getattr(self.request if message is None else message, field)
+        return value, name or field
+
     def id(self, field: str, *, required: bool = True, message: Message | None = None, name: str = "") -> str:
         """An id (`message.field`, the request's by default; `name` for violations)."""
-        value: str = getattr(self.request if message is None else message, field)
-        name = name or field
+        value, name = self._read(field, message, name)
         if not value:
             if required:
                 self.fail(name, "is required")
@@ -154,8 +160,7 @@ class RequestReader:
         violations): at most `max_length` characters, and no control characters but tab and
         newline. Those would move a reader's cursor, clear their screen or retitle their window
         when shown in a terminal, and PostgreSQL refuses a NUL in text outright."""
-        value: str = getattr(self.request if message is None else message, field)
-        name = name or field
+        value, name = self._read(field, message, name)
         if len(value) > max_length:
             self.fail(name, f"must be at most {max_length} characters (got {len(value)})")
         control = _CONTROL.search(value)
@@ -192,9 +197,6 @@ class RequestReader:
         if self.violations:
             raise InvalidRequest(self.violations)
 
-
-# google.protobuf.Duration's own range: about 10,000 years either way.
-_MAX_DURATION_SECONDS = 315_576_000_000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
