@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
+from urllib.parse import urlsplit
 
 import click
 import grpc
@@ -39,7 +40,9 @@ from .cloud_events import cloud_event
 from .invoice_export import write_csv
 from .trace_context import continue_from_environment
 
-_RELATIVE = re.compile(r"^([+-])(\d+(?:\.\d+)?)([smhd])$")
+# An amount and a unit, as in +3h (a relative time) and 30d (a duration).
+_AMOUNT = r"(\d+(?:\.\d+)?)([smhd])"
+_RELATIVE = re.compile(rf"^([+-]){_AMOUNT}$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
@@ -657,7 +660,7 @@ def events(ctx: click.Context, after: str, types: tuple[str, ...], follow: bool)
             _fail(ctx, exc)
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_DURATION = re.compile(rf"^{_AMOUNT}$")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
@@ -679,12 +682,19 @@ class Duration(click.ParamType[timedelta, str]):
             self.fail(f"{value!r} is too long")
 
 
+def _is_nats_url(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        return False
+    return parts.scheme in {"nats", "tls"} and bool(parts.hostname)
+
+
 def _nats_urls(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
     urls = [u.strip() for value in values for u in value.split(",") if u.strip()]
     for url in urls:
-        scheme, sep, rest = url.partition("://")
-        host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
-        if not sep or scheme not in {"nats", "tls"} or not (host or rest) or (port and not port.isdigit()):
+        if not _is_nats_url(url):
             raise click.BadParameter(f"{url!r} is not a NATS URL such as nats://127.0.0.1:4222")
     return urls or ["nats://127.0.0.1:4222"]
 
