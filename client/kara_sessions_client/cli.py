@@ -28,6 +28,7 @@ from .client import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     INVOICE_STATES,
+    LATE_RESCHEDULE,
     PARTIES,
     SECTIONS,
     SESSION_STATES,
@@ -314,6 +315,84 @@ def preview(
     )
 
 
+def _reschedule_options(f: Callable[..., None]) -> Callable[..., None]:
+    f = click.option("--reason", default="", help="Free text, at most 1000 characters.")(f)
+    f = click.option(
+        "--notified-at",
+        type=WHEN,
+        default=None,
+        help="When notice of the move was given (professionals only).",
+    )(f)
+    f = click.option(
+        "--charge-client",
+        is_flag=True,
+        help="Tick 'Charge the client for this session' (professionals, on a late move).",
+    )(f)
+    f = click.option(
+        "--by", "rescheduled_by", type=click.Choice(sorted(PARTIES)), required=True, help="Who moves it."
+    )(f)
+    f = click.option(
+        "--to", "new_starts_at", type=WHEN, required=True, help="The new start: ISO-8601, or relative (+3d)."
+    )(f)
+    return click.argument("session_id")(f)
+
+
+@main.command()
+@_reschedule_options
+@request_id_option
+@click.pass_context
+def reschedule(
+    ctx: click.Context,
+    session_id: str,
+    new_starts_at: datetime,
+    rescheduled_by: str,
+    charge_client: bool,
+    notified_at: datetime | None,
+    reason: str,
+    request_id: str | None,
+) -> None:
+    """Move a booked session to a new start. Prints the session at its new time and, when the
+    move was charged (late), the old session it settled."""
+    _run(
+        ctx,
+        lambda c: c.reschedule(
+            session_id,
+            new_starts_at,
+            rescheduled_by,
+            charge_client=charge_client,
+            notified_at=notified_at,
+            reason=reason,
+            request_id=request_id,
+        ),
+    )
+
+
+@main.command("preview-reschedule")
+@_reschedule_options
+@click.pass_context
+def preview_reschedule(
+    ctx: click.Context,
+    session_id: str,
+    new_starts_at: datetime,
+    rescheduled_by: str,
+    charge_client: bool,
+    notified_at: datetime | None,
+    reason: str,
+) -> None:
+    """Show what a reschedule would do, without doing it."""
+    _run(
+        ctx,
+        lambda c: c.preview_reschedule(
+            session_id,
+            new_starts_at,
+            rescheduled_by,
+            charge_client=charge_client,
+            notified_at=notified_at,
+            reason=reason,
+        ),
+    )
+
+
 @main.command()
 @click.argument("session_id")
 @request_id_option
@@ -434,6 +513,21 @@ def programme() -> None:
 
 def _terms_options(f: Callable[..., None], *, create: bool) -> Callable[..., None]:
     f = click.option(
+        "--cancellation-grace-minutes",
+        type=click.FloatRange(0, 24 * 60),
+        default=0.0 if create else None,
+        show_default=create,
+        help="A client's cancellation or move this soon after booking counts as enough notice "
+        "(0 to 24 hours).",
+    )(f)
+    f = click.option(
+        "--late-reschedule",
+        type=click.Choice(sorted(LATE_RESCHEDULE)),
+        default="charge" if create else None,
+        show_default=create,
+        help="A client's late move: charged as a late cancellation and booked again, free, or refused.",
+    )(f)
+    f = click.option(
         "--no-show-takes-credit/--no-show-returns-credit",
         "no_show_takes_credit",
         default=True if create else None,
@@ -469,6 +563,8 @@ def programme_create(
     notice_window_hours: float,
     may_charge_late: bool,
     no_show_takes_credit: bool,
+    late_reschedule: str,
+    cancellation_grace_minutes: float,
     request_id: str | None,
 ) -> None:
     """Create a programme PROGRAMME_ID (lower-case letters, digits, hyphens)."""
@@ -480,6 +576,8 @@ def programme_create(
             timedelta(hours=notice_window_hours),
             professional_may_charge_late=may_charge_late,
             no_show_takes_credit=no_show_takes_credit,
+            late_reschedule=late_reschedule,
+            cancellation_grace=timedelta(minutes=cancellation_grace_minutes),
             request_id=request_id,
         ),
     )
@@ -514,11 +612,22 @@ def programme_update(
     notice_window_hours: float | None,
     may_charge_late: bool | None,
     no_show_takes_credit: bool | None,
+    late_reschedule: str | None,
+    cancellation_grace_minutes: float | None,
     request_id: str | None,
 ) -> None:
     """Change the options given; sessions already booked keep the terms they were booked under."""
-    if all(v is None for v in (display_name, notice_window_hours, may_charge_late, no_show_takes_credit)):
-        raise click.UsageError("give at least one of --name, --notice-window-hours and the terms flags")
+    given = (
+        display_name,
+        notice_window_hours,
+        may_charge_late,
+        no_show_takes_credit,
+        late_reschedule,
+        cancellation_grace_minutes,
+    )
+    if all(v is None for v in given):
+        raise click.UsageError("give at least one of --name, --notice-window-hours and the terms options")
+    grace = None if cancellation_grace_minutes is None else timedelta(minutes=cancellation_grace_minutes)
     _run(
         ctx,
         lambda c: c.update_programme(
@@ -527,6 +636,8 @@ def programme_update(
             notice_window=None if notice_window_hours is None else timedelta(hours=notice_window_hours),
             professional_may_charge_late=may_charge_late,
             no_show_takes_credit=no_show_takes_credit,
+            late_reschedule=late_reschedule,
+            cancellation_grace=grace,
             request_id=request_id,
         ),
     )

@@ -46,6 +46,11 @@ DEFAULT_TIMEOUT = 10.0
 
 PARTIES = {"client": pb.PARTY_CLIENT, "professional": pb.PARTY_PROFESSIONAL}
 SECTIONS = {"unpaid": pb.PAYMENT_SECTION_UNPAID, "paid": pb.PAYMENT_SECTION_PAID}
+LATE_RESCHEDULE = {
+    "charge": ppb.LATE_RESCHEDULE_CHARGE,
+    "free": ppb.LATE_RESCHEDULE_FREE,
+    "refused": ppb.LATE_RESCHEDULE_REFUSED,
+}
 INVOICE_STATES = {"draft": ipb.INVOICE_STATE_DRAFT, "submitted": ipb.INVOICE_STATE_SUBMITTED}
 SESSION_STATES = {
     "booked": pb.SESSION_STATE_BOOKED,
@@ -314,6 +319,67 @@ class SessionsClient:
         request = self._cancel_request(session_id, cancelled_by, charge_client, notified_at, reason, "")
         return self._call(self.sessions.PreviewCancellation, request, pb.PreviewCancellationResponse)
 
+    @staticmethod
+    def _reschedule_request(
+        session_id: str,
+        new_starts_at: datetime,
+        rescheduled_by: str,
+        charge_client: bool,
+        notified_at: datetime | None,
+        reason: str,
+        request_id: str,
+    ) -> pb.RescheduleSessionRequest:
+        request = pb.RescheduleSessionRequest(
+            session_id=session_id,
+            new_starts_at=timestamp(new_starts_at),
+            rescheduled_by=PARTIES[rescheduled_by],
+            charge_client=charge_client,
+            reason=reason,
+            request_id=request_id,
+        )
+        if notified_at is not None:
+            request.notified_at.CopyFrom(timestamp(notified_at))
+        return request
+
+    def reschedule(
+        self,
+        session_id: str,
+        new_starts_at: datetime,
+        rescheduled_by: str,
+        *,
+        charge_client: bool = False,
+        notified_at: datetime | None = None,
+        reason: str = "",
+        request_id: str | None = None,
+    ) -> pb.RescheduleSessionResponse:
+        """Moves the session to `new_starts_at`. The response's `session` is the session at its new
+        time; `charged` is set when the move was charged (the old session, CANCELLED_PAID)."""
+        request = self._reschedule_request(
+            session_id,
+            new_starts_at,
+            rescheduled_by,
+            charge_client,
+            notified_at,
+            reason,
+            request_id or new_request_id(),
+        )
+        return self._call(self.sessions.RescheduleSession, request, pb.RescheduleSessionResponse)
+
+    def preview_reschedule(
+        self,
+        session_id: str,
+        new_starts_at: datetime,
+        rescheduled_by: str,
+        *,
+        charge_client: bool = False,
+        notified_at: datetime | None = None,
+        reason: str = "",
+    ) -> pb.PreviewRescheduleResponse:
+        request = self._reschedule_request(
+            session_id, new_starts_at, rescheduled_by, charge_client, notified_at, reason, ""
+        )
+        return self._call(self.sessions.PreviewReschedule, request, pb.PreviewRescheduleResponse)
+
     def complete(self, session_id: str, request_id: str | None = None) -> pb.Session:
         return self._call(
             self.sessions.CompleteSession,
@@ -372,13 +438,18 @@ class SessionsClient:
         *,
         professional_may_charge_late: bool = True,
         no_show_takes_credit: bool = True,
+        late_reschedule: str = "charge",
+        cancellation_grace: timedelta = timedelta(0),
         request_id: str | None = None,
     ) -> ppb.Programme:
+        """`late_reschedule`: charge, free or refused (see LateReschedule)."""
         programme = ppb.Programme(
             display_name=display_name,
             notice_window=_duration(notice_window),
             professional_may_charge_late=professional_may_charge_late,
             no_show_takes_credit=no_show_takes_credit,
+            late_reschedule=LATE_RESCHEDULE[late_reschedule],
+            cancellation_grace=_duration(cancellation_grace),
         )
         request = ppb.CreateProgrammeRequest(
             programme=programme, programme_id=programme_id, request_id=request_id or new_request_id()
@@ -401,6 +472,8 @@ class SessionsClient:
         notice_window: timedelta | None = None,
         professional_may_charge_late: bool | None = None,
         no_show_takes_credit: bool | None = None,
+        late_reschedule: str | None = None,
+        cancellation_grace: timedelta | None = None,
         request_id: str | None = None,
         etag: str = "",
     ) -> ppb.Programme:
@@ -420,6 +493,12 @@ class SessionsClient:
         if no_show_takes_credit is not None:
             programme.no_show_takes_credit = no_show_takes_credit
             paths.append("no_show_takes_credit")
+        if late_reschedule is not None:
+            programme.late_reschedule = LATE_RESCHEDULE[late_reschedule]
+            paths.append("late_reschedule")
+        if cancellation_grace is not None:
+            programme.cancellation_grace.CopyFrom(_duration(cancellation_grace))
+            paths.append("cancellation_grace")
         request = ppb.UpdateProgrammeRequest(
             programme=programme,
             update_mask=field_mask_pb2.FieldMask(paths=paths),

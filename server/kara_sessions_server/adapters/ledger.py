@@ -70,13 +70,24 @@ _INSERT_ENTRY = (
 )
 
 
-def hold(account: Account, session_id: str, credits: int, request_id: str, now: datetime) -> None:
+def insufficient(account: Account, purpose: str = "to book a session") -> InsufficientCredits:
+    return InsufficientCredits(
+        f"client {account.client_id} has no sponsored credit of programme {account.programme_id!r} "
+        f"available {purpose}",
+        metadata={"client_id": account.client_id, "programme_id": account.programme_id},
+    )
+
+
+def hold(
+    account: Account,
+    session_id: str,
+    credits: int,
+    request_id: str,
+    now: datetime,
+    purpose: str = "to book a session",
+) -> None:
     if not _move(account, LedgerKind.HOLD, credits, now):
-        raise InsufficientCredits(
-            f"client {account.client_id} has no sponsored credit of programme {account.programme_id!r} "
-            "available to book a session",
-            metadata={"client_id": account.client_id, "programme_id": account.programme_id},
-        )
+        raise insufficient(account, purpose)
     _entry(account, LedgerKind.HOLD, credits, session_id, request_id, now)
 
 

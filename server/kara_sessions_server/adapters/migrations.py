@@ -105,6 +105,26 @@ def _v5_data(storage: Storage, context: Context) -> None:
     programme_repository.add(default_programme(now, context.notice_window))
 
 
+def _v7_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
+    """Reschedules and a grace after booking. Every programme, and every session booked before,
+    gets the article's rule: a late move is charged, no grace. Frozen as version 7 defines them."""
+    ops = [
+        op
+        for table in ("sessions", "programmes")
+        for op in (
+            m.add_column(table, "late_reschedule", pw.CharField(max_length=16, default="CHARGE")),
+            m.add_column(table, "cancellation_grace", DurationField(default=timedelta(0))),
+        )
+    ]
+    session_columns = {
+        "within_grace": pw.BooleanField(null=True),
+        "moves": pw.TextField(null=True),
+        "rescheduled_from": pw.CharField(max_length=64, null=True),
+        "rescheduled_to": pw.CharField(max_length=64, null=True),
+    }
+    return ops + [m.add_column("sessions", name, field) for name, field in session_columns.items()]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
@@ -135,6 +155,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             m.add_index("idempotency_keys", ("created_at",), False),
             m.add_index("audit_log", ("at",), False),
         ],
+    ),
+    Migration(
+        7,
+        "reschedules: each programme's late_reschedule and cancellation_grace, moves on sessions",
+        _v7_operations,
     ),
 )
 BASELINE = 1

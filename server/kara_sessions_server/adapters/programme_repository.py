@@ -11,30 +11,37 @@ from kara_sessions_server.adapters.pagination import cut, decode
 from kara_sessions_server.adapters.storage import from_micros, on_sqlite, sql, to_micros
 from kara_sessions_server.domain.errors import AlreadyExists, Conflict, NotFound
 from kara_sessions_server.domain.model import Page
-from kara_sessions_server.domain.programme import Programme, Terms
+from kara_sessions_server.domain.programme import LateReschedule, Programme, Terms
 
 _MICROSECOND = timedelta(microseconds=1)
 _COLUMNS = (
     "programme_id, display_name, notice_window, professional_may_charge_late, no_show_takes_credit, "
-    "version, created_at, updated_at"
+    "version, created_at, updated_at, late_reschedule, cancellation_grace"
 )
 _GET = f"SELECT {_COLUMNS} FROM programmes WHERE programme_id = ?"
 _INSERT = (
-    f"INSERT INTO programmes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    f"INSERT INTO programmes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (programme_id) DO NOTHING"
 )
 _CHANGE = (
     "UPDATE programmes SET display_name = ?, notice_window = ?, professional_may_charge_late = ?, "
-    "no_show_takes_credit = ?, version = ?, updated_at = ? WHERE programme_id = ? AND version = ?"
+    "no_show_takes_credit = ?, version = ?, updated_at = ?, late_reschedule = ?, cancellation_grace = ? "
+    "WHERE programme_id = ? AND version = ?"
 )
 
 
 def _programme(row: Sequence[Any]) -> Programme:
-    programme_id, name, window, may_charge, no_show, version, created, updated = row
+    programme_id, name, window, may_charge, no_show, version, created, updated, late, grace = row
     return Programme(
         programme_id=programme_id,
         display_name=name,
-        terms=Terms(timedelta(microseconds=window), bool(may_charge), bool(no_show)),
+        terms=Terms(
+            timedelta(microseconds=window),
+            bool(may_charge),
+            bool(no_show),
+            LateReschedule(late),
+            timedelta(microseconds=grace),
+        ),
         created_at=from_micros(created),
         updated_at=from_micros(updated),
         version=version,
@@ -52,6 +59,8 @@ def _values(p: Programme) -> tuple[object, ...]:
         p.version,
         to_micros(p.created_at),
         to_micros(p.updated_at),
+        t.late_reschedule.value,
+        t.cancellation_grace // _MICROSECOND,
     )
 
 
@@ -98,6 +107,8 @@ def change(before: Programme, after: Programme) -> None:
             t.no_show_takes_credit,
             before.version + 1,
             to_micros(after.updated_at),
+            t.late_reschedule.value,
+            t.cancellation_grace // _MICROSECOND,
             before.programme_id,
             before.version,
         ),

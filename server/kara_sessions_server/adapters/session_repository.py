@@ -7,6 +7,7 @@ with peewee's query builder cost more than executing them (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,6 +17,7 @@ from kara_sessions_server.adapters.storage import from_micros, micros_or_none, s
 from kara_sessions_server.domain.errors import Conflict, NotFound, NotWaivable, SessionNotBooked
 from kara_sessions_server.domain.model import (
     Cancellation,
+    Move,
     Page,
     Party,
     Payment,
@@ -27,7 +29,7 @@ from kara_sessions_server.domain.model import (
     payment_state,
 )
 from kara_sessions_server.domain.principal import Principal
-from kara_sessions_server.domain.programme import Terms
+from kara_sessions_server.domain.programme import LateReschedule, Terms
 
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -35,8 +37,10 @@ SESSION_COLUMNS = (
     "session_id, client_id, professional_id, starts_at, booked_at, updated_at, state, version, credits, "
     "cancelled_by, cancelled_at, notified_at, notice, late, charge_client, reason, completed_at, "
     "programme_id, notice_window, professional_may_charge_late, no_show_takes_credit, no_show_at, "
-    "waived_at, waived_by, waive_reason"
+    "waived_at, waived_by, waive_reason, late_reschedule, cancellation_grace, within_grace, moves, "
+    "rescheduled_from, rescheduled_to"
 )
+_COLUMN_NAMES = tuple(c.strip() for c in SESSION_COLUMNS.split(","))
 # The same, for a query that joins sessions as `s`.
 S_SESSION_COLUMNS = ", ".join(f"s.{c.strip()}" for c in SESSION_COLUMNS.split(","))
 _GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?"
@@ -47,7 +51,8 @@ _GET_SESSION_AND_INVOICE = (
 _INSERT_SESSION = (
     "INSERT INTO sessions (session_id, client_id, professional_id, starts_at, booked_at, updated_at, "
     "state, version, credits, programme_id, notice_window, professional_may_charge_late, "
-    "no_show_takes_credit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "no_show_takes_credit, late_reschedule, cancellation_grace, rescheduled_from) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_PAYMENT = (
     "INSERT INTO payments (session_id, client_id, professional_id, session_starts_at, state, section, "
@@ -56,9 +61,15 @@ _INSERT_PAYMENT = (
 _CHANGE_SESSION = (
     "UPDATE sessions SET state = ?, version = ?, updated_at = ?, completed_at = ?, cancelled_by = ?, "
     "cancelled_at = ?, notified_at = ?, notice = ?, late = ?, charge_client = ?, reason = ?, "
-    "no_show_at = ?, waived_at = ?, waived_by = ?, waive_reason = ? "
+    "no_show_at = ?, waived_at = ?, waived_by = ?, waive_reason = ?, within_grace = ?, "
+    "rescheduled_to = ? WHERE session_id = ? AND state = ? AND version = ?"
+)
+# A move in place: only a BOOKED session moves, and only from the start it was read with.
+_MOVE_SESSION = (
+    "UPDATE sessions SET starts_at = ?, moves = ?, version = ?, updated_at = ? "
     "WHERE session_id = ? AND state = ? AND version = ?"
 )
+_MOVE_PAYMENT = "UPDATE payments SET session_starts_at = ?, updated_at = ? WHERE session_id = ?"
 _CHANGE_PAYMENT = (
     "UPDATE payments SET state = ?, section = ?, updated_at = ? WHERE session_id = ? AND state = ?"
 )
@@ -84,45 +95,94 @@ _LIST_PAYMENTS_AFTER = _LIST_PAYMENTS.format(
 
 
 def session_from_row(row: Sequence[Any]) -> Session:
-    (sid, client, pro, starts, booked, updated, state, version, credits, *rest) = row
-    cancel = rest[:7]
-    completed, programme_id, window, may_charge, no_show_takes, no_show_at, *waiver = rest[7:]
+    """A row of SESSION_COLUMNS (a longer row's extra values are ignored), read by name."""
+    r = dict(zip(_COLUMN_NAMES, row, strict=False))
     return Session(
-        session_id=sid,
-        client_id=client,
-        professional_id=pro,
-        starts_at=from_micros(starts),
-        booked_at=from_micros(booked),
-        updated_at=from_micros(updated),
-        state=SessionState(state),
-        version=version,
-        credits=credits,
-        cancellation=_cancellation(cancel),
-        completed_at=time_or_none(completed),
-        programme_id=programme_id,
-        terms=Terms(timedelta(microseconds=window), bool(may_charge), bool(no_show_takes)),
-        no_show_at=time_or_none(no_show_at),
-        waiver=_waiver(waiver),
+        session_id=r["session_id"],
+        client_id=r["client_id"],
+        professional_id=r["professional_id"],
+        starts_at=from_micros(r["starts_at"]),
+        booked_at=from_micros(r["booked_at"]),
+        updated_at=from_micros(r["updated_at"]),
+        state=SessionState(r["state"]),
+        version=r["version"],
+        credits=r["credits"],
+        cancellation=_cancellation(r),
+        completed_at=time_or_none(r["completed_at"]),
+        programme_id=r["programme_id"],
+        terms=Terms(
+            timedelta(microseconds=r["notice_window"]),
+            bool(r["professional_may_charge_late"]),
+            bool(r["no_show_takes_credit"]),
+            LateReschedule(r["late_reschedule"]),
+            timedelta(microseconds=r["cancellation_grace"]),
+        ),
+        no_show_at=time_or_none(r["no_show_at"]),
+        waiver=_waiver(r),
+        moves=_load_moves(r["moves"]),
+        rescheduled_from=r["rescheduled_from"] or "",
+        rescheduled_to=r["rescheduled_to"] or "",
     )
 
 
-def _waiver(cols: Sequence[Any]) -> Waiver | None:
-    at, by, reason = cols
-    return None if at is None else Waiver(from_micros(at), by, reason or "")
+def _dump_moves(moves: tuple[Move, ...]) -> str | None:
+    """JSON, times in microseconds like every other column: a session's moves are read with it."""
+    if not moves:
+        return None
+    return json.dumps(
+        [
+            [
+                to_micros(m.moved_at),
+                to_micros(m.from_starts_at),
+                to_micros(m.to_starts_at),
+                m.moved_by.value,
+                to_micros(m.notified_at),
+                m.notice // _MICROSECOND,
+                m.late,
+                m.within_grace,
+                m.reason,
+            ]
+            for m in moves
+        ]
+    )
 
 
-def _cancellation(cols: Sequence[Any]) -> Cancellation | None:
-    by, at, notified, notice, late, charge, reason = cols
-    if by is None:
+def _load_moves(raw: str | None) -> tuple[Move, ...]:
+    if not raw:
+        return ()
+    return tuple(
+        Move(
+            moved_at=from_micros(at),
+            from_starts_at=from_micros(from_),
+            to_starts_at=from_micros(to),
+            moved_by=Party(by),
+            notified_at=from_micros(notified),
+            notice=timedelta(microseconds=notice),
+            late=late,
+            within_grace=grace,
+            reason=reason,
+        )
+        for at, from_, to, by, notified, notice, late, grace, reason in json.loads(raw)
+    )
+
+
+def _waiver(r: dict[str, Any]) -> Waiver | None:
+    at = r["waived_at"]
+    return None if at is None else Waiver(from_micros(at), r["waived_by"], r["waive_reason"] or "")
+
+
+def _cancellation(r: dict[str, Any]) -> Cancellation | None:
+    if r["cancelled_by"] is None:
         return None
     return Cancellation(
-        cancelled_by=Party(by),
-        cancelled_at=from_micros(at),
-        notified_at=from_micros(notified),
-        notice=timedelta(microseconds=notice),
-        late=bool(late),
-        charge_client=bool(charge),
-        reason=reason or "",
+        cancelled_by=Party(r["cancelled_by"]),
+        cancelled_at=from_micros(r["cancelled_at"]),
+        notified_at=from_micros(r["notified_at"]),
+        notice=timedelta(microseconds=r["notice"]),
+        late=bool(r["late"]),
+        charge_client=bool(r["charge_client"]),
+        reason=r["reason"] or "",
+        within_grace=bool(r["within_grace"]),
     )
 
 
@@ -158,6 +218,9 @@ def add_session(session: Session) -> None:
             session.terms.notice_window // _MICROSECOND,
             session.terms.professional_may_charge_late,
             session.terms.no_show_takes_credit,
+            session.terms.late_reschedule.value,
+            session.terms.cancellation_grace // _MICROSECOND,
+            session.rescheduled_from or None,
         ),
     )
     payment = payment_of(session)
@@ -198,6 +261,8 @@ def change_state(before: Session, after: Session) -> None:
             micros_or_none(w.waived_at) if w else None,
             w.waived_by if w else None,
             w.reason if w else None,
+            c.within_grace if c else None,
+            after.rescheduled_to or None,
             before.session_id,
             before.state.value,
             before.version,
@@ -218,6 +283,26 @@ def change_state(before: Session, after: Session) -> None:
     ).rowcount
     if changed != 1:
         raise Conflict(f"payment of session {before.session_id} changed concurrently; retry")
+
+
+def move(before: Session, after: Session) -> None:
+    """Writes `after`'s start and moves only if the row is still exactly `before`; the Payments
+    tab orders by the session's start, so its row moves too."""
+    changed = sql(
+        _MOVE_SESSION,
+        (
+            to_micros(after.starts_at),
+            _dump_moves(after.moves),
+            before.version + 1,
+            to_micros(after.updated_at),
+            before.session_id,
+            before.state.value,
+            before.version,
+        ),
+    ).rowcount
+    if changed != 1:
+        _raise_lost_race(before)
+    sql(_MOVE_PAYMENT, (to_micros(after.starts_at), to_micros(after.updated_at), before.session_id))
 
 
 def _raise_lost_race(before: Session) -> None:

@@ -12,15 +12,23 @@ from kara_sessions_server.domain.model import (
     Invoice,
     InvoiceLine,
     InvoiceState,
+    Move,
     PaidReason,
     Party,
     Payment,
+    Rescheduled,
     Session,
     SessionState,
     Waiver,
     payment_of,
 )
-from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, Programme, Terms
+from kara_sessions_server.domain.programme import (
+    DEFAULT_PROGRAMME_ID,
+    DEFAULT_TERMS,
+    LateReschedule,
+    Programme,
+    Terms,
+)
 
 
 def _dt(value: datetime | None) -> str | None:
@@ -42,6 +50,7 @@ def _cancellation(c: Cancellation | None) -> dict[str, Any] | None:
         "late": c.late,
         "charge_client": c.charge_client,
         "reason": c.reason,
+        "within_grace": c.within_grace,
     }
 
 
@@ -55,6 +64,35 @@ def _load_cancellation(d: dict[str, Any] | None) -> Cancellation | None:
         notice=timedelta(microseconds=d["notice_us"]),
         late=d["late"],
         charge_client=d["charge_client"],
+        reason=d["reason"],
+        within_grace=d.get("within_grace", False),
+    )
+
+
+def _move(m: Move) -> dict[str, Any]:
+    return {
+        "moved_at": _dt(m.moved_at),
+        "from_starts_at": _dt(m.from_starts_at),
+        "to_starts_at": _dt(m.to_starts_at),
+        "moved_by": m.moved_by.value,
+        "notified_at": _dt(m.notified_at),
+        "notice_us": m.notice // timedelta(microseconds=1),
+        "late": m.late,
+        "within_grace": m.within_grace,
+        "reason": m.reason,
+    }
+
+
+def _load_move(d: dict[str, Any]) -> Move:
+    return Move(
+        moved_at=datetime.fromisoformat(d["moved_at"]),
+        from_starts_at=datetime.fromisoformat(d["from_starts_at"]),
+        to_starts_at=datetime.fromisoformat(d["to_starts_at"]),
+        moved_by=Party(d["moved_by"]),
+        notified_at=datetime.fromisoformat(d["notified_at"]),
+        notice=timedelta(microseconds=d["notice_us"]),
+        late=d["late"],
+        within_grace=d["within_grace"],
         reason=d["reason"],
     )
 
@@ -82,6 +120,9 @@ def _session(s: Session) -> dict[str, Any]:
             "waived_by": s.waiver.waived_by,
             "reason": s.waiver.reason,
         },
+        "moves": [_move(m) for m in s.moves],
+        "rescheduled_from": s.rescheduled_from,
+        "rescheduled_to": s.rescheduled_to,
     }
 
 
@@ -90,6 +131,8 @@ def _terms(t: Terms) -> dict[str, Any]:
         "notice_window_us": t.notice_window // timedelta(microseconds=1),
         "professional_may_charge_late": t.professional_may_charge_late,
         "no_show_takes_credit": t.no_show_takes_credit,
+        "late_reschedule": t.late_reschedule.value,
+        "cancellation_grace_us": t.cancellation_grace // timedelta(microseconds=1),
     }
 
 
@@ -101,6 +144,9 @@ def _load_terms(d: dict[str, Any] | None) -> Terms:
         notice_window=timedelta(microseconds=d["notice_window_us"]),
         professional_may_charge_late=d["professional_may_charge_late"],
         no_show_takes_credit=d["no_show_takes_credit"],
+        # Results stored before reschedules: the terms then had the article's rule, no grace.
+        late_reschedule=LateReschedule(d.get("late_reschedule", DEFAULT_TERMS.late_reschedule)),
+        cancellation_grace=timedelta(microseconds=d.get("cancellation_grace_us", 0)),
     )
 
 
@@ -127,6 +173,9 @@ def _load_session(d: dict[str, Any]) -> Session:
         terms=_load_terms(d.get("terms")),
         no_show_at=_parse_dt(d.get("no_show_at")),
         waiver=_load_waiver(d.get("waiver")),
+        moves=tuple(_load_move(m) for m in d.get("moves", ())),
+        rescheduled_from=d.get("rescheduled_from", ""),
+        rescheduled_to=d.get("rescheduled_to", ""),
     )
 
 
@@ -161,6 +210,18 @@ def load_settlement(raw: str) -> tuple[Session, Payment]:
     session is on no invoice."""
     session = _load_session(json.loads(raw)["session"])
     return session, payment_of(session)
+
+
+def dump_rescheduled(r: Rescheduled) -> str:
+    return json.dumps(
+        {"session": _session(r.session), "charged": None if r.charged is None else _session(r.charged)}
+    )
+
+
+def load_rescheduled(raw: str) -> Rescheduled:
+    d = json.loads(raw)
+    charged = d["charged"]
+    return Rescheduled(_load_session(d["session"]), None if charged is None else _load_session(charged))
 
 
 def dump_account(a: CreditAccount) -> str:

@@ -108,6 +108,16 @@ class SessionRow(Table):
     waived_at = UtcTimestampField(null=True)
     waived_by = pw.CharField(max_length=160, null=True)
     waive_reason = pw.TextField(null=True)
+    # Schema version 7: reschedules and a grace after booking (issue 25). The terms' defaults
+    # are the article's, what every session booked before them was promised.
+    late_reschedule = pw.CharField(max_length=16, default=DEFAULT_TERMS.late_reschedule.value)
+    cancellation_grace = DurationField(default=DEFAULT_TERMS.cancellation_grace)
+    within_grace = pw.BooleanField(null=True)
+    # The moves in place, oldest first, as JSON (session_repository): read with the session,
+    # never queried on their own.
+    moves = pw.TextField(null=True)
+    rescheduled_from = pw.CharField(max_length=64, null=True)
+    rescheduled_to = pw.CharField(max_length=64, null=True)
 
     class Meta:
         table_name = "sessions"
@@ -257,6 +267,9 @@ class ProgrammeRow(Table):
     version = pw.IntegerField()
     created_at = UtcTimestampField()
     updated_at = UtcTimestampField()
+    # Schema version 7.
+    late_reschedule = pw.CharField(max_length=16, default=DEFAULT_TERMS.late_reschedule.value)
+    cancellation_grace = DurationField(default=DEFAULT_TERMS.cancellation_grace)
 
     class Meta:
         table_name = "programmes"

@@ -165,6 +165,12 @@ class ChargeNotAllowedByProgramme(PreconditionFailed):
     reason = "CHARGE_NOT_ALLOWED_BY_PROGRAMME"
 
 
+class LateRescheduleNotAllowed(PreconditionFailed):
+    """The session's programme refuses a client's late move (its late_reschedule is REFUSED)."""
+
+    reason = "LATE_RESCHEDULE_NOT_ALLOWED"
+
+
 class NotWaivable(PreconditionFailed):
     """Only a taken credit of a late cancellation or a no-show can be waived, once."""
 

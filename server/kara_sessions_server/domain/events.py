@@ -16,6 +16,14 @@ class SessionCancelled:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionRescheduled:
+    rescheduled_by: Party
+    late: bool
+    # Settled as a late cancellation and booked again, rather than moved in place.
+    charged: bool
+
+
+@dataclass(frozen=True, slots=True)
 class CreditsMoved:
     kind: LedgerKind
     credits: int
@@ -46,4 +54,12 @@ class ChargeWaived:
     pass
 
 
-Event = SessionCancelled | CreditsMoved | InvoiceChanged | FeedAppended | NoShowMarked | ChargeWaived
+Event = (
+    SessionCancelled
+    | SessionRescheduled
+    | CreditsMoved
+    | InvoiceChanged
+    | FeedAppended
+    | NoShowMarked
+    | ChargeWaived
+)

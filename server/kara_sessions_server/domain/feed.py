@@ -18,6 +18,8 @@ class EventType(enum.StrEnum):
     SESSION_COMPLETED = "kara.sessions.v1.session.completed"
     SESSION_NO_SHOW = "kara.sessions.v1.session.no_show"
     SESSION_CHARGE_WAIVED = "kara.sessions.v1.session.charge_waived"
+    # Moved in place, or (charged) settled and booked again: SessionChanged.charged says which.
+    SESSION_RESCHEDULED = "kara.sessions.v1.session.rescheduled"
     CREDITS_GRANTED = "kara.sessions.v1.credits.granted"
     INVOICE_CREATED = "kara.sessions.v1.invoice.created"
     # Lines added or removed while DRAFT.
@@ -60,6 +62,9 @@ class Change:
 class SessionChanged:
     session: Session
     payment: Payment
+    # A charged reschedule: the session it settled (`session` is the one booked in its place).
+    charged: Session | None = None
+    charged_payment: Payment | None = None
 
 
 FeedData = SessionChanged | CreditAccount | Invoice | Programme

@@ -53,6 +53,10 @@ class PaidReason(enum.StrEnum):
     CHARGED_LATE_CANCELLATION = "CHARGED_LATE_CANCELLATION"
     # The client did not come, under terms that charge a no-show.
     NO_SHOW = "NO_SHOW"
+    # A late move, charged: the client's under terms whose late_reschedule is CHARGE, or the
+    # professional's with the box ticked. The session was booked again at the new time.
+    CLIENT_LATE_RESCHEDULE = "CLIENT_LATE_RESCHEDULE"
+    CHARGED_LATE_RESCHEDULE = "CHARGED_LATE_RESCHEDULE"
 
 
 class InvoiceState(enum.StrEnum):
@@ -103,6 +107,25 @@ class Cancellation:
     late: bool
     charge_client: bool
     reason: str
+    # The client cancelled within the terms' cancellation_grace after booking, with less notice
+    # than the window: treated as enough notice.
+    within_grace: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One move of a session in place (a reschedule that took nothing)."""
+
+    moved_at: datetime
+    from_starts_at: datetime
+    to_starts_at: datetime
+    moved_by: Party
+    notified_at: datetime
+    notice: timedelta
+    # Less notice than the window, moved free all the same (see policy.py).
+    late: bool
+    within_grace: bool
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +155,11 @@ class Session:
     terms: Terms = DEFAULT_TERMS
     no_show_at: datetime | None = None
     waiver: Waiver | None = None
+    # Every move in place, oldest first (starts_at is the last one's to_starts_at).
+    moves: tuple[Move, ...] = ()
+    # A charged late reschedule settles one session and books another: each names the other.
+    rescheduled_from: str = ""
+    rescheduled_to: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +209,10 @@ def paid_reason(session: Session) -> PaidReason | None:
         return PaidReason.COMPLETED
     if session.state is SessionState.CANCELLED_PAID:
         assert session.cancellation is not None
-        if session.cancellation.cancelled_by is Party.CLIENT:
-            return PaidReason.CLIENT_LATE_CANCELLATION
-        return PaidReason.CHARGED_LATE_CANCELLATION
+        by_client = session.cancellation.cancelled_by is Party.CLIENT
+        if session.rescheduled_to:
+            return PaidReason.CLIENT_LATE_RESCHEDULE if by_client else PaidReason.CHARGED_LATE_RESCHEDULE
+        return PaidReason.CLIENT_LATE_CANCELLATION if by_client else PaidReason.CHARGED_LATE_CANCELLATION
     return None
 
 
@@ -297,6 +326,17 @@ class CancelSession:
 
 
 @dataclass(frozen=True, slots=True)
+class RescheduleSession:
+    session_id: str
+    new_starts_at: datetime
+    rescheduled_by: Party
+    charge_client: bool
+    notified_at: datetime | None
+    reason: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class CompleteSession:
     session_id: str
     request_id: str
@@ -381,3 +421,30 @@ class CancellationOutcome:
     @property
     def credits_taken(self) -> int:
         return CREDITS_PER_SESSION if self.credit_move is LedgerKind.TAKE else 0
+
+
+@dataclass(frozen=True, slots=True)
+class RescheduleOutcome:
+    """What a reschedule does (or, previewed, would do): a move in place, or, when `charged`,
+    a late cancellation of the session (`cancellation`) and a new booking at the new time."""
+
+    charged: bool
+    move: Move
+    cancellation: Cancellation | None
+
+    @property
+    def credits_taken(self) -> int:
+        return CREDITS_PER_SESSION if self.charged else 0
+
+    @property
+    def credits_held(self) -> int:
+        """Newly held: the new booking's credit (a move in place keeps the one it holds)."""
+        return CREDITS_PER_SESSION if self.charged else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rescheduled:
+    """A committed reschedule: the session at its new time, and the one a charge settled."""
+
+    session: Session
+    charged: Session | None = None

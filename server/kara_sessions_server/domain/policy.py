@@ -14,6 +14,24 @@ were when it was booked (programme.py); the article's are the default programme'
 
 The article speaks of "more than" and "less than" 24 hours and leaves exactly 24 hours open;
 we resolve it in the client's favour: notice >= window is enough notice.
+
+A client's cancellation or move within the terms' `cancellation_grace` after booking counts as
+enough notice whatever the notice (issue 25: a session booked 2 hours ahead and cancelled a
+minute later is not charged).
+
+Moving a session (RescheduleSession) follows the same principle, notice measured against its
+current start:
+
+| who          | notice    | charge box | outcome                                              |
+|--------------|-----------|------------|------------------------------------------------------|
+| either       | >= window | clear      | moved in place, credit stays held                    |
+| professional | >= window | ticked     | refused (CHARGE_NOT_ALLOWED_WITH_NOTICE)             |
+| professional | <  window | clear      | moved in place (their own late move)                 |
+| professional | <  window | ticked     | charged; refused where the programme forbids it      |
+| client       | <  window | (not theirs) | the terms' late_reschedule: CHARGE, FREE or REFUSED |
+
+Charged: the session is settled as a late cancellation (credit taken) and a new one is booked
+at the new time on a new credit.
 """
 
 from __future__ import annotations
@@ -25,51 +43,87 @@ from kara_sessions_server.domain.errors import (
     ChargeNotAllowedByProgramme,
     ChargeNotAllowedWithNotice,
     InvalidRequest,
+    LateRescheduleNotAllowed,
     SessionAlreadyStarted,
 )
-from kara_sessions_server.domain.model import CancelSession, Party, Session
+from kara_sessions_server.domain.model import CancelSession, Party, RescheduleSession, Session
+from kara_sessions_server.domain.programme import LateReschedule
 
 
 @dataclass(frozen=True, slots=True)
 class Notice:
-    """How much notice a cancellation gave, and whether that was enough."""
+    """How much notice a cancellation or a move gave, and whether that was enough."""
 
     notified_at: datetime
     notice: timedelta
     late: bool
+    # Less notice than the window, but a client's change within the grace after booking.
+    within_grace: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """What the policy reads of a cancellation or a reschedule: who, the box, when notified."""
+
+    party: Party
+    charge_client: bool
+    notified_at: datetime | None
+    # "cancel" or "move", for messages.
+    verb: str
+
+    @classmethod
+    def of(cls, command: CancelSession | RescheduleSession) -> _Asked:
+        if isinstance(command, CancelSession):
+            return cls(command.cancelled_by, command.charge_client, command.notified_at, "cancel")
+        return cls(command.rescheduled_by, command.charge_client, command.notified_at, "move")
 
 
 @dataclass(frozen=True, slots=True)
 class CancellationPolicy:
-    def validate_request(self, command: CancelSession, now: datetime) -> None:
+    def validate_request(self, command: CancelSession | RescheduleSession, now: datetime) -> None:
         """Rules that need no session: checked before anything is loaded."""
-        if command.cancelled_by is Party.CLIENT and command.charge_client:
+        asked = _Asked.of(command)
+        if asked.party is Party.CLIENT and asked.charge_client:
             raise InvalidRequest.single(
                 "charge_client",
-                "only the professional can charge the client; a client's late cancellation is "
-                "charged automatically",
+                f"only the professional can charge the client; a client's late {asked.verb} is "
+                "charged automatically where the programme's terms say so",
                 reason="CLIENT_CANNOT_CHARGE",
             )
-        if command.notified_at is None:
+        if isinstance(command, RescheduleSession) and command.new_starts_at <= now:
+            raise InvalidRequest.single(
+                "new_starts_at",
+                f"must be in the future (server time is {now.isoformat()})",
+                reason="STARTS_AT_NOT_IN_FUTURE",
+            )
+        if asked.notified_at is None:
             return
-        if command.cancelled_by is not Party.PROFESSIONAL:
+        if asked.party is not Party.PROFESSIONAL:
             raise InvalidRequest.single(
                 "notified_at",
                 "only a professional may record when notice was given; omit it to use the current time",
                 reason="NOTIFIED_AT_NOT_ALLOWED",
             )
-        if command.notified_at > now:
+        if asked.notified_at > now:
             raise InvalidRequest.single(
                 "notified_at",
-                f"notice cannot be given in the future ({command.notified_at.isoformat()} is after "
+                f"notice cannot be given in the future ({asked.notified_at.isoformat()} is after "
                 f"the server's time {now.isoformat()})",
                 reason="NOTIFIED_AT_IN_FUTURE",
             )
 
-    def assess(self, session: Session, command: CancelSession, now: datetime) -> Notice:
-        """The notice a cancellation of `session` gives; raises if the policy refuses it."""
+    def assess(self, session: Session, command: CancelSession | RescheduleSession, now: datetime) -> Notice:
+        """The notice a cancellation or a move of `session` gives; raises if the policy refuses
+        it (a client's late move under terms that refuse one included)."""
         self.validate_request(command, now)
-        notified_at = command.notified_at or now
+        asked = _Asked.of(command)
+        if isinstance(command, RescheduleSession) and command.new_starts_at == session.starts_at:
+            raise InvalidRequest.single(
+                "new_starts_at",
+                f"is the session's current start ({session.starts_at.isoformat()}): give the new one",
+                reason="STARTS_AT_UNCHANGED",
+            )
+        notified_at = asked.notified_at or now
         if notified_at < session.booked_at:
             raise InvalidRequest.single(
                 "notified_at",
@@ -79,14 +133,22 @@ class CancellationPolicy:
         if notified_at >= session.starts_at:
             raise SessionAlreadyStarted(
                 f"session {session.session_id} started at {session.starts_at.isoformat()}; "
-                "it can be cancelled after its start only if notice was given before it started "
-                "(set notified_at)",
+                f"it can be {'cancelled' if asked.verb == 'cancel' else 'moved'} after its start "
+                "only if notice was given before it started (set notified_at)",
                 metadata={"session_id": session.session_id, "starts_at": session.starts_at.isoformat()},
             )
-        window = session.terms.notice_window
+        terms = session.terms
+        window = terms.notice_window
         notice = session.starts_at - notified_at
-        late = notice < window
-        if command.charge_client and not late:
+        # The grace is the client's: a professional's own late change is free already.
+        within_grace = (
+            notice < window
+            and asked.party is Party.CLIENT
+            and terms.cancellation_grace > timedelta(0)
+            and notified_at - session.booked_at <= terms.cancellation_grace
+        )
+        late = notice < window and not within_grace
+        if asked.charge_client and not late:
             raise ChargeNotAllowedWithNotice(
                 f"the client gave {_hours(notice)} of notice (at least {_hours(window)}); under the terms "
                 f"of programme {session.programme_id!r} they must not be charged: clear charge_client",
@@ -97,19 +159,42 @@ class CancellationPolicy:
                     "notice_window_seconds": str(int(window.total_seconds())),
                 },
             )
-        if command.charge_client and not session.terms.professional_may_charge_late:
+        if asked.charge_client and not terms.professional_may_charge_late:
             raise ChargeNotAllowedByProgramme(
                 f"programme {session.programme_id!r} does not let a professional charge a late "
-                "cancellation: clear charge_client (the credit goes back to the client)",
+                f"{'cancellation' if asked.verb == 'cancel' else 'move'}: clear charge_client "
+                "(the credit goes back to the client)",
                 metadata={"session_id": session.session_id, "programme_id": session.programme_id},
             )
-        return Notice(notified_at=notified_at, notice=notice, late=late)
+        refused = terms.late_reschedule is LateReschedule.REFUSED
+        if asked.verb == "move" and late and asked.party is Party.CLIENT and refused:
+            raise LateRescheduleNotAllowed(
+                f"the client gave {_hours(notice)} of notice (less than {_hours(window)}) and "
+                f"programme {session.programme_id!r} does not let a client move a session that "
+                "late; the session may still be cancelled",
+                metadata={
+                    "session_id": session.session_id,
+                    "programme_id": session.programme_id,
+                    "notice_seconds": str(int(notice.total_seconds())),
+                    "notice_window_seconds": str(int(window.total_seconds())),
+                },
+            )
+        return Notice(notified_at=notified_at, notice=notice, late=late, within_grace=within_grace)
 
     @staticmethod
     def client_pays(cancelled_by: Party, charge_client: bool, late: bool) -> bool:
         """Whether a cancellation takes the credit: only when late, and then automatically for
         the client's own cancellation or at the professional's discretion."""
         return late and (cancelled_by is Party.CLIENT or charge_client)
+
+    @staticmethod
+    def move_charged(moved_by: Party, charge_client: bool, late: bool, rule: LateReschedule) -> bool:
+        """Whether a move is charged: only when late, and then for the client's own move where
+        the terms say CHARGE (FREE moves it; REFUSED was refused by `assess`) or at the
+        professional's discretion."""
+        if not late:
+            return False
+        return rule is LateReschedule.CHARGE if moved_by is Party.CLIENT else charge_client
 
 
 def _hours(delta: timedelta) -> str:

@@ -7,6 +7,7 @@ against one programme's credit and keeps the terms in force when it was booked."
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -20,7 +21,17 @@ DEFAULT_PROGRAMME_ID = "default"
 MIN_NOTICE_WINDOW = timedelta(hours=1)
 MAX_NOTICE_WINDOW = timedelta(days=14)
 MAX_DISPLAY_NAME = 200
+MAX_CANCELLATION_GRACE = timedelta(hours=24)
 _PROGRAMME_ID = re.compile(r"[a-z][a-z0-9-]{0,63}")
+
+
+class LateReschedule(enum.StrEnum):
+    """What a client's reschedule with less notice than the window does (issue 25)."""
+
+    # The article's rule carried over: a late move is a late cancellation, and a new booking.
+    CHARGE = "CHARGE"
+    FREE = "FREE"
+    REFUSED = "REFUSED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +41,9 @@ class Terms:
     notice_window: timedelta
     professional_may_charge_late: bool
     no_show_takes_credit: bool
+    late_reschedule: LateReschedule = LateReschedule.CHARGE
+    # A client's change this soon after booking counts as enough notice (0: the article's rule).
+    cancellation_grace: timedelta = timedelta(0)
 
 
 # The article's terms: the Wellbeing Hubs programme, and every session booked before programmes.
@@ -38,7 +52,14 @@ DEFAULT_TERMS = Terms(
 )
 
 # The fields UpdateProgramme may change.
-MUTABLE_FIELDS = ("display_name", "notice_window", "professional_may_charge_late", "no_show_takes_credit")
+MUTABLE_FIELDS = (
+    "display_name",
+    "notice_window",
+    "professional_may_charge_late",
+    "no_show_takes_credit",
+    "late_reschedule",
+    "cancellation_grace",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +70,8 @@ class ProgrammeChanges:
     notice_window: timedelta | None = None
     professional_may_charge_late: bool | None = None
     no_show_takes_credit: bool | None = None
+    late_reschedule: LateReschedule | None = None
+    cancellation_grace: timedelta | None = None
 
 
 def _either(new: V | None, old: V) -> V:
@@ -79,6 +102,8 @@ class Programme:
                 changes.professional_may_charge_late, t.professional_may_charge_late
             ),
             no_show_takes_credit=_either(changes.no_show_takes_credit, t.no_show_takes_credit),
+            late_reschedule=_either(changes.late_reschedule, t.late_reschedule),
+            cancellation_grace=_either(changes.cancellation_grace, t.cancellation_grace),
         )
         display_name = _either(changes.display_name, self.display_name)
         check(self.programme_id, display_name, terms, id_field=None)
@@ -101,6 +126,8 @@ def check(
         violations.append(("programme.display_name", f"is required, at most {MAX_DISPLAY_NAME} characters"))
     if not MIN_NOTICE_WINDOW <= terms.notice_window <= MAX_NOTICE_WINDOW:
         violations.append(("programme.notice_window", "must be between 1 hour and 14 days"))
+    if not timedelta(0) <= terms.cancellation_grace <= MAX_CANCELLATION_GRACE:
+        violations.append(("programme.cancellation_grace", "must be between 0 and 24 hours"))
     if violations:
         raise InvalidRequest([FieldViolation(f, d) for f, d in violations])
 

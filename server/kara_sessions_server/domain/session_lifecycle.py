@@ -21,7 +21,10 @@ from kara_sessions_server.domain.model import (
     CancellationOutcome,
     CancelSession,
     LedgerKind,
+    Move,
     PaymentState,
+    RescheduleOutcome,
+    RescheduleSession,
     Session,
     SessionState,
     Waiver,
@@ -31,12 +34,22 @@ from kara_sessions_server.domain.model import (
 from kara_sessions_server.domain.policy import CancellationPolicy, Notice
 
 _S = SessionState
-_DONE = {"cancel": "cancelled", "complete": "completed", "no_show": "marked as a no-show", "waive": "waived"}
+_DONE = {
+    "cancel": "cancelled",
+    "reschedule": "rescheduled",
+    "complete": "completed",
+    "no_show": "marked as a no-show",
+    "waive": "waived",
+}
 
 TRANSITIONS: list[dict[str, Any]] = [
     # Order matters: the first transition whose guards pass wins.
     {"trigger": "cancel", "source": _S.BOOKED, "dest": _S.CANCELLED_PAID, "conditions": ["client_pays"]},
     {"trigger": "cancel", "source": _S.BOOKED, "dest": _S.CANCELLED_VOIDED},
+    # A charged move settles the session as a late cancellation; a new one is booked in its place.
+    {"trigger": "reschedule", "source": _S.BOOKED, "dest": _S.CANCELLED_PAID, "conditions": ["move_charged"]},
+    # Internal: moved in place, still BOOKED, the credit stays held.
+    {"trigger": "reschedule", "source": _S.BOOKED, "dest": None},
     {"trigger": "complete", "source": _S.BOOKED, "dest": _S.COMPLETED, "conditions": ["has_started"]},
     {"trigger": "no_show", "source": _S.BOOKED, "dest": _S.NO_SHOW, "conditions": ["has_started"]},
     # Internal: the state stays; the payment becomes VOIDED and the credit goes back.
@@ -63,13 +76,15 @@ class _SessionModel:
 
     # machine-level prepare_event: runs once per event, after the source state is accepted
     def prepare(self, event: EventData) -> None:
-        """On cancel: the policy measures the notice (starts_at - notified_at, notified_at
-        defaulting to now) and refuses a client ticking the charge box or recording notice,
-        notice recorded in the future or before the booking, a cancellation after the start
-        without earlier notice, and the charge box ticked with enough notice (the programme's
-        terms)."""
-        if event.event.name == "cancel":
-            command: CancelSession = event.kwargs["command"]
+        """On cancel and reschedule: the policy measures the notice (the current starts_at -
+        notified_at, notified_at defaulting to now; a client's change within the terms'
+        cancellation_grace after booking has enough notice) and refuses a client ticking the
+        charge box or recording notice, notice recorded in the future or before the booking, a
+        change after the start without earlier notice, the charge box ticked with enough notice
+        or under terms that forbid it, a move to the current start, and a client's late move
+        under terms whose late_reschedule is REFUSED."""
+        if event.event.name in ("cancel", "reschedule"):
+            command: CancelSession | RescheduleSession = event.kwargs["command"]
             self.notice = self.policy.assess(self.session, command, self.now)
 
     def client_pays(self, event: EventData) -> bool:
@@ -78,6 +93,19 @@ class _SessionModel:
         command: CancelSession = event.kwargs["command"]
         assert self.notice is not None
         return self.policy.client_pays(command.cancelled_by, command.charge_client, self.notice.late)
+
+    def move_charged(self, event: EventData) -> bool:
+        """Late (notice < the window, outside a client's grace after booking), and either the
+        professional ticked "Charge the client for this session" or the client moved under terms
+        whose late_reschedule is CHARGE (REFUSED was refused by `prepare`; FREE moves it)."""
+        command: RescheduleSession = event.kwargs["command"]
+        assert self.notice is not None
+        return self.policy.move_charged(
+            command.rescheduled_by,
+            command.charge_client,
+            self.notice.late,
+            self.session.terms.late_reschedule,
+        )
 
     def has_started(self, event: EventData) -> bool:
         """The session's start time has come."""
@@ -117,6 +145,7 @@ class SessionLifecycle:
             late=model.notice.late,
             charge_client=command.charge_client,
             reason=command.reason,
+            within_grace=model.notice.within_grace,
         )
         move = credit_move(new_state, session.terms)
         assert move is not None
@@ -126,6 +155,36 @@ class SessionLifecycle:
             cancellation=cancellation,
             credit_move=move,
         )
+
+    def reschedule(self, session: Session, command: RescheduleSession, now: datetime) -> RescheduleOutcome:
+        """Decides a move; raises a DomainError if the policy or the state refuses it."""
+        model = self._fire(session, now, "reschedule", command=command)
+        notice = model.notice
+        assert notice is not None
+        charged = SessionState(model.state) is SessionState.CANCELLED_PAID
+        move = Move(
+            moved_at=now,
+            from_starts_at=session.starts_at,
+            to_starts_at=command.new_starts_at,
+            moved_by=command.rescheduled_by,
+            notified_at=notice.notified_at,
+            notice=notice.notice,
+            late=notice.late,
+            within_grace=notice.within_grace,
+            reason=command.reason,
+        )
+        cancellation = None
+        if charged:
+            cancellation = Cancellation(
+                cancelled_by=command.rescheduled_by,
+                cancelled_at=now,
+                notified_at=notice.notified_at,
+                notice=notice.notice,
+                late=True,
+                charge_client=command.charge_client,
+                reason=command.reason,
+            )
+        return RescheduleOutcome(charged=charged, move=move, cancellation=cancellation)
 
     def complete(self, session: Session, now: datetime) -> Session:
         self._started(session, now, "complete", "completed")
@@ -192,4 +251,30 @@ def on_invoice_refusal(session: Session, invoice_id: str) -> OnInvoice:
         f"session {session.session_id} is on invoice {invoice_id}: remove it from that draft invoice "
         "first (a submitted invoice is final)",
         metadata={"session_id": session.session_id, "invoice_id": invoice_id},
+    )
+
+
+def moved(session: Session, move: Move, now: datetime) -> Session:
+    """The session moved in place: same id, programme and terms; the move kept with it."""
+    return replace(
+        session,
+        starts_at=move.to_starts_at,
+        moves=(*session.moves, move),
+        updated_at=now,
+        version=session.version + 1,
+    )
+
+
+def settled_by_move(
+    session: Session, outcome: RescheduleOutcome, replacement_id: str, now: datetime
+) -> Session:
+    """The session a charged move settles: a late cancellation that names its replacement."""
+    assert outcome.charged and outcome.cancellation is not None
+    return replace(
+        session,
+        state=SessionState.CANCELLED_PAID,
+        cancellation=outcome.cancellation,
+        rescheduled_to=replacement_id,
+        updated_at=now,
+        version=session.version + 1,
     )

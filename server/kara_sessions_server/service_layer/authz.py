@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from kara_sessions_server.domain.errors import NotFound, PermissionDenied
-from kara_sessions_server.domain.model import CancelSession, Invoice, Party, Session
+from kara_sessions_server.domain.model import CancelSession, Invoice, Party, RescheduleSession, Session
 from kara_sessions_server.domain.principal import Principal, Role
 
 T = TypeVar("T")
@@ -58,6 +58,16 @@ def check_cancel(principal: Principal, command: CancelSession) -> None:
         raise _deny(
             f"{principal} may cancel only as {party.value}, not as {command.cancelled_by.value}",
             cancelled_by=command.cancelled_by.value,
+        )
+
+
+def check_reschedule(principal: Principal, command: RescheduleSession) -> None:
+    """As for a cancellation: a professional or client moves only as themselves."""
+    party = _PARTY_FOR_ROLE.get(principal.role)
+    if party is not None and command.rescheduled_by is not party:
+        raise _deny(
+            f"{principal} may reschedule only as {party.value}, not as {command.rescheduled_by.value}",
+            rescheduled_by=command.rescheduled_by.value,
         )
 
 

@@ -32,6 +32,14 @@ def _settled(raw: str) -> SessionChanged:
     return SessionChanged(*snapshots.load_settlement(raw))
 
 
+def _rescheduled(raw: str) -> SessionChanged:
+    done = snapshots.load_rescheduled(raw)
+    charged = done.charged
+    return SessionChanged(
+        done.session, payment_of(done.session), charged, None if charged is None else payment_of(charged)
+    )
+
+
 # The stored data is what the request_id record stores for the same request (snapshots.py).
 _LOAD: dict[EventType, Callable[[str], FeedData]] = {
     EventType.SESSION_BOOKED: lambda raw: _session_changed(snapshots.load_session(raw)),
@@ -39,6 +47,7 @@ _LOAD: dict[EventType, Callable[[str], FeedData]] = {
     EventType.SESSION_CANCELLED: _settled,
     EventType.SESSION_NO_SHOW: _settled,
     EventType.SESSION_CHARGE_WAIVED: _settled,
+    EventType.SESSION_RESCHEDULED: _rescheduled,
     EventType.CREDITS_GRANTED: snapshots.load_account,
     EventType.INVOICE_CREATED: snapshots.load_invoice,
     EventType.INVOICE_CHANGED: snapshots.load_invoice,

@@ -33,6 +33,7 @@ from kara_sessions_server.domain.events import (
     FeedAppended,
     NoShowMarked,
     SessionCancelled,
+    SessionRescheduled,
 )
 from kara_sessions_server.domain.feed import Change, EventType
 from kara_sessions_server.domain.model import (
@@ -49,6 +50,9 @@ from kara_sessions_server.domain.model import (
     Party,
     Payment,
     PaymentSection,
+    Rescheduled,
+    RescheduleOutcome,
+    RescheduleSession,
     Session,
     SessionState,
     WaiveCharge,
@@ -57,7 +61,12 @@ from kara_sessions_server.domain.model import (
 from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.domain.principal import Principal, Role
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID
-from kara_sessions_server.domain.session_lifecycle import SessionLifecycle, on_invoice_refusal
+from kara_sessions_server.domain.session_lifecycle import (
+    SessionLifecycle,
+    moved,
+    on_invoice_refusal,
+    settled_by_move,
+)
 from kara_sessions_server.service_layer import authz
 from kara_sessions_server.service_layer.commit_signal import CommitSignal
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
@@ -68,6 +77,11 @@ SYSTEM_ACTOR = "SYSTEM"
 
 
 DEFAULT_BOOKING_HORIZON = timedelta(days=730)
+# A charged late move books the session again: on a new credit, which the client must have.
+_REBOOK = (
+    "to book the session again at the new time (a late move is charged as a late cancellation "
+    "and booked on a new credit)"
+)
 
 
 @dataclass
@@ -97,13 +111,7 @@ class Services:
                     f"must be in the future (server time is {now.isoformat()})",
                     reason="STARTS_AT_NOT_IN_FUTURE",
                 )
-            if cmd.starts_at > now + self.booking_horizon:
-                raise InvalidRequest.single(
-                    "starts_at",
-                    f"must be at most {self.booking_horizon.days} days ahead (server time is "
-                    f"{now.isoformat()}; the server's --max-booking-horizon-days)",
-                    reason="STARTS_AT_BEYOND_HORIZON",
-                )
+            self._check_horizon("starts_at", cmd.starts_at, now)
             session = Session(
                 session_id=str(uuid.uuid4()),
                 client_id=cmd.client_id,
@@ -176,6 +184,96 @@ class Services:
             snapshots.load_settlement,
             lambda settled: Change.of_session(EventType.SESSION_CANCELLED, settled[0]),
         )
+
+    def reschedule_session(self, who: Principal, cmd: RescheduleSession) -> Rescheduled:
+        authz.check_reschedule(who, cmd)
+
+        def work(uow: UnitOfWork, now: datetime) -> Rescheduled:
+            self._check_reschedule_request(cmd, now)
+            before = _load_session(who, cmd.session_id)
+            outcome = self.lifecycle.reschedule(before, cmd, now)
+            party = cmd.rescheduled_by.value
+            uow.events.append(SessionRescheduled(cmd.rescheduled_by, outcome.move.late, outcome.charged))
+            if not outcome.charged:
+                after = moved(before, outcome.move, now)
+                session_repository.move(before, after)
+                session_repository.audit(before, after, "RESCHEDULE", party, who, cmd.request_id, now)
+                return Rescheduled(after)
+            # Settled as a late cancellation, and booked again on a new credit of the programme,
+            # under its terms as they are now (a new booking), naming the session it replaces.
+            programme = programme_repository.get(before.programme_id)
+            replacement = replace(
+                before,
+                session_id=str(uuid.uuid4()),
+                starts_at=cmd.new_starts_at,
+                booked_at=now,
+                updated_at=now,
+                state=SessionState.BOOKED,
+                version=1,
+                cancellation=None,
+                terms=programme.terms,
+                moves=(),
+                rescheduled_from=before.session_id,
+                rescheduled_to="",
+            )
+            settled = settled_by_move(before, outcome, replacement.session_id, now)
+            account = _account(before)
+            ledger.hold(account, replacement.session_id, replacement.credits, cmd.request_id, now, _REBOOK)
+            session_repository.change_state(before, settled)
+            ledger.settle(account, before.session_id, LedgerKind.TAKE, before.credits, cmd.request_id, now)
+            session_repository.add_session(replacement)
+            session_repository.audit(before, settled, "RESCHEDULE", party, who, cmd.request_id, now)
+            session_repository.audit(None, replacement, "BOOK", party, who, cmd.request_id, now)
+            uow.events.append(CreditsMoved(LedgerKind.TAKE, before.credits))
+            uow.events.append(CreditsMoved(LedgerKind.HOLD, replacement.credits))
+            return Rescheduled(replacement, settled)
+
+        params = {
+            "session_id": cmd.session_id,
+            "new_starts_at": cmd.new_starts_at,
+            "rescheduled_by": cmd.rescheduled_by.value,
+            "charge_client": cmd.charge_client,
+            "notified_at": cmd.notified_at,
+            "reason": cmd.reason,
+        }
+        return self.mutate(
+            who,
+            "RescheduleSession",
+            cmd.request_id,
+            params,
+            work,
+            snapshots.dump_rescheduled,
+            snapshots.load_rescheduled,
+            lambda done: Change.of_session(EventType.SESSION_RESCHEDULED, done.session),
+        )
+
+    def preview_reschedule(self, who: Principal, cmd: RescheduleSession) -> RescheduleOutcome:
+        """What reschedule_session would do; a charged move needs a spare credit, so a preview
+        without one is refused as the reschedule would be."""
+        authz.check_reschedule(who, cmd)
+        with UnitOfWork(self.storage, write=False):
+            now = self.clock.now()
+            self._check_reschedule_request(cmd, now)
+            session = _load_session(who, cmd.session_id)
+            outcome = self.lifecycle.reschedule(session, cmd, now)
+            if outcome.charged and ledger.balance(_account(session)).available < outcome.credits_held:
+                raise ledger.insufficient(_account(session), _REBOOK)
+            return outcome
+
+    def _check_reschedule_request(self, cmd: RescheduleSession, now: datetime) -> None:
+        # The lifecycle checks these again; checking first makes a malformed request
+        # INVALID_ARGUMENT even when the session does not exist.
+        self.policy.validate_request(cmd, now)
+        self._check_horizon("new_starts_at", cmd.new_starts_at, now)
+
+    def _check_horizon(self, field_name: str, starts_at: datetime, now: datetime) -> None:
+        if starts_at > now + self.booking_horizon:
+            raise InvalidRequest.single(
+                field_name,
+                f"must be at most {self.booking_horizon.days} days ahead (server time is "
+                f"{now.isoformat()}; the server's --max-booking-horizon-days)",
+                reason="STARTS_AT_BEYOND_HORIZON",
+            )
 
     def preview_cancellation(self, who: Principal, cmd: CancelSession) -> CancellationOutcome:
         authz.check_cancel(who, cmd)

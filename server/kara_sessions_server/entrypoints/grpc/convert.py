@@ -26,16 +26,18 @@ from kara_sessions_server.domain.model import (
     InvoiceLine,
     InvoiceState,
     LedgerKind,
+    Move,
     PaidReason,
     Party,
     Payment,
     PaymentSection,
     PaymentState,
+    RescheduleOutcome,
     Session,
     SessionState,
     Waiver,
 )
-from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, Programme, Terms
+from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, LateReschedule, Programme, Terms
 
 E = TypeVar("E")
 
@@ -77,6 +79,18 @@ PAID_REASON_TO_PB: dict[PaidReason, pb.PaidReason] = {
     PaidReason.CLIENT_LATE_CANCELLATION: pb.PAID_REASON_CLIENT_LATE_CANCELLATION,
     PaidReason.CHARGED_LATE_CANCELLATION: pb.PAID_REASON_CHARGED_LATE_CANCELLATION,
     PaidReason.NO_SHOW: pb.PAID_REASON_NO_SHOW,
+    PaidReason.CLIENT_LATE_RESCHEDULE: pb.PAID_REASON_CLIENT_LATE_RESCHEDULE,
+    PaidReason.CHARGED_LATE_RESCHEDULE: pb.PAID_REASON_CHARGED_LATE_RESCHEDULE,
+}
+LATE_RESCHEDULE_TO_PB: dict[LateReschedule, ppb.LateReschedule] = {
+    LateReschedule.CHARGE: ppb.LATE_RESCHEDULE_CHARGE,
+    LateReschedule.FREE: ppb.LATE_RESCHEDULE_FREE,
+    LateReschedule.REFUSED: ppb.LATE_RESCHEDULE_REFUSED,
+}
+# UNSPECIFIED is the default, CHARGE: a caller that predates the term keeps the article's rule.
+LATE_RESCHEDULE_FROM_PB: dict[int, LateReschedule] = {
+    ppb.LATE_RESCHEDULE_UNSPECIFIED: LateReschedule.CHARGE,
+    **{int(v): k for k, v in LATE_RESCHEDULE_TO_PB.items()},
 }
 INVOICE_STATE_TO_PB: dict[InvoiceState, ipb.InvoiceState] = {
     InvoiceState.DRAFT: ipb.INVOICE_STATE_DRAFT,
@@ -121,11 +135,15 @@ class RequestReader:
         """An optional programme id; empty means the default programme."""
         return self.id(field, required=False) or DEFAULT_PROGRAMME_ID
 
-    def duration(self, message: Message, field: str, name: str) -> timedelta | None:
-        """`message.field` (a google.protobuf.Duration) as a timedelta; `name` for violations."""
+    def duration(
+        self, message: Message, field: str, name: str, default: timedelta | None = None
+    ) -> timedelta | None:
+        """`message.field` (a google.protobuf.Duration) as a timedelta; `name` for violations.
+        Required unless there is a `default` for it unset."""
         if not message.HasField(field):
-            self.fail(name, "is required")
-            return None
+            if default is None:
+                self.fail(name, "is required")
+            return default
         value: Duration = getattr(message, field)
         valid = (
             -_MAX_DURATION_SECONDS <= value.seconds <= _MAX_DURATION_SECONDS
@@ -184,8 +202,18 @@ class RequestReader:
             self.fail(field, "is not a valid timestamp (years 0001-9999, nanos 0-999999999)")
             return None
 
-    def enum(self, field: str, mapping: dict[int, E], *, required: bool, allowed: str) -> E | None:
-        value: int = getattr(self.request, field)
+    def enum(
+        self,
+        field: str,
+        mapping: dict[int, E],
+        *,
+        required: bool,
+        allowed: str,
+        message: Message | None = None,
+        name: str = "",
+    ) -> E | None:
+        value: int = getattr(self.request if message is None else message, field)
+        field = name or field
         if value in mapping:
             return mapping[value]
         if value == 0 and not required:
@@ -219,6 +247,21 @@ def cancellation_pb(c: Cancellation) -> pb.Cancellation:
         late=c.late,
         charge_client=c.charge_client,
         reason=c.reason,
+        within_grace=c.within_grace,
+    )
+
+
+def move_pb(m: Move) -> pb.Move:
+    return pb.Move(
+        moved_at=timestamp(m.moved_at),
+        from_starts_at=timestamp(m.from_starts_at),
+        to_starts_at=timestamp(m.to_starts_at),
+        moved_by=PARTY_TO_PB[m.moved_by],
+        notified_at=timestamp(m.notified_at),
+        notice_seconds=int(m.notice.total_seconds()),
+        late=m.late,
+        within_grace=m.within_grace,
+        reason=m.reason,
     )
 
 
@@ -243,6 +286,10 @@ def session_pb(s: Session) -> pb.Session:
         msg.no_show_at.CopyFrom(timestamp(s.no_show_at))
     if s.waiver is not None:
         msg.waiver.CopyFrom(waiver_pb(s.waiver))
+    if s.moves:
+        msg.moves.extend(move_pb(m) for m in s.moves)
+    msg.rescheduled_from = s.rescheduled_from
+    msg.rescheduled_to = s.rescheduled_to
     return msg
 
 
@@ -257,6 +304,8 @@ def terms_pb(t: Terms) -> ppb.ProgrammeTerms:
         notice_window=duration(t.notice_window),
         professional_may_charge_late=t.professional_may_charge_late,
         no_show_takes_credit=t.no_show_takes_credit,
+        late_reschedule=LATE_RESCHEDULE_TO_PB[t.late_reschedule],
+        cancellation_grace=duration(t.cancellation_grace),
     )
 
 
@@ -271,6 +320,8 @@ def programme_pb(p: Programme) -> ppb.Programme:
         notice_window=duration(p.terms.notice_window),
         professional_may_charge_late=p.terms.professional_may_charge_late,
         no_show_takes_credit=p.terms.no_show_takes_credit,
+        late_reschedule=LATE_RESCHEDULE_TO_PB[p.terms.late_reschedule],
+        cancellation_grace=duration(p.terms.cancellation_grace),
         create_time=timestamp(p.created_at),
         update_time=timestamp(p.updated_at),
         etag=p.etag,
@@ -309,6 +360,18 @@ def preview_pb(o: CancellationOutcome) -> pb.PreviewCancellationResponse:
         notice_seconds=int(o.cancellation.notice.total_seconds()),
         credits_returned=o.credits_returned,
         credits_taken=o.credits_taken,
+        within_grace=o.cancellation.within_grace,
+    )
+
+
+def reschedule_preview_pb(o: RescheduleOutcome) -> pb.PreviewRescheduleResponse:
+    return pb.PreviewRescheduleResponse(
+        outcome=pb.RESCHEDULE_OUTCOME_CHARGED if o.charged else pb.RESCHEDULE_OUTCOME_MOVED,
+        late=o.move.late,
+        notice_seconds=int(o.move.notice.total_seconds()),
+        within_grace=o.move.within_grace,
+        credits_taken=o.credits_taken,
+        credits_held=o.credits_held,
     )
 
 
@@ -368,6 +431,9 @@ def event_pb(e: FeedEvent) -> epb.Event:
     if isinstance(e.data, SessionChanged):
         msg.session_changed.session.CopyFrom(session_pb(e.data.session))
         msg.session_changed.payment.CopyFrom(payment_pb(e.data.payment))
+        if e.data.charged is not None and e.data.charged_payment is not None:
+            msg.session_changed.charged.CopyFrom(session_pb(e.data.charged))
+            msg.session_changed.charged_payment.CopyFrom(payment_pb(e.data.charged_payment))
     elif isinstance(e.data, CreditAccount):
         msg.credit_account.CopyFrom(account_pb(e.data))
     elif isinstance(e.data, Programme):

@@ -17,6 +17,7 @@ from kara_sessions_server.domain.events import (
     InvoiceChanged,
     NoShowMarked,
     SessionCancelled,
+    SessionRescheduled,
 )
 from kara_sessions_server.domain.model import SessionState
 
@@ -44,6 +45,12 @@ class Metrics:
             "kara_cancellations",
             "Committed cancellations by outcome (voided/paid), timing (late/on_time) and party",
             ["outcome", "timing", "cancelled_by"],
+            registry=r,
+        )
+        self.reschedules = Counter(
+            "kara_reschedules",
+            "Committed reschedules by outcome (moved in place/charged), timing (late/on_time) and party",
+            ["outcome", "timing", "rescheduled_by"],
             registry=r,
         )
         self.credits = Counter(
@@ -112,6 +119,10 @@ class Metrics:
             outcome = "paid" if event.state is SessionState.CANCELLED_PAID else "voided"
             timing = "late" if event.late else "on_time"
             self._child(self.cancellations, outcome, timing, event.cancelled_by.value.lower()).inc()
+        elif isinstance(event, SessionRescheduled):
+            outcome = "charged" if event.charged else "moved"
+            timing = "late" if event.late else "on_time"
+            self._child(self.reschedules, outcome, timing, event.rescheduled_by.value.lower()).inc()
         elif isinstance(event, CreditsMoved):
             self._child(self.credits, event.kind.value).inc(event.credits)
         elif isinstance(event, NoShowMarked):

@@ -35,13 +35,21 @@ from kara_sessions_server.domain.model import (
     GrantCredits,
     MarkNoShow,
     PaymentSection,
+    RescheduleSession,
     SubmitInvoice,
     UpdateProgramme,
     WaiveCharge,
 )
-from kara_sessions_server.domain.programme import MAX_DISPLAY_NAME, MUTABLE_FIELDS, ProgrammeChanges, Terms
+from kara_sessions_server.domain.programme import (
+    DEFAULT_TERMS,
+    MAX_DISPLAY_NAME,
+    MUTABLE_FIELDS,
+    ProgrammeChanges,
+    Terms,
+)
 from kara_sessions_server.entrypoints.grpc.convert import (
     INVOICE_STATE_FROM_PB,
+    LATE_RESCHEDULE_FROM_PB,
     MAX_GRANT,
     MAX_REASON_LENGTH,
     PARTY_FROM_PB,
@@ -54,6 +62,7 @@ from kara_sessions_server.entrypoints.grpc.convert import (
     payment_pb,
     preview_pb,
     programme_pb,
+    reschedule_preview_pb,
     session_pb,
 )
 from kara_sessions_server.entrypoints.grpc.interceptor import abort, caller
@@ -82,6 +91,26 @@ def _cancel_command(request: pb.CancelSessionRequest, *, require_request_id: boo
     r.done()
     assert party is not None
     return CancelSession(session_id, party, request.charge_client, notified_at, reason, request_id)
+
+
+def _reschedule_command(
+    request: pb.RescheduleSessionRequest, *, require_request_id: bool
+) -> RescheduleSession:
+    r = RequestReader(request)
+    session_id = r.id("session_id")
+    new_starts_at = r.timestamp("new_starts_at", required=True)
+    party = r.enum("rescheduled_by", PARTY_FROM_PB, required=True, allowed="PARTY_CLIENT, PARTY_PROFESSIONAL")
+    notified_at = r.timestamp("notified_at", required=False)
+    reason = r.text("reason", MAX_REASON_LENGTH)
+    request_id = r.id("request_id", required=require_request_id)
+    r.done()
+    assert party is not None and new_starts_at is not None
+    return RescheduleSession(
+        session_id, new_starts_at, party, request.charge_client, notified_at, reason, request_id
+    )
+
+
+_LATE_RESCHEDULE_ALLOWED = "LATE_RESCHEDULE_CHARGE, LATE_RESCHEDULE_FREE, LATE_RESCHEDULE_REFUSED"
 
 
 class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
@@ -142,6 +171,25 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             caller(), _cancel_command(request, require_request_id=True)
         )
         return pb.CancelSessionResponse(session=session_pb(session), payment=payment_pb(payment))
+
+    def RescheduleSession(
+        self, request: pb.RescheduleSessionRequest, context: Ctx
+    ) -> pb.RescheduleSessionResponse:
+        done = self.services.reschedule_session(
+            caller(), _reschedule_command(request, require_request_id=True)
+        )
+        response = pb.RescheduleSessionResponse(session=session_pb(done.session))
+        if done.charged is not None:
+            response.charged.CopyFrom(session_pb(done.charged))
+        return response
+
+    def PreviewReschedule(
+        self, request: pb.RescheduleSessionRequest, context: Ctx
+    ) -> pb.PreviewRescheduleResponse:
+        outcome = self.services.preview_reschedule(
+            caller(), _reschedule_command(request, require_request_id=False)
+        )
+        return reschedule_preview_pb(outcome)
 
     def PreviewCancellation(
         self, request: pb.CancelSessionRequest, context: Ctx
@@ -346,11 +394,22 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
         r = RequestReader(request)
         given = request.programme
         window = r.duration(given, "notice_window", "programme.notice_window")
+        grace = r.duration(
+            given, "cancellation_grace", "programme.cancellation_grace", DEFAULT_TERMS.cancellation_grace
+        )
+        late = r.enum(
+            "late_reschedule",
+            LATE_RESCHEDULE_FROM_PB,
+            required=False,
+            allowed=_LATE_RESCHEDULE_ALLOWED,
+            message=given,
+            name="programme.late_reschedule",
+        )
         r.text("display_name", MAX_DISPLAY_NAME, message=given, name="programme.display_name")
         request_id = r.request_id()
         r.done()
-        assert window is not None
-        terms = Terms(window, given.professional_may_charge_late, given.no_show_takes_credit)
+        assert window is not None and grace is not None and late is not None
+        terms = Terms(window, given.professional_may_charge_late, given.no_show_takes_credit, late, grace)
         cmd = CreateProgramme(request.programme_id, given.display_name, terms, request_id)
         return programme_pb(self.services.create_programme(caller(), cmd))
 
@@ -380,11 +439,25 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
                 f"name the fields to change among {', '.join(MUTABLE_FIELDS)} (or *)"
                 + (f"; not {', '.join(unknown)}" if unknown else ""),
             )
-        window = None
+        window = grace = late = None
         if "display_name" in paths:
             r.text("display_name", MAX_DISPLAY_NAME, message=given, name="programme.display_name")
         if "notice_window" in paths:
             window = r.duration(given, "notice_window", "programme.notice_window")
+        if "cancellation_grace" in paths:
+            # Unset under the mask means none, as for a new programme.
+            grace = r.duration(
+                given, "cancellation_grace", "programme.cancellation_grace", DEFAULT_TERMS.cancellation_grace
+            )
+        if "late_reschedule" in paths:
+            late = r.enum(
+                "late_reschedule",
+                LATE_RESCHEDULE_FROM_PB,
+                required=False,
+                allowed=_LATE_RESCHEDULE_ALLOWED,
+                message=given,
+                name="programme.late_reschedule",
+            )
         r.text("etag", MAX_ETAG_LENGTH, message=given, name="programme.etag")
         request_id = r.request_id()
         r.done()
@@ -395,6 +468,8 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
                 given.professional_may_charge_late if "professional_may_charge_late" in paths else None
             ),
             no_show_takes_credit=given.no_show_takes_credit if "no_show_takes_credit" in paths else None,
+            late_reschedule=late,
+            cancellation_grace=grace,
         )
         cmd = UpdateProgramme(given.programme_id, changes, request_id, etag=given.etag)
         return programme_pb(self.services.update_programme(caller(), cmd))
