@@ -7,9 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +20,7 @@ from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
 from ..support.booking import book
 from ..support.clock import FakeClock
+from ..support.concurrency import race
 from ..support.database import assert_ledger_balances, db_snapshot
 from ..support.processes import start_server_process
 
@@ -68,28 +67,13 @@ def test_request_id_reused_with_different_parameters_is_invalid(
     assert refused.value.reason == "REQUEST_ID_REUSED"
 
 
-def _race(n: int, call: Callable[[int], Any]) -> list[Any]:
-    """Runs call(0..n-1) on n threads released together; returns results or KaraErrors."""
-    barrier = threading.Barrier(n)
-
-    def run(i: int) -> Any:
-        barrier.wait()
-        try:
-            return call(i)
-        except KaraError as exc:
-            return exc
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(run, range(n)))
-
-
 @pytest.mark.parametrize("attempt", range(3))
 def test_concurrent_cancellations_have_one_winner(
     kara: SessionsClient, server: RunningServer, clock: FakeClock, attempt: int
 ) -> None:
     session_id = book(kara, clock, timedelta(hours=5))
     parties = ["client", "professional"]
-    results = _race(
+    results = race(
         6, lambda i: kara.cancel(session_id, parties[i % 2], charge_client=False, request_id=f"r-{i}")
     )
     winners = [r for r in results if isinstance(r, pb.CancelSessionResponse)]
@@ -108,10 +92,10 @@ def test_concurrent_retries_with_one_request_id_all_get_the_winners_response(
     kara: SessionsClient, server: RunningServer, clock: FakeClock
 ) -> None:
     session_id = book(kara, clock, timedelta(hours=5))
-    results = _race(6, lambda i: kara.cancel(session_id, "client", request_id="same"))
+    results = race(6, lambda i: kara.cancel(session_id, "client", request_id="same"))
     assert all(isinstance(r, pb.CancelSessionResponse) for r in results), results
     assert all(r == results[0] for r in results)
-    grants = _race(6, lambda i: kara.grant_credits("g", 5, request_id="same-grant"))
+    grants = race(6, lambda i: kara.grant_credits("g", 5, request_id="same-grant"))
     assert all(g == grants[0] for g in grants), grants
     assert kara.get_credit_account("g").available == 5
     assert_ledger_balances(server)
@@ -121,7 +105,7 @@ def test_concurrent_bookings_never_overdraw(
     kara: SessionsClient, server: RunningServer, clock: FakeClock
 ) -> None:
     kara.grant_credits("c", 3)
-    results = _race(8, lambda i: kara.book("c", "p", clock.now() + timedelta(days=1, minutes=i)))
+    results = race(8, lambda i: kara.book("c", "p", clock.now() + timedelta(days=1, minutes=i)))
     booked = [r for r in results if isinstance(r, pb.Session)]
     refused = [r for r in results if isinstance(r, KaraError)]
     assert len(booked) == 3
@@ -165,7 +149,7 @@ def test_two_server_processes_race_on_postgres(two_servers: tuple[str, str]) -> 
             request_id = f"{session_id}-{i}" if (i // 2) % 2 == 0 else f"{session_id}-retry"
             return client.cancel(session_id, "client", request_id=request_id)
 
-        results = _race(20, cancel)
+        results = race(20, cancel)
         for n in range(10):
             pair = results[2 * n : 2 * n + 2]
             ok = [r for r in pair if isinstance(r, pb.CancelSessionResponse)]

@@ -125,6 +125,18 @@ def valid_request(method: MethodDescriptor, w: World) -> Message:
         "PreviewCancellation": lambda: sessions_pb2.CancelSessionRequest(
             session_id=w.booked, cancelled_by=sessions_pb2.PARTY_PROFESSIONAL
         ),
+        # Five days' notice and a day later: moved in place, so the world's session stays booked.
+        "RescheduleSession": lambda: sessions_pb2.RescheduleSessionRequest(
+            session_id=w.booked,
+            new_starts_at=ts(w.now + timedelta(days=6, seconds=uuid.uuid4().int % 86_400)),
+            rescheduled_by=sessions_pb2.PARTY_CLIENT,
+            request_id=rid(),
+        ),
+        "PreviewReschedule": lambda: sessions_pb2.RescheduleSessionRequest(
+            session_id=w.booked,
+            new_starts_at=ts(w.now + timedelta(days=6)),
+            rescheduled_by=sessions_pb2.PARTY_PROFESSIONAL,
+        ),
         "CompleteSession": lambda: sessions_pb2.CompleteSessionRequest(
             session_id=w.started, request_id=rid()
         ),

@@ -218,8 +218,10 @@ class Services:
             )
             settled = settled_by_move(before, outcome, replacement.session_id, now)
             account = _account(before)
-            ledger.hold(account, replacement.session_id, replacement.credits, cmd.request_id, now, _REBOOK)
+            # The session's guarded UPDATE first: of two racing requests the loser is told the
+            # session moved on, not (wrongly) that the client has no credit left.
             session_repository.change_state(before, settled)
+            ledger.hold(account, replacement.session_id, replacement.credits, cmd.request_id, now, _REBOOK)
             ledger.settle(account, before.session_id, LedgerKind.TAKE, before.credits, cmd.request_id, now)
             session_repository.add_session(replacement)
             session_repository.audit(before, settled, "RESCHEDULE", party, who, cmd.request_id, now)
