@@ -1,13 +1,14 @@
 """Generated histories: hypothesis drives a real server with random sequences of grants,
-bookings, cancellations by either party with and without the charge box and notice,
-completions, no-shows, waivers, invoice actions, retries and request_id reuse, and checks after
-every step that the server agrees with a model of the article:
+bookings, cancellations and reschedules by either party with and without the charge box and
+notice, completions, no-shows, waivers, invoice actions, retries and request_id reuse, and
+checks after every step that the server agrees with a model of the article:
 
 - for each client, available + held + used = granted, held = its booked sessions, used = its
   sessions whose credit is taken;
 - every session's payment state and section follow from its state (and waiver), and the
   Payments tab lists it in that section, on the invoice the model says (at most one);
-- a replay returns the first answer and changes nothing; a refusal changes nothing.
+- a replay returns the first answer and changes nothing; a refusal changes nothing;
+- the feed holds exactly one event per committed change.
 
 `make test` runs a few hundred steps on each database; set KARA_HYPOTHESIS_EXAMPLES (examples of
 up to 30 steps each) for a longer run."""
@@ -68,6 +69,8 @@ class Model:
     sessions: dict[str, Booking] = field(default_factory=dict)
     # invoice id -> (professional, state)
     invoices: dict[str, list[str]] = field(default_factory=dict)
+    # Committed changes, each of which must have put one event in the feed.
+    changes: int = 0
 
     def available(self, client: str) -> int:
         mine = [s for s in self.sessions.values() if s.client == client]
@@ -93,6 +96,13 @@ class Histories(RuleBasedStateMachine):
         # The last mutation that went through: how to send it again, and what it answered.
         self.last: tuple[Callable[[], Any], Any] | None = None
         self.last_grant: tuple[str, str] | None = None
+        # The feed as the history found it: the events after this cursor are the history's own.
+        self.feed_start = self._feed_end("")
+
+    def _feed_end(self, after: str) -> str:
+        while page := self.kara.list_events(after=after, page_size=1000):
+            after = page[-1].cursor
+        return after
 
     def teardown(self) -> None:
         self.kara.close()
@@ -103,6 +113,7 @@ class Histories(RuleBasedStateMachine):
         request_id = str(uuid.uuid4())
         result = call(request_id)
         self.last = (lambda: call(request_id), result)
+        self.model.changes += 1
         return result
 
     def _refused(self, call: Callable[[], Any], reason: str) -> None:
@@ -119,6 +130,7 @@ class Histories(RuleBasedStateMachine):
         for client_id in self.clients:
             self.kara.grant_credits(client_id, 3)
             self.model.granted[client_id] = 3
+            self.model.changes += 1
 
     @rule(client=st.integers(0, 2), credits=st.integers(1, 3), reuse=st.integers(0, 4))
     def grant(self, client: int, credits: int, reuse: int) -> None:
@@ -131,6 +143,7 @@ class Histories(RuleBasedStateMachine):
         request_id = str(uuid.uuid4())
         result = self.kara.grant_credits(client_id, credits, request_id=request_id)
         self.model.granted[client_id] = self.model.granted.get(client_id, 0) + credits
+        self.model.changes += 1
         self.last = (lambda: self.kara.grant_credits(client_id, credits, request_id=request_id), result)
         self.last_grant = (client_id, request_id)
         return None
@@ -177,6 +190,47 @@ class Histories(RuleBasedStateMachine):
         result = self._did(call)
         s.state = "CANCELLED_PAID" if late and (by == "client" or charge) else "CANCELLED_VOIDED"
         assert pb.SessionState.Name(result.session.state) == f"SESSION_STATE_{s.state}"
+        return None
+
+    @precondition(lambda self: self._any("BOOKED"))
+    @rule(
+        data=st.data(),
+        by=st.sampled_from(["client", "professional"]),
+        charge=st.booleans(),
+        hours=st.integers(1, 72),
+    )
+    def reschedule(self, data: st.DataObject, by: str, charge: bool, hours: int) -> None:
+        """Under the default programme: 24 hours, a late move charged (CHARGE), no grace."""
+        session = self._pick(data, lambda s: s.state == "BOOKED" and s.starts > self.clock.now())
+        if session is None:
+            return None
+        s = self.model.sessions[session]
+        to = self.clock.now() + timedelta(hours=hours, minutes=7)
+        call = lambda r=None: self.kara.reschedule(session, to, by, charge_client=charge, request_id=r)  # noqa: E731
+        notice = s.starts - self.clock.now()
+        late = notice < WINDOW
+        charged = late and (by == "client" or charge)
+        if by == "client" and charge:
+            return self._refused(call, "CLIENT_CANNOT_CHARGE")
+        if s.state != "BOOKED":
+            return self._refused(call, "SESSION_NOT_BOOKED")
+        if to == s.starts:
+            return self._refused(call, "STARTS_AT_UNCHANGED")
+        if notice <= timedelta(0):
+            return self._refused(call, "SESSION_ALREADY_STARTED")
+        if charge and not late:
+            return self._refused(call, "CHARGE_NOT_ALLOWED_WITH_NOTICE")
+        if charged and self.model.available(s.client) < 1:
+            return self._refused(call, "INSUFFICIENT_CREDITS")
+        result = self._did(call)
+        assert result.HasField("charged") == charged
+        if charged:
+            s.state = "CANCELLED_PAID"
+            assert result.charged.session_id == session and result.session.rescheduled_from == session
+            self.model.sessions[result.session.session_id] = Booking(s.client, s.pro, to)
+        else:
+            assert result.session.session_id == session
+            s.starts = to
         return None
 
     @rule(hours=st.integers(1, 8))
@@ -310,6 +364,15 @@ class Histories(RuleBasedStateMachine):
             assert account.used == sum(1 for s in mine if s.paid)
 
     @invariant()
+    def one_event_per_committed_change(self) -> None:
+        events = 0
+        after = self.feed_start
+        while page := self.kara.list_events(after=after, page_size=1000):
+            events += len(page)
+            after = page[-1].cursor
+        assert events == self.model.changes
+
+    @invariant()
     def payments_follow_sessions(self) -> None:
         listed: dict[str, pb.Payment] = {}
         for pro_id in self.pros:
@@ -325,6 +388,8 @@ class Histories(RuleBasedStateMachine):
             section = "PAID" if expected == "PAID" else "UNPAID"
             assert pb.PaymentSection.Name(payment.section) == f"PAYMENT_SECTION_{section}"
             assert payment.invoice_id == s.invoice
+            # A move in place moves the Payments tab's row with it.
+            assert payment.session_starts_at.ToDatetime().replace(tzinfo=s.starts.tzinfo) == s.starts
             assert payment.HasField("waiver") == s.waived
 
 
