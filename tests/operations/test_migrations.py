@@ -51,10 +51,36 @@ V5_SESSION_COLUMNS = (
 )
 
 
+V7_COLUMNS = {
+    "sessions": (
+        "late_reschedule",
+        "cancellation_grace",
+        "within_grace",
+        "moves",
+        "rescheduled_from",
+        "rescheduled_to",
+    ),
+    "programmes": ("late_reschedule", "cancellation_grace"),
+}
+
+
+def downgrade_to_version_6(database_url: str) -> None:
+    """The database as version 6 left it (before reschedules), with the data it holds."""
+    storage = open_storage(database_url)
+    db = storage.db
+    with db.connection_context(), db.atomic():
+        for table, names in V7_COLUMNS.items():
+            for column in names:
+                db.execute_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+        db.execute_sql("UPDATE schema_version SET version = 6")
+    storage.close()
+
+
 def downgrade_to_version_4(database_url: str) -> None:
     """The database as version 4 left it (before programmes), with the data it holds: the new
     session and ledger columns dropped, one credit account per client, no programmes table, and
     none of version 6's indexes."""
+    downgrade_to_version_6(database_url)
     storage = open_storage(database_url)
     db = storage.db
     with db.connection_context(), db.atomic():
@@ -122,10 +148,10 @@ def test_an_old_database_is_refused_then_migrated_keeping_its_data(
 
     check = migrate_cli(database_url, "--check")
     assert check.returncode == 1, check
-    assert all(f"pending: {n}" in check.stdout for n in (2, 3, 4, 5, 6)), check.stdout
+    assert all(f"pending: {n}" in check.stdout for n in (2, 3, 4, 5, 6, 7)), check.stdout
     done = migrate_cli(database_url)
     assert done.returncode == 0, done.stderr
-    assert all(f"applied {n}" in done.stdout for n in (2, 3, 4, 5, 6)) and "(was 1)" in done.stdout
+    assert all(f"applied {n}" in done.stdout for n in (2, 3, 4, 5, 6, 7)) and "(was 1)" in done.stdout
     again = migrate_cli(database_url)
     assert "nothing to do" in again.stdout
 
@@ -255,3 +281,77 @@ def assert_balances(tables: dict[str, list[dict[str, object]]]) -> None:
         ]
         granted = sum(int(e["credits"]) for e in entries if e["kind"] == "GRANT")  # type: ignore[call-overload]
         assert int(account["available"]) + int(account["held"]) + int(account["used"]) == granted  # type: ignore[call-overload]
+
+
+def test_a_version_6_database_upgrades_to_reschedules_keeping_every_row(
+    database_url: str, clock: FakeClock
+) -> None:
+    """Every session (each state, a waiver, an invoice line), audit row, event, stored result,
+    payment and programme is kept; every programme and every session booked before gets the
+    article's rule: a late move charged, no grace after booking."""
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            kara.create_programme(
+                "employer", "Employer", timedelta(hours=48), professional_may_charge_late=False
+            )
+            kara.grant_credits("client-1", 5)
+            kara.grant_credits("client-1", 1, programme_id="employer")
+            starts = clock.now() + timedelta(hours=5)
+            paid, voided, waived, booked = (
+                kara.book("client-1", "pro-1", starts + timedelta(days=n)).session_id for n in (0, 2, 0, 3)
+            )
+            employer = kara.book("client-1", "pro-1", starts + timedelta(days=4), programme_id="employer")
+            kara.cancel(paid, "client", reason="late")
+            kara.cancel(voided, "client")
+            kara.cancel(waived, "client")
+            kara.waive_charge(waived, "goodwill")
+            invoice = kara.create_invoice("pro-1", [paid]).invoice_id
+        before = db_snapshot(running)
+    finally:
+        running.stop(grace=0)
+    downgrade_to_version_6(database_url)
+
+    done = migrate_cli(database_url)
+    assert done.returncode == 0 and "applied 7" in done.stdout and "(was 6)" in done.stdout, done
+
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        after = db_snapshot(running)
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            for programme in kara.list_programmes().programmes:
+                assert (
+                    programme.late_reschedule == 1
+                    and programme.cancellation_grace.ToTimedelta() == timedelta(0)
+                )
+            assert kara.get_invoice(invoice).line_count == 1
+            # An upgraded session moves under the terms it was booked with.
+            moved = kara.reschedule(employer.session_id, starts + timedelta(days=5), "client")
+            assert moved.session.session_id == employer.session_id and len(moved.session.moves) == 1
+            charged = kara.reschedule(booked, clock.now() + timedelta(hours=2), "client")
+            assert not charged.HasField("charged")  # 3 days of notice: moved in place
+    finally:
+        running.stop(grace=0)
+    new_columns = {column for names in V7_COLUMNS.values() for column in names}
+
+    def without_new(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{k: v for k, v in row.items() if k not in new_columns} for row in rows]
+
+    for table, rows in before.items():
+        if table == "schema_version":
+            continue
+        assert without_new(after[table]) == without_new(rows), f"{table} changed in the upgrade"
+    for session in after["sessions"]:
+        assert (session["late_reschedule"], session["cancellation_grace"], session["moves"]) == (
+            "CHARGE",
+            timedelta(0),
+            None,
+        )
+        assert session["rescheduled_from"] is None and session["rescheduled_to"] is None
+    assert {
+        p["programme_id"]: (p["late_reschedule"], p["cancellation_grace"]) for p in after["programmes"]
+    } == {
+        "default": ("CHARGE", timedelta(0)),
+        "employer": ("CHARGE", timedelta(0)),
+    }
+    assert_balances(after)

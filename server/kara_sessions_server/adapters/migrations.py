@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 import peewee as pw
 from playhouse.migrate import Operation, PostgresqlMigrator, SchemaMigrator, SqliteMigrator, migrate
 
-from kara_sessions_server.adapters import programme_repository
 from kara_sessions_server.adapters.storage import (
     TABLES,
     CreditAccountRow,
@@ -27,7 +26,6 @@ from kara_sessions_server.adapters.storage import (
     InvoiceAuditRow,
     InvoiceLineRow,
     InvoiceRow,
-    ProgrammeRow,
     SchemaVersionRow,
     Storage,
     Table,
@@ -60,6 +58,22 @@ class Migration:
     tables: tuple[type[Table], ...] = ()
     # Moves data, after the operations and the new tables, in the same transaction.
     data: Callable[[Storage, Context], None] = lambda s, c: None
+
+
+class _ProgrammeV5(Table):
+    """The programmes table as version 5 created it (version 7 adds the reschedule terms)."""
+
+    programme_id = pw.CharField(primary_key=True, max_length=64)
+    display_name = pw.CharField(max_length=200)
+    notice_window = DurationField()
+    professional_may_charge_late = pw.BooleanField()
+    no_show_takes_credit = pw.BooleanField()
+    version = pw.IntegerField()
+    created_at = UtcTimestampField()
+    updated_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "programmes"
 
 
 def _v5_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
@@ -102,7 +116,17 @@ def _v5_data(storage: Storage, context: Context) -> None:
     )
     db.execute_sql(copy, (DEFAULT_PROGRAMME_ID,))
     db.execute_sql("DROP TABLE credit_accounts_v4")
-    programme_repository.add(default_programme(now, context.notice_window))
+    default = default_programme(now, context.notice_window)
+    _ProgrammeV5.insert(
+        programme_id=default.programme_id,
+        display_name=default.display_name,
+        notice_window=default.terms.notice_window,
+        professional_may_charge_late=default.terms.professional_may_charge_late,
+        no_show_takes_credit=default.terms.no_show_takes_credit,
+        version=default.version,
+        created_at=now,
+        updated_at=now,
+    ).execute()
 
 
 def _v7_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
@@ -145,7 +169,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         5,
         "programmes: credits per programme, each session's terms, no-shows and waivers",
         _v5_operations,
-        tables=(ProgrammeRow, CreditAccountRow),
+        tables=(_ProgrammeV5, CreditAccountRow),
         data=_v5_data,
     ),
     Migration(
