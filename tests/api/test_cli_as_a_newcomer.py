@@ -4,6 +4,7 @@ people is shown, never obeyed, by the terminal."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 from collections.abc import Iterator
@@ -151,3 +152,23 @@ def test_bulk_cancel_of_an_empty_file_is_a_usage_error(running: RunningServer) -
     assert result.exit_code == 2
     assert "no rows" in result.output
     assert "malformed" not in result.output
+
+
+def test_a_session_is_moved_and_previewed_from_the_command_line(running: RunningServer) -> None:
+    assert run(running, "credits", "grant", "client-1", "2").exit_code == 0
+    booked = run(
+        running, "--json", "book", "--client", "client-1", "--professional", "pro-1", "--starts-at", "+3d"
+    )
+    session_id = json.loads(booked.output)["session_id"]
+    preview = run(running, "--json", "preview-reschedule", session_id, "--to", "+5d", "--by", "client")
+    assert preview.exit_code == 0 and json.loads(preview.output)["outcome"] == "RESCHEDULE_OUTCOME_MOVED"
+    moved = run(
+        running, "--json", "reschedule", session_id, "--to", "+5d", "--by", "client", "--reason", "work"
+    )
+    assert moved.exit_code == 0, moved.output
+    session = json.loads(moved.output)["session"]
+    assert session["session_id"] == session_id and session["moves"][0]["reason"] == "work"
+    refused = run(running, "reschedule", session_id, "--to", "+5d", "--by", "client", "--charge-client")
+    assert refused.exit_code != 0 and "only the professional can charge" in refused.output
+    bad = run(running, "reschedule", session_id, "--to", "next tuesday", "--by", "client")
+    assert bad.exit_code == 2 and "--to" in bad.output

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from kara_sessions_server.domain import session_lifecycle as lifecycle
-from kara_sessions_server.domain.errors import ChargeNotAllowedWithNotice, InvalidRequest, SessionNotBooked
+from kara_sessions_server.domain.errors import (
+    ChargeNotAllowedWithNotice,
+    InvalidRequest,
+    LateRescheduleNotAllowed,
+    SessionNotBooked,
+)
 from kara_sessions_server.domain.model import (
     CancelSession,
     LedgerKind,
     Party,
     PaymentState,
+    RescheduleSession,
     Session,
     SessionState,
 )
 from kara_sessions_server.domain.policy import CancellationPolicy
+from kara_sessions_server.domain.programme import DEFAULT_TERMS, LateReschedule
 from kara_sessions_server.domain.session_lifecycle import SessionLifecycle
 
 NOW = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
@@ -136,3 +144,79 @@ def test_threads_firing_on_the_shared_machine_at_once_each_get_their_own_outcome
         results = [r for rs in pool.map(decide, range(8)) for r in rs]
     expected = {True: SessionState.CANCELLED_PAID, False: SessionState.CANCELLED_VOIDED}
     assert [state for _, state in results] == [expected[was_late] for was_late, _ in results]
+
+
+# --- reschedules and the grace after booking (issue 25) ---------------------------------------
+
+
+def _move(by: Party, starts_in: timedelta, charge: bool = False) -> RescheduleSession:
+    return RescheduleSession("s-1", NOW + starts_in + timedelta(days=1), by, charge, None, "", "r")
+
+
+def _terms_session(starts_in: timedelta, late: LateReschedule, grace: timedelta = timedelta(0)) -> Session:
+    terms = replace(DEFAULT_TERMS, late_reschedule=late, cancellation_grace=grace)
+    return replace(_session(starts_in), terms=terms)
+
+
+# (who, box, late, the terms' late_reschedule) -> charged, or the refusal: the reschedule table.
+MOVES = [
+    (Party.CLIENT, False, False, LateReschedule.CHARGE, False),
+    (Party.PROFESSIONAL, False, False, LateReschedule.CHARGE, False),
+    (Party.PROFESSIONAL, True, False, LateReschedule.CHARGE, ChargeNotAllowedWithNotice),
+    (Party.PROFESSIONAL, False, True, LateReschedule.CHARGE, False),
+    (Party.PROFESSIONAL, True, True, LateReschedule.REFUSED, True),
+    (Party.CLIENT, False, True, LateReschedule.CHARGE, True),
+    (Party.CLIENT, False, True, LateReschedule.FREE, False),
+    (Party.CLIENT, False, True, LateReschedule.REFUSED, LateRescheduleNotAllowed),
+    (Party.CLIENT, True, True, LateReschedule.CHARGE, InvalidRequest),
+]
+
+
+@pytest.mark.parametrize(("by", "charge", "late", "rule", "expected"), MOVES)
+def test_reschedule_table(
+    by: Party, charge: bool, late: bool, rule: LateReschedule, expected: object
+) -> None:
+    starts_in = timedelta(hours=23 if late else 24)
+    session = _terms_session(starts_in, rule)
+    machine = SessionLifecycle(CancellationPolicy())
+    if isinstance(expected, type):
+        with pytest.raises(expected):
+            machine.reschedule(session, _move(by, starts_in, charge), NOW)
+        return
+    outcome = machine.reschedule(session, _move(by, starts_in, charge), NOW)
+    assert (outcome.charged, outcome.move.late) == (expected, late)
+    assert (outcome.cancellation is not None) == expected
+    if not expected:
+        moved = lifecycle.moved(session, outcome.move, NOW)
+        assert (moved.session_id, moved.state, moved.starts_at, moved.version) == (
+            "s-1",
+            SessionState.BOOKED,
+            outcome.move.to_starts_at,
+            2,
+        )
+
+
+def test_only_a_booked_session_moves() -> None:
+    with pytest.raises(SessionNotBooked):
+        SessionLifecycle(CancellationPolicy()).reschedule(
+            _session(timedelta(days=2), SessionState.CANCELLED_VOIDED),
+            _move(Party.CLIENT, timedelta(days=2)),
+            NOW,
+        )
+
+
+@pytest.mark.parametrize(
+    ("since_booking", "by", "within"),
+    [
+        (timedelta(minutes=15), Party.CLIENT, True),
+        (timedelta(minutes=15, microseconds=1), Party.CLIENT, False),
+        (timedelta(minutes=1), Party.PROFESSIONAL, False),
+    ],
+)
+def test_the_grace_after_booking(since_booking: timedelta, by: Party, within: bool) -> None:
+    session = replace(
+        _terms_session(timedelta(hours=2), LateReschedule.CHARGE, timedelta(minutes=15)),
+        booked_at=NOW - since_booking,
+    )
+    notice = CancellationPolicy().assess(session, _cancel(by), NOW)
+    assert (notice.within_grace, notice.late) == (within, not within)
