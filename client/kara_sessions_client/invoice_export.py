@@ -26,6 +26,8 @@ WHY_PAID = {
     pb.PAID_REASON_CLIENT_LATE_CANCELLATION: "client's late cancellation",
     pb.PAID_REASON_CHARGED_LATE_CANCELLATION: "charged late cancellation",
     pb.PAID_REASON_NO_SHOW: "no-show",
+    pb.PAID_REASON_CLIENT_LATE_RESCHEDULE: "client's late reschedule",
+    pb.PAID_REASON_CHARGED_LATE_RESCHEDULE: "charged late reschedule",
 }
 STATES = {ipb.INVOICE_STATE_DRAFT: "draft", ipb.INVOICE_STATE_SUBMITTED: "submitted"}
 TOTAL = "total"

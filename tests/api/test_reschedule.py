@@ -9,6 +9,7 @@ session, replays, authorization and races."""
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from kara.sessions.v1 import credits_pb2 as cpb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import KaraError, SessionsClient
+from kara_sessions_client.invoice_export import WHY_PAID, write_csv
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
 from ..support.clock import FakeClock
@@ -556,3 +558,17 @@ def test_a_charged_reschedule_racing_an_invoice_of_the_session(
     assert kara.get_payment(moved.session.session_id).invoice_id == ""
     assert balance(kara, b) == (0, 1, 1)
     assert_ledger_balances(server)
+
+
+def test_a_charged_move_goes_on_an_invoice_and_its_export(
+    kara: SessionsClient, server: RunningServer, clock: FakeClock
+) -> None:
+    b = late_booking(kara, clock)
+    kara.reschedule(b.session_id, b.starts_at + timedelta(days=1), "professional", charge_client=True)
+    invoice = kara.create_invoice("pro-1", [b.session_id])
+    out = io.StringIO()
+    write_csv(kara.get_invoice(invoice.invoice_id), out)
+    assert f"{b.session_id}" in out.getvalue() and "charged late reschedule" in out.getvalue()
+    assert set(pb.PaidReason.values()) - {pb.PAID_REASON_UNSPECIFIED} == set(WHY_PAID), (
+        "every reason has words"
+    )
