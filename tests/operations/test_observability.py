@@ -17,6 +17,7 @@ from kara_sessions_client.client import KaraError, SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 
 from ..support.clock import FakeClock
+from ..support.database import db_snapshot
 from ..support.processes import start_server_process
 from ..support.tokens import write_tokens
 
@@ -210,3 +211,34 @@ def test_a_json_log_line_has_the_time_level_logger_message_and_every_extra_field
 
         failed = logging.LogRecord("k", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     assert "RuntimeError: boom" in json.loads(formatter.format(failed))["exc_info"]
+
+
+def test_metrics_and_the_audit_log_record_each_committed_reschedule(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    kara.grant_credits("cl-1", 3)
+    early = kara.book("cl-1", "pro-1", clock.now() + timedelta(days=5)).session_id
+    late = kara.book("cl-1", "pro-1", clock.now() + timedelta(hours=5)).session_id
+    kara.reschedule(early, clock.now() + timedelta(days=6), "client", request_id="move-1")
+    kara.reschedule(early, clock.now() + timedelta(days=6), "client", request_id="move-1")  # a replay
+    charged = kara.reschedule(late, clock.now() + timedelta(days=2), "client")
+    with pytest.raises(KaraError):
+        kara.reschedule(late, clock.now() + timedelta(days=3), "client")  # no longer booked
+    assert server.metrics_port
+    m = scrape(server.metrics_port)
+    reschedules = {k[1]: v for k, v in m.items() if k[0] == "kara_reschedules_total"}
+    assert reschedules == {
+        (("outcome", "moved"), ("rescheduled_by", "client"), ("timing", "on_time")): 1,
+        (("outcome", "charged"), ("rescheduled_by", "client"), ("timing", "late")): 1,
+    }
+    audit = [
+        (r["session_id"], r["action"], r["from_state"], r["to_state"], r["principal"])
+        for r in db_snapshot(server)["audit_log"]
+        if r["action"] != "BOOK" or r["session_id"] == charged.session.session_id
+    ]
+    principal = "service:unauthenticated"
+    assert audit == [
+        (early, "RESCHEDULE", "BOOKED", "BOOKED", principal),
+        (late, "RESCHEDULE", "BOOKED", "CANCELLED_PAID", principal),
+        (charged.session.session_id, "BOOK", None, "BOOKED", principal),
+    ]
