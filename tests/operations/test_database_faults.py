@@ -368,3 +368,27 @@ def test_an_internal_error_advises_what_fits_the_rpc(
     assert failed.value.code == grpc.StatusCode.INTERNAL
     assert "report the incident id" in failed.value.message
     assert ("request_id" in failed.value.message) is mutation, failed.value.message
+
+
+@pytest.mark.postgres
+def test_a_call_at_the_clients_default_timeout_pays_no_statement_for_its_bounds(
+    postgres_database: str,
+) -> None:
+    """Our client's 10 s meets the server's 10 s ceiling a few ms short: that transaction keeps
+    the connection's bounds (no set_config round trip) and the watchdog holds it to its deadline;
+    a clearly nearer deadline still sets its own (issue 24)."""
+    from kara_sessions_server.adapters.storage import open_storage
+
+    reset_postgres(postgres_database)
+    storage = open_storage(postgres_database, max_transaction_seconds=10)
+    try:
+        for timeout, shown, bounded in ((9.993, "10s", False), (10.0, "10s", True), (5.0, "5s", True)):
+            tx = storage.begin(write=True, timeout=timeout)
+            try:
+                assert storage.db.execute_sql("SHOW statement_timeout").fetchone()[0] == shown, timeout
+            finally:
+                tx.__exit__(None, None, None)
+                storage.release()
+            assert storage.statements_bounded(timeout) is bounded, timeout
+    finally:
+        storage.close()

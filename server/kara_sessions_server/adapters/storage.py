@@ -28,6 +28,9 @@ SQLITE_BUSY_POLL_MS = 100
 DEFAULT_MAX_TRANSACTION_SECONDS = 10.0
 # Bound every statement and lock wait of one transaction (SET LOCAL, for this transaction only).
 _PG_TIMEOUTS = "SELECT set_config('statement_timeout', ?, true), set_config('lock_timeout', ?, true)"
+# A PostgreSQL transaction whose time left is within this (or a tenth of the ceiling) of
+# max_transaction_seconds keeps the connection's bounds; the watchdog holds it to its deadline.
+PG_BOUND_SLACK_SECONDS = 1.0
 # A PostgreSQL that does not answer a connection attempt is down, as far as a request is concerned.
 PG_CONNECT_TIMEOUT_SECONDS = 3
 # Pooled connections idle longer than this are reopened (PostgreSQL may drop idle ones).
@@ -398,14 +401,31 @@ class Storage:
         tx.__enter__()
         try:
             # Each connection starts with both timeouts at max_transaction_seconds (_connect):
-            # only a transaction with another limit (a call's nearer deadline, a migration's
-            # hour) pays a statement, a round trip, to set its own.
-            if _ms(timeout) != _ms(self.max_transaction_seconds):
+            # only a transaction with a clearly different limit (a call's much nearer deadline,
+            # a migration's hour) pays a statement, a round trip, to set its own.
+            if not self._keeps_default(timeout):
                 sql(_PG_TIMEOUTS, (f"{_ms(timeout)}ms", f"{_ms(timeout)}ms"))
         except BaseException:
             tx.__exit__(pw.OperationalError, None, None)
             raise
         return tx
+
+    def _keeps_default(self, timeout: float) -> bool:
+        """Whether a PostgreSQL transaction with `timeout` keeps the connection's default bounds.
+        A call a little short of the ceiling keeps them: our client's default timeout (10 s)
+        meets the server's default ceiling (10 s), so its time left is always a few ms under
+        it, and setting a bound that much shorter cost a statement on nearly every call. The
+        watchdog interrupts such a transaction at its own deadline instead (statements_bounded)."""
+        ceiling = self.max_transaction_seconds
+        return ceiling - min(PG_BOUND_SLACK_SECONDS, ceiling / 10) <= timeout <= ceiling
+
+    def statements_bounded(self, timeout: float) -> bool:
+        """Whether the database itself stops this transaction's statements at `timeout`: on
+        PostgreSQL, when begin() set that bound or the default is it (to the ms). Otherwise the
+        watchdog must interrupt the transaction at its deadline."""
+        if self.is_sqlite:
+            return False
+        return not self._keeps_default(timeout) or _ms(timeout) == _ms(self.max_transaction_seconds)
 
     def _begin_sqlite(self, tx: Any, deadline: float, keep_waiting: Callable[[], bool]) -> None:
         # SQLite's own busy wait cannot be interrupted, so it is kept short (SQLITE_BUSY_POLL_MS)

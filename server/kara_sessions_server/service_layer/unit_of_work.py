@@ -56,8 +56,9 @@ class UnitOfWork:
         try:
             call = self._call
             self._tx = self._storage.begin(self._write, timeout, call.is_active if call else lambda: True)
-            # PostgreSQL times its own statements out; SQLite is interrupted by the watchdog.
-            deadline = time.monotonic() + timeout if self._storage.is_sqlite else None
+            # Where the database does not stop its statements at the deadline itself (SQLite;
+            # PostgreSQL keeping its connection's bound), the watchdog interrupts them then.
+            deadline = None if self._storage.statements_bounded(timeout) else time.monotonic() + timeout
             self._watch = self._storage.watchdog.watch(deadline, self._storage.interrupter())
         except BaseException as exc:
             self._release(exc)
