@@ -24,14 +24,15 @@ def _rows(n: int) -> Iterator[tuple[tuple[object, ...], tuple[object, ...]]]:
         client = f"client-{i % 50_000}"
         starts = to_micros(_BASE + timedelta(minutes=i))
         yield (
-            (sid, client, pro, starts, now, now, "BOOKED", 1, 1, "default", _DAY_US, True, True),
+            (sid, client, pro, starts, now, now, "BOOKED", 1, 1, "default", _DAY_US, True, True, "CHARGE", 0),
             (sid, client, pro, starts, "PENDING", "UNPAID", 1, now),
         )
 
 
 _SESSION_COLS = (
     "session_id, client_id, professional_id, starts_at, booked_at, updated_at, state, version, credits, "
-    "programme_id, notice_window, professional_may_charge_late, no_show_takes_credit"
+    "programme_id, notice_window, professional_may_charge_late, no_show_takes_credit, late_reschedule, "
+    "cancellation_grace"
 )
 # The default programme's terms: a 24-hour window, in microseconds.
 _DAY_US = 24 * 3600 * 1_000_000

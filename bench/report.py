@@ -89,6 +89,55 @@ def _runs_table(title: str, runs: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _floor_table(rows: list[dict[str, Any]]) -> Table:
+    """CancelSession on our server (SQLite, defaults) against the stack's floor (bench/floor.py)."""
+    table = Table(title="CancelSession against the floor: bare grpcio + sqlite3, six statements (issue 24)")
+    for col in (
+        "in flight",
+        "floor Check req/s",
+        "floor req/s",
+        "ours req/s",
+        "ours / floor",
+        "floor CPU us/call",
+        "ours CPU us/call",
+        "CPU x floor",
+        "floor p99 ms",
+        "ours p99 ms",
+        "p99 x floor",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        floor, ours = r["floor_cancel"], r["ours_cancel"] or {}
+        table.add_row(
+            str(r["concurrency"]),
+            _num(r["floor_check"]["rps"], ".0f"),
+            _num(floor["rps"], ".0f"),
+            _num(ours.get("rps"), ".0f"),
+            _num(r["rps_ratio"], ".2f"),
+            _num(floor.get("server_cpu_us"), ".0f"),
+            _num(ours.get("server_cpu_us"), ".0f"),
+            _num(r["cpu_ratio"], ".2f"),
+            _num(floor["p99_ms"], ".2f"),
+            _num(ours.get("p99_ms"), ".2f"),
+            _num(r["p99_ratio"], ".2f"),
+        )
+    return table
+
+
+def _relay_table(r: dict[str, Any]) -> Table:
+    relay = Table(title="kara-sessions relay: the feed into NATS JetStream (SQLite server)")
+    for col in ("backlog events", "events/s", "live events", "commit -> subscriber p50 ms", "p99 ms"):
+        relay.add_column(col, justify="right")
+    relay.add_row(
+        str(r["backlog_events"]),
+        _num(r["events_per_s"], ".0f"),
+        str(r["live_events"]),
+        _num(r["p50_ms"], ".2f"),
+        _num(r["p99_ms"], ".2f"),
+    )
+    return relay
+
+
 def _delivery_table(rows: list[dict[str, Any]]) -> Table:
     delivery = Table(title="From a committed cancellation to its arrival on an open StreamEvents")
     for col in ("database", "events", "p50 ms", "p99 ms", "max ms"):
@@ -137,6 +186,9 @@ def print_report(results: dict[str, Any]) -> None:
     title = "Throughput and latency (load generator in its own process)"
     console.print(_runs_table(title, results.get("runs", [])))
 
+    if results.get("floor"):
+        console.print(_floor_table(results["floor"]))
+
     if results.get("processes"):
         console.print(_processes_table(results["processes"]))
 
@@ -152,18 +204,7 @@ def print_report(results: dict[str, Any]) -> None:
         console.print(_delivery_table(results["event_delivery"]))
 
     if results.get("relay"):
-        r = results["relay"]
-        relay = Table(title="kara-sessions relay: the feed into NATS JetStream (SQLite server)")
-        for col in ("backlog events", "events/s", "live events", "commit -> subscriber p50 ms", "p99 ms"):
-            relay.add_column(col, justify="right")
-        relay.add_row(
-            str(r["backlog_events"]),
-            _num(r["events_per_s"], ".0f"),
-            str(r["live_events"]),
-            _num(r["p50_ms"], ".2f"),
-            _num(r["p99_ms"], ".2f"),
-        )
-        console.print(relay)
+        console.print(_relay_table(results["relay"]))
 
     if results.get("durability"):
         console.print(_durability_table(results["durability"]))
