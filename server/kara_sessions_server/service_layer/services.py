@@ -25,7 +25,7 @@ from kara_sessions_server.adapters.ledger import Account
 from kara_sessions_server.adapters.pagination import page_size
 from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.clock import Clock, SystemClock
-from kara_sessions_server.domain.errors import InvalidRequest, PreconditionFailed
+from kara_sessions_server.domain.errors import DomainError, InvalidRequest
 from kara_sessions_server.domain.events import (
     ChargeWaived,
     CreditsMoved,
@@ -451,14 +451,16 @@ class Services:
     ) -> R:
         """Runs `work` once per request_id in one unit of work, storing its result (`dump`) and
         the one event that tells the feed of it (`change`) in the same transaction; a retry gets
-        that result back (`load`) and changes nothing, the feed included."""
+        that result back (`load`) and changes nothing, the feed included.
+
+        The happy path reads no stored result first: request_id is the idempotency table's
+        primary key, so a replay is stopped by the INSERT (or, before it, by the work finding
+        its change already made: the session no longer BOOKED, the start since passed). Either
+        way the transaction rolls back, and then, only then, the stored result is looked up."""
         # The caller is part of the request: another principal's request_id replays nothing of theirs.
         fp = idempotency.fingerprint(operation, {**params, "principal": str(who)})
         try:
             with UnitOfWork(self.storage) as uow:
-                stored = idempotency.find(request_id)
-                if stored is not None:
-                    return load(idempotency.check_same_request(stored, request_id, operation, fp))
                 now = self.clock.now()
                 result = work(uow, now)
                 data = dump(result)
@@ -472,9 +474,10 @@ class Services:
             self.signal.notify()
             return result
         except Exception as exc:
-            if not isinstance(exc, PreconditionFailed) and not faults.is_duplicate(exc):
+            if not isinstance(exc, DomainError) and not faults.is_duplicate(exc):
                 raise
-            # We may have lost a race to a request with the same request_id (e.g. a retry that
+            # A replay (any refusal may be one: a programme that exists already, a start since
+            # passed), or a race lost to a request with the same request_id (a retry that
             # overtook its original): if that request committed, its result is ours.
             with UnitOfWork(self.storage, write=False):
                 stored = idempotency.find(request_id)
