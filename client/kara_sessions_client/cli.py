@@ -253,18 +253,24 @@ def book(
     _run(ctx, lambda c: c.book(client_id, professional_id, starts_at, request_id, programme_id))
 
 
-def _cancel_options(f: Callable[..., None]) -> Callable[..., None]:
+def _change_options(
+    f: Callable[..., None], party: str, who: str, notified: str, charge: str
+) -> Callable[..., None]:
+    """What a cancellation and a move both take: the reason, when notice came, the box, who."""
     f = click.option("--reason", default="", help="Free text, at most 1000 characters.")(f)
-    f = click.option(
-        "--notified-at",
-        type=WHEN,
-        default=None,
-        help="When notice was given (professionals only), e.g. when the client's email came.",
-    )(f)
-    f = click.option("--charge-client", is_flag=True, help="Tick 'Charge the client for this session'.")(f)
-    f = click.option(
-        "--by", "cancelled_by", type=click.Choice(sorted(PARTIES)), required=True, help="Who cancels."
-    )(f)
+    f = click.option("--notified-at", type=WHEN, default=None, help=notified)(f)
+    f = click.option("--charge-client", is_flag=True, help=charge)(f)
+    return click.option("--by", party, type=click.Choice(sorted(PARTIES)), required=True, help=who)(f)
+
+
+def _cancel_options(f: Callable[..., None]) -> Callable[..., None]:
+    f = _change_options(
+        f,
+        "cancelled_by",
+        "Who cancels.",
+        "When notice was given (professionals only), e.g. when the client's email came.",
+        "Tick 'Charge the client for this session'.",
+    )
     return click.argument("session_id")(f)
 
 
@@ -316,21 +322,13 @@ def preview(
 
 
 def _reschedule_options(f: Callable[..., None]) -> Callable[..., None]:
-    f = click.option("--reason", default="", help="Free text, at most 1000 characters.")(f)
-    f = click.option(
-        "--notified-at",
-        type=WHEN,
-        default=None,
-        help="When notice of the move was given (professionals only).",
-    )(f)
-    f = click.option(
-        "--charge-client",
-        is_flag=True,
-        help="Tick 'Charge the client for this session' (professionals, on a late move).",
-    )(f)
-    f = click.option(
-        "--by", "rescheduled_by", type=click.Choice(sorted(PARTIES)), required=True, help="Who moves it."
-    )(f)
+    f = _change_options(
+        f,
+        "rescheduled_by",
+        "Who moves it.",
+        "When notice of the move was given (professionals only).",
+        "Tick 'Charge the client for this session' (professionals, on a late move).",
+    )
     f = click.option(
         "--to", "new_starts_at", type=WHEN, required=True, help="The new start: ISO-8601, or relative (+3d)."
     )(f)

@@ -26,7 +26,7 @@ from kara_sessions_server.domain.model import (
 )
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.service_layer import authz
-from kara_sessions_server.service_layer.services import Services
+from kara_sessions_server.service_layer.services import Operation, Services
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 Work = Callable[[UnitOfWork, datetime], Invoice]
@@ -126,16 +126,14 @@ class InvoiceServices:
         work: Work,
         told: EventType,
     ) -> Invoice:
-        return self.core.mutate(
-            who,
+        op = Operation(
             operation,
-            request_id,
             params,
-            work,
             snapshots.dump_invoice,
             snapshots.load_invoice,
             lambda invoice: Change.of_invoice(told, invoice),
         )
+        return self.core.mutate(who, op, request_id, work)
 
     def _chosen(self, who: Principal, cmd: CreateInvoice) -> list[Candidate]:
         if cmd.up_to is None:

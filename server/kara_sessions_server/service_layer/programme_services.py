@@ -17,7 +17,7 @@ from kara_sessions_server.domain.model import CreateProgramme, Page, UpdateProgr
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.domain.programme import Programme
 from kara_sessions_server.service_layer import authz
-from kara_sessions_server.service_layer.services import Services
+from kara_sessions_server.service_layer.services import Operation, Services
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 log = logging.getLogger("kara_sessions_server")
@@ -101,16 +101,14 @@ class ProgrammeServices:
         work: Work,
         told: EventType,
     ) -> Programme:
-        return self.core.mutate(
-            who,
+        op = Operation(
             operation,
-            request_id,
             params,
-            work,
             snapshots.dump_programme,
             snapshots.load_programme,
             lambda programme: Change.of_programme(told, programme),
         )
+        return self.core.mutate(who, op, request_id, work)
 
 
 Work = Callable[[UnitOfWork, datetime], Programme]

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from kara_sessions_server.adapters import (
     faults,
@@ -84,6 +84,18 @@ _REBOOK = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Operation(Generic[R]):
+    """What `mutate` needs of a use case besides its work: its name and parameters (a
+    request_id's fingerprint), how its result is stored and read back, and the event it tells."""
+
+    name: str
+    params: Mapping[str, object]
+    dump: Callable[[R], str]
+    load: Callable[[str], R]
+    event: Callable[[R], Change]
+
+
 @dataclass
 class Services:
     storage: Storage
@@ -137,13 +149,9 @@ class Services:
         )
         return self.mutate(
             who,
-            "BookSession",
+            _session_operation("BookSession", params, EventType.SESSION_BOOKED),
             cmd.request_id,
-            params,
             work,
-            snapshots.dump_session,
-            snapshots.load_session,
-            lambda session: Change.of_session(EventType.SESSION_BOOKED, session),
         )
 
     def cancel_session(self, who: Principal, cmd: CancelSession) -> tuple[Session, Payment]:
@@ -176,13 +184,9 @@ class Services:
         }
         return self.mutate(
             who,
-            "CancelSession",
+            _settlement_operation("CancelSession", params, EventType.SESSION_CANCELLED),
             cmd.request_id,
-            params,
             work,
-            snapshots.dump_settlement,
-            snapshots.load_settlement,
-            lambda settled: Change.of_session(EventType.SESSION_CANCELLED, settled[0]),
         )
 
     def reschedule_session(self, who: Principal, cmd: RescheduleSession) -> Rescheduled:
@@ -240,13 +244,15 @@ class Services:
         }
         return self.mutate(
             who,
-            "RescheduleSession",
+            Operation(
+                "RescheduleSession",
+                params,
+                snapshots.dump_rescheduled,
+                snapshots.load_rescheduled,
+                lambda done: Change.of_session(EventType.SESSION_RESCHEDULED, done.session),
+            ),
             cmd.request_id,
-            params,
             work,
-            snapshots.dump_rescheduled,
-            snapshots.load_rescheduled,
-            lambda done: Change.of_session(EventType.SESSION_RESCHEDULED, done.session),
         )
 
     def preview_reschedule(self, who: Principal, cmd: RescheduleSession) -> RescheduleOutcome:
@@ -299,13 +305,11 @@ class Services:
 
         return self.mutate(
             who,
-            "CompleteSession",
+            _session_operation(
+                "CompleteSession", {"session_id": cmd.session_id}, EventType.SESSION_COMPLETED
+            ),
             cmd.request_id,
-            {"session_id": cmd.session_id},
             work,
-            snapshots.dump_session,
-            snapshots.load_session,
-            lambda session: Change.of_session(EventType.SESSION_COMPLETED, session),
         )
 
     def mark_no_show(self, who: Principal, cmd: MarkNoShow) -> tuple[Session, Payment]:
@@ -323,13 +327,9 @@ class Services:
 
         return self.mutate(
             who,
-            "MarkNoShow",
+            _settlement_operation("MarkNoShow", {"session_id": cmd.session_id}, EventType.SESSION_NO_SHOW),
             cmd.request_id,
-            {"session_id": cmd.session_id},
             work,
-            snapshots.dump_settlement,
-            snapshots.load_settlement,
-            lambda settled: Change.of_session(EventType.SESSION_NO_SHOW, settled[0]),
         )
 
     def waive_charge(self, who: Principal, cmd: WaiveCharge) -> tuple[Session, Payment]:
@@ -353,13 +353,13 @@ class Services:
 
         return self.mutate(
             who,
-            "WaiveCharge",
+            _settlement_operation(
+                "WaiveCharge",
+                {"session_id": cmd.session_id, "reason": cmd.reason},
+                EventType.SESSION_CHARGE_WAIVED,
+            ),
             cmd.request_id,
-            {"session_id": cmd.session_id, "reason": cmd.reason},
             work,
-            snapshots.dump_settlement,
-            snapshots.load_settlement,
-            lambda settled: Change.of_session(EventType.SESSION_CHARGE_WAIVED, settled[0]),
         )
 
     @staticmethod
@@ -419,13 +419,15 @@ class Services:
 
         return self.mutate(
             who,
-            "GrantCredits",
+            Operation(
+                "GrantCredits",
+                _with_programme({"client_id": cmd.client_id, "credits": cmd.credits}, cmd.programme_id),
+                snapshots.dump_account,
+                snapshots.load_account,
+                Change.of_account,
+            ),
             cmd.request_id,
-            _with_programme({"client_id": cmd.client_id, "credits": cmd.credits}, cmd.programme_id),
             work,
-            snapshots.dump_account,
-            snapshots.load_account,
-            Change.of_account,
         )
 
     def get_credit_account(
@@ -439,33 +441,26 @@ class Services:
     # --- idempotent mutation --------------------------------------------------------------
 
     def mutate(
-        self,
-        who: Principal,
-        operation: str,
-        request_id: str,
-        params: Mapping[str, object],
-        work: Callable[[UnitOfWork, datetime], R],
-        dump: Callable[[R], str],
-        load: Callable[[str], R],
-        change: Callable[[R], Change],
+        self, who: Principal, op: Operation[R], request_id: str, work: Callable[[UnitOfWork, datetime], R]
     ) -> R:
-        """Runs `work` once per request_id in one unit of work, storing its result (`dump`) and
-        the one event that tells the feed of it (`change`) in the same transaction; a retry gets
-        that result back (`load`) and changes nothing, the feed included.
+        """Runs `work` once per request_id in one unit of work, storing its result (`op.dump`)
+        and the one event that tells the feed of it (`op.event`) in the same transaction; a
+        retry gets that result back (`op.load`) and changes nothing, the feed included.
 
         The happy path reads no stored result first: request_id is the idempotency table's
         primary key, so a replay is stopped by the INSERT (or, before it, by the work finding
         its change already made: the session no longer BOOKED, the start since passed). Either
         way the transaction rolls back, and then, only then, the stored result is looked up."""
         # The caller is part of the request: another principal's request_id replays nothing of theirs.
-        fp = idempotency.fingerprint(operation, {**params, "principal": str(who)})
+        operation, load = op.name, op.load
+        fp = idempotency.fingerprint(operation, {**op.params, "principal": str(who)})
         try:
             with UnitOfWork(self.storage) as uow:
                 now = self.clock.now()
                 result = work(uow, now)
-                data = dump(result)
+                data = op.dump(result)
                 idempotency.record(request_id, operation, fp, data, now)
-                told = change(result)
+                told = op.event(result)
                 outbox.append(told, data, now)
                 uow.events.append(FeedAppended(told.type.value))
                 uow.commit()
@@ -484,6 +479,26 @@ class Services:
             if stored is None:
                 raise
             return load(idempotency.check_same_request(stored, request_id, operation, fp))
+
+
+def _session_operation(name: str, params: Mapping[str, object], told: EventType) -> Operation[Session]:
+    """A use case whose result is the session it changed."""
+    return Operation(
+        name, params, snapshots.dump_session, snapshots.load_session, lambda s: Change.of_session(told, s)
+    )
+
+
+def _settlement_operation(
+    name: str, params: Mapping[str, object], told: EventType
+) -> Operation[tuple[Session, Payment]]:
+    """A use case whose result is the session it settled and its payment."""
+    return Operation(
+        name,
+        params,
+        snapshots.dump_settlement,
+        snapshots.load_settlement,
+        lambda settled: Change.of_session(told, settled[0]),
+    )
 
 
 def _load_session(who: Principal, session_id: str) -> Session:
