@@ -25,7 +25,7 @@ from kara_sessions_server.adapters.ledger import Account
 from kara_sessions_server.adapters.pagination import page_size
 from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.clock import Clock, SystemClock
-from kara_sessions_server.domain.errors import DomainError, InvalidRequest
+from kara_sessions_server.domain.errors import AlreadyExists, InvalidRequest, PreconditionFailed
 from kara_sessions_server.domain.events import (
     ChargeWaived,
     CreditsMoved,
@@ -77,6 +77,10 @@ SYSTEM_ACTOR = "SYSTEM"
 
 
 DEFAULT_BOOKING_HORIZON = timedelta(days=730)
+# The refusals a replay of a committed request can meet (what it asked for is done already, or
+# time has moved on). NOT_FOUND and PERMISSION_DENIED it cannot: nothing is deleted, and the
+# caller is the same; those refusals pay no second look.
+_REPLAY_MAY_MEET = (PreconditionFailed, InvalidRequest, AlreadyExists)
 # A charged late move books the session again: on a new credit, which the client must have.
 _REBOOK = (
     "to book the session again at the new time (a late move is charged as a late cancellation "
@@ -469,11 +473,11 @@ class Services:
             self.signal.notify()
             return result
         except Exception as exc:
-            if not isinstance(exc, DomainError) and not faults.is_duplicate(exc):
+            if not isinstance(exc, _REPLAY_MAY_MEET) and not faults.is_duplicate(exc):
                 raise
-            # A replay (any refusal may be one: a programme that exists already, a start since
-            # passed), or a race lost to a request with the same request_id (a retry that
-            # overtook its original): if that request committed, its result is ours.
+            # A replay (its change made already: not BOOKED any more, a programme that exists, a
+            # start since passed), or a race lost to a request with the same request_id (a retry
+            # that overtook its original): if that request committed, its result is ours.
             with UnitOfWork(self.storage, write=False):
                 stored = idempotency.find(request_id)
             if stored is None:
