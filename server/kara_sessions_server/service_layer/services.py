@@ -128,19 +128,7 @@ class Services:
                     reason="STARTS_AT_NOT_IN_FUTURE",
                 )
             self._check_horizon("starts_at", cmd.starts_at, now)
-            session = Session(
-                session_id=str(uuid.uuid4()),
-                client_id=cmd.client_id,
-                professional_id=cmd.professional_id,
-                starts_at=cmd.starts_at,
-                booked_at=now,
-                updated_at=now,
-                state=SessionState.BOOKED,
-                version=1,
-                credits=CREDITS_PER_SESSION,
-                programme_id=cmd.programme_id,
-                terms=programme_repository.get(cmd.programme_id).terms,
-            )
+            session = _new_booking(cmd.client_id, cmd.professional_id, cmd.starts_at, cmd.programme_id, now)
             ledger.hold(_account(session), session.session_id, session.credits, cmd.request_id, now)
             session_repository.add_session(session)
             session_repository.audit(None, session, "BOOK", SYSTEM_ACTOR, who, cmd.request_id, now)
@@ -209,20 +197,8 @@ class Services:
                 return Rescheduled(after)
             # Settled as a late cancellation, and booked again on a new credit of the programme,
             # under its terms as they are now (a new booking), naming the session it replaces.
-            programme = programme_repository.get(before.programme_id)
-            replacement = replace(
-                before,
-                session_id=str(uuid.uuid4()),
-                starts_at=cmd.new_starts_at,
-                booked_at=now,
-                updated_at=now,
-                state=SessionState.BOOKED,
-                version=1,
-                cancellation=None,
-                terms=programme.terms,
-                moves=(),
-                rescheduled_from=before.session_id,
-                rescheduled_to="",
+            replacement = _new_booking(
+                before.client_id, before.professional_id, cmd.new_starts_at, before.programme_id, now, before
             )
             settled = settled_by_move(before, outcome, replacement.session_id, now)
             account = _account(before)
@@ -483,6 +459,32 @@ class Services:
             if stored is None:
                 raise
             return load(idempotency.check_same_request(stored, request_id, operation, fp))
+
+
+def _new_booking(
+    client_id: str,
+    professional_id: str,
+    starts_at: datetime,
+    programme_id: str,
+    now: datetime,
+    replacing: Session | None = None,
+) -> Session:
+    """A session booked now under its programme's current terms (`replacing`: the session a
+    charged move settled, which it names)."""
+    return Session(
+        session_id=str(uuid.uuid4()),
+        client_id=client_id,
+        professional_id=professional_id,
+        starts_at=starts_at,
+        booked_at=now,
+        updated_at=now,
+        state=SessionState.BOOKED,
+        version=1,
+        credits=CREDITS_PER_SESSION,
+        programme_id=programme_id,
+        terms=programme_repository.get(programme_id).terms,
+        rescheduled_from="" if replacing is None else replacing.session_id,
+    )
 
 
 def _session_operation(name: str, params: Mapping[str, object], told: EventType) -> Operation[Session]:

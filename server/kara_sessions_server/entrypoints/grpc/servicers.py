@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.rpc import code_pb2
@@ -44,6 +44,7 @@ from kara_sessions_server.domain.programme import (
     DEFAULT_TERMS,
     MAX_DISPLAY_NAME,
     MUTABLE_FIELDS,
+    LateReschedule,
     ProgrammeChanges,
     Terms,
 )
@@ -110,7 +111,23 @@ def _reschedule_command(
     )
 
 
-_LATE_RESCHEDULE_ALLOWED = "LATE_RESCHEDULE_CHARGE, LATE_RESCHEDULE_FREE, LATE_RESCHEDULE_REFUSED"
+def _grace(r: RequestReader, given: ppb.Programme) -> timedelta | None:
+    """programme.cancellation_grace; unset means none (on create, and under an update's mask)."""
+    return r.duration(
+        given, "cancellation_grace", "programme.cancellation_grace", DEFAULT_TERMS.cancellation_grace
+    )
+
+
+def _late_reschedule(r: RequestReader, given: ppb.Programme) -> LateReschedule | None:
+    """programme.late_reschedule; UNSPECIFIED means CHARGE, the article's rule."""
+    return r.enum(
+        "late_reschedule",
+        LATE_RESCHEDULE_FROM_PB,
+        required=False,
+        allowed="LATE_RESCHEDULE_CHARGE, LATE_RESCHEDULE_FREE, LATE_RESCHEDULE_REFUSED",
+        message=given,
+        name="programme.late_reschedule",
+    )
 
 
 class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
@@ -394,17 +411,7 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
         r = RequestReader(request)
         given = request.programme
         window = r.duration(given, "notice_window", "programme.notice_window")
-        grace = r.duration(
-            given, "cancellation_grace", "programme.cancellation_grace", DEFAULT_TERMS.cancellation_grace
-        )
-        late = r.enum(
-            "late_reschedule",
-            LATE_RESCHEDULE_FROM_PB,
-            required=False,
-            allowed=_LATE_RESCHEDULE_ALLOWED,
-            message=given,
-            name="programme.late_reschedule",
-        )
+        grace, late = _grace(r, given), _late_reschedule(r, given)
         r.text("display_name", MAX_DISPLAY_NAME, message=given, name="programme.display_name")
         request_id = r.request_id()
         r.done()
@@ -445,19 +452,9 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
         if "notice_window" in paths:
             window = r.duration(given, "notice_window", "programme.notice_window")
         if "cancellation_grace" in paths:
-            # Unset under the mask means none, as for a new programme.
-            grace = r.duration(
-                given, "cancellation_grace", "programme.cancellation_grace", DEFAULT_TERMS.cancellation_grace
-            )
+            grace = _grace(r, given)
         if "late_reschedule" in paths:
-            late = r.enum(
-                "late_reschedule",
-                LATE_RESCHEDULE_FROM_PB,
-                required=False,
-                allowed=_LATE_RESCHEDULE_ALLOWED,
-                message=given,
-                name="programme.late_reschedule",
-            )
+            late = _late_reschedule(r, given)
         r.text("etag", MAX_ETAG_LENGTH, message=given, name="programme.etag")
         request_id = r.request_id()
         r.done()
