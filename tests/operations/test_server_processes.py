@@ -5,6 +5,7 @@ child that dies takes the server down with it (for the supervisor to restart). S
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from kara_sessions_client.client import SessionsClient
 
 from ..support.database import reset_postgres
-from ..support.processes import free_port, json_log_lines, serve_command, start_two_processes
+from ..support.processes import json_log_lines, serve_command, start_two_processes
 
 
 def _alive(pid: int) -> bool:
@@ -31,14 +32,19 @@ def _alive(pid: int) -> bool:
 
 
 def _two_free_ports() -> int:
-    """A port P with P + 1 free as well: the children's metrics ports."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as next_one:
-            try:
-                next_one.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
+    """A port P with P + 1 free as well: the children's metrics ports. Chosen below the
+    kernel's ephemeral range: from inside it, the first child's own connection to PostgreSQL
+    could take P + 1 before the second child binds it (it did, once, in CI)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, low - 1)
+        try:
+            with socket.socket() as first, socket.socket() as second:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
         return port
     raise RuntimeError("found no two consecutive free ports")
 
