@@ -243,7 +243,7 @@ def change_state(before: Session, after: Session) -> None:
     """Writes `after` only if the row is still exactly `before` (same state and version)."""
     c = after.cancellation
     w = after.waiver
-    changed = sql(
+    _guarded(
         _CHANGE_SESSION,
         (
             after.state.value,
@@ -263,13 +263,9 @@ def change_state(before: Session, after: Session) -> None:
             w.reason if w else None,
             c.within_grace if c else None,
             after.rescheduled_to or None,
-            before.session_id,
-            before.state.value,
-            before.version,
         ),
-    ).rowcount
-    if changed != 1:
-        _raise_lost_race(before)
+        before,
+    )
     paid = payment_state(after)
     changed = sql(
         _CHANGE_PAYMENT,
@@ -288,21 +284,24 @@ def change_state(before: Session, after: Session) -> None:
 def move(before: Session, after: Session) -> None:
     """Writes `after`'s start and moves only if the row is still exactly `before`; the Payments
     tab orders by the session's start, so its row moves too."""
-    changed = sql(
+    _guarded(
         _MOVE_SESSION,
         (
             to_micros(after.starts_at),
             _dump_moves(after.moves),
             before.version + 1,
             to_micros(after.updated_at),
-            before.session_id,
-            before.state.value,
-            before.version,
         ),
-    ).rowcount
-    if changed != 1:
-        _raise_lost_race(before)
+        before,
+    )
     sql(_MOVE_PAYMENT, (to_micros(after.starts_at), to_micros(after.updated_at), before.session_id))
+
+
+def _guarded(statement: str, values: tuple[object, ...], before: Session) -> None:
+    """Runs an UPDATE of the session that ends `WHERE session_id = ? AND state = ? AND version = ?`
+    with `before`'s; refuses as the race it lost says if the row was no longer `before`."""
+    if sql(statement, (*values, before.session_id, before.state.value, before.version)).rowcount != 1:
+        _raise_lost_race(before)
 
 
 def _raise_lost_race(before: Session) -> None:
