@@ -1,5 +1,6 @@
-"""Fills a database with N booked sessions and their payments, directly (not through the API),
-for the growth runs: a tenth belong to one professional, so a list can be paged deep."""
+"""Fills a database with N booked sessions (each in its Payments tab's Unpaid section), directly
+(not through the API), for the growth runs: a tenth belong to one professional, so a list can be
+paged deep."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ _BASE = datetime(2027, 1, 1, tzinfo=UTC)
 _BATCH = 20_000
 
 
-def _rows(n: int) -> Iterator[tuple[tuple[object, ...], tuple[object, ...]]]:
+def _rows(n: int) -> Iterator[tuple[object, ...]]:
     now = to_micros(datetime.now(UTC))
     for i in range(n):
         sid = str(uuid.UUID(int=i + 1))
@@ -24,21 +25,32 @@ def _rows(n: int) -> Iterator[tuple[tuple[object, ...], tuple[object, ...]]]:
         client = f"client-{i % 50_000}"
         starts = to_micros(_BASE + timedelta(minutes=i))
         yield (
-            (sid, client, pro, starts, now, now, "BOOKED", 1, 1, "default", _DAY_US, True, True, "CHARGE", 0),
-            (sid, client, pro, starts, "PENDING", "UNPAID", 1, now),
+            sid,
+            client,
+            pro,
+            starts,
+            now,
+            now,
+            "BOOKED",
+            1,
+            1,
+            "default",
+            _DAY_US,
+            True,
+            True,
+            "CHARGE",
+            0,
+            "UNPAID",
         )
 
 
 _SESSION_COLS = (
     "session_id, client_id, professional_id, starts_at, booked_at, updated_at, state, version, credits, "
     "programme_id, notice_window, professional_may_charge_late, no_show_takes_credit, late_reschedule, "
-    "cancellation_grace"
+    "cancellation_grace, payment_section"
 )
 # The default programme's terms: a 24-hour window, in microseconds.
 _DAY_US = 24 * 3600 * 1_000_000
-_PAYMENT_COLS = (
-    "session_id, client_id, professional_id, session_starts_at, state, section, credits, updated_at"
-)
 
 
 def populate(url: str, n: int) -> tuple[list[str], str]:
@@ -54,8 +66,7 @@ def populate(url: str, n: int) -> tuple[list[str], str]:
                 chunk = [b for b in batch if b is not None]
                 if not chunk:
                     break
-                _insert(storage.is_sqlite, storage.db, "sessions", _SESSION_COLS, [s for s, _ in chunk])
-                _insert(storage.is_sqlite, storage.db, "payments", _PAYMENT_COLS, [p for _, p in chunk])
+                _insert(storage.is_sqlite, storage.db, "sessions", _SESSION_COLS, chunk)
         if not storage.is_sqlite:
             with storage.db.connection_context():
                 storage.db.execute_sql("ANALYZE")

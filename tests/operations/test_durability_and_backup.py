@@ -12,6 +12,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from kara.sessions.v1 import sessions_pb2 as pb
 from kara_sessions_client.client import SessionsClient
 from kara_sessions_server.adapters import backup, durability, migrations
 from kara_sessions_server.adapters.storage import Storage, sql
-from kara_sessions_server.domain.model import PAYMENT_FOR_STATE, SessionState
+from kara_sessions_server.domain.model import SessionState, payment_for
+from kara_sessions_server.domain.programme import DEFAULT_TERMS
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
@@ -124,13 +126,12 @@ def assert_consistent_on_its_own(path: Path) -> dict[str, str]:
             assert held == k["HOLD"] - k["RETURN"] - k["TAKE"] == held_by_sessions[client]
         states = {}
         rows = db.execute(
-            "SELECT s.session_id, s.state, p.state, p.section FROM sessions s "
-            "JOIN payments p ON p.session_id = s.session_id"
+            "SELECT session_id, state, no_show_takes_credit, waived_at, payment_section FROM sessions"
         ).fetchall()
-        assert len(rows) == db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
-        for session_id, state, payment, section in rows:
-            expected = PAYMENT_FOR_STATE[SessionState(state)]
-            assert (payment, section) == (expected.value, expected.section.value), session_id
+        for session_id, state, no_show_takes, waived_at, section in rows:
+            terms = replace(DEFAULT_TERMS, no_show_takes_credit=bool(no_show_takes))
+            expected = payment_for(SessionState(state), terms, waived=waived_at is not None)
+            assert section == expected.section.value, session_id
             states[session_id] = state
         return states
     finally:

@@ -64,8 +64,39 @@ V7_COLUMNS = {
 }
 
 
+# The payments table as versions 1 to 7 had it: one row per session, its Payments tab entry.
+_PAYMENTS_V7 = (
+    "CREATE TABLE payments (session_id VARCHAR(64) NOT NULL PRIMARY KEY, client_id VARCHAR(128) NOT NULL, "
+    "professional_id VARCHAR(128) NOT NULL, session_starts_at BIGINT NOT NULL, state VARCHAR(16) NOT NULL, "
+    "section VARCHAR(16) NOT NULL, credits INTEGER NOT NULL, updated_at BIGINT NOT NULL)"
+)
+_FILL_PAYMENTS_V7 = (
+    "INSERT INTO payments SELECT session_id, client_id, professional_id, starts_at, "
+    "CASE WHEN state = 'BOOKED' THEN 'PENDING' WHEN payment_section = 'PAID' THEN 'PAID' ELSE 'VOIDED' END, "
+    "payment_section, credits, updated_at FROM sessions"
+)
+
+
+def downgrade_to_version_7(database_url: str) -> None:
+    """The database as version 7 left it (the Payments tab in its own table), with its data."""
+    storage = open_storage(database_url)
+    db = storage.db
+    with db.connection_context(), db.atomic():
+        db.execute_sql(_PAYMENTS_V7)
+        db.execute_sql(
+            "CREATE INDEX payments_professional_id_section_session_starts_at_session_id "
+            "ON payments (professional_id, section, session_starts_at, session_id)"
+        )
+        db.execute_sql(_FILL_PAYMENTS_V7)
+        db.execute_sql("DROP INDEX sessions_professional_id_payment_section_starts_at_session_id")
+        db.execute_sql("ALTER TABLE sessions DROP COLUMN payment_section")
+        db.execute_sql("UPDATE schema_version SET version = 7")
+    storage.close()
+
+
 def downgrade_to_version_6(database_url: str) -> None:
     """The database as version 6 left it (before reschedules), with the data it holds."""
+    downgrade_to_version_7(database_url)
     storage = open_storage(database_url)
     db = storage.db
     with db.connection_context(), db.atomic():
@@ -148,10 +179,10 @@ def test_an_old_database_is_refused_then_migrated_keeping_its_data(
 
     check = migrate_cli(database_url, "--check")
     assert check.returncode == 1, check
-    assert all(f"pending: {n}" in check.stdout for n in (2, 3, 4, 5, 6, 7)), check.stdout
+    assert all(f"pending: {n}" in check.stdout for n in (2, 3, 4, 5, 6, 7, 8)), check.stdout
     done = migrate_cli(database_url)
     assert done.returncode == 0, done.stderr
-    assert all(f"applied {n}" in done.stdout for n in (2, 3, 4, 5, 6, 7)) and "(was 1)" in done.stdout
+    assert all(f"applied {n}" in done.stdout for n in (2, 3, 4, 5, 6, 7, 8)) and "(was 1)" in done.stdout
     again = migrate_cli(database_url)
     assert "nothing to do" in again.stdout
 
@@ -266,8 +297,13 @@ def test_a_version_4_database_upgrades_to_programmes_keeping_everything(
         running.stop(grace=0)
     for table in ("invoices", "invoice_lines", "invoice_audit"):
         assert after[table] == before[table], table
-    settled = [p for p in before["payments"] if p["session_id"] != booked]
-    assert [p for p in after["payments"] if p["session_id"] != booked] == settled
+
+    def settled(tables: dict[str, list[dict[str, object]]]) -> list[tuple[object, object]]:
+        return [
+            (s["session_id"], s["payment_section"]) for s in tables["sessions"] if s["session_id"] != booked
+        ]
+
+    assert settled(after) == settled(before)
     assert len(after["ledger_entries"]) == len(before["ledger_entries"]) + 1
     assert_balances(after)
 
@@ -355,3 +391,68 @@ def test_a_version_6_database_upgrades_to_reschedules_keeping_every_row(
         "employer": ("CHARGE", timedelta(0)),
     }
     assert_balances(after)
+
+
+def test_a_version_7_database_upgrades_to_the_payments_tab_on_sessions_keeping_every_payment(
+    database_url: str, clock: FakeClock
+) -> None:
+    """Every payments row (each state and section: booked, voided, paid, waived, a charged and
+    a free no-show, completed, on an invoice) is what GetPayment and ListPayments answer after
+    the upgrade, the payments table is gone, and nothing else changed. A session whose payments
+    row is missing gets the section its state says."""
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            kara.create_programme("free", "Free no-shows", timedelta(hours=24), no_show_takes_credit=False)
+            kara.grant_credits("client-1", 6)
+            kara.grant_credits("client-1", 1, programme_id="free")
+            soon = clock.now() + timedelta(hours=5)
+            late, voided, waived, booked, shown = (
+                kara.book("client-1", "pro-1", soon + timedelta(days=n)).session_id for n in (0, 2, 0, 3, 0)
+            )
+            free = kara.book("client-1", "pro-1", soon, programme_id="free").session_id
+            kara.cancel(late, "client")
+            kara.cancel(voided, "client")
+            kara.cancel(waived, "client")
+            kara.waive_charge(waived, "goodwill")
+            kara.create_invoice("pro-1", [late])
+            clock.advance(timedelta(hours=6))
+            kara.mark_no_show(shown)
+            kara.mark_no_show(free)
+            ids = (late, voided, waived, booked, shown, free)
+            answered = {i: kara.get_payment(i) for i in ids}
+            listed = {s: kara.list_payments("pro-1", s).payments for s in ("unpaid", "paid")}
+        before = db_snapshot(running)
+    finally:
+        running.stop(grace=0)
+    downgrade_to_version_7(database_url)
+    storage = open_storage(database_url)
+    with storage.db.connection_context():
+        rows = storage.db.execute_sql("SELECT session_id, state, section FROM payments").fetchall()
+        storage.db.execute_sql(f"DELETE FROM payments WHERE session_id = {storage.db.param}", (shown,))
+    storage.close()
+    assert {r[0]: (r[1], r[2]) for r in rows} == {
+        late: ("PAID", "PAID"),
+        voided: ("VOIDED", "UNPAID"),
+        waived: ("VOIDED", "UNPAID"),
+        booked: ("PENDING", "UNPAID"),
+        shown: ("PAID", "PAID"),
+        free: ("VOIDED", "UNPAID"),
+    }
+
+    done = migrate_cli(database_url)
+    assert done.returncode == 0 and "applied 8" in done.stdout and "(was 7)" in done.stdout, done
+
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            assert {i: kara.get_payment(i) for i in ids} == answered
+            assert {s: kara.list_payments("pro-1", s).payments for s in ("unpaid", "paid")} == listed
+        after = db_snapshot(running)
+        with running.storage.db.connection_context():
+            assert "payments" not in running.storage.db.get_tables()
+    finally:
+        running.stop(grace=0)
+    after.pop("schema_version")
+    before.pop("schema_version")
+    assert after == before

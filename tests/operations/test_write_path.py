@@ -20,7 +20,6 @@ from ..support.clock import FakeClock
 CANCELLATION = [
     "SELECT FROM sessions",
     "UPDATE sessions",
-    "UPDATE payments",
     "UPDATE credit_accounts",
     "INSERT INTO ledger_entries",
     "INSERT INTO audit_log",

@@ -27,10 +27,7 @@ FROM credit_accounts a
 LEFT JOIN ledger_entries e ON e.client_id = a.client_id AND e.programme_id = a.programme_id
 GROUP BY a.client_id, a.programme_id, a.available, a.held, a.used
 """
-_PAYMENTS = (
-    "SELECT s.session_id, s.state, s.no_show_takes_credit, s.waived_at, p.state FROM sessions s "
-    "LEFT JOIN payments p ON p.session_id = s.session_id"
-)
+_PAYMENTS = "SELECT session_id, state, no_show_takes_credit, waived_at, payment_section FROM sessions"
 
 
 class BackupError(Exception):
@@ -106,11 +103,11 @@ def verify(path: Path) -> Verified:
                     f"credit account {client_id} (programme {programme_id}) disagrees with its ledger"
                 )
         sessions = db.execute(_PAYMENTS).fetchall()
-        for session_id, state, no_show_takes, waived_at, payment in sessions:
+        for session_id, state, no_show_takes, waived_at, section in sessions:
             terms = replace(DEFAULT_TERMS, no_show_takes_credit=bool(no_show_takes))
-            expected = payment_for(SessionState(state), terms, waived=waived_at is not None)
-            if payment != expected.value:
-                raise BackupError(f"session {session_id} is {state} but its payment is {payment}")
+            expected = payment_for(SessionState(state), terms, waived=waived_at is not None).section
+            if section != expected.value:
+                raise BackupError(f"session {session_id} is {state} but its payment is in section {section}")
         return Verified(version, len(sessions), len(accounts))
     except sqlite3.Error as exc:
         raise BackupError(f"{path} is not a readable kara-sessions database: {exc}") from exc

@@ -61,12 +61,12 @@ _INSERT_AUDIT = (
     "INSERT INTO invoice_audit (invoice_id, action, session_ids, principal, request_id, at) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
-# Through the payments index (professional_id, section, session_starts_at, session_id).
+# Through the Payments tab's index (professional_id, payment_section, starts_at, session_id).
 _UNINVOICED_PAID = (
-    f"SELECT {S_SESSION_COLUMNS} FROM payments p JOIN sessions s ON s.session_id = p.session_id"
-    " WHERE p.professional_id = ? AND p.section = 'PAID' AND p.session_starts_at <= ?"
-    " AND NOT EXISTS (SELECT 1 FROM invoice_lines l WHERE l.session_id = p.session_id)"
-    " ORDER BY p.session_starts_at, p.session_id LIMIT ?"
+    f"SELECT {S_SESSION_COLUMNS} FROM sessions s"
+    " WHERE s.professional_id = ? AND s.payment_section = 'PAID' AND s.starts_at <= ?"
+    " AND NOT EXISTS (SELECT 1 FROM invoice_lines l WHERE l.session_id = s.session_id)"
+    " ORDER BY s.starts_at, s.session_id LIMIT ?"
 )
 # PostgreSQL: lock the sessions read for invoicing until the transaction ends, so a WaiveCharge
 # (which updates the session's row) and an invoice cannot both go through on one session: the

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 import peewee as pw
 from playhouse.migrate import Operation, PostgresqlMigrator, SchemaMigrator, SqliteMigrator, migrate
 
+from kara_sessions_server.adapters.session_repository import SESSION_COLUMNS, session_from_row
 from kara_sessions_server.adapters.storage import (
     TABLES,
     CreditAccountRow,
@@ -31,6 +32,7 @@ from kara_sessions_server.adapters.storage import (
     Table,
     UtcTimestampField,
 )
+from kara_sessions_server.domain.model import payment_state
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, default_programme
 
 # A schema step may rewrite a large table: its statements get far longer than a request's.
@@ -149,6 +151,38 @@ def _v7_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
     return ops + [m.add_column("sessions", name, field) for name, field in session_columns.items()]
 
 
+def _v8_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
+    """The Payments tab's section on the session itself, with the tab's index (frozen as
+    version 8 defines them); _v8_data fills it and drops the payments table."""
+    return [
+        m.add_column("sessions", "payment_section", pw.CharField(max_length=16, default="UNPAID")),
+        m.add_index("sessions", ("professional_id", "payment_section", "starts_at", "session_id"), False),
+    ]
+
+
+def _v8_data(storage: Storage, context: Context) -> None:
+    """Each session's section is the one its payments row had (they were written in the same
+    transaction); a session without a row, which no version wrote, gets the one its state says.
+    Everything else a payments row held is the session's own (payment_of derives it)."""
+    db = storage.db
+    db.execute_sql(
+        "UPDATE sessions SET payment_section = "
+        "(SELECT p.section FROM payments p WHERE p.session_id = sessions.session_id) "
+        "WHERE EXISTS (SELECT 1 FROM payments p WHERE p.session_id = sessions.session_id)"
+    )
+    orphans = db.execute_sql(
+        f"SELECT {SESSION_COLUMNS} FROM sessions s "
+        "WHERE NOT EXISTS (SELECT 1 FROM payments p WHERE p.session_id = s.session_id)"
+    ).fetchall()
+    for row in orphans:
+        session = session_from_row(row)
+        db.execute_sql(
+            f"UPDATE sessions SET payment_section = {db.param} WHERE session_id = {db.param}",
+            (payment_state(session).section.value, session.session_id),
+        )
+    db.execute_sql("DROP TABLE payments")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
@@ -184,6 +218,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         7,
         "reschedules: each programme's late_reschedule and cancellation_grace, moves on sessions",
         _v7_operations,
+    ),
+    Migration(
+        8,
+        "sessions.payment_section: the Payments tab from the sessions table; payments dropped",
+        _v8_operations,
+        data=_v8_data,
     ),
 )
 BASELINE = 1

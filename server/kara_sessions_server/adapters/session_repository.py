@@ -1,4 +1,5 @@
-"""Sessions, their payments and the audit log.
+"""Sessions, their payments (a session's payment follows from it: the Payments tab is a column
+and an index on sessions) and the audit log.
 
 State changes are conditional UPDATEs (state and version must still be what was read), so of
 two concurrent cancellations exactly one changes the row; the other sees zero rows updated.
@@ -51,46 +52,37 @@ _GET_SESSION_AND_INVOICE = (
 _INSERT_SESSION = (
     "INSERT INTO sessions (session_id, client_id, professional_id, starts_at, booked_at, updated_at, "
     "state, version, credits, programme_id, notice_window, professional_may_charge_late, "
-    "no_show_takes_credit, late_reschedule, cancellation_grace, rescheduled_from) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_PAYMENT = (
-    "INSERT INTO payments (session_id, client_id, professional_id, session_starts_at, state, section, "
-    "credits, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "no_show_takes_credit, late_reschedule, cancellation_grace, rescheduled_from, payment_section) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _CHANGE_SESSION = (
     "UPDATE sessions SET state = ?, version = ?, updated_at = ?, completed_at = ?, cancelled_by = ?, "
     "cancelled_at = ?, notified_at = ?, notice = ?, late = ?, charge_client = ?, reason = ?, "
     "no_show_at = ?, waived_at = ?, waived_by = ?, waive_reason = ?, within_grace = ?, "
-    "rescheduled_to = ? WHERE session_id = ? AND state = ? AND version = ?"
+    "rescheduled_to = ?, payment_section = ? WHERE session_id = ? AND state = ? AND version = ?"
 )
 # A move in place: only a BOOKED session moves, and only from the start it was read with.
 _MOVE_SESSION = (
     "UPDATE sessions SET starts_at = ?, moves = ?, version = ?, updated_at = ? "
     "WHERE session_id = ? AND state = ? AND version = ?"
 )
-_MOVE_PAYMENT = "UPDATE payments SET session_starts_at = ?, updated_at = ? WHERE session_id = ?"
-_CHANGE_PAYMENT = (
-    "UPDATE payments SET state = ?, section = ?, updated_at = ? WHERE session_id = ? AND state = ?"
-)
 _INSERT_AUDIT = (
     "INSERT INTO audit_log (session_id, action, actor, principal, from_state, to_state, notified_at, "
     "notice, charge_client, reason, request_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# Newest session first, through the (professional_id, section, session_starts_at, session_id) index.
-# The payments table picks and orders the rows; each payment is derived from its session and
-# the invoice line it is on, if any.
+# Newest session first, through the (professional_id, payment_section, starts_at, session_id)
+# index; each payment is derived from its session and the invoice line it is on, if any.
 _LIST_PAYMENTS = (
-    f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM payments p JOIN sessions s ON s.session_id = p.session_id"
-    " LEFT JOIN invoice_lines l ON l.session_id = p.session_id"
-    " WHERE p.professional_id = ? AND p.section = ? {after}"
-    " ORDER BY p.session_starts_at DESC, p.session_id DESC LIMIT ?"
+    f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM sessions s"
+    " LEFT JOIN invoice_lines l ON l.session_id = s.session_id"
+    " WHERE s.professional_id = ? AND s.payment_section = ? {after}"
+    " ORDER BY s.starts_at DESC, s.session_id DESC LIMIT ?"
 )
 _LIST_PAYMENTS_FIRST = _LIST_PAYMENTS.format(after="")
 _LIST_PAYMENTS_AFTER = _LIST_PAYMENTS.format(
     # A row-value comparison, not `a < x OR (a = x AND b < y)`: PostgreSQL turns only the former
     # into an index range, and without it a deep page scanned every row above it.
-    after="AND (p.session_starts_at, p.session_id) < (?, ?)"
+    after="AND (s.starts_at, s.session_id) < (?, ?)"
 )
 
 
@@ -221,20 +213,7 @@ def add_session(session: Session) -> None:
             session.terms.late_reschedule.value,
             session.terms.cancellation_grace // _MICROSECOND,
             session.rescheduled_from or None,
-        ),
-    )
-    payment = payment_of(session)
-    sql(
-        _INSERT_PAYMENT,
-        (
-            payment.session_id,
-            payment.client_id,
-            payment.professional_id,
-            to_micros(payment.session_starts_at),
-            payment.state.value,
-            payment.section.value,
-            payment.credits,
-            to_micros(payment.updated_at),
+            payment_state(session).section.value,
         ),
     )
 
@@ -263,27 +242,15 @@ def change_state(before: Session, after: Session) -> None:
             w.reason if w else None,
             c.within_grace if c else None,
             after.rescheduled_to or None,
+            payment_state(after).section.value,
         ),
         before,
     )
-    paid = payment_state(after)
-    changed = sql(
-        _CHANGE_PAYMENT,
-        (
-            paid.value,
-            paid.section.value,
-            to_micros(after.updated_at),
-            before.session_id,
-            payment_state(before).value,
-        ),
-    ).rowcount
-    if changed != 1:
-        raise Conflict(f"payment of session {before.session_id} changed concurrently; retry")
 
 
 def move(before: Session, after: Session) -> None:
-    """Writes `after`'s start and moves only if the row is still exactly `before`; the Payments
-    tab orders by the session's start, so its row moves too."""
+    """Writes `after`'s start and moves only if the row is still exactly `before` (a move in
+    place leaves the payment as it was: still PENDING, in the Unpaid section)."""
     _guarded(
         _MOVE_SESSION,
         (
@@ -294,7 +261,6 @@ def move(before: Session, after: Session) -> None:
         ),
         before,
     )
-    sql(_MOVE_PAYMENT, (to_micros(after.starts_at), to_micros(after.updated_at), before.session_id))
 
 
 def _guarded(statement: str, values: tuple[object, ...], before: Session) -> None:

@@ -121,30 +121,20 @@ class SessionRow(Table):
     moves = pw.TextField(null=True)
     rescheduled_from = pw.CharField(max_length=64, null=True)
     rescheduled_to = pw.CharField(max_length=64, null=True)
+    # Schema version 8: the Payments tab's section (UNPAID or PAID). It follows from the state,
+    # the terms and a waiver (model.payment_state), and is written with them in the same UPDATE,
+    # so the tab pages through one index without a second table to keep in step.
+    payment_section = pw.CharField(max_length=16, default="UNPAID")
 
     class Meta:
         table_name = "sessions"
-        # Keyset pagination for the Sessions tab, per professional and per client.
         indexes = (
+            # Keyset pagination for the Sessions tab, per professional and per client.
             (("professional_id", "starts_at", "session_id"), False),
             (("client_id", "starts_at", "session_id"), False),
+            # The Payments tab: a professional's section, newest session first.
+            (("professional_id", "payment_section", "starts_at", "session_id"), False),
         )
-
-
-class PaymentRow(Table):
-    session_id = pw.CharField(primary_key=True, max_length=64)
-    client_id = pw.CharField(max_length=128)
-    professional_id = pw.CharField(max_length=128)
-    session_starts_at = UtcTimestampField()
-    state = pw.CharField(max_length=16)
-    # Denormalised from state so the Payments tab's sections page through one index.
-    section = pw.CharField(max_length=16)
-    credits = pw.IntegerField()
-    updated_at = UtcTimestampField()
-
-    class Meta:
-        table_name = "payments"
-        indexes = ((("professional_id", "section", "session_starts_at", "session_id"), False),)
 
 
 class CreditAccountRow(Table):
@@ -330,7 +320,6 @@ class SchemaVersionRow(Table):
 
 TABLES: list[type[Table]] = [
     SessionRow,
-    PaymentRow,
     CreditAccountRow,
     LedgerEntryRow,
     AuditRow,

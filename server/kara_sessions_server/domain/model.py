@@ -73,16 +73,6 @@ class LedgerKind(enum.StrEnum):
     REFUND = "REFUND"
 
 
-# The payment each session state implies, where the state alone decides it; the state machine
-# and the payment never disagree. A NO_SHOW's payment follows its terms, and a waiver voids a
-# payment (payment_state below).
-PAYMENT_FOR_STATE: dict[SessionState, PaymentState] = {
-    SessionState.BOOKED: PaymentState.PENDING,
-    SessionState.CANCELLED_VOIDED: PaymentState.VOIDED,
-    SessionState.CANCELLED_PAID: PaymentState.PAID,
-    SessionState.COMPLETED: PaymentState.PAID,
-}
-
 # What happens to the held credit on entering a settled state (a NO_SHOW: see credit_move).
 CREDIT_MOVE_FOR_STATE: dict[SessionState, LedgerKind] = {
     SessionState.CANCELLED_VOIDED: LedgerKind.RETURN,
