@@ -296,15 +296,47 @@ def test_old_request_id_results_are_pruned_and_recent_ones_kept(database_url: st
             clock.advance(timedelta(days=8))
             kara.grant_credits("client-1", 1, request_id="recent")
             assert running.pruner.run_once() == {"events": 0, "request_id results": 2, "audit rows": 0}
-            kept = {r["request_id"] for r in db_snapshot(running)["idempotency_keys"]}
+            kept = {r["request_id"] for r in db_snapshot(running)["events"] if r["request_id"]}
             assert kept == {"recent"}
+            # Forgetting a request_id leaves its change in the feed.
+            assert len(kara.list_events()) == 3
             # A retry within the window replays; an expired request_id is a new request.
             kara.grant_credits("client-1", 1, request_id="recent")
             kara.grant_credits("client-1", 1, request_id="old")
             assert kara.get_credit_account("client-1").available == 2
             clock.advance(timedelta(days=25))
-            assert running.pruner.run_once()["audit rows"] == 1  # the booking's, 33 days old
+            # The first two changes' events (33 days old) and the booking's audit row go; the
+            # two request_ids of day 8 are forgotten, their events kept.
+            assert running.pruner.run_once() == {"events": 2, "request_id results": 2, "audit rows": 1}
             assert len(db_snapshot(running)["audit_log"]) == 0
+            assert len(kara.list_events()) == 2
+    finally:
+        running.stop(grace=1)
+
+
+def test_a_request_id_kept_longer_than_the_feed_keeps_its_event(database_url: str, clock: FakeClock) -> None:
+    """The event's row is the request_id's record: it is pruned from the feed only once the
+    request_id is forgotten, so a replay is answered for as long as promised."""
+    running = start(
+        Settings(
+            listen="127.0.0.1:0",
+            database_url=database_url,
+            request_id_retention=timedelta(days=60),
+            event_retention=timedelta(days=30),
+        ),
+        clock=clock,
+    )
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            first = kara.grant_credits("client-1", 1, request_id="grant-1")
+            clock.advance(timedelta(days=40))
+            assert running.pruner.run_once() == {"events": 0, "request_id results": 0, "audit rows": 0}
+            assert kara.grant_credits("client-1", 1, request_id="grant-1") == first
+            assert kara.get_credit_account("client-1").available == 1
+            clock.advance(timedelta(days=21))
+            assert running.pruner.run_once()["request_id results"] == 1
+            assert running.pruner.run_once()["events"] == 1
+            assert kara.list_events() == []
     finally:
         running.stop(grace=1)
 

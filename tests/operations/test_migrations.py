@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from kara_sessions_client.client import SessionsClient
+from kara_sessions_client.client import KaraError, SessionsClient
 from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import TABLES, Storage, open_storage
 from kara_sessions_server.entrypoints.grpc.server import Settings, start
@@ -77,11 +77,29 @@ _FILL_PAYMENTS_V7 = (
 )
 
 
+_IDEMPOTENCY_V7 = (
+    "CREATE TABLE idempotency_keys (request_id VARCHAR(128) NOT NULL PRIMARY KEY, "
+    "operation VARCHAR(64) NOT NULL, fingerprint VARCHAR(64) NOT NULL, result TEXT NOT NULL, "
+    "created_at BIGINT NOT NULL)"
+)
+
+
 def downgrade_to_version_7(database_url: str) -> None:
-    """The database as version 7 left it (the Payments tab in its own table), with its data."""
+    """The database as version 7 left it (the Payments tab in its own table, each request_id's
+    result in idempotency_keys), with its data."""
     storage = open_storage(database_url)
     db = storage.db
     with db.connection_context(), db.atomic():
+        db.execute_sql(_IDEMPOTENCY_V7)
+        db.execute_sql("CREATE INDEX idempotency_keys_created_at ON idempotency_keys (created_at)")
+        db.execute_sql(
+            "INSERT INTO idempotency_keys SELECT request_id, operation, fingerprint, data, time FROM events "
+            "WHERE request_id IS NOT NULL"
+        )
+        for index in ("events_request_id", "events_time"):
+            db.execute_sql(f"DROP INDEX {index}")
+        for column in ("request_id", "operation", "fingerprint"):
+            db.execute_sql(f"ALTER TABLE events DROP COLUMN {column}")
         db.execute_sql(_PAYMENTS_V7)
         db.execute_sql(
             "CREATE INDEX payments_professional_id_section_session_starts_at_session_id "
@@ -456,3 +474,61 @@ def test_a_version_7_database_upgrades_to_the_payments_tab_on_sessions_keeping_e
     after.pop("schema_version")
     before.pop("schema_version")
     assert after == before
+
+
+def test_a_version_7_database_upgrades_to_one_row_per_change_keeping_every_stored_result(
+    database_url: str, clock: FakeClock
+) -> None:
+    """Each request_id's result moves onto its event's row; one whose event a shorter feed
+    retention pruned already is kept behind the feed's start, where no cursor reaches it. Both
+    replay after the upgrade, and the feed is the events it was."""
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            kara.grant_credits("client-1", 2, request_id="grant")
+            late = kara.book("client-1", "pro-1", clock.now() + timedelta(hours=5)).session_id
+            voided = kara.book("client-1", "pro-1", clock.now() + timedelta(days=3)).session_id
+            kara.cancel(late, "client", request_id="cancel-late")
+            cancelled = kara.cancel(voided, "client", request_id="cancel-voided")
+        before = db_snapshot(running)
+    finally:
+        running.stop(grace=0)
+    downgrade_to_version_7(database_url)
+    storage = open_storage(database_url)
+    pruned = next(e for e in before["events"] if e["request_id"] == "cancel-voided")
+    with storage.db.connection_context():
+        results = storage.db.execute_sql("SELECT COUNT(*) FROM idempotency_keys").fetchone()[0]
+        storage.db.execute_sql(
+            f"DELETE FROM events WHERE event_id = {storage.db.param}", (pruned["event_id"],)
+        )
+    storage.close()
+    assert results == len(before["events"]) == 5  # every change's result, as version 7 kept them
+
+    done = migrate_cli(database_url)
+    assert done.returncode == 0 and "applied 8" in done.stdout, done
+
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            feed = kara.list_events()
+            after = db_snapshot(running)
+            assert kara.cancel(voided, "client", request_id="cancel-voided") == cancelled
+            assert kara.cancel(late, "client", request_id="cancel-late").session.session_id == late
+            with pytest.raises(KaraError) as reused:
+                kara.cancel(voided, "professional", request_id="cancel-late")
+            assert reused.value.reason == "REQUEST_ID_REUSED"
+            assert db_snapshot(running) == after, "a replay changes nothing"
+        with running.storage.db.connection_context():
+            assert "idempotency_keys" not in running.storage.db.get_tables()
+    finally:
+        running.stop(grace=0)
+    [carried] = [e for e in after["events"] if e["position"] < 0]
+    after["events"].remove(carried)
+    assert (carried["txid"], carried["type"], carried["request_id"], carried["data"]) == (
+        0,
+        "",
+        "cancel-voided",
+        pruned["data"],
+    )
+    assert after["events"] == [e for e in before["events"] if e != pruned]
+    assert [e.event_id for e in feed] == [e["event_id"] for e in after["events"]]

@@ -56,7 +56,7 @@ def test_a_missing_table_is_a_schema_mismatch_without_traceback(
     session_id = book(kara, clock, timedelta(days=2))
     # Pull the tables out from under the running server.
     with server.storage.db.connection_context():
-        server.storage.db.execute_sql("DROP TABLE idempotency_keys")
+        server.storage.db.execute_sql("DROP TABLE events")
     with pytest.raises(KaraError) as failed:
         kara.cancel(session_id, "client")
     # A permanent fault (issue 14): the operator's reason, and the client does not retry it.

@@ -1,5 +1,6 @@
 """request_id bookkeeping: the first result of a mutation is stored with the mutation, in the
-same transaction, so a retry returns that result and moves nothing."""
+same transaction, on the row of the change's event (outbox.append writes both), so a retry
+returns that result and moves nothing. The events table's unique request_id stops a replay."""
 
 from __future__ import annotations
 
@@ -25,11 +26,7 @@ def fingerprint(operation: str, params: Mapping[str, object]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-_FIND = "SELECT operation, fingerprint, result FROM idempotency_keys WHERE request_id = ?"
-_RECORD = (
-    "INSERT INTO idempotency_keys (request_id, operation, fingerprint, result, created_at) "
-    "VALUES (?, ?, ?, ?, ?)"
-)
+_FIND = "SELECT operation, fingerprint, data FROM events WHERE request_id = ?"
 
 
 def find(request_id: str) -> StoredResult | None:
@@ -48,16 +45,14 @@ def check_same_request(stored: StoredResult, request_id: str, operation: str, fp
     return stored.result
 
 
-def record(request_id: str, operation: str, fp: str, result: str, now: datetime) -> None:
-    sql(_RECORD, (request_id, operation, fp, result, to_micros(now)))
-
-
-_PRUNE = (
-    "DELETE FROM idempotency_keys WHERE request_id IN "
-    "(SELECT request_id FROM idempotency_keys WHERE created_at < ? LIMIT ?)"
+# Through the partial index on events.time of the rows still holding a request_id. The event
+# stays in the feed; only its request_id (and what checks a replay against it) is forgotten.
+_FORGET = (
+    "UPDATE events SET request_id = NULL, operation = NULL, fingerprint = NULL WHERE position IN "
+    "(SELECT position FROM events WHERE request_id IS NOT NULL AND time < ? LIMIT ?)"
 )
 
 
 def prune(older_than: datetime, batch: int) -> int:
-    """Forgets up to `batch` stored results recorded before `older_than`."""
-    return int(sql(_PRUNE, (to_micros(older_than), batch)).rowcount)
+    """Forgets up to `batch` request_ids whose results were recorded before `older_than`."""
+    return int(sql(_FORGET, (to_micros(older_than), batch)).rowcount)

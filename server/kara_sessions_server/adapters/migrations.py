@@ -9,6 +9,7 @@ at once."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from kara_sessions_server.adapters.storage import (
     CreditAccountRow,
     DurationField,
     EventRetentionRow,
-    EventRow,
     InvoiceAuditRow,
     InvoiceLineRow,
     InvoiceRow,
@@ -76,6 +76,28 @@ class _ProgrammeV5(Table):
 
     class Meta:
         table_name = "programmes"
+
+
+class _EventV4(Table):
+    """The events table as version 4 created it (version 8 adds each change's request_id)."""
+
+    position = pw.BigAutoField()
+    txid = pw.BigIntegerField()
+    event_id = pw.CharField(max_length=36, unique=True)
+    type = pw.CharField(max_length=64)
+    subject = pw.CharField(max_length=128)
+    professional_id = pw.CharField(max_length=128, null=True)
+    client_id = pw.CharField(max_length=128, null=True)
+    time = UtcTimestampField()
+    data = pw.TextField()
+
+    class Meta:
+        table_name = "events"
+        indexes = (
+            (("txid", "position"), True),
+            (("professional_id", "txid", "position"), False),
+            (("client_id", "txid", "position"), False),
+        )
 
 
 def _v5_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
@@ -152,12 +174,64 @@ def _v7_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
 
 
 def _v8_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
-    """The Payments tab's section on the session itself, with the tab's index (frozen as
-    version 8 defines them); _v8_data fills it and drops the payments table."""
+    """One row per change: the Payments tab's section on the session itself, with the tab's
+    index, and each change's request_id record on its event's row (frozen as version 8 defines
+    them). _v8_data fills both and drops the payments table."""
     return [
         m.add_column("sessions", "payment_section", pw.CharField(max_length=16, default="UNPAID")),
         m.add_index("sessions", ("professional_id", "payment_section", "starts_at", "session_id"), False),
+        m.add_column("events", "request_id", pw.CharField(max_length=128, null=True)),
+        m.add_column("events", "operation", pw.CharField(max_length=64, null=True)),
+        m.add_column("events", "fingerprint", pw.CharField(max_length=64, null=True)),
+        m.add_index("events", ("request_id",), True),
+        m.sql("CREATE INDEX events_time ON events (time) WHERE request_id IS NOT NULL"),
     ]
+
+
+def _v8_move_request_ids(storage: Storage) -> None:
+    """Each stored result goes onto the row of the event its change appended: the one written
+    in the same transaction, at the same instant, with the same data (mutate stored one string
+    in both). A result whose event was pruned already (a feed kept for less time than request
+    ids) gets a row of its own behind the feed's start: txid 0 and a negative position, which
+    no cursor reaches (outbox.read), and no type: it is a request_id record, not an event."""
+    db = storage.db
+    mark = db.param
+    db.execute_sql("CREATE INDEX events_v8_time ON events (time)")
+    onto_event = (
+        f"UPDATE events SET request_id = {mark}, operation = {mark}, fingerprint = {mark} "
+        f"WHERE position = (SELECT position FROM events WHERE time = {mark} AND data = {mark} "
+        "AND request_id IS NULL ORDER BY txid, position LIMIT 1)"
+    )
+    moved = []
+    keys = db.execute_sql(
+        "SELECT request_id, operation, fingerprint, result, created_at FROM idempotency_keys "
+        "ORDER BY created_at, request_id"
+    ).fetchall()
+    for request_id, operation, fingerprint, result, created_at in keys:
+        if db.execute_sql(onto_event, (request_id, operation, fingerprint, created_at, result)).rowcount == 1:
+            moved.append(request_id)
+    db.execute_sql("DROP INDEX events_v8_time")
+    behind_the_feed = (
+        "INSERT INTO events (position, txid, event_id, type, subject, time, data, request_id, operation, "
+        f"fingerprint) VALUES ({', '.join([mark] * 10)})"
+    )
+    on_events = set(moved)
+    orphans = [k for k in keys if k[0] not in on_events]
+    for n, (request_id, operation, fingerprint, result, created_at) in enumerate(orphans, start=1):
+        row = (
+            -n,
+            0,
+            str(uuid.uuid4()),
+            "",
+            request_id,
+            created_at,
+            result,
+            request_id,
+            operation,
+            fingerprint,
+        )
+        db.execute_sql(behind_the_feed, row)
+    db.execute_sql("DROP TABLE idempotency_keys")
 
 
 def _v8_data(storage: Storage, context: Context) -> None:
@@ -181,6 +255,7 @@ def _v8_data(storage: Storage, context: Context) -> None:
             (payment_state(session).section.value, session.session_id),
         )
     db.execute_sql("DROP TABLE payments")
+    _v8_move_request_ids(storage)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -197,7 +272,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
         "events and event_retention: the outbox other services read through EventService",
-        tables=(EventRow, EventRetentionRow),
+        tables=(_EventV4, EventRetentionRow),
     ),
     Migration(
         5,
@@ -221,7 +296,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         8,
-        "sessions.payment_section: the Payments tab from the sessions table; payments dropped",
+        "one row per change: the Payments tab on sessions (payments dropped), request_ids on events",
         _v8_operations,
         data=_v8_data,
     ),

@@ -66,24 +66,45 @@ def decode(token: str, field: str = "after") -> Cursor | None:
     return cursor
 
 
-_COLUMNS = "(txid, event_id, type, subject, professional_id, client_id, time, data)"
-_APPEND_SQLITE = f"INSERT INTO events {_COLUMNS} VALUES (0, ?, ?, ?, ?, ?, ?, ?)"
+_COLUMNS = (
+    "(txid, event_id, type, subject, professional_id, client_id, time, data, request_id, operation, "
+    "fingerprint)"
+)
+_APPEND_SQLITE = f"INSERT INTO events {_COLUMNS} VALUES (0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _APPEND_POSTGRES = (
-    f"INSERT INTO events {_COLUMNS} VALUES (pg_current_xact_id()::text::bigint, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO events {_COLUMNS} VALUES (pg_current_xact_id()::text::bigint, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # Only transactions that have finished: see the module's docstring.
 _HORIZON_POSTGRES = "txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _SELECT = "SELECT txid, position, event_id, type, subject, time, data FROM events"
 _PRUNED = "SELECT pruned_txid, pruned_position FROM event_retention WHERE id = 1"
+# Only ever forward: a request_id record behind the feed's start (below) pruned after the
+# events must not make an expired cursor look valid again.
 _MARK_PRUNED = (
     "INSERT INTO event_retention (id, pruned_txid, pruned_position, updated_at) VALUES (1, ?, ?, ?) "
     "ON CONFLICT (id) DO UPDATE SET pruned_txid = excluded.pruned_txid, "
-    "pruned_position = excluded.pruned_position, updated_at = excluded.updated_at"
+    "pruned_position = excluded.pruned_position, updated_at = excluded.updated_at "
+    "WHERE (event_retention.pruned_txid, event_retention.pruned_position) "
+    "< (excluded.pruned_txid, excluded.pruned_position)"
 )
+# Every event is after this: on SQLite positions start at 1, on PostgreSQL txids are positive.
+# Below it are only request_id records that schema version 8 carried over without their
+# (already pruned) events (migrations._v8_move_request_ids): no cursor reaches them.
+_FEED_START = Cursor(0, 0)
 
 
-def append(change: Change, data: str, now: datetime) -> None:
-    """Adds the event of `change` to the transaction that makes the change."""
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """The request that made a change: its request_id, and what a replay is checked against."""
+
+    request_id: str
+    operation: str
+    fingerprint: str
+
+
+def append(change: Change, data: str, now: datetime, request: RequestRecord) -> None:
+    """Adds the event of `change` to the transaction that makes the change, as the record of
+    `request`: a second append with the same request_id fails on the unique key."""
     sql(
         _APPEND_SQLITE if on_sqlite() else _APPEND_POSTGRES,
         (
@@ -94,6 +115,9 @@ def append(change: Change, data: str, now: datetime) -> None:
             change.client_id,
             to_micros(now),
             data,
+            request.request_id,
+            request.operation,
+            request.fingerprint,
         ),
     )
 
@@ -108,10 +132,9 @@ def read(
     """Up to `limit` events after the cursor in feed order, among those whose transactions have
     finished; refuses a cursor older than the events still kept."""
     where: list[str] = [] if on_sqlite() else [_HORIZON_POSTGRES]
-    params: list[object] = []
-    if after is not None:
-        where.append("(txid, position) > (?, ?)")
-        params += [after.txid, after.position]
+    start = after or _FEED_START
+    where.append("(txid, position) > (?, ?)")
+    params: list[object] = [start.txid, start.position]
     for column, value in (("professional_id", professional_id), ("client_id", client_id)):
         if value is not None:
             where.append(f"{column} = ?")
@@ -145,15 +168,20 @@ def pruned_through() -> Cursor | None:
 
 def prune(older_than: datetime, batch: int, now: datetime) -> int:
     """Deletes up to `batch` of the oldest events, in feed order, that are older than
-    `older_than`, and remembers the newest one deleted. Returns how many it deleted."""
+    `older_than` and whose request_id is forgotten, and remembers the newest one deleted.
+    Returns how many it deleted."""
     where = "" if on_sqlite() else f"WHERE {_HORIZON_POSTGRES}"
-    head = sql(f"SELECT txid, position, time FROM events {where} ORDER BY txid, position LIMIT ?", (batch,))
+    head = sql(
+        f"SELECT txid, position, time, request_id FROM events {where} ORDER BY txid, position LIMIT ?",
+        (batch,),
+    )
     cutoff = to_micros(older_than)
     last = None
     # The feed is pruned from its head only, up to the first event still to be kept, so what is
-    # gone is always everything at or before one cursor.
-    for txid, position, at in head.fetchall():
-        if at >= cutoff:
+    # gone is always everything at or before one cursor. An event whose request_id a replay may
+    # still ask for (a --request-id-retention-days longer than the feed's) is kept until then.
+    for txid, position, at, request_id in head.fetchall():
+        if at >= cutoff or request_id is not None:
             break
         last = Cursor(txid, position)
     if last is None:

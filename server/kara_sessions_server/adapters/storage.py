@@ -192,18 +192,6 @@ class AuditRow(Table):
         table_name = "audit_log"
 
 
-class IdempotencyRow(Table):
-    request_id = pw.CharField(primary_key=True, max_length=128)
-    operation = pw.CharField(max_length=64)
-    fingerprint = pw.CharField(max_length=64)
-    result = pw.TextField()
-    # Indexed (schema version 6) so old results are pruned without scanning the table.
-    created_at = UtcTimestampField(index=True)
-
-    class Meta:
-        table_name = "idempotency_keys"
-
-
 class InvoiceRow(Table):
     invoice_id = pw.CharField(primary_key=True, max_length=64)
     professional_id = pw.CharField(max_length=128)
@@ -283,8 +271,14 @@ class EventRow(Table):
     professional_id = pw.CharField(max_length=128, null=True)
     client_id = pw.CharField(max_length=128, null=True)
     time = UtcTimestampField()
-    # The state after the change, as the request_id record stores it (snapshots.py).
+    # The state after the change (snapshots.py): what the feed tells, and what a replay of the
+    # change's request_id answers.
     data = pw.TextField()
+    # Schema version 8: the change's request_id record is its event's row. NULL once the
+    # request_id is forgotten (--request-id-retention-days); unique while it is not.
+    request_id = pw.CharField(max_length=128, null=True, unique=True)
+    operation = pw.CharField(max_length=64, null=True)
+    fingerprint = pw.CharField(max_length=64, null=True)
 
     class Meta:
         table_name = "events"
@@ -293,6 +287,10 @@ class EventRow(Table):
             (("professional_id", "txid", "position"), False),
             (("client_id", "txid", "position"), False),
         )
+
+
+# The request_ids still remembered, oldest first, for pruning them by age without a scan.
+EventRow.add_index(EventRow.index(EventRow.time).where(EventRow.request_id.is_null(False)))
 
 
 class EventRetentionRow(Table):
@@ -323,7 +321,6 @@ TABLES: list[type[Table]] = [
     CreditAccountRow,
     LedgerEntryRow,
     AuditRow,
-    IdempotencyRow,
     InvoiceRow,
     InvoiceLineRow,
     InvoiceAuditRow,

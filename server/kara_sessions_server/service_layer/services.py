@@ -427,10 +427,11 @@ class Services:
         and the one event that tells the feed of it (`op.event`) in the same transaction; a
         retry gets that result back (`op.load`) and changes nothing, the feed included.
 
-        The happy path reads no stored result first: request_id is the idempotency table's
-        primary key, so a replay is stopped by the INSERT (or, before it, by the work finding
-        its change already made: the session no longer BOOKED, the start since passed). Either
-        way the transaction rolls back, and then, only then, the stored result is looked up."""
+        The happy path reads no stored result first: the event's row is the request_id's record
+        and request_id is unique there, so a replay is stopped by the INSERT (or, before it, by
+        the work finding its change already made: the session no longer BOOKED, the start since
+        passed). Either way the transaction rolls back, and then, only then, the stored result
+        is looked up."""
         # The caller is part of the request: another principal's request_id replays nothing of theirs.
         operation, load = op.name, op.load
         fp = idempotency.fingerprint(operation, {**op.params, "principal": str(who)})
@@ -439,9 +440,8 @@ class Services:
                 now = self.clock.now()
                 result = work(uow, now)
                 data = op.dump(result)
-                idempotency.record(request_id, operation, fp, data, now)
                 told = op.event(result)
-                outbox.append(told, data, now)
+                outbox.append(told, data, now, outbox.RequestRecord(request_id, operation, fp))
                 uow.events.append(FeedAppended(told.type.value))
                 uow.commit()
             for event in uow.events:
