@@ -200,6 +200,8 @@ def test_the_server_prunes_old_events_in_the_background(tmp_path: Path, clock: F
         listen="127.0.0.1:0",
         database_url=f"sqlite:///{tmp_path / 'k.db'}",
         event_retention=timedelta(days=1),
+        # An event's row is its change's request_id record, kept as long as that too.
+        request_id_retention=timedelta(days=1),
         event_prune_seconds=0.05,
     )
     running = start(settings, clock=clock)
@@ -373,7 +375,8 @@ def test_a_transaction_that_commits_late_is_never_skipped(postgres_database: str
     def late_transaction() -> None:
         with UnitOfWork(running.storage) as uow:
             account = CreditAccount("late-client", 1, 0, 0)
-            outbox.append(Change.of_account(account), snapshots.dump_account(account), clock.now())
+            request = outbox.RequestRecord("late-request", "GrantCredits", "-")
+            outbox.append(Change.of_account(account), snapshots.dump_account(account), clock.now(), request)
             appended.set()
             release.wait(10)
             uow.commit()

@@ -166,22 +166,22 @@ def pruned_through() -> Cursor | None:
     return None if row is None else Cursor(int(row[0]), int(row[1]))
 
 
-def prune(older_than: datetime, batch: int, now: datetime) -> int:
+def prune(older_than: datetime, request_ids_older_than: datetime, batch: int, now: datetime) -> int:
     """Deletes up to `batch` of the oldest events, in feed order, that are older than
-    `older_than` and whose request_id is forgotten, and remembers the newest one deleted.
-    Returns how many it deleted."""
+    `older_than` and whose request_id, if they still hold one, is older than
+    `request_ids_older_than`, and remembers the newest one deleted. Returns how many it deleted."""
     where = "" if on_sqlite() else f"WHERE {_HORIZON_POSTGRES}"
     head = sql(
         f"SELECT txid, position, time, request_id FROM events {where} ORDER BY txid, position LIMIT ?",
         (batch,),
     )
-    cutoff = to_micros(older_than)
+    cutoff, requests_cutoff = to_micros(older_than), to_micros(request_ids_older_than)
     last = None
     # The feed is pruned from its head only, up to the first event still to be kept, so what is
     # gone is always everything at or before one cursor. An event whose request_id a replay may
     # still ask for (a --request-id-retention-days longer than the feed's) is kept until then.
     for txid, position, at, request_id in head.fetchall():
-        if at >= cutoff or request_id is not None:
+        if at >= cutoff or (request_id is not None and at >= requests_cutoff):
             break
         last = Cursor(txid, position)
     if last is None:

@@ -145,7 +145,10 @@ database_option = _option(
     type=click.FloatRange(min=0, min_open=True),
     default=30.0,
     show_default=True,
-    help="Keep events this long; a consumer's cursor older than that gets OUT_OF_RANGE.",
+    help=(
+        "Keep events this long (and while their request_ids are kept, --request-id-retention-days); "
+        "a consumer's cursor older than that gets OUT_OF_RANGE."
+    ),
 )
 @_option(
     "--max-event-streams",

@@ -14,6 +14,7 @@ from kara_sessions_server.domain.feed import EventType, FeedData, FeedEvent, Ses
 from kara_sessions_server.domain.model import Session, payment_of
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.service_layer import authz
+from kara_sessions_server.service_layer.retention import DEFAULT_REQUEST_ID_RETENTION
 from kara_sessions_server.service_layer.services import Services
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
@@ -61,6 +62,8 @@ _LOAD: dict[EventType, Callable[[str], FeedData]] = {
 class EventServices:
     core: Services
     retention: timedelta = DEFAULT_RETENTION
+    # An event's row is also its change's request_id record: kept at least this long too.
+    request_ids: timedelta = DEFAULT_REQUEST_ID_RETENTION
     # How often a follower looks for commits made by other server processes.
     poll_seconds: float = 0.5
 
@@ -97,7 +100,7 @@ class EventServices:
         while True:
             with UnitOfWork(self.core.storage) as uow:
                 now = self.core.clock.now()
-                deleted = outbox.prune(now - self.retention, PRUNE_BATCH, now)
+                deleted = outbox.prune(now - self.retention, now - self.request_ids, PRUNE_BATCH, now)
                 uow.commit()
             total += deleted
             if deleted < PRUNE_BATCH:

@@ -295,7 +295,9 @@ def start(
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(services), server)
     credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(services), server)
     invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(InvoiceServices(services)), server)
-    events = EventServices(services, retention=settings.event_retention)
+    events = EventServices(
+        services, retention=settings.event_retention, request_ids=settings.request_id_retention
+    )
     events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(events, streams, metrics), server)
     programmes_pb2_grpc.add_ProgrammeServiceServicer_to_server(ProgrammeServicer(programmes), server)
     health_servicer = health.HealthServicer()
