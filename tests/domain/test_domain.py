@@ -188,11 +188,11 @@ def test_reschedule_table(
     assert (outcome.cancellation is not None) == expected
     if not expected:
         moved = lifecycle.moved(session, outcome.move, NOW)
-        assert (moved.session_id, moved.state, moved.starts_at, moved.version) == (
+        assert (moved.session_id, moved.state, moved.starts_at, moved.moves) == (
             "s-1",
             SessionState.BOOKED,
             outcome.move.to_starts_at,
-            2,
+            (outcome.move,),
         )
 
 

@@ -5,13 +5,27 @@ PostgreSQL pays none extra for a call at our client's default timeout."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from kara_sessions_client.client import DEFAULT_TIMEOUT, SessionsClient
+from kara_sessions_server.adapters import migrations, session_repository
+from kara_sessions_server.adapters.storage import open_storage
+from kara_sessions_server.domain.model import (
+    Cancellation,
+    Move,
+    Party,
+    PaymentSection,
+    Session,
+    SessionState,
+    Waiver,
+)
+from kara_sessions_server.domain.programme import LateReschedule, Terms
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 from ..support.clock import FakeClock
 
@@ -61,3 +75,73 @@ def test_a_cancellation_runs_these_statements_and_no_more(
         seen.clear()
         caller.cancel(session_id, "client", request_id="cancel-1")
     assert seen[-1] == "SELECT FROM events", "a replay reads the stored result, after the rollback"
+
+
+def _every_field_set(session_id: str, state: SessionState, version: int) -> Session:
+    """A session whose every column holds a value no other column holds: a swapped pair of
+    columns (two timestamps, two durations, two flags) reads back as a different session."""
+    at = datetime(2027, 3, 1, 9, 0, tzinfo=UTC)
+    seconds = [timedelta(seconds=n) for n in range(1, 20)]
+    return Session(
+        session_id=session_id,
+        client_id="client-columns",
+        professional_id="pro-columns",
+        starts_at=at + seconds[0],
+        booked_at=at - seconds[1],
+        updated_at=at - seconds[2],
+        state=state,
+        version=version,
+        credits=1,
+        cancellation=Cancellation(
+            Party.PROFESSIONAL, at - seconds[3], at - seconds[4], seconds[5], True, True, "why", True
+        ),
+        completed_at=at - seconds[6],
+        programme_id="default",
+        terms=Terms(seconds[7], False, True, LateReschedule.REFUSED, seconds[8]),
+        no_show_at=at - seconds[9],
+        waiver=Waiver(at - seconds[10], "professional:pro-columns", "goodwill"),
+        moves=(
+            Move(
+                at - seconds[11],
+                at,
+                at + seconds[0],
+                Party.CLIENT,
+                at - seconds[12],
+                seconds[13],
+                False,
+                True,
+                "m",
+            ),
+        ),
+        rescheduled_from="from-id",
+        rescheduled_to="to-id",
+    )
+
+
+def test_a_session_is_written_and_read_back_column_for_column(database_url: str) -> None:
+    """The session columns' one declaration (session_repository._VALUES beside SessionRow)
+    drives the INSERT, the guarded UPDATEs and the read: every field survives each of them."""
+    storage = open_storage(database_url)
+    try:
+        migrations.prepare(storage)
+        booked = replace(
+            _every_field_set("s-columns", SessionState.BOOKED, 1), cancellation=None, waiver=None
+        )
+        with UnitOfWork(storage) as uow:
+            session_repository.add_session(booked)
+            uow.commit()
+        with UnitOfWork(storage, write=False):
+            assert session_repository.get_session("s-columns") == booked
+        settled = _every_field_set("s-columns", SessionState.CANCELLED_PAID, 2)
+        with UnitOfWork(storage) as uow:
+            saved = session_repository.change_state(booked, settled)
+            uow.commit()
+        assert saved == settled
+        with UnitOfWork(storage, write=False):
+            assert session_repository.get_session("s-columns") == saved
+            # Waived, so VOIDED: the Payments tab's column follows the session's payment.
+            assert session_repository.list_payments("pro-columns", PaymentSection.UNPAID, 10, "").items[
+                0
+            ].session_id == ("s-columns")
+    finally:
+        storage.close()

@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 import peewee as pw
 from playhouse.migrate import Operation, PostgresqlMigrator, SchemaMigrator, SqliteMigrator, migrate
 
-from kara_sessions_server.adapters.session_repository import SESSION_COLUMNS, session_from_row
 from kara_sessions_server.adapters.storage import (
     TABLES,
     CreditAccountRow,
@@ -32,7 +31,6 @@ from kara_sessions_server.adapters.storage import (
     Table,
     UtcTimestampField,
 )
-from kara_sessions_server.domain.model import payment_state
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, default_programme
 
 # A schema step may rewrite a large table: its statements get far longer than a request's.
@@ -236,24 +234,23 @@ def _v8_move_request_ids(storage: Storage) -> None:
 
 def _v8_data(storage: Storage, context: Context) -> None:
     """Each session's section is the one its payments row had (they were written in the same
-    transaction); a session without a row, which no version wrote, gets the one its state says.
-    Everything else a payments row held is the session's own (payment_of derives it)."""
+    transaction); a session without a row, which no version wrote, gets the one its state says
+    by the rule as version 8 has it (model.payment_state). Everything else a payments row held
+    is the session's own (payment_of derives it)."""
     db = storage.db
     db.execute_sql(
         "UPDATE sessions SET payment_section = "
         "(SELECT p.section FROM payments p WHERE p.session_id = sessions.session_id) "
         "WHERE EXISTS (SELECT 1 FROM payments p WHERE p.session_id = sessions.session_id)"
     )
-    orphans = db.execute_sql(
-        f"SELECT {SESSION_COLUMNS} FROM sessions s "
-        "WHERE NOT EXISTS (SELECT 1 FROM payments p WHERE p.session_id = s.session_id)"
-    ).fetchall()
-    for row in orphans:
-        session = session_from_row(row)
-        db.execute_sql(
-            f"UPDATE sessions SET payment_section = {db.param} WHERE session_id = {db.param}",
-            (payment_state(session).section.value, session.session_id),
-        )
+    db.execute_sql(
+        "UPDATE sessions SET payment_section = CASE "
+        "WHEN waived_at IS NOT NULL THEN 'UNPAID' "
+        "WHEN state IN ('CANCELLED_PAID', 'COMPLETED') THEN 'PAID' "
+        "WHEN state = 'NO_SHOW' AND no_show_takes_credit THEN 'PAID' "
+        "ELSE 'UNPAID' END "
+        "WHERE NOT EXISTS (SELECT 1 FROM payments p WHERE p.session_id = sessions.session_id)"
+    )
     db.execute_sql("DROP TABLE payments")
     _v8_move_request_ids(storage)
 

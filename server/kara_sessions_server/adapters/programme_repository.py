@@ -4,16 +4,14 @@ two concurrent updates exactly one goes through; the other is told to read it ag
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 from kara_sessions_server.adapters.pagination import cut, decode
-from kara_sessions_server.adapters.storage import from_micros, on_sqlite, sql, to_micros
+from kara_sessions_server.adapters.storage import MICROSECOND, from_micros, on_sqlite, sql, to_micros
 from kara_sessions_server.domain.errors import AlreadyExists, Conflict, NotFound
 from kara_sessions_server.domain.model import Page
 from kara_sessions_server.domain.programme import LateReschedule, Programme, Terms
 
-_MICROSECOND = timedelta(microseconds=1)
 _COLUMNS = (
     "programme_id, display_name, notice_window, professional_may_charge_late, no_show_takes_credit, "
     "version, created_at, updated_at, late_reschedule, cancellation_grace"
@@ -36,11 +34,11 @@ def _programme(row: Sequence[Any]) -> Programme:
         programme_id=programme_id,
         display_name=name,
         terms=Terms(
-            timedelta(microseconds=window),
+            MICROSECOND * window,
             bool(may_charge),
             bool(no_show),
             LateReschedule(late),
-            timedelta(microseconds=grace),
+            MICROSECOND * grace,
         ),
         created_at=from_micros(created),
         updated_at=from_micros(updated),
@@ -53,14 +51,14 @@ def _values(p: Programme) -> tuple[object, ...]:
     return (
         p.programme_id,
         p.display_name,
-        t.notice_window // _MICROSECOND,
+        t.notice_window // MICROSECOND,
         t.professional_may_charge_late,
         t.no_show_takes_credit,
         p.version,
         to_micros(p.created_at),
         to_micros(p.updated_at),
         t.late_reschedule.value,
-        t.cancellation_grace // _MICROSECOND,
+        t.cancellation_grace // MICROSECOND,
     )
 
 
@@ -102,13 +100,13 @@ def change(before: Programme, after: Programme) -> None:
         _CHANGE,
         (
             after.display_name,
-            t.notice_window // _MICROSECOND,
+            t.notice_window // MICROSECOND,
             t.professional_may_charge_late,
             t.no_show_takes_credit,
             before.version + 1,
             to_micros(after.updated_at),
             t.late_reschedule.value,
-            t.cancellation_grace // _MICROSECOND,
+            t.cancellation_grace // MICROSECOND,
             before.programme_id,
             before.version,
         ),

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
+from kara_sessions_server.adapters.storage import MICROSECOND
 from kara_sessions_server.domain.model import (
     Cancellation,
     CreditAccount,
@@ -46,7 +47,7 @@ def _cancellation(c: Cancellation | None) -> dict[str, Any] | None:
         "cancelled_by": c.cancelled_by.value,
         "cancelled_at": _dt(c.cancelled_at),
         "notified_at": _dt(c.notified_at),
-        "notice_us": c.notice // timedelta(microseconds=1),
+        "notice_us": c.notice // MICROSECOND,
         "late": c.late,
         "charge_client": c.charge_client,
         "reason": c.reason,
@@ -61,7 +62,7 @@ def _load_cancellation(d: dict[str, Any] | None) -> Cancellation | None:
         cancelled_by=Party(d["cancelled_by"]),
         cancelled_at=datetime.fromisoformat(d["cancelled_at"]),
         notified_at=datetime.fromisoformat(d["notified_at"]),
-        notice=timedelta(microseconds=d["notice_us"]),
+        notice=MICROSECOND * d["notice_us"],
         late=d["late"],
         charge_client=d["charge_client"],
         reason=d["reason"],
@@ -76,7 +77,7 @@ def _move(m: Move) -> dict[str, Any]:
         "to_starts_at": _dt(m.to_starts_at),
         "moved_by": m.moved_by.value,
         "notified_at": _dt(m.notified_at),
-        "notice_us": m.notice // timedelta(microseconds=1),
+        "notice_us": m.notice // MICROSECOND,
         "late": m.late,
         "within_grace": m.within_grace,
         "reason": m.reason,
@@ -90,7 +91,7 @@ def _load_move(d: dict[str, Any]) -> Move:
         to_starts_at=datetime.fromisoformat(d["to_starts_at"]),
         moved_by=Party(d["moved_by"]),
         notified_at=datetime.fromisoformat(d["notified_at"]),
-        notice=timedelta(microseconds=d["notice_us"]),
+        notice=MICROSECOND * d["notice_us"],
         late=d["late"],
         within_grace=d["within_grace"],
         reason=d["reason"],
@@ -128,11 +129,11 @@ def _session(s: Session) -> dict[str, Any]:
 
 def _terms(t: Terms) -> dict[str, Any]:
     return {
-        "notice_window_us": t.notice_window // timedelta(microseconds=1),
+        "notice_window_us": t.notice_window // MICROSECOND,
         "professional_may_charge_late": t.professional_may_charge_late,
         "no_show_takes_credit": t.no_show_takes_credit,
         "late_reschedule": t.late_reschedule.value,
-        "cancellation_grace_us": t.cancellation_grace // timedelta(microseconds=1),
+        "cancellation_grace_us": t.cancellation_grace // MICROSECOND,
     }
 
 
@@ -141,12 +142,12 @@ def _load_terms(d: dict[str, Any] | None) -> Terms:
     if d is None:
         return DEFAULT_TERMS
     return Terms(
-        notice_window=timedelta(microseconds=d["notice_window_us"]),
+        notice_window=MICROSECOND * d["notice_window_us"],
         professional_may_charge_late=d["professional_may_charge_late"],
         no_show_takes_credit=d["no_show_takes_credit"],
         # Results stored before reschedules: the terms then had the article's rule, no grace.
         late_reschedule=LateReschedule(d.get("late_reschedule", DEFAULT_TERMS.late_reschedule)),
-        cancellation_grace=timedelta(microseconds=d.get("cancellation_grace_us", 0)),
+        cancellation_grace=MICROSECOND * d.get("cancellation_grace_us", 0),
     )
 
 

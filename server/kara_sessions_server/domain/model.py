@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, ProgrammeChanges, Terms
 
@@ -172,6 +172,12 @@ class Payment:
     @property
     def section(self) -> PaymentSection:
         return self.state.section
+
+
+def changed(session: Session, now: datetime, **changes: Any) -> Session:
+    """The session after one change at `now`: its next version. Every change is one version,
+    and the repository's guarded UPDATE checks the version it replaces is still the row's."""
+    return replace(session, updated_at=now, version=session.version + 1, **changes)
 
 
 def payment_state(session: Session) -> PaymentState:

@@ -8,7 +8,7 @@ draws TRANSITIONS as the server runs it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ from kara_sessions_server.domain.model import (
     Session,
     SessionState,
     Waiver,
+    changed,
     credit_move,
     payment_state,
 )
@@ -188,12 +189,12 @@ class SessionLifecycle:
 
     def complete(self, session: Session, now: datetime) -> Session:
         self._started(session, now, "complete", "completed")
-        return replace(session, state=SessionState.COMPLETED, completed_at=now, updated_at=now)
+        return changed(session, now, state=SessionState.COMPLETED, completed_at=now)
 
     def no_show(self, session: Session, now: datetime) -> tuple[Session, LedgerKind]:
         """The client did not come: the session and what its terms do with the held credit."""
         self._started(session, now, "no_show", "marked as a no-show")
-        after = replace(session, state=SessionState.NO_SHOW, no_show_at=now, updated_at=now)
+        after = changed(session, now, state=SessionState.NO_SHOW, no_show_at=now)
         move = credit_move(SessionState.NO_SHOW, session.terms)
         assert move is not None
         return after, move
@@ -218,7 +219,7 @@ class SessionLifecycle:
                     metadata={"session_id": session.session_id, "state": session.state.value},
                 )
             raise on_invoice_refusal(session, invoice_id)
-        return replace(session, waiver=Waiver(now, waived_by, reason), updated_at=now)
+        return changed(session, now, waiver=Waiver(now, waived_by, reason))
 
     def _started(self, session: Session, now: datetime, trigger: str, done: str) -> None:
         if not self._fire(session, now, trigger).fired:
@@ -256,13 +257,7 @@ def on_invoice_refusal(session: Session, invoice_id: str) -> OnInvoice:
 
 def moved(session: Session, move: Move, now: datetime) -> Session:
     """The session moved in place: same id, programme and terms; the move kept with it."""
-    return replace(
-        session,
-        starts_at=move.to_starts_at,
-        moves=(*session.moves, move),
-        updated_at=now,
-        version=session.version + 1,
-    )
+    return changed(session, now, starts_at=move.to_starts_at, moves=(*session.moves, move))
 
 
 def settled_by_move(
@@ -270,11 +265,10 @@ def settled_by_move(
 ) -> Session:
     """The session a charged move settles: a late cancellation that names its replacement."""
     assert outcome.charged and outcome.cancellation is not None
-    return replace(
+    return changed(
         session,
+        now,
         state=SessionState.CANCELLED_PAID,
         cancellation=outcome.cancellation,
         rescheduled_to=replacement_id,
-        updated_at=now,
-        version=session.version + 1,
     )

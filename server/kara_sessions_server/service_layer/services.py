@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
@@ -56,6 +56,7 @@ from kara_sessions_server.domain.model import (
     Session,
     SessionState,
     WaiveCharge,
+    changed,
     payment_of,
 )
 from kara_sessions_server.domain.policy import CancellationPolicy
@@ -155,8 +156,7 @@ class Services:
             self.policy.validate_request(cmd, now)
             before = _load_session(who, cmd.session_id)
             outcome = self.lifecycle.cancel(before, cmd, now)
-            after = _apply(before, outcome, now)
-            session_repository.change_state(before, after)
+            after = session_repository.change_state(before, _apply(before, outcome, now))
             ledger.settle(
                 _account(before), before.session_id, outcome.credit_move, before.credits, cmd.request_id, now
             )
@@ -191,8 +191,7 @@ class Services:
             party = cmd.rescheduled_by.value
             uow.events.append(SessionRescheduled(cmd.rescheduled_by, outcome.move.late, outcome.charged))
             if not outcome.charged:
-                after = moved(before, outcome.move, now)
-                session_repository.move(before, after)
+                after = session_repository.move(before, moved(before, outcome.move, now))
                 session_repository.audit(before, after, "RESCHEDULE", party, who, cmd.request_id, now)
                 return Rescheduled(after)
             # Settled as a late cancellation, and booked again on a new credit of the programme,
@@ -200,11 +199,11 @@ class Services:
             replacement = _new_booking(
                 before.client_id, before.professional_id, cmd.new_starts_at, before.programme_id, now, before
             )
-            settled = settled_by_move(before, outcome, replacement.session_id, now)
+            settled_now = settled_by_move(before, outcome, replacement.session_id, now)
             account = _account(before)
             # The session's guarded UPDATE first: of two racing requests the loser is told the
             # session moved on, not (wrongly) that the client has no credit left.
-            session_repository.change_state(before, settled)
+            settled = session_repository.change_state(before, settled_now)
             ledger.hold(account, replacement.session_id, replacement.credits, cmd.request_id, now, _REBOOK)
             ledger.settle(account, before.session_id, LedgerKind.TAKE, before.credits, cmd.request_id, now)
             session_repository.add_session(replacement)
@@ -274,8 +273,7 @@ class Services:
         def work(uow: UnitOfWork, now: datetime) -> Session:
             before = _load_session(who, cmd.session_id)
             authz.check_complete(who, before)
-            after = replace(self.lifecycle.complete(before, now), version=before.version + 1)
-            session_repository.change_state(before, after)
+            after = session_repository.change_state(before, self.lifecycle.complete(before, now))
             ledger.settle(
                 _account(before), before.session_id, LedgerKind.TAKE, before.credits, cmd.request_id, now
             )
@@ -297,8 +295,7 @@ class Services:
             before = _load_session(who, cmd.session_id)
             authz.check_professional_act(who, before, "mark a session as a no-show")
             noshow, move = self.lifecycle.no_show(before, now)
-            after = replace(noshow, version=before.version + 1)
-            session_repository.change_state(before, after)
+            after = session_repository.change_state(before, noshow)
             ledger.settle(_account(before), before.session_id, move, before.credits, cmd.request_id, now)
             session_repository.audit(before, after, "NO_SHOW", _actor(who), who, cmd.request_id, now)
             uow.events.append(NoShowMarked(charged=move is LedgerKind.TAKE))
@@ -317,10 +314,9 @@ class Services:
             before, invoice_id = self._session_and_invoice(who, cmd.session_id)
             authz.check_professional_act(who, before, "waive a charge")
             waived = self.lifecycle.waive(before, invoice_id, str(who), cmd.reason, now)
-            after = replace(waived, version=before.version + 1)
             # The conditional UPDATE locks the session's row; an AddToInvoice locks it too before
             # it adds a line, so whichever came second sees the other: look again under the lock.
-            session_repository.change_state(before, after)
+            after = session_repository.change_state(before, waived)
             if on_invoice := invoice_repository.invoices_of([before.session_id]):
                 raise on_invoice_refusal(before, on_invoice[before.session_id])
             ledger.settle(
@@ -533,10 +529,4 @@ def _with_programme(params: dict[str, object], programme_id: str) -> dict[str, o
 
 
 def _apply(before: Session, outcome: CancellationOutcome, now: datetime) -> Session:
-    return replace(
-        before,
-        state=outcome.session_state,
-        cancellation=outcome.cancellation,
-        updated_at=now,
-        version=before.version + 1,
-    )
+    return changed(before, now, state=outcome.session_state, cancellation=outcome.cancellation)
