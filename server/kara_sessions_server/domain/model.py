@@ -174,6 +174,15 @@ class Payment:
         return self.state.section
 
 
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One settling step of a session's lifecycle (a cancellation, completion, no-show, waiver
+    or charged move): the session after it, and what it does with the session's credit."""
+
+    after: Session
+    credit_move: LedgerKind
+
+
 def changed(session: Session, now: datetime, **changes: Any) -> Session:
     """The session after one change at `now`: its next version. Every change is one version,
     and the repository's guarded UPDATE checks the version it replaces is still the row's."""

@@ -27,6 +27,7 @@ from kara_sessions_server.domain.model import (
     RescheduleSession,
     Session,
     SessionState,
+    Transition,
     Waiver,
     changed,
     credit_move,
@@ -187,19 +188,22 @@ class SessionLifecycle:
             )
         return RescheduleOutcome(charged=charged, move=move, cancellation=cancellation)
 
-    def complete(self, session: Session, now: datetime) -> Session:
+    def complete(self, session: Session, now: datetime) -> Transition:
         self._started(session, now, "complete", "completed")
-        return changed(session, now, state=SessionState.COMPLETED, completed_at=now)
+        return Transition(
+            changed(session, now, state=SessionState.COMPLETED, completed_at=now), LedgerKind.TAKE
+        )
 
-    def no_show(self, session: Session, now: datetime) -> tuple[Session, LedgerKind]:
-        """The client did not come: the session and what its terms do with the held credit."""
+    def no_show(self, session: Session, now: datetime) -> Transition:
+        """The client did not come: the session, and what its terms do with the held credit."""
         self._started(session, now, "no_show", "marked as a no-show")
-        after = changed(session, now, state=SessionState.NO_SHOW, no_show_at=now)
         move = credit_move(SessionState.NO_SHOW, session.terms)
         assert move is not None
-        return after, move
+        return Transition(changed(session, now, state=SessionState.NO_SHOW, no_show_at=now), move)
 
-    def waive(self, session: Session, invoice_id: str, waived_by: str, reason: str, now: datetime) -> Session:
+    def waive(
+        self, session: Session, invoice_id: str, waived_by: str, reason: str, now: datetime
+    ) -> Transition:
         """Waives the charge on a session whose credit was taken; refused otherwise."""
         why_not = (
             "only the charge of a late cancellation or of a no-show can be waived, while its credit is taken"
@@ -219,7 +223,8 @@ class SessionLifecycle:
                     metadata={"session_id": session.session_id, "state": session.state.value},
                 )
             raise on_invoice_refusal(session, invoice_id)
-        return changed(session, now, waiver=Waiver(now, waived_by, reason))
+        # The taken credit goes back.
+        return Transition(changed(session, now, waiver=Waiver(now, waived_by, reason)), LedgerKind.REFUND)
 
     def _started(self, session: Session, now: datetime, trigger: str, done: str) -> None:
         if not self._fire(session, now, trigger).fired:
@@ -262,13 +267,15 @@ def moved(session: Session, move: Move, now: datetime) -> Session:
 
 def settled_by_move(
     session: Session, outcome: RescheduleOutcome, replacement_id: str, now: datetime
-) -> Session:
-    """The session a charged move settles: a late cancellation that names its replacement."""
+) -> Transition:
+    """The session a charged move settles: a late cancellation, its credit taken, that names
+    its replacement."""
     assert outcome.charged and outcome.cancellation is not None
-    return changed(
+    after = changed(
         session,
         now,
         state=SessionState.CANCELLED_PAID,
         cancellation=outcome.cancellation,
         rescheduled_to=replacement_id,
     )
+    return Transition(after, LedgerKind.TAKE)

@@ -55,6 +55,7 @@ from kara_sessions_server.domain.model import (
     RescheduleSession,
     Session,
     SessionState,
+    Transition,
     WaiveCharge,
     changed,
     payment_of,
@@ -156,15 +157,9 @@ class Services:
             self.policy.validate_request(cmd, now)
             before = _load_session(who, cmd.session_id)
             outcome = self.lifecycle.cancel(before, cmd, now)
-            after = session_repository.change_state(before, _apply(before, outcome, now))
-            ledger.settle(
-                _account(before), before.session_id, outcome.credit_move, before.credits, cmd.request_id, now
-            )
-            session_repository.audit(
-                before, after, "CANCEL", cmd.cancelled_by.value, who, cmd.request_id, now
-            )
+            step = Transition(_apply(before, outcome, now), outcome.credit_move)
+            after = _settle(uow, before, step, "CANCEL", cmd.cancelled_by.value, who, cmd.request_id, now)
             uow.events.append(SessionCancelled(cmd.cancelled_by, outcome.cancellation.late, after.state))
-            uow.events.append(CreditsMoved(outcome.credit_move, before.credits))
             return after, payment_of(after)
 
         params = {
@@ -199,17 +194,18 @@ class Services:
             replacement = _new_booking(
                 before.client_id, before.professional_id, cmd.new_starts_at, before.programme_id, now, before
             )
-            settled_now = settled_by_move(before, outcome, replacement.session_id, now)
-            account = _account(before)
+            step = settled_by_move(before, outcome, replacement.session_id, now)
             # The session's guarded UPDATE first: of two racing requests the loser is told the
-            # session moved on, not (wrongly) that the client has no credit left.
-            settled = session_repository.change_state(before, settled_now)
+            # session moved on, not (wrongly) that the client has no credit left. Then, as the
+            # ledger has always told it, the new booking's HOLD before the old session's TAKE.
+            account = _account(before)
+            settled = session_repository.change_state(before, step.after)
             ledger.hold(account, replacement.session_id, replacement.credits, cmd.request_id, now, _REBOOK)
-            ledger.settle(account, before.session_id, LedgerKind.TAKE, before.credits, cmd.request_id, now)
+            ledger.settle(account, before.session_id, step.credit_move, before.credits, cmd.request_id, now)
             session_repository.add_session(replacement)
             session_repository.audit(before, settled, "RESCHEDULE", party, who, cmd.request_id, now)
             session_repository.audit(None, replacement, "BOOK", party, who, cmd.request_id, now)
-            uow.events.append(CreditsMoved(LedgerKind.TAKE, before.credits))
+            uow.events.append(CreditsMoved(step.credit_move, before.credits))
             uow.events.append(CreditsMoved(LedgerKind.HOLD, replacement.credits))
             return Rescheduled(replacement, settled)
 
@@ -273,13 +269,8 @@ class Services:
         def work(uow: UnitOfWork, now: datetime) -> Session:
             before = _load_session(who, cmd.session_id)
             authz.check_complete(who, before)
-            after = session_repository.change_state(before, self.lifecycle.complete(before, now))
-            ledger.settle(
-                _account(before), before.session_id, LedgerKind.TAKE, before.credits, cmd.request_id, now
-            )
-            session_repository.audit(before, after, "COMPLETE", SYSTEM_ACTOR, who, cmd.request_id, now)
-            uow.events.append(CreditsMoved(LedgerKind.TAKE, before.credits))
-            return after
+            step = self.lifecycle.complete(before, now)
+            return _settle(uow, before, step, "COMPLETE", SYSTEM_ACTOR, who, cmd.request_id, now)
 
         return self.mutate(
             who,
@@ -294,12 +285,9 @@ class Services:
         def work(uow: UnitOfWork, now: datetime) -> tuple[Session, Payment]:
             before = _load_session(who, cmd.session_id)
             authz.check_professional_act(who, before, "mark a session as a no-show")
-            noshow, move = self.lifecycle.no_show(before, now)
-            after = session_repository.change_state(before, noshow)
-            ledger.settle(_account(before), before.session_id, move, before.credits, cmd.request_id, now)
-            session_repository.audit(before, after, "NO_SHOW", _actor(who), who, cmd.request_id, now)
-            uow.events.append(NoShowMarked(charged=move is LedgerKind.TAKE))
-            uow.events.append(CreditsMoved(move, before.credits))
+            step = self.lifecycle.no_show(before, now)
+            after = _settle(uow, before, step, "NO_SHOW", _actor(who), who, cmd.request_id, now)
+            uow.events.append(NoShowMarked(charged=step.credit_move is LedgerKind.TAKE))
             return after, payment_of(after)
 
         return self.mutate(
@@ -313,18 +301,14 @@ class Services:
         def work(uow: UnitOfWork, now: datetime) -> tuple[Session, Payment]:
             before, invoice_id = self._session_and_invoice(who, cmd.session_id)
             authz.check_professional_act(who, before, "waive a charge")
-            waived = self.lifecycle.waive(before, invoice_id, str(who), cmd.reason, now)
-            # The conditional UPDATE locks the session's row; an AddToInvoice locks it too before
-            # it adds a line, so whichever came second sees the other: look again under the lock.
-            after = session_repository.change_state(before, waived)
+            step = self.lifecycle.waive(before, invoice_id, str(who), cmd.reason, now)
+            after = _settle(uow, before, step, "WAIVE", _actor(who), who, cmd.request_id, now)
+            # The conditional UPDATE locked the session's row; an AddToInvoice locks it too before
+            # it adds a line, so whichever came second sees the other: look again under the lock
+            # (a refusal rolls back all of it).
             if on_invoice := invoice_repository.invoices_of([before.session_id]):
                 raise on_invoice_refusal(before, on_invoice[before.session_id])
-            ledger.settle(
-                _account(before), before.session_id, LedgerKind.REFUND, before.credits, cmd.request_id, now
-            )
-            session_repository.audit(before, after, "WAIVE", _actor(who), who, cmd.request_id, now)
             uow.events.append(ChargeWaived())
-            uow.events.append(CreditsMoved(LedgerKind.REFUND, before.credits))
             return after, payment_of(after)
 
         return self.mutate(
@@ -501,6 +485,26 @@ def _settlement_operation(
         snapshots.load_settlement,
         lambda settled: Change.of_session(told, settled[0]),
     )
+
+
+def _settle(
+    uow: UnitOfWork,
+    before: Session,
+    step: Transition,
+    action: str,
+    actor: str,
+    who: Principal,
+    request_id: str,
+    now: datetime,
+) -> Session:
+    """Persists one settling step, as every use case that settles a session does: the session's
+    guarded UPDATE first (of two racing requests, the loser learns the session moved on), the
+    credit's move in the ledger, the audit row. Returns the session as saved."""
+    after = session_repository.change_state(before, step.after)
+    ledger.settle(_account(before), before.session_id, step.credit_move, before.credits, request_id, now)
+    session_repository.audit(before, after, action, actor, who, request_id, now)
+    uow.events.append(CreditsMoved(step.credit_move, before.credits))
+    return after
 
 
 def _load_session(who: Principal, session_id: str) -> Session:
