@@ -30,6 +30,7 @@ from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, Cal
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.servicers import SessionServicer
 from kara_sessions_server.entrypoints.logs import JsonLineFormatter
+from kara_sessions_server.service_layer.mutations import Mutations
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.services import Services
 
@@ -47,8 +48,10 @@ def cancellations(workdir: Path, n: int) -> None:
     try:
         migrations.prepare(storage)
         metrics = Metrics()
-        services = Services(storage, SystemClock(), publish=metrics.observe_event)
-        ProgrammeServices(services).ensure_default(DEFAULT_TERMS.notice_window)
+        clock = SystemClock()
+        mutations = Mutations(storage, clock, tell=metrics.observe_notice)
+        services = Services(storage, clock, mutations)
+        ProgrammeServices(storage, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
         servicer = SessionServicer(services)
         interceptor = CallInterceptor(
             Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"}), workers=1

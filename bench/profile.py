@@ -34,6 +34,7 @@ from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, Cal
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.servicers import SessionServicer
 from kara_sessions_server.entrypoints.logs import JsonLineFormatter
+from kara_sessions_server.service_layer.mutations import Mutations
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.services import Services
 
@@ -78,8 +79,10 @@ def profile_cancellation(workdir: Path, n: int = 2000) -> CancellationProfile:
     storage = open_storage(f"sqlite:///{workdir / 'profile.db'}", max_connections=2)
     try:
         migrations.prepare(storage)
-        services = Services(storage, SystemClock())
-        ProgrammeServices(services).ensure_default(DEFAULT_TERMS.notice_window)
+        clock = SystemClock()
+        mutations = Mutations(storage, clock)
+        services = Services(storage, clock, mutations)
+        ProgrammeServices(storage, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
         sessions = _book(services, n, "client-a")
         now = datetime.now(UTC)
         started = time.perf_counter()
@@ -142,8 +145,10 @@ def handler_cpu(workdir: Path, calls: int = 300, rounds: int = 5) -> dict[str, f
     try:
         migrations.prepare(storage)
         metrics = Metrics()
-        services = Services(storage, SystemClock(), publish=metrics.observe_event)
-        ProgrammeServices(services).ensure_default(DEFAULT_TERMS.notice_window)
+        clock = SystemClock()
+        mutations = Mutations(storage, clock, tell=metrics.observe_notice)
+        services = Services(storage, clock, mutations)
+        ProgrammeServices(storage, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
         servicer = SessionServicer(services)
         interceptor = CallInterceptor(
             Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"}), workers=1

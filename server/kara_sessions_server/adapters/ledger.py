@@ -6,41 +6,35 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime
-from typing import NamedTuple
 
 from kara_sessions_server.adapters.pagination import cut, decode
-from kara_sessions_server.adapters.storage import CreditAccountRow, LedgerEntryRow, sql, to_micros
+from kara_sessions_server.adapters.storage import from_micros, sql, to_micros
 from kara_sessions_server.domain.errors import InsufficientCredits, NotFound
-from kara_sessions_server.domain.model import CreditAccount, LedgerEntry, LedgerKind, Page
-
-A = CreditAccountRow
-
-
-class Account(NamedTuple):
-    client_id: str
-    programme_id: str
+from kara_sessions_server.domain.model import Account, CreditAccount, LedgerEntry, LedgerKind, Page
 
 
 class LedgerInvariantBroken(RuntimeError):
     """A credit to settle or refund was not there: the database disagrees with the session."""
 
 
+# A first grant opens the account; a later one adds to it.
+_GRANT = (
+    "INSERT INTO credit_accounts (client_id, programme_id, available, held, used, updated_at) "
+    "VALUES (?, ?, ?, 0, 0, ?) ON CONFLICT (client_id, programme_id) DO UPDATE SET "
+    "available = credit_accounts.available + excluded.available, updated_at = excluded.updated_at"
+)
+_BALANCE = "SELECT available, held, used FROM credit_accounts WHERE client_id = ? AND programme_id = ?"
+# Newest first, through the (client_id, programme_id, entry_id) index.
+_ENTRIES = (
+    "SELECT entry_id, kind, credits, session_id, request_id, created_at FROM ledger_entries "
+    "WHERE client_id = ? AND programme_id = ? {after} ORDER BY entry_id DESC LIMIT ?"
+)
+_ENTRIES_FIRST = _ENTRIES.format(after="")
+_ENTRIES_AFTER = _ENTRIES.format(after="AND entry_id < ?")
+
+
 def grant(account: Account, credits: int, request_id: str, now: datetime) -> None:
-    (
-        A.insert(
-            client_id=account.client_id,
-            programme_id=account.programme_id,
-            available=credits,
-            held=0,
-            used=0,
-            updated_at=now,
-        )
-        .on_conflict(
-            conflict_target=[A.client_id, A.programme_id],
-            update={A.available: A.available + credits, A.updated_at: now},
-        )
-        .execute()
-    )
+    sql(_GRANT, (account.client_id, account.programme_id, credits, to_micros(now)))
     _entry(account, LedgerKind.GRANT, credits, None, request_id, now)
 
 
@@ -135,45 +129,36 @@ def account(key: Account, size: int, token: str) -> CreditAccount:
 
 
 def balance(key: Account) -> CreditAccount:
-    row = A.get_or_none((A.client_id == key.client_id) & (A.programme_id == key.programme_id))
+    row = sql(_BALANCE, (key.client_id, key.programme_id)).fetchone()
     if row is None:
         raise NotFound(
             f"client {key.client_id} has no credit account in programme {key.programme_id!r}; "
             "GrantCredits opens one",
             metadata={"client_id": key.client_id, "programme_id": key.programme_id},
         )
-    return CreditAccount(
-        client_id=row.client_id,
-        available=row.available,
-        held=row.held,
-        used=row.used,
-        programme_id=row.programme_id,
-    )
+    available, held, used = row
+    return CreditAccount(key.client_id, available, held, used, programme_id=key.programme_id)
 
 
 def entries(key: Account, size: int, token: str) -> Page[LedgerEntry]:
     """Newest first."""
     query_id = ("ledger", key.client_id, key.programme_id)
     after = decode(query_id, token, (int,))
-    entry = LedgerEntryRow
-    query = entry.select().where(
-        (entry.client_id == key.client_id) & (entry.programme_id == key.programme_id)
-    )
-    if after is not None:
-        query = query.where(entry.entry_id < after[0])
-    rows, token_out = cut(
-        query_id, list(query.order_by(entry.entry_id.desc()).limit(size + 1)), size, lambda r: [r.entry_id]
-    )
+    if after is None:
+        cursor = sql(_ENTRIES_FIRST, (key.client_id, key.programme_id, size + 1))
+    else:
+        cursor = sql(_ENTRIES_AFTER, (key.client_id, key.programme_id, after[0], size + 1))
+    rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[0]])
     items = tuple(
         LedgerEntry(
-            entry_id=str(r.entry_id),
-            client_id=r.client_id,
-            kind=LedgerKind(r.kind),
-            credits=r.credits,
-            session_id=r.session_id,
-            request_id=r.request_id,
-            created_at=r.created_at,
+            entry_id=str(entry_id),
+            client_id=key.client_id,
+            kind=LedgerKind(kind),
+            credits=credits,
+            session_id=session_id,
+            request_id=request_id,
+            created_at=from_micros(created_at),
         )
-        for r in rows
+        for entry_id, kind, credits, session_id, request_id, created_at in rows
     )
     return Page(items, token_out)

@@ -14,8 +14,6 @@ The cursor is opaque to callers: base64 of `txid.position`."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 import uuid
 from collections.abc import Sequence
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
+from kara_sessions_server.adapters.pagination import from_token, to_token
 from kara_sessions_server.adapters.storage import from_micros, on_sqlite, sql, to_micros
 from kara_sessions_server.domain.errors import CursorExpired, InvalidRequest
 from kara_sessions_server.domain.feed import Change, EventType
@@ -33,7 +32,7 @@ class Cursor(NamedTuple):
     position: int
 
     def encode(self) -> str:
-        return base64.urlsafe_b64encode(f"{self.txid}.{self.position}".encode()).decode().rstrip("=")
+        return to_token(f"{self.txid}.{self.position}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +54,7 @@ _MAX_BIGINT = 2**63 - 1
 def decode(token: str, field: str = "after") -> Cursor | None:
     if not token:
         return None
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        text = ""
-    match = _CANONICAL.fullmatch(text)
+    match = _CANONICAL.fullmatch(from_token(token) or "")
     cursor = Cursor(int(match[1]), int(match[2])) if match else None
     if cursor is None or max(cursor) > _MAX_BIGINT:
         raise InvalidRequest.single(field, "is not an event cursor: pass an event's `cursor`, or omit it")

@@ -14,6 +14,8 @@ from typing import TypeVar
 
 from kara_sessions_server.domain.errors import InvalidRequest
 
+# What a list returns when its caller asks for no page_size, and the most it returns
+# (convert.RequestReader.page_size holds requests to them).
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
@@ -21,13 +23,18 @@ Key = list[str | int]
 Row = TypeVar("Row")
 
 
-def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE) -> int:
-    """The page size asked for (0: `default`), at most MAX_PAGE_SIZE."""
-    if requested < 0:
-        raise InvalidRequest.single("page_size", "must not be negative")
-    if requested > MAX_PAGE_SIZE:
-        raise InvalidRequest.single("page_size", f"must be at most {MAX_PAGE_SIZE}")
-    return requested or default
+def to_token(text: str) -> str:
+    """Opaque to callers: unpadded URL-safe base64 of `text` (the one codec of page tokens and
+    event cursors)."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def from_token(token: str) -> str | None:
+    """The text `to_token` made `token` from; None for anything else."""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
 
 
 def _query_digest(query: Sequence[str]) -> str:
@@ -35,8 +42,7 @@ def _query_digest(query: Sequence[str]) -> str:
 
 
 def encode(query: Sequence[str], key: Key) -> str:
-    raw = json.dumps({"q": _query_digest(query), "k": key}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return to_token(json.dumps({"q": _query_digest(query), "k": key}, separators=(",", ":")))
 
 
 def decode(query: Sequence[str], token: str, shape: Sequence[type]) -> Key | None:
@@ -48,11 +54,10 @@ def decode(query: Sequence[str], token: str, shape: Sequence[type]) -> Key | Non
     if not token:
         return None
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        data = json.loads(raw)
+        data = json.loads(from_token(token) or "")
         key = data["k"]
         valid = data["q"] == _query_digest(query) and _has_shape(key, shape)
-    except (binascii.Error, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         valid = False
     if not valid:
         raise InvalidRequest.single(

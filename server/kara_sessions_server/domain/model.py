@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, ProgrammeChanges, Terms
 
@@ -288,6 +288,13 @@ class LedgerEntry:
     session_id: str | None
     request_id: str
     created_at: datetime
+
+
+class Account(NamedTuple):
+    """Which credit account: a client has one per programme."""
+
+    client_id: str
+    programme_id: str
 
 
 @dataclass(frozen=True, slots=True)

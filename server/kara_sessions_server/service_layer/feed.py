@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from kara_sessions_server.adapters import outbox, snapshots
-from kara_sessions_server.adapters.pagination import MAX_PAGE_SIZE, page_size
+from kara_sessions_server.adapters.pagination import MAX_PAGE_SIZE
+from kara_sessions_server.adapters.storage import Storage
+from kara_sessions_server.domain.clock import Clock
 from kara_sessions_server.domain.feed import EventType, FeedData, FeedEvent, SessionChanged
 from kara_sessions_server.domain.model import Session, payment_of
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.service_layer import authz
+from kara_sessions_server.service_layer.commit_signal import CommitSignal
 from kara_sessions_server.service_layer.retention import DEFAULT_REQUEST_ID_RETENTION
-from kara_sessions_server.service_layer.services import Services
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 # Events are small: a bigger default page than the other lists' (pagination.MAX_PAGE_SIZE caps it).
@@ -60,7 +62,10 @@ _LOAD: dict[EventType, Callable[[str], FeedData]] = {
 
 @dataclass
 class EventServices:
-    core: Services
+    storage: Storage
+    clock: Clock
+    # Wakes followers when a change commits in this process.
+    signal: CommitSignal
     retention: timedelta = DEFAULT_RETENTION
     # An event's row is also its change's request_id record: kept at least this long too.
     request_ids: timedelta = DEFAULT_REQUEST_ID_RETENTION
@@ -71,9 +76,8 @@ class EventServices:
         self, who: Principal, after: str, size: int, types: Sequence[EventType]
     ) -> list[FeedEvent]:
         cursor = outbox.decode(after)
-        size = page_size(size, DEFAULT_PAGE_SIZE)
         professional_id, client_id = authz.feed_scope(who)
-        with UnitOfWork(self.core.storage, write=False):
+        with UnitOfWork(self.storage, write=False):
             stored = outbox.read(cursor, size, types, professional_id, client_id)
         return [
             FeedEvent(s.event_id, s.cursor.encode(), s.type, s.subject, s.time, _LOAD[s.type](s.data))
@@ -86,20 +90,24 @@ class EventServices:
         """The events after `after`, then each new one as it commits, while `keep_going()`."""
         cursor = after
         while keep_going():
-            seen = self.core.signal.commits
+            seen = self.signal.commits
             page = self.list_events(who, cursor, MAX_PAGE_SIZE, types)
             for event in page:
                 yield event
                 cursor = event.cursor
             if len(page) < MAX_PAGE_SIZE:
-                self.core.signal.wait(seen, self.poll_seconds)
+                self.signal.wait(seen, self.poll_seconds)
+
+    def wake_followers(self) -> None:
+        """Makes every follower look again now (a caller hung up, or the server is stopping)."""
+        self.signal.notify()
 
     def prune(self) -> int:
         """Deletes the events older than the retention period, a batch per transaction."""
         total = 0
         while True:
-            with UnitOfWork(self.core.storage) as uow:
-                now = self.core.clock.now()
+            with UnitOfWork(self.storage) as uow:
+                now = self.clock.now()
                 deleted = outbox.prune(now - self.retention, now - self.request_ids, PRUNE_BATCH, now)
                 uow.commit()
             total += deleted

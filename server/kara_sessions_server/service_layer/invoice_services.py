@@ -1,5 +1,5 @@
 """Invoice use cases: one function per RPC, one unit of work per request, sharing the sessions'
-idempotent mutation (Services.mutate) so a retried request_id creates or changes nothing twice."""
+idempotent mutation (Mutations.mutate) so a retried request_id creates or changes nothing twice."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from datetime import datetime
 
 from kara_sessions_server.adapters import invoice_repository as invoices
 from kara_sessions_server.adapters import snapshots
-from kara_sessions_server.adapters.pagination import page_size
+from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain import invoice_lifecycle, invoicing
 from kara_sessions_server.domain.errors import NotFound, NothingToInvoice, TooManySessions
-from kara_sessions_server.domain.events import InvoiceChanged
 from kara_sessions_server.domain.feed import Change, EventType
 from kara_sessions_server.domain.invoicing import MAX_INVOICE_LINES, Candidate
 from kara_sessions_server.domain.model import (
@@ -24,9 +23,10 @@ from kara_sessions_server.domain.model import (
     Page,
     SubmitInvoice,
 )
+from kara_sessions_server.domain.notices import InvoiceChanged
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.service_layer import authz
-from kara_sessions_server.service_layer.services import Operation, Services
+from kara_sessions_server.service_layer.mutations import Mutations, Operation
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 Work = Callable[[UnitOfWork, datetime], Invoice]
@@ -34,7 +34,8 @@ Work = Callable[[UnitOfWork, datetime], Invoice]
 
 @dataclass
 class InvoiceServices:
-    core: Services
+    storage: Storage
+    mutations: Mutations
 
     def create_invoice(self, who: Principal, cmd: CreateInvoice) -> Invoice:
         authz.check_invoices(who, cmd.professional_id)
@@ -54,7 +55,7 @@ class InvoiceServices:
             invoices.add_lines(invoice.invoice_id, lines)
             ids = [line.session_id for line in invoice.lines]
             invoices.audit(invoice.invoice_id, "CREATE", ids, who, cmd.request_id, now)
-            uow.events.append(InvoiceChanged("CREATE", len(ids)))
+            uow.notices.append(InvoiceChanged("CREATE", len(ids)))
             return invoice
 
         params = {"professional_id": cmd.professional_id, "session_ids": cmd.session_ids, "up_to": cmd.up_to}
@@ -70,7 +71,7 @@ class InvoiceServices:
             invoices.change_invoice(before, after)
             invoices.add_lines(before.invoice_id, lines)
             invoices.audit(before.invoice_id, "ADD", cmd.session_ids, who, cmd.request_id, now)
-            uow.events.append(InvoiceChanged("ADD", len(lines)))
+            uow.notices.append(InvoiceChanged("ADD", len(lines)))
             return after.with_lines(before.lines + lines)
 
         params = {"invoice_id": cmd.invoice_id, "session_ids": cmd.session_ids}
@@ -84,7 +85,7 @@ class InvoiceServices:
             invoices.change_invoice(before, after)
             invoices.remove_lines(before.invoice_id, cmd.session_ids)
             invoices.audit(before.invoice_id, "REMOVE", cmd.session_ids, who, cmd.request_id, now)
-            uow.events.append(InvoiceChanged("REMOVE", len(cmd.session_ids)))
+            uow.notices.append(InvoiceChanged("REMOVE", len(cmd.session_ids)))
             removed = set(cmd.session_ids)
             return after.with_lines(tuple(line for line in before.lines if line.session_id not in removed))
 
@@ -97,22 +98,21 @@ class InvoiceServices:
             after = invoice_lifecycle.submit(before, now)
             invoices.change_invoice(before, after)
             invoices.audit(before.invoice_id, "SUBMIT", (), who, cmd.request_id, now)
-            uow.events.append(InvoiceChanged("SUBMIT", 0))
+            uow.notices.append(InvoiceChanged("SUBMIT", 0))
             return after
 
         params = {"invoice_id": cmd.invoice_id}
         return self._mutate(who, "SubmitInvoice", cmd.request_id, params, work, EventType.INVOICE_SUBMITTED)
 
     def get_invoice(self, who: Principal, invoice_id: str) -> Invoice:
-        with UnitOfWork(self.core.storage, write=False):
+        with UnitOfWork(self.storage, write=False):
             return self._load(who, invoice_id)
 
     def list_invoices(
         self, who: Principal, professional_id: str, state: InvoiceState | None, size: int, token: str
     ) -> Page[Invoice]:
         authz.check_invoices(who, professional_id)
-        size = page_size(size)
-        with UnitOfWork(self.core.storage, write=False):
+        with UnitOfWork(self.storage, write=False):
             return invoices.list_invoices(professional_id, state, size, token)
 
     # --- helpers --------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class InvoiceServices:
             snapshots.load_invoice,
             lambda invoice: Change.of_invoice(told, invoice),
         )
-        return self.core.mutate(who, op, request_id, work)
+        return self.mutations.mutate(who, op, request_id, work)
 
     def _chosen(self, who: Principal, cmd: CreateInvoice) -> list[Candidate]:
         if cmd.up_to is None:

@@ -9,15 +9,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kara_sessions_server.adapters import programme_repository, snapshots
-from kara_sessions_server.adapters.pagination import page_size
+from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain import programme as programmes
+from kara_sessions_server.domain.clock import Clock
 from kara_sessions_server.domain.errors import Conflict
 from kara_sessions_server.domain.feed import Change, EventType
 from kara_sessions_server.domain.model import CreateProgramme, Page, UpdateProgramme
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.domain.programme import Programme
 from kara_sessions_server.service_layer import authz
-from kara_sessions_server.service_layer.services import Operation, Services
+from kara_sessions_server.service_layer.mutations import Mutations, Operation
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 log = logging.getLogger("kara_sessions_server")
@@ -25,7 +26,9 @@ log = logging.getLogger("kara_sessions_server")
 
 @dataclass
 class ProgrammeServices:
-    core: Services
+    storage: Storage
+    clock: Clock
+    mutations: Mutations
 
     def create_programme(self, who: Principal, cmd: CreateProgramme) -> Programme:
         authz.check_manage_programmes(who)
@@ -63,23 +66,22 @@ class ProgrammeServices:
         return self._mutate(who, "UpdateProgramme", cmd.request_id, params, work, EventType.PROGRAMME_UPDATED)
 
     def get_programme(self, who: Principal, programme_id: str) -> Programme:
-        with UnitOfWork(self.core.storage, write=False):
+        with UnitOfWork(self.storage, write=False):
             return programme_repository.get(programme_id)
 
     def list_programmes(self, who: Principal, size: int, token: str) -> Page[Programme]:
-        size = page_size(size)
-        with UnitOfWork(self.core.storage, write=False):
+        with UnitOfWork(self.storage, write=False):
             return programme_repository.list_programmes(size, token)
 
     def ensure_default(self, notice_window: timedelta) -> Programme:
         """Creates the default programme with `notice_window` unless it exists; says so when the
         stored window differs (it is changed with UpdateProgramme, not by a flag)."""
-        with UnitOfWork(self.core.storage, write=False):
+        with UnitOfWork(self.storage, write=False):
             default = programme_repository.find(programmes.DEFAULT_PROGRAMME_ID)
         if default is None:
             # Written only when missing, so a read-only database still serves its reads.
-            with UnitOfWork(self.core.storage) as uow:
-                programme_repository.add(programmes.default_programme(self.core.clock.now(), notice_window))
+            with UnitOfWork(self.storage) as uow:
+                programme_repository.add(programmes.default_programme(self.clock.now(), notice_window))
                 default = programme_repository.get(programmes.DEFAULT_PROGRAMME_ID)
                 uow.commit()
         if default.terms.notice_window != notice_window:
@@ -108,7 +110,7 @@ class ProgrammeServices:
             snapshots.load_programme,
             lambda programme: Change.of_programme(told, programme),
         )
-        return self.core.mutate(who, op, request_id, work)
+        return self.mutations.mutate(who, op, request_id, work)
 
 
 Work = Callable[[UnitOfWork, datetime], Programme]

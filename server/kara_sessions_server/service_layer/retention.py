@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kara_sessions_server.adapters import idempotency, session_repository
-from kara_sessions_server.service_layer.services import Services
+from kara_sessions_server.adapters.storage import Storage
+from kara_sessions_server.domain.clock import Clock
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 DEFAULT_REQUEST_ID_RETENTION = timedelta(days=7)
@@ -19,7 +20,8 @@ BATCH = 500
 
 @dataclass
 class Retention:
-    core: Services
+    storage: Storage
+    clock: Clock
     request_ids: timedelta = DEFAULT_REQUEST_ID_RETENTION
     # None: audit rows are kept for good (they are the record).
     audit: timedelta | None = None
@@ -33,8 +35,8 @@ class Retention:
     def _in_batches(self, prune: Callable[[datetime, int], int], keep: timedelta) -> int:
         total = 0
         while True:
-            with UnitOfWork(self.core.storage) as uow:
-                deleted = prune(self.core.clock.now() - keep, BATCH)
+            with UnitOfWork(self.storage) as uow:
+                deleted = prune(self.clock.now() - keep, BATCH)
                 uow.commit()
             total += deleted
             if deleted < BATCH:

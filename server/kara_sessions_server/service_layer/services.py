@@ -6,38 +6,25 @@ movement, the payment and the audit record in a single transaction."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from kara_sessions_server.adapters import (
-    faults,
-    idempotency,
     invoice_repository,
     ledger,
-    outbox,
     programme_repository,
     session_repository,
     snapshots,
 )
-from kara_sessions_server.adapters.ledger import Account
-from kara_sessions_server.adapters.pagination import page_size
 from kara_sessions_server.adapters.storage import Storage
-from kara_sessions_server.domain.clock import Clock, SystemClock
-from kara_sessions_server.domain.errors import AlreadyExists, InvalidRequest, PreconditionFailed
-from kara_sessions_server.domain.events import (
-    ChargeWaived,
-    CreditsMoved,
-    Event,
-    FeedAppended,
-    NoShowMarked,
-    SessionCancelled,
-    SessionRescheduled,
-)
+from kara_sessions_server.domain.clock import Clock
+from kara_sessions_server.domain.errors import InvalidRequest
 from kara_sessions_server.domain.feed import Change, EventType
 from kara_sessions_server.domain.model import (
     CREDITS_PER_SESSION,
+    Account,
     BookSession,
     CancellationOutcome,
     CancelSession,
@@ -60,6 +47,13 @@ from kara_sessions_server.domain.model import (
     changed,
     payment_of,
 )
+from kara_sessions_server.domain.notices import (
+    ChargeWaived,
+    CreditsMoved,
+    NoShowMarked,
+    SessionCancelled,
+    SessionRescheduled,
+)
 from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.domain.principal import Principal, Role
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID
@@ -70,7 +64,7 @@ from kara_sessions_server.domain.session_lifecycle import (
     settled_by_move,
 )
 from kara_sessions_server.service_layer import authz
-from kara_sessions_server.service_layer.commit_signal import CommitSignal
+from kara_sessions_server.service_layer.mutations import Mutations, Operation
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 R = TypeVar("R")
@@ -79,10 +73,6 @@ SYSTEM_ACTOR = "SYSTEM"
 
 
 DEFAULT_BOOKING_HORIZON = timedelta(days=730)
-# The refusals a replay of a committed request can meet (what it asked for is done already, or
-# time has moved on). NOT_FOUND and PERMISSION_DENIED it cannot: nothing is deleted, and the
-# caller is the same; those refusals pay no second look.
-_REPLAY_MAY_MEET = (PreconditionFailed, InvalidRequest, AlreadyExists)
 # A charged late move books the session again: on a new credit, which the client must have.
 _REBOOK = (
     "to book the session again at the new time (a late move is charged as a late cancellation "
@@ -90,32 +80,21 @@ _REBOOK = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Operation(Generic[R]):
-    """What `mutate` needs of a use case besides its work: its name and parameters (a
-    request_id's fingerprint), how its result is stored and read back, and the event it tells."""
-
-    name: str
-    params: Mapping[str, object]
-    dump: Callable[[R], str]
-    load: Callable[[str], R]
-    event: Callable[[R], Change]
-
-
 @dataclass
 class Services:
+    """Sessions, payments and credits: what they read (storage, clock) and how they change
+    things (mutations), injected by the composition root (entrypoints/grpc/server.py)."""
+
     storage: Storage
-    clock: Clock = field(default_factory=SystemClock)
+    clock: Clock
+    mutations: Mutations
     policy: CancellationPolicy = field(default_factory=CancellationPolicy)
-    # Told of what committed (metrics); never of a replay or a rollback.
-    publish: Callable[[Event], None] = field(default=lambda event: None)
-    # Wakes the event feed's followers after each commit.
-    signal: CommitSignal = field(default_factory=CommitSignal)
     # How far ahead a session may be booked: a typo'd year would otherwise hold a credit for ever.
     booking_horizon: timedelta = DEFAULT_BOOKING_HORIZON
 
     def __post_init__(self) -> None:
         self.lifecycle = SessionLifecycle(self.policy)
+        self.mutate = self.mutations.mutate
 
     # --- sessions -------------------------------------------------------------------------
 
@@ -134,7 +113,7 @@ class Services:
             ledger.hold(_account(session), session.session_id, session.credits, cmd.request_id, now)
             session_repository.add_session(session)
             session_repository.audit(None, session, "BOOK", SYSTEM_ACTOR, who, cmd.request_id, now)
-            uow.events.append(CreditsMoved(LedgerKind.HOLD, session.credits))
+            uow.notices.append(CreditsMoved(LedgerKind.HOLD, session.credits))
             return session
 
         params = _with_programme(
@@ -159,7 +138,7 @@ class Services:
             outcome = self.lifecycle.cancel(before, cmd, now)
             step = Transition(_apply(before, outcome, now), outcome.credit_move)
             after = _settle(uow, before, step, "CANCEL", cmd.cancelled_by.value, who, cmd.request_id, now)
-            uow.events.append(SessionCancelled(cmd.cancelled_by, outcome.cancellation.late, after.state))
+            uow.notices.append(SessionCancelled(cmd.cancelled_by, outcome.cancellation.late, after.state))
             return after, payment_of(after)
 
         params = {
@@ -184,7 +163,7 @@ class Services:
             before = _load_session(who, cmd.session_id)
             outcome = self.lifecycle.reschedule(before, cmd, now)
             party = cmd.rescheduled_by.value
-            uow.events.append(SessionRescheduled(cmd.rescheduled_by, outcome.move.late, outcome.charged))
+            uow.notices.append(SessionRescheduled(cmd.rescheduled_by, outcome.move.late, outcome.charged))
             if not outcome.charged:
                 after = session_repository.move(before, moved(before, outcome.move, now))
                 session_repository.audit(before, after, "RESCHEDULE", party, who, cmd.request_id, now)
@@ -205,8 +184,8 @@ class Services:
             session_repository.add_session(replacement)
             session_repository.audit(before, settled, "RESCHEDULE", party, who, cmd.request_id, now)
             session_repository.audit(None, replacement, "BOOK", party, who, cmd.request_id, now)
-            uow.events.append(CreditsMoved(step.credit_move, before.credits))
-            uow.events.append(CreditsMoved(LedgerKind.HOLD, replacement.credits))
+            uow.notices.append(CreditsMoved(step.credit_move, before.credits))
+            uow.notices.append(CreditsMoved(LedgerKind.HOLD, replacement.credits))
             return Rescheduled(replacement, settled)
 
         params = {
@@ -287,7 +266,7 @@ class Services:
             authz.check_professional_act(who, before, "mark a session as a no-show")
             step = self.lifecycle.no_show(before, now)
             after = _settle(uow, before, step, "NO_SHOW", _actor(who), who, cmd.request_id, now)
-            uow.events.append(NoShowMarked(charged=step.credit_move is LedgerKind.TAKE))
+            uow.notices.append(NoShowMarked(charged=step.credit_move is LedgerKind.TAKE))
             return after, payment_of(after)
 
         return self.mutate(
@@ -308,7 +287,7 @@ class Services:
             # (a refusal rolls back all of it).
             if on_invoice := invoice_repository.invoices_of([before.session_id]):
                 raise on_invoice_refusal(before, on_invoice[before.session_id])
-            uow.events.append(ChargeWaived())
+            uow.notices.append(ChargeWaived())
             return after, payment_of(after)
 
         return self.mutate(
@@ -348,7 +327,6 @@ class Services:
         if not professional_id and not client_id:
             raise InvalidRequest.single("professional_id", "give a professional_id, a client_id or both")
         authz.check_list_sessions(who, professional_id, client_id)
-        size = page_size(size)
         with UnitOfWork(self.storage, write=False):
             return session_repository.list_sessions(professional_id, client_id, state, size, token)
 
@@ -362,7 +340,6 @@ class Services:
         self, who: Principal, professional_id: str, section: PaymentSection, size: int, token: str
     ) -> Page[Payment]:
         authz.check_list_payments(who, professional_id)
-        size = page_size(size)
         with UnitOfWork(self.storage, write=False):
             return session_repository.list_payments(professional_id, section, size, token)
 
@@ -374,7 +351,7 @@ class Services:
         def work(uow: UnitOfWork, now: datetime) -> CreditAccount:
             account = Account(cmd.client_id, programme_repository.get(cmd.programme_id).programme_id)
             ledger.grant(account, cmd.credits, cmd.request_id, now)
-            uow.events.append(CreditsMoved(LedgerKind.GRANT, cmd.credits))
+            uow.notices.append(CreditsMoved(LedgerKind.GRANT, cmd.credits))
             return ledger.balance(account)
 
         return self.mutate(
@@ -394,51 +371,8 @@ class Services:
         self, who: Principal, client_id: str, programme_id: str, size: int, token: str
     ) -> CreditAccount:
         authz.check_credit_account(who, client_id)
-        size = page_size(size)
         with UnitOfWork(self.storage, write=False):
             return ledger.account(Account(client_id, programme_id), size, token)
-
-    # --- idempotent mutation --------------------------------------------------------------
-
-    def mutate(
-        self, who: Principal, op: Operation[R], request_id: str, work: Callable[[UnitOfWork, datetime], R]
-    ) -> R:
-        """Runs `work` once per request_id in one unit of work, storing its result (`op.dump`)
-        and the one event that tells the feed of it (`op.event`) in the same transaction; a
-        retry gets that result back (`op.load`) and changes nothing, the feed included.
-
-        The happy path reads no stored result first: the event's row is the request_id's record
-        and request_id is unique there, so a replay is stopped by the INSERT (or, before it, by
-        the work finding its change already made: the session no longer BOOKED, the start since
-        passed). Either way the transaction rolls back, and then, only then, the stored result
-        is looked up."""
-        # The caller is part of the request: another principal's request_id replays nothing of theirs.
-        operation, load = op.name, op.load
-        fp = idempotency.fingerprint(operation, {**op.params, "principal": str(who)})
-        try:
-            with UnitOfWork(self.storage) as uow:
-                now = self.clock.now()
-                result = work(uow, now)
-                data = op.dump(result)
-                told = op.event(result)
-                outbox.append(told, data, now, outbox.RequestRecord(request_id, operation, fp))
-                uow.events.append(FeedAppended(told.type.value))
-                uow.commit()
-            for event in uow.events:
-                self.publish(event)
-            self.signal.notify()
-            return result
-        except Exception as exc:
-            if not isinstance(exc, _REPLAY_MAY_MEET) and not faults.is_duplicate(exc):
-                raise
-            # A replay (its change made already: not BOOKED any more, a programme that exists, a
-            # start since passed), or a race lost to a request with the same request_id (a retry
-            # that overtook its original): if that request committed, its result is ours.
-            with UnitOfWork(self.storage, write=False):
-                stored = idempotency.find(request_id)
-            if stored is None:
-                raise
-            return load(idempotency.check_same_request(stored, request_id, operation, fp))
 
 
 def _new_booking(
@@ -503,7 +437,7 @@ def _settle(
     after = session_repository.change_state(before, step.after)
     ledger.settle(_account(before), before.session_id, step.credit_move, before.credits, request_id, now)
     session_repository.audit(before, after, action, actor, who, request_id, now)
-    uow.events.append(CreditsMoved(step.credit_move, before.credits))
+    uow.notices.append(CreditsMoved(step.credit_move, before.credits))
     return after
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from kara_sessions_server.adapters import faults, tracing
 from kara_sessions_server.adapters.storage import Storage
-from kara_sessions_server.domain.events import Event
+from kara_sessions_server.domain.notices import Notice
 from kara_sessions_server.service_layer.call_context import CURRENT, Call, CallGone, DeadlineExceeded
 
 
@@ -33,7 +33,7 @@ class UnitOfWork:
         self._call: Call | None = None
         self._span: Any = None
         # Told by the service layer once the transaction has committed.
-        self.events: list[Event] = []
+        self.notices: list[Notice] = []
 
     def __enter__(self) -> UnitOfWork:
         self._call = CURRENT.get()

@@ -16,6 +16,7 @@ from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import programmes_pb2 as ppb
 from kara.sessions.v1 import sessions_pb2 as pb
 
+from kara_sessions_server.adapters.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
 from kara_sessions_server.domain.feed import FeedEvent, SessionChanged
 from kara_sessions_server.domain.model import (
@@ -172,6 +173,15 @@ class RequestReader:
 
     def request_id(self) -> str:
         return self.id("request_id")
+
+    def page_size(self, default: int = DEFAULT_PAGE_SIZE) -> int:
+        """The request's page_size (0: `default`), at most MAX_PAGE_SIZE (AIP-158)."""
+        requested: int = self.request.page_size  # type: ignore[attr-defined]
+        if requested < 0:
+            self.fail("page_size", "must not be negative")
+        elif requested > MAX_PAGE_SIZE:
+            self.fail("page_size", f"must be at most {MAX_PAGE_SIZE}")
+        return requested or default
 
     def text(self, field: str, max_length: int, *, message: Message | None = None, name: str = "") -> str:
         """Free text a person will read (`message.field`, the request's by default; `name` for

@@ -9,17 +9,17 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from kara_sessions_server.domain.events import (
+from kara_sessions_server.domain.model import SessionState
+from kara_sessions_server.domain.notices import (
     ChargeWaived,
     CreditsMoved,
-    Event,
     FeedAppended,
     InvoiceChanged,
     NoShowMarked,
+    Notice,
     SessionCancelled,
     SessionRescheduled,
 )
-from kara_sessions_server.domain.model import SessionState
 
 # Seconds; a cancellation on SQLite takes about a millisecond, a slow PostgreSQL one tens of ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -114,27 +114,27 @@ class Metrics:
         self._child(self.rpcs, method, code).inc()
         self._child(self.latency, method).observe(seconds)
 
-    def observe_event(self, event: Event) -> None:
-        if isinstance(event, SessionCancelled):
-            outcome = "paid" if event.state is SessionState.CANCELLED_PAID else "voided"
-            timing = "late" if event.late else "on_time"
-            self._child(self.cancellations, outcome, timing, event.cancelled_by.value.lower()).inc()
-        elif isinstance(event, SessionRescheduled):
-            outcome = "charged" if event.charged else "moved"
-            timing = "late" if event.late else "on_time"
-            self._child(self.reschedules, outcome, timing, event.rescheduled_by.value.lower()).inc()
-        elif isinstance(event, CreditsMoved):
-            self._child(self.credits, event.kind.value).inc(event.credits)
-        elif isinstance(event, NoShowMarked):
-            self._child(self.no_shows, "paid" if event.charged else "voided").inc()
-        elif isinstance(event, ChargeWaived):
+    def observe_notice(self, notice: Notice) -> None:
+        if isinstance(notice, SessionCancelled):
+            outcome = "paid" if notice.state is SessionState.CANCELLED_PAID else "voided"
+            timing = "late" if notice.late else "on_time"
+            self._child(self.cancellations, outcome, timing, notice.cancelled_by.value.lower()).inc()
+        elif isinstance(notice, SessionRescheduled):
+            outcome = "charged" if notice.charged else "moved"
+            timing = "late" if notice.late else "on_time"
+            self._child(self.reschedules, outcome, timing, notice.rescheduled_by.value.lower()).inc()
+        elif isinstance(notice, CreditsMoved):
+            self._child(self.credits, notice.kind.value).inc(notice.credits)
+        elif isinstance(notice, NoShowMarked):
+            self._child(self.no_shows, "paid" if notice.charged else "voided").inc()
+        elif isinstance(notice, ChargeWaived):
             self.waivers.inc()
-        elif isinstance(event, FeedAppended):
-            self._child(self.events_appended, event.type).inc()
-        elif isinstance(event, InvoiceChanged):
-            self._child(self.invoice_actions, event.action).inc()
-            if event.sessions:
-                self._child(self.invoiced_sessions, event.action).inc(event.sessions)
+        elif isinstance(notice, FeedAppended):
+            self._child(self.events_appended, notice.type).inc()
+        elif isinstance(notice, InvoiceChanged):
+            self._child(self.invoice_actions, notice.action).inc()
+            if notice.sessions:
+                self._child(self.invoiced_sessions, notice.action).inc(notice.sessions)
 
     def database_error(self, kind: str, transient: bool) -> None:
         self.database_errors.labels(kind, "true" if transient else "false").inc()

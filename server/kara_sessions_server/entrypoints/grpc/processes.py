@@ -37,10 +37,9 @@ from typing import Any
 from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage, sqlite_path
 from kara_sessions_server.domain.clock import SystemClock
-from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.entrypoints import logs
+from kara_sessions_server.service_layer.mutations import Mutations
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
-from kara_sessions_server.service_layer.services import Services
 
 log = logging.getLogger("kara_sessions_server")
 
@@ -141,8 +140,8 @@ def _prepare_database(database_url: str, notice_window: timedelta) -> None:
     storage = open_storage(database_url, max_connections=1)
     try:
         migrations.prepare(storage)
-        core = Services(storage, SystemClock(), CancellationPolicy())
-        ProgrammeServices(core).ensure_default(notice_window)
+        clock = SystemClock()
+        ProgrammeServices(storage, clock, Mutations(storage, clock)).ensure_default(notice_window)
     finally:
         storage.close()
 

@@ -1,5 +1,7 @@
-"""Builds and runs the gRPC server: SessionService, CreditService, InvoiceService, health and
-reflection."""
+"""The composition root (`start`): builds the storage, clock, services, servicers, interceptor,
+health, metrics, tracing and background work from Settings, and serves SessionService,
+CreditService, InvoiceService, EventService, ProgrammeService, health and reflection. What it
+opens it closes in reverse order, on a failed start or at stop."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import signal
 import threading
 import time
 from concurrent import futures
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import FrameType
@@ -60,6 +63,7 @@ from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
 from kara_sessions_server.entrypoints.maintenance import Pruner
 from kara_sessions_server.service_layer.feed import DEFAULT_RETENTION, EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
+from kara_sessions_server.service_layer.mutations import Mutations
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.retention import DEFAULT_REQUEST_ID_RETENTION, Retention
 from kara_sessions_server.service_layer.services import DEFAULT_BOOKING_HORIZON, Services
@@ -180,6 +184,20 @@ def is_loopback(listen: str) -> bool:
         return False  # a host name, 0.0.0.0 or [::]: reachable from elsewhere
 
 
+class _Lifetime:
+    """What start() opened, each with what closes it, closed in reverse order: by a start that
+    failed, at the step that failed, or by RunningServer.stop."""
+
+    def __init__(self) -> None:
+        self.stack = ExitStack()
+        # How long calls in flight may finish when the server stops (RunningServer.stop's).
+        self.grace: float | None = None
+        self.serving = False
+        # False if a call's thread was still running after the grace period and the interrupt:
+        # then the database is left open for it (the process is about to exit).
+        self.drained = True
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
@@ -194,6 +212,7 @@ class RunningServer:
     pruner: Pruner
     monitor: HealthMonitor
     stopping: threading.Event
+    _lifetime: _Lifetime
     metrics_port: int | None = None
     # The tracer provider start() made (and so flushes and shuts down at stop); None otherwise.
     tracer_provider: TracerProvider | None = None
@@ -203,33 +222,14 @@ class RunningServer:
     def stop(self, grace: float | None = None) -> bool:
         """Stops taking new calls, ends event streams, lets calls in flight finish for up to
         `grace` seconds, then interrupts (and so rolls back) the transactions still open and
-        closes. Returns False if a call's thread was still running a second later."""
+        closes everything start() opened, in reverse order. Returns False if a call's thread
+        was still running a second later."""
         if self._stopped.is_set():
             return True
         self._stopped.set()
-        self.stopping.set()
-        self.health.enter_graceful_shutdown()
-        self.monitor.stop()
-        self.pruner.stop()
-        # Open streams end cleanly now (their callers resume from their last cursor elsewhere)
-        # instead of holding the drain for the whole grace period.
-        self.streams.closing.set()
-        self.services.signal.notify()
-        self.server.stop(grace).wait()
-        # The calls are over for their callers. A transaction still open was told it failed:
-        # interrupt it, so it rolls back instead of holding the process for a database.
-        if interrupted := self.storage.watchdog.interrupt_all():
-            log.warning("interrupted %d transactions still open after the grace period", interrupted)
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        finished = _join_workers(self.executor, timeout=1.0)
-        self.metrics.close()
-        if self.traced:
-            tracing.trace_transactions(None)
-        if self.tracer_provider is not None:
-            tracing.shut_down(self.tracer_provider)
-        if finished:
-            self.storage.close()
-        return finished
+        self._lifetime.grace = grace
+        self._lifetime.stack.close()
+        return self._lifetime.drained
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -238,114 +238,196 @@ class RunningServer:
 def start(
     settings: Settings, clock: Clock | None = None, tracer_provider: TracerProvider | None = None
 ) -> RunningServer:
-    """Opens the database (creating the schema if it is empty; refusing a schema of another
-    version), then serves. Raises ValueError, OSError or migrations.SchemaError.
+    """The composition root: builds every part of the server from `settings`, each step
+    registering what undoes it, then serves. A failure at any step closes what the steps before
+    it opened and raises (ValueError, OSError or migrations.SchemaError). The database is
+    opened first (creating the schema if it is empty; refusing a schema of another version).
     `tracer_provider` traces with that provider (tests); else settings say whether to trace."""
     settings.check_exposure()
-    streams = StreamGate(settings.max_event_streams)
     credentials = settings.server_credentials()
-    storage = open_storage(
-        settings.database_url,
-        max_connections=settings.workers + settings.max_event_streams + 2,
-        sqlite_synchronous=settings.sqlite_synchronous,
-        max_transaction_seconds=settings.max_transaction_seconds,
-    )
-    try:
+    streams = StreamGate(settings.max_event_streams)
+    lifetime = _Lifetime()
+    with lifetime.stack as undo:
+        storage = open_storage(
+            settings.database_url,
+            max_connections=settings.workers + settings.max_event_streams + 2,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            max_transaction_seconds=settings.max_transaction_seconds,
+        )
+        undo.callback(_close_unless_in_use, storage, lifetime)
         migrations.prepare(storage)
         _log_durability(durability.inspect(storage))
-    except BaseException:
-        storage.close()
-        raise
-    metrics = Metrics()
-    services = Services(
-        storage,
-        clock or SystemClock(),
-        CancellationPolicy(),
-        publish=metrics.observe_event,
-        booking_horizon=settings.max_booking_horizon,
-    )
-    programmes = ProgrammeServices(services)
-    try:
+        metrics = Metrics()
+        undo.callback(metrics.close)
+        now = clock or SystemClock()
+        mutations = Mutations(storage, now, tell=metrics.observe_notice)
+        services = Services(
+            storage, now, mutations, CancellationPolicy(), booking_horizon=settings.max_booking_horizon
+        )
+        programmes = ProgrammeServices(storage, now, mutations)
         programmes.ensure_default(settings.notice_window)
-    except BaseException:
-        storage.close()
-        raise
-    # A stream holds its thread while open: streams get threads of their own, and the
-    # interceptor lets at most `workers` unary calls run at once on the rest.
-    executor = futures.ThreadPoolExecutor(
-        max_workers=settings.workers + settings.max_event_streams, thread_name_prefix="rpc"
-    )
-    stopping = threading.Event()
-    owned_provider = _exporting_provider(settings) if tracer_provider is None else None
-    tracing.trace_transactions(tracer_provider or owned_provider)
-    interceptor = CallInterceptor(
-        Authenticator(settings.tokens), metrics, frozenset(SERVICE_NAMES), stopping, workers=settings.workers
-    )
-    server = grpc.server(
-        executor,
-        interceptors=[*tracing.server_interceptors(tracer_provider or owned_provider), interceptor],
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            # Refuse a second server on the same port instead of sharing it silently, unless
-            # this is one of `serve --processes N`'s (entrypoints/grpc/processes.py).
-            ("grpc.so_reuseport", 1 if settings.share_port else 0),
-        ],
-    )
+        events = EventServices(
+            storage,
+            now,
+            mutations.signal,
+            retention=settings.event_retention,
+            request_ids=settings.request_id_retention,
+        )
+        owned_provider = _exporting_provider(settings) if tracer_provider is None else None
+        if owned_provider is not None:
+            undo.callback(tracing.shut_down, owned_provider)
+        provider = tracer_provider or owned_provider
+        if provider is not None:
+            tracing.trace_transactions(provider)
+            undo.callback(tracing.trace_transactions, None)
+        # A stream holds its thread while open: streams get threads of their own, and the
+        # interceptor lets at most `workers` unary calls run at once on the rest.
+        executor = futures.ThreadPoolExecutor(
+            max_workers=settings.workers + settings.max_event_streams, thread_name_prefix="rpc"
+        )
+        undo.callback(_shut_down_workers, executor, lifetime)
+        stopping = threading.Event()
+        server = grpc.server(
+            executor,
+            interceptors=[
+                *tracing.server_interceptors(provider),
+                CallInterceptor(
+                    Authenticator(settings.tokens),
+                    metrics,
+                    frozenset(SERVICE_NAMES),
+                    stopping,
+                    workers=settings.workers,
+                ),
+            ],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # Refuse a second server on the same port instead of sharing it silently, unless
+                # this is one of `serve --processes N`'s (entrypoints/grpc/processes.py).
+                ("grpc.so_reuseport", 1 if settings.share_port else 0),
+            ],
+        )
+        undo.callback(_release_unstarted, server, lifetime)
+        health_servicer = _add_servicers(server, services, programmes, events, streams, metrics, mutations)
+        port = _listen(server, settings.listen, credentials)
+        metrics_port = _serve_metrics(metrics, settings)
+        server.start()
+        lifetime.serving = True
+        undo.callback(_drain, server, storage, streams, events, lifetime)
+        pruner = _pruner(settings, storage, now, events)
+        if settings.prunes:
+            pruner.start()
+        undo.callback(pruner.stop)
+        monitor = HealthMonitor(
+            storage, health_servicer, ("", *SERVICE_NAMES), every=settings.health_check_seconds
+        )
+        monitor.start()
+        undo.callback(monitor.stop)
+        # The first things a stop does: refuse new calls, and tell load balancers.
+        undo.callback(health_servicer.enter_graceful_shutdown)
+        undo.callback(stopping.set)
+        running = RunningServer(
+            server=server,
+            port=port,
+            storage=storage,
+            health=health_servicer,
+            services=services,
+            events=events,
+            streams=streams,
+            executor=executor,
+            metrics=metrics,
+            pruner=pruner,
+            monitor=monitor,
+            stopping=stopping,
+            _lifetime=lifetime,
+            metrics_port=metrics_port,
+            tracer_provider=owned_provider,
+            traced=provider is not None,
+        )
+        lifetime.stack = undo.pop_all()  # started: RunningServer.stop closes it all from here
+    return running
+
+
+def _add_servicers(
+    server: grpc.Server,
+    services: Services,
+    programmes: ProgrammeServices,
+    events: EventServices,
+    streams: StreamGate,
+    metrics: Metrics,
+    mutations: Mutations,
+) -> health.HealthServicer:
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(services), server)
     credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(services), server)
-    invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(InvoiceServices(services)), server)
-    events = EventServices(
-        services, retention=settings.event_retention, request_ids=settings.request_id_retention
+    invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(
+        InvoiceServicer(InvoiceServices(services.storage, mutations)), server
     )
     events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(events, streams, metrics), server)
     programmes_pb2_grpc.add_ProgrammeServiceServicer_to_server(ProgrammeServicer(programmes), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _serve_reflection(server)
-    if credentials is None:
-        port = server.add_insecure_port(settings.listen)
-    else:
-        port = server.add_secure_port(settings.listen, credentials)
+    return health_servicer
+
+
+def _listen(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    # grpcio says a bind failed by returning 0 (older releases) or raising RuntimeError (1.5x on).
+    try:
+        port = (
+            server.add_insecure_port(listen)
+            if credentials is None
+            else server.add_secure_port(listen, credentials)
+        )
+    except RuntimeError:
+        port = 0
     if port == 0:
-        _abandon(storage, owned_provider)
-        raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
-    metrics_port = None
-    if settings.metrics_port is not None:
-        try:
-            metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
-        except OSError as exc:
-            _abandon(storage, owned_provider)
-            raise OSError(
-                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}"
-            ) from exc
-    server.start()
-    pruner, monitor = _background(settings, services, events, health_servicer)
-    return RunningServer(
-        server=server,
-        port=port,
-        storage=storage,
-        health=health_servicer,
-        services=services,
-        events=events,
-        streams=streams,
-        executor=executor,
-        metrics=metrics,
-        pruner=pruner,
-        monitor=monitor,
-        stopping=stopping,
-        metrics_port=metrics_port,
-        tracer_provider=owned_provider,
-        traced=(tracer_provider or owned_provider) is not None,
-    )
+        raise OSError(f"cannot listen on {listen}: address in use or not available")
+    return port
 
 
-def _abandon(storage: Storage, provider: TracerProvider | None) -> None:
-    """Undoes a start that failed once the database was open and tracing on."""
-    tracing.trace_transactions(None)
-    if provider is not None:
-        tracing.shut_down(provider)
-    storage.close()
+def _serve_metrics(metrics: Metrics, settings: Settings) -> int | None:
+    if settings.metrics_port is None:
+        return None
+    try:
+        return metrics.serve(settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        raise OSError(
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}"
+        ) from exc
+
+
+def _drain(
+    server: grpc.Server, storage: Storage, streams: StreamGate, events: EventServices, lifetime: _Lifetime
+) -> None:
+    """Ends open streams now (their callers resume from their last cursor elsewhere) instead of
+    holding the drain for the whole grace period, lets calls in flight finish, then interrupts
+    the transactions still open: their calls are over for their callers, and an interrupted
+    transaction rolls back instead of holding the process for a database."""
+    streams.closing.set()
+    events.wake_followers()
+    server.stop(lifetime.grace).wait()
+    if interrupted := storage.watchdog.interrupt_all():
+        log.warning("interrupted %d transactions still open after the grace period", interrupted)
+
+
+def _release_unstarted(server: grpc.Server, lifetime: _Lifetime) -> None:
+    """grpcio's stop() does nothing to a server that never started, which keeps its port and
+    completion queue open (grpc/grpc#14917): started and stopped at once, it lets them go, as
+    grpc's C# server does on shutdown (grpc/grpc#31232). The port was never announced, and a
+    call that reaches it in between is cancelled."""
+    if not lifetime.serving:
+        server.start()
+        server.stop(None).wait()
+
+
+def _close_unless_in_use(storage: Storage, lifetime: _Lifetime) -> None:
+    if lifetime.drained:
+        storage.close()
+
+
+def _shut_down_workers(executor: futures.ThreadPoolExecutor, lifetime: _Lifetime) -> None:
+    executor.shutdown(wait=False, cancel_futures=True)
+    lifetime.drained = _join_workers(executor, timeout=1.0)
 
 
 def _exporting_provider(settings: Settings) -> TracerProvider | None:
@@ -387,12 +469,9 @@ def _log_durability(found: durability.Durability) -> None:
         log.warning("an acknowledged change can be lost: %s", risk)
 
 
-def _background(
-    settings: Settings, services: Services, events: EventServices, health_servicer: health.HealthServicer
-) -> tuple[Pruner, HealthMonitor]:
-    """Starts the pruner and the health monitor."""
-    retention = Retention(services, settings.request_id_retention, settings.audit_retention)
-    pruner = Pruner(
+def _pruner(settings: Settings, storage: Storage, clock: Clock, events: EventServices) -> Pruner:
+    retention = Retention(storage, clock, settings.request_id_retention, settings.audit_retention)
+    return Pruner(
         settings.event_prune_seconds,
         {
             "events": events.prune,
@@ -400,12 +479,6 @@ def _background(
             "audit rows": retention.prune_audit,
         },
     )
-    if settings.prunes:
-        pruner.start()
-    names = ("", *SERVICE_NAMES)
-    monitor = HealthMonitor(services.storage, health_servicer, names, every=settings.health_check_seconds)
-    monitor.start()
-    return pruner, monitor
 
 
 def _join_workers(executor: futures.ThreadPoolExecutor, timeout: float) -> bool:

@@ -69,6 +69,7 @@ from kara_sessions_server.entrypoints.grpc.convert import (
 from kara_sessions_server.entrypoints.grpc.interceptor import abort, caller
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.status import error_info, status
+from kara_sessions_server.service_layer.feed import DEFAULT_PAGE_SIZE as FEED_PAGE_SIZE
 from kara_sessions_server.service_layer.feed import EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
@@ -175,9 +176,10 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         professional_id = r.id("professional_id", required=False)
         client_id = r.id("client_id", required=False)
         state = r.enum("state", SESSION_STATE_FROM_PB, required=False, allowed="a SessionState")
+        size = r.page_size()
         r.done()
         page = self.services.list_sessions(
-            caller(), professional_id, client_id, state, request.page_size, request.page_token
+            caller(), professional_id, client_id, state, size, request.page_token
         )
         return pb.ListSessionsResponse(
             sessions=[session_pb(s) for s in page.items], next_page_token=page.next_page_token
@@ -234,11 +236,10 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         section = r.enum(
             "section", SECTION_FROM_PB, required=True, allowed="PAYMENT_SECTION_UNPAID, PAYMENT_SECTION_PAID"
         )
+        size = r.page_size()
         r.done()
         assert isinstance(section, PaymentSection)
-        page = self.services.list_payments(
-            caller(), professional_id, section, request.page_size, request.page_token
-        )
+        page = self.services.list_payments(caller(), professional_id, section, size, request.page_token)
         return pb.ListPaymentsResponse(
             payments=[payment_pb(p) for p in page.items], next_page_token=page.next_page_token
         )
@@ -263,11 +264,10 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
         r = RequestReader(request)
         client_id = r.id("client_id")
         programme_id = r.programme_id()
+        size = r.page_size()
         r.done()
         return account_pb(
-            self.services.get_credit_account(
-                caller(), client_id, programme_id, request.page_size, request.page_token
-            )
+            self.services.get_credit_account(caller(), client_id, programme_id, size, request.page_token)
         )
 
 
@@ -310,10 +310,9 @@ class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
         r = RequestReader(request)
         professional_id = r.id("professional_id")
         state = r.enum("state", INVOICE_STATE_FROM_PB, required=False, allowed="an InvoiceState")
+        size = r.page_size()
         r.done()
-        page = self.services.list_invoices(
-            caller(), professional_id, state, request.page_size, request.page_token
-        )
+        page = self.services.list_invoices(caller(), professional_id, state, size, request.page_token)
         return ipb.ListInvoicesResponse(
             invoices=[invoice_pb(i) for i in page.items], next_page_token=page.next_page_token
         )
@@ -332,9 +331,10 @@ class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
 
 
 def _feed_request(
-    request: epb.ListEventsRequest | epb.StreamEventsRequest,
+    request: epb.ListEventsRequest | epb.StreamEventsRequest, r: RequestReader | None = None
 ) -> tuple[str, tuple[EventType, ...]]:
-    r = RequestReader(request)
+    """The cursor and the types asked for (`r`: a reader that has read other fields)."""
+    r = r or RequestReader(request)
     after = r.text("after", MAX_CURSOR_LENGTH)
     known = {t.value for t in EventType}
     for index, name in enumerate(request.types):
@@ -367,8 +367,10 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         self.metrics = metrics
 
     def ListEvents(self, request: epb.ListEventsRequest, context: Ctx) -> epb.ListEventsResponse:
-        after, types = _feed_request(request)
-        events = self.services.list_events(caller(), after, request.page_size, types)
+        r = RequestReader(request)
+        size = r.page_size(FEED_PAGE_SIZE)
+        after, types = _feed_request(request, r)
+        events = self.services.list_events(caller(), after, size, types)
         return epb.ListEventsResponse(events=[event_pb(e) for e in events])
 
     def StreamEvents(self, request: epb.StreamEventsRequest, context: Ctx) -> Iterator[epb.Event]:
@@ -392,7 +394,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                 ),
             )
         # A caller that hangs up wakes the stream at once instead of at its next look.
-        context.add_callback(self.services.core.signal.notify)
+        context.add_callback(self.services.wake_followers)
         self.metrics.event_streams.inc()
         try:
             for event in events:
@@ -427,7 +429,10 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
         return programme_pb(self.services.get_programme(caller(), programme_id))
 
     def ListProgrammes(self, request: ppb.ListProgrammesRequest, context: Ctx) -> ppb.ListProgrammesResponse:
-        page = self.services.list_programmes(caller(), request.page_size, request.page_token)
+        r = RequestReader(request)
+        size = r.page_size()
+        r.done()
+        page = self.services.list_programmes(caller(), size, request.page_token)
         return ppb.ListProgrammesResponse(
             programmes=[programme_pb(p) for p in page.items], next_page_token=page.next_page_token
         )

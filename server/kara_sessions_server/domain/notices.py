@@ -1,5 +1,7 @@
-"""What happened, told after the transaction that did it commits (a replayed request tells
-nothing: it changed nothing). Metrics subscribe to these; the domain knows no subscriber."""
+"""Notices: what happened, told to metrics after the transaction that did it commits (a
+replayed request tells nothing: it changed nothing); the domain knows no subscriber. Not to be
+confused with the event feed's events (domain/feed.py), which other services read: a notice
+is counted and forgotten. FeedAppended is the notice that a feed event was appended."""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class ChargeWaived:
     pass
 
 
-Event = (
+Notice = (
     SessionCancelled
     | SessionRescheduled
     | CreditsMoved

@@ -1,0 +1,88 @@
+"""Every change goes through `Mutations.mutate`: one unit of work per request, idempotent by
+request_id, its event in the feed, its notices to metrics after the commit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from kara_sessions_server.adapters import faults, idempotency, outbox
+from kara_sessions_server.adapters.storage import Storage
+from kara_sessions_server.domain.clock import Clock
+from kara_sessions_server.domain.errors import AlreadyExists, InvalidRequest, PreconditionFailed
+from kara_sessions_server.domain.feed import Change
+from kara_sessions_server.domain.notices import FeedAppended, Notice
+from kara_sessions_server.domain.principal import Principal
+from kara_sessions_server.service_layer.commit_signal import CommitSignal
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+
+R = TypeVar("R")
+
+# The refusals a replay of a committed request can meet (what it asked for is done already, or
+# time has moved on). NOT_FOUND and PERMISSION_DENIED it cannot: nothing is deleted, and the
+# caller is the same; those refusals pay no second look.
+_REPLAY_MAY_MEET = (PreconditionFailed, InvalidRequest, AlreadyExists)
+
+
+@dataclass(frozen=True, slots=True)
+class Operation(Generic[R]):
+    """What `mutate` needs of a use case besides its work: its name and parameters (a
+    request_id's fingerprint), how its result is stored and read back, and the event it tells."""
+
+    name: str
+    params: Mapping[str, object]
+    dump: Callable[[R], str]
+    load: Callable[[str], R]
+    event: Callable[[R], Change]
+
+
+@dataclass
+class Mutations:
+    storage: Storage
+    clock: Clock
+    # Told of what committed (metrics); never of a replay or a rollback.
+    tell: Callable[[Notice], None] = field(default=lambda notice: None)
+    # Wakes the event feed's followers after each commit.
+    signal: CommitSignal = field(default_factory=CommitSignal)
+
+    def mutate(
+        self, who: Principal, op: Operation[R], request_id: str, work: Callable[[UnitOfWork, datetime], R]
+    ) -> R:
+        """Runs `work` once per request_id in one unit of work, storing its result (`op.dump`)
+        and the one event that tells the feed of it (`op.event`) in the same transaction; a
+        retry gets that result back (`op.load`) and changes nothing, the feed included.
+
+        The happy path reads no stored result first: the event's row is the request_id's record
+        and request_id is unique there, so a replay is stopped by the INSERT (or, before it, by
+        the work finding its change already made: the session no longer BOOKED, the start since
+        passed). Either way the transaction rolls back, and then, only then, the stored result
+        is looked up."""
+        # The caller is part of the request: another principal's request_id replays nothing of theirs.
+        operation, load = op.name, op.load
+        fp = idempotency.fingerprint(operation, {**op.params, "principal": str(who)})
+        try:
+            with UnitOfWork(self.storage) as uow:
+                now = self.clock.now()
+                result = work(uow, now)
+                data = op.dump(result)
+                told = op.event(result)
+                outbox.append(told, data, now, outbox.RequestRecord(request_id, operation, fp))
+                uow.notices.append(FeedAppended(told.type.value))
+                uow.commit()
+            for notice in uow.notices:
+                self.tell(notice)
+            self.signal.notify()
+            return result
+        except Exception as exc:
+            if not isinstance(exc, _REPLAY_MAY_MEET) and not faults.is_duplicate(exc):
+                raise
+            # A replay (its change made already: not BOOKED any more, a programme that exists, a
+            # start since passed), or a race lost to a request with the same request_id (a retry
+            # that overtook its original): if that request committed, its result is ours.
+            with UnitOfWork(self.storage, write=False):
+                stored = idempotency.find(request_id)
+            if stored is None:
+                raise
+            return load(idempotency.check_same_request(stored, request_id, operation, fp))
