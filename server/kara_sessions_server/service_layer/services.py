@@ -1,7 +1,8 @@
 """Application services: one function per use case, one unit of work per request.
 
-They turn commands into domain decisions (lifecycle/policy) and persist the result, the credit
-movement, the payment and the audit record in a single transaction."""
+They turn commands into domain decisions (lifecycle/policy) and persist the session (its payment
+follows from it), the credit movement and the audit record in a single transaction, through
+Mutations.mutate."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 from kara_sessions_server.adapters import (
     invoice_repository,
@@ -66,8 +66,6 @@ from kara_sessions_server.domain.session_lifecycle import (
 from kara_sessions_server.service_layer import authz
 from kara_sessions_server.service_layer.mutations import Mutations, Operation
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
-
-R = TypeVar("R")
 
 SYSTEM_ACTOR = "SYSTEM"
 
