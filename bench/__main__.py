@@ -27,7 +27,7 @@ import click
 import psycopg
 
 from kara_sessions_client.client import DEFAULT_TIMEOUT, SessionsClient
-from kara_sessions_server.entrypoints.grpc.server import DEFAULT_WORKERS
+from kara_sessions_server.entrypoints.settings import DEFAULT_WORKERS
 from tests.support.processes import free_port, serve_command, server_children, wait_serving
 
 from .populate import DEEP_PROFESSIONAL, populate

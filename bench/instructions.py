@@ -30,6 +30,7 @@ from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, Cal
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.servicers import SessionServicer
 from kara_sessions_server.entrypoints.logs import JsonLineFormatter
+from kara_sessions_server.entrypoints.settings import Settings
 from kara_sessions_server.service_layer.mutations import Mutations
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.services import Services
@@ -50,7 +51,7 @@ def cancellations(workdir: Path, n: int) -> None:
         metrics = Metrics()
         clock = SystemClock()
         mutations = Mutations(storage, clock, tell=metrics.observe_notice)
-        services = Services(storage, clock, mutations)
+        services = Services(storage, clock, mutations, Settings().max_booking_horizon)
         ProgrammeServices(storage, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
         servicer = SessionServicer(services)
         interceptor = CallInterceptor(

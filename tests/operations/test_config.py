@@ -6,9 +6,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import click
 import pytest
+from click.testing import CliRunner
+
+from kara_sessions_server.adapters import storage
+from kara_sessions_server.entrypoints.commands import config_option
+from kara_sessions_server.entrypoints.settings import Settings, click_options, from_command_line, option
 
 from ..support.processes import free_port, serve_command, wait_serving
 
@@ -108,3 +117,60 @@ def test_help_documents_every_option_and_its_variable() -> None:
     ):
         assert f"--{name}" in text
         assert f"KARA_{name.upper().replace('-', '_')}" in text
+
+
+@dataclass(frozen=True)
+class _WithOneMoreSetting(Settings):
+    """A new setting: this one field is the whole edit."""
+
+    greeting: str = field(default="hello", metadata=option(help="A setting added in one place."))
+
+
+def _one_more_command() -> tuple[click.Command, dict[str, Settings]]:
+    seen: dict[str, Settings] = {}
+
+    @click.command()
+    @config_option
+    @click_options(_WithOneMoreSetting)
+    def command(**values: Any) -> None:
+        seen["settings"] = from_command_line(values, _WithOneMoreSetting)
+
+    return command, seen
+
+
+def test_a_new_setting_is_one_edit_with_its_flag_variable_and_file_key(tmp_path: Path) -> None:
+    """Declared once as a Settings field, a setting gets its flag, KARA_* variable, config-file
+    key, help and default, in the documented precedence, and reaches Settings."""
+    command, seen = _one_more_command()
+    config = tmp_path / "kara.toml"
+    config.write_text('greeting = "from the file"\n')
+
+    def greeting(args: list[str], env: dict[str, str]) -> str:
+        done = CliRunner().invoke(command, args, env=env, catch_exceptions=False)
+        assert done.exit_code == 0, done.output
+        settings = seen.pop("settings")
+        assert isinstance(settings, _WithOneMoreSetting)
+        return settings.greeting
+
+    assert greeting([], {}) == "hello"
+    assert greeting(["--config", str(config)], {}) == "from the file"
+    assert greeting(["--config", str(config)], {"KARA_GREETING": "from the environment"}) == (
+        "from the environment"
+    )
+    assert greeting(["--config", str(config), "--greeting", "from the flag"], {"KARA_GREETING": "x"}) == (
+        "from the flag"
+    )
+    shown = " ".join(CliRunner().invoke(command, ["--help"]).output.split())
+    assert "--greeting TEXT A setting added in one place." in shown and "env var: KARA_GREETING" in shown
+    # The server's own settings come with it, converted to what Settings holds.
+    assert greeting(["--notice-window-hours", "36"], {}) == "hello"
+    assert CliRunner().invoke(command, ["--notice-window-hours", "36"]).exit_code == 0
+    assert seen["settings"].notice_window == timedelta(hours=36)
+
+
+def test_the_storage_defaults_agree_with_the_settings() -> None:
+    """open_storage keeps defaults of its own for the tools that open a database (migrate,
+    backup, the tests); the server's are Settings'. They must not drift apart."""
+    defaults = Settings()
+    assert defaults.max_transaction_seconds == storage.DEFAULT_MAX_TRANSACTION_SECONDS
+    assert defaults.sqlite_synchronous == storage.DEFAULT_SQLITE_SYNCHRONOUS

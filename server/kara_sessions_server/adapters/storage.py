@@ -21,7 +21,6 @@ from kara_sessions_server.adapters.watchdog import Watchdog
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-DEFAULT_DATABASE_URL = "sqlite:///kara-sessions.db"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # SQLite waits this long for another process's lock before Storage.begin looks again.
 SQLITE_BUSY_POLL_MS = 100

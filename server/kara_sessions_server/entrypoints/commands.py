@@ -2,8 +2,8 @@
 
 Every serve option comes, in this order of precedence, from the command line, the environment
 (KARA_<OPTION>) or the config file (--config, TOML, keys named like the options with
-underscores), else its default. Heavy imports wait until a command runs, so client commands
-start fast."""
+underscores), else its default. The options are generated from their one declaration,
+settings.Settings. Heavy imports wait until a command runs, so client commands start fast."""
 
 from __future__ import annotations
 
@@ -17,10 +17,16 @@ from typing import Any
 
 import click
 
-# Config-file keys whose values are files: relative paths are relative to the config file.
-_PATH_KEYS = frozenset({"tls_cert", "tls_key", "client_ca", "tokens_file"})
+from kara_sessions_server.entrypoints.settings import (
+    FILE,
+    Settings,
+    click_options,
+    file_options,
+    from_command_line,
+)
 
-FILE = click.Path(exists=True, dir_okay=False)
+# Config-file keys whose values are files: relative paths are relative to the config file.
+_PATH_KEYS = file_options(Settings)
 
 # What `pip install "kara-sessions[server]"` adds to the client install (`pip install kara-sessions`).
 _SERVER_MODULES = ("peewee", "psycopg", "transitions", "prometheus_client", "grpc_health", "grpc_reflection")
@@ -46,7 +52,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(f"cannot read {value}: {exc.strerror or exc}", ctx, param) from exc
     except tomllib.TOMLDecodeError as exc:
         raise click.BadParameter(f"{value} is not valid TOML: {exc}", ctx, param) from exc
-    known = {p.name for p in serve.params if p.name and p.name != "config"}
+    # The server's keys (a shared file may hold keys only `serve` takes), and this command's own.
+    known = {p.name for p in (*serve.params, *ctx.command.params) if p.name and p.name != "config"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise click.BadParameter(
@@ -73,202 +80,14 @@ config_option = _option(
     callback=_load_config,
     help="TOML file of options (keys as below, with underscores). Flags and KARA_* variables win.",
 )
-database_option = _option(
-    "--database-url",
-    "DATABASE_URL",
-    default="sqlite:///kara-sessions.db",
-    show_default=True,
-    help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB.",
-)
+# migrate and backup take the server's database setting, as it declares it.
+database_option = click_options(Settings, only=frozenset({"database_url"}))
 
 
 @click.command()
 @config_option
-@_option("--listen", "LISTEN", default="127.0.0.1:50051", show_default=True, help="HOST:PORT to serve on.")
-@database_option
-@_option(
-    "--sqlite-synchronous",
-    "SQLITE_SYNCHRONOUS",
-    type=click.Choice(["full", "normal"]),
-    default="full",
-    show_default=True,
-    help="SQLite only. full: an acknowledged change survives a power loss or OS crash. normal: "
-    "faster commits, but after a power loss or OS crash the last acknowledged changes may roll "
-    "back, and their callers, told OK, will never retry them. Keep full for real credits.",
-)
-@_option(
-    "--notice-window-hours",
-    "NOTICE_WINDOW_HOURS",
-    type=click.FloatRange(min=0, min_open=True),
-    default=24.0,
-    show_default=True,
-    help="The default programme's notice window when the server first creates that programme (an "
-    "empty database); afterwards change it with `kara-sessions programme update default`.",
-)
-@_option("--tokens-file", "TOKENS_FILE", type=FILE, help="TOML file of bearer-token hashes and principals.")
-@_option("--tls-cert", "TLS_CERT", type=FILE, help="PEM server certificate chain.")
-@_option("--tls-key", "TLS_KEY", type=FILE, help="PEM server private key.")
-@_option("--client-ca", "CLIENT_CA", type=FILE, help="PEM CA: require client certificates it signed (mTLS).")
-@_option(
-    "--insecure",
-    "INSECURE",
-    is_flag=True,
-    help="Allow a non-loopback --listen without TLS and tokens (never in production).",
-)
-@_option(
-    "--metrics-port",
-    "METRICS_PORT",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default: off).",
-)
-@_option("--metrics-host", "METRICS_HOST", default="127.0.0.1", show_default=True, help="Metrics address.")
-@_option(
-    "--max-workers",
-    "MAX_WORKERS",
-    type=click.IntRange(1, 256),
-    default=None,
-    help="Calls served at once, each with a database connection (default: 4 on SQLite, 16 on "
-    "PostgreSQL; BENCHMARKS.md says why). Event streams have threads of their own.",
-)
-@_option(
-    "--max-message-bytes",
-    "MAX_MESSAGE_BYTES",
-    type=click.IntRange(4096, 64 * 1024 * 1024),
-    default=1024 * 1024,
-    show_default=True,
-    help="Largest request or response.",
-)
-@_option(
-    "--event-retention-days",
-    "EVENT_RETENTION_DAYS",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help=(
-        "Keep events this long (and while their request_ids are kept, --request-id-retention-days); "
-        "a consumer's cursor older than that gets OUT_OF_RANGE."
-    ),
-)
-@_option(
-    "--max-event-streams",
-    "MAX_EVENT_STREAMS",
-    type=click.IntRange(0, 1024),
-    default=4,
-    show_default=True,
-    help="Open StreamEvents calls at once, each on a thread of its own beside --max-workers "
-    "(0: ListEvents only).",
-)
-@_option(
-    "--max-transaction-seconds",
-    "MAX_TRANSACTION_SECONDS",
-    type=click.FloatRange(0.1, 600),
-    default=10.0,
-    show_default=True,
-    help="No transaction may take longer (less if its call's deadline comes first); then it rolls back.",
-)
-@_option(
-    "--max-booking-horizon-days",
-    "MAX_BOOKING_HORIZON_DAYS",
-    type=click.FloatRange(1, 3650),
-    default=730.0,
-    show_default=True,
-    help="How far ahead a session may be booked; a later starts_at is INVALID_ARGUMENT.",
-)
-@_option(
-    "--request-id-retention-days",
-    "REQUEST_ID_RETENTION_DAYS",
-    type=click.FloatRange(min=0, min_open=True),
-    default=7.0,
-    show_default=True,
-    help="Keep each request_id's first result this long; reusing an older request_id starts a new request.",
-)
-@_option(
-    "--audit-retention-days",
-    "AUDIT_RETENTION_DAYS",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Prune audit rows older than this (default: keep them, they are the record).",
-)
-@_option(
-    "--grace-seconds",
-    "GRACE_SECONDS",
-    type=click.FloatRange(0),
-    default=10.0,
-    show_default=True,
-    help="On SIGTERM/SIGINT, how long calls in flight may finish; then their transactions are "
-    "interrupted and rolled back, and the process exits within a second.",
-)
-@_option(
-    "--otlp-endpoint",
-    "OTLP_ENDPOINT",
-    default=None,
-    help="Export a trace span per RPC and per database transaction to this OpenTelemetry collector "
-    "(OTLP/gRPC, e.g. http://127.0.0.1:4317). The standard OTEL_EXPORTER_OTLP_* and OTEL_SERVICE_NAME "
-    "variables apply too. Default: no tracing.",
-)
-@_option(
-    "--processes",
-    "PROCESSES",
-    type=click.IntRange(1, 64),
-    default=1,
-    show_default=True,
-    help="Server processes sharing the port (SO_REUSEPORT), to use more than one core. PostgreSQL "
-    "only; each process has its own --max-workers threads and connections, and its own metrics "
-    "port (--metrics-port + 0, 1, ...).",
-)
-@_option(
-    "--cpus",
-    "CPUS",
-    default="",
-    help="Keep the server on these CPUs, e.g. 2 or 2,3 or 2-5 (Linux); with --processes N, each "
-    "process on one of them in turn. One CPU per process spares its threads the hand-offs between "
-    "CPUs (a quarter to a half less CPU per call, BENCHMARKS.md); give CPUs nothing else is pinned to. "
-    "Default: wherever the OS schedules it.",
-)
-@_option(
-    "--log-level",
-    "LOG_LEVEL",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
-    default="INFO",
-    show_default=True,
-    help="INFO logs one line per RPC.",
-)
-@_option(
-    "--log-format",
-    "LOG_FORMAT",
-    type=click.Choice(["auto", "json", "text"]),
-    default="auto",
-    show_default=True,
-    help="auto: JSON lines unless stderr is a terminal.",
-)
-def serve(
-    listen: str,
-    database_url: str,
-    sqlite_synchronous: str,
-    notice_window_hours: float,
-    tokens_file: str | None,
-    tls_cert: str | None,
-    tls_key: str | None,
-    client_ca: str | None,
-    insecure: bool,
-    metrics_port: int | None,
-    metrics_host: str,
-    max_workers: int | None,
-    max_message_bytes: int,
-    event_retention_days: float,
-    max_event_streams: int,
-    max_transaction_seconds: float,
-    max_booking_horizon_days: float,
-    request_id_retention_days: float,
-    audit_retention_days: float | None,
-    grace_seconds: float,
-    otlp_endpoint: str | None,
-    processes: int,
-    cpus: str,
-    log_level: str,
-    log_format: str,
-) -> None:
+@click_options(Settings)
+def serve(**values: Any) -> None:
     """Serve SessionService, CreditService, InvoiceService and EventService (plus health and
     reflection).
 
@@ -279,47 +98,23 @@ def serve(
     import peewee as pw
 
     from kara_sessions_server.adapters.migrations import SchemaError
-    from kara_sessions_server.entrypoints import cpus as cpu_affinity
     from kara_sessions_server.entrypoints import logs
     from kara_sessions_server.entrypoints.grpc.processes import refuse_sqlite, serve_processes
-    from kara_sessions_server.entrypoints.grpc.server import Settings
     from kara_sessions_server.entrypoints.grpc.server import serve as run_server
-    from kara_sessions_server.entrypoints.grpc.tokens import TokenFileError, TokenTable
+    from kara_sessions_server.entrypoints.grpc.tokens import TokenFileError
 
-    logs.configure(log_level, log_format, with_pid=processes > 1)  # type: ignore[arg-type]
+    processes = values["processes"]
+    logs.configure(values["log_level"], values["log_format"], with_pid=processes > 1)
     try:
-        settings = Settings(
-            listen=listen,
-            database_url=database_url,
-            sqlite_synchronous=sqlite_synchronous,  # type: ignore[arg-type]
-            notice_window=timedelta(hours=notice_window_hours),
-            max_workers=max_workers,
-            grace_seconds=grace_seconds,
-            tls_cert=_read(tls_cert),
-            tls_key=_read(tls_key),
-            client_ca=_read(client_ca),
-            tokens=TokenTable.load(tokens_file) if tokens_file else None,
-            insecure=insecure,
-            metrics_port=metrics_port,
-            metrics_host=metrics_host,
-            max_message_bytes=max_message_bytes,
-            event_retention=timedelta(days=event_retention_days),
-            max_event_streams=max_event_streams,
-            max_transaction_seconds=max_transaction_seconds,
-            max_booking_horizon=timedelta(days=max_booking_horizon_days),
-            request_id_retention=timedelta(days=request_id_retention_days),
-            audit_retention=None if audit_retention_days is None else timedelta(days=audit_retention_days),
-            otlp_endpoint=otlp_endpoint,
-            cpus=cpu_affinity.parse(cpus) if cpus else (),
-        )
+        settings = from_command_line(values)
         settings.check_exposure()
         settings.server_credentials()
-        refuse_sqlite(database_url, processes)
+        refuse_sqlite(settings.database_url, processes)
     except (TokenFileError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     try:
         if processes > 1:
-            sys.exit(serve_processes(settings, processes, log_level, log_format))
+            sys.exit(serve_processes(settings, processes, settings.log_level, settings.log_format))
         run_server(settings)
     except (OSError, ValueError, SchemaError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -447,7 +242,3 @@ def token_new(principal: str, note: str) -> None:
 
 def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _read(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None

@@ -17,12 +17,10 @@ from kara_sessions_server.domain.model import Session, payment_of
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.service_layer import authz
 from kara_sessions_server.service_layer.commit_signal import CommitSignal
-from kara_sessions_server.service_layer.retention import DEFAULT_REQUEST_ID_RETENTION
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 # Events are small: a bigger default page than the other lists' (pagination.MAX_PAGE_SIZE caps it).
 DEFAULT_PAGE_SIZE = 100
-DEFAULT_RETENTION = timedelta(days=30)
 # Each batch of pruning is its own short transaction, so it never holds writers up for long.
 PRUNE_BATCH = 500
 
@@ -66,9 +64,11 @@ class EventServices:
     clock: Clock
     # Wakes followers when a change commits in this process.
     signal: CommitSignal
-    retention: timedelta = DEFAULT_RETENTION
-    # An event's row is also its change's request_id record: kept at least this long too.
-    request_ids: timedelta = DEFAULT_REQUEST_ID_RETENTION
+    # Events older than this are pruned (Settings.event_retention).
+    retention: timedelta
+    # An event's row is also its change's request_id record: kept at least this long too
+    # (Settings.request_id_retention).
+    request_ids: timedelta
     # How often a follower looks for commits made by other server processes.
     poll_seconds: float = 0.5
 

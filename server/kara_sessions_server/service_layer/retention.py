@@ -14,7 +14,6 @@ from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.clock import Clock
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
-DEFAULT_REQUEST_ID_RETENTION = timedelta(days=7)
 BATCH = 500
 
 
@@ -22,9 +21,10 @@ BATCH = 500
 class Retention:
     storage: Storage
     clock: Clock
-    request_ids: timedelta = DEFAULT_REQUEST_ID_RETENTION
+    # Settings.request_id_retention and audit_retention.
+    request_ids: timedelta
     # None: audit rows are kept for good (they are the record).
-    audit: timedelta | None = None
+    audit: timedelta | None
 
     def prune_request_ids(self) -> int:
         return self._in_batches(idempotency.prune, self.request_ids)

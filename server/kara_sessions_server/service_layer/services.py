@@ -69,8 +69,6 @@ from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 SYSTEM_ACTOR = "SYSTEM"
 
-
-DEFAULT_BOOKING_HORIZON = timedelta(days=730)
 # A charged late move books the session again: on a new credit, which the client must have.
 _REBOOK = (
     "to book the session again at the new time (a late move is charged as a late cancellation "
@@ -86,9 +84,10 @@ class Services:
     storage: Storage
     clock: Clock
     mutations: Mutations
+    # How far ahead a session may be booked: a typo'd year would otherwise hold a credit for ever
+    # (Settings.max_booking_horizon).
+    booking_horizon: timedelta
     policy: CancellationPolicy = field(default_factory=CancellationPolicy)
-    # How far ahead a session may be booked: a typo'd year would otherwise hold a credit for ever.
-    booking_horizon: timedelta = DEFAULT_BOOKING_HORIZON
 
     def __post_init__(self) -> None:
         self.lifecycle = SessionLifecycle(self.policy)

@@ -5,7 +5,6 @@ opens it closes in reverse order, on a failed start or at stop."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
@@ -14,7 +13,6 @@ import time
 from concurrent import futures
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import timedelta
 from types import FrameType
 
 import grpc
@@ -35,18 +33,9 @@ from kara.sessions.v1 import (
 from opentelemetry.sdk.trace import TracerProvider
 
 from kara_sessions_server.adapters import durability, migrations
-from kara_sessions_server.adapters.storage import (
-    DEFAULT_DATABASE_URL,
-    DEFAULT_MAX_TRANSACTION_SECONDS,
-    DEFAULT_SQLITE_SYNCHRONOUS,
-    SqliteSynchronous,
-    Storage,
-    open_storage,
-    sqlite_path,
-)
+from kara_sessions_server.adapters.storage import Storage, open_storage
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.policy import CancellationPolicy
-from kara_sessions_server.domain.programme import DEFAULT_TERMS
 from kara_sessions_server.entrypoints import cpus, tracing
 from kara_sessions_server.entrypoints.grpc.health_monitor import HealthMonitor
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
@@ -59,14 +48,17 @@ from kara_sessions_server.entrypoints.grpc.servicers import (
     SessionServicer,
     StreamGate,
 )
-from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
 from kara_sessions_server.entrypoints.maintenance import Pruner
-from kara_sessions_server.service_layer.feed import DEFAULT_RETENTION, EventServices
+from kara_sessions_server.entrypoints.settings import Settings
+from kara_sessions_server.service_layer.feed import EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
 from kara_sessions_server.service_layer.mutations import Mutations
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
-from kara_sessions_server.service_layer.retention import DEFAULT_REQUEST_ID_RETENTION, Retention
-from kara_sessions_server.service_layer.services import DEFAULT_BOOKING_HORIZON, Services
+from kara_sessions_server.service_layer.retention import Retention
+from kara_sessions_server.service_layer.services import Services
+
+# Settings is declared in entrypoints/settings.py and re-exported: what start() takes.
+__all__ = ["SERVICE_NAMES", "RunningServer", "Settings", "serve", "start"]
 
 log = logging.getLogger("kara_sessions_server")
 
@@ -77,111 +69,6 @@ SERVICE_NAMES = (
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     programmes_pb2.DESCRIPTOR.services_by_name["ProgrammeService"].full_name,
 )
-# Unary calls running at once, by database. Fewer threads spend less CPU handing the interpreter
-# lock to one another: on SQLite, whose writers queue anyway, 4 cost 5-10% less CPU per call than
-# 16 (BENCHMARKS.md, issue 15); PostgreSQL calls wait on the network, so more of them overlap.
-DEFAULT_WORKERS = {"sqlite": 4, "postgresql": 16}
-DEFAULT_EVENT_STREAMS = 4
-# Our largest request is a few hundred bytes and a page of 1000 payments about 300 KB.
-MAX_MESSAGE_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Settings:
-    listen: str = "127.0.0.1:50051"
-    database_url: str = DEFAULT_DATABASE_URL
-    sqlite_synchronous: SqliteSynchronous = DEFAULT_SQLITE_SYNCHRONOUS
-    # The default programme's notice window when the server first creates that programme.
-    notice_window: timedelta = DEFAULT_TERMS.notice_window
-    # Unary calls served at once; None: the database's default (DEFAULT_WORKERS).
-    max_workers: int | None = None
-    grace_seconds: float = 10.0
-    # TLS: PEM server certificate chain and key; with client_ca, clients must present a
-    # certificate it signed (mutual TLS).
-    tls_cert: bytes | None = None
-    tls_key: bytes | None = None
-    client_ca: bytes | None = None
-    # Bearer tokens; None turns authentication off (allowed on loopback only, or with insecure).
-    tokens: TokenTable | None = None
-    # Listen on a non-loopback address without TLS and authentication anyway.
-    insecure: bool = False
-    # Prometheus /metrics on this port (0: any free port); None: no metrics endpoint.
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    # Events older than this are pruned; a cursor older than what is kept is OUT_OF_RANGE.
-    event_retention: timedelta = DEFAULT_RETENTION
-    # How often the server prunes (each batch its own short transaction).
-    event_prune_seconds: float = 60.0
-    # False in all but one of `serve --processes N`'s processes: one pruner is enough.
-    prunes: bool = True
-    # Let other processes of `serve --processes N` listen on the same port (SO_REUSEPORT).
-    share_port: bool = False
-    # Export spans over OTLP/gRPC to this collector (entrypoints/tracing.py); the standard
-    # OTEL_EXPORTER_OTLP_* variables work too. None and no such variable: no tracing.
-    otlp_endpoint: str | None = None
-    # Stored request_id results older than this are forgotten: a retry that late is a new request.
-    request_id_retention: timedelta = DEFAULT_REQUEST_ID_RETENTION
-    # None: audit rows are kept for good.
-    audit_retention: timedelta | None = None
-    # The longest any transaction may take, whatever its call's deadline.
-    max_transaction_seconds: float = DEFAULT_MAX_TRANSACTION_SECONDS
-    # How often the health service probes the database.
-    health_check_seconds: float = 2.0
-    # Open StreamEvents calls, each on a thread of its own beside the workers (0: ListEvents only).
-    max_event_streams: int = DEFAULT_EVENT_STREAMS
-    # The CPUs this process's threads run on (entrypoints/cpus.py); empty: wherever the OS puts them.
-    cpus: tuple[int, ...] = ()
-    # A session may start at most this far ahead of its booking.
-    max_booking_horizon: timedelta = DEFAULT_BOOKING_HORIZON
-
-    @property
-    def workers(self) -> int:
-        if self.max_workers is not None:
-            return self.max_workers
-        return DEFAULT_WORKERS["sqlite" if sqlite_path(self.database_url) else "postgresql"]
-
-    def server_credentials(self) -> grpc.ServerCredentials | None:
-        if self.tls_cert is None and self.tls_key is None:
-            if self.client_ca is not None:
-                raise ValueError("a client CA (mutual TLS) needs a server certificate and key")
-            return None
-        if self.tls_cert is None or self.tls_key is None:
-            raise ValueError("TLS needs both a server certificate and its key")
-        return grpc.ssl_server_credentials(
-            [(self.tls_key, self.tls_cert)],
-            root_certificates=self.client_ca,
-            require_client_auth=self.client_ca is not None,
-        )
-
-    def check_exposure(self) -> None:
-        """Beyond loopback, a server without TLS and authentication is a mistake unless said
-        out loud with `insecure`."""
-        if self.insecure or is_loopback(self.listen):
-            return
-        missing = [
-            what
-            for what, present in (
-                ("TLS (--tls-cert/--tls-key)", self.tls_cert),
-                ("auth (--tokens-file)", self.tokens),
-            )
-            if present is None
-        ]
-        if missing:
-            raise ValueError(
-                f"refusing to listen on {self.listen} without {' and '.join(missing)}: anyone who can "
-                "reach it could cancel sessions. Configure them, listen on 127.0.0.1, or pass --insecure."
-            )
-
-
-def is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name, 0.0.0.0 or [::]: reachable from elsewhere
 
 
 class _Lifetime:
@@ -261,9 +148,7 @@ def start(
         undo.callback(metrics.close)
         now = clock or SystemClock()
         mutations = Mutations(storage, now, tell=metrics.observe_notice)
-        services = Services(
-            storage, now, mutations, CancellationPolicy(), booking_horizon=settings.max_booking_horizon
-        )
+        services = Services(storage, now, mutations, settings.max_booking_horizon, CancellationPolicy())
         programmes = ProgrammeServices(storage, now, mutations)
         programmes.ensure_default(settings.notice_window)
         events = EventServices(
