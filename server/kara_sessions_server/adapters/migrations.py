@@ -174,48 +174,49 @@ def _v7_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
 def _v8_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
     """One row per change: the Payments tab's section on the session itself, with the tab's
     index, and each change's request_id record on its event's row (frozen as version 8 defines
-    them). _v8_data fills both and drops the payments table."""
+    them). _v8_data fills both, indexes the request_ids and drops the two tables they leave."""
     return [
         m.add_column("sessions", "payment_section", pw.CharField(max_length=16, default="UNPAID")),
         m.add_index("sessions", ("professional_id", "payment_section", "starts_at", "session_id"), False),
         m.add_column("events", "request_id", pw.CharField(max_length=128, null=True)),
         m.add_column("events", "operation", pw.CharField(max_length=64, null=True)),
         m.add_column("events", "fingerprint", pw.CharField(max_length=64, null=True)),
-        m.add_index("events", ("request_id",), True),
-        m.sql("CREATE INDEX events_time ON events (time) WHERE request_id IS NOT NULL"),
     ]
 
 
 def _v8_move_request_ids(storage: Storage) -> None:
     """Each stored result goes onto the row of the event its change appended: the one written
     in the same transaction, at the same instant, with the same data (mutate stored one string
-    in both). A result whose event was pruned already (a feed kept for less time than request
-    ids) gets a row of its own behind the feed's start: txid 0 and a negative position, which
-    no cursor reaches (outbox.read), and no type: it is a request_id record, not an event."""
+    in both), in one statement. A result whose event was pruned already (a feed kept for less
+    time than request ids), or that matches more than one event, gets a row of its own behind
+    the feed's start: txid 0 and a negative position, which no cursor reaches (outbox.read),
+    and no type: it is a request_id record, not an event. Either way it replays."""
     db = storage.db
-    mark = db.param
     db.execute_sql("CREATE INDEX events_v8_time ON events (time)")
-    onto_event = (
-        f"UPDATE events SET request_id = {mark}, operation = {mark}, fingerprint = {mark} "
-        f"WHERE position = (SELECT position FROM events WHERE time = {mark} AND data = {mark} "
-        "AND request_id IS NULL ORDER BY txid, position LIMIT 1)"
+    # One event per key and one key per event: the first of each in order, the rest left over.
+    db.execute_sql(
+        "WITH matched AS ("
+        " SELECT k.request_id, k.operation, k.fingerprint, e.position,"
+        "  ROW_NUMBER() OVER (PARTITION BY k.request_id ORDER BY e.txid, e.position) AS per_key,"
+        "  ROW_NUMBER() OVER (PARTITION BY e.position ORDER BY k.created_at, k.request_id) AS per_event"
+        " FROM idempotency_keys k JOIN events e ON e.time = k.created_at AND e.data = k.result)"
+        " UPDATE events SET request_id = m.request_id, operation = m.operation, fingerprint = m.fingerprint"
+        " FROM matched m WHERE events.position = m.position AND m.per_key = 1 AND m.per_event = 1"
     )
-    moved = []
-    keys = db.execute_sql(
-        "SELECT request_id, operation, fingerprint, result, created_at FROM idempotency_keys "
+    db.execute_sql("DROP INDEX events_v8_time")
+    # Made after the move: with it, the join could take it for `request_id IS NULL` and scan.
+    db.execute_sql("CREATE UNIQUE INDEX events_request_id ON events (request_id)")
+    db.execute_sql("CREATE INDEX events_time ON events (time) WHERE request_id IS NOT NULL")
+    left_over = db.execute_sql(
+        "SELECT request_id, operation, fingerprint, result, created_at FROM idempotency_keys k "
+        "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.request_id = k.request_id) "
         "ORDER BY created_at, request_id"
     ).fetchall()
-    for request_id, operation, fingerprint, result, created_at in keys:
-        if db.execute_sql(onto_event, (request_id, operation, fingerprint, created_at, result)).rowcount == 1:
-            moved.append(request_id)
-    db.execute_sql("DROP INDEX events_v8_time")
     behind_the_feed = (
         "INSERT INTO events (position, txid, event_id, type, subject, time, data, request_id, operation, "
-        f"fingerprint) VALUES ({', '.join([mark] * 10)})"
+        f"fingerprint) VALUES ({', '.join([db.param] * 10)})"
     )
-    on_events = set(moved)
-    orphans = [k for k in keys if k[0] not in on_events]
-    for n, (request_id, operation, fingerprint, result, created_at) in enumerate(orphans, start=1):
+    for n, (request_id, operation, fingerprint, result, created_at) in enumerate(left_over, start=1):
         row = (
             -n,
             0,
