@@ -24,6 +24,7 @@ from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage
+from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import SystemClock
 from kara_sessions_server.domain.programme import DEFAULT_TERMS
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
@@ -50,9 +51,10 @@ def cancellations(workdir: Path, n: int) -> None:
         migrations.prepare(storage)
         metrics = Metrics()
         clock = SystemClock()
-        mutations = Mutations(storage, clock, tell=metrics.observe_notice)
-        services = Services(storage, clock, mutations, Settings().max_booking_horizon)
-        ProgrammeServices(storage, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
+        units = SqlUnitsOfWork(storage)
+        mutations = Mutations(units, clock, tell=metrics.observe_notice)
+        services = Services(units, clock, mutations, Settings().max_booking_horizon)
+        ProgrammeServices(units, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
         servicer = SessionServicer(services)
         interceptor = CallInterceptor(
             Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"}), workers=1

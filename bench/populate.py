@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 from kara_sessions_server.adapters import migrations
-from kara_sessions_server.adapters.pagination import encode
 from kara_sessions_server.adapters.storage import open_storage, to_micros
+from kara_sessions_server.service_layer.pagination import encode
 
 DEEP_PROFESSIONAL = "pro-deep"
 _BASE = datetime(2027, 1, 1, tzinfo=UTC)

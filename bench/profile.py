@@ -26,6 +26,7 @@ from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage
+from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import SystemClock
 from kara_sessions_server.domain.model import BookSession, CancelSession, GrantCredits, Party, Session
 from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE
@@ -81,9 +82,10 @@ def profile_cancellation(workdir: Path, n: int = 2000) -> CancellationProfile:
     try:
         migrations.prepare(storage)
         clock = SystemClock()
-        mutations = Mutations(storage, clock)
-        services = Services(storage, clock, mutations, Settings().max_booking_horizon)
-        ProgrammeServices(storage, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
+        units = SqlUnitsOfWork(storage)
+        mutations = Mutations(units, clock)
+        services = Services(units, clock, mutations, Settings().max_booking_horizon)
+        ProgrammeServices(units, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
         sessions = _book(services, n, "client-a")
         now = datetime.now(UTC)
         started = time.perf_counter()
@@ -147,9 +149,10 @@ def handler_cpu(workdir: Path, calls: int = 300, rounds: int = 5) -> dict[str, f
         migrations.prepare(storage)
         metrics = Metrics()
         clock = SystemClock()
-        mutations = Mutations(storage, clock, tell=metrics.observe_notice)
-        services = Services(storage, clock, mutations, Settings().max_booking_horizon)
-        ProgrammeServices(storage, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
+        units = SqlUnitsOfWork(storage)
+        mutations = Mutations(units, clock, tell=metrics.observe_notice)
+        services = Services(units, clock, mutations, Settings().max_booking_horizon)
+        ProgrammeServices(units, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
         servicer = SessionServicer(services)
         interceptor = CallInterceptor(
             Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"}), workers=1

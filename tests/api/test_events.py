@@ -17,11 +17,11 @@ from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import KaraError, SessionsClient
-from kara_sessions_server.adapters import outbox, snapshots
 from kara_sessions_server.domain.feed import Change
 from kara_sessions_server.domain.model import CreditAccount
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
-from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+from kara_sessions_server.service_layer import snapshots
+from kara_sessions_server.service_layer.repositories import RequestRecord, decode_cursor
 
 from ..support.booking import book
 from ..support.clock import FakeClock
@@ -373,10 +373,11 @@ def test_a_transaction_that_commits_late_is_never_skipped(postgres_database: str
     appended, release, committed = threading.Event(), threading.Event(), threading.Event()
 
     def late_transaction() -> None:
-        with UnitOfWork(running.storage) as uow:
+        with running.unit_of_work() as uow:
             account = CreditAccount("late-client", 1, 0, 0)
-            request = outbox.RequestRecord("late-request", "GrantCredits", "-")
-            outbox.append(Change.of_account(account), snapshots.dump_account(account), clock.now(), request)
+            request = RequestRecord("late-request", "GrantCredits", "-")
+            data = snapshots.dump_account(account)
+            uow.events.append(Change.of_account(account), data, clock.now(), request)
             appended.set()
             release.wait(10)
             uow.commit()
@@ -400,7 +401,7 @@ def test_a_transaction_that_commits_late_is_never_skipped(postgres_database: str
                 ("credits.granted", "late-client"),
                 ("session.booked", session_id),
             ]
-            cursors = [outbox.decode(e.cursor) for e in after]
+            cursors = [decode_cursor(e.cursor) for e in after]
             assert cursors[0] is not None and cursors[1] is not None
             assert cursors[0].position < cursors[1].position  # A took its position first
     finally:

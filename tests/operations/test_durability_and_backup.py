@@ -21,11 +21,11 @@ from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import SessionsClient
 from kara_sessions_server.adapters import backup, durability, migrations
-from kara_sessions_server.adapters.storage import Storage, sql
+from kara_sessions_server.adapters.storage import Storage
+from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.model import SessionState, payment_for
 from kara_sessions_server.domain.programme import DEFAULT_TERMS
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
-from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 from ..support.clock import FakeClock
 from ..support.processes import run_cli
@@ -35,9 +35,9 @@ SYNCHRONOUS = {1: "normal", 2: "full"}
 
 def _pragmas(storage: Storage) -> tuple[str, str]:
     """journal_mode and synchronous as the server's own pooled connection reports them."""
-    with UnitOfWork(storage, write=False):
-        journal = str(sql("PRAGMA journal_mode").fetchone()[0])
-        synchronous = SYNCHRONOUS[int(sql("PRAGMA synchronous").fetchone()[0])]
+    with SqlUnitsOfWork(storage)(write=False):
+        journal = str(storage.sql("PRAGMA journal_mode").fetchone()[0])
+        synchronous = SYNCHRONOUS[int(storage.sql("PRAGMA synchronous").fetchone()[0])]
     return journal, synchronous
 
 

@@ -147,3 +147,35 @@ def test_serve_on_a_port_already_in_use_says_so_and_exits_1(tmp_path: Path) -> N
     assert done.returncode == 1, done
     assert f"cannot listen on 127.0.0.1:{taken}: address in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_two_servers_in_one_process_keep_to_their_own_databases(database_url: str, tmp_path: Path) -> None:
+    """Each composition root holds its own database (no process-wide one): a server on SQLite
+    and another on `database_url` in the same process each see only their own sessions."""
+    from datetime import timedelta
+
+    from kara_sessions_client.client import SessionsClient
+
+    from ..support.clock import FakeClock
+
+    clock = FakeClock()
+    other_url = f"sqlite:///{tmp_path / 'other.db'}"
+    first = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        second = start(Settings(listen="127.0.0.1:0", database_url=other_url), clock=clock)
+        try:
+            with (
+                SessionsClient(f"127.0.0.1:{first.port}") as a,
+                SessionsClient(f"127.0.0.1:{second.port}") as b,
+            ):
+                a.grant_credits("client-a", 1)
+                b.grant_credits("client-b", 2)
+                booked = a.book("client-a", "pro-1", clock.now() + timedelta(days=2)).session_id
+                assert [s.session_id for s in a.list_sessions("pro-1").sessions] == [booked]
+                assert list(b.list_sessions("pro-1").sessions) == []
+                assert b.get_credit_account("client-b").available == 2
+                assert a.get_credit_account("client-a").held == 1
+        finally:
+            second.stop(grace=1)
+    finally:
+        first.stop(grace=1)

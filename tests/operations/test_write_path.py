@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from kara_sessions_client.client import DEFAULT_TIMEOUT, SessionsClient
-from kara_sessions_server.adapters import migrations, session_repository
+from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage
+from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.model import (
     Cancellation,
     Move,
@@ -25,7 +26,6 @@ from kara_sessions_server.domain.model import (
 )
 from kara_sessions_server.domain.programme import LateReschedule, Terms
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
-from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 from ..support.clock import FakeClock
 
@@ -119,28 +119,29 @@ def _every_field_set(session_id: str, state: SessionState, version: int) -> Sess
 
 
 def test_a_session_is_written_and_read_back_column_for_column(database_url: str) -> None:
-    """The session columns' one declaration (session_repository._VALUES beside SessionRow)
+    """The session columns' one declaration (session_repository._row beside SessionRow)
     drives the INSERT, the guarded UPDATEs and the read: every field survives each of them."""
     storage = open_storage(database_url)
     try:
         migrations.prepare(storage)
+        unit_of_work = SqlUnitsOfWork(storage)
         booked = replace(
             _every_field_set("s-columns", SessionState.BOOKED, 1), cancellation=None, waiver=None
         )
-        with UnitOfWork(storage) as uow:
-            session_repository.add_session(booked)
+        with unit_of_work() as uow:
+            uow.sessions.add(booked)
             uow.commit()
-        with UnitOfWork(storage, write=False):
-            assert session_repository.get_session("s-columns") == booked
+        with unit_of_work(write=False) as uow:
+            assert uow.sessions.get("s-columns") == booked
         settled = _every_field_set("s-columns", SessionState.CANCELLED_PAID, 2)
-        with UnitOfWork(storage) as uow:
-            saved = session_repository.change_state(booked, settled)
+        with unit_of_work() as uow:
+            saved = uow.sessions.change_state(booked, settled)
             uow.commit()
         assert saved == settled
-        with UnitOfWork(storage, write=False):
-            assert session_repository.get_session("s-columns") == saved
+        with unit_of_work(write=False) as uow:
+            assert uow.sessions.get("s-columns") == saved
             # Waived, so VOIDED: the Payments tab's column follows the session's payment.
-            assert session_repository.list_payments("pro-columns", PaymentSection.UNPAID, 10, "").items[
+            assert uow.sessions.payments("pro-columns", PaymentSection.UNPAID, 10, "").items[
                 0
             ].session_id == ("s-columns")
     finally:

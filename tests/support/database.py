@@ -10,7 +10,6 @@ import psycopg
 
 from kara_sessions_server.adapters.storage import TABLES
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
-from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
 
 POSTGRES_URL = os.environ.get("KARA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 ON_CI = os.environ.get("CI", "").lower() == "true"
@@ -24,7 +23,7 @@ def reset_postgres(url: str) -> None:
 
 def db_snapshot(server: RunningServer) -> dict[str, list[dict[str, Any]]]:
     """Every row of every table, to prove a refused request changed nothing."""
-    with UnitOfWork(server.storage, write=False):
+    with server.storage.bound(), server.unit_of_work(write=False):
         return {t._meta.table_name: list(t.select().order_by(*t._meta.sorted_fields).dicts()) for t in TABLES}
 
 

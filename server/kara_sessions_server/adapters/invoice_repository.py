@@ -14,13 +14,11 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from kara_sessions_server.adapters.pagination import cut, decode
 from kara_sessions_server.adapters.session_repository import S_SESSION_COLUMNS, session_from_row
 from kara_sessions_server.adapters.storage import (
+    Sql,
     from_micros,
     micros_or_none,
-    on_sqlite,
-    sql,
     time_or_none,
     to_micros,
 )
@@ -34,6 +32,7 @@ from kara_sessions_server.domain.errors import (
 from kara_sessions_server.domain.invoicing import Candidate, subject
 from kara_sessions_server.domain.model import Invoice, InvoiceLine, InvoiceState, Page, PaidReason
 from kara_sessions_server.domain.principal import Principal
+from kara_sessions_server.service_layer.pagination import cut, decode
 
 # Statements with an IN (...) list or many VALUES rows take at most this many items each.
 _CHUNK = 200
@@ -83,10 +82,6 @@ _LIST_INVOICES = (
 )
 
 
-def _locking() -> str:
-    return "" if on_sqlite() else _LOCK_SESSIONS
-
-
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
@@ -125,163 +120,168 @@ def _line(row: Sequence[Any]) -> InvoiceLine:
     )
 
 
-def get_invoice(invoice_id: str) -> Invoice:
-    row = sql(_GET_INVOICE, (invoice_id,)).fetchone()
-    if row is None:
-        raise NotFound(f"invoice {invoice_id} does not exist", metadata={"invoice_id": invoice_id})
-    lines = tuple(_line(r) for r in sql(_GET_LINES, (invoice_id,)).fetchall())
-    return _invoice(row).with_lines(lines)
+class InvoiceRepository:
+    """Invoices, their lines and their audit rows, on one database."""
 
+    def __init__(self, sql: Sql):
+        self._sql = sql
 
-def add_invoice(invoice: Invoice) -> None:
-    sql(
-        _INSERT_INVOICE,
-        (
-            invoice.invoice_id,
-            invoice.professional_id,
-            invoice.state.value,
-            invoice.version,
-            to_micros(invoice.created_at),
-            to_micros(invoice.updated_at),
-            micros_or_none(invoice.submitted_at),
-        ),
-    )
+    def _locking(self) -> str:
+        return "" if self._sql.on_sqlite else _LOCK_SESSIONS
 
+    def get(self, invoice_id: str) -> Invoice:
+        row = self._sql(_GET_INVOICE, (invoice_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"invoice {invoice_id} does not exist", metadata={"invoice_id": invoice_id})
+        lines = tuple(_line(r) for r in self._sql(_GET_LINES, (invoice_id,)).fetchall())
+        return _invoice(row).with_lines(lines)
 
-def change_invoice(before: Invoice, after: Invoice) -> None:
-    """Writes `after` only if the invoice is still exactly `before` (same state and version)."""
-    changed = sql(
-        _CHANGE_INVOICE,
-        (
-            after.state.value,
-            before.version + 1,
-            to_micros(after.updated_at),
-            micros_or_none(after.submitted_at),
-            before.invoice_id,
-            before.state.value,
-            before.version,
-        ),
-    ).rowcount
-    if changed == 1:
-        return
-    current = get_invoice(before.invoice_id)
-    if current.state is not InvoiceState.DRAFT:
-        raise InvoiceNotDraft(
-            f"invoice {before.invoice_id} was submitted by another request; a submitted invoice is frozen",
-            metadata={"invoice_id": before.invoice_id, "state": current.state.value},
+    def add(self, invoice: Invoice) -> None:
+        self._sql(
+            _INSERT_INVOICE,
+            (
+                invoice.invoice_id,
+                invoice.professional_id,
+                invoice.state.value,
+                invoice.version,
+                to_micros(invoice.created_at),
+                to_micros(invoice.updated_at),
+                micros_or_none(invoice.submitted_at),
+            ),
         )
-    raise Conflict(
-        f"invoice {before.invoice_id} was changed by another request; read it again and retry",
-        metadata={"invoice_id": before.invoice_id},
-    )
 
-
-def add_lines(invoice_id: str, lines: Sequence[InvoiceLine]) -> None:
-    """Puts `lines` on the invoice; refuses them all if another invoice took any of them first."""
-    ordered = sorted(lines, key=lambda line: line.session_id)
-    inserted = 0
-    for start in range(0, len(ordered), _CHUNK):
-        chunk = ordered[start : start + _CHUNK]
-        params: list[object] = []
-        for line in chunk:
-            params += [
-                line.session_id,
-                invoice_id,
-                line.client_id,
-                to_micros(line.session_starts_at),
-                line.paid_reason.value,
-                line.credits,
-                to_micros(line.added_at),
-            ]
-        text = _INSERT_LINES.format(values=", ".join([_LINE_VALUES] * len(chunk)))
-        inserted += sql(text, params).rowcount
-    if inserted != len(ordered):
-        _refuse_taken(invoice_id, [line.session_id for line in ordered])
-
-
-def _refuse_taken(invoice_id: str, session_ids: Sequence[str]) -> None:
-    taken = {sid: other for sid, other in invoices_of(session_ids).items() if other != invoice_id}
-    if not taken:
-        raise Conflict(f"the lines of invoice {invoice_id} changed concurrently; read it again and retry")
-    raise SessionsRefused(
-        [
-            PreconditionViolation(
-                "SESSION_ALREADY_INVOICED",
-                subject(sid),
-                f"session {sid} was put on invoice {other} by a concurrent request",
+    def change(self, before: Invoice, after: Invoice) -> None:
+        """Writes `after` only if the invoice is still exactly `before` (same state and version)."""
+        changed = self._sql(
+            _CHANGE_INVOICE,
+            (
+                after.state.value,
+                before.version + 1,
+                to_micros(after.updated_at),
+                micros_or_none(after.submitted_at),
+                before.invoice_id,
+                before.state.value,
+                before.version,
+            ),
+        ).rowcount
+        if changed == 1:
+            return
+        current = self.get(before.invoice_id)
+        if current.state is not InvoiceState.DRAFT:
+            raise InvoiceNotDraft(
+                f"invoice {before.invoice_id} was submitted by another request; a submitted invoice "
+                "is frozen",
+                metadata={"invoice_id": before.invoice_id, "state": current.state.value},
             )
-            for sid, other in sorted(taken.items())
-        ]
-    )
-
-
-def remove_lines(invoice_id: str, session_ids: Sequence[str]) -> None:
-    removed = 0
-    for chunk in _chunks(sorted(session_ids)):
-        text = f"DELETE FROM invoice_lines WHERE invoice_id = ? AND session_id IN ({_marks(len(chunk))})"
-        removed += sql(text, (invoice_id, *chunk)).rowcount
-    if removed != len(session_ids):
-        # The conditional UPDATE of the invoice went first, so its lines cannot have moved.
-        raise Conflict(f"the lines of invoice {invoice_id} changed concurrently; read it again and retry")
-
-
-def invoices_of(session_ids: Sequence[str]) -> dict[str, str]:
-    """session_id -> the invoice it is on, for those of `session_ids` that are on one."""
-    found: dict[str, str] = {}
-    for chunk in _chunks(session_ids):
-        text = f"SELECT session_id, invoice_id FROM invoice_lines WHERE session_id IN ({_marks(len(chunk))})"
-        found.update((sid, inv) for sid, inv in sql(text, chunk).fetchall())
-    return found
-
-
-def candidates(session_ids: Sequence[str]) -> dict[str, Candidate]:
-    """The sessions among `session_ids` that exist, each with the invoice it is on; locked in
-    session_id order on PostgreSQL (see _LOCK_SESSIONS; one order, so no deadlock)."""
-    found: dict[str, Candidate] = {}
-    for chunk in _chunks(sorted(session_ids)):
-        text = (
-            f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM sessions s "
-            "LEFT JOIN invoice_lines l ON l.session_id = s.session_id "
-            f"WHERE s.session_id IN ({_marks(len(chunk))}) ORDER BY s.session_id{_locking()}"
+        raise Conflict(
+            f"invoice {before.invoice_id} was changed by another request; read it again and retry",
+            metadata={"invoice_id": before.invoice_id},
         )
-        for row in sql(text, chunk).fetchall():
-            session = session_from_row(row[:-1])
-            found[session.session_id] = Candidate(session, row[-1] or "")
-    return found
 
+    def add_lines(self, invoice_id: str, lines: Sequence[InvoiceLine]) -> None:
+        """Puts `lines` on the invoice; refuses them all if another invoice took any of them first."""
+        ordered = sorted(lines, key=lambda line: line.session_id)
+        inserted = 0
+        for start in range(0, len(ordered), _CHUNK):
+            chunk = ordered[start : start + _CHUNK]
+            params: list[object] = []
+            for line in chunk:
+                params += [
+                    line.session_id,
+                    invoice_id,
+                    line.client_id,
+                    to_micros(line.session_starts_at),
+                    line.paid_reason.value,
+                    line.credits,
+                    to_micros(line.added_at),
+                ]
+            text = _INSERT_LINES.format(values=", ".join([_LINE_VALUES] * len(chunk)))
+            inserted += self._sql(text, params).rowcount
+        if inserted != len(ordered):
+            self._refuse_taken(invoice_id, [line.session_id for line in ordered])
 
-def uninvoiced_paid(professional_id: str, up_to: datetime, limit: int) -> list[Candidate]:
-    """The professional's paid sessions on no invoice that start at or before `up_to`, oldest first."""
-    rows = sql(_UNINVOICED_PAID + _locking(), (professional_id, to_micros(up_to), limit)).fetchall()
-    return [Candidate(session_from_row(row), "") for row in rows]
+    def _refuse_taken(self, invoice_id: str, session_ids: Sequence[str]) -> None:
+        taken = {sid: other for sid, other in self.invoices_of(session_ids).items() if other != invoice_id}
+        if not taken:
+            raise Conflict(f"the lines of invoice {invoice_id} changed concurrently; read it again and retry")
+        raise SessionsRefused(
+            [
+                PreconditionViolation(
+                    "SESSION_ALREADY_INVOICED",
+                    subject(sid),
+                    f"session {sid} was put on invoice {other} by a concurrent request",
+                )
+                for sid, other in sorted(taken.items())
+            ]
+        )
 
+    def remove_lines(self, invoice_id: str, session_ids: Sequence[str]) -> None:
+        removed = 0
+        for chunk in _chunks(sorted(session_ids)):
+            text = f"DELETE FROM invoice_lines WHERE invoice_id = ? AND session_id IN ({_marks(len(chunk))})"
+            removed += self._sql(text, (invoice_id, *chunk)).rowcount
+        if removed != len(session_ids):
+            # The conditional UPDATE of the invoice went first, so its lines cannot have moved.
+            raise Conflict(f"the lines of invoice {invoice_id} changed concurrently; read it again and retry")
 
-def audit(
-    invoice_id: str,
-    action: str,
-    session_ids: Sequence[str],
-    principal: Principal,
-    request_id: str,
-    now: datetime,
-) -> None:
-    sql(
-        _INSERT_AUDIT,
-        (invoice_id, action, ",".join(session_ids) or None, str(principal), request_id, to_micros(now)),
-    )
+    def invoices_of(self, session_ids: Sequence[str]) -> dict[str, str]:
+        """session_id -> the invoice it is on, for those of `session_ids` that are on one."""
+        found: dict[str, str] = {}
+        for chunk in _chunks(session_ids):
+            text = (
+                f"SELECT session_id, invoice_id FROM invoice_lines WHERE session_id IN ({_marks(len(chunk))})"
+            )
+            found.update((sid, inv) for sid, inv in self._sql(text, chunk).fetchall())
+        return found
 
+    def candidates(self, session_ids: Sequence[str]) -> dict[str, Candidate]:
+        """The sessions among `session_ids` that exist, each with the invoice it is on; locked in
+        session_id order on PostgreSQL (see _LOCK_SESSIONS; one order, so no deadlock)."""
+        found: dict[str, Candidate] = {}
+        for chunk in _chunks(sorted(session_ids)):
+            text = (
+                f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM sessions s "
+                "LEFT JOIN invoice_lines l ON l.session_id = s.session_id "
+                f"WHERE s.session_id IN ({_marks(len(chunk))}) ORDER BY s.session_id{self._locking()}"
+            )
+            for row in self._sql(text, chunk).fetchall():
+                session = session_from_row(row[:-1])
+                found[session.session_id] = Candidate(session, row[-1] or "")
+        return found
 
-def list_invoices(professional_id: str, state: InvoiceState | None, size: int, token: str) -> Page[Invoice]:
-    """Newest first; each invoice with its line count and total, without its lines."""
-    query_id = ("invoices", professional_id, state.value if state else "")
-    after = decode(query_id, token, (int, str))
-    where = ""
-    params: list[object] = [professional_id]
-    if state is not None:
-        where += "AND i.state = ? "
-        params.append(state.value)
-    if after is not None:
-        where += "AND (i.created_at, i.invoice_id) < (?, ?) "
-        params += after
-    rows = sql(_LIST_INVOICES.format(where=where), (*params, size + 1)).fetchall()
-    page, token_out = cut(query_id, rows, size, lambda r: [r[4], r[0]])
-    return Page(tuple(_invoice(r) for r in page), token_out)
+    def uninvoiced_paid(self, professional_id: str, up_to: datetime, limit: int) -> list[Candidate]:
+        """The professional's paid sessions on no invoice that start at or before `up_to`, oldest first."""
+        rows = self._sql(
+            _UNINVOICED_PAID + self._locking(), (professional_id, to_micros(up_to), limit)
+        ).fetchall()
+        return [Candidate(session_from_row(row), "") for row in rows]
+
+    def audit(
+        self,
+        invoice_id: str,
+        action: str,
+        session_ids: Sequence[str],
+        principal: Principal,
+        request_id: str,
+        now: datetime,
+    ) -> None:
+        self._sql(
+            _INSERT_AUDIT,
+            (invoice_id, action, ",".join(session_ids) or None, str(principal), request_id, to_micros(now)),
+        )
+
+    def page(self, professional_id: str, state: InvoiceState | None, size: int, token: str) -> Page[Invoice]:
+        """Newest first; each invoice with its line count and total, without its lines."""
+        query_id = ("invoices", professional_id, state.value if state else "")
+        after = decode(query_id, token, (int, str))
+        where = ""
+        params: list[object] = [professional_id]
+        if state is not None:
+            where += "AND i.state = ? "
+            params.append(state.value)
+        if after is not None:
+            where += "AND (i.created_at, i.invoice_id) < (?, ?) "
+            params += after
+        rows = self._sql(_LIST_INVOICES.format(where=where), (*params, size + 1)).fetchall()
+        page, token_out = cut(query_id, rows, size, lambda r: [r[4], r[0]])
+        return Page(tuple(_invoice(r) for r in page), token_out)

@@ -7,10 +7,17 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
-from kara_sessions_server.adapters.pagination import cut, decode
-from kara_sessions_server.adapters.storage import from_micros, sql, to_micros
-from kara_sessions_server.domain.errors import InsufficientCredits, NotFound
-from kara_sessions_server.domain.model import Account, CreditAccount, LedgerEntry, LedgerKind, Page
+from kara_sessions_server.adapters.storage import Sql, from_micros, to_micros
+from kara_sessions_server.domain.errors import NotFound
+from kara_sessions_server.domain.model import (
+    Account,
+    CreditAccount,
+    LedgerEntry,
+    LedgerKind,
+    Page,
+    insufficient_credits,
+)
+from kara_sessions_server.service_layer.pagination import cut, decode
 
 
 class LedgerInvariantBroken(RuntimeError):
@@ -31,11 +38,6 @@ _ENTRIES = (
 )
 _ENTRIES_FIRST = _ENTRIES.format(after="")
 _ENTRIES_AFTER = _ENTRIES.format(after="AND entry_id < ?")
-
-
-def grant(account: Account, credits: int, request_id: str, now: datetime) -> None:
-    sql(_GRANT, (account.client_id, account.programme_id, credits, to_micros(now)))
-    _entry(account, LedgerKind.GRANT, credits, None, request_id, now)
 
 
 _WHERE = "WHERE client_id = ? AND programme_id = ?"
@@ -64,101 +66,110 @@ _INSERT_ENTRY = (
 )
 
 
-def insufficient(account: Account, purpose: str = "to book a session") -> InsufficientCredits:
-    return InsufficientCredits(
-        f"client {account.client_id} has no sponsored credit of programme {account.programme_id!r} "
-        f"available {purpose}",
-        metadata={"client_id": account.client_id, "programme_id": account.programme_id},
-    )
+class Ledger:
+    """Credit accounts and their entries, on one database."""
 
+    def __init__(self, sql: Sql):
+        self._sql = sql
 
-def hold(
-    account: Account,
-    session_id: str,
-    credits: int,
-    request_id: str,
-    now: datetime,
-    purpose: str = "to book a session",
-) -> None:
-    if not _move(account, LedgerKind.HOLD, credits, now):
-        raise insufficient(account, purpose)
-    _entry(account, LedgerKind.HOLD, credits, session_id, request_id, now)
+    def grant(self, account: Account, credits: int, request_id: str, now: datetime) -> None:
+        self._sql(_GRANT, (account.client_id, account.programme_id, credits, to_micros(now)))
+        self._entry(account, LedgerKind.GRANT, credits, None, request_id, now)
 
+    def hold(
+        self,
+        account: Account,
+        session_id: str,
+        credits: int,
+        request_id: str,
+        now: datetime,
+        purpose: str = "to book a session",
+    ) -> None:
+        if not self._move(account, LedgerKind.HOLD, credits, now):
+            raise insufficient_credits(account, purpose)
+        self._entry(account, LedgerKind.HOLD, credits, session_id, request_id, now)
 
-def settle(
-    account: Account, session_id: str, kind: LedgerKind, credits: int, request_id: str, now: datetime
-) -> None:
-    """Returns the held credit to the client (RETURN), takes it (TAKE), or gives a taken credit
-    back (REFUND, when a charge is waived)."""
-    if kind not in (LedgerKind.RETURN, LedgerKind.TAKE, LedgerKind.REFUND):
-        raise ValueError(f"cannot settle a credit with {kind}")
-    if not _move(account, kind, credits, now):
-        raise LedgerInvariantBroken(
-            f"client {account.client_id} has no credit to {kind.value.lower()} for session {session_id}"
+    def settle(
+        self,
+        account: Account,
+        session_id: str,
+        kind: LedgerKind,
+        credits: int,
+        request_id: str,
+        now: datetime,
+    ) -> None:
+        """Returns the held credit to the client (RETURN), takes it (TAKE), or gives a taken credit
+        back (REFUND, when a charge is waived)."""
+        if kind not in (LedgerKind.RETURN, LedgerKind.TAKE, LedgerKind.REFUND):
+            raise ValueError(f"cannot settle a credit with {kind}")
+        if not self._move(account, kind, credits, now):
+            raise LedgerInvariantBroken(
+                f"client {account.client_id} has no credit to {kind.value.lower()} for session {session_id}"
+            )
+        self._entry(account, kind, credits, session_id, request_id, now)
+
+    def _move(self, account: Account, kind: LedgerKind, credits: int, now: datetime) -> bool:
+        params = (credits, credits, to_micros(now), account.client_id, account.programme_id, credits)
+        return bool(self._sql(_MOVE[kind], params).rowcount == 1)
+
+    def _entry(
+        self,
+        account: Account,
+        kind: LedgerKind,
+        credits: int,
+        session_id: str | None,
+        request_id: str,
+        now: datetime,
+    ) -> None:
+        self._sql(
+            _INSERT_ENTRY,
+            (
+                account.client_id,
+                account.programme_id,
+                kind.value,
+                credits,
+                session_id,
+                request_id,
+                to_micros(now),
+            ),
         )
-    _entry(account, kind, credits, session_id, request_id, now)
 
+    def account(self, key: Account, size: int, token: str) -> CreditAccount:
+        """The balance with one page of its ledger."""
+        current = self.balance(key)
+        page = self.entries(key, size, token)
+        return replace(current, entries=page.items, next_page_token=page.next_page_token)
 
-def _move(account: Account, kind: LedgerKind, credits: int, now: datetime) -> bool:
-    params = (credits, credits, to_micros(now), account.client_id, account.programme_id, credits)
-    return bool(sql(_MOVE[kind], params).rowcount == 1)
+    def balance(self, key: Account) -> CreditAccount:
+        row = self._sql(_BALANCE, (key.client_id, key.programme_id)).fetchone()
+        if row is None:
+            raise NotFound(
+                f"client {key.client_id} has no credit account in programme {key.programme_id!r}; "
+                "GrantCredits opens one",
+                metadata={"client_id": key.client_id, "programme_id": key.programme_id},
+            )
+        available, held, used = row
+        return CreditAccount(key.client_id, available, held, used, programme_id=key.programme_id)
 
-
-def _entry(
-    account: Account, kind: LedgerKind, credits: int, session_id: str | None, request_id: str, now: datetime
-) -> None:
-    sql(
-        _INSERT_ENTRY,
-        (
-            account.client_id,
-            account.programme_id,
-            kind.value,
-            credits,
-            session_id,
-            request_id,
-            to_micros(now),
-        ),
-    )
-
-
-def account(key: Account, size: int, token: str) -> CreditAccount:
-    """The balance with one page of its ledger."""
-    current = balance(key)
-    page = entries(key, size, token)
-    return replace(current, entries=page.items, next_page_token=page.next_page_token)
-
-
-def balance(key: Account) -> CreditAccount:
-    row = sql(_BALANCE, (key.client_id, key.programme_id)).fetchone()
-    if row is None:
-        raise NotFound(
-            f"client {key.client_id} has no credit account in programme {key.programme_id!r}; "
-            "GrantCredits opens one",
-            metadata={"client_id": key.client_id, "programme_id": key.programme_id},
+    def entries(self, key: Account, size: int, token: str) -> Page[LedgerEntry]:
+        """Newest first."""
+        query_id = ("ledger", key.client_id, key.programme_id)
+        after = decode(query_id, token, (int,))
+        if after is None:
+            cursor = self._sql(_ENTRIES_FIRST, (key.client_id, key.programme_id, size + 1))
+        else:
+            cursor = self._sql(_ENTRIES_AFTER, (key.client_id, key.programme_id, after[0], size + 1))
+        rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[0]])
+        items = tuple(
+            LedgerEntry(
+                entry_id=str(entry_id),
+                client_id=key.client_id,
+                kind=LedgerKind(kind),
+                credits=credits,
+                session_id=session_id,
+                request_id=request_id,
+                created_at=from_micros(created_at),
+            )
+            for entry_id, kind, credits, session_id, request_id, created_at in rows
         )
-    available, held, used = row
-    return CreditAccount(key.client_id, available, held, used, programme_id=key.programme_id)
-
-
-def entries(key: Account, size: int, token: str) -> Page[LedgerEntry]:
-    """Newest first."""
-    query_id = ("ledger", key.client_id, key.programme_id)
-    after = decode(query_id, token, (int,))
-    if after is None:
-        cursor = sql(_ENTRIES_FIRST, (key.client_id, key.programme_id, size + 1))
-    else:
-        cursor = sql(_ENTRIES_AFTER, (key.client_id, key.programme_id, after[0], size + 1))
-    rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[0]])
-    items = tuple(
-        LedgerEntry(
-            entry_id=str(entry_id),
-            client_id=key.client_id,
-            kind=LedgerKind(kind),
-            credits=credits,
-            session_id=session_id,
-            request_id=request_id,
-            created_at=from_micros(created_at),
-        )
-        for entry_id, kind, credits, session_id, request_id, created_at in rows
-    )
-    return Page(items, token_out)
+        return Page(items, token_out)

@@ -311,7 +311,8 @@ def current_version(storage: Storage) -> int | None:
     """The schema version, or None for an empty database."""
     tables = set(storage.db.get_tables())
     if SchemaVersionRow._meta.table_name in tables:
-        row = SchemaVersionRow.get_or_none(SchemaVersionRow.id == 1)
+        with storage.bound():
+            row = SchemaVersionRow.get_or_none(SchemaVersionRow.id == 1)
         if row is not None:
             return int(row.version)
     return BASELINE if "sessions" in tables else None
@@ -407,7 +408,14 @@ def _migrator(storage: Storage) -> SchemaMigrator:
 
 @contextmanager
 def _locked(storage: Storage) -> Iterator[None]:
-    """A write transaction that no other process's schema work can overlap."""
+    """A write transaction that no other process's schema work can overlap, in which the
+    tables (today's and the frozen ones above) are `storage`'s."""
+    with storage.bound([_ProgrammeV5, _EventV4]), _transaction(storage):
+        yield
+
+
+@contextmanager
+def _transaction(storage: Storage) -> Iterator[None]:
     tx = storage.begin(write=True, timeout=_MIGRATION_SECONDS)
     try:
         if not storage.is_sqlite:

@@ -14,52 +14,21 @@ The cursor is opaque to callers: base64 of `txid.position`."""
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple
 
-from kara_sessions_server.adapters.pagination import from_token, to_token
-from kara_sessions_server.adapters.storage import from_micros, on_sqlite, sql, to_micros
-from kara_sessions_server.domain.errors import CursorExpired, InvalidRequest
+import peewee as pw
+
+from kara_sessions_server.adapters.storage import Sql, from_micros, to_micros
+from kara_sessions_server.domain.errors import CursorExpired
 from kara_sessions_server.domain.feed import Change, EventType
-
-
-class Cursor(NamedTuple):
-    txid: int
-    position: int
-
-    def encode(self) -> str:
-        return to_token(f"{self.txid}.{self.position}")
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    cursor: Cursor
-    event_id: str
-    type: EventType
-    subject: str
-    time: datetime
-    data: str
-
-
-# What Cursor.encode writes, and nothing else: no sign, space, underscore or leading zero, and
-# each part within a 64-bit column (checked after the match).
-_CANONICAL = re.compile(r"(0|[1-9][0-9]{0,18})\.(0|[1-9][0-9]{0,18})")
-_MAX_BIGINT = 2**63 - 1
-
-
-def decode(token: str, field: str = "after") -> Cursor | None:
-    if not token:
-        return None
-    match = _CANONICAL.fullmatch(from_token(token) or "")
-    cursor = Cursor(int(match[1]), int(match[2])) if match else None
-    if cursor is None or max(cursor) > _MAX_BIGINT:
-        raise InvalidRequest.single(field, "is not an event cursor: pass an event's `cursor`, or omit it")
-    return cursor
-
+from kara_sessions_server.service_layer.repositories import (
+    Cursor,
+    DuplicateRequestId,
+    RequestRecord,
+    StoredEvent,
+)
 
 _COLUMNS = (
     "(txid, event_id, type, subject, professional_id, client_id, time, data, request_id, operation, "
@@ -88,101 +57,100 @@ _MARK_PRUNED = (
 _FEED_START = Cursor(0, 0)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    """The request that made a change: its request_id, and what a replay is checked against."""
+class Outbox:
+    """The event feed, each event its change's record, on one database."""
 
-    request_id: str
-    operation: str
-    fingerprint: str
+    def __init__(self, sql: Sql):
+        self._sql = sql
 
-
-def append(change: Change, data: str, now: datetime, request: RequestRecord) -> None:
-    """Adds the event of `change` to the transaction that makes the change, as the record of
-    `request`: a second append with the same request_id fails on the unique key."""
-    sql(
-        _APPEND_SQLITE if on_sqlite() else _APPEND_POSTGRES,
-        (
-            str(uuid.uuid4()),
-            change.type.value,
-            change.subject,
-            change.professional_id,
-            change.client_id,
-            to_micros(now),
-            data,
-            request.request_id,
-            request.operation,
-            request.fingerprint,
-        ),
-    )
-
-
-def read(
-    after: Cursor | None,
-    limit: int,
-    types: Sequence[EventType] = (),
-    professional_id: str | None = None,
-    client_id: str | None = None,
-) -> list[StoredEvent]:
-    """Up to `limit` events after the cursor in feed order, among those whose transactions have
-    finished; refuses a cursor older than the events still kept."""
-    where: list[str] = [] if on_sqlite() else [_HORIZON_POSTGRES]
-    start = after or _FEED_START
-    where.append("(txid, position) > (?, ?)")
-    params: list[object] = [start.txid, start.position]
-    for column, value in (("professional_id", professional_id), ("client_id", client_id)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    if types:
-        where.append(f"type IN ({', '.join('?' * len(types))})")
-        params += [t.value for t in types]
-    text = f"{_SELECT} {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY txid, position LIMIT ?"
-    rows = sql(text, (*params, limit)).fetchall()
-    # Checked after reading: on PostgreSQL each statement has its own snapshot, and a prune that
-    # committed before the read above is visible here, so a skipped event is always noticed.
-    if after is not None:
-        pruned = pruned_through()
-        if pruned is not None and after < pruned:
-            raise CursorExpired(
-                "this cursor is older than the events the server keeps (they are pruned after the "
-                "retention period): resynchronise from the current state, then continue from an "
-                "empty cursor",
-                metadata={"after": after.encode(), "oldest_kept_after": pruned.encode()},
+    def append(self, change: Change, data: str, now: datetime, request: RequestRecord) -> None:
+        """Adds the event of `change` to the transaction that makes the change, as the record of
+        `request`: a second append with the same request_id fails on the unique key (the only
+        key an insert of a new event can meet: event_id is new, position the database's)."""
+        try:
+            self._sql(
+                _APPEND_SQLITE if self._sql.on_sqlite else _APPEND_POSTGRES,
+                (
+                    str(uuid.uuid4()),
+                    change.type.value,
+                    change.subject,
+                    change.professional_id,
+                    change.client_id,
+                    to_micros(now),
+                    data,
+                    request.request_id,
+                    request.operation,
+                    request.fingerprint,
+                ),
             )
-    return [
-        StoredEvent(Cursor(txid, position), event_id, EventType(kind), subject, from_micros(at), data)
-        for txid, position, event_id, kind, subject, at, data in rows
-    ]
+        except pw.IntegrityError as exc:
+            raise DuplicateRequestId(f"request_id {request.request_id!r} is recorded already") from exc
 
+    def read(
+        self,
+        after: Cursor | None,
+        limit: int,
+        types: Sequence[EventType] = (),
+        professional_id: str | None = None,
+        client_id: str | None = None,
+    ) -> list[StoredEvent]:
+        """Up to `limit` events after the cursor in feed order, among those whose transactions have
+        finished; refuses a cursor older than the events still kept."""
+        where: list[str] = [] if self._sql.on_sqlite else [_HORIZON_POSTGRES]
+        start = after or _FEED_START
+        where.append("(txid, position) > (?, ?)")
+        params: list[object] = [start.txid, start.position]
+        for column, value in (("professional_id", professional_id), ("client_id", client_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if types:
+            where.append(f"type IN ({', '.join('?' * len(types))})")
+            params += [t.value for t in types]
+        text = f"{_SELECT} {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY txid, position LIMIT ?"
+        rows = self._sql(text, (*params, limit)).fetchall()
+        # Checked after reading: on PostgreSQL each statement has its own snapshot, and a prune that
+        # committed before the read above is visible here, so a skipped event is always noticed.
+        if after is not None:
+            pruned = self.pruned_through()
+            if pruned is not None and after < pruned:
+                raise CursorExpired(
+                    "this cursor is older than the events the server keeps (they are pruned after the "
+                    "retention period): resynchronise from the current state, then continue from an "
+                    "empty cursor",
+                    metadata={"after": after.encode(), "oldest_kept_after": pruned.encode()},
+                )
+        return [
+            StoredEvent(Cursor(txid, position), event_id, EventType(kind), subject, from_micros(at), data)
+            for txid, position, event_id, kind, subject, at, data in rows
+        ]
 
-def pruned_through() -> Cursor | None:
-    row = sql(_PRUNED).fetchone()
-    return None if row is None else Cursor(int(row[0]), int(row[1]))
+    def pruned_through(self) -> Cursor | None:
+        row = self._sql(_PRUNED).fetchone()
+        return None if row is None else Cursor(int(row[0]), int(row[1]))
 
-
-def prune(older_than: datetime, request_ids_older_than: datetime, batch: int, now: datetime) -> int:
-    """Deletes up to `batch` of the oldest events, in feed order, that are older than
-    `older_than` and whose request_id, if they still hold one, is older than
-    `request_ids_older_than`, and remembers the newest one deleted. Returns how many it deleted."""
-    where = "" if on_sqlite() else f"WHERE {_HORIZON_POSTGRES}"
-    head = sql(
-        f"SELECT txid, position, time, request_id FROM events {where} ORDER BY txid, position LIMIT ?",
-        (batch,),
-    )
-    cutoff, requests_cutoff = to_micros(older_than), to_micros(request_ids_older_than)
-    last = None
-    # The feed is pruned from its head only, up to the first event still to be kept, so what is
-    # gone is always everything at or before one cursor. An event whose request_id a replay may
-    # still ask for (a --request-id-retention-days longer than the feed's) is kept until then.
-    for txid, position, at, request_id in head.fetchall():
-        if at >= cutoff or (request_id is not None and at >= requests_cutoff):
-            break
-        last = Cursor(txid, position)
-    if last is None:
-        return 0
-    deleted: int = sql(
-        "DELETE FROM events WHERE (txid, position) <= (?, ?)", (last.txid, last.position)
-    ).rowcount
-    sql(_MARK_PRUNED, (last.txid, last.position, to_micros(now)))
-    return deleted
+    def prune(self, older_than: datetime, request_ids_older_than: datetime, batch: int, now: datetime) -> int:
+        """Deletes up to `batch` of the oldest events, in feed order, that are older than
+        `older_than` and whose request_id, if they still hold one, is older than
+        `request_ids_older_than`, and remembers the newest one deleted. Returns how many it deleted."""
+        where = "" if self._sql.on_sqlite else f"WHERE {_HORIZON_POSTGRES}"
+        head = self._sql(
+            f"SELECT txid, position, time, request_id FROM events {where} ORDER BY txid, position LIMIT ?",
+            (batch,),
+        )
+        cutoff, requests_cutoff = to_micros(older_than), to_micros(request_ids_older_than)
+        last = None
+        # The feed is pruned from its head only, up to the first event still to be kept, so what is
+        # gone is always everything at or before one cursor. An event whose request_id a replay may
+        # still ask for (a --request-id-retention-days longer than the feed's) is kept until then.
+        for txid, position, at, request_id in head.fetchall():
+            if at >= cutoff or (request_id is not None and at >= requests_cutoff):
+                break
+            last = Cursor(txid, position)
+        if last is None:
+            return 0
+        deleted: int = self._sql(
+            "DELETE FROM events WHERE (txid, position) <= (?, ?)", (last.txid, last.position)
+        ).rowcount
+        self._sql(_MARK_PRUNED, (last.txid, last.position, to_micros(now)))
+        return deleted

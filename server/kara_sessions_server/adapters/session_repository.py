@@ -3,7 +3,7 @@ and an index on sessions) and the audit log.
 
 State changes are conditional UPDATEs (state and version must still be what was read), so of
 two concurrent cancellations exactly one changes the row; the other sees zero rows updated.
-The statements are prebuilt SQL run through peewee's connection (storage.sql): building them
+The statements are prebuilt SQL run through peewee's connection (Storage.sql): building them
 with peewee's query builder cost more than executing them (BENCHMARKS.md)."""
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from kara_sessions_server.adapters.pagination import cut, decode
 from kara_sessions_server.adapters.storage import (
     EPOCH,
-    MICROSECOND,
     SessionRow,
+    Sql,
     from_micros,
     micros_or_none,
-    sql,
     time_or_none,
     to_micros,
 )
-from kara_sessions_server.domain.errors import Conflict, NotFound, NotWaivable, SessionNotBooked
+from kara_sessions_server.domain.clock import MICROSECOND
+from kara_sessions_server.domain.errors import NotFound
 from kara_sessions_server.domain.model import (
     Cancellation,
     Move,
@@ -40,6 +39,8 @@ from kara_sessions_server.domain.model import (
 )
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.domain.programme import DEFAULT_TERMS, LateReschedule, Terms
+from kara_sessions_server.domain.session_lifecycle import lost_race
+from kara_sessions_server.service_layer.pagination import cut, decode
 
 
 def _row(s: Session) -> dict[str, object]:
@@ -246,153 +247,132 @@ def _cancellation(r: dict[str, Any]) -> Cancellation | None:
     )
 
 
-def get_session_and_invoice(session_id: str) -> tuple[Session, str]:
-    """The session and the invoice it is on ("" for none), in one query: "View details"."""
-    row = sql(_GET_SESSION_AND_INVOICE, (session_id,)).fetchone()
-    if row is None:
-        raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
-    return session_from_row(row[:-1]), row[-1] or ""
-
-
-def get_session(session_id: str) -> Session:
-    row = sql(_GET_SESSION, (session_id,)).fetchone()
-    if row is None:
-        raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
-    return session_from_row(row)
-
-
-def add_session(session: Session) -> None:
-    row = _row(session)
-    sql(_INSERT_SESSION, tuple(row[c] for c in _COLUMN_NAMES))
-
-
-def change_state(before: Session, after: Session) -> Session:
-    """Writes `after` (model.changed: `before`'s next version) only if the row is still
-    exactly `before` (same state and version); returns it."""
-    return _save(_CHANGE_SESSION, before, after)
-
-
-def move(before: Session, after: Session) -> Session:
-    """Writes `after`'s start and moves only if the row is still exactly `before` (a move in
-    place leaves the payment as it was: still PENDING, in the Unpaid section)."""
-    return _save(_MOVE_SESSION, before, after)
-
-
-def _save(update: tuple[str, tuple[str, ...]], before: Session, after: Session) -> Session:
-    """Runs a _guarded_update of `after`; refuses as the race it lost says if the row was no
-    longer `before`."""
-    if after.version != before.version + 1:
-        raise ValueError(f"session {before.session_id}: a change is one version (model.changed)")
-    statement, columns = update
-    row = _row(after)
-    bound = (*(row[c] for c in columns), before.session_id, before.state.value, before.version)
-    if sql(statement, bound).rowcount != 1:
-        _raise_lost_race(before)
-    return after
-
-
-def _raise_lost_race(before: Session) -> None:
-    current = get_session(before.session_id)
-    if current.waiver is not None and before.waiver is None:
-        raise NotWaivable(
-            f"session {before.session_id}'s charge was waived by another request",
-            metadata={"session_id": before.session_id, "state": current.state.value},
-        )
-    if current.state is not SessionState.BOOKED:
-        raise SessionNotBooked(
-            f"session {before.session_id} is {current.state.value}, not BOOKED; it was changed by "
-            "another request",
-            metadata={"session_id": before.session_id, "state": current.state.value},
-        )
-    raise Conflict(
-        f"session {before.session_id} was changed by another request; read it again and retry",
-        metadata={"session_id": before.session_id},
-    )
-
-
-def audit(
-    before: Session | None,
-    after: Session,
-    action: str,
-    actor: str,
-    principal: Principal,
-    request_id: str,
-    now: datetime,
-) -> None:
-    """`actor` is the party the domain acted for (CLIENT, PROFESSIONAL, SYSTEM); `principal` the
-    authenticated caller who asked. A cancellation's details are recorded with it, a waiver's
-    reason with the waiver."""
-    c = None if action == "WAIVE" else after.cancellation
-    reason = after.waiver.reason if action == "WAIVE" and after.waiver else (c.reason if c else None)
-    sql(
-        _INSERT_AUDIT,
-        (
-            after.session_id,
-            action,
-            actor,
-            str(principal),
-            before.state.value if before else None,
-            after.state.value,
-            micros_or_none(c.notified_at) if c else None,
-            c.notice // MICROSECOND if c else None,
-            c.charge_client if c else None,
-            reason,
-            request_id,
-            to_micros(now),
-        ),
-    )
-
-
 def _start_key(row: Sequence[Any]) -> list[str | int]:
     return [row[i] for i in _START_KEY]
-
-
-def list_sessions(
-    professional_id: str, client_id: str, state: SessionState | None, size: int, token: str
-) -> Page[Session]:
-    """Oldest start first. Filters are fixed fragments; values always go as parameters."""
-    query_id = ("sessions", professional_id, client_id, state.value if state else "")
-    after = decode(query_id, token, (int, str))
-    where: list[str] = []
-    params: list[object] = []
-    for fragment, value in (
-        ("professional_id = ?", professional_id),
-        ("client_id = ?", client_id),
-        ("state = ?", state.value if state else ""),
-    ):
-        if value:
-            where.append(fragment)
-            params.append(value)
-    if after is not None:
-        where.append("(starts_at, session_id) > (?, ?)")
-        params += after
-    text = (
-        f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
-        "ORDER BY starts_at, session_id LIMIT ?"
-    )
-    rows, token_out = cut(query_id, sql(text, (*params, size + 1)).fetchall(), size, _start_key)
-    return Page(tuple(session_from_row(r) for r in rows), token_out)
-
-
-def list_payments(professional_id: str, section: PaymentSection, size: int, token: str) -> Page[Payment]:
-    """Most recent session first."""
-    query_id = ("payments", professional_id, section.value)
-    after = decode(query_id, token, (int, str))
-    if after is None:
-        cursor = sql(_LIST_PAYMENTS_FIRST, (professional_id, section.value, size + 1))
-    else:
-        cursor = sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, *after, size + 1))
-    rows, token_out = cut(query_id, cursor.fetchall(), size, _start_key)
-    return Page(tuple(payment_of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out)
 
 
 _PRUNE_AUDIT = "DELETE FROM audit_log WHERE audit_id IN (SELECT audit_id FROM audit_log WHERE at < ? LIMIT ?)"
 
 
-def prune_audit(older_than: datetime, batch: int) -> int:
-    """Deletes up to `batch` audit rows written before `older_than` (only when an operator asks
-    for an audit retention: the audit log is the record)."""
-    return int(sql(_PRUNE_AUDIT, (to_micros(older_than), batch)).rowcount)
+class SessionRepository:
+    """Sessions, their payments and their audit rows, on one database."""
+
+    def __init__(self, sql: Sql):
+        self._sql = sql
+
+    def get_with_invoice(self, session_id: str) -> tuple[Session, str]:
+        """The session and the invoice it is on ("" for none), in one query: "View details"."""
+        row = self._sql(_GET_SESSION_AND_INVOICE, (session_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
+        return session_from_row(row[:-1]), row[-1] or ""
+
+    def get(self, session_id: str) -> Session:
+        row = self._sql(_GET_SESSION, (session_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
+        return session_from_row(row)
+
+    def add(self, session: Session) -> None:
+        row = _row(session)
+        self._sql(_INSERT_SESSION, tuple(row[c] for c in _COLUMN_NAMES))
+
+    def change_state(self, before: Session, after: Session) -> Session:
+        """Writes `after` (model.changed: `before`'s next version) only if the row is still
+        exactly `before` (same state and version); returns it."""
+        return self._save(_CHANGE_SESSION, before, after)
+
+    def move(self, before: Session, after: Session) -> Session:
+        """Writes `after`'s start and moves only if the row is still exactly `before` (a move in
+        place leaves the payment as it was: still PENDING, in the Unpaid section)."""
+        return self._save(_MOVE_SESSION, before, after)
+
+    def _save(self, update: tuple[str, tuple[str, ...]], before: Session, after: Session) -> Session:
+        """Runs a _guarded_update of `after`; refuses as the race it lost says if the row was no
+        longer `before`."""
+        if after.version != before.version + 1:
+            raise ValueError(f"session {before.session_id}: a change is one version (model.changed)")
+        statement, columns = update
+        row = _row(after)
+        bound = (*(row[c] for c in columns), before.session_id, before.state.value, before.version)
+        if self._sql(statement, bound).rowcount != 1:
+            raise lost_race(before, self.get(before.session_id))
+        return after
+
+    def audit(
+        self,
+        before: Session | None,
+        after: Session,
+        action: str,
+        actor: str,
+        principal: Principal,
+        request_id: str,
+        now: datetime,
+    ) -> None:
+        """`actor` is the party the domain acted for (CLIENT, PROFESSIONAL, SYSTEM); `principal` the
+        authenticated caller who asked. A cancellation's details are recorded with it, a waiver's
+        reason with the waiver."""
+        c = None if action == "WAIVE" else after.cancellation
+        reason = after.waiver.reason if action == "WAIVE" and after.waiver else (c.reason if c else None)
+        self._sql(
+            _INSERT_AUDIT,
+            (
+                after.session_id,
+                action,
+                actor,
+                str(principal),
+                before.state.value if before else None,
+                after.state.value,
+                micros_or_none(c.notified_at) if c else None,
+                c.notice // MICROSECOND if c else None,
+                c.charge_client if c else None,
+                reason,
+                request_id,
+                to_micros(now),
+            ),
+        )
+
+    def page(
+        self, professional_id: str, client_id: str, state: SessionState | None, size: int, token: str
+    ) -> Page[Session]:
+        """Oldest start first. Filters are fixed fragments; values always go as parameters."""
+        query_id = ("sessions", professional_id, client_id, state.value if state else "")
+        after = decode(query_id, token, (int, str))
+        where: list[str] = []
+        params: list[object] = []
+        for fragment, value in (
+            ("professional_id = ?", professional_id),
+            ("client_id = ?", client_id),
+            ("state = ?", state.value if state else ""),
+        ):
+            if value:
+                where.append(fragment)
+                params.append(value)
+        if after is not None:
+            where.append("(starts_at, session_id) > (?, ?)")
+            params += after
+        text = (
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
+            "ORDER BY starts_at, session_id LIMIT ?"
+        )
+        rows, token_out = cut(query_id, self._sql(text, (*params, size + 1)).fetchall(), size, _start_key)
+        return Page(tuple(session_from_row(r) for r in rows), token_out)
+
+    def payments(self, professional_id: str, section: PaymentSection, size: int, token: str) -> Page[Payment]:
+        """Most recent session first."""
+        query_id = ("payments", professional_id, section.value)
+        after = decode(query_id, token, (int, str))
+        if after is None:
+            cursor = self._sql(_LIST_PAYMENTS_FIRST, (professional_id, section.value, size + 1))
+        else:
+            cursor = self._sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, *after, size + 1))
+        rows, token_out = cut(query_id, cursor.fetchall(), size, _start_key)
+        return Page(tuple(payment_of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out)
+
+    def prune_audit(self, older_than: datetime, batch: int) -> int:
+        """Deletes up to `batch` audit rows written before `older_than` (only when an operator asks
+        for an audit retention: the audit log is the record)."""
+        return int(self._sql(_PRUNE_AUDIT, (to_micros(older_than), batch)).rowcount)
 
 
 # Checked once every function above exists.

@@ -18,6 +18,7 @@ from playhouse.db_url import parseresult_to_dict
 from playhouse.pool import PooledDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from kara_sessions_server.adapters.watchdog import Watchdog
+from kara_sessions_server.domain.clock import MICROSECOND
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -39,13 +40,6 @@ STALE_CONNECTION_SECONDS = 300
 # power loss or an OS crash; NORMAL syncs only at checkpoints and may lose the last commits then.
 SqliteSynchronous = Literal["full", "normal"]
 DEFAULT_SQLITE_SYNCHRONOUS: SqliteSynchronous = "full"
-
-database = pw.DatabaseProxy()
-
-
-# One instance, not one per call: building a timedelta cost two thirds of each conversion, and
-# a request converts a few dozen times.
-MICROSECOND = timedelta(microseconds=1)
 
 
 def to_micros(value: datetime) -> int:
@@ -81,8 +75,11 @@ class DurationField(pw.BigIntegerField):
 
 
 class Table(pw.Model):
+    """No database of its own: each Storage holds its database, so two can be open in one
+    process. The models describe the schema (migrations.py, under Storage.bound); requests run
+    prebuilt SQL through Storage.sql."""
+
     class Meta:
-        database = database
         legacy_table_names = False
 
 
@@ -335,29 +332,28 @@ TABLES: list[type[Table]] = [
 ]
 
 
-def sql(text: str, params: Sequence[object] = ()) -> Any:
-    """Runs a prebuilt statement (written with `?` placeholders) on this thread's connection;
-    returns the cursor. The hot paths use these instead of peewee's query builder, which cost
-    more than the database itself (see BENCHMARKS.md); peewee still maps driver errors to its
-    own (IntegrityError, OperationalError, ...)."""
-    return database.execute_sql(_dialect(text), params)
+class Sql:
+    """Runs prebuilt statements (written with `?` placeholders) on this thread's connection to
+    one database; returns the cursor. The hot paths use these instead of peewee's query
+    builder, which cost more than the database itself (see BENCHMARKS.md); peewee still maps
+    driver errors to its own (IntegrityError, OperationalError, ...)."""
 
+    __slots__ = ("_cache", "_db", "_marker", "on_sqlite")
 
-def on_sqlite() -> bool:
-    """Whether this process's database is SQLite (statements that differ by dialect ask)."""
-    return isinstance(database.obj, pw.SqliteDatabase)
+    def __init__(self, db: pw.Database):
+        self._db = db
+        self._marker: str = db.param
+        self._cache: dict[str, str] = {}
+        # Statements that differ by dialect ask.
+        self.on_sqlite = isinstance(db, pw.SqliteDatabase)
 
-
-_DIALECT_CACHE: dict[tuple[str, str], str] = {}
-
-
-def _dialect(text: str) -> str:
-    marker = database.obj.param
-    key = (marker, text)
-    found = _DIALECT_CACHE.get(key)
-    if found is None:
-        found = _DIALECT_CACHE[key] = text if marker == "?" else text.replace("?", marker)
-    return found
+    def __call__(self, text: str, params: Sequence[object] = ()) -> Any:
+        if self._marker == "?":
+            return self._db.execute_sql(text, params)  # type: ignore[no-untyped-call]
+        found = self._cache.get(text)
+        if found is None:
+            found = self._cache[text] = text.replace("?", self._marker)
+        return self._db.execute_sql(found, params)  # type: ignore[no-untyped-call]
 
 
 class Storage:
@@ -366,6 +362,7 @@ class Storage:
 
     def __init__(self, db: PooledDatabase, max_transaction_seconds: float = DEFAULT_MAX_TRANSACTION_SECONDS):
         self.db = db
+        self.sql = Sql(db)
         self.is_sqlite = isinstance(db, pw.SqliteDatabase)
         self.system = "sqlite" if self.is_sqlite else "postgresql"
         # No transaction may last longer, whatever its call's deadline (or without one).
@@ -394,7 +391,7 @@ class Storage:
             # only a transaction with a clearly different limit (a call's much nearer deadline,
             # a migration's hour) pays a statement, a round trip, to set its own.
             if not self._keeps_default(timeout):
-                sql(_PG_TIMEOUTS, (f"{_ms(timeout)}ms", f"{_ms(timeout)}ms"))
+                self.sql(_PG_TIMEOUTS, (f"{_ms(timeout)}ms", f"{_ms(timeout)}ms"))
         except BaseException:
             tx.__exit__(pw.OperationalError, None, None)
             raise
@@ -462,6 +459,11 @@ class Storage:
             return self.db.atomic(lock_type="IMMEDIATE")
         return self.db.atomic()
 
+    def bound(self, models: Sequence[type[pw.Model]] = ()) -> Any:
+        """A block in which the tables (and `models`) are this database's: for the schema's
+        work and for tools that read with peewee's query builder. Requests never need it."""
+        return self.db.bind_ctx([*TABLES, *models])
+
     def release(self) -> None:
         """Hands this thread's connection back to the pool."""
         if not self.db.is_closed():
@@ -495,12 +497,10 @@ def open_storage(
     max_transaction_seconds: float = DEFAULT_MAX_TRANSACTION_SECONDS,
 ) -> Storage:
     """Opens `sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host/db`.
-    The schema is migrations.py's business.
-
-    Only one Storage is open per process: the tables are bound to a module-level proxy."""
-    db = _connect(url, max_connections, sqlite_synchronous, max_transaction_seconds)
-    database.initialize(db)
-    return Storage(db, max_transaction_seconds)
+    The schema is migrations.py's business."""
+    return Storage(
+        _connect(url, max_connections, sqlite_synchronous, max_transaction_seconds), max_transaction_seconds
+    )
 
 
 def _ms(seconds: float) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from kara_sessions_server.domain.errors import InsufficientCredits
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, ProgrammeChanges, Terms
 
 T = TypeVar("T")
@@ -295,6 +296,15 @@ class Account(NamedTuple):
 
     client_id: str
     programme_id: str
+
+
+def insufficient_credits(account: Account, purpose: str = "to book a session") -> InsufficientCredits:
+    """The refusal of a move that needs a credit the client's account does not have available."""
+    return InsufficientCredits(
+        f"client {account.client_id} has no sponsored credit of programme {account.programme_id!r} "
+        f"available {purpose}",
+        metadata={"client_id": account.client_id, "programme_id": account.programme_id},
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,14 @@ from typing import Any
 
 from transitions import EventData
 
-from kara_sessions_server.domain.errors import NotWaivable, OnInvoice, SessionNotBooked, SessionNotStarted
+from kara_sessions_server.domain.errors import (
+    Conflict,
+    NotWaivable,
+    OnInvoice,
+    PreconditionFailed,
+    SessionNotBooked,
+    SessionNotStarted,
+)
 from kara_sessions_server.domain.machines import Lifecycle, fire, shared_machine
 from kara_sessions_server.domain.model import (
     Cancellation,
@@ -257,6 +264,26 @@ def on_invoice_refusal(session: Session, invoice_id: str) -> OnInvoice:
         f"session {session.session_id} is on invoice {invoice_id}: remove it from that draft invoice "
         "first (a submitted invoice is final)",
         metadata={"session_id": session.session_id, "invoice_id": invoice_id},
+    )
+
+
+def lost_race(before: Session, current: Session) -> PreconditionFailed:
+    """What a guarded change of `before` tells its caller when another request had changed
+    the session to `current` first: what it became, if that is why the change cannot be made."""
+    if current.waiver is not None and before.waiver is None:
+        return NotWaivable(
+            f"session {before.session_id}'s charge was waived by another request",
+            metadata={"session_id": before.session_id, "state": current.state.value},
+        )
+    if current.state is not SessionState.BOOKED:
+        return SessionNotBooked(
+            f"session {before.session_id} is {current.state.value}, not BOOKED; it was changed by "
+            "another request",
+            metadata={"session_id": before.session_id, "state": current.state.value},
+        )
+    return Conflict(
+        f"session {before.session_id} was changed by another request; read it again and retry",
+        metadata={"session_id": before.session_id},
     )
 
 

@@ -1,5 +1,5 @@
 """Reading the event feed (EventService): a page after a cursor, following it as changes commit,
-and pruning what is older than the retention period. Appending is `Services.mutate`'s, in the
+and pruning what is older than the retention period. Appending is `Mutations.mutate`'s, in the
 transaction of each change."""
 
 from __future__ import annotations
@@ -8,16 +8,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from kara_sessions_server.adapters import outbox, snapshots
-from kara_sessions_server.adapters.pagination import MAX_PAGE_SIZE
-from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.clock import Clock
 from kara_sessions_server.domain.feed import EventType, FeedData, FeedEvent, SessionChanged
 from kara_sessions_server.domain.model import Session, payment_of
 from kara_sessions_server.domain.principal import Principal
-from kara_sessions_server.service_layer import authz
+from kara_sessions_server.service_layer import authz, snapshots
 from kara_sessions_server.service_layer.commit_signal import CommitSignal
-from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+from kara_sessions_server.service_layer.pagination import MAX_PAGE_SIZE
+from kara_sessions_server.service_layer.repositories import decode_cursor
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWorkFactory
 
 # Events are small: a bigger default page than the other lists' (pagination.MAX_PAGE_SIZE caps it).
 DEFAULT_PAGE_SIZE = 100
@@ -60,7 +59,7 @@ _LOAD: dict[EventType, Callable[[str], FeedData]] = {
 
 @dataclass
 class EventServices:
-    storage: Storage
+    unit_of_work: UnitOfWorkFactory
     clock: Clock
     # Wakes followers when a change commits in this process.
     signal: CommitSignal
@@ -75,10 +74,10 @@ class EventServices:
     def list_events(
         self, who: Principal, after: str, size: int, types: Sequence[EventType]
     ) -> list[FeedEvent]:
-        cursor = outbox.decode(after)
+        cursor = decode_cursor(after)
         professional_id, client_id = authz.feed_scope(who)
-        with UnitOfWork(self.storage, write=False):
-            stored = outbox.read(cursor, size, types, professional_id, client_id)
+        with self.unit_of_work(write=False) as uow:
+            stored = uow.events.read(cursor, size, types, professional_id, client_id)
         return [
             FeedEvent(s.event_id, s.cursor.encode(), s.type, s.subject, s.time, _LOAD[s.type](s.data))
             for s in stored
@@ -106,9 +105,9 @@ class EventServices:
         """Deletes the events older than the retention period, a batch per transaction."""
         total = 0
         while True:
-            with UnitOfWork(self.storage) as uow:
+            with self.unit_of_work() as uow:
                 now = self.clock.now()
-                deleted = outbox.prune(now - self.retention, now - self.request_ids, PRUNE_BATCH, now)
+                deleted = uow.events.prune(now - self.retention, now - self.request_ids, PRUNE_BATCH, now)
                 uow.commit()
             total += deleted
             if deleted < PRUNE_BATCH:

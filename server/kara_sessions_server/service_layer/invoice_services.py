@@ -8,9 +8,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from kara_sessions_server.adapters import invoice_repository as invoices
-from kara_sessions_server.adapters import snapshots
-from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain import invoice_lifecycle, invoicing
 from kara_sessions_server.domain.errors import NotFound, NothingToInvoice, TooManySessions
 from kara_sessions_server.domain.feed import Change, EventType
@@ -25,23 +22,23 @@ from kara_sessions_server.domain.model import (
 )
 from kara_sessions_server.domain.notices import InvoiceChanged
 from kara_sessions_server.domain.principal import Principal
-from kara_sessions_server.service_layer import authz
+from kara_sessions_server.service_layer import authz, snapshots
 from kara_sessions_server.service_layer.mutations import Mutations, Operation
-from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
 Work = Callable[[UnitOfWork, datetime], Invoice]
 
 
 @dataclass
 class InvoiceServices:
-    storage: Storage
+    unit_of_work: UnitOfWorkFactory
     mutations: Mutations
 
     def create_invoice(self, who: Principal, cmd: CreateInvoice) -> Invoice:
         authz.check_invoices(who, cmd.professional_id)
 
         def work(uow: UnitOfWork, now: datetime) -> Invoice:
-            chosen = self._chosen(who, cmd)
+            chosen = self._chosen(uow, who, cmd)
             lines = invoicing.lines_for(cmd.professional_id, chosen, now)
             invoice = Invoice(
                 invoice_id=str(uuid.uuid4()),
@@ -51,10 +48,10 @@ class InvoiceServices:
                 updated_at=now,
                 version=1,
             ).with_lines(lines)
-            invoices.add_invoice(invoice)
-            invoices.add_lines(invoice.invoice_id, lines)
+            uow.invoices.add(invoice)
+            uow.invoices.add_lines(invoice.invoice_id, lines)
             ids = [line.session_id for line in invoice.lines]
-            invoices.audit(invoice.invoice_id, "CREATE", ids, who, cmd.request_id, now)
+            uow.invoices.audit(invoice.invoice_id, "CREATE", ids, who, cmd.request_id, now)
             uow.notices.append(InvoiceChanged("CREATE", len(ids)))
             return invoice
 
@@ -63,14 +60,14 @@ class InvoiceServices:
 
     def add_to_invoice(self, who: Principal, cmd: ChangeInvoiceLines) -> Invoice:
         def work(uow: UnitOfWork, now: datetime) -> Invoice:
-            before = self._load(who, cmd.invoice_id)
+            before = self._load(uow, who, cmd.invoice_id)
             after = invoice_lifecycle.edit(before, now)
             invoicing.check_room(before.invoice_id, before.line_count, len(cmd.session_ids))
-            chosen = _visible(who, cmd.session_ids, invoices.candidates(cmd.session_ids))
+            chosen = _visible(who, cmd.session_ids, uow.invoices.candidates(cmd.session_ids))
             lines = invoicing.lines_for(before.professional_id, chosen, now)
-            invoices.change_invoice(before, after)
-            invoices.add_lines(before.invoice_id, lines)
-            invoices.audit(before.invoice_id, "ADD", cmd.session_ids, who, cmd.request_id, now)
+            uow.invoices.change(before, after)
+            uow.invoices.add_lines(before.invoice_id, lines)
+            uow.invoices.audit(before.invoice_id, "ADD", cmd.session_ids, who, cmd.request_id, now)
             uow.notices.append(InvoiceChanged("ADD", len(lines)))
             return after.with_lines(before.lines + lines)
 
@@ -79,12 +76,12 @@ class InvoiceServices:
 
     def remove_from_invoice(self, who: Principal, cmd: ChangeInvoiceLines) -> Invoice:
         def work(uow: UnitOfWork, now: datetime) -> Invoice:
-            before = self._load(who, cmd.invoice_id)
+            before = self._load(uow, who, cmd.invoice_id)
             after = invoice_lifecycle.edit(before, now)
             invoicing.check_on_invoice(before, cmd.session_ids, {line.session_id for line in before.lines})
-            invoices.change_invoice(before, after)
-            invoices.remove_lines(before.invoice_id, cmd.session_ids)
-            invoices.audit(before.invoice_id, "REMOVE", cmd.session_ids, who, cmd.request_id, now)
+            uow.invoices.change(before, after)
+            uow.invoices.remove_lines(before.invoice_id, cmd.session_ids)
+            uow.invoices.audit(before.invoice_id, "REMOVE", cmd.session_ids, who, cmd.request_id, now)
             uow.notices.append(InvoiceChanged("REMOVE", len(cmd.session_ids)))
             removed = set(cmd.session_ids)
             return after.with_lines(tuple(line for line in before.lines if line.session_id not in removed))
@@ -94,10 +91,10 @@ class InvoiceServices:
 
     def submit_invoice(self, who: Principal, cmd: SubmitInvoice) -> Invoice:
         def work(uow: UnitOfWork, now: datetime) -> Invoice:
-            before = self._load(who, cmd.invoice_id)
+            before = self._load(uow, who, cmd.invoice_id)
             after = invoice_lifecycle.submit(before, now)
-            invoices.change_invoice(before, after)
-            invoices.audit(before.invoice_id, "SUBMIT", (), who, cmd.request_id, now)
+            uow.invoices.change(before, after)
+            uow.invoices.audit(before.invoice_id, "SUBMIT", (), who, cmd.request_id, now)
             uow.notices.append(InvoiceChanged("SUBMIT", 0))
             return after
 
@@ -105,15 +102,15 @@ class InvoiceServices:
         return self._mutate(who, "SubmitInvoice", cmd.request_id, params, work, EventType.INVOICE_SUBMITTED)
 
     def get_invoice(self, who: Principal, invoice_id: str) -> Invoice:
-        with UnitOfWork(self.storage, write=False):
-            return self._load(who, invoice_id)
+        with self.unit_of_work(write=False) as uow:
+            return self._load(uow, who, invoice_id)
 
     def list_invoices(
         self, who: Principal, professional_id: str, state: InvoiceState | None, size: int, token: str
     ) -> Page[Invoice]:
         authz.check_invoices(who, professional_id)
-        with UnitOfWork(self.storage, write=False):
-            return invoices.list_invoices(professional_id, state, size, token)
+        with self.unit_of_work(write=False) as uow:
+            return uow.invoices.page(professional_id, state, size, token)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -135,10 +132,10 @@ class InvoiceServices:
         )
         return self.mutations.mutate(who, op, request_id, work)
 
-    def _chosen(self, who: Principal, cmd: CreateInvoice) -> list[Candidate]:
+    def _chosen(self, uow: UnitOfWork, who: Principal, cmd: CreateInvoice) -> list[Candidate]:
         if cmd.up_to is None:
-            return _visible(who, cmd.session_ids, invoices.candidates(cmd.session_ids))
-        chosen = invoices.uninvoiced_paid(cmd.professional_id, cmd.up_to, MAX_INVOICE_LINES + 1)
+            return _visible(who, cmd.session_ids, uow.invoices.candidates(cmd.session_ids))
+        chosen = uow.invoices.uninvoiced_paid(cmd.professional_id, cmd.up_to, MAX_INVOICE_LINES + 1)
         up_to = cmd.up_to.isoformat()
         if not chosen:
             raise NothingToInvoice(
@@ -155,11 +152,11 @@ class InvoiceServices:
         return chosen
 
     @staticmethod
-    def _load(who: Principal, invoice_id: str) -> Invoice:
+    def _load(uow: UnitOfWork, who: Principal, invoice_id: str) -> Invoice:
         """The invoice, if `who` may see it; to anyone but a service, a missing invoice and another
         professional's are refused alike."""
         invoice = authz.found_or_denied(
-            who, lambda: invoices.get_invoice(invoice_id), lambda: authz.invoice_denied(invoice_id)
+            who, lambda: uow.invoices.get(invoice_id), lambda: authz.invoice_denied(invoice_id)
         )
         authz.check_invoice(who, invoice)
         return invoice

@@ -3,20 +3,27 @@ request_id, its event in the feed, its notices to metrics after the commit."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
 
-from kara_sessions_server.adapters import faults, idempotency, outbox
-from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.clock import Clock
-from kara_sessions_server.domain.errors import AlreadyExists, InvalidRequest, PreconditionFailed
+from kara_sessions_server.domain.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidRequest,
+    PreconditionFailed,
+    RequestIdReused,
+)
 from kara_sessions_server.domain.feed import Change
 from kara_sessions_server.domain.notices import FeedAppended, Notice
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.service_layer.commit_signal import CommitSignal
-from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+from kara_sessions_server.service_layer.repositories import DuplicateRequestId, RequestRecord, StoredResult
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
 R = TypeVar("R")
 
@@ -40,7 +47,7 @@ class Operation(Generic[R]):
 
 @dataclass
 class Mutations:
-    storage: Storage
+    unit_of_work: UnitOfWorkFactory
     clock: Clock
     # Told of what committed (metrics); never of a replay or a rollback.
     tell: Callable[[Notice], None] = field(default=lambda notice: None)
@@ -61,14 +68,14 @@ class Mutations:
         is looked up."""
         # The caller is part of the request: another principal's request_id replays nothing of theirs.
         operation, load = op.name, op.load
-        fp = idempotency.fingerprint(operation, {**op.params, "principal": str(who)})
+        fp = fingerprint(operation, {**op.params, "principal": str(who)})
         try:
-            with UnitOfWork(self.storage) as uow:
+            with self.unit_of_work() as uow:
                 now = self.clock.now()
                 result = work(uow, now)
                 data = op.dump(result)
                 told = op.event(result)
-                outbox.append(told, data, now, outbox.RequestRecord(request_id, operation, fp))
+                uow.events.append(told, data, now, RequestRecord(request_id, operation, fp))
                 uow.notices.append(FeedAppended(told.type.value))
                 uow.commit()
             for notice in uow.notices:
@@ -76,13 +83,37 @@ class Mutations:
             self.signal.notify()
             return result
         except Exception as exc:
-            if not isinstance(exc, _REPLAY_MAY_MEET) and not faults.is_duplicate(exc):
+            if not isinstance(exc, (*_REPLAY_MAY_MEET, DuplicateRequestId)):
                 raise
             # A replay (its change made already: not BOOKED any more, a programme that exists, a
             # start since passed), or a race lost to a request with the same request_id (a retry
             # that overtook its original): if that request committed, its result is ours.
-            with UnitOfWork(self.storage, write=False):
-                stored = idempotency.find(request_id)
-            if stored is None:
-                raise
-            return load(idempotency.check_same_request(stored, request_id, operation, fp))
+            with self.unit_of_work(write=False) as uow:
+                stored = uow.requests.find(request_id)
+            if stored is not None:
+                return load(_same_request(stored, request_id, operation, fp))
+            if isinstance(exc, DuplicateRequestId):
+                # Recorded by a request that then vanished (its record pruned meanwhile).
+                raise Conflict(
+                    f"another request with request_id {request_id!r} was being made at the same time; "
+                    "retry it",
+                    metadata={"request_id": request_id},
+                ) from exc
+            raise
+
+
+def fingerprint(operation: str, params: Mapping[str, object]) -> str:
+    """What a request_id's record holds of its request, to tell a replay from a reuse."""
+    canonical = json.dumps([operation, params], sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _same_request(stored: StoredResult, request_id: str, operation: str, fp: str) -> str:
+    """The stored result, if `request_id` was first used for this very request."""
+    if stored.operation != operation or stored.fingerprint != fp:
+        raise RequestIdReused.single(
+            "request_id",
+            f"{request_id!r} was already used for a {stored.operation} request with other parameters "
+            "or by another caller; use a new request_id for a new request",
+        )
+    return stored.result

@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from kara_sessions_server.adapters import programme_repository, snapshots
-from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain import programme as programmes
 from kara_sessions_server.domain.clock import Clock
 from kara_sessions_server.domain.errors import Conflict
@@ -17,16 +15,16 @@ from kara_sessions_server.domain.feed import Change, EventType
 from kara_sessions_server.domain.model import CreateProgramme, Page, UpdateProgramme
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.domain.programme import Programme
-from kara_sessions_server.service_layer import authz
+from kara_sessions_server.service_layer import authz, snapshots
 from kara_sessions_server.service_layer.mutations import Mutations, Operation
-from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
 log = logging.getLogger("kara_sessions_server")
 
 
 @dataclass
 class ProgrammeServices:
-    storage: Storage
+    unit_of_work: UnitOfWorkFactory
     clock: Clock
     mutations: Mutations
 
@@ -36,7 +34,7 @@ class ProgrammeServices:
 
         def work(uow: UnitOfWork, now: datetime) -> Programme:
             created = Programme(cmd.programme_id, cmd.display_name, cmd.terms, created_at=now, updated_at=now)
-            programme_repository.create(created)
+            uow.programmes.create(created)
             return created
 
         params = {"programme_id": cmd.programme_id, "display_name": cmd.display_name, "terms": cmd.terms}
@@ -48,7 +46,7 @@ class ProgrammeServices:
         def work(uow: UnitOfWork, now: datetime) -> Programme:
             # Locked as it is read: concurrent updates without an etag queue here and each
             # applies to the one before it, instead of all but one losing the race.
-            before = programme_repository.get(cmd.programme_id, for_change=True)
+            before = uow.programmes.get(cmd.programme_id, for_change=True)
             if cmd.etag and cmd.etag != before.etag:
                 raise Conflict(
                     f"programme {cmd.programme_id!r} is at etag {before.etag}, not {cmd.etag}: another "
@@ -57,7 +55,7 @@ class ProgrammeServices:
                     metadata={"programme_id": cmd.programme_id, "etag": before.etag},
                 )
             after = before.changed(cmd.changes, now)
-            programme_repository.change(before, after)
+            uow.programmes.change(before, after)
             return after
 
         params: dict[str, object] = {"programme_id": cmd.programme_id, "changes": cmd.changes}
@@ -66,23 +64,23 @@ class ProgrammeServices:
         return self._mutate(who, "UpdateProgramme", cmd.request_id, params, work, EventType.PROGRAMME_UPDATED)
 
     def get_programme(self, who: Principal, programme_id: str) -> Programme:
-        with UnitOfWork(self.storage, write=False):
-            return programme_repository.get(programme_id)
+        with self.unit_of_work(write=False) as uow:
+            return uow.programmes.get(programme_id)
 
     def list_programmes(self, who: Principal, size: int, token: str) -> Page[Programme]:
-        with UnitOfWork(self.storage, write=False):
-            return programme_repository.list_programmes(size, token)
+        with self.unit_of_work(write=False) as uow:
+            return uow.programmes.page(size, token)
 
     def ensure_default(self, notice_window: timedelta) -> Programme:
         """Creates the default programme with `notice_window` unless it exists; says so when the
         stored window differs (it is changed with UpdateProgramme, not by a flag)."""
-        with UnitOfWork(self.storage, write=False):
-            default = programme_repository.find(programmes.DEFAULT_PROGRAMME_ID)
+        with self.unit_of_work(write=False) as uow:
+            default = uow.programmes.find(programmes.DEFAULT_PROGRAMME_ID)
         if default is None:
             # Written only when missing, so a read-only database still serves its reads.
-            with UnitOfWork(self.storage) as uow:
-                programme_repository.add(programmes.default_programme(self.clock.now(), notice_window))
-                default = programme_repository.get(programmes.DEFAULT_PROGRAMME_ID)
+            with self.unit_of_work() as uow:
+                uow.programmes.add(programmes.default_programme(self.clock.now(), notice_window))
+                default = uow.programmes.get(programmes.DEFAULT_PROGRAMME_ID)
                 uow.commit()
         if default.terms.notice_window != notice_window:
             log.warning(

@@ -9,17 +9,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from kara_sessions_server.adapters import idempotency, session_repository
-from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.clock import Clock
-from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
 BATCH = 500
 
 
 @dataclass
 class Retention:
-    storage: Storage
+    unit_of_work: UnitOfWorkFactory
     clock: Clock
     # Settings.request_id_retention and audit_retention.
     request_ids: timedelta
@@ -27,16 +25,18 @@ class Retention:
     audit: timedelta | None
 
     def prune_request_ids(self) -> int:
-        return self._in_batches(idempotency.prune, self.request_ids)
+        return self._in_batches(lambda uow: uow.requests.prune, self.request_ids)
 
     def prune_audit(self) -> int:
-        return 0 if self.audit is None else self._in_batches(session_repository.prune_audit, self.audit)
+        return 0 if self.audit is None else self._in_batches(lambda uow: uow.sessions.prune_audit, self.audit)
 
-    def _in_batches(self, prune: Callable[[datetime, int], int], keep: timedelta) -> int:
+    def _in_batches(
+        self, prune: Callable[[UnitOfWork], Callable[[datetime, int], int]], keep: timedelta
+    ) -> int:
         total = 0
         while True:
-            with UnitOfWork(self.storage) as uow:
-                deleted = prune(self.clock.now() - keep, BATCH)
+            with self.unit_of_work() as uow:
+                deleted = prune(uow)(self.clock.now() - keep, BATCH)
                 uow.commit()
             total += deleted
             if deleted < BATCH:

@@ -11,14 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from kara_sessions_server.adapters import (
-    invoice_repository,
-    ledger,
-    programme_repository,
-    session_repository,
-    snapshots,
-)
-from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.clock import Clock
 from kara_sessions_server.domain.errors import InvalidRequest
 from kara_sessions_server.domain.feed import Change, EventType
@@ -45,6 +37,7 @@ from kara_sessions_server.domain.model import (
     Transition,
     WaiveCharge,
     changed,
+    insufficient_credits,
     payment_of,
 )
 from kara_sessions_server.domain.notices import (
@@ -63,9 +56,9 @@ from kara_sessions_server.domain.session_lifecycle import (
     on_invoice_refusal,
     settled_by_move,
 )
-from kara_sessions_server.service_layer import authz
+from kara_sessions_server.service_layer import authz, snapshots
 from kara_sessions_server.service_layer.mutations import Mutations, Operation
-from kara_sessions_server.service_layer.unit_of_work import UnitOfWork
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
 SYSTEM_ACTOR = "SYSTEM"
 
@@ -78,10 +71,10 @@ _REBOOK = (
 
 @dataclass
 class Services:
-    """Sessions, payments and credits: what they read (storage, clock) and how they change
-    things (mutations), injected by the composition root (entrypoints/grpc/server.py)."""
+    """Sessions, payments and credits: what they read (units of work, clock) and how they
+    change things (mutations), injected by the composition root (entrypoints/grpc/server.py)."""
 
-    storage: Storage
+    unit_of_work: UnitOfWorkFactory
     clock: Clock
     mutations: Mutations
     # How far ahead a session may be booked: a typo'd year would otherwise hold a credit for ever
@@ -106,10 +99,12 @@ class Services:
                     reason="STARTS_AT_NOT_IN_FUTURE",
                 )
             self._check_horizon("starts_at", cmd.starts_at, now)
-            session = _new_booking(cmd.client_id, cmd.professional_id, cmd.starts_at, cmd.programme_id, now)
-            ledger.hold(_account(session), session.session_id, session.credits, cmd.request_id, now)
-            session_repository.add_session(session)
-            session_repository.audit(None, session, "BOOK", SYSTEM_ACTOR, who, cmd.request_id, now)
+            session = _new_booking(
+                uow, cmd.client_id, cmd.professional_id, cmd.starts_at, cmd.programme_id, now
+            )
+            uow.ledger.hold(_account(session), session.session_id, session.credits, cmd.request_id, now)
+            uow.sessions.add(session)
+            uow.sessions.audit(None, session, "BOOK", SYSTEM_ACTOR, who, cmd.request_id, now)
             uow.notices.append(CreditsMoved(LedgerKind.HOLD, session.credits))
             return session
 
@@ -131,7 +126,7 @@ class Services:
             # The lifecycle checks these again; checking first makes a malformed request
             # INVALID_ARGUMENT even when the session does not exist.
             self.policy.validate_request(cmd, now)
-            before = _load_session(who, cmd.session_id)
+            before = _load_session(uow, who, cmd.session_id)
             outcome = self.lifecycle.cancel(before, cmd, now)
             step = Transition(_apply(before, outcome, now), outcome.credit_move)
             after = _settle(uow, before, step, "CANCEL", cmd.cancelled_by.value, who, cmd.request_id, now)
@@ -157,30 +152,40 @@ class Services:
 
         def work(uow: UnitOfWork, now: datetime) -> Rescheduled:
             self._check_reschedule_request(cmd, now)
-            before = _load_session(who, cmd.session_id)
+            before = _load_session(uow, who, cmd.session_id)
             outcome = self.lifecycle.reschedule(before, cmd, now)
             party = cmd.rescheduled_by.value
             uow.notices.append(SessionRescheduled(cmd.rescheduled_by, outcome.move.late, outcome.charged))
             if not outcome.charged:
-                after = session_repository.move(before, moved(before, outcome.move, now))
-                session_repository.audit(before, after, "RESCHEDULE", party, who, cmd.request_id, now)
+                after = uow.sessions.move(before, moved(before, outcome.move, now))
+                uow.sessions.audit(before, after, "RESCHEDULE", party, who, cmd.request_id, now)
                 return Rescheduled(after)
             # Settled as a late cancellation, and booked again on a new credit of the programme,
             # under its terms as they are now (a new booking), naming the session it replaces.
             replacement = _new_booking(
-                before.client_id, before.professional_id, cmd.new_starts_at, before.programme_id, now, before
+                uow,
+                before.client_id,
+                before.professional_id,
+                cmd.new_starts_at,
+                before.programme_id,
+                now,
+                before,
             )
             step = settled_by_move(before, outcome, replacement.session_id, now)
             # The session's guarded UPDATE first: of two racing requests the loser is told the
             # session moved on, not (wrongly) that the client has no credit left. Then, as the
             # ledger has always told it, the new booking's HOLD before the old session's TAKE.
             account = _account(before)
-            settled = session_repository.change_state(before, step.after)
-            ledger.hold(account, replacement.session_id, replacement.credits, cmd.request_id, now, _REBOOK)
-            ledger.settle(account, before.session_id, step.credit_move, before.credits, cmd.request_id, now)
-            session_repository.add_session(replacement)
-            session_repository.audit(before, settled, "RESCHEDULE", party, who, cmd.request_id, now)
-            session_repository.audit(None, replacement, "BOOK", party, who, cmd.request_id, now)
+            settled = uow.sessions.change_state(before, step.after)
+            uow.ledger.hold(
+                account, replacement.session_id, replacement.credits, cmd.request_id, now, _REBOOK
+            )
+            uow.ledger.settle(
+                account, before.session_id, step.credit_move, before.credits, cmd.request_id, now
+            )
+            uow.sessions.add(replacement)
+            uow.sessions.audit(before, settled, "RESCHEDULE", party, who, cmd.request_id, now)
+            uow.sessions.audit(None, replacement, "BOOK", party, who, cmd.request_id, now)
             uow.notices.append(CreditsMoved(step.credit_move, before.credits))
             uow.notices.append(CreditsMoved(LedgerKind.HOLD, replacement.credits))
             return Rescheduled(replacement, settled)
@@ -210,13 +215,13 @@ class Services:
         """What reschedule_session would do; a charged move needs a spare credit, so a preview
         without one is refused as the reschedule would be."""
         authz.check_reschedule(who, cmd)
-        with UnitOfWork(self.storage, write=False):
+        with self.unit_of_work(write=False) as uow:
             now = self.clock.now()
             self._check_reschedule_request(cmd, now)
-            session = _load_session(who, cmd.session_id)
+            session = _load_session(uow, who, cmd.session_id)
             outcome = self.lifecycle.reschedule(session, cmd, now)
-            if outcome.charged and ledger.balance(_account(session)).available < outcome.credits_held:
-                raise ledger.insufficient(_account(session), _REBOOK)
+            if outcome.charged and uow.ledger.balance(_account(session)).available < outcome.credits_held:
+                raise insufficient_credits(_account(session), _REBOOK)
             return outcome
 
     def _check_reschedule_request(self, cmd: RescheduleSession, now: datetime) -> None:
@@ -236,14 +241,14 @@ class Services:
 
     def preview_cancellation(self, who: Principal, cmd: CancelSession) -> CancellationOutcome:
         authz.check_cancel(who, cmd)
-        with UnitOfWork(self.storage, write=False):
+        with self.unit_of_work(write=False) as uow:
             now = self.clock.now()
             self.policy.validate_request(cmd, now)
-            return self.lifecycle.cancel(_load_session(who, cmd.session_id), cmd, now)
+            return self.lifecycle.cancel(_load_session(uow, who, cmd.session_id), cmd, now)
 
     def complete_session(self, who: Principal, cmd: CompleteSession) -> Session:
         def work(uow: UnitOfWork, now: datetime) -> Session:
-            before = _load_session(who, cmd.session_id)
+            before = _load_session(uow, who, cmd.session_id)
             authz.check_complete(who, before)
             step = self.lifecycle.complete(before, now)
             return _settle(uow, before, step, "COMPLETE", SYSTEM_ACTOR, who, cmd.request_id, now)
@@ -259,7 +264,7 @@ class Services:
 
     def mark_no_show(self, who: Principal, cmd: MarkNoShow) -> tuple[Session, Payment]:
         def work(uow: UnitOfWork, now: datetime) -> tuple[Session, Payment]:
-            before = _load_session(who, cmd.session_id)
+            before = _load_session(uow, who, cmd.session_id)
             authz.check_professional_act(who, before, "mark a session as a no-show")
             step = self.lifecycle.no_show(before, now)
             after = _settle(uow, before, step, "NO_SHOW", _actor(who), who, cmd.request_id, now)
@@ -275,14 +280,14 @@ class Services:
 
     def waive_charge(self, who: Principal, cmd: WaiveCharge) -> tuple[Session, Payment]:
         def work(uow: UnitOfWork, now: datetime) -> tuple[Session, Payment]:
-            before, invoice_id = self._session_and_invoice(who, cmd.session_id)
+            before, invoice_id = self._session_and_invoice(uow, who, cmd.session_id)
             authz.check_professional_act(who, before, "waive a charge")
             step = self.lifecycle.waive(before, invoice_id, str(who), cmd.reason, now)
             after = _settle(uow, before, step, "WAIVE", _actor(who), who, cmd.request_id, now)
             # The conditional UPDATE locked the session's row; an AddToInvoice locks it too before
             # it adds a line, so whichever came second sees the other: look again under the lock
             # (a refusal rolls back all of it).
-            if on_invoice := invoice_repository.invoices_of([before.session_id]):
+            if on_invoice := uow.invoices.invoices_of([before.session_id]):
                 raise on_invoice_refusal(before, on_invoice[before.session_id])
             uow.notices.append(ChargeWaived())
             return after, payment_of(after)
@@ -299,18 +304,18 @@ class Services:
         )
 
     @staticmethod
-    def _session_and_invoice(who: Principal, session_id: str) -> tuple[Session, str]:
+    def _session_and_invoice(uow: UnitOfWork, who: Principal, session_id: str) -> tuple[Session, str]:
         session, invoice_id = authz.found_or_denied(
             who,
-            lambda: session_repository.get_session_and_invoice(session_id),
+            lambda: uow.sessions.get_with_invoice(session_id),
             lambda: authz.session_denied(session_id),
         )
         authz.check_session(who, session)
         return session, invoice_id
 
     def get_session(self, who: Principal, session_id: str) -> Session:
-        with UnitOfWork(self.storage, write=False):
-            return _load_session(who, session_id)
+        with self.unit_of_work(write=False) as uow:
+            return _load_session(uow, who, session_id)
 
     def list_sessions(
         self,
@@ -324,21 +329,21 @@ class Services:
         if not professional_id and not client_id:
             raise InvalidRequest.single("professional_id", "give a professional_id, a client_id or both")
         authz.check_list_sessions(who, professional_id, client_id)
-        with UnitOfWork(self.storage, write=False):
-            return session_repository.list_sessions(professional_id, client_id, state, size, token)
+        with self.unit_of_work(write=False) as uow:
+            return uow.sessions.page(professional_id, client_id, state, size, token)
 
     # --- payments -------------------------------------------------------------------------
 
     def get_payment(self, who: Principal, session_id: str) -> Payment:
-        with UnitOfWork(self.storage, write=False):
-            return payment_of(*self._session_and_invoice(who, session_id))
+        with self.unit_of_work(write=False) as uow:
+            return payment_of(*self._session_and_invoice(uow, who, session_id))
 
     def list_payments(
         self, who: Principal, professional_id: str, section: PaymentSection, size: int, token: str
     ) -> Page[Payment]:
         authz.check_list_payments(who, professional_id)
-        with UnitOfWork(self.storage, write=False):
-            return session_repository.list_payments(professional_id, section, size, token)
+        with self.unit_of_work(write=False) as uow:
+            return uow.sessions.payments(professional_id, section, size, token)
 
     # --- credits --------------------------------------------------------------------------
 
@@ -346,10 +351,10 @@ class Services:
         authz.check_grant(who)
 
         def work(uow: UnitOfWork, now: datetime) -> CreditAccount:
-            account = Account(cmd.client_id, programme_repository.get(cmd.programme_id).programme_id)
-            ledger.grant(account, cmd.credits, cmd.request_id, now)
+            account = Account(cmd.client_id, uow.programmes.get(cmd.programme_id).programme_id)
+            uow.ledger.grant(account, cmd.credits, cmd.request_id, now)
             uow.notices.append(CreditsMoved(LedgerKind.GRANT, cmd.credits))
-            return ledger.balance(account)
+            return uow.ledger.balance(account)
 
         return self.mutate(
             who,
@@ -368,11 +373,12 @@ class Services:
         self, who: Principal, client_id: str, programme_id: str, size: int, token: str
     ) -> CreditAccount:
         authz.check_credit_account(who, client_id)
-        with UnitOfWork(self.storage, write=False):
-            return ledger.account(Account(client_id, programme_id), size, token)
+        with self.unit_of_work(write=False) as uow:
+            return uow.ledger.account(Account(client_id, programme_id), size, token)
 
 
 def _new_booking(
+    uow: UnitOfWork,
     client_id: str,
     professional_id: str,
     starts_at: datetime,
@@ -393,7 +399,7 @@ def _new_booking(
         version=1,
         credits=CREDITS_PER_SESSION,
         programme_id=programme_id,
-        terms=programme_repository.get(programme_id).terms,
+        terms=uow.programmes.get(programme_id).terms,
         rescheduled_from="" if replacing is None else replacing.session_id,
     )
 
@@ -431,18 +437,18 @@ def _settle(
     """Persists one settling step, as every use case that settles a session does: the session's
     guarded UPDATE first (of two racing requests, the loser learns the session moved on), the
     credit's move in the ledger, the audit row. Returns the session as saved."""
-    after = session_repository.change_state(before, step.after)
-    ledger.settle(_account(before), before.session_id, step.credit_move, before.credits, request_id, now)
-    session_repository.audit(before, after, action, actor, who, request_id, now)
+    after = uow.sessions.change_state(before, step.after)
+    uow.ledger.settle(_account(before), before.session_id, step.credit_move, before.credits, request_id, now)
+    uow.sessions.audit(before, after, action, actor, who, request_id, now)
     uow.notices.append(CreditsMoved(step.credit_move, before.credits))
     return after
 
 
-def _load_session(who: Principal, session_id: str) -> Session:
+def _load_session(uow: UnitOfWork, who: Principal, session_id: str) -> Session:
     """The session, if `who` may see it; to anyone but a service, a missing session and another
     person's session are refused alike."""
     session = authz.found_or_denied(
-        who, lambda: session_repository.get_session(session_id), lambda: authz.session_denied(session_id)
+        who, lambda: uow.sessions.get(session_id), lambda: authz.session_denied(session_id)
     )
     authz.check_session(who, session)
     return session

@@ -1,119 +1,64 @@
 """One request, one unit of work: a single transaction that the service layer opens and
-commits explicitly; leaving the block without commit() rolls everything back.
+commits explicitly; leaving the block without commit() rolls everything back. Its repositories
+are its attributes, so whatever a use case reads and writes is in that one transaction.
 
-Every transaction is bounded: by its call's deadline (the caller stops waiting then) and by the
-storage's ceiling. A transaction whose caller has gone by the time it would commit is rolled
-back instead, so a caller told "failed" never finds the change made after all."""
+This is what the use cases see. adapters/unit_of_work.py is the one on SQLite and PostgreSQL
+(its transactions bounded by the call's deadline); tests/service_layer/ has one in memory."""
 
 from __future__ import annotations
 
-import threading
-import time
+import abc
 from types import TracebackType
-from typing import Any
+from typing import Protocol, Self
 
-from kara_sessions_server.adapters import faults, tracing
-from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.domain.notices import Notice
-from kara_sessions_server.service_layer.call_context import CURRENT, Call, CallGone, DeadlineExceeded
+from kara_sessions_server.service_layer.repositories import (
+    InvoiceRepository,
+    Ledger,
+    Outbox,
+    ProgrammeRepository,
+    RequestLog,
+    SessionRepository,
+)
 
 
-class _NotCommitted(Exception):
-    pass
+class UnitOfWork(abc.ABC):
+    sessions: SessionRepository
+    ledger: Ledger
+    programmes: ProgrammeRepository
+    invoices: InvoiceRepository
+    # The event feed; each event's row is also its change's request_id record (requests).
+    events: Outbox
+    requests: RequestLog
 
-
-class UnitOfWork:
-    def __init__(self, storage: Storage, *, write: bool = True):
-        self._storage = storage
-        self._write = write
-        self._tx: Any = None
-        self._committed = False
-        self._lock: threading.Lock | None = None
-        self._watch: int | None = None
-        self._call: Call | None = None
-        self._span: Any = None
-        # Told by the service layer once the transaction has committed.
+    def __init__(self) -> None:
+        self.committed = False
+        # Told by the service layer once the transaction has committed (metrics).
         self.notices: list[Notice] = []
 
-    def __enter__(self) -> UnitOfWork:
-        self._call = CURRENT.get()
-        timeout = self._storage.max_transaction_seconds
-        remaining = self._call.remaining() if self._call is not None else None
-        if remaining is not None:
-            if remaining <= 0:
-                raise DeadlineExceeded("the deadline passed before the call's transaction began")
-            timeout = min(timeout, remaining)
-        storage = self._storage
-        # From here: waiting for SQLite's writer lock is part of the transaction's time.
-        self._span = tracing.transaction_started(storage.system, storage.db.database, self._write)
-        lock = self._storage.write_lock if self._write else None
-        if lock is not None and not lock.acquire(timeout=timeout):
-            waited_too_long = faults.lock_timeout()
-            tracing.ended(self._span, waited_too_long)
-            self._span = None
-            self._raise_timeout(waited_too_long)
-        self._lock = lock
-        try:
-            call = self._call
-            self._tx = self._storage.begin(self._write, timeout, call.is_active if call else lambda: True)
-            # Where the database does not stop its statements at the deadline itself (SQLite;
-            # PostgreSQL keeping its connection's bound), the watchdog interrupts them then.
-            deadline = None if self._storage.statements_bounded(timeout) else time.monotonic() + timeout
-            self._watch = self._storage.watchdog.watch(deadline, self._storage.interrupter())
-        except BaseException as exc:
-            self._release(exc)
-            if faults.is_database_error(exc):
-                self._raise_timeout(exc)
-            raise
-        return self
+    @abc.abstractmethod
+    def __enter__(self) -> Self:
+        """Begins the transaction."""
 
-    def commit(self) -> None:
-        """Marks the work done; the transaction commits when the block ends."""
-        self._committed = True
-
+    @abc.abstractmethod
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        gone = exc_type is None and self._committed and self._call is not None and not self._call.is_active()
-        if gone:
-            exc_type = CallGone
-        elif exc_type is None and not self._committed:
-            # peewee commits a clean exit; make an uncommitted one roll back instead.
-            exc_type = _NotCommitted
-        error: BaseException | None = exc
-        try:
-            self._tx.__exit__(exc_type, exc, tb)
-        except BaseException as failed:  # the commit itself failed
-            error = failed
-            raise
-        finally:
-            if faults.is_connection_error(exc):
-                # The connection may be dead (server restart, network): discard it rather than
-                # hand it back to the pool for the next request to trip over.
-                self._storage.db.manual_close()
-            self._release(error, committed=error is None and exc_type is None)
-        if gone:
-            raise CallGone("the caller stopped waiting before the transaction committed; rolled back")
-        if exc is not None and faults.is_database_error(exc):
-            self._raise_timeout(exc)
+        """Commits if commit() was called and nothing was raised; else rolls back."""
 
-    def _raise_timeout(self, exc: BaseException) -> None:
-        """A database error after the call's deadline is the deadline's doing; else it stands."""
-        remaining = self._call.remaining() if self._call is not None else None
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("the call's deadline passed during its transaction; rolled back") from exc
-        raise exc
+    def commit(self) -> None:
+        """Marks the work done; the transaction commits when the block ends."""
+        self.committed = True
 
-    def _release(self, error: BaseException | None = None, committed: bool = False) -> None:
-        tracing.ended(self._span, error, committed)
-        self._span = None
-        if self._watch is not None:
-            self._storage.watchdog.release(self._watch)
-            self._watch = None
-        self._storage.release()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+    def rollback(self) -> None:
+        """Takes commit() back: the block rolls back when it ends."""
+        self.committed = False
+
+
+class UnitOfWorkFactory(Protocol):
+    """A new unit of work per request; `write=False` for one that only reads."""
+
+    def __call__(self, *, write: bool = True) -> UnitOfWork: ...

@@ -16,7 +16,6 @@ from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import programmes_pb2 as ppb
 from kara.sessions.v1 import sessions_pb2 as pb
 
-from kara_sessions_server.adapters.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
 from kara_sessions_server.domain.feed import FeedEvent, SessionChanged
 from kara_sessions_server.domain.model import (
@@ -39,6 +38,7 @@ from kara_sessions_server.domain.model import (
     Waiver,
 )
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, LateReschedule, Programme, Terms
+from kara_sessions_server.service_layer.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 E = TypeVar("E")
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage, sqlite_path
+from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import SystemClock
 from kara_sessions_server.entrypoints import logs
 from kara_sessions_server.service_layer.mutations import Mutations
@@ -141,7 +142,8 @@ def _prepare_database(database_url: str, notice_window: timedelta) -> None:
     try:
         migrations.prepare(storage)
         clock = SystemClock()
-        ProgrammeServices(storage, clock, Mutations(storage, clock)).ensure_default(notice_window)
+        unit_of_work = SqlUnitsOfWork(storage)
+        ProgrammeServices(unit_of_work, clock, Mutations(unit_of_work, clock)).ensure_default(notice_window)
     finally:
         storage.close()
 

@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from kara_sessions_server.adapters import durability, migrations
 from kara_sessions_server.adapters.storage import Storage, open_storage
+from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.entrypoints import cpus, tracing
@@ -56,6 +57,7 @@ from kara_sessions_server.service_layer.mutations import Mutations
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.retention import Retention
 from kara_sessions_server.service_layer.services import Services
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWorkFactory
 
 # Settings is declared in entrypoints/settings.py and re-exported: what start() takes.
 __all__ = ["SERVICE_NAMES", "RunningServer", "Settings", "serve", "start"]
@@ -90,6 +92,8 @@ class RunningServer:
     server: grpc.Server
     port: int
     storage: Storage
+    # What the services open a transaction with (tests read the database through it too).
+    unit_of_work: UnitOfWorkFactory
     health: health.HealthServicer
     services: Services
     events: EventServices
@@ -147,12 +151,13 @@ def start(
         metrics = Metrics()
         undo.callback(metrics.close)
         now = clock or SystemClock()
-        mutations = Mutations(storage, now, tell=metrics.observe_notice)
-        services = Services(storage, now, mutations, settings.max_booking_horizon, CancellationPolicy())
-        programmes = ProgrammeServices(storage, now, mutations)
+        unit_of_work = SqlUnitsOfWork(storage)
+        mutations = Mutations(unit_of_work, now, tell=metrics.observe_notice)
+        services = Services(unit_of_work, now, mutations, settings.max_booking_horizon, CancellationPolicy())
+        programmes = ProgrammeServices(unit_of_work, now, mutations)
         programmes.ensure_default(settings.notice_window)
         events = EventServices(
-            storage,
+            unit_of_work,
             now,
             mutations.signal,
             retention=settings.event_retention,
@@ -193,13 +198,15 @@ def start(
             ],
         )
         undo.callback(_release_unstarted, server, lifetime)
-        health_servicer = _add_servicers(server, services, programmes, events, streams, metrics, mutations)
+        health_servicer = _add_servicers(
+            server, services, InvoiceServices(unit_of_work, mutations), programmes, events, streams, metrics
+        )
         port = _listen(server, settings.listen, credentials)
         metrics_port = _serve_metrics(metrics, settings)
         server.start()
         lifetime.serving = True
         undo.callback(_drain, server, storage, streams, events, lifetime)
-        pruner = _pruner(settings, storage, now, events)
+        pruner = _pruner(settings, unit_of_work, now, events)
         if settings.prunes:
             pruner.start()
         undo.callback(pruner.stop)
@@ -215,6 +222,7 @@ def start(
             server=server,
             port=port,
             storage=storage,
+            unit_of_work=unit_of_work,
             health=health_servicer,
             services=services,
             events=events,
@@ -236,17 +244,15 @@ def start(
 def _add_servicers(
     server: grpc.Server,
     services: Services,
+    invoices: InvoiceServices,
     programmes: ProgrammeServices,
     events: EventServices,
     streams: StreamGate,
     metrics: Metrics,
-    mutations: Mutations,
 ) -> health.HealthServicer:
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(services), server)
     credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(services), server)
-    invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(
-        InvoiceServicer(InvoiceServices(services.storage, mutations)), server
-    )
+    invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(invoices), server)
     events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(events, streams, metrics), server)
     programmes_pb2_grpc.add_ProgrammeServiceServicer_to_server(ProgrammeServicer(programmes), server)
     health_servicer = health.HealthServicer()
@@ -354,8 +360,10 @@ def _log_durability(found: durability.Durability) -> None:
         log.warning("an acknowledged change can be lost: %s", risk)
 
 
-def _pruner(settings: Settings, storage: Storage, clock: Clock, events: EventServices) -> Pruner:
-    retention = Retention(storage, clock, settings.request_id_retention, settings.audit_retention)
+def _pruner(
+    settings: Settings, unit_of_work: UnitOfWorkFactory, clock: Clock, events: EventServices
+) -> Pruner:
+    retention = Retention(unit_of_work, clock, settings.request_id_retention, settings.audit_retention)
     return Pruner(
         settings.event_prune_seconds,
         {

@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from kara_sessions_server.adapters.storage import MICROSECOND
+from kara_sessions_server.domain.clock import MICROSECOND
 from kara_sessions_server.domain.model import (
     Cancellation,
     CreditAccount,
