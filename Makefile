@@ -71,7 +71,8 @@ lint: $(STAMP) $(BUF) ## ruff, mypy, the layer contracts (lint-imports), and buf
 	$(BUF) breaking protos --against '$(BUF_AGAINST)'
 	$(BIN)/ruff check server client tests bench setup.py
 	$(BIN)/ruff format --check server client tests bench setup.py
-	$(BIN)/mypy server/kara_sessions_server client/kara_sessions_client bench
+	@# The in-memory unit of work too: mypy checks it keeps to the service layer's Protocols.
+	$(BIN)/mypy server/kara_sessions_server client/kara_sessions_client bench tests/support/memory.py tests/service_layer
 	$(BIN)/lint-imports
 
 check: lint test test-client-install ## Everything CI runs
