@@ -499,6 +499,33 @@ def submit_an_empty_invoice(w: World) -> Refused:
     return lambda: w.invoices.submit_invoice(SERVICE, SubmitInvoice(invoice_id, _id()))
 
 
+# Reads
+
+
+@refusal("INVALID_REQUEST")
+def list_sessions_of_no_one(w: World) -> Refused:
+    return lambda: w.services.list_sessions(SERVICE, "", "", None, 10, "")
+
+
+@refusal("PERMISSION_DENIED")
+def list_another_professionals_payments(w: World) -> Refused:
+    return lambda: w.services.list_payments(PRO, "pro-2", PaymentSection.PAID, 10, "")
+
+
+@refusal("INVALID_REQUEST")
+def read_the_feed_after_a_made_up_cursor(w: World) -> Refused:
+    return lambda: w.events.list_events(SERVICE, "not-a-cursor", 10, ())
+
+
+@refusal("CURSOR_EXPIRED")
+def read_the_feed_after_a_pruned_cursor(w: World) -> Refused:
+    w.book()
+    first = w.events.list_events(SERVICE, "", 10, ())[0].cursor
+    w.clock.advance(timedelta(days=31))
+    assert w.events.prune() > 1
+    return lambda: w.events.list_events(SERVICE, first, 10, ())
+
+
 @pytest.mark.parametrize(("setup", "reason"), REFUSALS.values(), ids=REFUSALS.keys())
 def test_every_refusal_changes_nothing(world: World, setup: Setup, reason: str) -> None:
     call = setup(world)
