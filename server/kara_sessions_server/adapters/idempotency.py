@@ -1,5 +1,5 @@
 """request_id bookkeeping: the first result of a mutation is stored with the mutation, in the
-same transaction, on the row of the change's event (outbox.append writes both), so a retry
+same transaction, on the row of the change's event (Outbox.append writes both), so a retry
 returns that result and moves nothing. The events table's unique request_id stops a replay."""
 
 from __future__ import annotations
