@@ -461,7 +461,9 @@ class Storage:
 
     def bound(self, models: Sequence[type[pw.Model]] = ()) -> Any:
         """A block in which the tables (and `models`) are this database's: for the schema's
-        work and for tools that read with peewee's query builder. Requests never need it."""
+        work and for tools that read with peewee's query builder. Requests never need it. The
+        binding is the classes', so while a block lasts it holds for the whole process: schema
+        work runs before serving (start-up, `migrate`), not beside another database's."""
         return self.db.bind_ctx([*TABLES, *models])
 
     def release(self) -> None:
