@@ -311,10 +311,9 @@ def current_version(storage: Storage) -> int | None:
     """The schema version, or None for an empty database."""
     tables = set(storage.db.get_tables())
     if SchemaVersionRow._meta.table_name in tables:
-        with storage.bound():
-            row = SchemaVersionRow.get_or_none(SchemaVersionRow.id == 1)
+        row = storage.sql("SELECT version FROM schema_version WHERE id = 1").fetchone()
         if row is not None:
-            return int(row.version)
+            return int(row[0])
     return BASELINE if "sessions" in tables else None
 
 
