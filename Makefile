@@ -12,6 +12,9 @@ BUF    := $(TOOLS)/node_modules/.bin/buf
 # npm registry into a cache folder. Without npm it is left out, and that test skips (fails on CI).
 NODE_CALLER := $(TOOLS)/node-caller
 NODE_DEPS   := $(NODE_CALLER)/node_modules/.package-lock.json
+# PgBouncer for the tests behind a transaction-mode pooler (tests/support/pgbouncer.py): Debian's
+# package, installed as root where apt-get is; elsewhere those tests skip (and fail on CI).
+PGBOUNCER := /usr/sbin/pgbouncer
 # The API as released to clients: `buf breaking` compares protos/ with it. Move it forward (a
 # full commit of main) when a release ships; a branch can compare with main instead:
 # make lint BUF_AGAINST='.git\#branch=main,subdir=protos'
@@ -48,7 +51,7 @@ run: $(STAMP) ## Serve on 127.0.0.1:50051 with SQLite in ./kara-sessions.db (ARG
 demo: $(STAMP) ## Run the article's five scenarios, then invoice the paid ones, on a throwaway server
 	$(BIN)/kara-sessions demo
 
-test: $(STAMP) $(NODE_DEPS) ## Run the whole test suite (SQLite, and PostgreSQL when reachable; required when CI=true)
+test: $(STAMP) $(NODE_DEPS) $(PGBOUNCER) ## Run the whole test suite (SQLite, and PostgreSQL when reachable; required when CI=true)
 	$(BIN)/python -m pytest $(ARGS)
 
 test-client-install: $(STAMP) ## Install just the client (no [server]) into a fresh venv; drive a server with it
@@ -62,6 +65,11 @@ $(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
 		mkdir -p $(NODE_CALLER) && cp tests/node/package.json tests/node/package-lock.json $(NODE_CALLER)/ && \
 		npm ci --prefix $(NODE_CALLER) --no-audit --no-fund --silent; \
 	else echo "npm not found: the Node client test will be skipped"; fi
+
+$(PGBOUNCER):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null; \
+	else echo "pgbouncer not found and not root: the tests behind a pooler will be skipped"; fi
 
 $(BUF):
 	npm install --prefix $(TOOLS) --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)

@@ -15,6 +15,7 @@ from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings
 
 from .support.clock import FakeClock
 from .support.database import ON_CI, POSTGRES_URL, reset_postgres
+from .support.pgbouncer import PgBouncer
 
 
 @pytest.fixture(scope="session")
@@ -35,13 +36,46 @@ def postgres_database() -> Iterator[str]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+@pytest.fixture(scope="session")
+def pgbouncer(postgres_database: str) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction pooling mode in front of the test PostgreSQL (issue 33)."""
+    pooler = PgBouncer(postgres_database)
+    pooler.start()
+    try:
+        yield pooler
+    finally:
+        pooler.stop()
+
+
+@pytest.fixture
+def pooled_database(postgres_database: str, pgbouncer: PgBouncer) -> str:
+    """The scratch PostgreSQL database, emptied, reached through PgBouncer."""
+    reset_postgres(postgres_database)
+    return pgbouncer.url(postgres_database)
+
+
+# The databases every server test runs on; modules whose promises a pooler could break (races,
+# generated histories, lock bounds) also run behind PgBouncer, by overriding `database_url`
+# with ALL_DATABASES.
+DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+ALL_DATABASES = [*DATABASES, pytest.param("pgbouncer", marks=pytest.mark.postgres)]
+
+
+def open_database(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A fresh database of the kind `request.param` names: sqlite, postgres or pgbouncer."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'kara.db'}"
+    if request.param == "pgbouncer":
+        pooled: str = request.getfixturevalue("pooled_database")
+        return pooled
     url: str = request.getfixturevalue("postgres_database")
     reset_postgres(url)
     return url
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    return open_database(request, tmp_path)
 
 
 @pytest.fixture

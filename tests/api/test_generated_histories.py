@@ -38,6 +38,7 @@ from kara.sessions.v1 import sessions_pb2 as pb
 from kara_sessions_client.client import NO_RETRY, KaraError, SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 
+from ..conftest import ALL_DATABASES, open_database
 from ..support.clock import FakeClock
 from ..support.database import assert_ledger_balances, db_snapshot
 
@@ -47,6 +48,12 @@ LONG_RUN = os.environ.get("KARA_HYPOTHESIS_EXAMPLES")
 EXAMPLES = int(LONG_RUN or "15")
 WINDOW = timedelta(hours=24)
 PAID_STATES = {"CANCELLED_PAID", "NO_SHOW", "COMPLETED"}
+
+
+@pytest.fixture(params=ALL_DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """SQLite, PostgreSQL, and PostgreSQL behind PgBouncer in transaction mode (issue 33)."""
+    return open_database(request, tmp_path)
 
 
 @dataclass

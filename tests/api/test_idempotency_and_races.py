@@ -18,11 +18,18 @@ from kara.sessions.v1 import sessions_pb2 as pb
 from kara_sessions_client.client import KaraError, SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
+from ..conftest import ALL_DATABASES, open_database
 from ..support.booking import book
 from ..support.clock import FakeClock
 from ..support.concurrency import race
 from ..support.database import assert_ledger_balances, db_snapshot
 from ..support.processes import start_server_process
+
+
+@pytest.fixture(params=ALL_DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """SQLite, PostgreSQL, and PostgreSQL behind PgBouncer in transaction mode (issue 33)."""
+    return open_database(request, tmp_path)
 
 
 def test_repeated_mutations_return_the_first_result_and_move_nothing(

@@ -26,6 +26,7 @@ from kara_sessions_client.client import NO_RETRY, KaraError, RetryPolicy, Sessio
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 from kara_sessions_server.service_layer.services import Services
 
+from ..conftest import ALL_DATABASES
 from ..support.clock import FakeClock
 from ..support.database import assert_ledger_balances, db_snapshot, reset_postgres
 from ..support.processes import start_server_process
@@ -140,6 +141,8 @@ def _hold_lock(database_url: str, session_id: str) -> Callable[[], None]:
     return release
 
 
+# Also behind PgBouncer: the bound travels with each transaction, not its connection.
+@pytest.mark.parametrize("database_url", ALL_DATABASES, indirect=True)
 def test_a_lock_wait_ends_at_the_callers_deadline_and_changes_nothing(
     server: RunningServer, kara: SessionsClient, clock: FakeClock, database_url: str
 ) -> None:
@@ -341,6 +344,8 @@ def test_a_request_id_kept_longer_than_the_feed_keeps_its_event(database_url: st
         running.stop(grace=1)
 
 
+# Also behind PgBouncer: the bound travels with each transaction, not its connection.
+@pytest.mark.parametrize("database_url", ALL_DATABASES, indirect=True)
 def test_without_a_near_deadline_a_lock_wait_ends_at_max_transaction_seconds(
     database_url: str, clock: FakeClock
 ) -> None:
@@ -403,24 +408,36 @@ def test_an_internal_error_advises_what_fits_the_rpc(
 
 
 @pytest.mark.postgres
-def test_a_call_at_the_clients_default_timeout_pays_no_statement_for_its_bounds(
-    postgres_database: str,
+def test_every_transaction_begins_with_its_own_bounds_in_the_same_round_trip(
+    postgres_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Our client's 10 s meets the server's 10 s ceiling a few ms short: that transaction keeps
-    the connection's bounds (no set_config round trip) and the watchdog holds it to its deadline;
-    a clearly nearer deadline still sets its own (issue 24)."""
+    """Nothing is set per connection (a transaction-mode pooler would drop it, or hand it to
+    another client's transaction): each transaction's BEGIN carries its statement and lock
+    bounds, with no statement of their own (issue 33), and they end with it."""
     from kara_sessions_server.adapters.storage import open_storage
 
     reset_postgres(postgres_database)
     storage = open_storage(postgres_database, max_transaction_seconds=10)
+    statements: list[str] = []
+    run = storage.db.execute_sql
+    monkeypatch.setattr(
+        storage.db, "execute_sql", lambda sql, *a, **k: statements.append(sql) or run(sql, *a, **k)
+    )
     try:
-        for timeout, shown, bounded in ((9.993, "10s", False), (10.0, "10s", True), (5.0, "5s", True)):
+        for timeout, shown in ((9.993, "9993ms"), (10.0, "10s"), (5.0, "5s"), (0.25, "250ms")):
             tx = storage.begin(write=True, timeout=timeout)
             try:
-                assert storage.db.execute_sql("SHOW statement_timeout").fetchone()[0] == shown, timeout
+                assert statements == [], "the bounds cost no statement of their own"
+                assert run("SHOW statement_timeout").fetchone()[0] == shown, timeout
+                assert run("SHOW lock_timeout").fetchone()[0] == shown, timeout
             finally:
                 tx.__exit__(None, None, None)
-                storage.release()
-            assert storage.statements_bounded(timeout) is bounded, timeout
+            assert run("SHOW statement_timeout").fetchone()[0] == "0", "SET LOCAL ends with its transaction"
+            storage.release()
+        assert storage.bounds_statements
+        # Nothing in the startup packet that a pooler's default configuration refuses, and no
+        # server-side prepared statement that would outlive its transaction.
+        assert "options" not in storage.db.connect_params
+        assert storage.db.connect_params["prepare_threshold"] is None
     finally:
         storage.close()

@@ -26,11 +26,11 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # SQLite waits this long for another process's lock before Storage.begin looks again.
 SQLITE_BUSY_POLL_MS = 100
 DEFAULT_MAX_TRANSACTION_SECONDS = 10.0
-# Bound every statement and lock wait of one transaction (SET LOCAL, for this transaction only).
-_PG_TIMEOUTS = "SELECT set_config('statement_timeout', ?, true), set_config('lock_timeout', ?, true)"
-# A PostgreSQL transaction whose time left is within this (or a tenth of the ceiling) of
-# max_transaction_seconds keeps the connection's bounds; the watchdog holds it to its deadline.
-PG_BOUND_SLACK_SECONDS = 1.0
+# Every PostgreSQL transaction begins with its own bounds, in the same round trip as its BEGIN
+# (SET LOCAL: for this transaction only). Nothing is set per connection, so a transaction-mode
+# pooler (PgBouncer, pgcat, RDS Proxy), which hands each transaction whichever server
+# connection is free, can neither drop the bounds nor carry one transaction's to another.
+_PG_BEGIN = "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
 # A PostgreSQL that does not answer a connection attempt is down, as far as a request is concerned.
 PG_CONNECT_TIMEOUT_SECONDS = 3
 # Pooled connections idle longer than this are reopened (PostgreSQL may drop idle ones).
@@ -374,6 +374,9 @@ class Storage:
         # database from one to the next at once; left to SQLite's busy handler, waiters sleep
         # and poll (up to 100 ms per nap), which is what made p99 hundreds of milliseconds.
         self.write_lock = threading.Lock() if self.is_sqlite else None
+        # PostgreSQL stops a transaction's statements at its bound itself (_PG_BEGIN); on SQLite
+        # the watchdog must interrupt them at the deadline.
+        self.bounds_statements = not self.is_sqlite
 
     def begin(self, write: bool, timeout: float, keep_waiting: Callable[[], bool] = lambda: True) -> Any:
         """Opens this thread's connection and a transaction on it; no statement in it may wait
@@ -385,34 +388,9 @@ class Storage:
         if self.is_sqlite:
             self._begin_sqlite(tx, time.monotonic() + timeout, keep_waiting)
             return tx
+        self.db.bounds.ms = _ms(timeout)
         tx.__enter__()
-        try:
-            # Each connection starts with both timeouts at max_transaction_seconds (_connect):
-            # only a transaction with a clearly different limit (a call's much nearer deadline,
-            # a migration's hour) pays a statement, a round trip, to set its own.
-            if not self._keeps_default(timeout):
-                self.sql(_PG_TIMEOUTS, (f"{_ms(timeout)}ms", f"{_ms(timeout)}ms"))
-        except BaseException:
-            tx.__exit__(pw.OperationalError, None, None)
-            raise
         return tx
-
-    def _keeps_default(self, timeout: float) -> bool:
-        """Whether a PostgreSQL transaction with `timeout` keeps the connection's default bounds.
-        A call a little short of the ceiling keeps them: our client's default timeout (10 s)
-        meets the server's default ceiling (10 s), so its time left is always a few ms under
-        it, and setting a bound that much shorter cost a statement on nearly every call. The
-        watchdog interrupts such a transaction at its own deadline instead (statements_bounded)."""
-        ceiling = self.max_transaction_seconds
-        return ceiling - min(PG_BOUND_SLACK_SECONDS, ceiling / 10) <= timeout <= ceiling
-
-    def statements_bounded(self, timeout: float) -> bool:
-        """Whether the database itself stops this transaction's statements at `timeout`: on
-        PostgreSQL, when begin() set that bound or the default is it (to the ms). Otherwise the
-        watchdog must interrupt the transaction at its deadline."""
-        if self.is_sqlite:
-            return False
-        return not self._keeps_default(timeout) or _ms(timeout) == _ms(self.max_transaction_seconds)
 
     def _begin_sqlite(self, tx: Any, deadline: float, keep_waiting: Callable[[], bool]) -> None:
         # SQLite's own busy wait cannot be interrupted, so it is kept short (SQLITE_BUSY_POLL_MS)
@@ -538,10 +516,25 @@ def _connect(
     if scheme in ("postgresql", "postgres"):
         params = parseresult_to_dict(urlparse(url))
         params.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_SECONDS)
-        # Every session's default: no statement, and no wait for a lock, outlives the longest
-        # transaction allowed. Storage.begin lowers them for a call with a nearer deadline.
-        limit = _ms(max_transaction_seconds)
-        bounds = f"-c statement_timeout={limit} -c lock_timeout={limit}"
-        params["options"] = f"{params['options']} {bounds}" if params.get("options") else bounds
-        return PooledPostgresqlDatabase(params.pop("database"), **pool, **params)
+        # No server-side prepared statements: psycopg prepares a query after its fifth run on a
+        # connection, and behind a transaction-mode pooler the next transaction meets another
+        # server connection, where that statement's name is unknown or means another query.
+        params["prepare_threshold"] = None
+        return _PostgresDatabase(params.pop("database"), max_transaction_seconds, **pool, **params)
     raise ValueError(f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH or postgresql://...")
+
+
+class _PostgresDatabase(PooledPostgresqlDatabase):  # type: ignore[misc]
+    """Begins every transaction with its statement and lock bounds (_PG_BEGIN), in one round
+    trip: Storage.begin sets this thread's bound just before."""
+
+    def __init__(self, database: str, max_transaction_seconds: float, **params: Any):
+        super().__init__(database, **params)
+        self.bounds = threading.local()
+        self._default_ms = _ms(max_transaction_seconds)
+
+    def begin(self, isolation_level: Any = None) -> None:
+        ms = getattr(self.bounds, "ms", None) or self._default_ms
+        self.bounds.ms = None
+        with pw.__exception_wrapper__:
+            self.cursor().execute(_PG_BEGIN.format(ms=int(ms)))

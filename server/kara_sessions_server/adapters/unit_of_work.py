@@ -92,9 +92,9 @@ class SqlUnitOfWork(UnitOfWork):
         try:
             call = self._call
             self._tx = self._storage.begin(self._write, timeout, call.is_active if call else lambda: True)
-            # Where the database does not stop its statements at the deadline itself (SQLite;
-            # PostgreSQL keeping its connection's bound), the watchdog interrupts them then.
-            deadline = None if self._storage.statements_bounded(timeout) else time.monotonic() + timeout
+            # Where the database does not stop its statements at the deadline itself (SQLite),
+            # the watchdog interrupts them then.
+            deadline = None if self._storage.bounds_statements else time.monotonic() + timeout
             self._watch = self._storage.watchdog.watch(deadline, self._storage.interrupter())
         except BaseException as exc:
             self._release(exc)
