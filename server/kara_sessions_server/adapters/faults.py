@@ -24,6 +24,7 @@ class Fault:
 
 UNAVAILABLE = "DATABASE_UNAVAILABLE"
 CONFLICT = "DATABASE_CONFLICT"
+FULL = "DATABASE_FULL"
 
 # SQLSTATE -> (transient, reason, what); a class ("08") covers every code in it.
 _POSTGRES: dict[str, tuple[bool, str, str]] = {
@@ -41,7 +42,7 @@ _POSTGRES: dict[str, tuple[bool, str, str]] = {
         "DATABASE_READ_ONLY",
         "the database is read-only (a standby, or default_transaction_read_only)",
     ),
-    "53100": (False, "DATABASE_FULL", "the database's disk is full"),
+    "53100": (False, FULL, "the database's disk is full"),
     "42P01": (False, "SCHEMA_MISMATCH", "a table is missing: the schema is not this server's"),
     "42703": (False, "SCHEMA_MISMATCH", "a column is missing: the schema is not this server's"),
 }
@@ -58,7 +59,7 @@ _SQLITE: tuple[tuple[str, bool, str, str], ...] = (
         "DATABASE_READ_ONLY",
         "the database file is read-only (its permissions or its disk)",
     ),
-    ("disk is full", False, "DATABASE_FULL", "the database's disk is full"),
+    ("disk is full", False, FULL, "the database's disk is full"),
     ("no such table", False, "SCHEMA_MISMATCH", "a table is missing: the schema is not this server's"),
     ("no such column", False, "SCHEMA_MISMATCH", "a column is missing: the schema is not this server's"),
     ("unable to open", False, "DATABASE_UNREADABLE", "the database file cannot be opened"),
@@ -87,24 +88,48 @@ def lock_timeout() -> Exception:
 
 
 def classify(exc: BaseException) -> Fault | None:
-    """The fault behind a database exception; None if `exc` is not one."""
+    """The fault behind a database exception; None if `exc` is not one. A failure while
+    handling another (a ROLLBACK after a COMMIT failed: "cannot rollback - no transaction is
+    active") is classified by the first one, which says what went wrong."""
     if not isinstance(exc, pw.DatabaseError | pw.InterfaceError):
         return None
     kind = type(exc).__name__
+    for error in _chain(exc):
+        known = _known(error)
+        if known is not None:
+            return Fault(*known, kind=kind)
+    sqlstate = getattr(_driver_error(exc), "sqlstate", None)
+    if isinstance(exc, pw.InterfaceError) or (isinstance(exc, pw.OperationalError) and not sqlstate):
+        # No code at all: the connection itself failed (refused, reset, timed out).
+        return Fault(True, UNAVAILABLE, "the database could not be reached", kind)
+    return Fault(False, "DATABASE_ERROR", f"the database refused the request ({kind})", kind)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the database errors it was raised while handling, the first one first."""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, pw.DatabaseError | pw.InterfaceError):
+            chain.append(current)
+        current = current.__context__
+    return chain[::-1]
+
+
+def _known(exc: BaseException) -> tuple[bool, str, str] | None:
     original = _driver_error(exc)
     sqlstate = getattr(original, "sqlstate", None)
     if sqlstate:
         for key in (sqlstate, sqlstate[:2]):
             if key in _POSTGRES:
-                return Fault(*_POSTGRES[key], kind=kind)
+                return _POSTGRES[key]
     message = str(original).lower()
     for needle, transient, reason, what in _SQLITE:
         if needle in message:
-            return Fault(transient, reason, what, kind)
-    if isinstance(exc, pw.InterfaceError) or (isinstance(exc, pw.OperationalError) and not sqlstate):
-        # No code at all: the connection itself failed (refused, reset, timed out).
-        return Fault(True, UNAVAILABLE, "the database could not be reached", kind)
-    return Fault(False, "DATABASE_ERROR", f"the database refused the request ({kind})", kind)
+            return transient, reason, what
+    return None
 
 
 def _driver_error(exc: BaseException) -> BaseException:

@@ -20,6 +20,7 @@ from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE, Princ
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.status import (
     domain_status,
+    full_status,
     incident_status,
     new_incident,
     permanent_status,
@@ -88,6 +89,7 @@ class CallInterceptor(_ServerInterceptor):
         # Set when the server starts shutting down (calls it cancels then got UNAVAILABLE).
         self.stopping = stopping or threading.Event()
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self.disk = DiskFull(metrics)
 
     def intercept_service(
         self,
@@ -211,6 +213,9 @@ class CallInterceptor(_ServerInterceptor):
             )
             return incident_status(code_pb2.INTERNAL, "INTERNAL", "internal error", incident, advice)
         self.metrics.database_error(fault.kind, fault.transient)
+        if fault.reason == faults.FULL:
+            self.disk.full(name, fault.what, incident)
+            return full_status(fault.reason, fault.what, incident, retry)
         if fault.transient:
             log.warning(
                 "%s: %s (incident %s)", name, fault.what, incident, exc_info=exc, extra={"incident": incident}
@@ -235,6 +240,8 @@ class CallInterceptor(_ServerInterceptor):
         if code == "OK" and not context.is_active():
             code = self._what_the_caller_got(context)
         self.metrics.observe_rpc(name, code, seconds)
+        if code == "OK" and self.disk.since is not None and _is_mutation(name, request):
+            self.disk.cleared(name)
         log.info(
             "%s %s",
             name,
@@ -301,6 +308,50 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
             return Undecodable(type(exc).__name__)
 
     return read
+
+
+class DiskFull:
+    """While writes fail for a full disk: one WARNING a minute (not an ERROR per call, which
+    would fill the disk faster), the gauge at 1; both end with the next committed change."""
+
+    WARN_EVERY_SECONDS = 60.0
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic):
+        self.metrics = metrics
+        self.clock = clock
+        self.since: float | None = None
+        self._warned_at: float | None = None
+        self._refused = 0
+        self._lock = threading.Lock()
+
+    def full(self, name: str, what: str, incident: str) -> None:
+        now = self.clock()
+        with self._lock:
+            self._refused += 1
+            if self.since is None:
+                self.since = now
+                self.metrics.database_full.set(1)
+            if self._warned_at is not None and now - self._warned_at < self.WARN_EVERY_SECONDS:
+                return
+            self._warned_at, refused, self._refused = now, self._refused, 0
+        log.warning(
+            "%s: %s: changes are refused (RESOURCE_EXHAUSTED DATABASE_FULL, %d since the last "
+            "warning, for %.0f s) until space is freed; nothing acknowledged is lost (incident %s)",
+            name,
+            what,
+            refused,
+            now - self.since,
+            incident,
+            extra={"incident": incident},
+        )
+
+    def cleared(self, name: str) -> None:
+        with self._lock:
+            if self.since is None:
+                return
+            lasted, self.since, self._warned_at, self._refused = self.clock() - self.since, None, None, 0
+            self.metrics.database_full.set(0)
+        log.warning("%s committed: the database accepts changes again (it was full for %.0f s)", name, lasted)
 
 
 @dataclass

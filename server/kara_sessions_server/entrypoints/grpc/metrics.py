@@ -99,6 +99,11 @@ class Metrics:
             ["kind", "transient"],
             registry=r,
         )
+        self.database_full = Gauge(
+            "kara_database_full",
+            "1 while changes fail because the database's disk is full (DATABASE_FULL); 0 once one commits",
+            registry=r,
+        )
         self._http: Any = None
         # Labelled children, bound once per (metric, labels): `labels()` costs a lock and a
         # lookup, and every RPC and every committed change moves two or more of them.

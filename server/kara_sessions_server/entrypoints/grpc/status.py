@@ -82,6 +82,13 @@ def incident_status(code: int, reason: str, what: str, incident: str, advice: st
     return status(code, f"{what} (incident {incident}); {advice}", error_info(reason, incident=incident))
 
 
+def full_status(reason: str, what: str, incident: str, retry: str) -> grpc.Status:
+    """The database's disk is full: nothing was applied; the same call succeeds once an
+    operator frees space, with no restart."""
+    message = f"{what} (incident {incident}); the request was not applied: {retry} once space is freed"
+    return status(code_pb2.RESOURCE_EXHAUSTED, message, error_info(reason, incident=incident))
+
+
 def permanent_status(reason: str, what: str, incident: str) -> grpc.Status:
     """A database fault no retry will cure: the caller learns the reason; an operator fixes it."""
     message = (
