@@ -536,5 +536,5 @@ class _PostgresDatabase(PooledPostgresqlDatabase):  # type: ignore[misc]
     def begin(self, isolation_level: Any = None) -> None:
         ms = getattr(self.bounds, "ms", None) or self._default_ms
         self.bounds.ms = None
-        with pw.__exception_wrapper__:
+        with pw.__exception_wrapper__:  # type: ignore[attr-defined]  # peewee maps driver errors
             self.cursor().execute(_PG_BEGIN.format(ms=int(ms)))

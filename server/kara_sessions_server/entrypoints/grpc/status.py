@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -23,8 +24,42 @@ from kara_sessions_server.domain.errors import (
 
 ERROR_DOMAIN = "sessions.kara"
 
+# A status travels in the trailers, which gRPC clients cap (grpc-core: 8 KiB soft, 16 KiB hard,
+# by default): a refusal that quoted a 20 KB field in full never reached its caller. What any
+# status says is cut to these, so message, ErrorInfo and BadRequest together stay under 6.5 KiB.
+MESSAGE_WIRE_BYTES = 1024  # as sent: grpc-message percent-encodes all but printable ASCII
+NAME_BYTES = 160  # a violation's field or subject, a metadata value
+DESCRIPTION_BYTES = 256  # a violation's description
+VIOLATIONS_BYTES = 1536  # all of them: the first are kept (the message says how many there were)
+MAX_METADATA = 6
+
+
+def bounded(text: str, limit: int, wire: bool = False) -> str:
+    """`text` with anything unprintable escaped, cut to `limit` UTF-8 bytes (counted as
+    percent-encoded when `wire`) and marked where it was cut."""
+    if text.isascii() and text.isprintable() and len(text) <= limit and not (wire and "%" in text):
+        return text
+    shown: list[str] = []  # one escaped part per character of text
+    size, cut, room = 0, 0, limit - 40  # 40: the marker
+    for c in text:
+        part = c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+        size += sum(_cost(p, wire) for p in part)
+        if size <= room:
+            cut = len(shown) + 1
+        if size > limit:
+            return "".join(shown[:cut]) + f"... ({len(text) - cut} more characters)"
+        shown.append(part)
+    return "".join(shown)
+
+
+def _cost(c: str, wire: bool) -> int:
+    if wire and not (" " <= c <= "~" and c != "%"):
+        return 3 * len(c.encode())
+    return len(c.encode())
+
 
 def status(code: int, message: str, *details: Any) -> grpc.Status:
+    message = bounded(message, MESSAGE_WIRE_BYTES, wire=True)
     packed = []
     for detail in details:
         any_msg = any_pb2.Any()
@@ -35,7 +70,8 @@ def status(code: int, message: str, *details: Any) -> grpc.Status:
 
 
 def error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
-    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+    kept = {key: bounded(value, NAME_BYTES) for key, value in list(metadata.items())[:MAX_METADATA]}
+    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=kept)
 
 
 def domain_status(error: DomainError) -> grpc.Status:
@@ -43,8 +79,8 @@ def domain_status(error: DomainError) -> grpc.Status:
     if isinstance(error, InvalidRequest):
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+                for field, description in _first((v.field, v.description) for v in error.violations)
             ]
         )
         return status(code_pb2.INVALID_ARGUMENT, error.message, info, bad_request)
@@ -63,13 +99,35 @@ def domain_status(error: DomainError) -> grpc.Status:
         failure = error_details_pb2.PreconditionFailure(
             violations=[
                 error_details_pb2.PreconditionFailure.Violation(
-                    type=v.type, subject=v.subject, description=v.description
+                    type=v.type, subject=subject, description=description
                 )
-                for v in error.violations
+                for v, (subject, description) in zip(
+                    error.violations,
+                    _first((v.subject, v.description) for v in error.violations),
+                    strict=False,
+                )
             ]
         )
         return status(code_pb2.FAILED_PRECONDITION, error.message, info, failure)
     return status(code_pb2.FAILED_PRECONDITION, error.message, info)
+
+
+def _first(violations: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each violation's name and description, bounded; the first that fit VIOLATIONS_BYTES
+    (at least one)."""
+    kept: list[tuple[str, str]] = []
+    size = 0
+    for name, description in violations:
+        pair = (bounded(name, NAME_BYTES), bounded(description, DESCRIPTION_BYTES))
+        size += len(pair[0].encode()) + len(pair[1].encode())
+        if kept and size > VIOLATIONS_BYTES:
+            break
+        kept.append(pair)
+    return kept
+
+
+def _texts(violations: Iterable[Any]) -> Iterator[tuple[str, str]]:
+    return ((v.subject, v.description) for v in violations)
 
 
 def new_incident() -> str:
