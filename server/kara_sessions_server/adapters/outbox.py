@@ -5,10 +5,14 @@ Why not order by a sequence alone: on PostgreSQL a transaction takes its sequenc
 inserts, but commits later, so a transaction that took 41 can commit after one that took 42. A
 reader that saw 42 and stored it as its cursor would never see 41. So each event also records
 its transaction's id (pg_current_xact_id()), the feed is ordered by (txid, position), and a
-reader only reads events of transactions older than its snapshot's xmin: every transaction
-below xmin has finished, so nothing can ever appear below the cursor after it has passed. A
-transaction still open holds the feed back (it delays, it never loses). On SQLite one writer at
-a time commits in position order, so txid is 0 and position alone is the order.
+reader only reads events below a horizon that no unfinished transaction of this database is
+under: the oldest transaction its snapshot still sees running, unless it is known to be another
+database's (pg_stat_activity), else the snapshot's xmax. Every transaction below the horizon has
+finished, so nothing can ever appear below the cursor after it has passed. A transaction of
+ours still open holds the feed back (it delays, it never loses); one in another database of the
+cluster does not (issue 33). Without the right to see other users' backends (superuser or
+pg_read_all_stats), their transactions count as ours: later, never lost. On SQLite one writer
+at a time commits in position order, so txid is 0 and position alone is the order.
 
 The cursor is opaque to callers: base64 of `txid.position`."""
 
@@ -38,8 +42,14 @@ _APPEND_SQLITE = f"INSERT INTO events {_COLUMNS} VALUES (0, ?, ?, ?, ?, ?, ?, ?,
 _APPEND_POSTGRES = (
     f"INSERT INTO events {_COLUMNS} VALUES (pg_current_xact_id()::text::bigint, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# Only transactions that have finished: see the module's docstring.
-_HORIZON_POSTGRES = "txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+# Only transactions that have finished: see the module's docstring. pg_stat_activity shows a
+# backend's xid as a 32-bit xid, the snapshot as a 64-bit one (with its epoch).
+_HORIZON_POSTGRES = (
+    "txid < COALESCE((SELECT min(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) AS x "
+    "WHERE mod(x::text::bigint, 4294967296) NOT IN (SELECT backend_xid::text::bigint FROM pg_stat_activity "
+    "WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database())), "
+    "pg_snapshot_xmax(pg_current_snapshot())::text::bigint)"
+)
 _SELECT = "SELECT txid, position, event_id, type, subject, time, data FROM events"
 _PRUNED = "SELECT pruned_txid, pruned_position FROM event_retention WHERE id = 1"
 # Only ever forward: a request_id record behind the feed's start (below) pruned after the

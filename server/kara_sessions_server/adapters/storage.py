@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -356,6 +357,33 @@ class Sql:
         return self._db.execute_sql(found, params)  # type: ignore[no-untyped-call]
 
 
+@dataclass(frozen=True, slots=True)
+class Writer:
+    """A transaction of this database that holds an xid: until it ends, the event feed stops
+    before it (outbox.py)."""
+
+    pid: int
+    application_name: str
+    open_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    # None: the database answered.
+    problem: str | None
+    # PostgreSQL: the longest-open writing transaction of this database, if any.
+    oldest_writer: Writer | None = None
+
+
+# Whose transaction holds the feed back (outbox.py), and for how long. Another user's backends
+# show their xid only to a superuser or a member of pg_read_all_stats.
+_OLDEST_WRITER = (
+    "SELECT pid, coalesce(application_name, ''), extract(epoch FROM clock_timestamp() - xact_start) "
+    "FROM pg_stat_activity WHERE datname = current_database() AND backend_xid IS NOT NULL "
+    "ORDER BY xact_start LIMIT 1"
+)
+
+
 class Storage:
     """An open database: the peewee Database, how to begin a transaction on it with a time limit,
     and the watchdog that interrupts what outlives its limit."""
@@ -404,9 +432,10 @@ class Storage:
                 if not locked or time.monotonic() >= deadline or self.closing.is_set() or not keep_waiting():
                     raise
 
-    def probe(self, timeout: float) -> str | None:
-        """None if the database answers a query on a fresh connection within `timeout` seconds,
-        else what went wrong. Uses no pooled connection, so it sees what a new request would."""
+    def probe(self, timeout: float) -> Probe:
+        """Whether the database answers a query on a fresh connection within `timeout` seconds
+        (else what went wrong), and on PostgreSQL its longest-open writing transaction. Uses no
+        pooled connection, so it sees what a new request would."""
         try:
             if self.is_sqlite:
                 conn = sqlite3.connect(self.db.database, timeout=timeout)
@@ -414,13 +443,13 @@ class Storage:
                     conn.execute("SELECT version FROM schema_version").fetchone()
                 finally:
                     conn.close()
-            else:
-                params = {**self.db.connect_params, "connect_timeout": max(1, round(timeout))}
-                with psycopg.connect(dbname=self.db.database, **params) as pg:
-                    pg.execute("SELECT 1").fetchone()
+                return Probe(None)
+            params = {**self.db.connect_params, "connect_timeout": max(1, round(timeout))}
+            with psycopg.connect(dbname=self.db.database, **params) as pg:
+                row = pg.execute(_OLDEST_WRITER).fetchone()
         except (sqlite3.Error, psycopg.Error, OSError) as exc:
-            return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None
+            return Probe(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return Probe(None, None if row is None else Writer(int(row[0]), str(row[1]), float(row[2])))
 
     def interrupter(self) -> Callable[[], None]:
         """Stops whatever this thread's connection is doing, from another thread."""

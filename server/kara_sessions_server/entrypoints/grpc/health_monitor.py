@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from grpc_health.v1 import health, health_pb2
 
-from kara_sessions_server.adapters.storage import Storage
+from kara_sessions_server.adapters.storage import Probe, Storage, Writer
 
 log = logging.getLogger("kara_sessions_server")
 
@@ -26,12 +26,15 @@ class HealthMonitor:
         names: Sequence[str],
         every: float = 2.0,
         timeout: float = 1.5,
+        on_writer: Callable[[Writer | None], None] = lambda writer: None,
     ):
         self._storage = storage
         self._servicer = servicer
         self._names = tuple(names)
         self._every = every
         self._timeout = timeout
+        # Told each probe's longest-open writing transaction (feed_holdback.FeedHoldback).
+        self._on_writer = on_writer
         self._up: bool | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
@@ -48,14 +51,16 @@ class HealthMonitor:
     def check_once(self) -> bool:
         """Probes the database (on a thread of its own, so a probe that hangs counts as down)
         and sets every service's health to what it found."""
-        found: list[str | None] = []
+        found: list[Probe] = []
         probe = threading.Thread(
             target=lambda: found.append(self._storage.probe(self._timeout)), name="health-probe", daemon=True
         )
         probe.start()
         probe.join(self._timeout + 0.5)
-        problem = found[0] if found else f"no answer within {self._timeout:.1f} s"
+        problem = found[0].problem if found else f"no answer within {self._timeout:.1f} s"
         up = problem is None
+        if up:
+            self._on_writer(found[0].oldest_writer)
         if up != self._up:
             if up:
                 again = "" if self._up is None else " again"

@@ -104,6 +104,12 @@ class Metrics:
             "1 while changes fail because the database's disk is full (DATABASE_FULL); 0 once one commits",
             registry=r,
         )
+        self.feed_held_back = Gauge(
+            "kara_feed_held_back_seconds",
+            "How long a transaction of this PostgreSQL database that outlived --max-transaction-seconds "
+            "has held the event feed back (0: none)",
+            registry=r,
+        )
         self._http: Any = None
         # Labelled children, bound once per (metric, labels): `labels()` costs a lock and a
         # lookup, and every RPC and every committed change moves two or more of them.

@@ -38,6 +38,7 @@ from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.entrypoints import cpus, tracing
+from kara_sessions_server.entrypoints.grpc.feed_holdback import FeedHoldback
 from kara_sessions_server.entrypoints.grpc.health_monitor import HealthMonitor
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
@@ -211,7 +212,11 @@ def start(
             pruner.start()
         undo.callback(pruner.stop)
         monitor = HealthMonitor(
-            storage, health_servicer, ("", *SERVICE_NAMES), every=settings.health_check_seconds
+            storage,
+            health_servicer,
+            ("", *SERVICE_NAMES),
+            every=settings.health_check_seconds,
+            on_writer=FeedHoldback(metrics, storage.max_transaction_seconds),
         )
         monitor.start()
         undo.callback(monitor.stop)
