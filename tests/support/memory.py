@@ -138,8 +138,8 @@ def _page(
     after = decode(query, token, shape)
     if after is not None:
         items = [i for i in items if (key(i) < after if newest_first else key(i) > after)]
-    rows, next_token = cut(query, list(items[: size + 1]), size, key)
-    return Page(tuple(rows), next_token)
+    rows, next_token, resume = cut(query, list(items[: size + 1]), size, key)
+    return Page(tuple(rows), next_token, resume)
 
 
 class MemorySessions:
@@ -224,6 +224,7 @@ class MemorySessions:
         return Page(
             tuple(payment_of(s, invoice_of.get(s.session_id, ("", None))[0]) for s in page.items),
             page.next_page_token,
+            page.token_after,
         )
 
     def prune_audit(self, older_than: datetime, batch: int) -> int:
@@ -300,7 +301,9 @@ class MemoryLedger:
         newest = [entry for account, entry in reversed(self._data.entries) if account == key]
         query = ("ledger", key.client_id, key.programme_id)
         page = _page(query, newest, lambda e: [int(e.entry_id)], (int,), size, token, newest_first=True)
-        return replace(current, entries=page.items, next_page_token=page.next_page_token)
+        return replace(
+            current, entries=page.items, next_page_token=page.next_page_token, entries_after=page.token_after
+        )
 
 
 class MemoryProgrammes:
@@ -448,7 +451,7 @@ class MemoryInvoices:
             token,
             newest_first=True,
         )
-        return Page(tuple(replace(i, lines=()) for i in page.items), page.next_page_token)
+        return Page(tuple(replace(i, lines=()) for i in page.items), page.next_page_token, page.token_after)
 
 
 class MemoryOutbox:

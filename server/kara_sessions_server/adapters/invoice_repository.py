@@ -283,5 +283,5 @@ class InvoiceRepository:
             where += "AND (i.created_at, i.invoice_id) < (?, ?) "
             params += after
         rows = self._sql(_LIST_INVOICES.format(where=where), (*params, size + 1)).fetchall()
-        page, token_out = cut(query_id, rows, size, lambda r: [r[4], r[0]])
-        return Page(tuple(_invoice(r) for r in page), token_out)
+        page, token_out, resume = cut(query_id, rows, size, lambda r: [r[4], r[0]])
+        return Page(tuple(_invoice(r) for r in page), token_out, resume)

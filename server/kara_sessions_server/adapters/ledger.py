@@ -138,7 +138,9 @@ class Ledger:
         """The balance with one page of its ledger."""
         current = self.balance(key)
         page = self.entries(key, size, token)
-        return replace(current, entries=page.items, next_page_token=page.next_page_token)
+        return replace(
+            current, entries=page.items, next_page_token=page.next_page_token, entries_after=page.token_after
+        )
 
     def balance(self, key: Account) -> CreditAccount:
         row = self._sql(_BALANCE, (key.client_id, key.programme_id)).fetchone()
@@ -159,7 +161,7 @@ class Ledger:
             cursor = self._sql(_ENTRIES_FIRST, (key.client_id, key.programme_id, size + 1))
         else:
             cursor = self._sql(_ENTRIES_AFTER, (key.client_id, key.programme_id, after[0], size + 1))
-        rows, token_out = cut(query_id, cursor.fetchall(), size, lambda r: [r[0]])
+        rows, token_out, resume = cut(query_id, cursor.fetchall(), size, lambda r: [r[0]])
         items = tuple(
             LedgerEntry(
                 entry_id=str(entry_id),
@@ -172,4 +174,4 @@ class Ledger:
             )
             for entry_id, kind, credits, session_id, request_id, created_at in rows
         )
-        return Page(items, token_out)
+        return Page(items, token_out, resume)

@@ -131,5 +131,5 @@ class ProgrammeRepository:
                 f"SELECT {_COLUMNS} FROM programmes WHERE programme_id > ? ORDER BY programme_id LIMIT ?",
                 (after[0], size + 1),
             )
-        page, token_out = cut(query_id, rows.fetchall(), size, lambda r: [r[0]])
-        return Page(tuple(_programme(r) for r in page), token_out)
+        page, token_out, resume = cut(query_id, rows.fetchall(), size, lambda r: [r[0]])
+        return Page(tuple(_programme(r) for r in page), token_out, resume)

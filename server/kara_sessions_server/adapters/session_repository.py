@@ -355,8 +355,10 @@ class SessionRepository:
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
             "ORDER BY starts_at, session_id LIMIT ?"
         )
-        rows, token_out = cut(query_id, self._sql(text, (*params, size + 1)).fetchall(), size, _start_key)
-        return Page(tuple(session_from_row(r) for r in rows), token_out)
+        rows, token_out, resume = cut(
+            query_id, self._sql(text, (*params, size + 1)).fetchall(), size, _start_key
+        )
+        return Page(tuple(session_from_row(r) for r in rows), token_out, resume)
 
     def payments(self, professional_id: str, section: PaymentSection, size: int, token: str) -> Page[Payment]:
         """Most recent session first."""
@@ -366,8 +368,8 @@ class SessionRepository:
             cursor = self._sql(_LIST_PAYMENTS_FIRST, (professional_id, section.value, size + 1))
         else:
             cursor = self._sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, *after, size + 1))
-        rows, token_out = cut(query_id, cursor.fetchall(), size, _start_key)
-        return Page(tuple(payment_of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out)
+        rows, token_out, resume = cut(query_id, cursor.fetchall(), size, _start_key)
+        return Page(tuple(payment_of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out, resume)
 
     def prune_audit(self, older_than: datetime, batch: int) -> int:
         """Deletes up to `batch` audit rows written before `older_than` (only when an operator asks

@@ -165,6 +165,18 @@ class ChargeNotAllowedByProgramme(PreconditionFailed):
     reason = "CHARGE_NOT_ALLOWED_BY_PROGRAMME"
 
 
+class RescheduleLimitReached(PreconditionFailed):
+    """The session has been moved as often as a session may be (policy.MAX_MOVES_PER_SESSION)."""
+
+    reason = "RESCHEDULE_LIMIT_REACHED"
+
+
+class RecordTooLarge(PreconditionFailed):
+    """The change would make a record (its event, its response) larger than a message may be."""
+
+    reason = "RECORD_TOO_LARGE"
+
+
 class LateRescheduleNotAllowed(PreconditionFailed):
     """The session's programme refuses a client's late move (its late_reschedule is REFUSED)."""
 

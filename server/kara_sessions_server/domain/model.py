@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -317,12 +318,17 @@ class CreditAccount:
     next_page_token: str = ""
     # A client has one account per programme.
     programme_id: str = DEFAULT_PROGRAMME_ID
+    # The token that resumes just after entries[i] (Page.token_after); None without entries.
+    entries_after: Callable[[int], str] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
     items: tuple[T, ...]
     next_page_token: str
+    # The token that resumes just after items[i]: a page cut shorter to fit in one message
+    # (entrypoints/grpc/sizes.py) hands it on instead of next_page_token.
+    token_after: Callable[[int], str] = field(compare=False, repr=False)
 
 
 # --- commands: what a caller asks for, already parsed into domain types ---

@@ -44,10 +44,15 @@ from kara_sessions_server.domain.errors import (
     ChargeNotAllowedWithNotice,
     InvalidRequest,
     LateRescheduleNotAllowed,
+    RescheduleLimitReached,
     SessionAlreadyStarted,
 )
 from kara_sessions_server.domain.model import CancelSession, Party, RescheduleSession, Session
 from kara_sessions_server.domain.programme import LateReschedule
+
+# A session's moves in place are kept with it (each up to a 1,000-character reason), so they are
+# capped: every record, and so every event and response, fits in a message (issue 33).
+MAX_MOVES_PER_SESSION = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +127,12 @@ class CancellationPolicy:
                 "new_starts_at",
                 f"is the session's current start ({session.starts_at.isoformat()}): give the new one",
                 reason="STARTS_AT_UNCHANGED",
+            )
+        if isinstance(command, RescheduleSession) and len(session.moves) >= MAX_MOVES_PER_SESSION:
+            raise RescheduleLimitReached(
+                f"session {session.session_id} has been moved {len(session.moves)} times, as often as "
+                f"a session may be ({MAX_MOVES_PER_SESSION}): cancel it and book the new time instead",
+                metadata={"session_id": session.session_id, "moves": str(len(session.moves))},
             )
         notified_at = asked.notified_at or now
         if notified_at < session.booked_at:

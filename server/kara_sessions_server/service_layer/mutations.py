@@ -16,6 +16,7 @@ from kara_sessions_server.domain.errors import (
     Conflict,
     InvalidRequest,
     PreconditionFailed,
+    RecordTooLarge,
     RequestIdReused,
 )
 from kara_sessions_server.domain.feed import Change
@@ -53,6 +54,9 @@ class Mutations:
     tell: Callable[[Notice], None] = field(default=lambda notice: None)
     # Wakes the event feed's followers after each commit.
     signal: CommitSignal = field(default_factory=CommitSignal)
+    # The most a change's stored result may take (entrypoints/grpc/sizes.py): it is the event's
+    # data and the response, as JSON, which is never smaller than their protobuf. None: no bound.
+    max_record_bytes: int | None = None
 
     def mutate(
         self, who: Principal, op: Operation[R], request_id: str, work: Callable[[UnitOfWork, datetime], R]
@@ -74,6 +78,8 @@ class Mutations:
                 now = self.clock.now()
                 result = work(uow, now)
                 data = op.dump(result)
+                if self.max_record_bytes is not None and len(data) > self.max_record_bytes:
+                    raise _too_large(operation, len(data), self.max_record_bytes)
                 told = op.event(result)
                 uow.events.append(told, data, now, RequestRecord(request_id, operation, fp))
                 uow.notices.append(FeedAppended(told.type.value))
@@ -100,6 +106,15 @@ class Mutations:
                     metadata={"request_id": request_id},
                 ) from exc
             raise
+
+
+def _too_large(operation: str, size: int, limit: int) -> RecordTooLarge:
+    return RecordTooLarge(
+        f"this {operation} would make a record of {size} bytes, more than one message of this server "
+        f"carries ({limit} bytes; --max-message-bytes): nothing was changed. Shorten its free text, or "
+        "ask the operator to raise --max-message-bytes",
+        metadata={"record_bytes": str(size), "max_record_bytes": str(limit)},
+    )
 
 
 def fingerprint(operation: str, params: Mapping[str, object]) -> str:

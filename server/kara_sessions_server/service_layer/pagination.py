@@ -85,9 +85,15 @@ def _has_shape(key: object, shape: Sequence[type]) -> bool:
     return True
 
 
-def cut(query: Sequence[str], rows: list[Row], size: int, key: Callable[[Row], Key]) -> tuple[list[Row], str]:
-    """Given up to size + 1 rows fetched after a token, the page and the token for the next one."""
-    if len(rows) <= size:
-        return rows, ""
+def cut(
+    query: Sequence[str], rows: list[Row], size: int, key: Callable[[Row], Key]
+) -> tuple[list[Row], str, Callable[[int], str]]:
+    """Given up to size + 1 rows fetched after a token: the page, the token for the next one,
+    and how to make the token that resumes after any row of the page (a page cut shorter to
+    fit in a message ends there)."""
     page = rows[:size]
-    return page, encode(query, key(page[-1]))
+
+    def after(index: int) -> str:
+        return encode(query, key(page[index]))
+
+    return page, "" if len(rows) <= size else after(size - 1), after

@@ -25,6 +25,7 @@ from kara_sessions_server.domain.model import (
     Invoice,
     InvoiceLine,
     InvoiceState,
+    LedgerEntry,
     LedgerKind,
     Move,
     PaidReason,
@@ -391,19 +392,20 @@ def account_pb(a: CreditAccount) -> cpb.CreditAccount:
         available=a.available,
         held=a.held,
         used=a.used,
-        entries=[
-            cpb.LedgerEntry(
-                entry_id=e.entry_id,
-                kind=LEDGER_KIND_TO_PB[e.kind],
-                credits=e.credits,
-                session_id=e.session_id or "",
-                request_id=e.request_id,
-                created_at=timestamp(e.created_at),
-            )
-            for e in a.entries
-        ],
+        entries=[ledger_entry_pb(e) for e in a.entries],
         next_page_token=a.next_page_token,
         programme_id=a.programme_id,
+    )
+
+
+def ledger_entry_pb(e: LedgerEntry) -> cpb.LedgerEntry:
+    return cpb.LedgerEntry(
+        entry_id=e.entry_id,
+        kind=LEDGER_KIND_TO_PB[e.kind],
+        credits=e.credits,
+        session_id=e.session_id or "",
+        request_id=e.request_id,
+        created_at=timestamp(e.created_at),
     )
 
 

@@ -38,6 +38,7 @@ from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.entrypoints import cpus, tracing
+from kara_sessions_server.entrypoints.grpc import sizes
 from kara_sessions_server.entrypoints.grpc.feed_holdback import FeedHoldback
 from kara_sessions_server.entrypoints.grpc.health_monitor import HealthMonitor
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
@@ -153,7 +154,12 @@ def start(
         undo.callback(metrics.close)
         now = clock or SystemClock()
         unit_of_work = SqlUnitsOfWork(storage)
-        mutations = Mutations(unit_of_work, now, tell=metrics.observe_notice)
+        mutations = Mutations(
+            unit_of_work,
+            now,
+            tell=metrics.observe_notice,
+            max_record_bytes=sizes.record_bytes(settings.max_message_bytes),
+        )
         services = Services(unit_of_work, now, mutations, settings.max_booking_horizon, CancellationPolicy())
         programmes = ProgrammeServices(unit_of_work, now, mutations)
         programmes.ensure_default(settings.notice_window)
@@ -200,7 +206,14 @@ def start(
         )
         undo.callback(_release_unstarted, server, lifetime)
         health_servicer = _add_servicers(
-            server, services, InvoiceServices(unit_of_work, mutations), programmes, events, streams, metrics
+            server,
+            services,
+            InvoiceServices(unit_of_work, mutations),
+            programmes,
+            events,
+            streams,
+            metrics,
+            settings.max_message_bytes,
         )
         port = _listen(server, settings.listen, credentials)
         metrics_port = _serve_metrics(metrics, settings)
@@ -254,12 +267,16 @@ def _add_servicers(
     events: EventServices,
     streams: StreamGate,
     metrics: Metrics,
+    max_message_bytes: int,
 ) -> health.HealthServicer:
-    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(services), server)
-    credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(services), server)
-    invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(invoices), server)
-    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(events, streams, metrics), server)
-    programmes_pb2_grpc.add_ProgrammeServiceServicer_to_server(ProgrammeServicer(programmes), server)
+    budget = sizes.record_bytes(max_message_bytes)
+    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(services, budget), server)
+    credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(services, budget), server)
+    invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(invoices, budget), server)
+    events_pb2_grpc.add_EventServiceServicer_to_server(
+        EventServicer(events, streams, metrics, budget), server
+    )
+    programmes_pb2_grpc.add_ProgrammeServiceServicer_to_server(ProgrammeServicer(programmes, budget), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _serve_reflection(server)

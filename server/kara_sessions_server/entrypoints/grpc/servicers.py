@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -60,6 +61,7 @@ from kara_sessions_server.entrypoints.grpc.convert import (
     account_pb,
     event_pb,
     invoice_pb,
+    ledger_entry_pb,
     payment_pb,
     preview_pb,
     programme_pb,
@@ -68,6 +70,7 @@ from kara_sessions_server.entrypoints.grpc.convert import (
 )
 from kara_sessions_server.entrypoints.grpc.interceptor import abort, caller
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
+from kara_sessions_server.entrypoints.grpc.sizes import fit, fit_all
 from kara_sessions_server.entrypoints.grpc.status import error_info, status
 from kara_sessions_server.service_layer.feed import DEFAULT_PAGE_SIZE as FEED_PAGE_SIZE
 from kara_sessions_server.service_layer.feed import EventServices
@@ -132,8 +135,10 @@ def _late_reschedule(r: RequestReader, given: ppb.Programme) -> LateReschedule |
 
 
 class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
-    def __init__(self, services: Services):
+    def __init__(self, services: Services, budget: int):
         self.services = services
+        # What a page's records may take of a message (sizes.fit).
+        self.budget = budget
 
     def BookSession(self, request: pb.BookSessionRequest, context: Ctx) -> pb.Session:
         r = RequestReader(request)
@@ -181,9 +186,8 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         page = self.services.list_sessions(
             caller(), professional_id, client_id, state, size, request.page_token
         )
-        return pb.ListSessionsResponse(
-            sessions=[session_pb(s) for s in page.items], next_page_token=page.next_page_token
-        )
+        sessions, token = fit(page.items, session_pb, self.budget, page.next_page_token, page.token_after)
+        return pb.ListSessionsResponse(sessions=sessions, next_page_token=token)
 
     def CancelSession(self, request: pb.CancelSessionRequest, context: Ctx) -> pb.CancelSessionResponse:
         session, payment = self.services.cancel_session(
@@ -240,14 +244,14 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         r.done()
         assert isinstance(section, PaymentSection)
         page = self.services.list_payments(caller(), professional_id, section, size, request.page_token)
-        return pb.ListPaymentsResponse(
-            payments=[payment_pb(p) for p in page.items], next_page_token=page.next_page_token
-        )
+        payments, token = fit(page.items, payment_pb, self.budget, page.next_page_token, page.token_after)
+        return pb.ListPaymentsResponse(payments=payments, next_page_token=token)
 
 
 class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
-    def __init__(self, services: Services):
+    def __init__(self, services: Services, budget: int):
         self.services = services
+        self.budget = budget
 
     def GrantCredits(self, request: cpb.GrantCreditsRequest, context: Ctx) -> cpb.CreditAccount:
         r = RequestReader(request)
@@ -266,9 +270,17 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
         programme_id = r.programme_id()
         size = r.page_size()
         r.done()
-        return account_pb(
-            self.services.get_credit_account(caller(), client_id, programme_id, size, request.page_token)
+        account = self.services.get_credit_account(
+            caller(), client_id, programme_id, size, request.page_token
         )
+        response = account_pb(replace(account, entries=()))
+        if account.entries and account.entries_after is not None:
+            entries, token = fit(
+                account.entries, ledger_entry_pb, self.budget, account.next_page_token, account.entries_after
+            )
+            response.entries.extend(entries)
+            response.next_page_token = token
+        return response
 
 
 def _lines_command(request: ipb.AddToInvoiceRequest | ipb.RemoveFromInvoiceRequest) -> ChangeInvoiceLines:
@@ -283,8 +295,9 @@ def _lines_command(request: ipb.AddToInvoiceRequest | ipb.RemoveFromInvoiceReque
 
 
 class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
-    def __init__(self, services: InvoiceServices):
+    def __init__(self, services: InvoiceServices, budget: int):
         self.services = services
+        self.budget = budget
 
     def CreateInvoice(self, request: ipb.CreateInvoiceRequest, context: Ctx) -> ipb.Invoice:
         r = RequestReader(request)
@@ -313,9 +326,8 @@ class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
         size = r.page_size()
         r.done()
         page = self.services.list_invoices(caller(), professional_id, state, size, request.page_token)
-        return ipb.ListInvoicesResponse(
-            invoices=[invoice_pb(i) for i in page.items], next_page_token=page.next_page_token
-        )
+        invoices, token = fit(page.items, invoice_pb, self.budget, page.next_page_token, page.token_after)
+        return ipb.ListInvoicesResponse(invoices=invoices, next_page_token=token)
 
     def AddToInvoice(self, request: ipb.AddToInvoiceRequest, context: Ctx) -> ipb.Invoice:
         return invoice_pb(self.services.add_to_invoice(caller(), _lines_command(request)))
@@ -361,8 +373,9 @@ class StreamGate:
 
 
 class EventServicer(events_pb2_grpc.EventServiceServicer):
-    def __init__(self, services: EventServices, gate: StreamGate, metrics: Metrics):
+    def __init__(self, services: EventServices, gate: StreamGate, metrics: Metrics, budget: int):
         self.services = services
+        self.budget = budget
         self.gate = gate
         self.metrics = metrics
 
@@ -371,7 +384,8 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         size = r.page_size(FEED_PAGE_SIZE)
         after, types = _feed_request(request, r)
         events = self.services.list_events(caller(), after, size, types)
-        return epb.ListEventsResponse(events=[event_pb(e) for e in events])
+        # Fewer events than page_size when they would not fit: the caller resumes after the last.
+        return epb.ListEventsResponse(events=fit_all(events, event_pb, self.budget))
 
     def StreamEvents(self, request: epb.StreamEventsRequest, context: Ctx) -> Iterator[epb.Event]:
         after, types = _feed_request(request)
@@ -406,8 +420,9 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
 
 
 class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
-    def __init__(self, services: ProgrammeServices):
+    def __init__(self, services: ProgrammeServices, budget: int):
         self.services = services
+        self.budget = budget
 
     def CreateProgramme(self, request: ppb.CreateProgrammeRequest, context: Ctx) -> ppb.Programme:
         r = RequestReader(request)
@@ -433,9 +448,8 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
         size = r.page_size()
         r.done()
         page = self.services.list_programmes(caller(), size, request.page_token)
-        return ppb.ListProgrammesResponse(
-            programmes=[programme_pb(p) for p in page.items], next_page_token=page.next_page_token
-        )
+        programmes, token = fit(page.items, programme_pb, self.budget, page.next_page_token, page.token_after)
+        return ppb.ListProgrammesResponse(programmes=programmes, next_page_token=token)
 
     def UpdateProgramme(self, request: ppb.UpdateProgrammeRequest, context: Ctx) -> ppb.Programme:
         r = RequestReader(request)
