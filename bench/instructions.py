@@ -27,6 +27,7 @@ from kara_sessions_server.adapters.storage import open_storage
 from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import SystemClock
 from kara_sessions_server.domain.programme import DEFAULT_TERMS
+from kara_sessions_server.entrypoints.grpc import sizes
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.servicers import SessionServicer
@@ -52,10 +53,11 @@ def cancellations(workdir: Path, n: int) -> None:
         metrics = Metrics()
         clock = SystemClock()
         units = SqlUnitsOfWork(storage)
-        mutations = Mutations(units, clock, tell=metrics.observe_notice)
+        budget = sizes.record_bytes(Settings().max_message_bytes)
+        mutations = Mutations(units, clock, tell=metrics.observe_notice, max_record_bytes=budget)
         services = Services(units, clock, mutations, Settings().max_booking_horizon)
         ProgrammeServices(units, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
-        servicer = SessionServicer(services)
+        servicer = SessionServicer(services, budget)
         interceptor = CallInterceptor(
             Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"}), workers=1
         )
