@@ -160,6 +160,15 @@ def test_a_change_whose_record_would_not_fit_is_refused_before_it_commits(
                 events += page
             assert len(events) == 1 + 1 + moved + 2  # the grant, the bookings, the moves made
             assert kara.cancel(session_id, "client").session.state == pb.SESSION_STATE_CANCELLED_VOIDED
+            # A ledger of more entries than a message holds pages by size too.
+            for n in range(150):
+                kara.grant_credits("client-2", 1, request_id=f"grant-{n}-" + "r" * 100)
+            entries = _pages(
+                lambda token: kara.get_credit_account("client-2", page_size=1000, page_token=token),
+                lambda page: list(page.entries),
+                limit,
+            )
+            assert len({e.entry_id for e in entries}) == 150
         assert_ledger_balances(running)
     finally:
         running.stop(grace=1)
