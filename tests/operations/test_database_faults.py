@@ -435,9 +435,11 @@ def test_every_transaction_begins_with_its_own_bounds_in_the_same_round_trip(
             assert run("SHOW statement_timeout").fetchone()[0] == "0", "SET LOCAL ends with its transaction"
             storage.release()
         assert storage.bounds_statements
-        # Nothing in the startup packet that a pooler's default configuration refuses, and no
-        # server-side prepared statement that would outlive its transaction.
+        # Nothing in the startup packet that a pooler's default configuration refuses; a
+        # connection straight to PostgreSQL prepares its statements (one through a pooler never
+        # does: test_pooler.py).
         assert "options" not in storage.db.connect_params
-        assert storage.db.connect_params["prepare_threshold"] is None
+        storage.db.connect(reuse_if_open=True)
+        assert storage.db.connection().prepare_threshold == 5
     finally:
         storage.close()

@@ -89,6 +89,8 @@ def test_credits_are_conserved_through_the_pooler_under_48_way_races(
                 else:
                     outcomes["ok"] = outcomes.get("ok", 0) + 1
         assert outcomes["ok"] > 200, outcomes
+        with pooled_server.storage.db.connection_context():
+            assert pooled_server.storage.db.connection().prepare_threshold is None, "never prepares"
         for client, granted in grants.items():
             account = kara.get_credit_account(client)
             assert account.available + account.held + account.used == granted, client

@@ -15,6 +15,7 @@ from urllib.parse import urlparse, urlsplit
 
 import peewee as pw
 import psycopg
+from peewee import Psycopg3Adapter
 from playhouse.db_url import parseresult_to_dict
 from playhouse.pool import PooledDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
 
@@ -32,6 +33,8 @@ DEFAULT_MAX_TRANSACTION_SECONDS = 10.0
 # pooler (PgBouncer, pgcat, RDS Proxy), which hands each transaction whichever server
 # connection is free, can neither drop the bounds nor carry one transaction's to another.
 _PG_BEGIN = "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+# psycopg's own default: a query run this often on a connection is prepared on the server.
+PG_PREPARE_THRESHOLD = 5
 # A PostgreSQL that does not answer a connection attempt is down, as far as a request is concerned.
 PG_CONNECT_TIMEOUT_SECONDS = 3
 # Pooled connections idle longer than this are reopened (PostgreSQL may drop idle ones).
@@ -545,20 +548,38 @@ def _connect(
     if scheme in ("postgresql", "postgres"):
         params = parseresult_to_dict(urlparse(url))
         params.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_SECONDS)
-        # No server-side prepared statements: psycopg prepares a query after its fifth run on a
-        # connection, and behind a transaction-mode pooler the next transaction meets another
-        # server connection, where that statement's name is unknown or means another query.
+        # No server-side prepared statements until a connection is known to be PostgreSQL's own
+        # (_PostgresDatabase._connect).
         params["prepare_threshold"] = None
         return _PostgresDatabase(params.pop("database"), max_transaction_seconds, **pool, **params)
     raise ValueError(f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH or postgresql://...")
 
 
+class _PreparingOnlyOnItsOwnBackend(Psycopg3Adapter):
+    """psycopg prepares a query on the server after its fifth run on a connection (a fifth to a
+    quarter of a cancellation's cost on PostgreSQL, BENCHMARKS.md). Behind a pooler the next
+    transaction may meet another server connection, where that statement's name is unknown or
+    names another query: a new connection prepares statements only when the backend answering
+    it is the one it was opened to. A pooler (PgBouncer, pgcat, RDS Proxy, Supavisor) answers
+    the startup with a process id of its own making, so a connection through one never does."""
+
+    def connect(self, db: Any, **params: Any) -> Any:
+        conn = super().connect(db, **params)  # type: ignore[no-untyped-call]
+        conn.autocommit = True
+        if conn.execute("SELECT pg_backend_pid()").fetchone()[0] == conn.info.backend_pid:
+            conn.prepare_threshold = PG_PREPARE_THRESHOLD
+        return conn
+
+
 class _PostgresDatabase(PooledPostgresqlDatabase):  # type: ignore[misc]
     """Begins every transaction with its statement and lock bounds (_PG_BEGIN), in one round
-    trip: Storage.begin sets this thread's bound just before."""
+    trip: Storage.begin sets this thread's bound just before. Prepares statements only on a
+    connection that is one server backend's own (_PreparingOnlyOnItsOwnBackend)."""
+
+    psycopg3_adapter = _PreparingOnlyOnItsOwnBackend
 
     def __init__(self, database: str, max_transaction_seconds: float, **params: Any):
-        super().__init__(database, **params)
+        super().__init__(database, prefer_psycopg3=True, **params)
         self.bounds = threading.local()
         self._default_ms = _ms(max_transaction_seconds)
 
