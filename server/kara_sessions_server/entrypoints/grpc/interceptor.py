@@ -17,6 +17,7 @@ from google.rpc import code_pb2
 from kara_sessions_server.adapters import faults
 from kara_sessions_server.domain.errors import DomainError, InvalidRequest, Unauthenticated
 from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE, Principal
+from kara_sessions_server.entrypoints.grpc.disk_full import DiskFull
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.status import (
     domain_status,
@@ -308,50 +309,6 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
             return Undecodable(type(exc).__name__)
 
     return read
-
-
-class DiskFull:
-    """While writes fail for a full disk: one WARNING a minute (not an ERROR per call, which
-    would fill the disk faster), the gauge at 1; both end with the next committed change."""
-
-    WARN_EVERY_SECONDS = 60.0
-
-    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic):
-        self.metrics = metrics
-        self.clock = clock
-        self.since: float | None = None
-        self._warned_at: float | None = None
-        self._refused = 0
-        self._lock = threading.Lock()
-
-    def full(self, name: str, what: str, incident: str) -> None:
-        now = self.clock()
-        with self._lock:
-            self._refused += 1
-            if self.since is None:
-                self.since = now
-                self.metrics.database_full.set(1)
-            if self._warned_at is not None and now - self._warned_at < self.WARN_EVERY_SECONDS:
-                return
-            self._warned_at, refused, self._refused = now, self._refused, 0
-        log.warning(
-            "%s: %s: changes are refused (RESOURCE_EXHAUSTED DATABASE_FULL, %d since the last "
-            "warning, for %.0f s) until space is freed; nothing acknowledged is lost (incident %s)",
-            name,
-            what,
-            refused,
-            now - self.since,
-            incident,
-            extra={"incident": incident},
-        )
-
-    def cleared(self, name: str) -> None:
-        with self._lock:
-            if self.since is None:
-                return
-            lasted, self.since, self._warned_at, self._refused = self.clock() - self.since, None, None, 0
-            self.metrics.database_full.set(0)
-        log.warning("%s committed: the database accepts changes again (it was full for %.0f s)", name, lasted)
 
 
 @dataclass
