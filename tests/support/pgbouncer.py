@@ -18,10 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import pytest
-
-from .database import ON_CI
-from .processes import free_port
+from .processes import binary, free_port
 
 CANDIDATES = (Path("/usr/sbin/pgbouncer"), Path("/usr/bin/pgbouncer"))
 # PgBouncer refuses to run as root.
@@ -29,16 +26,11 @@ UNPRIVILEGED_USER = "nobody"
 
 
 def pgbouncer_binary() -> str:
-    for candidate in CANDIDATES:
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which("pgbouncer")
-    if found:
-        return found
-    message = "no pgbouncer binary (Debian's pgbouncer package, which `make test` installs as root)"
-    if ON_CI:
-        pytest.fail(f"CI=true requires the tests behind a pooler: {message}")
-    pytest.skip(message)
+    return binary(
+        CANDIDATES,
+        "pgbouncer",
+        "no pgbouncer binary (Debian's pgbouncer package, which `make test` installs as root)",
+    )
 
 
 class PgBouncer:

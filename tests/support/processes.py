@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,22 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def binary(candidates: Sequence[Path], name: str, missing: str) -> str:
+    """The first of `candidates` that exists, else `name` on PATH; else the test fails on CI
+    (`missing` says why and what installs it) and skips elsewhere."""
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    import pytest  # only here: the benchmark imports this module without pytest's fixtures
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true requires this test: {missing}")
+    pytest.skip(missing)
 
 
 def free_port() -> int:
