@@ -40,6 +40,7 @@ from kara_sessions_server.domain.model import (
     UpdateProgramme,
     WaiveCharge,
 )
+from kara_sessions_server.domain.policy import MAX_MOVES_PER_SESSION
 from kara_sessions_server.domain.principal import Principal, Role
 from kara_sessions_server.domain.programme import (
     DEFAULT_PROGRAMME_ID,
@@ -382,6 +383,14 @@ def grant_in_no_programme(w: World) -> Refused:
 def move_to_the_same_start(w: World) -> Refused:
     s = _booked(w)
     return lambda: w.reschedule(s, 72 * HOUR)
+
+
+@refusal("RESCHEDULE_LIMIT_REACHED")
+def a_move_past_the_cap(w: World) -> Refused:
+    s = _booked(w)
+    for n in range(MAX_MOVES_PER_SESSION):
+        w.reschedule(s, (100 + n) * HOUR, Party.PROFESSIONAL)
+    return lambda: w.reschedule(s, 200 * HOUR, Party.PROFESSIONAL)
 
 
 @refusal("LATE_RESCHEDULE_NOT_ALLOWED")
