@@ -11,11 +11,11 @@ import contextvars
 import csv
 import io
 import json
+import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -57,7 +57,9 @@ class Result:
     line: int
     session_id: str
     cancelled_by: str
-    status: str  # OK, a gRPC code name (refused/failed), or MALFORMED
+    # OK, a gRPC code name (refused/failed), MALFORMED, NOT_SENT (stopped before it started) or
+    # UNKNOWN (stopped while its call was unanswered: run the file again to settle it).
+    status: str
     reason: str = ""  # the server's ErrorInfo reason, e.g. SESSION_NOT_BOOKED
     outcome: str = ""  # VOIDED or PAID
     notice_seconds: int | None = None
@@ -65,6 +67,8 @@ class Result:
     credits_taken: int = 0
     message: str = ""
     request_id: str = ""
+    # The server answered with this row's first result (an earlier run made the change).
+    replayed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -197,19 +201,21 @@ def _parse_time(value: Any) -> datetime | None:
 class RateLimiter:
     """At most `per_second` starts per second across threads (None: unlimited)."""
 
-    def __init__(self, per_second: float | None):
+    def __init__(self, per_second: float | None, stop: threading.Event | None = None):
         self.interval = 1.0 / per_second if per_second else 0.0
         self.next_start = time.monotonic()
         self.lock = threading.Lock()
+        self.stop = stop or threading.Event()
 
-    def wait(self) -> None:
+    def wait(self) -> bool:
+        """Waits for this thread's turn; False if a stop came first."""
         if not self.interval:
-            return
+            return not self.stop.is_set()
         with self.lock:
             now = time.monotonic()
             start = max(now, self.next_start)
             self.next_start = start + self.interval
-        time.sleep(max(0.0, start - now))
+        return not self.stop.wait(max(0.0, start - now))
 
 
 _OUTCOME = {pb.PAYMENT_STATE_VOIDED: "VOIDED", pb.PAYMENT_STATE_PAID: "PAID"}
@@ -227,8 +233,11 @@ def _run_row(client: SessionsClient, row: Row, dry_run: bool) -> Result:
             preview = client.preview(row.session_id, row.cancelled_by, **kwargs)
             payment_state, notice = preview.payment_state, preview.notice_seconds
         else:
-            done = client.cancel(row.session_id, row.cancelled_by, request_id=row.request_id, **kwargs)
+            done, replayed = client.cancel_replayed(
+                row.session_id, row.cancelled_by, request_id=row.request_id, **kwargs
+            )
             payment_state, notice = done.payment.state, done.session.cancellation.notice_seconds
+            result.replayed = replayed
     except KaraError as exc:
         result.status = exc.code.name
         result.reason = exc.reason
@@ -241,6 +250,11 @@ def _run_row(client: SessionsClient, row: Row, dry_run: bool) -> Result:
     return result
 
 
+NOT_SENT, UNKNOWN, MALFORMED = "NOT_SENT", "UNKNOWN", "MALFORMED"
+# A stop lets the calls in flight finish for this long before they are reported UNKNOWN.
+STOP_GRACE_SECONDS = 5.0
+
+
 def run(
     client: SessionsClient,
     rows: Iterable[Row],
@@ -249,27 +263,63 @@ def run(
     concurrency: int,
     rate: float | None,
     on_result: Callable[[Result], None],
+    stop: threading.Event | None = None,
+    grace: float = STOP_GRACE_SECONDS,
 ) -> list[Result]:
-    limiter = RateLimiter(rate)
+    """Runs every row, `concurrency` at a time, starting at most `rate` a second. Once `stop`
+    is set no row starts; the calls in flight get `grace` seconds to be answered. Every row
+    gets a result: its outcome, NOT_SENT, or UNKNOWN (its call unanswered when time ran out).
+    `on_result` is told of each on the calling thread, so it may print."""
+    stop = stop or threading.Event()
+    limiter = RateLimiter(rate, stop)
+    todo = list(rows)
+    feed = iter(todo)
+    lock = threading.Lock()
+    finished: queue.Queue[Result] = queue.Queue()
+    started: dict[int, Row] = {}
 
-    def one(row: Row) -> Result:
-        limiter.wait()
-        return _run_row(client, row, dry_run)
+    def work() -> None:
+        while not stop.is_set():
+            with lock:
+                row = next(feed, None)
+            if row is None or not limiter.wait():
+                return
+            with lock:
+                started[row.line] = row
+            finished.put(_run_row(client, row, dry_run))
 
-    results: list[Result] = []
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bulk") as pool:
-        # Each row runs in the caller's context, so a trace the caller is in (TRACEPARENT, or a
-        # current span) reaches the server with every row's call.
-        futures = [pool.submit(contextvars.copy_context().run, one, row) for row in rows]
-        for future in as_completed(futures):
-            result = future.result()
-            results.append(result)
-            on_result(result)
-    return sorted(results, key=lambda r: r.line)
+    # Daemon threads, so a call still unanswered after the grace cannot hold the process up; each
+    # runs in the caller's context, so a trace the caller is in reaches the server with every row.
+    workers = [
+        threading.Thread(target=contextvars.copy_context().run, args=(work,), name=f"bulk-{n}", daemon=True)
+        for n in range(min(concurrency, len(todo)) or 1)
+    ]
+    for worker in workers:
+        worker.start()
+    results: dict[int, Result] = {}
+    give_up: float | None = None
+    while any(w.is_alive() for w in workers) or not finished.empty():
+        try:
+            result = finished.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set() and give_up is None:
+                give_up = time.monotonic() + grace
+            if give_up is not None and time.monotonic() >= give_up:
+                break
+            continue
+        results[result.line] = result
+        on_result(result)
+    for row in todo:
+        if row.line not in results:
+            status = UNKNOWN if row.line in started else NOT_SENT
+            results[row.line] = Result(
+                row.line, row.session_id, row.cancelled_by, status, request_id=row.request_id
+            )
+    return sorted(results.values(), key=lambda r: r.line)
 
 
 def malformed_results(bad: Iterable[Malformed]) -> list[Result]:
-    return [Result(b.line, b.session_id, "", "MALFORMED", message=b.message) for b in bad]
+    return [Result(b.line, b.session_id, "", MALFORMED, message=b.message) for b in bad]
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -285,20 +335,28 @@ class Totals:
     malformed: int
     credits_returned: int
     credits_taken: int
+    # Left by a stop: never started, or started and not answered in time (run the file again).
+    not_sent: int = 0
+    unknown: int = 0
+    # Of the done rows, those an earlier run had made (their first result, replayed).
+    replayed: int = 0
 
     @classmethod
     def of(cls, results: list[Result]) -> Totals:
         ok = [r for r in results if r.ok]
-        errors = [r for r in results if not r.ok and r.status != "MALFORMED"]
+        errors = [r for r in results if not r.ok and r.status not in (MALFORMED, NOT_SENT, UNKNOWN)]
         return cls(
             rows=len(results),
             voided=sum(r.outcome == "VOIDED" for r in ok),
             paid=sum(r.outcome == "PAID" for r in ok),
             refused=sum(_refused(r) for r in errors),
             failed=sum(not _refused(r) for r in errors),
-            malformed=sum(r.status == "MALFORMED" for r in results),
+            malformed=sum(r.status == MALFORMED for r in results),
             credits_returned=sum(r.credits_returned for r in ok),
             credits_taken=sum(r.credits_taken for r in ok),
+            not_sent=sum(r.status == NOT_SENT for r in results),
+            unknown=sum(r.status == UNKNOWN for r in results),
+            replayed=sum(r.replayed for r in ok),
         )
 
 
@@ -320,6 +378,7 @@ def write_results(path: Path, results: list[Result]) -> None:
         "credits_taken",
         "message",
         "request_id",
+        "replayed",
     ]
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as out:

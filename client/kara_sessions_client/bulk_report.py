@@ -3,7 +3,10 @@ table for --dry-run, and the totals."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +24,12 @@ from .render import hours
 def _describe(r: bulk.Result) -> str:
     if r.ok:
         moved = "credit returned" if r.outcome == "VOIDED" else "credit taken"
-        return f"{r.outcome} ({moved}, notice {hours(r.notice_seconds)})"
+        earlier = ", done by an earlier run: replayed, nothing changed" if r.replayed else ""
+        return f"{r.outcome} ({moved}, notice {hours(r.notice_seconds)}{earlier})"
+    if r.status == bulk.NOT_SENT:
+        return "NOT_SENT (stopped before it started)"
+    if r.status == bulk.UNKNOWN:
+        return "UNKNOWN (no answer before the stop: run the file again to settle it)"
     reason = f" [{r.reason}]" if r.reason else ""
     return f"{r.status}{reason}: {r.message}"
 
@@ -62,11 +70,45 @@ def _table(results: list[bulk.Result]) -> Table:
 
 def _summary(totals: bulk.Totals, dry_run: bool) -> str:
     would = "would be " if dry_run else ""
+    extra = ""
+    if totals.not_sent or totals.unknown:
+        extra = f", {totals.not_sent} not sent, {totals.unknown} unknown"
+    if totals.replayed:
+        extra += f" ({totals.replayed} done by an earlier run, replayed)"
     return (
         f"{totals.rows} rows: {totals.voided} {would}voided, {totals.paid} {would}paid, "
-        f"{totals.refused} refused, {totals.failed} failed (transient), {totals.malformed} malformed; "
-        f"credits {would}returned {totals.credits_returned}, {would}taken {totals.credits_taken}"
+        f"{totals.refused} refused, {totals.failed} failed (transient), {totals.malformed} malformed"
+        f"{extra}; credits {would}returned {totals.credits_returned}, {would}taken {totals.credits_taken}"
     )
+
+
+@contextmanager
+def _stoppable() -> Iterator[tuple[threading.Event, list[int]]]:
+    """The first SIGINT (Ctrl-C) or SIGTERM sets the event: no new row starts. A second one
+    ends the process at once. Yields the event and the signal numbers received."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if stop.is_set():
+            print("\nstopped at once: no results file was written", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        stop.set()
+        print(
+            f"\nstopping: no new rows; waiting up to {bulk.STOP_GRACE_SECONDS:.0f} s for the calls in "
+            "flight (again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, on_signal) for signum in handled}
+    try:
+        yield stop, received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_bulk(
@@ -95,9 +137,12 @@ def run_bulk(
 
     verb = "previewing" if dry_run else "cancelling"
     # A dry run ends with a table of every row; a real run reports each row as it finishes.
-    with _progress(console, len(rows), verb, lines=not dry_run) as on_result:
+    with (
+        _stoppable() as (stop, received),
+        _progress(console, len(rows), verb, lines=not dry_run) as on_result,
+    ):
         done = bulk.run(
-            client, rows, dry_run=dry_run, concurrency=concurrency, rate=rate, on_result=on_result
+            client, rows, dry_run=dry_run, concurrency=concurrency, rate=rate, on_result=on_result, stop=stop
         )
     results = sorted(done + malformed, key=lambda r: r.line)
     if dry_run:
@@ -106,6 +151,13 @@ def run_bulk(
         bulk.write_results(Path(results_path), results)
     totals = bulk.Totals.of(results)
     print(_summary(totals, dry_run), flush=True)
+    if received:
+        print(
+            "Stopped: rows not sent or unknown are settled by running the same file again "
+            "(rows already done are replayed, never charged twice).",
+            file=sys.stderr,
+        )
+        return exit_codes.stopped_by(received[0])
     if totals.failed:
         print(
             "Some rows failed for a transient reason: run the same file again to finish them.",

@@ -199,10 +199,23 @@ class SessionsClient:
         self.channel.close()
 
     def _call(self, method: Any, request: Any, response_type: type[R]) -> R:
+        return self._call_replayed(method, request, response_type, trailers=False)[0]
+
+    def _call_replayed(
+        self, method: Any, request: Any, response_type: type[R], trailers: bool = True
+    ) -> tuple[R, bool]:
+        """The response, and whether the server says it replays the request_id's first result."""
         attempt = 0
         while True:
             try:
-                response = method(request, timeout=self.timeout, metadata=with_trace(self.metadata))
+                replayed = False
+                if trailers:
+                    response, call = method.with_call(
+                        request, timeout=self.timeout, metadata=with_trace(self.metadata)
+                    )
+                    replayed = ("kara-replayed", "true") in tuple(call.trailing_metadata() or ())
+                else:
+                    response = method(request, timeout=self.timeout, metadata=with_trace(self.metadata))
             except grpc.RpcError as exc:
                 error = KaraError.from_rpc_error(exc)
                 attempt += 1
@@ -212,7 +225,7 @@ class SessionsClient:
                 time.sleep(self.retry.delay(attempt - 1))
                 continue
             assert isinstance(response, response_type)
-            return response
+            return response, replayed
 
     # --- sessions ---
 
@@ -306,6 +319,23 @@ class SessionsClient:
             session_id, cancelled_by, charge_client, notified_at, reason, request_id or new_request_id()
         )
         return self._call(self.sessions.CancelSession, request, pb.CancelSessionResponse)
+
+    def cancel_replayed(
+        self,
+        session_id: str,
+        cancelled_by: str,
+        *,
+        charge_client: bool = False,
+        notified_at: datetime | None = None,
+        reason: str = "",
+        request_id: str | None = None,
+    ) -> tuple[pb.CancelSessionResponse, bool]:
+        """As `cancel`, and whether the answer is the first result of an earlier call with the
+        same request_id (the server's `kara-replayed` trailer): nothing was changed this time."""
+        request = self._cancel_request(
+            session_id, cancelled_by, charge_client, notified_at, reason, request_id or new_request_id()
+        )
+        return self._call_replayed(self.sessions.CancelSession, request, pb.CancelSessionResponse)
 
     def preview(
         self,

@@ -9,6 +9,12 @@ OK = 0
 REFUSED = 1  # the server said no: retrying the same request will not help
 USAGE = 2  # bad command line (click's own code)
 FAILED = 3  # unreachable, too slow or broken: the same request may succeed later
+# Stopped by a signal (as shells report it: 128 + its number): 130 for SIGINT (Ctrl-C), 143 for
+# SIGTERM. `bulk-cancel` wrote its results first; run the same file again to finish.
+STOPPED_BASE = 128
+# The reader of our output went away (`| head -1`) after the command had done its work: as
+# Unix tools do, 128 + SIGPIPE. Never 1, which says the server refused.
+BROKEN_PIPE = 141
 
 REFUSALS = frozenset(
     {
@@ -25,3 +31,7 @@ REFUSALS = frozenset(
 
 def for_code(code: grpc.StatusCode) -> int:
     return REFUSED if code in REFUSALS else FAILED
+
+
+def stopped_by(signum: int) -> int:
+    return STOPPED_BASE + signum

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -256,3 +257,90 @@ def test_refusals_are_never_retried(kara: SessionsClient, clock: FakeClock) -> N
         nobody.get_session("s")
     assert unreachable.value.code == grpc.StatusCode.UNAVAILABLE
     assert unreachable.value.attempts == 3 and unreachable.value.transient
+
+
+def _bulk_process(port: int, path: Path, *args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "kara_sessions_client.cli", "--target", f"127.0.0.1:{port}"]
+    return subprocess.Popen(
+        [*cmd, "bulk-cancel", str(path), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _read_lines(proc: subprocess.Popen[str], count: int) -> None:
+    assert proc.stdout is not None
+    done = 0
+    while done < count:
+        line = proc.stdout.readline()
+        assert line, f"client ended early: {proc.stderr.read() if proc.stderr else ''}"
+        done += line.startswith("line ")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_means_stop_and_the_results_say_what_happened(
+    kara: SessionsClient, server: RunningServer, clock: FakeClock, tmp_path: Path, signum: int
+) -> None:
+    """Ctrl-C used to print "Aborted!" while the queued rows went on being cancelled (charged,
+    here: every row is late) for seconds, and left no results file."""
+    ids = _sessions(kara, clock, 40, timedelta(hours=6))
+    path = tmp_path / "big.csv"
+    path.write_text(_csv([{"session_id": s, "cancelled_by": "client"} for s in ids]))
+    results = tmp_path / "big1.csv"
+    proc = _bulk_process(server.port, path, "--rate", "5", "--results", str(results))
+    _read_lines(proc, 4)
+    proc.send_signal(signum)
+    stopped_at = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - stopped_at < 3, "a stop lets only the calls in flight finish"
+    assert proc.returncode == 128 + signum, out + err
+    assert "stopping: no new rows" in err and "running the same file again" in err
+    written = list(csv.DictReader(results.open()))
+    assert [int(r["line"]) for r in written] == list(range(2, 42)), "every row has its outcome"
+    statuses = [r["status"] for r in written]
+    assert set(statuses) <= {"OK", "NOT_SENT", "UNKNOWN"}
+    made = {s for s in ids if kara.get_session(s).state == pb.SESSION_STATE_CANCELLED_PAID}
+    reported = {r["session_id"] for r in written if r["status"] == "OK"}
+    assert made == reported, "nothing was cancelled that the results do not say"
+    assert 4 <= len(made) < 12 and statuses.count("NOT_SENT") >= 28
+    assert f"{statuses.count('NOT_SENT')} not sent" in out
+
+    # A rerun settles the rest, and charges no row twice.
+    again = _cli(server.port, "bulk-cancel", str(path), "--results", str(results))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "40 rows: 0 voided, 40 paid" in again.stdout
+    rerun = list(csv.DictReader(results.open()))
+    assert all(r["status"] == "OK" for r in rerun)
+    assert {r["session_id"] for r in rerun if r["replayed"] == "True"} == made, "replays are named"
+    assert f"({len(made)} done by an earlier run, replayed)" in again.stdout
+    for i in range(40):
+        account = kara.get_credit_account(f"client-{i}")
+        assert (account.available, account.held, account.used) == (0, 0, 1)
+    assert_ledger_balances(server)
+
+
+def test_a_second_ctrl_c_stops_at_once(
+    kara: SessionsClient, server: RunningServer, clock: FakeClock, tmp_path: Path, database_url: str
+) -> None:
+    """With calls stuck in flight (another process holds the database's lock), the first
+    Ctrl-C waits for them; a second one does not."""
+    if not database_url.startswith("sqlite:///"):
+        pytest.skip("SQLite's whole-database lock holds every call; one test of it is enough")
+    ids = _sessions(kara, clock, 8, timedelta(hours=6))
+    path = tmp_path / "stuck.csv"
+    path.write_text(_csv([{"session_id": s, "cancelled_by": "client"} for s in ids]))
+    holder = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        proc = _bulk_process(server.port, path, "--concurrency", "2")
+        time.sleep(1.5)  # both calls are in flight, waiting for the lock
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the first Ctrl-C waits for the calls in flight"
+        proc.send_signal(signal.SIGINT)
+        stopped_at = time.monotonic()
+        out, err = proc.communicate(timeout=10)
+        assert time.monotonic() - stopped_at < 1.5
+        assert proc.returncode == 130, out + err
+        assert "stopped at once" in err
+    finally:
+        holder.rollback()
+        holder.close()

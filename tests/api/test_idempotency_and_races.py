@@ -181,3 +181,16 @@ def test_module_runs_as_cli() -> None:
         env={**os.environ},
     )
     assert "serve" in out.stdout
+
+
+def test_a_replay_is_marked_in_the_trailers(
+    kara: SessionsClient, clock: FakeClock, server: RunningServer
+) -> None:
+    """As Stripe's Idempotent-Replayed: a caller can tell a replay from a change it just made."""
+    session_id = book(kara, clock, timedelta(days=3))
+    first, replayed = kara.cancel_replayed(session_id, "client", request_id="c-1")
+    assert not replayed
+    again, replayed = kara.cancel_replayed(session_id, "client", request_id="c-1")
+    assert replayed and again == first
+    with pytest.raises(KaraError):
+        kara.cancel_replayed(session_id, "client", request_id="c-2")

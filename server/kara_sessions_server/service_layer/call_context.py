@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +16,9 @@ class Call:
     deadline: float | None
     # False once the caller has gone (cancelled, timed out, or told the server is stopping).
     is_active: Callable[[], bool]
+    # Set when the answer is a request_id's stored first result (a replay), which the caller is
+    # told beside the response (the gRPC entrypoint's `kara-replayed` trailer).
+    replayed: list[bool] = field(default_factory=list)
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

@@ -22,6 +22,7 @@ from kara_sessions_server.domain.errors import (
 from kara_sessions_server.domain.feed import Change
 from kara_sessions_server.domain.notices import FeedAppended, Notice
 from kara_sessions_server.domain.principal import Principal
+from kara_sessions_server.service_layer.call_context import CURRENT
 from kara_sessions_server.service_layer.commit_signal import CommitSignal
 from kara_sessions_server.service_layer.repositories import DuplicateRequestId, RequestRecord, StoredResult
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
@@ -97,7 +98,11 @@ class Mutations:
             with self.unit_of_work(write=False) as uow:
                 stored = uow.requests.find(request_id)
             if stored is not None:
-                return load(_same_request(stored, request_id, operation, fp))
+                replay = load(_same_request(stored, request_id, operation, fp))
+                call = CURRENT.get()
+                if call is not None:
+                    call.replayed.append(True)
+                return replay
             if isinstance(exc, DuplicateRequestId):
                 # Recorded by a request that then vanished (its record pruned meanwhile).
                 raise Conflict(

@@ -32,6 +32,9 @@ from kara_sessions_server.service_layer.call_context import CURRENT, Call, CallG
 
 log = logging.getLogger("kara_sessions_server.rpc")
 
+# Trailing metadata on a mutation's answer when it replays a request_id's first result.
+REPLAYED_TRAILER = "kara-replayed"
+
 _CALLER: ContextVar[Principal] = ContextVar("caller")
 
 Behaviour = Callable[[Any, grpc.ServicerContext], Any]
@@ -173,9 +176,14 @@ class CallInterceptor(_ServerInterceptor):
         if gate is not None and not gate.acquire(timeout=_seconds_until(deadline)):
             raise DeadlineExceeded("the deadline passed while the call waited for a worker")
         token = _CALLER.set(state.principal)
-        call = CURRENT.set(Call(deadline, context.is_active))
+        serving = Call(deadline, context.is_active)
+        call = CURRENT.set(serving)
         try:
-            return behaviour(request, context)
+            response = behaviour(request, context)
+            if serving.replayed:
+                # As Stripe's Idempotent-Replayed header: the first result of this request_id.
+                context.set_trailing_metadata(((REPLAYED_TRAILER, "true"),))
+            return response
         finally:
             CURRENT.reset(call)
             _CALLER.reset(token)
