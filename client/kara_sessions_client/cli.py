@@ -1,13 +1,16 @@
 """`kara-sessions`: serve the API, or drive it from scripts.
 
 Exit codes: 0 ok; 1 the server refused the request; 2 bad command-line usage;
-3 the server could not be reached or failed (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...).
+3 the server could not be reached or failed (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...);
+130 / 143 stopped by SIGINT / SIGTERM (bulk-cancel: results written, run it again to finish);
+141 the work was done but the reader of the output went away (`| head -1`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -172,7 +175,24 @@ def _hint(ctx: click.Context, exc: KaraError) -> str:
     return ""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KARA"})
+class _Commands(click.Group):
+    """The command group, exiting as Unix tools do when the reader of its output goes away."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()
+            return result
+        except BrokenPipeError:
+            # `kara-sessions book ... | head -1`: the work is done, only its report was not read.
+            # click would exit 1 (the server refused), and a script under pipefail would book again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(exit_codes.BROKEN_PIPE)
+
+
+@click.group(
+    cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KARA"}
+)
 @click.option("--target", default=DEFAULT_TARGET, show_default=True, help="Server address host:port.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option(

@@ -1,0 +1,60 @@
+"""The command line as a script uses it (issue 39): exit codes it can rely on, output it can
+parse, and commands that change nothing when they say so. Each runs `kara-sessions` in its own
+process against a real server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kara_sessions_client.client import SessionsClient
+from kara_sessions_server.entrypoints.grpc.server import RunningServer
+
+from ..support.clock import FakeClock
+
+CLI = [sys.executable, "-m", "kara_sessions_client.cli"]
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """The command line is the same whichever database the server uses: SQLite is enough."""
+    return f"sqlite:///{tmp_path / 'kara.db'}"
+
+
+def _target(server: RunningServer) -> list[str]:
+    return ["--target", f"127.0.0.1:{server.port}"]
+
+
+def test_a_reader_that_goes_away_after_the_work_is_done_is_not_a_refusal(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    """`book ... | head -1` exited 1, "the server refused": under pipefail a script booked again."""
+    kara.grant_credits("client-1", 2)
+    book = [
+        *CLI,
+        *_target(server),
+        "book",
+        "--client",
+        "client-1",
+        "--professional",
+        "p",
+        "--starts-at",
+        "+3d",
+    ]
+    proc = subprocess.Popen(book, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before a byte is written
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141, err
+    assert b"Traceback" not in err and b"Exception ignored" not in err
+    assert len(kara.list_sessions(client_id="client-1").sessions) == 1, "the booking was made once"
+
+    command = " ".join(f"'{part}'" for part in book) + " | head -1"
+    piped = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert piped.returncode in (0, 141), piped.stderr
+    assert len(kara.list_sessions(client_id="client-1").sessions) == 2
