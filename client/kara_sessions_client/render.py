@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.markup import escape
@@ -47,8 +48,52 @@ def visible(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def script_data(message: Message) -> dict[str, Any]:
+    """What `--json` prints and the plain lines show, one shape per message: protobuf's JSON
+    (field names as in the .proto, enum values by name, times as RFC 3339 in UTC) with every
+    field present, zeros and false included, 64-bit integers as numbers (not strings) and
+    durations as seconds (a number, not "86400s")."""
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _numbers(message.DESCRIPTOR, data)
+
+
+_INT64 = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _numbers(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        many = isinstance(value, list)
+        items = value if many else [value]
+        if field.type in _INT64:
+            items = [int(v) for v in items]
+        elif field.message_type is not None and field.message_type.full_name == "google.protobuf.Duration":
+            items = [_seconds(v) for v in items]
+        elif field.message_type is not None:
+            items = [_numbers(field.message_type, v) if isinstance(v, dict) else v for v in items]
+        data[field.name] = items if many else items[0]
+    return data
+
+
+def _seconds(duration: str) -> int | float:
+    seconds = float(duration.rstrip("s"))
+    return int(seconds) if seconds.is_integer() else seconds
+
+
 def show(message: Message, as_json: bool, console: Console | None = None) -> None:
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    data = script_data(message)
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=False))
         return
@@ -59,7 +104,7 @@ def show(message: Message, as_json: bool, console: Console | None = None) -> Non
         click.echo(f"no {listing[1].lower()}", err=True)
         return
     if not console.is_terminal:
-        _print_plain(data)
+        _print_plain(_in_field_order(message.DESCRIPTOR, data))
         return
     # On a terminal every field shows, false and zero included: a missing line reads as unknown.
     full = json_format.MessageToDict(
@@ -92,17 +137,24 @@ def _print_plain(data: Any, indent: int = 0) -> None:
     pad = "  " * indent
     if isinstance(data, dict):
         for key, value in data.items():
-            if isinstance(value, dict | list):
+            if value == []:
+                click.echo(f"{pad}{key}: []")
+            elif isinstance(value, dict | list):
                 click.echo(f"{pad}{key}:")
                 _print_plain(value, indent + 1)
             else:
-                click.echo(f"{pad}{key}: {visible(str(value))}")
+                click.echo(f"{pad}{key}: {_scalar(value)}".rstrip())
     elif isinstance(data, list):
         for item in data:
             click.echo(f"{pad}-")
             _print_plain(item, indent + 1)
     else:
-        click.echo(f"{pad}{visible(str(data))}")
+        click.echo(f"{pad}{_scalar(data)}")
+
+
+def _scalar(value: Any) -> str:
+    """As --json writes it (true, false, 3), but text unquoted and made visible."""
+    return visible(value) if isinstance(value, str) else json.dumps(value)
 
 
 # --- terminal: tables and aligned views ---

@@ -4,8 +4,10 @@ process against a real server."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,34 @@ def test_a_reader_that_goes_away_after_the_work_is_done_is_not_a_refusal(
     )
     assert piped.returncode in (0, 141), piped.stderr
     assert len(kara.list_sessions(client_id="client-1").sessions) == 2
+
+
+def _json(server: RunningServer, *args: str) -> dict[str, object]:
+    done = subprocess.run(
+        [*CLI, *_target(server), "--json", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    data: dict[str, object] = json.loads(done.stdout)
+    return data
+
+
+def test_json_has_every_field_with_numbers_as_numbers(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    """`jq .available` gave null at 0; notice_seconds was a string beside numbers; durations
+    were "86400s"."""
+    kara.grant_credits("client-g", 1)
+    session_id = kara.book("client-g", "p", clock.now() + timedelta(days=3)).session_id
+    account = _json(server, "credits", "show", "client-g")
+    assert {k: account[k] for k in ("available", "held", "used")} == {"available": 0, "held": 1, "used": 0}
+    assert account["next_page_token"] == ""
+    preview = _json(server, "preview", session_id, "--by", "client")
+    assert isinstance(preview["notice_seconds"], int) and preview["notice_seconds"] > 0
+    assert preview["late"] is False and preview["credits_taken"] == 0 and preview["credits_returned"] == 1
+    session = _json(server, "session", session_id)
+    terms = session["terms"]
+    assert isinstance(terms, dict)
+    assert terms["notice_window"] == 86400 and terms["cancellation_grace"] == 0
+    assert session["moves"] == [] and session["rescheduled_to"] == ""
+    programme = _json(server, "programme", "show", "default")
+    assert programme["notice_window"] == 86400
