@@ -5,6 +5,7 @@ process against a real server."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from datetime import timedelta
@@ -91,3 +92,30 @@ def test_json_has_every_field_with_numbers_as_numbers(
     assert session["moves"] == [] and session["rescheduled_to"] == ""
     programme = _json(server, "programme", "show", "default")
     assert programme["notice_window"] == 86400
+
+
+def test_migrate_check_and_backup_never_create_a_database(tmp_path: Path) -> None:
+    """`migrate --check` on a mistyped path said "schema is current", exit 0, and left a new
+    database file behind."""
+    missing = tmp_path / "x" / "missing.db"
+    url = f"sqlite:///{missing}"
+    for args in (
+        ["migrate", "--check", "--database-url", url],
+        ["backup", "--database-url", url, str(tmp_path / "b.db")],
+    ):
+        done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert str(missing) in done.stderr
+        assert not missing.exists() and not missing.parent.exists()
+        assert not (tmp_path / "b.db").exists()
+    # An empty database is not "current" either: it has no schema.
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    done = subprocess.run(
+        [*CLI, "migrate", "--check", "--database-url", f"sqlite:///{empty}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and "no schema yet" in done.stdout, done.stdout + done.stderr

@@ -317,6 +317,12 @@ def current_version(storage: Storage) -> int | None:
     return BASELINE if "sessions" in tables else None
 
 
+def current_version_of(storage: Storage) -> int | None:
+    """current_version, read in a transaction of its own."""
+    with _locked(storage):
+        return current_version(storage)
+
+
 def prepare(storage: Storage) -> int:
     """At server start: creates the schema in an empty database; refuses any other version
     than LATEST with a message that says what to do."""

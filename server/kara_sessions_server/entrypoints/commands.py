@@ -122,6 +122,13 @@ def serve(**values: Any) -> None:
         raise click.ClickException(f"cannot open the database: {exc}") from exc
 
 
+class NoDatabase(click.ClickException):
+    """A command that reads a database was pointed at none: a usage error (exit 2), and
+    nothing is created in its place."""
+
+    exit_code = 2
+
+
 @click.command()
 @config_option
 @database_option
@@ -140,14 +147,21 @@ def migrate(database_url: str, check: bool, notice_window_hours: float) -> None:
     import peewee as pw
 
     from kara_sessions_server.adapters import migrations
-    from kara_sessions_server.adapters.storage import open_storage
+    from kara_sessions_server.adapters.storage import open_storage, sqlite_path
 
     try:
+        path = sqlite_path(database_url)
+        if check and path is not None and not path.is_file():
+            # Opening it would create it: a typo in a restore's path would pass the check.
+            raise NoDatabase(f"there is no database at {path} (--check created nothing)")
         storage = open_storage(database_url, max_connections=2)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     try:
         if check:
+            if migrations.current_version_of(storage) is None:
+                click.echo("there is no schema yet: `kara-sessions migrate` or `serve` creates it")
+                sys.exit(1)
             steps = migrations.pending(storage)
             for step in steps:
                 click.echo(f"pending: {step.version}: {step.description}")
@@ -198,6 +212,8 @@ def backup(database_url: str, dest: Path) -> None:
         raise click.UsageError(
             "backup copies a SQLite database; back up PostgreSQL with pg_dump (see the README)"
         )
+    if not source.is_file():
+        raise NoDatabase(f"there is no database at {source} (nothing was written)")
     try:
         report = take_backup(source, dest)
     except BackupError as exc:
