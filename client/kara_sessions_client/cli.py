@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 from kara.sessions.v1 import invoices_pb2 as ipb
 
 from kara_sessions_server.entrypoints import commands as server_commands
+from kara_sessions_server.entrypoints.settings import Settings, click_options
 
 from . import exit_codes, render
 from .client import (
@@ -780,9 +781,21 @@ def events(ctx: click.Context, after: str, types: tuple[str, ...], follow: bool)
     and pass it to --after to resume exactly after it. With --follow, a dropped connection is
     retried with backoff from the last cursor.
     """
+    target = ctx.obj["target"]
+
+    def outage(error: KaraError | None) -> None:
+        if error is None:
+            click.echo(f"the server at {target} answers again; following", err=True)
+        else:
+            click.echo(
+                f"cannot reach the server at {target} ({error.code.name}: {render.visible(error.message)}); "
+                "retrying with backoff",
+                err=True,
+            )
+
     with _client(ctx) as client:
         try:
-            for event in client.events(after, types, follow=follow):
+            for event in client.events(after, types, follow=follow, on_outage=outage):
                 click.echo(json.dumps(cloud_event(event), separators=(",", ":")))
                 sys.stdout.flush()
         except KaraError as exc:
@@ -873,6 +886,8 @@ def _matching(pattern: re.Pattern[str], what: str) -> Callable[[click.Context, c
 @click.option(
     "--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus /metrics here."
 )
+# As the server's: the same options, the same JSON lines for the same collector.
+@click_options(Settings, only=frozenset({"log_level", "log_format"}))
 @click.pass_context
 def relay(
     ctx: click.Context,
@@ -883,6 +898,8 @@ def relay(
     types: tuple[str, ...],
     max_age: timedelta,
     metrics_port: int | None,
+    log_level: str,
+    log_format: str,
 ) -> None:
     """Publish the event feed to NATS JetStream, exactly once and in feed order.
 
@@ -900,9 +917,9 @@ def relay(
         raise click.ClickException(
             f'the relay needs its extra ({exc.name} is missing): pip install "kara-sessions[relay]"'
         ) from None
-    import logging
+    from kara_sessions_server.entrypoints import logs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level, log_format)  # type: ignore[arg-type]
     obj = ctx.obj
     settings = RelaySettings(
         server=server or obj["target"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -602,7 +602,12 @@ class SessionsClient:
         return list(self._call(self.feed.ListEvents, request, epb.ListEventsResponse).events)
 
     def events(
-        self, after: str = "", types: Sequence[str] = (), *, follow: bool = False
+        self,
+        after: str = "",
+        types: Sequence[str] = (),
+        *,
+        follow: bool = False,
+        on_outage: Callable[[KaraError | None], None] = lambda error: None,
     ) -> Iterator[epb.Event]:
         """Every event after the cursor `after`, oldest first, each exactly once.
 
@@ -611,12 +616,15 @@ class SessionsClient:
         server restarts, the network blips) is reopened with backoff from the cursor of the last
         event received. Store `event.cursor` once you have handled an event and pass it as
         `after` when your process starts again. A cursor older than the server keeps raises
-        KaraError OUT_OF_RANGE (resynchronise from the current state)."""
+        KaraError OUT_OF_RANGE (resynchronise from the current state). While following,
+        `on_outage` is told of the error that began an outage, and None once the server
+        answers again, once each."""
         if not follow:
             yield from self._pages(after, types)
             return
         cursor = after
         failures = 0
+        down = False
         while True:
             stream = self.feed.StreamEvents(
                 epb.StreamEventsRequest(after=cursor, types=types), metadata=with_trace(self.metadata)
@@ -624,16 +632,32 @@ class SessionsClient:
             try:
                 for event in stream:
                     failures = 0
+                    if down:
+                        down = False
+                        on_outage(None)
                     yield event
                     cursor = event.cursor
             except grpc.RpcError as exc:
                 error = KaraError.from_rpc_error(exc)
                 if error.code not in STREAM_RETRYABLE:
                     raise error from None
+                if not down:
+                    down = True
+                    on_outage(error)
             finally:
                 stream.cancel()
-            time.sleep(self.retry.delay(min(failures, 16)))
+            pause = self.retry.delay(min(failures, 16))
             failures += 1
+            if down and error.code is grpc.StatusCode.UNAVAILABLE:
+                # Back as soon as the server is: its stream may then stay quiet for long.
+                try:
+                    grpc.channel_ready_future(self.channel).result(timeout=pause)
+                except grpc.FutureTimeoutError:
+                    continue
+                down = False
+                on_outage(None)
+            else:
+                time.sleep(pause)
 
     def _pages(self, after: str, types: Sequence[str]) -> Iterator[epb.Event]:
         cursor = after

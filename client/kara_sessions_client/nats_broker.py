@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import timedelta
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -42,25 +43,41 @@ class NatsBroker:
         self._nc: Client | None = None
         self._js: nats.js.JetStreamContext | None = None
         self._closing = False
+        # While a first connection is being made: its first failed attempt, said at once.
+        self._first_failure: asyncio.Future[Exception] | None = None
 
     async def connect(self) -> None:
         self._closing = False
-        connecting = nats.connect(
-            servers=self.urls,
-            connect_timeout=2,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
-            error_cb=self._error,
-            disconnected_cb=self._disconnected,
-            reconnected_cb=self._reconnected,
+        self._first_failure = asyncio.get_running_loop().create_future()
+        connecting = asyncio.ensure_future(
+            nats.connect(
+                servers=self.urls,
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                error_cb=self._error,
+                disconnected_cb=self._disconnected,
+                reconnected_cb=self._reconnected,
+            )
         )
+        # With reconnects unbounded, nats-py also retries a first connection for ever, telling
+        # only error_cb: a refused connection (or any first failure) ends the wait at once, and
+        # the relay's own backoff retries, so that the outage is logged when it begins.
+        failure = self._first_failure
+        waiting: set[asyncio.Future[Any]] = {connecting, failure}
         try:
-            # With reconnects unbounded, nats-py also retries a first connection for ever; the
-            # relay's own backoff does that instead, so that the outage is logged.
-            self._nc = await asyncio.wait_for(connecting, CONNECT_SECONDS)
-        except TimeoutError:
-            raise Unavailable(f"no answer within {CONNECT_SECONDS:.0f} s") from None
+            await asyncio.wait(waiting, timeout=CONNECT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._first_failure = None
+            gave_up = not connecting.done()
+            if gave_up:
+                connecting.cancel()  # also when the relay stops while it connects
+        if gave_up:
+            late = f"no answer within {CONNECT_SECONDS:.0f} s"
+            raise Unavailable(_describe(failure.result()) if failure.done() else late)
+        try:
+            self._nc = connecting.result()
         except (NatsError, OSError) as exc:
             raise Unavailable(_describe(exc)) from None
         self._js = self._nc.jetstream(timeout=5)
@@ -130,6 +147,8 @@ class NatsBroker:
     async def _error(self, exc: Exception) -> None:
         # nats-py reports every failed reconnect attempt here; the outage is logged once.
         log.debug("NATS: %s", _describe(exc))
+        if self._first_failure is not None and not self._first_failure.done():
+            self._first_failure.set_result(exc)
 
     async def _disconnected(self) -> None:
         if self._closing:

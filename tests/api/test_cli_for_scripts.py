@@ -5,18 +5,22 @@ process against a real server."""
 from __future__ import annotations
 
 import json
+import select
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from kara_sessions_client.client import SessionsClient
-from kara_sessions_server.entrypoints.grpc.server import RunningServer
+from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 
 from ..support.clock import FakeClock
+from ..support.processes import free_port
 
 CLI = [sys.executable, "-m", "kara_sessions_client.cli"]
 
@@ -119,3 +123,77 @@ def test_migrate_check_and_backup_never_create_a_database(tmp_path: Path) -> Non
         check=False,
     )
     assert done.returncode == 1 and "no schema yet" in done.stdout, done.stdout + done.stderr
+
+
+def _stderr_until(proc: subprocess.Popen[str], wanted: str, seconds: float) -> list[str]:
+    """stderr's lines up to the first holding `wanted` (fails after `seconds`)."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.1)
+        if ready:
+            line = proc.stderr.readline()
+            assert line, f"ended early: {lines}"
+            lines.append(line)
+            if wanted in line:
+                return lines
+    raise AssertionError(f"{wanted!r} not said within {seconds} s: {lines}")
+
+
+def test_events_follow_says_at_once_that_no_server_answers_and_when_one_does(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*CLI, "--target", f"127.0.0.1:{port}", "events", "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        said = _stderr_until(proc, "cannot reach the server", 3)
+        assert f"127.0.0.1:{port}" in said[-1]
+        running = start(
+            Settings(listen=f"127.0.0.1:{port}", database_url=f"sqlite:///{tmp_path / 'k.db'}"), clock=clock
+        )
+        try:
+            _stderr_until(proc, "answers again", 15)
+            with SessionsClient(f"127.0.0.1:{port}") as kara:
+                kara.grant_credits("client-1", 1)
+            assert proc.stdout is not None
+            assert json.loads(proc.stdout.readline())["type"] == "kara.sessions.v1.credits.granted"
+        finally:
+            running.stop(grace=0)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_relay_says_at_once_that_the_broker_refuses_and_logs_as_the_server_does(
+    server: RunningServer,
+) -> None:
+    """It said nothing for 5 s, though the connection was refused at once, and logged plain text."""
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            *_target(server),
+            "relay",
+            "--nats-url",
+            f"nats://127.0.0.1:{free_port()}",
+            "--log-format",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        started = time.monotonic()
+        line = _stderr_until(proc, "cannot reach the broker", 4)[-1]
+        assert time.monotonic() - started < 3
+        logged = json.loads(line)
+        assert logged["level"] == "WARNING" and "refused" in logged["message"].lower()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)

@@ -220,7 +220,8 @@ def test_backup_command_copies_verifies_and_never_overwrites(
     missing = run_cli(
         "backup", "--database-url", f"sqlite:///{tmp_path / 'nothing.db'}", str(tmp_path / "x.db")
     )
-    assert (missing.returncode, "there is no database" in missing.stderr) == (2, True)  # a usage error (issue 39)
+    # No database at that path is a usage error (issue 39).
+    assert (missing.returncode, "there is no database" in missing.stderr) == (2, True)
     postgres = run_cli(
         "backup", "--database-url", "postgresql://postgres@127.0.0.1/test", str(tmp_path / "y.db")
     )
