@@ -57,7 +57,7 @@ test: $(STAMP) $(NODE_DEPS) $(PGBOUNCER) ## Run the whole test suite (SQLite, an
 test-client-install: $(STAMP) ## Install just the client (no [server]) into a fresh venv; drive a server with it
 	$(BIN)/python -m pytest -m client_install tests/install $(ARGS)
 
-bench: $(STAMP) ## Benchmark on this machine (about 6 min; ARGS="--duration 2 --json out.json" etc.)
+bench: $(STAMP) ## Benchmark on this machine (about 7 min; ARGS="--duration 2 --json out.json" etc.)
 	$(BIN)/python -m bench $(ARGS)
 
 $(NODE_DEPS): tests/node/package.json tests/node/package-lock.json

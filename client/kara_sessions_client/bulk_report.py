@@ -18,14 +18,14 @@ from rich.table import Table
 
 from . import bulk, exit_codes
 from .client import SessionsClient
-from .render import hours
+from .render import duration
 
 
 def _describe(r: bulk.Result) -> str:
     if r.ok:
         moved = "credit returned" if r.outcome == "VOIDED" else "credit taken"
         earlier = ", done by an earlier run: replayed, nothing changed" if r.replayed else ""
-        return f"{r.outcome} ({moved}, notice {hours(r.notice_seconds)}{earlier})"
+        return f"{r.outcome} ({moved}, notice {duration(r.notice_seconds)}{earlier})"
     if r.status == bulk.NOT_SENT:
         return "NOT_SENT (stopped before it started)"
     if r.status == bulk.UNKNOWN:
@@ -63,7 +63,7 @@ def _table(results: list[bulk.Result]) -> Table:
         credit = "returned" if r.credits_returned else "taken" if r.credits_taken else ""
         error = "" if r.ok else r.reason or f"{r.status}: {r.message}"
         table.add_row(
-            str(r.line), r.session_id, r.cancelled_by, hours(r.notice_seconds), r.outcome, credit, error
+            str(r.line), r.session_id, r.cancelled_by, duration(r.notice_seconds), r.outcome, credit, error
         )
     return table
 

@@ -153,6 +153,8 @@ def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
 def _fail(ctx: click.Context, exc: KaraError) -> NoReturn:
     click.echo(f"error: {render.visible(str(exc))}", err=True)
     for field_name, description in exc.field_violations:
+        if f"{field_name}: {description}" in exc.message:
+            continue  # the message says it already (one violation: the message is just it)
         click.echo(f"  {field_name}: {render.visible(description)}", err=True)
     violations = exc.precondition_violations
     if len(violations) > 1 or any(description != exc.message for _, _, description in violations):

@@ -106,7 +106,10 @@ def programme_and_waiver(client: SessionsClient, run: str) -> None:
     waived = client.waive_charge(session.session_id, "demo: the client had a family emergency")
     account = client.get_credit_account(client_id, page_size=1, programme_id=programme_id)
     # The throwaway server has no tokens, so the demo calls as a service, and the waiver says so.
-    click.echo("7. The charge is waived afterwards (a professional may waive their own sessions' charges)")
+    click.echo(
+        "7. The charge is waived afterwards (a professional may waive their own sessions' charges; "
+        "this throwaway server has no tokens, so the demo waives it as a service)"
+    )
     click.echo(
         f"   payment: {_name(pb.PaymentState, waived.payment.state)} in section "
         f"{_name(pb.PaymentSection, waived.payment.section)}, waived by {waived.payment.waiver.waived_by}: "

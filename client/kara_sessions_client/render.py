@@ -21,16 +21,19 @@ import click
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 # Enum value prefixes (AIP: each value starts with its type's name); a person reads the rest.
 _ENUM_PREFIX = re.compile(
-    r"^(SESSION_STATE|PAYMENT_STATE|PAYMENT_SECTION|PARTY|PAID_REASON|INVOICE_STATE|LEDGER_ENTRY_KIND)_"
+    r"^(SESSION_STATE|PAYMENT_STATE|PAYMENT_SECTION|PARTY|PAID_REASON|INVOICE_STATE|LEDGER_ENTRY_KIND"
+    r"|LATE_RESCHEDULE|RESCHEDULE_OUTCOME)_"
 )
-# Shown in hours: a Duration ("86400s") and the int64 seconds of notice.
-_DURATIONS = frozenset({"notice_window", "notice_seconds"})
+# Shown as 24 h or 15 min: every Duration and the seconds of notice (script_data makes them seconds).
+_DURATIONS = frozenset({"notice_window", "notice_seconds", "cancellation_grace", "notice"})
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 # Fields that hold amounts or counts: right-aligned, as figures are in a ledger.
 _FIGURES = frozenset(
@@ -106,12 +109,34 @@ def show(message: Message, as_json: bool, console: Console | None = None) -> Non
     if not console.is_terminal:
         _print_plain(_in_field_order(message.DESCRIPTOR, data))
         return
-    # On a terminal every field shows, false and zero included: a missing line reads as unknown.
-    full = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    for renderable in _views(message.DESCRIPTOR.name, _in_field_order(message.DESCRIPTOR, full)):
-        console.print(renderable)
+    # On a terminal every field shows too, false and zero included: a missing line reads as unknown.
+    for view in _views(message.DESCRIPTOR.name, _in_field_order(message.DESCRIPTOR, data)):
+        console.print(_stacked(view) if isinstance(view, Table) and _too_wide(console, view) else view)
+
+
+def _too_wide(console: Console, table: Table) -> bool:
+    """Whether the table needs more columns than the terminal has (then rich would wrap every
+    cell mid-word: CANC/ELLE/D_PA/ID)."""
+    if not table.row_count or not table.columns:
+        return False
+    unbounded = console.options.update_width(1_000_000)
+    return Measurement.get(console, unbounded, table).maximum > console.width
+
+
+def _stacked(table: Table) -> Group:
+    """A table too wide for the terminal, as one block of `column  value` lines per row: every
+    word whole at any width."""
+    headers = [str(column.header) for column in table.columns]
+    cells = [list(column.cells) for column in table.columns]
+    blocks: list[Any] = [Text(str(table.title or ""), style="italic")] if table.title else []
+    for index in range(table.row_count):
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column(overflow="fold")
+        for header, column in zip(headers, cells, strict=True):
+            grid.add_row(header, column[index])
+        blocks += [grid, Text("")]
+    return Group(*blocks)
 
 
 def _in_field_order(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
@@ -204,7 +229,7 @@ def _pairs(data: dict[str, Any]) -> Table:
     for key, value in _flatten(data):
         field = key.rpartition(".")[2]
         is_duration = field in _DURATIONS and value != ""
-        shown = hours(float(str(value).rstrip("s"))) if is_duration else _value(value)
+        shown = duration(float(value)) if is_duration else _value(value)
         grid.add_row(key, f"{shown:>6}" if field in _FIGURES else shown)
     return grid
 
@@ -252,10 +277,16 @@ def _field(*path: str) -> Callable[[dict[str, Any]], str]:
     return cell
 
 
-def hours(seconds: float | None) -> str:
-    """A notice or a window as people speak of the article's 24 hours: 26.0 h (bulk-cancel's
-    table uses it too)."""
-    return "" if seconds is None else f"{seconds / 3600:.1f} h"
+def duration(seconds: float | None) -> str:
+    """A notice, a window or a grace as people speak of the article's 24 hours: 48 h, 26.5 h,
+    15 min, 45 s (bulk-cancel's lines and table use it too)."""
+    if seconds is None:
+        return ""
+    if seconds >= 3600:
+        return f"{round(seconds / 3600, 1):g} h"
+    if seconds >= 60 or seconds == 0:
+        return f"{round(seconds / 60, 1):g} min"
+    return f"{round(seconds, 1):g} s"
 
 
 def _notice(row: dict[str, Any]) -> str:
@@ -263,7 +294,7 @@ def _notice(row: dict[str, Any]) -> str:
     cancellation = row.get("cancellation") or {}
     if not cancellation.get("cancelled_at"):
         return ""
-    given = hours(float(cancellation.get("notice_seconds", 0)))
+    given = duration(float(cancellation.get("notice_seconds", 0)))
     return f"late ({given})" if cancellation.get("late") else f"on time ({given})"
 
 
@@ -275,8 +306,8 @@ def _payment(row: dict[str, Any]) -> str:
 
 
 def _window(row: dict[str, Any]) -> str:
-    window = str(row.get("notice_window", ""))
-    return hours(float(window.rstrip("s"))) if window else ""
+    window = row.get("notice_window", "")
+    return duration(float(window)) if window != "" else ""
 
 
 _FIGURE_HEADERS = frozenset({"credits", "available", "held", "used", "lines"})

@@ -115,3 +115,17 @@ def test_a_terminal_table_right_aligns_credits(workstation: Workstation) -> None
     grant = next(line for line in lines if " GRANT " in line)
     # The figure ends where its column's header ends.
     assert grant.index("5") + 1 == header.index("credits") + len("credits")
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_an_80_column_terminal_keeps_every_word_whole(workstation: Workstation, name: str) -> None:
+    """At 80 columns the tables broke states into CANC/ELLE/D_PA/ID; a table that does not fit
+    is shown as one block of `column  value` lines per row instead."""
+    server, ids = workstation
+    narrow = {**TERMINAL, "COLUMNS": "80"}
+    output = _ANSI.sub("", _run(server, [a.format(**ids) for a in COMMANDS[name]], env=narrow))
+    assert max(len(line.rstrip()) for line in output.splitlines()) <= 80
+    words = set(output.split())
+    assert {"CANCELLED_PAID", "PAID"} & words or name in ("credits",), output
+    for uuid in _UUID.findall(_run(server, ["--json", *[a.format(**ids) for a in COMMANDS[name]]])):
+        assert uuid in output, "every id whole, to copy into the next command"
