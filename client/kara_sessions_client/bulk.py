@@ -45,6 +45,10 @@ class Row:
     request_id: str
 
 
+class BadHeader(ValueError):
+    """A CSV file whose first line does not name the columns: no row of it can be read."""
+
+
 @dataclass(frozen=True)
 class Malformed:
     line: int
@@ -95,7 +99,8 @@ def derive_request_id(
 
 
 def read_rows(stream: IO[str], fmt: str) -> tuple[list[Row], list[Malformed]]:
-    """Parses every row; malformed ones are returned separately with their line numbers."""
+    """Parses every row; malformed ones are returned separately with their line numbers. A CSV
+    header that does not name the columns raises BadHeader."""
     text = stream.read()
     if fmt == "auto":
         fmt = "jsonl" if text.lstrip().startswith("{") else "csv"
@@ -118,17 +123,13 @@ def _csv_records(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
         return  # an empty file has no rows, not a malformed header
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip() for h in reader.fieldnames or []]
-    missing = {"session_id", "cancelled_by"} - set(header)
+    expected = ", ".join(COLUMNS)
+    missing = ", ".join(sorted({"session_id", "cancelled_by"} - set(header)))
     if missing:
-        yield (
-            1,
-            f"the header must name the columns {', '.join(COLUMNS)}; missing: {', '.join(sorted(missing))}",
-        )
-        return
-    unknown = set(header) - set(COLUMNS)
+        raise BadHeader(f"line 1: the header must name the columns {expected}; missing: {missing}")
+    unknown = ", ".join(sorted(set(header) - set(COLUMNS)))
     if unknown:
-        yield 1, f"unknown column(s) {', '.join(sorted(unknown))}; expected {', '.join(COLUMNS)}"
-        return
+        raise BadHeader(f"line 1: unknown column(s) {unknown}; expected {expected}")
     reader.fieldnames = header
     for record in reader:
         if None in record:

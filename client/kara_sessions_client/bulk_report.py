@@ -124,7 +124,11 @@ def run_bulk(
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # a log or a pipe: don't squeeze the table into 80 columns
-    rows, bad = bulk.read_rows(file, fmt)
+    try:
+        rows, bad = bulk.read_rows(file, fmt)
+    except bulk.BadHeader as exc:
+        print(f"error: {exc}: nothing was sent", file=sys.stderr)
+        return exit_codes.USAGE
     if not rows and not bad:
         print("error: the file holds no rows: nothing to cancel", file=sys.stderr)
         return exit_codes.USAGE

@@ -46,9 +46,21 @@ from .invoice_export import write_csv
 from .trace_context import continue_from_environment
 
 # An amount and a unit, as in +3h (a relative time) and 30d (a duration).
-_AMOUNT = r"(\d+(?:\.\d+)?)([smhd])"
-_RELATIVE = re.compile(rf"^([+-]){_AMOUNT}$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_AMOUNT = r"(\d+(?:\.\d+)?)([smhdw])"
+# One or more amounts, largest unit first as people write them: +2h30m, +1w, -90s.
+_AMOUNTS = re.compile(rf"^(?:{_AMOUNT})+$")
+_RELATIVE = re.compile(r"^([+-])(.+)$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _length(text: str) -> timedelta | None:
+    """30d, 2h30m, 1w as a timedelta; None if `text` is not such a length."""
+    if not _AMOUNTS.match(text):
+        return None
+    return sum(
+        (timedelta(**{_UNITS[unit]: float(amount)}) for amount, unit in re.findall(_AMOUNT, text)),
+        timedelta(),
+    )
 
 
 # The server's page-size bound (0: the server's default), checked here so a typo is a usage error.
@@ -57,7 +69,8 @@ PAGE_SIZE_HELP = "at most 1000 (default: the server's, 50)."
 
 
 class When(click.ParamType[datetime, str]):
-    """An ISO-8601 time with a timezone (2026-12-01T10:00:00Z) or a time relative to now (+3h, -30m, +2d)."""
+    """An ISO-8601 time with a timezone (2026-12-01T10:00:00Z) or a time relative to now (+3h,
+    -30m, +2d, +2h30m, +1w), to the minute unless it names seconds."""
 
     name = "TIME"
 
@@ -66,10 +79,12 @@ class When(click.ParamType[datetime, str]):
             return value
         match = _RELATIVE.match(value)
         try:
-            if match:
-                sign, amount, unit = match.groups()
-                delta = timedelta(**{_UNITS[unit]: float(amount)})
-                return datetime.now(UTC) + (delta if sign == "+" else -delta)
+            delta = _length(match[2]) if match else None
+            if match and delta is not None:
+                moment = datetime.now(UTC) + (delta if match[1] == "+" else -delta)
+                # To the minute (unless seconds were asked for): the same command run twice in a
+                # minute means the same time (a second reschedule --to +5d is "unchanged").
+                return moment if "s" in match[2] else moment.replace(second=0, microsecond=0)
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             self.fail(f"{value!r} is not an ISO-8601 time ({_example()}) or a relative time (+3h)")
@@ -150,6 +165,23 @@ def _run(ctx: click.Context, call: Callable[[SessionsClient], Message]) -> None:
     render.show(result, obj["json"])
 
 
+def _version(ctx: click.Context) -> None:
+    """The installed package's version (declared once, in pyproject.toml) and, where the server
+    is installed, the schema version its `migrate` brings a database to."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("kara-sessions")
+    except PackageNotFoundError:
+        package = "unknown (not installed)"
+    latest = server_commands.schema_version()
+    schema = f"database schema version {latest}"
+    if latest is None:
+        schema = 'client only (pip install "kara-sessions[server]" for the server)'
+    click.echo(f"kara-sessions {package}, {schema}")
+    ctx.exit(exit_codes.OK)
+
+
 def _fail(ctx: click.Context, exc: KaraError) -> NoReturn:
     click.echo(f"error: {render.visible(str(exc))}", err=True)
     for field_name, description in exc.field_violations:
@@ -179,7 +211,11 @@ def _hint(ctx: click.Context, exc: KaraError) -> str:
 
 
 class _Commands(click.Group):
-    """The command group, exiting as Unix tools do when the reader of its output goes away."""
+    """The command group: its options may also follow the command (`cancel S --by client
+    --json`), and it exits as Unix tools do when the reader of its output goes away."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _global_options_first(self, args))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -191,6 +227,47 @@ class _Commands(click.Group):
             # click would exit 1 (the server refused), and a script under pipefail would book again.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(exit_codes.BROKEN_PIPE)
+
+
+def _takes_value(option: click.Parameter) -> bool:
+    return isinstance(option, click.Option) and not option.is_flag and option.nargs != 0
+
+
+def _options(command: click.Command) -> dict[str, click.Parameter]:
+    return {name: p for p in command.params for name in (*p.opts, *p.secondary_opts) if name.startswith("-")}
+
+
+def _global_options_first(group: click.Group, args: list[str]) -> list[str]:
+    """`args` with the group's own options that follow the command moved before it, unless the
+    command has an option of the same name (demo's --target) or they follow `--`."""
+    ours = _options(group)
+    start = 0
+    while start < len(args) and args[start].split("=", 1)[0] in ours:
+        option = ours[args[start].split("=", 1)[0]]
+        start += 2 if _takes_value(option) and "=" not in args[start] else 1
+    command: click.Command = group
+    end = start
+    while isinstance(command, click.Group) and end < len(args) and args[end] in command.commands:
+        command = command.commands[args[end]]
+        end += 1
+    if command is group:
+        return args
+    theirs = _options(command)
+    moved: list[str] = []
+    kept: list[str] = []
+    rest = args[end:]
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if word == "--":
+            kept += rest[i:]
+            break
+        name = word.split("=", 1)[0]
+        found = theirs.get(name) or ours.get(name)
+        width = 2 if found is not None and _takes_value(found) and "=" not in word else 1
+        (moved if name in ours and name not in theirs else kept).extend(rest[i : i + width])
+        i += width
+    return [*args[:start], *moved, *args[start:end], *kept]
 
 
 @click.group(
@@ -223,6 +300,14 @@ class _Commands(click.Group):
     "--key-file", type=click.Path(exists=True, dir_okay=False), help="PEM client private key (mTLS)."
 )
 @click.option("--token", envvar="KARA_TOKEN", default=None, help="Bearer token (env KARA_TOKEN).")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, _param, value: _version(ctx) if value else None,
+    help="Show the package's version and the database schema version it works with, and exit.",
+)
 @click.pass_context
 def main(
     ctx: click.Context,
@@ -804,24 +889,23 @@ def events(ctx: click.Context, after: str, types: tuple[str, ...], follow: bool)
             _fail(ctx, exc)
 
 
-_DURATION = re.compile(rf"^{_AMOUNT}$")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 
 class Duration(click.ParamType[timedelta, str]):
-    """A length of time: 30d, 12h, 90m, 45s."""
+    """A length of time: 30d, 12h, 90m, 2h30m, 1w, 45s."""
 
     name = "DURATION"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
         if isinstance(value, timedelta):
             return value
-        match = _DURATION.match(str(value))
-        if not match or float(match[1]) <= 0:
-            self.fail(f"{value!r} is not a duration such as 30d, 12h, 90m or 45s")
         try:
-            return timedelta(**{_UNITS[match[2]]: float(match[1])})
+            length = _length(str(value))
+            if length is None or length <= timedelta():
+                self.fail(f"{value!r} is not a duration such as 30d, 12h, 2h30m, 1w or 45s")
+            return length
         except OverflowError:
             self.fail(f"{value!r} is too long")
 

@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -197,3 +197,86 @@ def test_the_relay_says_at_once_that_the_broker_refuses_and_logs_as_the_server_d
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def _cli(server: RunningServer, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_global_options_may_follow_the_command(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    """`cancel S --by client --json` said "No such option '--json'. Did you mean '--reason'?"."""
+    kara.grant_credits("client-1", 1)
+    session_id = kara.book("client-1", "p", clock.now() + timedelta(days=3)).session_id
+    done = _cli(server, "cancel", session_id, "--by", "client", "--json", *_target(server))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["payment"]["state"] == "PAYMENT_STATE_VOIDED"
+    # A command's own option of the same name, and an option's value that looks like one, stay.
+    reasoned = _cli(server, *_target(server), "credits", "grant", "client-2", "1", "--request-id", "--json")
+    assert reasoned.returncode == 0 and not reasoned.stdout.lstrip().startswith("{"), reasoned.stderr
+
+
+def test_relative_times_take_compound_amounts_and_weeks_and_keep_to_the_minute(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    from kara_sessions_client.cli import WHEN
+
+    now = datetime.now(UTC)
+    if now.second > 50:  # the two readings below must fall in one minute
+        time.sleep(61 - now.second)
+    later = WHEN.convert("+2h30m", None, None)
+    assert later == WHEN.convert("+2h30m", None, None), "the same within a minute"
+    assert later.second == 0 and later.microsecond == 0
+    assert timedelta(hours=2, minutes=29) <= later - datetime.now(UTC) <= timedelta(hours=2, minutes=30)
+    week = WHEN.convert("+1w", None, None)
+    assert timedelta(days=6, hours=23, minutes=58) <= week - datetime.now(UTC) <= timedelta(days=7)
+    exact = WHEN.convert("+90s", None, None) - datetime.now(UTC)  # seconds asked for: kept
+    assert timedelta(seconds=89) <= exact <= timedelta(seconds=90)
+    bad = _cli(server, "book", "--client", "c", "--professional", "p", "--starts-at", "+2x", *_target(server))
+    assert bad.returncode == 2
+    # Run twice, the same move is the same time: the second is "unchanged", not a second move.
+    kara.grant_credits("client-1", 1)
+    session_id = kara.book("client-1", "p", datetime.now(UTC) + timedelta(days=3)).session_id
+    if datetime.now(UTC).second > 50:
+        time.sleep(61 - datetime.now(UTC).second)
+    move = ["reschedule", session_id, "--to", "+5d", "--by", "professional", *_target(server)]
+    assert _cli(server, *move).returncode == 0
+    again = _cli(server, *move)
+    assert again.returncode == 1 and "STARTS_AT_UNCHANGED" in again.stderr
+    assert len(kara.get_session(session_id).moves) == 1
+
+
+def test_version_names_the_package_and_the_schema() -> None:
+    from importlib.metadata import version
+
+    from kara_sessions_server.adapters.migrations import LATEST
+
+    done = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0
+    assert (
+        done.stdout.strip() == f"kara-sessions {version('kara-sessions')}, database schema version {LATEST}"
+    )
+
+
+def test_a_file_whose_header_is_wrong_is_a_usage_error_and_sends_nothing(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """It said "1 rows ... 1 malformed"."""
+    path = tmp_path / "wrong.csv"
+    path.write_text("session,who\ns-1,client\n")
+    done = _cli(server, *_target(server), "bulk-cancel", str(path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "line 1: the header must name the columns" in done.stderr and "nothing was sent" in done.stderr
+    assert "rows:" not in done.stdout
+
+
+def test_a_refusal_says_its_message_once(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    kara.grant_credits("client-1", 1)
+    session_id = kara.book("client-1", "p", clock.now() + timedelta(days=3)).session_id
+    done = _cli(server, *_target(server), "cancel", session_id, "--by", "client", "--charge-client")
+    assert done.returncode == 1
+    assert "CLIENT_CANNOT_CHARGE" in done.stderr
+    assert done.stderr.count("only the professional can charge the client") == 1, done.stderr

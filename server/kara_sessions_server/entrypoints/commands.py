@@ -42,6 +42,16 @@ def require_server(command: str) -> None:
         )
 
 
+def schema_version() -> int | None:
+    """The schema version this release's `migrate` brings a database to; None in the client-only
+    install, which has no database driver."""
+    if any(importlib.util.find_spec(name) is None for name in _SERVER_MODULES):
+        return None
+    from kara_sessions_server.adapters.migrations import LATEST
+
+    return LATEST
+
+
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
