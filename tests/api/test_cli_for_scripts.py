@@ -15,6 +15,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from kara.sessions.v1 import credits_pb2 as cpb
+from kara.sessions.v1 import invoices_pb2 as ipb
+from kara.sessions.v1 import programmes_pb2 as ppb
+from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
@@ -280,3 +285,91 @@ def test_a_refusal_says_its_message_once(
     assert done.returncode == 1
     assert "CLIENT_CANNOT_CHARGE" in done.stderr
     assert done.stderr.count("only the professional can charge the client") == 1, done.stderr
+
+
+_INT64_TYPES = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def _assert_shape(data: object, descriptor: Descriptor, where: str) -> None:
+    """Every field of the message is there (a sub-message may be unset), numbers are numbers."""
+    assert isinstance(data, dict), where
+    for field in descriptor.fields:
+        path = f"{where}.{field.name}"
+        if field.name not in data:
+            assert field.message_type is not None and not _is_repeated(field), f"{path} is missing"
+            continue
+        values = data[field.name] if _is_repeated(field) else [data[field.name]]
+        for value in values:
+            if field.message_type is not None and field.message_type.full_name == "google.protobuf.Duration":
+                assert isinstance(value, int | float), f"{path}: a duration in seconds, not {value!r}"
+            elif field.message_type is not None and field.message_type.full_name.startswith("kara."):
+                _assert_shape(value, field.message_type, path)
+            elif field.type in _INT64_TYPES:
+                assert isinstance(value, int), f"{path}: a number, not {value!r}"
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    return bool(field.is_repeated)
+
+
+def test_every_command_prints_one_full_json_shape(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    """Each command's --json against the message it prints: every field, numbers as numbers."""
+    kara.grant_credits("client-1", 4)
+    when = clock.now()
+    later, early = (when + timedelta(days=d) for d in (3, 4))
+    paid = kara.book("client-1", "pro-1", when + timedelta(hours=5)).session_id
+    kara.cancel(paid, "client")
+    free = kara.book("client-1", "pro-1", later).session_id
+    absent = kara.book("client-1", "pro-1", early).session_id
+    clock.advance(timedelta(days=5))
+    kara.mark_no_show(absent)
+    invoice = kara.create_invoice("pro-1", [paid]).invoice_id
+    commands: list[tuple[list[str], Descriptor]] = [
+        (
+            ["book", "--client", "client-1", "--professional", "pro-1", "--starts-at", "+3d"],
+            pb.Session.DESCRIPTOR,
+        ),
+        (["session", free], pb.Session.DESCRIPTOR),
+        (["sessions", "--professional", "pro-1"], pb.ListSessionsResponse.DESCRIPTOR),
+        (["payment", paid], pb.Payment.DESCRIPTOR),
+        (["payments", "--professional", "pro-1", "--section", "paid"], pb.ListPaymentsResponse.DESCRIPTOR),
+        (["waive", absent, "--reason", "goodwill"], pb.WaiveChargeResponse.DESCRIPTOR),
+        (["credits", "grant", "client-2", "1"], cpb.CreditAccount.DESCRIPTOR),
+        (["credits", "show", "client-1"], cpb.CreditAccount.DESCRIPTOR),
+        (
+            ["programme", "create", "p2", "--name", "Two", "--notice-window-hours", "48"],
+            ppb.Programme.DESCRIPTOR,
+        ),
+        (["programme", "show", "p2"], ppb.Programme.DESCRIPTOR),
+        (["programme", "list"], ppb.ListProgrammesResponse.DESCRIPTOR),
+        (["programme", "update", "p2", "--name", "Two b"], ppb.Programme.DESCRIPTOR),
+        (["invoice", "show", invoice], ipb.Invoice.DESCRIPTOR),
+        (["invoice", "list", "--professional", "pro-1"], ipb.ListInvoicesResponse.DESCRIPTOR),
+        (["invoice", "submit", invoice], ipb.Invoice.DESCRIPTOR),
+    ]
+    for args, descriptor in commands:
+        _assert_shape(_json(server, *args), descriptor, " ".join(args[:2]))
+    booked = _json(server, "book", "--client", "client-1", "--professional", "pro-1", "--starts-at", "+9d")
+    session_id = str(booked["session_id"])
+    later_commands: list[tuple[list[str], Descriptor]] = [
+        (["preview", session_id, "--by", "client"], pb.PreviewCancellationResponse.DESCRIPTOR),
+        (
+            ["preview-reschedule", session_id, "--to", "+12d", "--by", "client"],
+            pb.PreviewRescheduleResponse.DESCRIPTOR,
+        ),
+        (
+            ["reschedule", session_id, "--to", "+12d", "--by", "client"],
+            pb.RescheduleSessionResponse.DESCRIPTOR,
+        ),
+        (["cancel", session_id, "--by", "client"], pb.CancelSessionResponse.DESCRIPTOR),
+    ]
+    for args, descriptor in later_commands:
+        _assert_shape(_json(server, *args), descriptor, " ".join(args[:2]))
