@@ -12,6 +12,7 @@ retried with backoff and the same request_id, which the server never applies twi
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +70,8 @@ RETRYABLE = frozenset(
 )
 # An event stream that ends for one of these is reopened from the last cursor: the server went
 # away or is shutting down (CANCELLED, UNAVAILABLE), or has no stream to spare right now.
+# How long `events(follow=True)` waits for a server to answer before it reports an outage.
+FOLLOW_ANSWER_SECONDS = 3.0
 STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
@@ -626,6 +629,12 @@ class SessionsClient:
         failures = 0
         down = False
         while True:
+            if not down and self._silent_for(FOLLOW_ANSWER_SECONDS):
+                # Neither refused nor answered (a host that drops packets, a server still
+                # starting): said now, not when the connection attempt gives up.
+                down = True
+                silent = f"no answer within {FOLLOW_ANSWER_SECONDS:.0f} s"
+                on_outage(KaraError(grpc.StatusCode.UNAVAILABLE, silent))
             stream = self.feed.StreamEvents(
                 epb.StreamEventsRequest(after=cursor, types=types), metadata=with_trace(self.metadata)
             )
@@ -658,6 +667,26 @@ class SessionsClient:
                 on_outage(None)
             else:
                 time.sleep(pause)
+
+    def _silent_for(self, seconds: float) -> bool:
+        """Whether a connection attempt to the server neither succeeds nor fails within
+        `seconds` (a refused one fails at once, and the stream then says so itself)."""
+        settled = threading.Event()
+        outcomes = (
+            grpc.ChannelConnectivity.READY,
+            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.SHUTDOWN,
+        )
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            if state in outcomes:
+                settled.set()
+
+        self.channel.subscribe(watch, try_to_connect=True)
+        try:
+            return not settled.wait(seconds)
+        finally:
+            self.channel.unsubscribe(watch)
 
     def _pages(self, after: str, types: Sequence[str]) -> Iterator[epb.Event]:
         cursor = after

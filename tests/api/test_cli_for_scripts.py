@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -373,3 +374,24 @@ def test_every_command_prints_one_full_json_shape(
     ]
     for args, descriptor in later_commands:
         _assert_shape(_json(server, *args), descriptor, " ".join(args[:2]))
+
+
+def test_events_follow_says_when_a_server_does_not_answer_at_all() -> None:
+    """A port that accepts connections and never speaks (a hung host, a wrong service): said
+    within a few seconds, not when the connection attempt gives up after 20."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        proc = subprocess.Popen(
+            [*CLI, "--target", f"127.0.0.1:{port}", "events", "--follow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            said = _stderr_until(proc, "cannot reach the server", 8)
+            assert "no answer within 3 s" in said[-1]
+        finally:
+            proc.kill()
+            proc.wait()
