@@ -23,6 +23,7 @@ import click
 import grpc
 from google.protobuf.message import Message
 from kara.sessions.v1 import invoices_pb2 as ipb
+from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_server.entrypoints import commands as server_commands
 from kara_sessions_server.entrypoints.settings import Settings, click_options
@@ -62,6 +63,9 @@ def _length(text: str) -> timedelta | None:
         timedelta(),
     )
 
+
+# The API's protobuf package: a breaking change would be a new one (v2), beside this.
+API_PACKAGE = pb.DESCRIPTOR.package
 
 # The server's page-size bound (0: the server's default), checked here so a typo is a usage error.
 PAGE_SIZE = click.IntRange(0, 1000)
@@ -175,9 +179,9 @@ def _version(ctx: click.Context) -> None:
     except PackageNotFoundError:
         package = "unknown (not installed)"
     latest = server_commands.schema_version()
-    schema = f"database schema version {latest}"
+    schema = f"database schema version {latest}, API {API_PACKAGE}"
     if latest is None:
-        schema = 'client only (pip install "kara-sessions[server]" for the server)'
+        schema = f'API {API_PACKAGE}; client only (pip install "kara-sessions[server]" for the server)'
     click.echo(f"kara-sessions {package}, {schema}")
     ctx.exit(exit_codes.OK)
 

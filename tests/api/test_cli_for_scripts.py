@@ -260,9 +260,8 @@ def test_version_names_the_package_and_the_schema() -> None:
 
     done = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0
-    assert (
-        done.stdout.strip() == f"kara-sessions {version('kara-sessions')}, database schema version {LATEST}"
-    )
+    package, api = version("kara-sessions"), "kara.sessions.v1"
+    assert done.stdout.strip() == f"kara-sessions {package}, database schema version {LATEST}, API {api}"
 
 
 def test_a_file_whose_header_is_wrong_is_a_usage_error_and_sends_nothing(
