@@ -20,6 +20,8 @@ from ..support.database import ON_CI, assert_ledger_balances
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLER = ROOT / "tests" / "node" / "caller.mjs"
+# The README's recipe for a refusal's reason and fields, which the caller uses.
+RECIPE = ROOT / "tests" / "node" / "refusal.mjs"
 CACHE = ROOT / ".tools" / "node-caller"
 
 
@@ -41,7 +43,8 @@ def test_a_node_client_without_deadlines_gets_the_articles_answers(
 ) -> None:
     node = _node()
     # ESM finds packages beside the script, so the caller runs from the cache folder.
-    shutil.copy(CALLER, CACHE / CALLER.name)
+    for script in (CALLER, RECIPE):
+        shutil.copy(script, CACHE / script.name)
     done = subprocess.run(
         [
             node,
@@ -70,7 +73,17 @@ def test_a_node_client_without_deadlines_gets_the_articles_answers(
         assert lines[row] == {"row": row, **outcome, "section": section}
     assert lines["unknown enum"]["code"] == "INVALID_ARGUMENT"
     assert "section" in lines["unknown enum"]["details"]
+    # Read through the README's recipe: the reason to branch on, and the field to fix.
+    assert lines["unknown enum"]["reason"] == "INVALID_REQUEST"
+    assert [f["field"] for f in lines["unknown enum"]["fields"]] == ["section"]
     codes = lines["burst"]["codes"]
     assert codes == {"OK": 24, "NOT_FOUND": 24}, codes
     assert_ledger_balances(server)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_the_readme_shows_the_recipe_the_node_test_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert f"```js\n{RECIPE.read_text()}```" in readme, (
+        "README's Node recipe differs from tests/node/refusal.mjs"
+    )

@@ -1,12 +1,14 @@
 // A Node caller of kara-sessions as a Node team would write one: protos/ loaded at run time
 // with @grpc/proto-loader, one channel per service reused for every call, and no deadline
-// (grpc-js's default). Prints one JSON line per outcome for tests/api/test_node_client.py.
+// (grpc-js's default). Prints one JSON line per outcome for tests/api/test_node_client.py, and
+// reads a refusal's reason as the README says (refusal.mjs).
 //
 //   node caller.mjs HOST:PORT PROTOS_DIR NOW_ISO
 import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
 import { randomUUID } from "node:crypto";
 import path from "node:path";
+import { refusal } from "./refusal.mjs";
 
 const [target, protos, nowIso] = process.argv.slice(2);
 const files = ["sessions", "credits"].map((f) => path.join(protos, "kara/sessions/v1", `${f}.proto`));
@@ -25,7 +27,7 @@ const credits = new v1.CreditService(target, credentials);
 const call = (client, method, request) =>
   new Promise((resolve) =>
     client[method](request, (error, reply) =>
-      resolve(error ? { code: grpc.status[error.code], details: error.details } : { code: "OK", reply }),
+      resolve(error ? { code: grpc.status[error.code], details: error.details, error } : { code: "OK", reply }),
     ),
   );
 const at = (hoursFromNow) => {
@@ -70,7 +72,9 @@ for (const [row, by, hours, charge] of rows) {
 
 // An unknown enum number, as a newer or careless caller sends it.
 const odd = await call(sessions, "ListPayments", { professional_id: "node-pro", section: 7 });
-say({ row: "unknown enum", code: odd.code, details: odd.details });
+// Why: the README's recipe (refusal.mjs) reads the reason and the fields from the trailers.
+const why = refusal(odd.error);
+say({ row: "unknown enum", code: odd.code, details: odd.details, reason: why.reason, fields: why.field_violations });
 
 // A burst without deadlines, above the server's worker count, on the one channel.
 const burst = await Promise.all(
