@@ -15,6 +15,8 @@ NODE_DEPS   := $(NODE_CALLER)/node_modules/.package-lock.json
 # PgBouncer for the tests behind a transaction-mode pooler (tests/support/pgbouncer.py): Debian's
 # package, installed as root where apt-get is; elsewhere those tests skip (and fail on CI).
 PGBOUNCER := /usr/sbin/pgbouncer
+# promtool checks and unit-tests deploy/prometheus/ (Debian's prometheus package, as root).
+PROMTOOL := /usr/bin/promtool
 # The API as released to clients: `buf breaking` compares protos/ with it. Move it forward (a
 # full commit of main) when a release ships; a branch can compare with main instead:
 # make lint BUF_AGAINST='.git\#branch=main,subdir=protos'
@@ -71,10 +73,15 @@ $(PGBOUNCER):
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null; \
 	else echo "pgbouncer not found and not root: the tests behind a pooler will be skipped"; fi
 
+$(PROMTOOL):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else echo "promtool not found and not root: install Debian's prometheus package"; exit 1; fi
+
 $(BUF):
 	npm install --prefix $(TOOLS) --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
 
-lint: $(STAMP) $(BUF) ## ruff, mypy, the layer contracts (lint-imports), and buf lint/breaking on protos/
+lint: $(STAMP) $(BUF) $(PROMTOOL) ## ruff, mypy, the layer contracts, buf lint/breaking, the alerts' tests, the Kubernetes manifests
 	$(BUF) lint protos
 	$(BUF) breaking protos --against '$(BUF_AGAINST)'
 	$(BIN)/ruff check server client tests bench setup.py
@@ -82,6 +89,11 @@ lint: $(STAMP) $(BUF) ## ruff, mypy, the layer contracts (lint-imports), and buf
 	@# The in-memory unit of work too: mypy checks it keeps to the service layer's Protocols.
 	$(BIN)/mypy server/kara_sessions_server client/kara_sessions_client bench tests/support/memory.py tests/service_layer
 	$(BIN)/lint-imports
+	$(PROMTOOL) check rules deploy/prometheus/alerts.yaml
+	cd deploy/prometheus && $(PROMTOOL) test rules alerts.test.yaml
+	@# Rendered as `kubectl apply -k` would, then checked against Kubernetes' own schemas, offline.
+	kubectl kustomize deploy/kubernetes > $(TOOLS)/kubernetes.yaml
+	$(BIN)/kubernetes-validate --strict --quiet $(TOOLS)/kubernetes.yaml
 
 check: lint test test-client-install ## Everything CI runs
 

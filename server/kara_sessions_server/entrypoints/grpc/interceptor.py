@@ -194,6 +194,7 @@ class CallInterceptor(_ServerInterceptor):
         self, exc: Exception, name: str, context: grpc.ServicerContext, state: _CallState, request: Any
     ) -> NoReturn:
         if isinstance(exc, DomainError):
+            self.metrics.refusal(name, exc.reason)
             abort(context, domain_status(exc))
         if _code_name(context) != "OK":
             raise exc  # context.abort() was called: the status is already set

@@ -99,6 +99,12 @@ class Metrics:
             ["kind", "transient"],
             registry=r,
         )
+        self.refusals = Counter(
+            "kara_refusals",
+            "Requests refused (the caller's to fix, or the state forbids them), by method and reason",
+            ["method", "reason"],
+            registry=r,
+        )
         self.database_full = Gauge(
             "kara_database_full",
             "1 while changes fail because the database's disk is full (DATABASE_FULL); 0 once one commits",
@@ -146,6 +152,9 @@ class Metrics:
             self._child(self.invoice_actions, notice.action).inc()
             if notice.sessions:
                 self._child(self.invoiced_sessions, notice.action).inc(notice.sessions)
+
+    def refusal(self, method: str, reason: str) -> None:
+        self._child(self.refusals, method, reason).inc()
 
     def database_error(self, kind: str, transient: bool) -> None:
         self.database_errors.labels(kind, "true" if transient else "false").inc()

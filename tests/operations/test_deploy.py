@@ -1,0 +1,60 @@
+"""What deploy/ hands a platform agrees with the server it runs (issue 38): the manifests'
+configuration uses only settings the server has, and the alerts use only metrics it serves.
+`make lint` validates the manifests against Kubernetes' schemas and unit-tests the alerts."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+
+import yaml
+
+from kara_sessions_client.client import KaraError, SessionsClient
+from kara_sessions_server.entrypoints.commands import serve
+from kara_sessions_server.entrypoints.grpc.server import RunningServer
+
+from ..support.clock import FakeClock
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def _documents(name: str) -> list[dict[str, object]]:
+    return [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()) if d]
+
+
+def test_the_config_map_holds_only_the_servers_settings_and_fits_the_grace_period() -> None:
+    [config] = _documents("config.yaml")
+    data = config["data"]
+    assert isinstance(data, dict)
+    settings = tomllib.loads(data["kara.toml"])
+    known = {p.name for p in serve.params}  # what `serve --config` accepts
+    assert set(settings) <= known, set(settings) - known
+    [server, _service, _budget] = _documents("server.yaml")
+    spec = server["spec"]["template"]["spec"]  # type: ignore[index]
+    assert spec["terminationGracePeriodSeconds"] > settings["grace_seconds"] + 1
+
+
+def test_every_alert_uses_metrics_the_server_or_the_relay_serves(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    kara.grant_credits("client-1", 1)
+    session_id = kara.book("client-1", "p", clock.now() + timedelta(days=2)).session_id
+    kara.cancel(session_id, "client")
+    with contextlib.suppress(KaraError):  # SESSION_NOT_BOOKED, counted as a refusal
+        kara.cancel(session_id, "client")
+    served = {m.name for m in server.metrics.registry.collect()}
+    served |= {"kara_relay_lag_seconds", "kara_relay_events_relayed"}  # the relay's own
+    assert (
+        server.metrics.registry.get_sample_value(
+            "kara_refusals_total", {"method": "CancelSession", "reason": "SESSION_NOT_BOOKED"}
+        )
+        == 1
+    )
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+    for rule in rules["groups"][0]["rules"]:
+        for metric in re.findall(r"\b(kara_[a-z_]+)", rule["expr"]):
+            family = re.sub(r"_(total|bucket|count|sum)$", "", metric)
+            assert family in served, f"{rule['alert']} uses {metric}, which nothing serves"
