@@ -15,7 +15,8 @@ NODE_DEPS   := $(NODE_CALLER)/node_modules/.package-lock.json
 # PgBouncer for the tests behind a transaction-mode pooler (tests/support/pgbouncer.py): Debian's
 # package, installed as root where apt-get is; elsewhere those tests skip (and fail on CI).
 PGBOUNCER := /usr/sbin/pgbouncer
-# promtool checks and unit-tests deploy/prometheus/ (Debian's prometheus package, as root).
+# promtool checks and unit-tests deploy/prometheus/, and the dashboard's test runs a real
+# Prometheus (both from Debian's prometheus package, installed as root).
 PROMTOOL := /usr/bin/promtool
 # The API as released to clients: `buf breaking` compares protos/ with it. Move it forward (a
 # full commit of main) when a release ships; a branch can compare with main instead:
@@ -53,7 +54,7 @@ run: $(STAMP) ## Serve on 127.0.0.1:50051 with SQLite in ./kara-sessions.db (ARG
 demo: $(STAMP) ## Run the article's five scenarios, then invoice the paid ones, on a throwaway server
 	$(BIN)/kara-sessions demo
 
-test: $(STAMP) $(NODE_DEPS) $(PGBOUNCER) ## Run the whole test suite (SQLite, and PostgreSQL when reachable; required when CI=true)
+test: $(STAMP) $(NODE_DEPS) $(PGBOUNCER) $(PROMTOOL) ## Run the whole test suite (SQLite, and PostgreSQL when reachable; required when CI=true)
 	$(BIN)/python -m pytest $(ARGS)
 
 test-client-install: $(STAMP) ## Install just the client (no [server]) into a fresh venv; drive a server with it
