@@ -18,6 +18,14 @@ PGBOUNCER := /usr/sbin/pgbouncer
 # promtool checks and unit-tests deploy/prometheus/, and the dashboard's test runs a real
 # Prometheus (both from Debian's prometheus package, installed as root).
 PROMTOOL := /usr/bin/promtool
+# The container image (Containerfile): podman, else docker. BASE picks the base image (the
+# Containerfile's default: a slim Python image). The machine's CA bundle goes to the build as a
+# secret, for a network whose TLS to the package index needs it; it is in no layer.
+ENGINE    ?= $(or $(shell command -v podman 2>/dev/null),$(shell command -v docker 2>/dev/null),podman)
+IMAGE     ?= kara-sessions:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+BASE      ?=
+CA_BUNDLE ?= $(firstword $(wildcard /etc/ssl/certs/ca-certificates.crt) /dev/null)
+export CONTAINERS_CONF ?= $(CURDIR)/tests/image/containers.conf
 # The API as released to clients: `buf breaking` compares protos/ with it. Move it forward (a
 # full commit of main) when a release ships; a branch can compare with main instead:
 # make lint BUF_AGAINST='.git\#branch=main,subdir=protos'
@@ -25,7 +33,7 @@ API_BASELINE ?= 9016d3a4fd557de9ed2950f4c557c22e315f9588
 BUF_AGAINST  ?= .git\#ref=$(API_BASELINE),subdir=protos,depth=10000
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen docs run demo test test-client-install bench lint check clean
+.PHONY: help install gen docs run demo test test-client-install test-image image bench lint check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -59,6 +67,21 @@ test: $(STAMP) $(NODE_DEPS) $(PGBOUNCER) $(PROMTOOL) ## Run the whole test suite
 
 test-client-install: $(STAMP) ## Install just the client (no [server]) into a fresh venv; drive a server with it
 	$(BIN)/python -m pytest -m client_install tests/install $(ARGS)
+
+image: ## Build the container image $(IMAGE) with podman or docker (BASE=... picks the base image)
+	@command -v $(ENGINE) >/dev/null 2>&1 || $(MAKE) --no-print-directory container-tools
+	$(ENGINE) build --network host --secret id=ca,src=$(CA_BUNDLE) $(if $(BASE),--build-arg BASE=$(BASE)) \
+		-t $(IMAGE) -f Containerfile .
+
+test-image: $(STAMP) ## Build the image on a base made from Debian's packages, run it, stop it, restart it
+	@command -v podman >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1 || $(MAKE) --no-print-directory container-tools
+	$(BIN)/python -m pytest -m image tests/image $(ARGS)
+
+# podman (with runc: see tests/image/containers.conf) and mmdebstrap, from Debian's packages.
+container-tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc mmdebstrap >/dev/null; \
+	else echo "podman and mmdebstrap are needed (Debian: apt-get install podman runc mmdebstrap, as root)"; exit 1; fi
 
 bench: $(STAMP) ## Benchmark on this machine (about 7 min; ARGS="--duration 2 --json out.json" etc.)
 	$(BIN)/python -m bench $(ARGS)
