@@ -10,6 +10,7 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 
+import click
 import yaml
 
 from kara_sessions_client.client import KaraError, SessionsClient
@@ -58,3 +59,28 @@ def test_every_alert_uses_metrics_the_server_or_the_relay_serves(
         for metric in re.findall(r"\b(kara_[a-z_]+)", rule["expr"]):
             family = re.sub(r"_(total|bucket|count|sum)$", "", metric)
             assert family in served, f"{rule['alert']} uses {metric}, which nothing serves"
+
+
+def _flags(command: click.Command) -> set[str]:
+    return {name for p in command.params for name in (*p.opts, *p.secondary_opts)}
+
+
+def test_the_compose_file_runs_what_the_cli_accepts_and_is_the_only_insecure_one() -> None:
+    """compose.yaml is for local trials (it need not run in CI): its commands use only flags the
+    CLI has, and only it says --insecure (the image's own command keeps the production checks)."""
+    from kara_sessions_client.cli import main
+
+    services = yaml.safe_load((DEPLOY.parent / "compose.yaml").read_text())["services"]
+    assert {"postgres", "nats", "migrate", "server", "relay"} <= set(services)
+    relay = main.commands["relay"]
+    allowed = {
+        "server": _flags(serve),
+        "migrate": _flags(main.commands["migrate"]),
+        "relay": _flags(main) | _flags(relay),
+    }
+    for name, flags in allowed.items():
+        for word in services[name]["command"]:
+            if word.startswith("--"):
+                assert word.split("=", 1)[0] in flags, f"{name}: {word} is not a flag of the command"
+    assert "--insecure" in services["server"]["command"]
+    assert "--insecure" not in (DEPLOY.parent / "Containerfile").read_text().split("CMD", 1)[1]
