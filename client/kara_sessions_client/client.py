@@ -318,10 +318,14 @@ class SessionsClient:
         reason: str = "",
         request_id: str | None = None,
     ) -> pb.CancelSessionResponse:
-        request = self._cancel_request(
-            session_id, cancelled_by, charge_client, notified_at, reason, request_id or new_request_id()
-        )
-        return self._call(self.sessions.CancelSession, request, pb.CancelSessionResponse)
+        return self.cancel_replayed(
+            session_id,
+            cancelled_by,
+            charge_client=charge_client,
+            notified_at=notified_at,
+            reason=reason,
+            request_id=request_id,
+        )[0]
 
     def cancel_replayed(
         self,

@@ -147,16 +147,16 @@ def _stderr_until(proc: subprocess.Popen[str], wanted: str, seconds: float) -> l
     raise AssertionError(f"{wanted!r} not said within {seconds} s: {lines}")
 
 
+def _follow(port: int) -> subprocess.Popen[str]:
+    command = [*CLI, "--target", f"127.0.0.1:{port}", "events", "--follow"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_events_follow_says_at_once_that_no_server_answers_and_when_one_does(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        [*CLI, "--target", f"127.0.0.1:{port}", "events", "--follow"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _follow(port)
     try:
         said = _stderr_until(proc, "cannot reach the server", 3)
         assert f"127.0.0.1:{port}" in said[-1]
@@ -382,12 +382,7 @@ def test_events_follow_says_when_a_server_does_not_answer_at_all() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
-        proc = subprocess.Popen(
-            [*CLI, "--target", f"127.0.0.1:{port}", "events", "--follow"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _follow(port)
         try:
             said = _stderr_until(proc, "cannot reach the server", 8)
             assert "no answer within 3 s" in said[-1]
