@@ -317,12 +317,6 @@ def current_version(storage: Storage) -> int | None:
     return BASELINE if "sessions" in tables else None
 
 
-def current_version_of(storage: Storage) -> int | None:
-    """current_version, read in a transaction of its own."""
-    with _locked(storage):
-        return current_version(storage)
-
-
 def prepare(storage: Storage) -> int:
     """At server start: creates the schema in an empty database; refuses any other version
     than LATEST with a message that says what to do."""
@@ -348,12 +342,13 @@ def check(version: int) -> None:
         )
 
 
-def pending(storage: Storage) -> list[Migration]:
-    """What `migrate` would apply; raises SchemaError on a schema newer than LATEST."""
+def pending(storage: Storage) -> list[Migration] | None:
+    """What `migrate` would apply; None for an empty database (it has no schema to upgrade);
+    raises SchemaError on a schema newer than LATEST."""
     with _locked(storage):
         version = current_version(storage)
     if version is None:
-        return []
+        return None
     if version > LATEST:
         check(version)
     return [m for m in MIGRATIONS if m.version > version]

@@ -169,10 +169,10 @@ def migrate(database_url: str, check: bool, notice_window_hours: float) -> None:
         raise click.UsageError(str(exc)) from exc
     try:
         if check:
-            if migrations.current_version_of(storage) is None:
+            steps = migrations.pending(storage)
+            if steps is None:
                 click.echo("there is no schema yet: `kara-sessions migrate` or `serve` creates it")
                 sys.exit(1)
-            steps = migrations.pending(storage)
             for step in steps:
                 click.echo(f"pending: {step.version}: {step.description}")
             click.echo(f"schema is {'not ' if steps else ''}current (this version: {migrations.LATEST})")

@@ -24,22 +24,23 @@ class FeedHoldback:
         self._metrics = metrics
         self._bound = bound_seconds
         self._clock = clock
-        self._warned: dict[int, float] = {}
+        # The backend last warned about, and when.
+        self._warned: tuple[int, float] | None = None
         self._lock = threading.Lock()
 
     def __call__(self, writer: Writer | None) -> None:
-        held = writer is not None and writer.open_seconds > self._bound
-        self._metrics.feed_held_back.set(writer.open_seconds if held and writer else 0)
-        if writer is None or not held:
+        if writer is None or writer.open_seconds <= self._bound:
+            self._metrics.feed_held_back.set(0)
             with self._lock:
-                self._warned.clear()
+                self._warned = None
             return
+        self._metrics.feed_held_back.set(writer.open_seconds)
         now = self._clock()
         with self._lock:
-            last = self._warned.get(writer.pid)
-            if last is not None and now - last < self.WARN_EVERY_SECONDS:
+            warned = self._warned
+            if warned is not None and warned[0] == writer.pid and now - warned[1] < self.WARN_EVERY_SECONDS:
                 return
-            self._warned = {writer.pid: now}
+            self._warned = (writer.pid, now)
         log.warning(
             "the event feed is held back by PostgreSQL backend %d (application_name %r), whose "
             "transaction has been open %.0f s (longer than --max-transaction-seconds %.0f s): no "

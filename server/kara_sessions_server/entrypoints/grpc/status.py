@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -124,10 +124,6 @@ def _first(violations: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
             break
         kept.append(pair)
     return kept
-
-
-def _texts(violations: Iterable[Any]) -> Iterator[tuple[str, str]]:
-    return ((v.subject, v.description) for v in violations)
 
 
 def new_incident() -> str:
