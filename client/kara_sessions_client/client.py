@@ -70,9 +70,9 @@ RETRYABLE = frozenset(
 )
 # An event stream that ends for one of these is reopened from the last cursor: the server went
 # away or is shutting down (CANCELLED, UNAVAILABLE), or has no stream to spare right now.
+STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 # How long `events(follow=True)` waits for a server to answer before it reports an outage.
 FOLLOW_ANSWER_SECONDS = 3.0
-STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @dataclass(frozen=True)
