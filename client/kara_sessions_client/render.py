@@ -33,7 +33,7 @@ _ENUM_PREFIX = re.compile(
     r"|LATE_RESCHEDULE|RESCHEDULE_OUTCOME)_"
 )
 # Shown as 24 h or 15 min: every Duration and the seconds of notice (script_data makes them seconds).
-_DURATIONS = frozenset({"notice_window", "notice_seconds", "cancellation_grace", "notice"})
+_DURATIONS = frozenset({"notice_window", "notice_seconds", "cancellation_grace"})
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 # Fields that hold amounts or counts: right-aligned, as figures are in a ledger.
 _FIGURES = frozenset(
