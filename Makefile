@@ -26,6 +26,13 @@ IMAGE     ?= kara-sessions:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject
 BASE      ?=
 CA_BUNDLE ?= $(firstword $(wildcard /etc/ssl/certs/ca-certificates.crt) /dev/null)
 export CONTAINERS_CONF ?= $(CURDIR)/tests/image/containers.conf
+# Clients in other languages (protos/buf.gen.yaml): its local plugins, and for test-clients the
+# compilers and libraries the generated code is checked against, from Debian's packages (as root);
+# protoc-gen-es is in the Node caller's packages. grpc-java's plugin is installed as
+# grpc_java_plugin; buf.gen.yaml names it by grpc-java's own name, linked in .tools/bin.
+CLIENT_PACKAGES := protobuf-compiler protoc-gen-go protoc-gen-go-grpc protobuf-compiler-grpc-java-plugin \
+	golang-go golang-google-protobuf-dev golang-google-grpc-dev default-jdk-headless libprotobuf-java libgrpc-java
+CLIENT_PATH     := $(CURDIR)/$(TOOLS)/bin:$(CURDIR)/$(NODE_CALLER)/node_modules/.bin:$(PATH)
 # The API as released to clients: `buf breaking` compares protos/ with it. Move it forward (a
 # full commit of main) when a release ships; a branch can compare with main instead:
 # make lint BUF_AGAINST='.git\#branch=main,subdir=protos'
@@ -33,7 +40,7 @@ API_BASELINE ?= 9016d3a4fd557de9ed2950f4c557c22e315f9588
 BUF_AGAINST  ?= .git\#ref=$(API_BASELINE),subdir=protos,depth=10000
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen docs run demo test test-client-install test-image image bench lint check clean
+.PHONY: help install gen docs run demo test test-client-install test-image image clients test-clients client-tools bench lint check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -83,6 +90,21 @@ container-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc mmdebstrap >/dev/null; \
 	else echo "podman and mmdebstrap are needed (Debian: apt-get install podman runc mmdebstrap, as root)"; exit 1; fi
 
+clients: $(BUF) $(NODE_DEPS) client-tools ## Generate Go, Java and TypeScript clients into gen/ (protos/buf.gen.yaml)
+	PATH='$(CLIENT_PATH)' $(BUF) generate protos --template protos/buf.gen.yaml
+
+test-clients: $(STAMP) $(BUF) $(NODE_DEPS) client-tools ## Generate the other languages' clients, compile Go's and Java's, call a server from TypeScript's
+	$(BIN)/python -m pytest -m clients tests/clients $(ARGS)
+
+client-tools:
+	@missing=""; for p in $(CLIENT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else echo "needed (Debian, as root): apt-get install$$missing"; exit 1; fi; \
+	fi
+	@mkdir -p $(TOOLS)/bin && ln -sf /usr/bin/grpc_java_plugin $(TOOLS)/bin/protoc-gen-grpc-java
+
 bench: $(STAMP) ## Benchmark on this machine (about 7 min; ARGS="--duration 2 --json out.json" etc.)
 	$(BIN)/python -m bench $(ARGS)
 
@@ -119,7 +141,7 @@ lint: $(STAMP) $(BUF) $(PROMTOOL) ## ruff, mypy, the layer contracts, buf lint/b
 	kubectl kustomize deploy/kubernetes > $(TOOLS)/kubernetes.yaml
 	$(BIN)/kubernetes-validate --strict --quiet $(TOOLS)/kubernetes.yaml
 
-check: lint test test-client-install ## Everything CI runs
+check: lint test test-client-install test-clients test-image ## Everything CI runs
 
 clean: ## Remove the virtualenv, generated code and caches
-	rm -rf $(VENV) $(TOOLS) client/kara build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) gen client/kara build *.egg-info .pytest_cache .mypy_cache .ruff_cache
