@@ -84,3 +84,18 @@ def test_the_compose_file_runs_what_the_cli_accepts_and_is_the_only_insecure_one
                 assert word.split("=", 1)[0] in flags, f"{name}: {word} is not a flag of the command"
     assert "--insecure" in services["server"]["command"]
     assert "--insecure" not in (DEPLOY.parent / "Containerfile").read_text().split("CMD", 1)[1]
+
+
+def test_every_image_reference_names_the_packages_version() -> None:
+    """The version is declared once (pyproject.toml); the image tags that a release must move
+    with it are checked here, so a release cannot leave one behind."""
+    root = DEPLOY.parent
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    [kustomization] = yaml.safe_load_all((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    assert [image["newTag"] for image in kustomization["images"]] == [version]
+    compose = yaml.safe_load((root / "compose.yaml").read_text())
+    images = [service.get("image", "") for service in compose["services"].values()]
+    tags = {image for image in images if image.startswith("kara-sessions")}
+    assert tags == {f"kara-sessions:{version}"}
+    readme = set(re.findall(r"kara-sessions:(\d+\.\d+\.\d+)", (root / "README.md").read_text()))
+    assert readme == {version}
