@@ -36,7 +36,7 @@ CLIENT_PATH     := $(CURDIR)/$(TOOLS)/bin:$(CURDIR)/$(NODE_CALLER)/node_modules/
 # The API as released to clients: `buf breaking` compares protos/ with it. Move it forward (a
 # full commit of main) when a release ships; a branch can compare with main instead:
 # make lint BUF_AGAINST='.git\#branch=main,subdir=protos'
-API_BASELINE ?= 9016d3a4fd557de9ed2950f4c557c22e315f9588
+API_BASELINE ?= ed02b6fed7886825be1e19d6720dc2ca3e5cb748
 BUF_AGAINST  ?= .git\#ref=$(API_BASELINE),subdir=protos,depth=10000
 
 .DEFAULT_GOAL := help
