@@ -21,17 +21,27 @@ import click
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from kara.sessions.v1 import credits_pb2, events_pb2, invoices_pb2, programmes_pb2, sessions_pb2
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-# Enum value prefixes (AIP: each value starts with its type's name); a person reads the rest.
-_ENUM_PREFIX = re.compile(
-    r"^(SESSION_STATE|PAYMENT_STATE|PAYMENT_SECTION|PARTY|PAID_REASON|INVOICE_STATE|LEDGER_ENTRY_KIND"
-    r"|LATE_RESCHEDULE|RESCHEDULE_OUTCOME)_"
-)
+
+def _short_enum_names() -> dict[str, str]:
+    """Every enum value of the API by its short name: each starts with its type's name (AIP-126:
+    SESSION_STATE_CANCELLED_PAID), and a person reads the rest. Drawn from the descriptors, so a
+    new enum needs no edit here, and free text that merely looks like one is left alone."""
+    short = {}
+    for module in (sessions_pb2, credits_pb2, invoices_pb2, programmes_pb2, events_pb2):
+        for enum in module.DESCRIPTOR.enum_types_by_name.values():
+            prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+            short.update({v.name: v.name.removeprefix(prefix) for v in enum.values})
+    return short
+
+
+_SHORT_ENUM_NAMES = _short_enum_names()
 # Shown as 24 h or 15 min: every Duration and the seconds of notice (script_data makes them seconds).
 _DURATIONS = frozenset({"notice_window", "notice_seconds", "cancellation_grace"})
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
@@ -255,7 +265,7 @@ def _value(value: Any) -> str:
         if not value:
             return "-"
         # Rich reads [brackets] as markup: a value is shown as it is, never as styling.
-        return escape(visible(_ENUM_PREFIX.sub("", value)))
+        return escape(visible(_SHORT_ENUM_NAMES.get(value, value)))
     return str(value)
 
 

@@ -140,3 +140,20 @@ def _ids(data: object) -> set[str]:
     if isinstance(data, list):
         return set().union(*(_ids(v) for v in data))
     return set()
+
+
+def test_a_terminal_shows_every_enum_of_the_api_by_its_short_name_and_free_text_as_written() -> None:
+    from kara.sessions.v1 import credits_pb2, invoices_pb2, programmes_pb2, sessions_pb2
+
+    from kara_sessions_client.render import _value
+
+    modules = (sessions_pb2, credits_pb2, invoices_pb2, programmes_pb2)
+    enums = [enum for module in modules for enum in module.DESCRIPTOR.enum_types_by_name.values()]
+    assert len(enums) >= 9
+    for enum in enums:
+        # Each type's prefix, as its zero value spells it (AIP-126: FOO_UNSPECIFIED).
+        prefix = enum.values[0].name.removesuffix("UNSPECIFIED")
+        for value in enum.values:
+            assert _value(value.name) == value.name.removeprefix(prefix) != value.name
+    # A reason someone typed is text, even when it looks like an enum value.
+    assert _value("PARTY_CLIENT_LATE_AGAIN") == "PARTY_CLIENT_LATE_AGAIN"
