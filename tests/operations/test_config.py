@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from kara_sessions_server.adapters import storage
 from kara_sessions_server.entrypoints.commands import config_option
+from kara_sessions_server.entrypoints.grpc.server import SERVICE_NAMES
 from kara_sessions_server.entrypoints.settings import Settings, click_options, from_command_line, option
 
 from ..support.processes import free_port, serve_command, wait_serving
@@ -117,6 +118,9 @@ def test_help_documents_every_option_and_its_variable() -> None:
     ):
         assert f"--{name}" in text
         assert f"KARA_{name.upper().replace('-', '_')}" in text
+    # Every service it serves, by the names a reflection client lists.
+    for service in SERVICE_NAMES:
+        assert service.rsplit(".", 1)[1] in text, service
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import KaraError, SessionsClient
-from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
+from kara_sessions_server.entrypoints.grpc.server import EXIT_FORCED_SHUTDOWN, RunningServer, Settings, start
 
 from ..support.booking import book
 from ..support.clock import FakeClock
@@ -82,6 +82,25 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert b"Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
+
+
+def test_a_shutdown_forced_past_the_grace_period_exits_non_zero() -> None:
+    """What serve does when a call's thread is still in the database after the grace period: the
+    supervisor (Kubernetes, systemd, podman) is told that the stop was not clean."""
+    forced = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from kara_sessions_server.entrypoints.grpc import server\n"
+            'server._exit_now("a call\'s thread is still in the database after the grace period")',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert forced.returncode == EXIT_FORCED_SHUTDOWN != 0
+    assert "exiting regardless (exit code 3)" in forced.stderr
 
 
 def test_cli_round_trip_and_exit_codes(tmp_path: Path) -> None:

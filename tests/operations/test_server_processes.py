@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kara_sessions_client.client import SessionsClient
+from kara_sessions_server.entrypoints.grpc.server import EXIT_FORCED_SHUTDOWN
 
 from ..support.database import reset_postgres
 from ..support.processes import json_log_lines, serve_command, start_two_processes
@@ -83,6 +84,19 @@ def test_a_dead_child_stops_the_server_for_its_supervisor(postgres_database: str
     assert proc.wait(timeout=30) == 1
     assert not _alive(children[1])
     assert any("exited with -9; stopping the others" in str(line["message"]) for line in json_log_lines(log))
+
+
+@pytest.mark.postgres
+def test_a_child_that_will_not_stop_is_killed_and_the_stop_reported_as_forced(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    reset_postgres(postgres_database)
+    proc, _, log, children = start_two_processes(postgres_database, tmp_path, "--grace-seconds", "1")
+    os.kill(children[0], signal.SIGSTOP)  # deaf to SIGTERM, as a child stuck for good would be
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == EXIT_FORCED_SHUTDOWN
+    assert not any(_alive(child) for child in children)
+    assert any("did not stop; killing it" in str(line["message"]) for line in json_log_lines(log))
 
 
 @pytest.mark.postgres

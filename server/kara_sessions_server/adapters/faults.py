@@ -77,11 +77,6 @@ def is_connection_error(exc: BaseException | None) -> bool:
     return isinstance(exc, pw.OperationalError | pw.InterfaceError)
 
 
-def is_duplicate(exc: BaseException) -> bool:
-    """A unique key refused a row (another request inserted it first)."""
-    return isinstance(exc, pw.IntegrityError)
-
-
 def lock_timeout() -> Exception:
     """The error for a write that waited too long for this process's own writer queue."""
     return pw.OperationalError("database is locked: another write took too long")

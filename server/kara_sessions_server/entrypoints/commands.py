@@ -98,11 +98,12 @@ database_option = click_options(Settings, only=frozenset({"database_url"}))
 @config_option
 @click_options(Settings)
 def serve(**values: Any) -> None:
-    """Serve SessionService, CreditService, InvoiceService and EventService (plus health and
-    reflection).
+    """Serve SessionService, CreditService, InvoiceService, ProgrammeService and EventService
+    (plus health and reflection).
 
     An empty database gets the current schema; an older one must be upgraded with
-    `kara-sessions migrate` first. Exit codes: 2 invalid configuration, 1 could not start.
+    `kara-sessions migrate` first. Exit codes: 2 invalid configuration, 1 could not start, 3
+    stopped by force (work still running when the grace period ended).
     """
     require_server("serve")
     import peewee as pw

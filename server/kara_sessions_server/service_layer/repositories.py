@@ -1,6 +1,6 @@
 """What the use cases ask of storage, reached through their unit of work (uow.sessions,
 uow.ledger, ...): the repositories as the service layer sees them, and the values they trade in.
-adapters/ implements them on SQLite and PostgreSQL; tests/service_layer/ in memory.
+adapters/ implements them on SQLite and PostgreSQL; tests/support/memory.py in memory.
 
 Each states what a caller may rely on, whatever holds the data: a guarded change refuses as
 the race it lost says (SessionNotBooked, Conflict, ...) and changes nothing; a list is one

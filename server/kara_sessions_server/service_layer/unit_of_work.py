@@ -3,7 +3,7 @@ commits explicitly; leaving the block without commit() rolls everything back. It
 are its attributes, so whatever a use case reads and writes is in that one transaction.
 
 This is what the use cases see. adapters/unit_of_work.py is the one on SQLite and PostgreSQL
-(its transactions bounded by the call's deadline); tests/service_layer/ has one in memory."""
+(its transactions bounded by the call's deadline); tests/support/memory.py has one in memory."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from kara_sessions_server.domain.model import SessionState
+from kara_sessions_server.domain.model import LedgerKind, SessionState
 from kara_sessions_server.domain.notices import (
     ChargeWaived,
     CreditsMoved,
@@ -55,7 +55,8 @@ class Metrics:
         )
         self.credits = Counter(
             "kara_credits_moved",
-            "Credits moved by committed requests, by ledger entry kind (GRANT, HOLD, RETURN, TAKE)",
+            "Credits moved by committed requests, by ledger entry kind "
+            f"({', '.join(kind.value for kind in LedgerKind)})",
             ["kind"],
             registry=r,
         )

@@ -95,8 +95,12 @@ def serve_processes(settings: Any, processes: int, log_level: str, log_format: s
             ", ".join(str(c.pid) for c in children),
         )
         failed = _supervise(children, stopping)
-        _stop(children, settings.grace_seconds)
-    return 1 if failed else 0
+        clean = _stop(children, settings.grace_seconds)
+    if failed:
+        return 1
+    from kara_sessions_server.entrypoints.grpc.server import EXIT_FORCED_SHUTDOWN
+
+    return 0 if clean else EXIT_FORCED_SHUTDOWN
 
 
 def _child_settings(settings: Any, listen: str, index: int) -> Any:
@@ -202,7 +206,8 @@ def _supervise(children: Sequence[BaseProcess], stopping: list[int]) -> bool:
     return False
 
 
-def _stop(children: Sequence[BaseProcess], grace: float) -> None:
+def _stop(children: Sequence[BaseProcess], grace: float) -> bool:
+    """Stops every child; True if each drained and exited 0 (none forced, none killed)."""
     for child in children:
         if child.is_alive() and child.pid is not None:
             child.terminate()  # SIGTERM: the child drains its calls within its grace period
@@ -212,3 +217,4 @@ def _stop(children: Sequence[BaseProcess], grace: float) -> None:
             log.error("server process %s (pid %s) did not stop; killing it", child.name, child.pid)
             child.kill()
             child.join()
+    return all(child.exitcode == 0 for child in children)

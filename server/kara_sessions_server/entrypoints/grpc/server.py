@@ -62,10 +62,12 @@ from kara_sessions_server.service_layer.services import Services
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWorkFactory
 
 # Settings is declared in entrypoints/settings.py and re-exported: what start() takes.
-__all__ = ["SERVICE_NAMES", "RunningServer", "Settings", "serve", "start"]
+__all__ = ["EXIT_FORCED_SHUTDOWN", "SERVICE_NAMES", "RunningServer", "Settings", "serve", "start"]
 
 log = logging.getLogger("kara_sessions_server")
 
+# serve's exit code when the grace period ended with work still running and it left regardless.
+EXIT_FORCED_SHUTDOWN = 3
 SERVICE_NAMES = (
     sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     credits_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
@@ -444,9 +446,10 @@ def serve(settings: Settings) -> None:
 
 
 def _exit_now(why: str) -> None:
-    log.error("%s; exiting regardless", why)
+    """A shutdown that could not finish: a supervisor must see a failure, not a clean stop."""
+    log.error("%s; exiting regardless (exit code %d)", why, EXIT_FORCED_SHUTDOWN)
     logging.shutdown()
-    os._exit(0)
+    os._exit(EXIT_FORCED_SHUTDOWN)
 
 
 def _redact(url: str) -> str:
