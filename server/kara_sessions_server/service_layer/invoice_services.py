@@ -55,8 +55,7 @@ class InvoiceServices:
             uow.notices.append(InvoiceChanged("CREATE", len(ids)))
             return invoice
 
-        params = {"professional_id": cmd.professional_id, "session_ids": cmd.session_ids, "up_to": cmd.up_to}
-        return self._mutate(who, "CreateInvoice", cmd.request_id, params, work, EventType.INVOICE_CREATED)
+        return self._mutate(who, "CreateInvoice", cmd, work, EventType.INVOICE_CREATED)
 
     def add_to_invoice(self, who: Principal, cmd: ChangeInvoiceLines) -> Invoice:
         def work(uow: UnitOfWork, now: datetime) -> Invoice:
@@ -71,8 +70,7 @@ class InvoiceServices:
             uow.notices.append(InvoiceChanged("ADD", len(lines)))
             return after.with_lines(before.lines + lines)
 
-        params = {"invoice_id": cmd.invoice_id, "session_ids": cmd.session_ids}
-        return self._mutate(who, "AddToInvoice", cmd.request_id, params, work, EventType.INVOICE_CHANGED)
+        return self._mutate(who, "AddToInvoice", cmd, work, EventType.INVOICE_CHANGED)
 
     def remove_from_invoice(self, who: Principal, cmd: ChangeInvoiceLines) -> Invoice:
         def work(uow: UnitOfWork, now: datetime) -> Invoice:
@@ -86,8 +84,7 @@ class InvoiceServices:
             removed = set(cmd.session_ids)
             return after.with_lines(tuple(line for line in before.lines if line.session_id not in removed))
 
-        params = {"invoice_id": cmd.invoice_id, "session_ids": cmd.session_ids}
-        return self._mutate(who, "RemoveFromInvoice", cmd.request_id, params, work, EventType.INVOICE_CHANGED)
+        return self._mutate(who, "RemoveFromInvoice", cmd, work, EventType.INVOICE_CHANGED)
 
     def submit_invoice(self, who: Principal, cmd: SubmitInvoice) -> Invoice:
         def work(uow: UnitOfWork, now: datetime) -> Invoice:
@@ -98,8 +95,7 @@ class InvoiceServices:
             uow.notices.append(InvoiceChanged("SUBMIT", 0))
             return after
 
-        params = {"invoice_id": cmd.invoice_id}
-        return self._mutate(who, "SubmitInvoice", cmd.request_id, params, work, EventType.INVOICE_SUBMITTED)
+        return self._mutate(who, "SubmitInvoice", cmd, work, EventType.INVOICE_SUBMITTED)
 
     def get_invoice(self, who: Principal, invoice_id: str) -> Invoice:
         with self.unit_of_work(write=False) as uow:
@@ -118,19 +114,18 @@ class InvoiceServices:
         self,
         who: Principal,
         operation: str,
-        request_id: str,
-        params: Mapping[str, object],
+        cmd: CreateInvoice | ChangeInvoiceLines | SubmitInvoice,
         work: Work,
         told: EventType,
     ) -> Invoice:
         op = Operation(
             operation,
-            params,
+            cmd,
             snapshots.dump_invoice,
             snapshots.load_invoice,
             lambda invoice: Change.of_invoice(told, invoice),
         )
-        return self.mutations.mutate(who, op, request_id, work)
+        return self.mutations.mutate(who, op, cmd.request_id, work)
 
     def _chosen(self, uow: UnitOfWork, who: Principal, cmd: CreateInvoice) -> list[Candidate]:
         if cmd.up_to is None:

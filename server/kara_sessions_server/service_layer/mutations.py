@@ -3,9 +3,7 @@ request_id, its event in the feed, its notices to metrics after the commit."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
@@ -24,6 +22,7 @@ from kara_sessions_server.domain.notices import FeedAppended, Notice
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.service_layer.call_context import CURRENT
 from kara_sessions_server.service_layer.commit_signal import CommitSignal
+from kara_sessions_server.service_layer.fingerprints import fingerprint, legacy_fingerprint
 from kara_sessions_server.service_layer.repositories import DuplicateRequestId, RequestRecord, StoredResult
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
@@ -37,11 +36,12 @@ _REPLAY_MAY_MEET = (PreconditionFailed, InvalidRequest, AlreadyExists)
 
 @dataclass(frozen=True, slots=True)
 class Operation(Generic[R]):
-    """What `mutate` needs of a use case besides its work: its name and parameters (a
-    request_id's fingerprint), how its result is stored and read back, and the event it tells."""
+    """What `mutate` needs of a use case besides its work: its name and its request (the
+    command, whose fields make the request_id's fingerprint), how its result is stored and read
+    back, and the event it tells."""
 
     name: str
-    params: Mapping[str, object]
+    request: object
     dump: Callable[[R], str]
     load: Callable[[str], R]
     event: Callable[[R], Change]
@@ -71,9 +71,8 @@ class Mutations:
         the work finding its change already made: the session no longer BOOKED, the start since
         passed). Either way the transaction rolls back, and then, only then, the stored result
         is looked up."""
-        # The caller is part of the request: another principal's request_id replays nothing of theirs.
         operation, load = op.name, op.load
-        fp = fingerprint(operation, {**op.params, "principal": str(who)})
+        fp = fingerprint(operation, op.request, who)
         try:
             with self.unit_of_work() as uow:
                 now = self.clock.now()
@@ -98,7 +97,7 @@ class Mutations:
             with self.unit_of_work(write=False) as uow:
                 stored = uow.requests.find(request_id)
             if stored is not None:
-                replay = load(_same_request(stored, request_id, operation, fp))
+                replay = load(_same_request(stored, request_id, op, who, fp))
                 call = CURRENT.get()
                 if call is not None:
                     call.replayed.append(True)
@@ -122,15 +121,12 @@ def _too_large(operation: str, size: int, limit: int) -> RecordTooLarge:
     )
 
 
-def fingerprint(operation: str, params: Mapping[str, object]) -> str:
-    """What a request_id's record holds of its request, to tell a replay from a reuse."""
-    canonical = json.dumps([operation, params], sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _same_request(stored: StoredResult, request_id: str, operation: str, fp: str) -> str:
+def _same_request(stored: StoredResult, request_id: str, op: Operation[R], who: Principal, fp: str) -> str:
     """The stored result, if `request_id` was first used for this very request."""
-    if stored.operation != operation or stored.fingerprint != fp:
+    same = stored.operation == op.name and (
+        stored.fingerprint == fp or stored.fingerprint == legacy_fingerprint(op.name, op.request, who)
+    )
+    if not same:
         raise RequestIdReused.single(
             "request_id",
             f"{request_id!r} was already used for a {stored.operation} request with other parameters "

@@ -37,8 +37,7 @@ class ProgrammeServices:
             uow.programmes.create(created)
             return created
 
-        params = {"programme_id": cmd.programme_id, "display_name": cmd.display_name, "terms": cmd.terms}
-        return self._mutate(who, "CreateProgramme", cmd.request_id, params, work, EventType.PROGRAMME_CREATED)
+        return self._mutate(who, "CreateProgramme", cmd, work, EventType.PROGRAMME_CREATED)
 
     def update_programme(self, who: Principal, cmd: UpdateProgramme) -> Programme:
         authz.check_manage_programmes(who)
@@ -58,10 +57,7 @@ class ProgrammeServices:
             uow.programmes.change(before, after)
             return after
 
-        params: dict[str, object] = {"programme_id": cmd.programme_id, "changes": cmd.changes}
-        if cmd.etag:
-            params["etag"] = cmd.etag
-        return self._mutate(who, "UpdateProgramme", cmd.request_id, params, work, EventType.PROGRAMME_UPDATED)
+        return self._mutate(who, "UpdateProgramme", cmd, work, EventType.PROGRAMME_UPDATED)
 
     def get_programme(self, who: Principal, programme_id: str) -> Programme:
         with self.unit_of_work(write=False) as uow:
@@ -96,19 +92,18 @@ class ProgrammeServices:
         self,
         who: Principal,
         operation: str,
-        request_id: str,
-        params: dict[str, object],
+        cmd: CreateProgramme | UpdateProgramme,
         work: Work,
         told: EventType,
     ) -> Programme:
         op = Operation(
             operation,
-            params,
+            cmd,
             snapshots.dump_programme,
             snapshots.load_programme,
             lambda programme: Change.of_programme(told, programme),
         )
-        return self.mutations.mutate(who, op, request_id, work)
+        return self.mutations.mutate(who, op, cmd.request_id, work)
 
 
 Work = Callable[[UnitOfWork, datetime], Programme]

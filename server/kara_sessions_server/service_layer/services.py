@@ -7,7 +7,6 @@ Mutations.mutate."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -49,7 +48,6 @@ from kara_sessions_server.domain.notices import (
 )
 from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.domain.principal import Principal, Role
-from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID
 from kara_sessions_server.domain.session_lifecycle import (
     SessionLifecycle,
     moved,
@@ -108,13 +106,9 @@ class Services:
             uow.notices.append(CreditsMoved(LedgerKind.HOLD, session.credits))
             return session
 
-        params = _with_programme(
-            {"client_id": cmd.client_id, "professional_id": cmd.professional_id, "starts_at": cmd.starts_at},
-            cmd.programme_id,
-        )
         return self.mutate(
             who,
-            _session_operation("BookSession", params, EventType.SESSION_BOOKED),
+            _session_operation("BookSession", cmd, EventType.SESSION_BOOKED),
             cmd.request_id,
             work,
         )
@@ -133,16 +127,9 @@ class Services:
             uow.notices.append(SessionCancelled(cmd.cancelled_by, outcome.cancellation.late, after.state))
             return after, payment_of(after)
 
-        params = {
-            "session_id": cmd.session_id,
-            "cancelled_by": cmd.cancelled_by.value,
-            "charge_client": cmd.charge_client,
-            "notified_at": cmd.notified_at,
-            "reason": cmd.reason,
-        }
         return self.mutate(
             who,
-            _settlement_operation("CancelSession", params, EventType.SESSION_CANCELLED),
+            _settlement_operation("CancelSession", cmd, EventType.SESSION_CANCELLED),
             cmd.request_id,
             work,
         )
@@ -190,19 +177,11 @@ class Services:
             uow.notices.append(CreditsMoved(LedgerKind.HOLD, replacement.credits))
             return Rescheduled(replacement, settled)
 
-        params = {
-            "session_id": cmd.session_id,
-            "new_starts_at": cmd.new_starts_at,
-            "rescheduled_by": cmd.rescheduled_by.value,
-            "charge_client": cmd.charge_client,
-            "notified_at": cmd.notified_at,
-            "reason": cmd.reason,
-        }
         return self.mutate(
             who,
             Operation(
                 "RescheduleSession",
-                params,
+                cmd,
                 snapshots.dump_rescheduled,
                 snapshots.load_rescheduled,
                 lambda done: Change.of_session(EventType.SESSION_RESCHEDULED, done.session),
@@ -255,9 +234,7 @@ class Services:
 
         return self.mutate(
             who,
-            _session_operation(
-                "CompleteSession", {"session_id": cmd.session_id}, EventType.SESSION_COMPLETED
-            ),
+            _session_operation("CompleteSession", cmd, EventType.SESSION_COMPLETED),
             cmd.request_id,
             work,
         )
@@ -273,7 +250,7 @@ class Services:
 
         return self.mutate(
             who,
-            _settlement_operation("MarkNoShow", {"session_id": cmd.session_id}, EventType.SESSION_NO_SHOW),
+            _settlement_operation("MarkNoShow", cmd, EventType.SESSION_NO_SHOW),
             cmd.request_id,
             work,
         )
@@ -294,11 +271,7 @@ class Services:
 
         return self.mutate(
             who,
-            _settlement_operation(
-                "WaiveCharge",
-                {"session_id": cmd.session_id, "reason": cmd.reason},
-                EventType.SESSION_CHARGE_WAIVED,
-            ),
+            _settlement_operation("WaiveCharge", cmd, EventType.SESSION_CHARGE_WAIVED),
             cmd.request_id,
             work,
         )
@@ -360,7 +333,7 @@ class Services:
             who,
             Operation(
                 "GrantCredits",
-                _with_programme({"client_id": cmd.client_id, "credits": cmd.credits}, cmd.programme_id),
+                cmd,
                 snapshots.dump_account,
                 snapshots.load_account,
                 Change.of_account,
@@ -404,20 +377,18 @@ def _new_booking(
     )
 
 
-def _session_operation(name: str, params: Mapping[str, object], told: EventType) -> Operation[Session]:
+def _session_operation(name: str, request: object, told: EventType) -> Operation[Session]:
     """A use case whose result is the session it changed."""
     return Operation(
-        name, params, snapshots.dump_session, snapshots.load_session, lambda s: Change.of_session(told, s)
+        name, request, snapshots.dump_session, snapshots.load_session, lambda s: Change.of_session(told, s)
     )
 
 
-def _settlement_operation(
-    name: str, params: Mapping[str, object], told: EventType
-) -> Operation[tuple[Session, Payment]]:
+def _settlement_operation(name: str, request: object, told: EventType) -> Operation[tuple[Session, Payment]]:
     """A use case whose result is the session it settled and its payment."""
     return Operation(
         name,
-        params,
+        request,
         snapshots.dump_settlement,
         snapshots.load_settlement,
         lambda settled: Change.of_session(told, settled[0]),
@@ -461,12 +432,6 @@ def _account(session: Session) -> Account:
 def _actor(who: Principal) -> str:
     """The party a professional's own request acts for; a service acts as the system."""
     return Party.PROFESSIONAL.value if who.role is Role.PROFESSIONAL else SYSTEM_ACTOR
-
-
-def _with_programme(params: dict[str, object], programme_id: str) -> dict[str, object]:
-    """A request's parameters for its fingerprint. The default programme is left out, so a
-    request_id first used before programmes existed still replays."""
-    return params if programme_id == DEFAULT_PROGRAMME_ID else {**params, "programme_id": programme_id}
 
 
 def _apply(before: Session, outcome: CancellationOutcome, now: datetime) -> Session:
