@@ -453,12 +453,17 @@ class CancellationOutcome:
 
 @dataclass(frozen=True, slots=True)
 class RescheduleOutcome:
-    """What a reschedule does (or, previewed, would do): a move in place, or, when `charged`,
-    a late cancellation of the session (`cancellation`) and a new booking at the new time."""
+    """What a reschedule does (or, previewed, would do): a move in place (the session stays
+    BOOKED), or, when `charged`, a late cancellation of the session (`cancellation`, the state
+    the lifecycle's table gives it) and a new booking at the new time."""
 
-    charged: bool
+    session_state: SessionState
     move: Move
     cancellation: Cancellation | None
+
+    @property
+    def charged(self) -> bool:
+        return self.session_state is not SessionState.BOOKED
 
     @property
     def credits_taken(self) -> int:

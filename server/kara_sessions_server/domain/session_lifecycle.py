@@ -170,7 +170,8 @@ class SessionLifecycle:
         model = self._fire(session, now, "reschedule", command=command)
         notice = model.notice
         assert notice is not None
-        charged = SessionState(model.state) is SessionState.CANCELLED_PAID
+        new_state = SessionState(model.state)
+        charged = new_state is not SessionState.BOOKED
         move = Move(
             moved_at=now,
             from_starts_at=session.starts_at,
@@ -193,20 +194,18 @@ class SessionLifecycle:
                 charge_client=command.charge_client,
                 reason=command.reason,
             )
-        return RescheduleOutcome(charged=charged, move=move, cancellation=cancellation)
+        return RescheduleOutcome(session_state=new_state, move=move, cancellation=cancellation)
 
     def complete(self, session: Session, now: datetime) -> Transition:
-        self._started(session, now, "complete", "completed")
-        return Transition(
-            changed(session, now, state=SessionState.COMPLETED, completed_at=now), LedgerKind.TAKE
-        )
+        """The session took place: the state the table gives it, and what that does with the credit."""
+        state = self._started(session, now, "complete", "completed")
+        return _settled(changed(session, now, state=state, completed_at=now))
 
     def no_show(self, session: Session, now: datetime) -> Transition:
-        """The client did not come: the session, and what its terms do with the held credit."""
-        self._started(session, now, "no_show", "marked as a no-show")
-        move = credit_move(SessionState.NO_SHOW, session.terms)
-        assert move is not None
-        return Transition(changed(session, now, state=SessionState.NO_SHOW, no_show_at=now), move)
+        """The client did not come: the state the table gives it, and what its terms do with the
+        held credit."""
+        state = self._started(session, now, "no_show", "marked as a no-show")
+        return _settled(changed(session, now, state=state, no_show_at=now))
 
     def waive(
         self, session: Session, invoice_id: str, waived_by: str, reason: str, now: datetime
@@ -233,13 +232,16 @@ class SessionLifecycle:
         # The taken credit goes back.
         return Transition(changed(session, now, waiver=Waiver(now, waived_by, reason)), LedgerKind.REFUND)
 
-    def _started(self, session: Session, now: datetime, trigger: str, done: str) -> None:
-        if not self._fire(session, now, trigger).fired:
+    def _started(self, session: Session, now: datetime, trigger: str, done: str) -> SessionState:
+        """Fires `trigger`, which only a started session takes; the state it leads to."""
+        model = self._fire(session, now, trigger)
+        if not model.fired:
             raise SessionNotStarted(
                 f"session {session.session_id} starts at {session.starts_at.isoformat()}; "
                 f"it can be {done} only once it has started",
                 metadata={"session_id": session.session_id, "starts_at": session.starts_at.isoformat()},
             )
+        return SessionState(model.state)
 
     def _fire(self, session: Session, now: datetime, trigger: str, **kwargs: Any) -> _SessionModel:
         """Fires `trigger`; the model says whether a transition fired (all of its guards passed)."""
@@ -301,8 +303,15 @@ def settled_by_move(
     after = changed(
         session,
         now,
-        state=SessionState.CANCELLED_PAID,
+        state=outcome.session_state,
         cancellation=outcome.cancellation,
         rescheduled_to=replacement_id,
     )
-    return Transition(after, LedgerKind.TAKE)
+    return _settled(after)
+
+
+def _settled(after: Session) -> Transition:
+    """A session that entered a settled state, and what that state does with its held credit."""
+    move = credit_move(after.state, after.terms)
+    assert move is not None, f"{after.state} settles nothing"
+    return Transition(after, move)
