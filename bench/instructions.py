@@ -26,16 +26,13 @@ from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage
 from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import SystemClock
-from kara_sessions_server.domain.programme import DEFAULT_TERMS
+from kara_sessions_server.entrypoints.application import build_application
 from kara_sessions_server.entrypoints.grpc import sizes
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.servicers import SessionServicer
 from kara_sessions_server.entrypoints.logs import JsonLineFormatter
 from kara_sessions_server.entrypoints.settings import Settings
-from kara_sessions_server.service_layer.mutations import Mutations
-from kara_sessions_server.service_layer.programme_services import ProgrammeServices
-from kara_sessions_server.service_layer.services import Services
 
 from .profile import _book, _Context
 
@@ -52,11 +49,11 @@ def cancellations(workdir: Path, n: int) -> None:
         migrations.prepare(storage)
         metrics = Metrics()
         clock = SystemClock()
-        units = SqlUnitsOfWork(storage)
-        budget = sizes.record_bytes(Settings().max_message_bytes)
-        mutations = Mutations(units, clock, tell=metrics.observe_notice, max_record_bytes=budget)
-        services = Services(units, clock, mutations, Settings().max_booking_horizon)
-        ProgrammeServices(units, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
+        settings = Settings()
+        budget = sizes.record_bytes(settings.max_message_bytes)
+        app = build_application(settings, SqlUnitsOfWork(storage), clock, tell=metrics.observe_notice)
+        app.programmes.ensure_default(settings.notice_window)
+        services = app.sessions
         servicer = SessionServicer(services, budget)
         interceptor = CallInterceptor(
             Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"}), workers=1

@@ -30,15 +30,13 @@ from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import SystemClock
 from kara_sessions_server.domain.model import BookSession, CancelSession, GrantCredits, Party, Session
 from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE
-from kara_sessions_server.domain.programme import DEFAULT_TERMS
+from kara_sessions_server.entrypoints.application import build_application
 from kara_sessions_server.entrypoints.grpc import sizes
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.servicers import SessionServicer
 from kara_sessions_server.entrypoints.logs import JsonLineFormatter
 from kara_sessions_server.entrypoints.settings import Settings
-from kara_sessions_server.service_layer.mutations import Mutations
-from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.services import Services
 
 WHO = UNAUTHENTICATED_SERVICE
@@ -83,10 +81,10 @@ def profile_cancellation(workdir: Path, n: int = 2000) -> CancellationProfile:
     try:
         migrations.prepare(storage)
         clock = SystemClock()
-        units = SqlUnitsOfWork(storage)
-        mutations = Mutations(units, clock)
-        services = Services(units, clock, mutations, Settings().max_booking_horizon)
-        ProgrammeServices(units, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
+        settings = Settings()
+        app = build_application(settings, SqlUnitsOfWork(storage), clock)
+        app.programmes.ensure_default(settings.notice_window)
+        services = app.sessions
         sessions = _book(services, n, "client-a")
         now = datetime.now(UTC)
         started = time.perf_counter()
@@ -150,11 +148,11 @@ def handler_cpu(workdir: Path, calls: int = 300, rounds: int = 5) -> dict[str, f
         migrations.prepare(storage)
         metrics = Metrics()
         clock = SystemClock()
-        units = SqlUnitsOfWork(storage)
-        budget = sizes.record_bytes(Settings().max_message_bytes)
-        mutations = Mutations(units, clock, tell=metrics.observe_notice, max_record_bytes=budget)
-        services = Services(units, clock, mutations, Settings().max_booking_horizon)
-        ProgrammeServices(units, clock, mutations).ensure_default(DEFAULT_TERMS.notice_window)
+        settings = Settings()
+        budget = sizes.record_bytes(settings.max_message_bytes)
+        app = build_application(settings, SqlUnitsOfWork(storage), clock, tell=metrics.observe_notice)
+        app.programmes.ensure_default(settings.notice_window)
+        services = app.sessions
         servicer = SessionServicer(services, budget)
         interceptor = CallInterceptor(
             Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"}), workers=1

@@ -48,9 +48,10 @@ from kara_sessions_server.domain.programme import (
     LateReschedule,
     ProgrammeChanges,
 )
+from kara_sessions_server.entrypoints.application import build_application
+from kara_sessions_server.entrypoints.settings import Settings
 from kara_sessions_server.service_layer.feed import EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
-from kara_sessions_server.service_layer.mutations import Mutations
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.services import Services
 
@@ -124,18 +125,11 @@ class World:
 
 @pytest.fixture
 def world() -> World:
-    store, clock = MemoryStore(), FakeClock()
-    mutations = Mutations(store, clock)
-    programmes = ProgrammeServices(store, clock, mutations)
-    programmes.ensure_default(DEFAULT_TERMS.notice_window)
-    return World(
-        store,
-        clock,
-        Services(store, clock, mutations, booking_horizon=timedelta(days=730)),
-        programmes,
-        InvoiceServices(store, mutations),
-        EventServices(store, clock, mutations.signal, timedelta(days=30), timedelta(days=7)),
-    )
+    store, clock, settings = MemoryStore(), FakeClock(), Settings()
+    # The server's own wiring, on the in-memory unit of work.
+    app = build_application(settings, store, clock)
+    app.programmes.ensure_default(settings.notice_window)
+    return World(store, clock, app.sessions, app.programmes, app.invoices, app.events)
 
 
 # --- the article's rows -------------------------------------------------------------------

@@ -28,7 +28,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import timedelta
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -39,8 +38,7 @@ from kara_sessions_server.adapters.storage import open_storage, sqlite_path
 from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import SystemClock
 from kara_sessions_server.entrypoints import logs
-from kara_sessions_server.service_layer.mutations import Mutations
-from kara_sessions_server.service_layer.programme_services import ProgrammeServices
+from kara_sessions_server.entrypoints.application import build_application
 
 log = logging.getLogger("kara_sessions_server")
 
@@ -70,7 +68,7 @@ def serve_processes(settings: Any, processes: int, log_level: str, log_format: s
             len(settings.cpus),
             ",".join(map(str, settings.cpus)),
         )
-    _prepare_database(settings.database_url, settings.notice_window)
+    _prepare_database(settings)
     host, port = _split(settings.listen)
     with _reserved_port(host, port) as bound:
         context = multiprocessing.get_context("spawn")
@@ -139,15 +137,14 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _prepare_database(database_url: str, notice_window: timedelta) -> None:
+def _prepare_database(settings: Any) -> None:
     """Creates (or checks) the schema and the default programme once, so that the children
     never race to create them."""
-    storage = open_storage(database_url, max_connections=1)
+    storage = open_storage(settings.database_url, max_connections=1)
     try:
         migrations.prepare(storage)
-        clock = SystemClock()
-        unit_of_work = SqlUnitsOfWork(storage)
-        ProgrammeServices(unit_of_work, clock, Mutations(unit_of_work, clock)).ensure_default(notice_window)
+        app = build_application(settings, SqlUnitsOfWork(storage), SystemClock())
+        app.programmes.ensure_default(settings.notice_window)
     finally:
         storage.close()
 

@@ -36,8 +36,8 @@ from kara_sessions_server.adapters import durability, migrations
 from kara_sessions_server.adapters.storage import Storage, open_storage
 from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
 from kara_sessions_server.domain.clock import Clock, SystemClock
-from kara_sessions_server.domain.policy import CancellationPolicy
 from kara_sessions_server.entrypoints import cpus, tracing
+from kara_sessions_server.entrypoints.application import Application, build_application
 from kara_sessions_server.entrypoints.grpc import sizes
 from kara_sessions_server.entrypoints.grpc.feed_holdback import FeedHoldback
 from kara_sessions_server.entrypoints.grpc.health_monitor import HealthMonitor
@@ -54,9 +54,6 @@ from kara_sessions_server.entrypoints.grpc.servicers import (
 from kara_sessions_server.entrypoints.maintenance import Pruner
 from kara_sessions_server.entrypoints.settings import Settings
 from kara_sessions_server.service_layer.feed import EventServices
-from kara_sessions_server.service_layer.invoice_services import InvoiceServices
-from kara_sessions_server.service_layer.mutations import Mutations
-from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.retention import Retention
 from kara_sessions_server.service_layer.services import Services
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWorkFactory
@@ -156,22 +153,9 @@ def start(
         undo.callback(metrics.close)
         now = clock or SystemClock()
         unit_of_work = SqlUnitsOfWork(storage)
-        mutations = Mutations(
-            unit_of_work,
-            now,
-            tell=metrics.observe_notice,
-            max_record_bytes=sizes.record_bytes(settings.max_message_bytes),
-        )
-        services = Services(unit_of_work, now, mutations, settings.max_booking_horizon, CancellationPolicy())
-        programmes = ProgrammeServices(unit_of_work, now, mutations)
-        programmes.ensure_default(settings.notice_window)
-        events = EventServices(
-            unit_of_work,
-            now,
-            mutations.signal,
-            retention=settings.event_retention,
-            request_ids=settings.request_id_retention,
-        )
+        app = build_application(settings, unit_of_work, now, tell=metrics.observe_notice)
+        app.programmes.ensure_default(settings.notice_window)
+        services, events = app.sessions, app.events
         owned_provider = _exporting_provider(settings) if tracer_provider is None else None
         if owned_provider is not None:
             undo.callback(tracing.shut_down, owned_provider)
@@ -207,16 +191,7 @@ def start(
             ],
         )
         undo.callback(_release_unstarted, server, lifetime)
-        health_servicer = _add_servicers(
-            server,
-            services,
-            InvoiceServices(unit_of_work, mutations),
-            programmes,
-            events,
-            streams,
-            metrics,
-            settings.max_message_bytes,
-        )
+        health_servicer = _add_servicers(server, app, streams, metrics, settings.max_message_bytes)
         port = _listen(server, settings.listen, credentials)
         metrics_port = _serve_metrics(metrics, settings)
         server.start()
@@ -262,23 +237,18 @@ def start(
 
 
 def _add_servicers(
-    server: grpc.Server,
-    services: Services,
-    invoices: InvoiceServices,
-    programmes: ProgrammeServices,
-    events: EventServices,
-    streams: StreamGate,
-    metrics: Metrics,
-    max_message_bytes: int,
+    server: grpc.Server, app: Application, streams: StreamGate, metrics: Metrics, max_message_bytes: int
 ) -> health.HealthServicer:
     budget = sizes.record_bytes(max_message_bytes)
-    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(services, budget), server)
-    credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(services, budget), server)
-    invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(invoices, budget), server)
+    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(app.sessions, budget), server)
+    credits_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(app.sessions, budget), server)
+    invoices_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceServicer(app.invoices, budget), server)
     events_pb2_grpc.add_EventServiceServicer_to_server(
-        EventServicer(events, streams, metrics, budget), server
+        EventServicer(app.events, streams, metrics, budget), server
     )
-    programmes_pb2_grpc.add_ProgrammeServiceServicer_to_server(ProgrammeServicer(programmes, budget), server)
+    programmes_pb2_grpc.add_ProgrammeServiceServicer_to_server(
+        ProgrammeServicer(app.programmes, budget), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _serve_reflection(server)
