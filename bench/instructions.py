@@ -24,7 +24,7 @@ from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage
-from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
+from kara_sessions_server.adapters.unit_of_work import SqlUnitOfWorkFactory
 from kara_sessions_server.domain.clock import SystemClock
 from kara_sessions_server.entrypoints.application import build_application
 from kara_sessions_server.entrypoints.grpc import sizes
@@ -51,7 +51,7 @@ def cancellations(workdir: Path, n: int) -> None:
         clock = SystemClock()
         settings = Settings()
         budget = sizes.record_bytes(settings.max_message_bytes)
-        app = build_application(settings, SqlUnitsOfWork(storage), clock, tell=metrics.observe_notice)
+        app = build_application(settings, SqlUnitOfWorkFactory(storage), clock, tell=metrics.count)
         app.programmes.ensure_default(settings.notice_window)
         services = app.sessions
         servicer = SessionServicer(services, budget)

@@ -26,7 +26,7 @@ from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage
-from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
+from kara_sessions_server.adapters.unit_of_work import SqlUnitOfWorkFactory
 from kara_sessions_server.domain.clock import SystemClock
 from kara_sessions_server.domain.model import BookSession, CancelSession, GrantCredits, Party, Session
 from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE
@@ -82,7 +82,7 @@ def profile_cancellation(workdir: Path, n: int = 2000) -> CancellationProfile:
         migrations.prepare(storage)
         clock = SystemClock()
         settings = Settings()
-        app = build_application(settings, SqlUnitsOfWork(storage), clock)
+        app = build_application(settings, SqlUnitOfWorkFactory(storage), clock)
         app.programmes.ensure_default(settings.notice_window)
         services = app.sessions
         sessions = _book(services, n, "client-a")
@@ -150,7 +150,7 @@ def handler_cpu(workdir: Path, calls: int = 300, rounds: int = 5) -> dict[str, f
         clock = SystemClock()
         settings = Settings()
         budget = sizes.record_bytes(settings.max_message_bytes)
-        app = build_application(settings, SqlUnitsOfWork(storage), clock, tell=metrics.observe_notice)
+        app = build_application(settings, SqlUnitOfWorkFactory(storage), clock, tell=metrics.count)
         app.programmes.ensure_default(settings.notice_window)
         services = app.sessions
         servicer = SessionServicer(services, budget)

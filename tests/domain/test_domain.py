@@ -25,7 +25,7 @@ from kara_sessions_server.domain.model import (
     Session,
     SessionState,
 )
-from kara_sessions_server.domain.policy import CancellationPolicy
+from kara_sessions_server.domain.policy import NoticePolicy
 from kara_sessions_server.domain.programme import DEFAULT_TERMS, LateReschedule
 from kara_sessions_server.domain.session_lifecycle import SessionLifecycle
 
@@ -87,14 +87,14 @@ ARTICLE = [
 
 @pytest.mark.parametrize(("by", "notice", "charge", "state", "payment", "move"), ARTICLE)
 def test_article_table(by, notice, charge, state, payment, move) -> None:  # type: ignore[no-untyped-def]
-    outcome = SessionLifecycle(CancellationPolicy()).cancel(_session(notice), _cancel(by, charge), NOW)
+    outcome = SessionLifecycle(NoticePolicy()).cancel(_session(notice), _cancel(by, charge), NOW)
     assert (outcome.session_state, outcome.payment_state, outcome.credit_move) == (state, payment, move)
     assert outcome.cancellation.notice == notice
 
 
 def test_charge_with_notice_is_refused_by_the_policy() -> None:
     with pytest.raises(ChargeNotAllowedWithNotice):
-        SessionLifecycle(CancellationPolicy()).cancel(
+        SessionLifecycle(NoticePolicy()).cancel(
             _session(timedelta(hours=24)), _cancel(Party.PROFESSIONAL, True), NOW
         )
 
@@ -103,11 +103,11 @@ def test_state_check_comes_before_the_policy() -> None:
     """A session that is not BOOKED says so, rather than complaining about its notice."""
     cancelled = _session(timedelta(hours=-1), SessionState.CANCELLED_VOIDED)
     with pytest.raises(SessionNotBooked):
-        SessionLifecycle(CancellationPolicy()).cancel(cancelled, _cancel(Party.PROFESSIONAL, True), NOW)
+        SessionLifecycle(NoticePolicy()).cancel(cancelled, _cancel(Party.PROFESSIONAL, True), NOW)
 
 
 def test_request_rules_need_no_session() -> None:
-    policy = CancellationPolicy()
+    policy = NoticePolicy()
     with pytest.raises(InvalidRequest):
         policy.validate_request(_cancel(Party.CLIENT, charge=True), NOW)
     with pytest.raises(InvalidRequest):
@@ -118,7 +118,7 @@ def test_request_rules_need_no_session() -> None:
 
 def test_one_machine_serves_every_session_and_keeps_none() -> None:
     machine = lifecycle._MACHINE
-    lc = SessionLifecycle(CancellationPolicy())
+    lc = SessionLifecycle(NoticePolicy())
     for hours in (1, 30):
         lc.cancel(_session(timedelta(hours=hours)), _cancel(Party.CLIENT), NOW)
     with pytest.raises(SessionNotBooked):
@@ -130,7 +130,7 @@ def test_one_machine_serves_every_session_and_keeps_none() -> None:
 def test_threads_firing_on_the_shared_machine_at_once_each_get_their_own_outcome() -> None:
     """The Machine is shared by every worker thread: a late and an early cancellation decided at
     the same moment must not see each other's model."""
-    lc = SessionLifecycle(CancellationPolicy())
+    lc = SessionLifecycle(NoticePolicy())
     late, early = _session(timedelta(hours=1)), _session(timedelta(hours=30))
     start = threading.Barrier(8)
 
@@ -178,7 +178,7 @@ def test_reschedule_table(
 ) -> None:
     starts_in = timedelta(hours=23 if late else 24)
     session = _terms_session(starts_in, rule)
-    machine = SessionLifecycle(CancellationPolicy())
+    machine = SessionLifecycle(NoticePolicy())
     if isinstance(expected, type):
         with pytest.raises(expected):
             machine.reschedule(session, _move(by, starts_in, charge), NOW)
@@ -198,7 +198,7 @@ def test_reschedule_table(
 
 def test_only_a_booked_session_moves() -> None:
     with pytest.raises(SessionNotBooked):
-        SessionLifecycle(CancellationPolicy()).reschedule(
+        SessionLifecycle(NoticePolicy()).reschedule(
             _session(timedelta(days=2), SessionState.CANCELLED_VOIDED),
             _move(Party.CLIENT, timedelta(days=2)),
             NOW,
@@ -218,5 +218,5 @@ def test_the_grace_after_booking(since_booking: timedelta, by: Party, within: bo
         _terms_session(timedelta(hours=2), LateReschedule.CHARGE, timedelta(minutes=15)),
         booked_at=NOW - since_booking,
     )
-    notice = CancellationPolicy().assess(session, _cancel(by), NOW)
+    notice = NoticePolicy().assess(session, _cancel(by), NOW)
     assert (notice.within_grace, notice.late) == (within, not within)

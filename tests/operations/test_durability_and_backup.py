@@ -22,8 +22,8 @@ from kara.sessions.v1 import sessions_pb2 as pb
 from kara_sessions_client.client import SessionsClient
 from kara_sessions_server.adapters import backup, durability, migrations
 from kara_sessions_server.adapters.storage import Storage
-from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
-from kara_sessions_server.domain.model import SessionState, payment_for
+from kara_sessions_server.adapters.unit_of_work import SqlUnitOfWorkFactory
+from kara_sessions_server.domain.model import SessionState, payment_state_for
 from kara_sessions_server.domain.programme import DEFAULT_TERMS
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 
@@ -35,7 +35,7 @@ SYNCHRONOUS = {1: "normal", 2: "full"}
 
 def _pragmas(storage: Storage) -> tuple[str, str]:
     """journal_mode and synchronous as the server's own pooled connection reports them."""
-    with SqlUnitsOfWork(storage)(write=False):
+    with SqlUnitOfWorkFactory(storage)(write=False):
         journal = str(storage.sql("PRAGMA journal_mode").fetchone()[0])
         synchronous = SYNCHRONOUS[int(storage.sql("PRAGMA synchronous").fetchone()[0])]
     return journal, synchronous
@@ -130,7 +130,7 @@ def assert_consistent_on_its_own(path: Path) -> dict[str, str]:
         ).fetchall()
         for session_id, state, no_show_takes, waived_at, section in rows:
             terms = replace(DEFAULT_TERMS, no_show_takes_credit=bool(no_show_takes))
-            expected = payment_for(SessionState(state), terms, waived=waived_at is not None)
+            expected = payment_state_for(SessionState(state), terms, waived=waived_at is not None)
             assert section == expected.section.value, session_id
             states[session_id] = state
         return states

@@ -14,7 +14,7 @@ import pytest
 from kara_sessions_client.client import DEFAULT_TIMEOUT, SessionsClient
 from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage
-from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
+from kara_sessions_server.adapters.unit_of_work import SqlUnitOfWorkFactory
 from kara_sessions_server.domain.model import (
     Cancellation,
     Move,
@@ -124,7 +124,7 @@ def test_a_session_is_written_and_read_back_column_for_column(database_url: str)
     storage = open_storage(database_url)
     try:
         migrations.prepare(storage)
-        unit_of_work = SqlUnitsOfWork(storage)
+        unit_of_work = SqlUnitOfWorkFactory(storage)
         booked = replace(
             _every_field_set("s-columns", SessionState.BOOKED, 1), cancellation=None, waiver=None
         )

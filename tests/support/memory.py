@@ -44,7 +44,6 @@ from kara_sessions_server.domain.model import (
     Session,
     SessionState,
     insufficient_credits,
-    payment_of,
     payment_state,
 )
 from kara_sessions_server.domain.principal import Principal
@@ -222,7 +221,7 @@ class MemorySessions:
         )
         invoice_of = self._data.lines
         return Page(
-            tuple(payment_of(s, invoice_of.get(s.session_id, ("", None))[0]) for s in page.items),
+            tuple(Payment.of(s, invoice_of.get(s.session_id, ("", None))[0]) for s in page.items),
             page.next_page_token,
             page.token_after,
         )

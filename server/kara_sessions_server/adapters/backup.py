@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kara_sessions_server.domain.model import SessionState, payment_for
+from kara_sessions_server.domain.model import SessionState, payment_state_for
 from kara_sessions_server.domain.programme import DEFAULT_TERMS
 
 _BALANCES = """
@@ -105,7 +105,7 @@ def verify(path: Path) -> Verified:
         sessions = db.execute(_PAYMENTS).fetchall()
         for session_id, state, no_show_takes, waived_at, section in sessions:
             terms = replace(DEFAULT_TERMS, no_show_takes_credit=bool(no_show_takes))
-            expected = payment_for(SessionState(state), terms, waived=waived_at is not None).section
+            expected = payment_state_for(SessionState(state), terms, waived=waived_at is not None).section
             if section != expected.value:
                 raise BackupError(f"session {session_id} is {state} but its payment is in section {section}")
         return Verified(version, len(sessions), len(accounts))

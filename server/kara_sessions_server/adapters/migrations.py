@@ -237,7 +237,7 @@ def _v8_data(storage: Storage, context: Context) -> None:
     """Each session's section is the one its payments row had (they were written in the same
     transaction); a session without a row, which no version wrote, gets the one its state says
     by the rule as version 8 has it (model.payment_state). Everything else a payments row held
-    is the session's own (payment_of derives it)."""
+    is the session's own (Payment.of derives it)."""
     db = storage.db
     db.execute_sql(
         "UPDATE sessions SET payment_section = "

@@ -34,7 +34,6 @@ from kara_sessions_server.domain.model import (
     Session,
     SessionState,
     Waiver,
-    payment_of,
     payment_state,
 )
 from kara_sessions_server.domain.principal import Principal
@@ -369,7 +368,7 @@ class SessionRepository:
         else:
             cursor = self._sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, *after, size + 1))
         rows, token_out, resume = cut(query_id, cursor.fetchall(), size, _start_key)
-        return Page(tuple(payment_of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out, resume)
+        return Page(tuple(Payment.of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out, resume)
 
     def prune_audit(self, older_than: datetime, batch: int) -> int:
         """Deletes up to `batch` audit rows written before `older_than` (only when an operator asks

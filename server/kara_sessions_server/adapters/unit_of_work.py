@@ -28,7 +28,7 @@ class _NotCommitted(Exception):
     pass
 
 
-class SqlUnitsOfWork:
+class SqlUnitOfWorkFactory:
     """Makes the units of work of one Storage (the composition root's `unit_of_work`). Its
     repositories hold no state of their own, only the database, so every unit of work shares
     them; what makes them one transaction is the thread's connection, which begin() opens."""

@@ -175,9 +175,29 @@ class Payment:
     def section(self) -> PaymentSection:
         return self.state.section
 
+    @classmethod
+    def of(cls, session: Session, invoice_id: str = "") -> Payment:
+        """A session's payment: every field follows from the session (and the invoice line, if
+        any), so it is never read back."""
+        return cls(
+            session_id=session.session_id,
+            client_id=session.client_id,
+            professional_id=session.professional_id,
+            session_starts_at=session.starts_at,
+            state=payment_state(session),
+            credits=session.credits,
+            updated_at=session.updated_at,
+            cancellation=session.cancellation,
+            paid_reason=paid_reason(session),
+            invoice_id=invoice_id,
+            programme_id=session.programme_id,
+            terms=session.terms,
+            waiver=session.waiver,
+        )
+
 
 @dataclass(frozen=True, slots=True)
-class Transition:
+class SessionStep:
     """One settling step of a session's lifecycle (a cancellation, completion, no-show, waiver
     or charged move): the session after it, and what it does with the session's credit."""
 
@@ -193,10 +213,10 @@ def changed(session: Session, now: datetime, **changes: Any) -> Session:
 
 def payment_state(session: Session) -> PaymentState:
     """The session's payment: PENDING while booked, PAID while its credit is taken, else VOIDED."""
-    return payment_for(session.state, session.terms, waived=session.waiver is not None)
+    return payment_state_for(session.state, session.terms, waived=session.waiver is not None)
 
 
-def payment_for(state: SessionState, terms: Terms, *, waived: bool = False) -> PaymentState:
+def payment_state_for(state: SessionState, terms: Terms, *, waived: bool = False) -> PaymentState:
     """The payment a session in `state` under `terms` has (payment_state's rule, for callers
     that hold the state and terms rather than a session)."""
     if state is SessionState.BOOKED:
@@ -221,26 +241,6 @@ def paid_reason(session: Session) -> PaidReason | None:
             return PaidReason.CLIENT_LATE_RESCHEDULE if by_client else PaidReason.CHARGED_LATE_RESCHEDULE
         return PaidReason.CLIENT_LATE_CANCELLATION if by_client else PaidReason.CHARGED_LATE_CANCELLATION
     return None
-
-
-def payment_of(session: Session, invoice_id: str = "") -> Payment:
-    """A session's payment: every field follows from the session (and the invoice line, if
-    any), so it is never read back."""
-    return Payment(
-        session_id=session.session_id,
-        client_id=session.client_id,
-        professional_id=session.professional_id,
-        session_starts_at=session.starts_at,
-        state=payment_state(session),
-        credits=session.credits,
-        updated_at=session.updated_at,
-        cancellation=session.cancellation,
-        paid_reason=paid_reason(session),
-        invoice_id=invoice_id,
-        programme_id=session.programme_id,
-        terms=session.terms,
-        waiver=session.waiver,
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,7 +84,10 @@ class _Asked:
 
 
 @dataclass(frozen=True, slots=True)
-class CancellationPolicy:
+class NoticePolicy:
+    """The article's rule about notice, for a cancellation and a move alike: how much was
+    given, whether it was enough, and who then pays."""
+
     def validate_request(self, command: CancelSession | RescheduleSession, now: datetime) -> None:
         """Rules that need no session: checked before anything is loaded."""
         asked = _Asked.of(command)

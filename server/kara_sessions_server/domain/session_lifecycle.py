@@ -34,13 +34,13 @@ from kara_sessions_server.domain.model import (
     RescheduleSession,
     Session,
     SessionState,
-    Transition,
+    SessionStep,
     Waiver,
     changed,
     credit_move,
     payment_state,
 )
-from kara_sessions_server.domain.policy import CancellationPolicy, Notice
+from kara_sessions_server.domain.policy import Notice, NoticePolicy
 
 _S = SessionState
 _DONE = {
@@ -74,7 +74,7 @@ TRANSITIONS: list[dict[str, Any]] = [
 class _SessionModel:
     """The object `transitions` drives: one session plus the inputs of the event in flight."""
 
-    def __init__(self, session: Session, policy: CancellationPolicy, now: datetime):
+    def __init__(self, session: Session, policy: NoticePolicy, now: datetime):
         self.state: str = session.state.value
         self.session = session
         self.policy = policy
@@ -139,7 +139,7 @@ _MACHINE = shared_machine(SESSION_LIFECYCLE)
 
 @dataclass(frozen=True, slots=True)
 class SessionLifecycle:
-    policy: CancellationPolicy
+    policy: NoticePolicy
 
     def cancel(self, session: Session, command: CancelSession, now: datetime) -> CancellationOutcome:
         """Decides a cancellation; raises a DomainError if the policy or the state refuses it."""
@@ -196,12 +196,12 @@ class SessionLifecycle:
             )
         return RescheduleOutcome(session_state=new_state, move=move, cancellation=cancellation)
 
-    def complete(self, session: Session, now: datetime) -> Transition:
+    def complete(self, session: Session, now: datetime) -> SessionStep:
         """The session took place: the state the table gives it, and what that does with the credit."""
         state = self._started(session, now, "complete", "completed")
         return _settled(changed(session, now, state=state, completed_at=now))
 
-    def no_show(self, session: Session, now: datetime) -> Transition:
+    def no_show(self, session: Session, now: datetime) -> SessionStep:
         """The client did not come: the state the table gives it, and what its terms do with the
         held credit."""
         state = self._started(session, now, "no_show", "marked as a no-show")
@@ -209,7 +209,7 @@ class SessionLifecycle:
 
     def waive(
         self, session: Session, invoice_id: str, waived_by: str, reason: str, now: datetime
-    ) -> Transition:
+    ) -> SessionStep:
         """Waives the charge on a session whose credit was taken; refused otherwise."""
         why_not = (
             "only the charge of a late cancellation or of a no-show can be waived, while its credit is taken"
@@ -230,7 +230,7 @@ class SessionLifecycle:
                 )
             raise on_invoice_refusal(session, invoice_id)
         # The taken credit goes back.
-        return Transition(changed(session, now, waiver=Waiver(now, waived_by, reason)), LedgerKind.REFUND)
+        return SessionStep(changed(session, now, waiver=Waiver(now, waived_by, reason)), LedgerKind.REFUND)
 
     def _started(self, session: Session, now: datetime, trigger: str, done: str) -> SessionState:
         """Fires `trigger`, which only a started session takes; the state it leads to."""
@@ -296,7 +296,7 @@ def moved(session: Session, move: Move, now: datetime) -> Session:
 
 def settled_by_move(
     session: Session, outcome: RescheduleOutcome, replacement_id: str, now: datetime
-) -> Transition:
+) -> SessionStep:
     """The session a charged move settles: a late cancellation, its credit taken, that names
     its replacement."""
     assert outcome.charged and outcome.cancellation is not None
@@ -310,8 +310,8 @@ def settled_by_move(
     return _settled(after)
 
 
-def _settled(after: Session) -> Transition:
+def _settled(after: Session) -> SessionStep:
     """A session that entered a settled state, and what that state does with its held credit."""
     move = credit_move(after.state, after.terms)
     assert move is not None, f"{after.state} settles nothing"
-    return Transition(after, move)
+    return SessionStep(after, move)

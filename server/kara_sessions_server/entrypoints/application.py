@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kara_sessions_server.domain.clock import Clock
-from kara_sessions_server.domain.notices import Notice
-from kara_sessions_server.domain.policy import CancellationPolicy
+from kara_sessions_server.domain.policy import NoticePolicy
+from kara_sessions_server.domain.tallies import Tally
 from kara_sessions_server.entrypoints.grpc import sizes
 from kara_sessions_server.entrypoints.settings import Settings
 from kara_sessions_server.service_layer.feed import EventServices
@@ -36,7 +36,7 @@ def build_application(
     settings: Settings,
     unit_of_work: UnitOfWorkFactory,
     clock: Clock,
-    tell: Callable[[Notice], None] | None = None,
+    tell: Callable[[Tally], None] | None = None,
 ) -> Application:
     """The use cases as `settings` configure them. `tell` hears of what committed (the
     server's metrics); nothing is written here: `programmes.ensure_default` creates the default
@@ -49,7 +49,7 @@ def build_application(
     )
     return Application(
         mutations=mutations,
-        sessions=Services(unit_of_work, clock, mutations, settings.max_booking_horizon, CancellationPolicy()),
+        sessions=Services(unit_of_work, clock, mutations, settings.max_booking_horizon, NoticePolicy()),
         programmes=ProgrammeServices(unit_of_work, clock, mutations),
         invoices=InvoiceServices(unit_of_work, mutations),
         events=EventServices(
@@ -62,5 +62,5 @@ def build_application(
     )
 
 
-def _told_nobody(notice: Notice) -> None:
-    """Where notices go without metrics to count them."""
+def _told_nobody(tally: Tally) -> None:
+    """Where tallies go without metrics to count them."""

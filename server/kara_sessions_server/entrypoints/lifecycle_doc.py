@@ -18,7 +18,7 @@ from transitions.extensions.diagrams import GraphMachine
 
 from kara_sessions_server.domain.invoice_lifecycle import INVOICE_LIFECYCLE
 from kara_sessions_server.domain.machines import Lifecycle
-from kara_sessions_server.domain.model import LedgerKind, SessionState, credit_move, payment_for
+from kara_sessions_server.domain.model import LedgerKind, SessionState, credit_move, payment_state_for
 from kara_sessions_server.domain.programme import DEFAULT_TERMS, Terms
 from kara_sessions_server.domain.session_lifecycle import SESSION_LIFECYCLE
 
@@ -71,12 +71,12 @@ def transition_table(lifecycle: Lifecycle) -> list[str]:
 
 
 def _outcome(state: SessionState, terms: Terms) -> tuple[str, str]:
-    payment = payment_for(state, terms)
+    payment = payment_state_for(state, terms)
     return f"{payment.value} ({payment.section.value.title()})", _CREDIT[credit_move(state, terms)]
 
 
 def session_states() -> list[str]:
-    """Each state's payment and credit, from the domain's own rules (payment_for, credit_move),
+    """Each state's payment and credit, from the domain's own rules (payment_state_for, credit_move),
     under terms that charge a no-show and terms that do not."""
     rows = ["| session state | payment (section) | credit |", "|---|---|---|"]
     charged, free = DEFAULT_TERMS, replace(DEFAULT_TERMS, no_show_takes_credit=False)

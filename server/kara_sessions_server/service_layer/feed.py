@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from kara_sessions_server.domain.clock import Clock
 from kara_sessions_server.domain.feed import EventType, FeedData, FeedEvent, SessionChanged
-from kara_sessions_server.domain.model import Session, payment_of
+from kara_sessions_server.domain.model import Payment, Session
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.service_layer import authz, snapshots
 from kara_sessions_server.service_layer.commit_signal import CommitSignal
@@ -25,7 +25,7 @@ PRUNE_BATCH = 500
 
 
 def _session_changed(session: Session) -> SessionChanged:
-    return SessionChanged(session, payment_of(session))
+    return SessionChanged(session, Payment.of(session))
 
 
 def _settled(raw: str) -> SessionChanged:
@@ -36,7 +36,7 @@ def _rescheduled(raw: str) -> SessionChanged:
     done = snapshots.load_rescheduled(raw)
     charged = done.charged
     return SessionChanged(
-        done.session, payment_of(done.session), charged, None if charged is None else payment_of(charged)
+        done.session, Payment.of(done.session), charged, None if charged is None else Payment.of(charged)
     )
 
 

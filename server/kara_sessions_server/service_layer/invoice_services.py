@@ -20,8 +20,8 @@ from kara_sessions_server.domain.model import (
     Page,
     SubmitInvoice,
 )
-from kara_sessions_server.domain.notices import InvoiceChanged
 from kara_sessions_server.domain.principal import Principal
+from kara_sessions_server.domain.tallies import InvoiceChanged
 from kara_sessions_server.service_layer import authz, snapshots
 from kara_sessions_server.service_layer.mutations import Mutations, Operation
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
@@ -52,7 +52,7 @@ class InvoiceServices:
             uow.invoices.add_lines(invoice.invoice_id, lines)
             ids = [line.session_id for line in invoice.lines]
             uow.invoices.audit(invoice.invoice_id, "CREATE", ids, who, cmd.request_id, now)
-            uow.notices.append(InvoiceChanged("CREATE", len(ids)))
+            uow.tallies.append(InvoiceChanged("CREATE", len(ids)))
             return invoice
 
         return self._mutate(who, "CreateInvoice", cmd, work, EventType.INVOICE_CREATED)
@@ -67,7 +67,7 @@ class InvoiceServices:
             uow.invoices.change(before, after)
             uow.invoices.add_lines(before.invoice_id, lines)
             uow.invoices.audit(before.invoice_id, "ADD", cmd.session_ids, who, cmd.request_id, now)
-            uow.notices.append(InvoiceChanged("ADD", len(lines)))
+            uow.tallies.append(InvoiceChanged("ADD", len(lines)))
             return after.with_lines(before.lines + lines)
 
         return self._mutate(who, "AddToInvoice", cmd, work, EventType.INVOICE_CHANGED)
@@ -80,7 +80,7 @@ class InvoiceServices:
             uow.invoices.change(before, after)
             uow.invoices.remove_lines(before.invoice_id, cmd.session_ids)
             uow.invoices.audit(before.invoice_id, "REMOVE", cmd.session_ids, who, cmd.request_id, now)
-            uow.notices.append(InvoiceChanged("REMOVE", len(cmd.session_ids)))
+            uow.tallies.append(InvoiceChanged("REMOVE", len(cmd.session_ids)))
             removed = set(cmd.session_ids)
             return after.with_lines(tuple(line for line in before.lines if line.session_id not in removed))
 
@@ -92,7 +92,7 @@ class InvoiceServices:
             after = invoice_lifecycle.submit(before, now)
             uow.invoices.change(before, after)
             uow.invoices.audit(before.invoice_id, "SUBMIT", (), who, cmd.request_id, now)
-            uow.notices.append(InvoiceChanged("SUBMIT", 0))
+            uow.tallies.append(InvoiceChanged("SUBMIT", 0))
             return after
 
         return self._mutate(who, "SubmitInvoice", cmd, work, EventType.INVOICE_SUBMITTED)

@@ -1,5 +1,5 @@
 """Every change goes through `Mutations.mutate`: one unit of work per request, idempotent by
-request_id, its event in the feed, its notices to metrics after the commit."""
+request_id, its event in the feed, its tallies to metrics after the commit."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from kara_sessions_server.domain.errors import (
     RequestIdReused,
 )
 from kara_sessions_server.domain.feed import Change
-from kara_sessions_server.domain.notices import FeedAppended, Notice
 from kara_sessions_server.domain.principal import Principal
+from kara_sessions_server.domain.tallies import FeedAppended, Tally
 from kara_sessions_server.service_layer.call_context import CURRENT
 from kara_sessions_server.service_layer.commit_signal import CommitSignal
 from kara_sessions_server.service_layer.fingerprints import fingerprint, legacy_fingerprint
@@ -52,7 +52,7 @@ class Mutations:
     unit_of_work: UnitOfWorkFactory
     clock: Clock
     # Told of what committed (metrics); never of a replay or a rollback.
-    tell: Callable[[Notice], None] = field(default=lambda notice: None)
+    tell: Callable[[Tally], None] = field(default=lambda tally: None)
     # Wakes the event feed's followers after each commit.
     signal: CommitSignal = field(default_factory=CommitSignal)
     # The most a change's stored result may take (entrypoints/grpc/sizes.py): it is the event's
@@ -82,10 +82,10 @@ class Mutations:
                     raise _too_large(operation, len(data), self.max_record_bytes)
                 told = op.event(result)
                 uow.events.append(told, data, now, RequestRecord(request_id, operation, fp))
-                uow.notices.append(FeedAppended(told.type.value))
+                uow.tallies.append(FeedAppended(told.type.value))
                 uow.commit()
-            for notice in uow.notices:
-                self.tell(notice)
+            for tally in uow.tallies:
+                self.tell(tally)
             self.signal.notify()
             return result
         except Exception as exc:

@@ -33,26 +33,25 @@ from kara_sessions_server.domain.model import (
     RescheduleSession,
     Session,
     SessionState,
-    Transition,
+    SessionStep,
     WaiveCharge,
     changed,
     insufficient_credits,
-    payment_of,
 )
-from kara_sessions_server.domain.notices import (
-    ChargeWaived,
-    CreditsMoved,
-    NoShowMarked,
-    SessionCancelled,
-    SessionRescheduled,
-)
-from kara_sessions_server.domain.policy import CancellationPolicy
+from kara_sessions_server.domain.policy import NoticePolicy
 from kara_sessions_server.domain.principal import Principal, Role
 from kara_sessions_server.domain.session_lifecycle import (
     SessionLifecycle,
     moved,
     on_invoice_refusal,
     settled_by_move,
+)
+from kara_sessions_server.domain.tallies import (
+    ChargeWaived,
+    CreditsMoved,
+    NoShowMarked,
+    SessionCancelled,
+    SessionRescheduled,
 )
 from kara_sessions_server.service_layer import authz, snapshots
 from kara_sessions_server.service_layer.mutations import Mutations, Operation
@@ -78,7 +77,7 @@ class Services:
     # How far ahead a session may be booked: a typo'd year would otherwise hold a credit for ever
     # (Settings.max_booking_horizon).
     booking_horizon: timedelta
-    policy: CancellationPolicy = field(default_factory=CancellationPolicy)
+    policy: NoticePolicy = field(default_factory=NoticePolicy)
 
     def __post_init__(self) -> None:
         self.lifecycle = SessionLifecycle(self.policy)
@@ -103,7 +102,7 @@ class Services:
             uow.ledger.hold(_account(session), session.session_id, session.credits, cmd.request_id, now)
             uow.sessions.add(session)
             uow.sessions.audit(None, session, "BOOK", SYSTEM_ACTOR, who, cmd.request_id, now)
-            uow.notices.append(CreditsMoved(LedgerKind.HOLD, session.credits))
+            uow.tallies.append(CreditsMoved(LedgerKind.HOLD, session.credits))
             return session
 
         return self.mutate(
@@ -122,10 +121,10 @@ class Services:
             self.policy.validate_request(cmd, now)
             before = _load_session(uow, who, cmd.session_id)
             outcome = self.lifecycle.cancel(before, cmd, now)
-            step = Transition(_apply(before, outcome, now), outcome.credit_move)
+            step = SessionStep(_apply(before, outcome, now), outcome.credit_move)
             after = _settle(uow, before, step, "CANCEL", cmd.cancelled_by.value, who, cmd.request_id, now)
-            uow.notices.append(SessionCancelled(cmd.cancelled_by, outcome.cancellation.late, after.state))
-            return after, payment_of(after)
+            uow.tallies.append(SessionCancelled(cmd.cancelled_by, outcome.cancellation.late, after.state))
+            return after, Payment.of(after)
 
         return self.mutate(
             who,
@@ -142,7 +141,7 @@ class Services:
             before = _load_session(uow, who, cmd.session_id)
             outcome = self.lifecycle.reschedule(before, cmd, now)
             party = cmd.rescheduled_by.value
-            uow.notices.append(SessionRescheduled(cmd.rescheduled_by, outcome.move.late, outcome.charged))
+            uow.tallies.append(SessionRescheduled(cmd.rescheduled_by, outcome.move.late, outcome.charged))
             if not outcome.charged:
                 after = uow.sessions.move(before, moved(before, outcome.move, now))
                 uow.sessions.audit(before, after, "RESCHEDULE", party, who, cmd.request_id, now)
@@ -173,8 +172,8 @@ class Services:
             uow.sessions.add(replacement)
             uow.sessions.audit(before, settled, "RESCHEDULE", party, who, cmd.request_id, now)
             uow.sessions.audit(None, replacement, "BOOK", party, who, cmd.request_id, now)
-            uow.notices.append(CreditsMoved(step.credit_move, before.credits))
-            uow.notices.append(CreditsMoved(LedgerKind.HOLD, replacement.credits))
+            uow.tallies.append(CreditsMoved(step.credit_move, before.credits))
+            uow.tallies.append(CreditsMoved(LedgerKind.HOLD, replacement.credits))
             return Rescheduled(replacement, settled)
 
         return self.mutate(
@@ -245,8 +244,8 @@ class Services:
             authz.check_professional_act(who, before, "mark a session as a no-show")
             step = self.lifecycle.no_show(before, now)
             after = _settle(uow, before, step, "NO_SHOW", _actor(who), who, cmd.request_id, now)
-            uow.notices.append(NoShowMarked(charged=step.credit_move is LedgerKind.TAKE))
-            return after, payment_of(after)
+            uow.tallies.append(NoShowMarked(charged=step.credit_move is LedgerKind.TAKE))
+            return after, Payment.of(after)
 
         return self.mutate(
             who,
@@ -266,8 +265,8 @@ class Services:
             # (a refusal rolls back all of it).
             if on_invoice := uow.invoices.invoices_of([before.session_id]):
                 raise on_invoice_refusal(before, on_invoice[before.session_id])
-            uow.notices.append(ChargeWaived())
-            return after, payment_of(after)
+            uow.tallies.append(ChargeWaived())
+            return after, Payment.of(after)
 
         return self.mutate(
             who,
@@ -309,7 +308,7 @@ class Services:
 
     def get_payment(self, who: Principal, session_id: str) -> Payment:
         with self.unit_of_work(write=False) as uow:
-            return payment_of(*self._session_and_invoice(uow, who, session_id))
+            return Payment.of(*self._session_and_invoice(uow, who, session_id))
 
     def list_payments(
         self, who: Principal, professional_id: str, section: PaymentSection, size: int, token: str
@@ -326,7 +325,7 @@ class Services:
         def work(uow: UnitOfWork, now: datetime) -> CreditAccount:
             account = Account(cmd.client_id, uow.programmes.get(cmd.programme_id).programme_id)
             uow.ledger.grant(account, cmd.credits, cmd.request_id, now)
-            uow.notices.append(CreditsMoved(LedgerKind.GRANT, cmd.credits))
+            uow.tallies.append(CreditsMoved(LedgerKind.GRANT, cmd.credits))
             return uow.ledger.balance(account)
 
         return self.mutate(
@@ -398,7 +397,7 @@ def _settlement_operation(name: str, request: object, told: EventType) -> Operat
 def _settle(
     uow: UnitOfWork,
     before: Session,
-    step: Transition,
+    step: SessionStep,
     action: str,
     actor: str,
     who: Principal,
@@ -411,7 +410,7 @@ def _settle(
     after = uow.sessions.change_state(before, step.after)
     uow.ledger.settle(_account(before), before.session_id, step.credit_move, before.credits, request_id, now)
     uow.sessions.audit(before, after, action, actor, who, request_id, now)
-    uow.notices.append(CreditsMoved(step.credit_move, before.credits))
+    uow.tallies.append(CreditsMoved(step.credit_move, before.credits))
     return after
 
 

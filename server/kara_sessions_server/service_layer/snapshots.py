@@ -21,7 +21,6 @@ from kara_sessions_server.domain.model import (
     Session,
     SessionState,
     Waiver,
-    payment_of,
 )
 from kara_sessions_server.domain.programme import (
     DEFAULT_PROGRAMME_ID,
@@ -210,7 +209,7 @@ def load_settlement(raw: str) -> tuple[Session, Payment]:
     """The payment follows from the session, as when it was first returned: a just-cancelled
     session is on no invoice."""
     session = _load_session(json.loads(raw)["session"])
-    return session, payment_of(session)
+    return session, Payment.of(session)
 
 
 def dump_rescheduled(r: Rescheduled) -> str:

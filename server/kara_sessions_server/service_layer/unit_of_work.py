@@ -11,7 +11,7 @@ import abc
 from types import TracebackType
 from typing import Protocol, Self
 
-from kara_sessions_server.domain.notices import Notice
+from kara_sessions_server.domain.tallies import Tally
 from kara_sessions_server.service_layer.repositories import (
     InvoiceRepository,
     Ledger,
@@ -34,7 +34,7 @@ class UnitOfWork(abc.ABC):
     def __init__(self) -> None:
         self.committed = False
         # Told by the service layer once the transaction has committed (metrics).
-        self.notices: list[Notice] = []
+        self.tallies: list[Tally] = []
 
     @abc.abstractmethod
     def __enter__(self) -> Self:

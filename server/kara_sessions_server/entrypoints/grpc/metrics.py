@@ -10,15 +10,15 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from kara_sessions_server.domain.model import LedgerKind, SessionState
-from kara_sessions_server.domain.notices import (
+from kara_sessions_server.domain.tallies import (
     ChargeWaived,
     CreditsMoved,
     FeedAppended,
     InvoiceChanged,
     NoShowMarked,
-    Notice,
     SessionCancelled,
     SessionRescheduled,
+    Tally,
 )
 
 # Seconds; a cancellation on SQLite takes about a millisecond, a slow PostgreSQL one tens of ms.
@@ -132,27 +132,27 @@ class Metrics:
         self._child(self.rpcs, method, code).inc()
         self._child(self.latency, method).observe(seconds)
 
-    def observe_notice(self, notice: Notice) -> None:
-        if isinstance(notice, SessionCancelled):
-            outcome = "paid" if notice.state is SessionState.CANCELLED_PAID else "voided"
-            timing = "late" if notice.late else "on_time"
-            self._child(self.cancellations, outcome, timing, notice.cancelled_by.value.lower()).inc()
-        elif isinstance(notice, SessionRescheduled):
-            outcome = "charged" if notice.charged else "moved"
-            timing = "late" if notice.late else "on_time"
-            self._child(self.reschedules, outcome, timing, notice.rescheduled_by.value.lower()).inc()
-        elif isinstance(notice, CreditsMoved):
-            self._child(self.credits, notice.kind.value).inc(notice.credits)
-        elif isinstance(notice, NoShowMarked):
-            self._child(self.no_shows, "paid" if notice.charged else "voided").inc()
-        elif isinstance(notice, ChargeWaived):
+    def count(self, tally: Tally) -> None:
+        if isinstance(tally, SessionCancelled):
+            outcome = "paid" if tally.state is SessionState.CANCELLED_PAID else "voided"
+            timing = "late" if tally.late else "on_time"
+            self._child(self.cancellations, outcome, timing, tally.cancelled_by.value.lower()).inc()
+        elif isinstance(tally, SessionRescheduled):
+            outcome = "charged" if tally.charged else "moved"
+            timing = "late" if tally.late else "on_time"
+            self._child(self.reschedules, outcome, timing, tally.rescheduled_by.value.lower()).inc()
+        elif isinstance(tally, CreditsMoved):
+            self._child(self.credits, tally.kind.value).inc(tally.credits)
+        elif isinstance(tally, NoShowMarked):
+            self._child(self.no_shows, "paid" if tally.charged else "voided").inc()
+        elif isinstance(tally, ChargeWaived):
             self.waivers.inc()
-        elif isinstance(notice, FeedAppended):
-            self._child(self.events_appended, notice.type).inc()
-        elif isinstance(notice, InvoiceChanged):
-            self._child(self.invoice_actions, notice.action).inc()
-            if notice.sessions:
-                self._child(self.invoiced_sessions, notice.action).inc(notice.sessions)
+        elif isinstance(tally, FeedAppended):
+            self._child(self.events_appended, tally.type).inc()
+        elif isinstance(tally, InvoiceChanged):
+            self._child(self.invoice_actions, tally.action).inc()
+            if tally.sessions:
+                self._child(self.invoiced_sessions, tally.action).inc(tally.sessions)
 
     def refusal(self, method: str, reason: str) -> None:
         self._child(self.refusals, method, reason).inc()

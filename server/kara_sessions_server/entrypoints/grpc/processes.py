@@ -35,7 +35,7 @@ from typing import Any
 
 from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage, sqlite_path
-from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
+from kara_sessions_server.adapters.unit_of_work import SqlUnitOfWorkFactory
 from kara_sessions_server.domain.clock import SystemClock
 from kara_sessions_server.entrypoints import logs
 from kara_sessions_server.entrypoints.application import build_application
@@ -143,7 +143,7 @@ def _prepare_database(settings: Any) -> None:
     storage = open_storage(settings.database_url, max_connections=1)
     try:
         migrations.prepare(storage)
-        app = build_application(settings, SqlUnitsOfWork(storage), SystemClock())
+        app = build_application(settings, SqlUnitOfWorkFactory(storage), SystemClock())
         app.programmes.ensure_default(settings.notice_window)
     finally:
         storage.close()

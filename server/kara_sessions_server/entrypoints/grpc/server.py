@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from kara_sessions_server.adapters import durability, migrations
 from kara_sessions_server.adapters.storage import Storage, open_storage
-from kara_sessions_server.adapters.unit_of_work import SqlUnitsOfWork
+from kara_sessions_server.adapters.unit_of_work import SqlUnitOfWorkFactory
 from kara_sessions_server.domain.clock import Clock, SystemClock
 from kara_sessions_server.entrypoints import cpus, tracing
 from kara_sessions_server.entrypoints.application import Application, build_application
@@ -152,8 +152,8 @@ def start(
         metrics = Metrics()
         undo.callback(metrics.close)
         now = clock or SystemClock()
-        unit_of_work = SqlUnitsOfWork(storage)
-        app = build_application(settings, unit_of_work, now, tell=metrics.observe_notice)
+        unit_of_work = SqlUnitOfWorkFactory(storage)
+        app = build_application(settings, unit_of_work, now, tell=metrics.count)
         app.programmes.ensure_default(settings.notice_window)
         services, events = app.sessions, app.events
         owned_provider = _exporting_provider(settings) if tracer_provider is None else None

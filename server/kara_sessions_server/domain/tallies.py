@@ -1,7 +1,8 @@
-"""Notices: what happened, told to metrics after the transaction that did it commits (a
+"""Tallies: what happened, told to metrics after the transaction that did it commits (a
 replayed request tells nothing: it changed nothing); the domain knows no subscriber. Not to be
-confused with the event feed's events (domain/feed.py), which other services read: a notice
-is counted and forgotten. FeedAppended is the notice that a feed event was appended."""
+confused with the event feed's events (domain/feed.py), which other services read: a tally
+is counted and forgotten. (Nor with a party's notice, policy.Notice.) FeedAppended is the
+tally of a feed event appended."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class ChargeWaived:
     pass
 
 
-Notice = (
+Tally = (
     SessionCancelled
     | SessionRescheduled
     | CreditsMoved
