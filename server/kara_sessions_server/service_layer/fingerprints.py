@@ -10,7 +10,6 @@ a retry across the deploy still replays."""
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import json
 from typing import Any
@@ -19,6 +18,8 @@ from kara_sessions_server.domain.principal import Principal
 
 # The one field that names the request rather than saying what it asks.
 _REQUEST_ID = "request_id"
+# The caller's place among a request's fields (a field of that name would clash: none has it).
+_PRINCIPAL = "principal"
 _NO_DEFAULT = dataclasses.MISSING
 
 # Per command class, once: each field's name and its default (MISSING when it has none).
@@ -28,7 +29,7 @@ _FIELDS: dict[type, tuple[tuple[str, object], ...]] = {}
 def fingerprint(operation: str, request: object, who: Principal) -> str:
     """The fingerprint of `request` (a command dataclass) made by `who` as `operation`. The
     caller is part of it: another principal's request_id replays nothing of theirs."""
-    return _digest(operation, {**_fields(request), "principal": str(who)})
+    return _digest(operation, _fields(request, str(who)))
 
 
 def legacy_fingerprint(operation: str, request: object, who: Principal) -> str:
@@ -36,41 +37,41 @@ def legacy_fingerprint(operation: str, request: object, who: Principal) -> str:
     programme's terms, an update's changes), which it hashed as its repr, so that a field added
     to that record changed the fingerprint. Compared only when the fingerprint above does not
     match; what it made ages out after --request-id-retention-days, and this function with it."""
-    return _digest(operation, {**_fields(request, nested=False), "principal": str(who)})
+    return _digest(operation, _fields(request, str(who), nested=False))
 
 
 def _digest(operation: str, params: dict[str, Any]) -> str:
-    canonical = json.dumps([operation, params], sort_keys=True, default=str, separators=(",", ":"))
+    # The keys are in sorted order already (_declared), as 0.10.0's sort_keys=True wrote them.
+    canonical = json.dumps([operation, params], default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _fields(record: object, nested: bool = True) -> dict[str, Any]:
-    kept = {}
+def _fields(record: object, principal: str | None = None, nested: bool = True) -> dict[str, Any]:
+    """The record's fields not at their defaults, by name in sorted order (with the principal,
+    for a request). Enums are StrEnums, which json writes as their values; tuples as lists;
+    times and durations by str() (json's default). Only a nested record is taken apart here."""
+    kept: dict[str, Any] = {}
     for name, default in _declared(type(record)):
-        value = getattr(record, name)
-        if name == _REQUEST_ID or (default is not _NO_DEFAULT and value == default):
+        if name is _PRINCIPAL:
+            if principal is not None:
+                kept[name] = principal
             continue
-        kept[name] = _plain(value) if nested else value
+        value = getattr(record, name)
+        if default is not _NO_DEFAULT and value == default:
+            continue
+        kept[name] = _fields(value) if nested and hasattr(value, "__dataclass_fields__") else value
     return kept
 
 
-def _plain(value: Any) -> Any:
-    """A value as JSON holds it: records as their fields, enums by value, tuples as lists; times
-    and durations by str() (through json's default)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _fields(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _declared(cls: type) -> tuple[tuple[str, object], ...]:
+    """Each field but request_id, with its default (MISSING when it has none), and the
+    principal's place among them: sorted by name, once per class."""
     found = _FIELDS.get(cls)
     if found is None:
-        found = _FIELDS[cls] = tuple(
+        fields = [
             (f.name, f.default if f.default_factory is _NO_DEFAULT else f.default_factory())
             for f in dataclasses.fields(cls)
-        )
+            if f.name != _REQUEST_ID
+        ]
+        found = _FIELDS[cls] = tuple(sorted([*fields, (_PRINCIPAL, _NO_DEFAULT)], key=lambda f: f[0]))
     return found
