@@ -127,7 +127,7 @@ $(PROMTOOL):
 $(BUF):
 	npm install --prefix $(TOOLS) --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
 
-lint: $(STAMP) $(BUF) $(PROMTOOL) ## ruff, mypy, the layer contracts, buf lint/breaking, the alerts' tests, the Kubernetes manifests
+lint: $(STAMP) $(BUF) $(PROMTOOL) ## ruff, mypy, the layer contracts, the records' fields, buf lint/breaking, the alerts' tests, the Kubernetes manifests
 	$(BUF) lint protos
 	$(BUF) breaking protos --against '$(BUF_AGAINST)'
 	$(BIN)/ruff check server client tests bench setup.py
@@ -135,6 +135,8 @@ lint: $(STAMP) $(BUF) $(PROMTOOL) ## ruff, mypy, the layer contracts, buf lint/b
 	@# The in-memory unit of work too: mypy checks it keeps to the service layer's Protocols.
 	$(BIN)/mypy server/kara_sessions_server client/kara_sessions_client bench tests/support/memory.py tests/service_layer
 	$(BIN)/lint-imports
+	@# Every field of every domain record is in its table row, stored snapshot and message.
+	$(BIN)/python -m kara_sessions_server.entrypoints.records
 	$(PROMTOOL) check rules deploy/prometheus/alerts.yaml
 	cd deploy/prometheus && $(PROMTOOL) test rules alerts.test.yaml
 	@# Rendered as `kubectl apply -k` would, then checked against Kubernetes' own schemas, offline.

@@ -91,7 +91,7 @@ def _marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
-def _invoice(row: Sequence[Any]) -> Invoice:
+def from_row(row: Sequence[Any]) -> Invoice:
     invoice_id, professional_id, state, version, created, updated, submitted, *summary = row
     invoice = Invoice(
         invoice_id=invoice_id,
@@ -108,7 +108,7 @@ def _invoice(row: Sequence[Any]) -> Invoice:
     return invoice
 
 
-def _line(row: Sequence[Any]) -> InvoiceLine:
+def line_from_row(row: Sequence[Any]) -> InvoiceLine:
     session_id, client_id, starts_at, reason, credits, added_at = row
     return InvoiceLine(
         session_id=session_id,
@@ -117,6 +117,31 @@ def _line(row: Sequence[Any]) -> InvoiceLine:
         paid_reason=PaidReason(reason),
         credits=credits,
         added_at=from_micros(added_at),
+    )
+
+
+def row_values(invoice: Invoice) -> tuple[object, ...]:
+    """An invoice's own row, in the order from_row reads it (its lines are rows of their own)."""
+    return (
+        invoice.invoice_id,
+        invoice.professional_id,
+        invoice.state.value,
+        invoice.version,
+        to_micros(invoice.created_at),
+        to_micros(invoice.updated_at),
+        micros_or_none(invoice.submitted_at),
+    )
+
+
+def line_row_values(line: InvoiceLine) -> tuple[object, ...]:
+    """A line's row as line_from_row reads it (the INSERT adds its invoice_id second)."""
+    return (
+        line.session_id,
+        line.client_id,
+        to_micros(line.session_starts_at),
+        line.paid_reason.value,
+        line.credits,
+        to_micros(line.added_at),
     )
 
 
@@ -133,22 +158,11 @@ class InvoiceRepository:
         row = self._sql(_GET_INVOICE, (invoice_id,)).fetchone()
         if row is None:
             raise NotFound(f"invoice {invoice_id} does not exist", metadata={"invoice_id": invoice_id})
-        lines = tuple(_line(r) for r in self._sql(_GET_LINES, (invoice_id,)).fetchall())
-        return _invoice(row).with_lines(lines)
+        lines = tuple(line_from_row(r) for r in self._sql(_GET_LINES, (invoice_id,)).fetchall())
+        return from_row(row).with_lines(lines)
 
     def add(self, invoice: Invoice) -> None:
-        self._sql(
-            _INSERT_INVOICE,
-            (
-                invoice.invoice_id,
-                invoice.professional_id,
-                invoice.state.value,
-                invoice.version,
-                to_micros(invoice.created_at),
-                to_micros(invoice.updated_at),
-                micros_or_none(invoice.submitted_at),
-            ),
-        )
+        self._sql(_INSERT_INVOICE, row_values(invoice))
 
     def change(self, before: Invoice, after: Invoice) -> None:
         """Writes `after` only if the invoice is still exactly `before` (same state and version)."""
@@ -186,15 +200,8 @@ class InvoiceRepository:
             chunk = ordered[start : start + _CHUNK]
             params: list[object] = []
             for line in chunk:
-                params += [
-                    line.session_id,
-                    invoice_id,
-                    line.client_id,
-                    to_micros(line.session_starts_at),
-                    line.paid_reason.value,
-                    line.credits,
-                    to_micros(line.added_at),
-                ]
+                session_id, *rest = line_row_values(line)
+                params += [session_id, invoice_id, *rest]
             text = _INSERT_LINES.format(values=", ".join([_LINE_VALUES] * len(chunk)))
             inserted += self._sql(text, params).rowcount
         if inserted != len(ordered):
@@ -284,4 +291,4 @@ class InvoiceRepository:
             params += after
         rows = self._sql(_LIST_INVOICES.format(where=where), (*params, size + 1)).fetchall()
         page, token_out, resume = cut(query_id, rows, size, lambda r: [r[4], r[0]])
-        return Page(tuple(_invoice(r) for r in page), token_out, resume)
+        return Page(tuple(from_row(r) for r in page), token_out, resume)

@@ -29,7 +29,7 @@ _CHANGE = (
 )
 
 
-def _programme(row: Sequence[Any]) -> Programme:
+def from_row(row: Sequence[Any]) -> Programme:
     programme_id, name, window, may_charge, no_show, version, created, updated, late, grace = row
     return Programme(
         programme_id=programme_id,
@@ -47,7 +47,7 @@ def _programme(row: Sequence[Any]) -> Programme:
     )
 
 
-def _values(p: Programme) -> tuple[object, ...]:
+def row_values(p: Programme) -> tuple[object, ...]:
     t = p.terms
     return (
         p.programme_id,
@@ -74,7 +74,7 @@ class ProgrammeRepository:
         clause: its writing transactions run one at a time already."""
         lock = " FOR UPDATE" if for_change and not self._sql.on_sqlite else ""
         row = self._sql(_GET + lock, (programme_id,)).fetchone()
-        return None if row is None else _programme(row)
+        return None if row is None else from_row(row)
 
     def get(self, programme_id: str, *, for_change: bool = False) -> Programme:
         found = self.find(programme_id, for_change=for_change)
@@ -87,7 +87,7 @@ class ProgrammeRepository:
 
     def add(self, programme: Programme) -> bool:
         """Inserts the programme; False if one with its id exists already."""
-        return bool(self._sql(_INSERT, _values(programme)).rowcount == 1)
+        return bool(self._sql(_INSERT, row_values(programme)).rowcount == 1)
 
     def create(self, programme: Programme) -> None:
         if not self.add(programme):
@@ -132,4 +132,4 @@ class ProgrammeRepository:
                 (after[0], size + 1),
             )
         page, token_out, resume = cut(query_id, rows.fetchall(), size, lambda r: [r[0]])
-        return Page(tuple(_programme(r) for r in page), token_out, resume)
+        return Page(tuple(from_row(r) for r in page), token_out, resume)

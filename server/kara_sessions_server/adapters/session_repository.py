@@ -42,7 +42,7 @@ from kara_sessions_server.domain.session_lifecycle import lost_race
 from kara_sessions_server.service_layer.pagination import cut, decode
 
 
-def _row(s: Session) -> dict[str, object]:
+def row_values(s: Session) -> dict[str, object]:
     """What each column of `sessions` holds of a Session, by name. The columns themselves
     (name, type, default) are SessionRow's; every statement below is generated from these
     two, and session_from_row reads a row by these names. A column added to one but not the
@@ -85,26 +85,26 @@ def _row(s: Session) -> dict[str, object]:
     }
 
 
-_COLUMN_NAMES: tuple[str, ...] = tuple(SessionRow._meta.sorted_field_names)
+COLUMN_NAMES: tuple[str, ...] = tuple(SessionRow._meta.sorted_field_names)
 
-SESSION_COLUMNS = ", ".join(_COLUMN_NAMES)
+SESSION_COLUMNS = ", ".join(COLUMN_NAMES)
 # A session row's keyset for paging by start: (starts_at, session_id).
-_START_KEY = (_COLUMN_NAMES.index("starts_at"), _COLUMN_NAMES.index("session_id"))
+_START_KEY = (COLUMN_NAMES.index("starts_at"), COLUMN_NAMES.index("session_id"))
 # The same, for a query that joins sessions as `s`.
-S_SESSION_COLUMNS = ", ".join(f"s.{c}" for c in _COLUMN_NAMES)
+S_SESSION_COLUMNS = ", ".join(f"s.{c}" for c in COLUMN_NAMES)
 _GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?"
 _GET_SESSION_AND_INVOICE = (
     f"SELECT {S_SESSION_COLUMNS}, l.invoice_id FROM sessions s "
     "LEFT JOIN invoice_lines l ON l.session_id = s.session_id WHERE s.session_id = ?"
 )
-_INSERT_SESSION = f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMN_NAMES))})"
+_INSERT_SESSION = f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES ({', '.join('?' * len(COLUMN_NAMES))})"
 
 
 def _guarded_update(columns: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     """An UPDATE of `columns` that changes the row only if it is still what was read, and the
     columns to bind. Only the columns an operation can change: SQLite rewrites the entries of
     every index on a column in SET, changed or not."""
-    assert set(columns) <= set(_COLUMN_NAMES) and "version" in columns
+    assert set(columns) <= set(COLUMN_NAMES) and "version" in columns
     assignments = ", ".join(f"{c} = ?" for c in columns)
     return f"UPDATE sessions SET {assignments} WHERE session_id = ? AND state = ? AND version = ?", columns
 
@@ -156,7 +156,7 @@ _LIST_PAYMENTS_AFTER = _LIST_PAYMENTS.format(
 
 def session_from_row(row: Sequence[Any]) -> Session:
     """A row of SESSION_COLUMNS (a longer row's extra values are ignored), read by name."""
-    r = dict(zip(_COLUMN_NAMES, row, strict=False))
+    r = dict(zip(COLUMN_NAMES, row, strict=False))
     return Session(
         session_id=r["session_id"],
         client_id=r["client_id"],
@@ -273,8 +273,8 @@ class SessionRepository:
         return session_from_row(row)
 
     def add(self, session: Session) -> None:
-        row = _row(session)
-        self._sql(_INSERT_SESSION, tuple(row[c] for c in _COLUMN_NAMES))
+        row = row_values(session)
+        self._sql(_INSERT_SESSION, tuple(row[c] for c in COLUMN_NAMES))
 
     def change_state(self, before: Session, after: Session) -> Session:
         """Writes `after` (model.changed: `before`'s next version) only if the row is still
@@ -292,7 +292,7 @@ class SessionRepository:
         if after.version != before.version + 1:
             raise ValueError(f"session {before.session_id}: a change is one version (model.changed)")
         statement, columns = update
-        row = _row(after)
+        row = row_values(after)
         bound = (*(row[c] for c in columns), before.session_id, before.state.value, before.version)
         if self._sql(statement, bound).rowcount != 1:
             raise lost_race(before, self.get(before.session_id))
@@ -378,5 +378,7 @@ class SessionRepository:
 
 # Checked once every function above exists.
 _PROBE = Session("", "", "", EPOCH, EPOCH, EPOCH, SessionState.BOOKED, 0, terms=DEFAULT_TERMS)
-if set(_row(_PROBE)) != set(_COLUMN_NAMES):
-    raise ImportError(f"sessions columns and _row's keys differ: {set(_row(_PROBE)) ^ set(_COLUMN_NAMES)}")
+if set(row_values(_PROBE)) != set(COLUMN_NAMES):
+    raise ImportError(
+        f"sessions columns and row_values' keys differ: {set(row_values(_PROBE)) ^ set(COLUMN_NAMES)}"
+    )

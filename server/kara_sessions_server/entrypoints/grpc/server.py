@@ -36,7 +36,7 @@ from kara_sessions_server.adapters import durability, migrations
 from kara_sessions_server.adapters.storage import Storage, open_storage
 from kara_sessions_server.adapters.unit_of_work import SqlUnitOfWorkFactory
 from kara_sessions_server.domain.clock import Clock, SystemClock
-from kara_sessions_server.entrypoints import cpus, tracing
+from kara_sessions_server.entrypoints import cpus, records, tracing
 from kara_sessions_server.entrypoints.application import Application, build_application
 from kara_sessions_server.entrypoints.grpc import sizes
 from kara_sessions_server.entrypoints.grpc.feed_holdback import FeedHoldback
@@ -135,6 +135,7 @@ def start(
     it opened and raises (ValueError, OSError or migrations.SchemaError). The database is
     opened first (creating the schema if it is empty; refusing a schema of another version).
     `tracer_provider` traces with that provider (tests); else settings say whether to trace."""
+    records.check_once()  # a field forgotten in a row, snapshot or message stops the start
     settings.check_exposure()
     credentials = settings.server_credentials()
     streams = StreamGate(settings.max_event_streams)
