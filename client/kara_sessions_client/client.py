@@ -41,25 +41,30 @@ from kara.sessions.v1 import sessions_pb2 as pb
 from .trace_context import with_trace
 
 R = TypeVar("R")
+V = TypeVar("V", bound=int)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
 
-PARTIES = {"client": pb.PARTY_CLIENT, "professional": pb.PARTY_PROFESSIONAL}
-SECTIONS = {"unpaid": pb.PAYMENT_SECTION_UNPAID, "paid": pb.PAYMENT_SECTION_PAID}
-LATE_RESCHEDULE = {
-    "charge": ppb.LATE_RESCHEDULE_CHARGE,
-    "free": ppb.LATE_RESCHEDULE_FREE,
-    "refused": ppb.LATE_RESCHEDULE_REFUSED,
-}
-INVOICE_STATES = {"draft": ipb.INVOICE_STATE_DRAFT, "submitted": ipb.INVOICE_STATE_SUBMITTED}
-SESSION_STATES = {
-    "booked": pb.SESSION_STATE_BOOKED,
-    "cancelled-voided": pb.SESSION_STATE_CANCELLED_VOIDED,
-    "cancelled-paid": pb.SESSION_STATE_CANCELLED_PAID,
-    "completed": pb.SESSION_STATE_COMPLETED,
-    "no-show": pb.SESSION_STATE_NO_SHOW,
-}
+
+def choices(values: type[V]) -> dict[str, V]:
+    """A protobuf enum's values by the names a person types: without the type's prefix (AIP-126,
+    as its zero value spells it), in lower case with dashes (`cancelled-paid`); the zero value
+    is no choice. Drawn from the descriptors, so a new value is a new choice."""
+    wrapper: Any = values  # protobuf's EnumTypeWrapper
+    prefix = wrapper.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
+    return {
+        v.name.removeprefix(prefix).lower().replace("_", "-"): wrapper.Value(v.name)
+        for v in wrapper.DESCRIPTOR.values
+        if v.number
+    }
+
+
+PARTIES = choices(pb.Party)
+SECTIONS = choices(pb.PaymentSection)
+LATE_RESCHEDULE = choices(ppb.LateReschedule)
+INVOICE_STATES = choices(ipb.InvoiceState)
+SESSION_STATES = choices(pb.SessionState)
 
 # Transient failures worth another attempt. A mutation is retried with its request_id, so the
 # server applies it at most once even when the first attempt committed but its answer was lost.

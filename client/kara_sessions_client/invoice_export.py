@@ -8,6 +8,8 @@ from typing import TextIO
 from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import sessions_pb2 as pb
 
+from .client import INVOICE_STATES
+
 COLUMNS = (
     "invoice_id",
     "professional_id",
@@ -29,7 +31,7 @@ WHY_PAID = {
     pb.PAID_REASON_CLIENT_LATE_RESCHEDULE: "client's late reschedule",
     pb.PAID_REASON_CHARGED_LATE_RESCHEDULE: "charged late reschedule",
 }
-STATES = {ipb.INVOICE_STATE_DRAFT: "draft", ipb.INVOICE_STATE_SUBMITTED: "submitted"}
+STATES = {number: name for name, number in INVOICE_STATES.items()}
 TOTAL = "total"
 # A spreadsheet runs a cell starting with one of these as a formula (CSV injection); ids come
 # from other systems, so such a cell is written with a leading apostrophe, as OWASP advises.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
@@ -42,6 +43,8 @@ from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, LateResc
 from kara_sessions_server.service_layer.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 E = TypeVar("E")
+D = TypeVar("D", bound=enum.Enum)
+V = TypeVar("V", bound=int)
 
 MAX_ID_LENGTH = 128
 MAX_REASON_LENGTH = 1000
@@ -53,59 +56,37 @@ _MAX_DURATION_SECONDS = 315_576_000_000
 # C0 controls but tab and newline, DEL, and C1 controls (U+009B is CSI on some terminals).
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
-SESSION_STATE_TO_PB: dict[SessionState, pb.SessionState] = {
-    SessionState.BOOKED: pb.SESSION_STATE_BOOKED,
-    SessionState.CANCELLED_VOIDED: pb.SESSION_STATE_CANCELLED_VOIDED,
-    SessionState.CANCELLED_PAID: pb.SESSION_STATE_CANCELLED_PAID,
-    SessionState.COMPLETED: pb.SESSION_STATE_COMPLETED,
-    SessionState.NO_SHOW: pb.SESSION_STATE_NO_SHOW,
-}
-SESSION_STATE_FROM_PB: dict[int, SessionState] = {int(v): k for k, v in SESSION_STATE_TO_PB.items()}
-PARTY_TO_PB: dict[Party, pb.Party] = {
-    Party.CLIENT: pb.PARTY_CLIENT,
-    Party.PROFESSIONAL: pb.PARTY_PROFESSIONAL,
-}
-PARTY_FROM_PB: dict[int, Party] = {int(v): k for k, v in PARTY_TO_PB.items()}
-PAYMENT_STATE_TO_PB = {
-    PaymentState.PENDING: pb.PAYMENT_STATE_PENDING,
-    PaymentState.VOIDED: pb.PAYMENT_STATE_VOIDED,
-    PaymentState.PAID: pb.PAYMENT_STATE_PAID,
-}
-SECTION_TO_PB: dict[PaymentSection, pb.PaymentSection] = {
-    PaymentSection.UNPAID: pb.PAYMENT_SECTION_UNPAID,
-    PaymentSection.PAID: pb.PAYMENT_SECTION_PAID,
-}
-SECTION_FROM_PB: dict[int, PaymentSection] = {int(v): k for k, v in SECTION_TO_PB.items()}
-PAID_REASON_TO_PB: dict[PaidReason, pb.PaidReason] = {
-    PaidReason.COMPLETED: pb.PAID_REASON_COMPLETED,
-    PaidReason.CLIENT_LATE_CANCELLATION: pb.PAID_REASON_CLIENT_LATE_CANCELLATION,
-    PaidReason.CHARGED_LATE_CANCELLATION: pb.PAID_REASON_CHARGED_LATE_CANCELLATION,
-    PaidReason.NO_SHOW: pb.PAID_REASON_NO_SHOW,
-    PaidReason.CLIENT_LATE_RESCHEDULE: pb.PAID_REASON_CLIENT_LATE_RESCHEDULE,
-    PaidReason.CHARGED_LATE_RESCHEDULE: pb.PAID_REASON_CHARGED_LATE_RESCHEDULE,
-}
-LATE_RESCHEDULE_TO_PB: dict[LateReschedule, ppb.LateReschedule] = {
-    LateReschedule.CHARGE: ppb.LATE_RESCHEDULE_CHARGE,
-    LateReschedule.FREE: ppb.LATE_RESCHEDULE_FREE,
-    LateReschedule.REFUSED: ppb.LATE_RESCHEDULE_REFUSED,
-}
+
+def _by_name(domain: type[D], values: type[V]) -> dict[D, V]:
+    """Each value of a domain enum to the protobuf value of the same name: the proto's are its
+    type's prefix (AIP-126, as its zero value spells it) then the domain's name. Built at import:
+    a value missing on either side stops the server from starting, never a call."""
+    wrapper: Any = values  # protobuf's EnumTypeWrapper: Value() and DESCRIPTOR
+    prefix = wrapper.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
+    return {member: wrapper.Value(prefix + member.name) for member in domain}
+
+
+def _back(to_pb: dict[D, V]) -> dict[int, D]:
+    return {number: member for member, number in to_pb.items()}
+
+
+SESSION_STATE_TO_PB = _by_name(SessionState, pb.SessionState)
+SESSION_STATE_FROM_PB = _back(SESSION_STATE_TO_PB)
+PARTY_TO_PB = _by_name(Party, pb.Party)
+PARTY_FROM_PB = _back(PARTY_TO_PB)
+PAYMENT_STATE_TO_PB = _by_name(PaymentState, pb.PaymentState)
+SECTION_TO_PB = _by_name(PaymentSection, pb.PaymentSection)
+SECTION_FROM_PB = _back(SECTION_TO_PB)
+PAID_REASON_TO_PB = _by_name(PaidReason, pb.PaidReason)
+LATE_RESCHEDULE_TO_PB = _by_name(LateReschedule, ppb.LateReschedule)
 # UNSPECIFIED is the default, CHARGE: a caller that predates the term keeps the article's rule.
-LATE_RESCHEDULE_FROM_PB: dict[int, LateReschedule] = {
+LATE_RESCHEDULE_FROM_PB = {
     ppb.LATE_RESCHEDULE_UNSPECIFIED: LateReschedule.CHARGE,
-    **{int(v): k for k, v in LATE_RESCHEDULE_TO_PB.items()},
+    **_back(LATE_RESCHEDULE_TO_PB),
 }
-INVOICE_STATE_TO_PB: dict[InvoiceState, ipb.InvoiceState] = {
-    InvoiceState.DRAFT: ipb.INVOICE_STATE_DRAFT,
-    InvoiceState.SUBMITTED: ipb.INVOICE_STATE_SUBMITTED,
-}
-INVOICE_STATE_FROM_PB: dict[int, InvoiceState] = {int(v): k for k, v in INVOICE_STATE_TO_PB.items()}
-LEDGER_KIND_TO_PB = {
-    LedgerKind.GRANT: cpb.LEDGER_ENTRY_KIND_GRANT,
-    LedgerKind.HOLD: cpb.LEDGER_ENTRY_KIND_HOLD,
-    LedgerKind.RETURN: cpb.LEDGER_ENTRY_KIND_RETURN,
-    LedgerKind.TAKE: cpb.LEDGER_ENTRY_KIND_TAKE,
-    LedgerKind.REFUND: cpb.LEDGER_ENTRY_KIND_REFUND,
-}
+INVOICE_STATE_TO_PB = _by_name(InvoiceState, ipb.InvoiceState)
+INVOICE_STATE_FROM_PB = _back(INVOICE_STATE_TO_PB)
+LEDGER_KIND_TO_PB = _by_name(LedgerKind, cpb.LedgerEntryKind)
 
 
 class RequestReader:
@@ -219,16 +200,21 @@ class RequestReader:
         mapping: dict[int, E],
         *,
         required: bool,
-        allowed: str,
         message: Message | None = None,
         name: str = "",
     ) -> E | None:
-        value: int = getattr(self.request if message is None else message, field)
+        holder = self.request if message is None else message
+        value: int = getattr(holder, field)
         field = name or field
         if value in mapping:
             return mapping[value]
         if value == 0 and not required:
             return None
+        # The values this field takes, by the names a caller writes (the zero value stands for
+        # a default where it is accepted, and is not offered).
+        kind = holder.DESCRIPTOR.fields_by_name[field.rsplit(".", 1)[-1]].enum_type
+        assert kind is not None
+        allowed = ", ".join(kind.values_by_number[number].name for number in sorted(mapping) if number)
         self.fail(field, f"must be one of {allowed}" + (" (it is required)" if value == 0 else ""))
         return None
 
