@@ -55,6 +55,9 @@ _LOAD: dict[EventType, Callable[[str], FeedData]] = {
     EventType.PROGRAMME_CREATED: snapshots.load_programme,
     EventType.PROGRAMME_UPDATED: snapshots.load_programme,
 }
+# An event type the feed cannot read would fail ListEvents at the first such event: fail here.
+if set(_LOAD) != set(EventType):
+    raise ImportError(f"the feed reads no data of {sorted(set(EventType) - set(_LOAD))}")
 
 
 @dataclass

@@ -179,19 +179,6 @@ def _load_session(d: dict[str, Any]) -> Session:
     )
 
 
-def _payment(p: Payment) -> dict[str, Any]:
-    return {
-        "session_id": p.session_id,
-        "client_id": p.client_id,
-        "professional_id": p.professional_id,
-        "session_starts_at": _dt(p.session_starts_at),
-        "state": p.state.value,
-        "credits": p.credits,
-        "updated_at": _dt(p.updated_at),
-        "cancellation": _cancellation(p.cancellation),
-    }
-
-
 def dump_session(s: Session) -> str:
     return json.dumps(_session(s))
 
@@ -201,8 +188,9 @@ def load_session(raw: str) -> Session:
 
 
 def dump_settlement(pair: tuple[Session, Payment]) -> str:
-    # The payment is stored too for servers from before it was derived on load.
-    return json.dumps({"session": _session(pair[0]), "payment": _payment(pair[1])})
+    """The session alone: its payment follows from it (load_settlement). Records written by
+    0.10.0 and before also hold a "payment", which every version since 0.9.0 ignores."""
+    return json.dumps({"session": _session(pair[0])})
 
 
 def load_settlement(raw: str) -> tuple[Session, Payment]:
