@@ -61,3 +61,64 @@ def test_an_unknown_enum_value_is_refused_with_every_value_the_field_takes() -> 
         r.done()
     [violation] = refused.value.violations
     assert violation.description == "must be one of PARTY_CLIENT, PARTY_PROFESSIONAL"
+
+
+# What 0.10.0's conversion (each part built, then copied in) made of three sessions and their
+# payments, as SHA-256 of the bytes: the session, the payment, a CancelSessionResponse of both.
+# "plain" has the epoch for every time and no grace: fields set to zero must still be present.
+# A field added to Session changes the samples, and these with it: recompute them with the
+# conversion of the commit before yours.
+BUILT_AND_COPIED = {
+    "sample0": (
+        "5469b3180f9922bbec973dcdbe4f893bd851966eaf49c79ee878a7c57b26984d",
+        "4a14627bc9fc1b23fa49143092e4c1dd0be8ed3ea0865019b5a32c5084ee6969",
+        "cdd7858bc255f88776e0145314aabff79092dbe47e19b90cc2b21eac8ae22e6a",
+    ),
+    "sample1": (
+        "220ca63c59323050a40559bc821a743bc4b33e456890cad0e44ce5b3bde21618",
+        "1d9b9603320a8c37ccf9151f7b8ffbb3dba6b5035a0f667afe07291c41edd4a3",
+        "ac8cd0a3c7da8457d63cb188b001c997b02f2c9d1e714f25ec7f60c4a8dc45a4",
+    ),
+    "plain": (
+        "fc0228c2a9e3ea42bfb052abf716f2261cac58727daa9bd3d5bb35341949aafe",
+        "9966231e0bf5d29d48b847606248687940fb49d6f1c75fe3ae525c40e4fb97d8",
+        "d5a86a27052f64a109ce923765eb54139384b1d7882fe8e243e586cf738ab278",
+    ),
+}
+
+
+def test_writing_in_place_makes_the_bytes_building_and_copying_made() -> None:
+    import dataclasses
+    import hashlib
+
+    from google.protobuf.message import Message
+    from kara.sessions.v1 import sessions_pb2 as pb
+
+    from kara_sessions_server.adapters.storage import EPOCH
+    from kara_sessions_server.domain.model import Payment, Session, SessionState
+    from kara_sessions_server.domain.programme import DEFAULT_TERMS
+    from kara_sessions_server.entrypoints.grpc.convert import payment_pb, session_pb
+    from kara_sessions_server.entrypoints.grpc.servicers import _settled
+    from kara_sessions_server.entrypoints.records import sample
+
+    def digest(message: Message) -> str:
+        return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+    sessions = {
+        "sample0": sample(Session, 0),
+        "sample1": sample(Session, 1),
+        "plain": Session("s", "c", "p", EPOCH, EPOCH, EPOCH, SessionState.BOOKED, 0, terms=DEFAULT_TERMS),
+    }
+    for name, session in sessions.items():
+        paid = (
+            dataclasses.replace(session, state=SessionState.CANCELLED_PAID)
+            if session.cancellation
+            else session
+        )
+        payment = Payment.of(paid)
+        response = _settled(pb.CancelSessionResponse(), (session, payment))
+        assert (
+            digest(session_pb(session)),
+            digest(payment_pb(payment)),
+            digest(response),
+        ) == BUILT_AND_COPIED[name], name

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import grpc
 from google.rpc import code_pb2
@@ -35,8 +36,10 @@ from kara_sessions_server.domain.model import (
     CreateProgramme,
     GrantCredits,
     MarkNoShow,
+    Payment,
     PaymentSection,
     RescheduleSession,
+    Session,
     SubmitInvoice,
     UpdateProgramme,
     WaiveCharge,
@@ -60,6 +63,8 @@ from kara_sessions_server.entrypoints.grpc.convert import (
     RequestReader,
     account_pb,
     event_pb,
+    fill_payment,
+    fill_session,
     invoice_pb,
     ledger_entry_pb,
     payment_pb,
@@ -79,6 +84,7 @@ from kara_sessions_server.service_layer.programme_services import ProgrammeServi
 from kara_sessions_server.service_layer.services import Services
 
 Ctx = grpc.ServicerContext
+S = TypeVar("S", pb.CancelSessionResponse, pb.MarkNoShowResponse, pb.WaiveChargeResponse)
 
 # A cursor is a few dozen characters; anything much longer is not one.
 MAX_CURSOR_LENGTH = 200
@@ -113,6 +119,14 @@ def _reschedule_command(
     return RescheduleSession(
         session_id, new_starts_at, party, request.charge_client, notified_at, reason, request_id
     )
+
+
+def _settled(response: S, settled: tuple[Session, Payment]) -> S:
+    """A response of a session and its payment (CancelSession, MarkNoShow, WaiveCharge), written
+    in place."""
+    fill_session(response.session, settled[0])
+    fill_payment(response.payment, settled[1])
+    return response
 
 
 def _grace(r: RequestReader, given: ppb.Programme) -> timedelta | None:
@@ -155,8 +169,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         r = RequestReader(request)
         cmd = MarkNoShow(session_id=r.id("session_id"), request_id=r.request_id())
         r.done()
-        session, payment = self.services.mark_no_show(caller(), cmd)
-        return pb.MarkNoShowResponse(session=session_pb(session), payment=payment_pb(payment))
+        return _settled(pb.MarkNoShowResponse(), self.services.mark_no_show(caller(), cmd))
 
     def WaiveCharge(self, request: pb.WaiveChargeRequest, context: Ctx) -> pb.WaiveChargeResponse:
         r = RequestReader(request)
@@ -166,8 +179,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             r.fail("reason", "is required: say why the charge is waived (it is kept with the waiver)")
         cmd = WaiveCharge(session_id=session_id, reason=reason, request_id=r.request_id())
         r.done()
-        session, payment = self.services.waive_charge(caller(), cmd)
-        return pb.WaiveChargeResponse(session=session_pb(session), payment=payment_pb(payment))
+        return _settled(pb.WaiveChargeResponse(), self.services.waive_charge(caller(), cmd))
 
     def GetSession(self, request: pb.GetSessionRequest, context: Ctx) -> pb.Session:
         r = RequestReader(request)
@@ -189,10 +201,8 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         return pb.ListSessionsResponse(sessions=sessions, next_page_token=token)
 
     def CancelSession(self, request: pb.CancelSessionRequest, context: Ctx) -> pb.CancelSessionResponse:
-        session, payment = self.services.cancel_session(
-            caller(), _cancel_command(request, require_request_id=True)
-        )
-        return pb.CancelSessionResponse(session=session_pb(session), payment=payment_pb(payment))
+        settled = self.services.cancel_session(caller(), _cancel_command(request, require_request_id=True))
+        return _settled(pb.CancelSessionResponse(), settled)
 
     def RescheduleSession(
         self, request: pb.RescheduleSessionRequest, context: Ctx
@@ -200,9 +210,10 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         done = self.services.reschedule_session(
             caller(), _reschedule_command(request, require_request_id=True)
         )
-        response = pb.RescheduleSessionResponse(session=session_pb(done.session))
+        response = pb.RescheduleSessionResponse()
+        fill_session(response.session, done.session)
         if done.charged is not None:
-            response.charged.CopyFrom(session_pb(done.charged))
+            fill_session(response.charged, done.charged)
         return response
 
     def PreviewReschedule(
