@@ -35,22 +35,15 @@ def _rows(n: int) -> Iterator[tuple[object, ...]]:
             1,
             1,
             "default",
-            _DAY_US,
-            True,
-            True,
-            "CHARGE",
-            0,
+            1,
             "UNPAID",
         )
 
 
 _SESSION_COLS = (
     "session_id, client_id, professional_id, starts_at, booked_at, updated_at, state, version, credits, "
-    "programme_id, notice_window, professional_may_charge_late, no_show_takes_credit, late_reschedule, "
-    "cancellation_grace, payment_section"
+    "programme_id, terms_version, payment_section"
 )
-# The default programme's terms: a 24-hour window, in microseconds.
-_DAY_US = 24 * 3600 * 1_000_000
 
 
 def populate(url: str, n: int) -> tuple[list[str], str]:

@@ -126,7 +126,9 @@ def assert_consistent_on_its_own(path: Path) -> dict[str, str]:
             assert held == k["HOLD"] - k["RETURN"] - k["TAKE"] == held_by_sessions[client]
         states = {}
         rows = db.execute(
-            "SELECT session_id, state, no_show_takes_credit, waived_at, payment_section FROM sessions"
+            "SELECT s.session_id, s.state, t.no_show_takes_credit, s.waived_at, s.payment_section "
+            "FROM sessions s JOIN programme_terms t "
+            "ON t.programme_id = s.programme_id AND t.terms_version = s.terms_version"
         ).fetchall()
         for session_id, state, no_show_takes, waived_at, section in rows:
             terms = replace(DEFAULT_TERMS, no_show_takes_credit=bool(no_show_takes))

@@ -84,9 +84,41 @@ _IDEMPOTENCY_V7 = (
 )
 
 
+# The terms each session and programme row copied before version 9, as version 8 declared them.
+_TERMS_COLUMNS_V8 = {
+    "notice_window": ("BIGINT NOT NULL DEFAULT 0", "notice_window_us"),
+    "professional_may_charge_late": ("BOOLEAN NOT NULL DEFAULT FALSE", "professional_may_charge_late"),
+    "no_show_takes_credit": ("BOOLEAN NOT NULL DEFAULT FALSE", "no_show_takes_credit"),
+    "late_reschedule": ("VARCHAR(16) NOT NULL DEFAULT 'CHARGE'", "late_reschedule"),
+    "cancellation_grace": ("BIGINT NOT NULL DEFAULT 0", "cancellation_grace_us"),
+}
+
+
+def downgrade_to_version_8(database_url: str) -> None:
+    """The database as version 8 left it (each session and programme row with its own copy of
+    its terms, durations without their unit in their names), with its data."""
+    storage = open_storage(database_url)
+    db = storage.db
+    with db.connection_context(), db.atomic():
+        for table in ("sessions", "programmes"):
+            for column, (declared, source) in _TERMS_COLUMNS_V8.items():
+                db.execute_sql(f"ALTER TABLE {table} ADD COLUMN {column} {declared}")
+                db.execute_sql(
+                    f"UPDATE {table} SET {column} = (SELECT t.{source} FROM programme_terms t WHERE "
+                    f"t.programme_id = {table}.programme_id AND t.terms_version = {table}.terms_version)"
+                )
+            db.execute_sql(f"ALTER TABLE {table} DROP COLUMN terms_version")
+        db.execute_sql("DROP TABLE programme_terms")
+        db.execute_sql("ALTER TABLE sessions RENAME COLUMN notice_us TO notice")
+        db.execute_sql("ALTER TABLE audit_log RENAME COLUMN notice_us TO notice")
+        db.execute_sql("UPDATE schema_version SET version = 8")
+    storage.close()
+
+
 def downgrade_to_version_7(database_url: str) -> None:
     """The database as version 7 left it (the Payments tab in its own table, each request_id's
     result in idempotency_keys), with its data."""
+    downgrade_to_version_8(database_url)
     storage = open_storage(database_url)
     db = storage.db
     with db.connection_context(), db.atomic():
@@ -197,10 +229,10 @@ def test_an_old_database_is_refused_then_migrated_keeping_its_data(
 
     check = migrate_cli(database_url, "--check")
     assert check.returncode == 1, check
-    assert all(f"pending: {n}" in check.stdout for n in (2, 3, 4, 5, 6, 7, 8)), check.stdout
+    assert all(f"pending: {n}" in check.stdout for n in (2, 3, 4, 5, 6, 7, 8, 9)), check.stdout
     done = migrate_cli(database_url)
     assert done.returncode == 0, done.stderr
-    assert all(f"applied {n}" in done.stdout for n in (2, 3, 4, 5, 6, 7, 8)) and "(was 1)" in done.stdout
+    assert all(f"applied {n}" in done.stdout for n in (2, 3, 4, 5, 6, 7, 8, 9)) and "(was 1)" in done.stdout
     again = migrate_cli(database_url)
     assert "nothing to do" in again.stdout
 
@@ -395,16 +427,17 @@ def test_a_version_6_database_upgrades_to_reschedules_keeping_every_row(
         if table == "schema_version":
             continue
         assert without_new(after[table]) == without_new(rows), f"{table} changed in the upgrade"
+    # The terms are stored once (schema version 9), each session and programme pointing to theirs.
+    terms = {(t["programme_id"], t["terms_version"]): t for t in after["programme_terms"]}
+
+    def rule(row: dict[str, object]) -> tuple[object, object]:
+        t = terms[(row["programme_id"], row["terms_version"])]
+        return t["late_reschedule"], t["cancellation_grace_us"]
+
     for session in after["sessions"]:
-        assert (session["late_reschedule"], session["cancellation_grace"], session["moves"]) == (
-            "CHARGE",
-            timedelta(0),
-            None,
-        )
+        assert (*rule(session), session["moves"]) == ("CHARGE", timedelta(0), None)
         assert session["rescheduled_from"] is None and session["rescheduled_to"] is None
-    assert {
-        p["programme_id"]: (p["late_reschedule"], p["cancellation_grace"]) for p in after["programmes"]
-    } == {
+    assert {p["programme_id"]: rule(p) for p in after["programmes"]} == {
         "default": ("CHARGE", timedelta(0)),
         "employer": ("CHARGE", timedelta(0)),
     }
@@ -532,3 +565,82 @@ def test_a_version_7_database_upgrades_to_one_row_per_change_keeping_every_store
     )
     assert after["events"] == [e for e in before["events"] if e != pruned]
     assert [e.event_id for e in feed] == [e["event_id"] for e in after["events"]]
+
+
+def test_a_version_8_database_upgrades_to_terms_stored_once_keeping_what_each_session_was_promised(
+    database_url: str, clock: FakeClock
+) -> None:
+    """A programme whose terms changed twice (and back) between bookings, one whose name alone
+    changed, and the default programme: after the upgrade every session has the terms it was
+    booked under (GetSession, GetPayment, ListSessions answer as before), every programme its
+    current ones, each version is stored once, and a new booking gets the current terms."""
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            ids = _terms_history(kara, clock)
+            kara.cancel(ids[0], "client")
+            sessions = {i: kara.get_session(i) for i in ids}
+            payments = {i: kara.get_payment(i) for i in ids}
+            listed = kara.list_sessions("pro-1").sessions
+            programmes = {p: kara.get_programme(p) for p in ("p48", "named", "default")}
+        before = db_snapshot(running)
+    finally:
+        running.stop(grace=0)
+    assert sessions[ids[0]].terms.notice_window.ToTimedelta() == timedelta(hours=48)
+    assert sessions[ids[3]].terms.notice_window.ToTimedelta() == timedelta(hours=72)
+    downgrade_to_version_8(database_url)
+
+    done = migrate_cli(database_url)
+    assert done.returncode == 0 and "applied 9" in done.stdout and "(was 8)" in done.stdout, done
+
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            assert {i: kara.get_session(i) for i in ids} == sessions
+            assert {i: kara.get_payment(i) for i in ids} == payments
+            assert kara.list_sessions("pro-1").sessions == listed
+            assert {p: kara.get_programme(p) for p in programmes} == programmes
+            # A booking now gets the programme's current terms.
+            new = kara.book("client-1", "pro-1", clock.now() + timedelta(days=5), programme_id="p48")
+            assert new.terms.notice_window.ToTimedelta() == timedelta(hours=48)
+            assert new.terms.late_reschedule == sessions[ids[0]].terms.late_reschedule
+        after = db_snapshot(running)
+    finally:
+        running.stop(grace=0)
+    versions = {(r["programme_id"], r["terms_version"]) for r in after["programme_terms"]}
+    # p48: 48 h, 72 h, then 48 h again (its current version); named and default: one each.
+    assert versions == {("p48", 1), ("p48", 2), ("p48", 3), ("named", 1), ("default", 1)}
+    assert {r["programme_id"]: r["terms_version"] for r in after["programmes"]} == {
+        "p48": 3,
+        "named": 1,
+        "default": 1,
+    }
+    # Everything but the terms' bookkeeping (and the new booking) is as it was.
+    for table in ("ledger_entries", "credit_accounts", "audit_log", "events", "invoices"):
+        assert len(after[table]) >= len(before[table])
+    assert [r for r in after["ledger_entries"] if r["entry_id"] <= len(before["ledger_entries"])] == before[
+        "ledger_entries"
+    ]
+
+
+def _terms_history(kara: SessionsClient, clock: FakeClock) -> list[str]:
+    """Sessions booked between changes of their programmes' terms: p48 at 48 h, at 72 h (with
+    free late moves), then at 48 h again; "named" renamed only; the default programme."""
+    kara.create_programme("p48", "Forty-eight", timedelta(hours=48))
+    kara.create_programme("named", "Named", timedelta(hours=24), no_show_takes_credit=False)
+    kara.grant_credits("client-1", 3)
+    kara.grant_credits("client-1", 5, programme_id="p48")
+    kara.grant_credits("client-1", 1, programme_id="named")
+    ahead = clock.now() + timedelta(days=5)
+
+    def booked(programme: str) -> str:
+        clock.advance(timedelta(minutes=1))
+        return kara.book("client-1", "pro-1", ahead, programme_id=programme).session_id
+
+    ids = [booked("p48"), booked("default"), booked("named")]
+    kara.update_programme("p48", notice_window=timedelta(hours=72), late_reschedule="free")
+    ids.append(booked("p48"))
+    kara.update_programme("named", display_name="Renamed")
+    kara.update_programme("p48", notice_window=timedelta(hours=48), late_reschedule="charge")
+    ids.append(booked("p48"))
+    return ids

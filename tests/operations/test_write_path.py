@@ -24,7 +24,7 @@ from kara_sessions_server.domain.model import (
     SessionState,
     Waiver,
 )
-from kara_sessions_server.domain.programme import LateReschedule, Terms
+from kara_sessions_server.domain.programme import LateReschedule, Programme, Terms
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
 from ..support.clock import FakeClock
@@ -77,6 +77,10 @@ def test_a_cancellation_runs_these_statements_and_no_more(
     assert seen[-1] == "SELECT FROM events", "a replay reads the stored result, after the rollback"
 
 
+# A version of a programme's terms whose every field differs from the defaults.
+_TERMS = Terms(timedelta(seconds=8), False, False, LateReschedule.REFUSED, timedelta(seconds=9))
+
+
 def _every_field_set(session_id: str, state: SessionState, version: int) -> Session:
     """A session whose every column holds a value no other column holds: a swapped pair of
     columns (two timestamps, two durations, two flags) reads back as a different session."""
@@ -96,8 +100,9 @@ def _every_field_set(session_id: str, state: SessionState, version: int) -> Sess
             Party.PROFESSIONAL, at - seconds[3], at - seconds[4], seconds[5], True, True, "why", True
         ),
         completed_at=at - seconds[6],
-        programme_id="default",
-        terms=Terms(seconds[7], False, True, LateReschedule.REFUSED, seconds[8]),
+        programme_id="p-columns",
+        terms=_TERMS,
+        terms_version=2,
         no_show_at=at - seconds[9],
         waiver=Waiver(at - seconds[10], "professional:pro-columns", "goodwill"),
         moves=(
@@ -119,7 +124,7 @@ def _every_field_set(session_id: str, state: SessionState, version: int) -> Sess
 
 
 def test_a_session_is_written_and_read_back_column_for_column(database_url: str) -> None:
-    """The session columns' one declaration (session_repository._row beside SessionRow)
+    """The session columns' one declaration (session_repository.row_values beside SessionRow)
     drives the INSERT, the guarded UPDATEs and the read: every field survives each of them."""
     storage = open_storage(database_url)
     try:
@@ -128,7 +133,10 @@ def test_a_session_is_written_and_read_back_column_for_column(database_url: str)
         booked = replace(
             _every_field_set("s-columns", SessionState.BOOKED, 1), cancellation=None, waiver=None
         )
+        # The session points to its programme's second version of terms (schema version 9).
+        at = datetime(2027, 3, 1, tzinfo=UTC)
         with unit_of_work() as uow:
+            uow.programmes.add(Programme("p-columns", "Columns", _TERMS, at, at, terms_version=2))
             uow.sessions.add(booked)
             uow.commit()
         with unit_of_work(write=False) as uow:

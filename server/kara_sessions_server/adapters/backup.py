@@ -27,7 +27,11 @@ FROM credit_accounts a
 LEFT JOIN ledger_entries e ON e.client_id = a.client_id AND e.programme_id = a.programme_id
 GROUP BY a.client_id, a.programme_id, a.available, a.held, a.used
 """
-_PAYMENTS = "SELECT session_id, state, no_show_takes_credit, waived_at, payment_section FROM sessions"
+# Each session with the no-show term of the version of its programme's terms it points to.
+_PAYMENTS = (
+    "SELECT s.session_id, s.state, t.no_show_takes_credit, s.waived_at, s.payment_section FROM sessions s "
+    "LEFT JOIN programme_terms t ON t.programme_id = s.programme_id AND t.terms_version = s.terms_version"
+)
 
 
 class BackupError(Exception):
@@ -104,6 +108,8 @@ def verify(path: Path) -> Verified:
                 )
         sessions = db.execute(_PAYMENTS).fetchall()
         for session_id, state, no_show_takes, waived_at, section in sessions:
+            if no_show_takes is None:
+                raise BackupError(f"session {session_id} points to terms its programme does not have")
             terms = replace(DEFAULT_TERMS, no_show_takes_credit=bool(no_show_takes))
             expected = payment_state_for(SessionState(state), terms, waived=waived_at is not None).section
             if section != expected.value:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from kara_sessions_server.adapters.session_repository import S_SESSION_COLUMNS, session_from_row
+from kara_sessions_server.adapters.session_repository import S_SESSION_COLUMNS, TermsOf, session_from_row
 from kara_sessions_server.adapters.storage import (
     Sql,
     from_micros,
@@ -148,8 +148,9 @@ def line_row_values(line: InvoiceLine) -> tuple[object, ...]:
 class InvoiceRepository:
     """Invoices, their lines and their audit rows, on one database."""
 
-    def __init__(self, sql: Sql):
+    def __init__(self, sql: Sql, terms: TermsOf):
         self._sql = sql
+        self._terms = terms
 
     def _locking(self) -> str:
         return "" if self._sql.on_sqlite else _LOCK_SESSIONS
@@ -252,7 +253,7 @@ class InvoiceRepository:
                 f"WHERE s.session_id IN ({_marks(len(chunk))}) ORDER BY s.session_id{self._locking()}"
             )
             for row in self._sql(text, chunk).fetchall():
-                session = session_from_row(row[:-1])
+                session = session_from_row(row[:-1], self._terms)
                 found[session.session_id] = Candidate(session, row[-1] or "")
         return found
 
@@ -261,7 +262,7 @@ class InvoiceRepository:
         rows = self._sql(
             _UNINVOICED_PAID + self._locking(), (professional_id, to_micros(up_to), limit)
         ).fetchall()
-        return [Candidate(session_from_row(row), "") for row in rows]
+        return [Candidate(session_from_row(row, self._terms), "") for row in rows]
 
     def audit(
         self,

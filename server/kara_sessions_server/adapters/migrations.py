@@ -10,7 +10,7 @@ at once."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,6 +26,7 @@ from kara_sessions_server.adapters.storage import (
     InvoiceAuditRow,
     InvoiceLineRow,
     InvoiceRow,
+    ProgrammeTermsRow,
     SchemaVersionRow,
     Storage,
     Table,
@@ -256,6 +257,88 @@ def _v8_data(storage: Storage, context: Context) -> None:
     _v8_move_request_ids(storage)
 
 
+# The five columns of terms that sessions and programmes carried before version 9.
+_TERMS_COLUMNS_V8 = (
+    "notice_window",
+    "professional_may_charge_late",
+    "no_show_takes_credit",
+    "late_reschedule",
+    "cancellation_grace",
+)
+
+
+def _v9_operations(m: SchemaMigrator, storage: Storage) -> list[Operation]:
+    """Terms stored once, as versions that programmes and sessions point to (frozen as version
+    9 defines them), and every stored duration named with its unit. _v9_data fills
+    programme_terms and the pointers, then drops the copied columns."""
+    return [
+        m.add_column("sessions", "terms_version", pw.IntegerField(default=1)),
+        m.add_column("programmes", "terms_version", pw.IntegerField(default=1)),
+        m.rename_column("sessions", "notice", "notice_us"),
+        m.rename_column("audit_log", "notice", "notice_us"),
+    ]
+
+
+def _v9_data(storage: Storage, context: Context) -> None:
+    """Each programme's terms become its versions, in the order they were first used: the terms
+    its sessions were booked under, earliest booking first, then its current terms (the same
+    version as the last of those when they are equal). Each session points to the version equal
+    to the terms it was promised, and each programme to its current one: nothing any session
+    was promised changes. A version is dated by the programme's creation (the first), its first
+    booking (the others), or the programme's last change (current terms no session has yet)."""
+    db, mark = storage.db, storage.db.param
+    columns = ", ".join(_TERMS_COLUMNS_V8)
+
+    def key(values: Sequence[object]) -> tuple[object, ...]:
+        window, may_charge, no_show, late, grace = values
+        return (int(window), bool(may_charge), bool(no_show), str(late), int(grace))  # type: ignore[call-overload]
+
+    programmes = {
+        programme_id: (key(terms), created, updated)
+        for programme_id, *terms, created, updated in db.execute_sql(
+            f"SELECT programme_id, {columns}, created_at, updated_at FROM programmes"
+        ).fetchall()
+    }
+    versions: dict[str, list[tuple[tuple[object, ...], int]]] = {}
+    used = db.execute_sql(
+        f"SELECT programme_id, {columns}, MIN(booked_at) FROM sessions GROUP BY programme_id, {columns}"
+    ).fetchall()
+    # By first booking; equal times (a batch, a test's clock) in an order every database shares.
+    for programme_id, *terms, first in sorted(used, key=lambda row: (row[0], row[-1], key(row[1:-1]))):
+        found = versions.setdefault(programme_id, [])
+        dated = programmes[programme_id][1] if not found and programme_id in programmes else first
+        found.append((key(terms), dated))
+    current: dict[str, int] = {}
+    for programme_id, (terms, created, updated) in programmes.items():
+        found = versions.setdefault(programme_id, [])
+        if not found:
+            found.append((terms, created))
+        elif found[-1][0] != terms:
+            found.append((terms, updated))
+        current[programme_id] = len(found)
+    insert = (
+        "INSERT INTO programme_terms (programme_id, terms_version, notice_window_us, "
+        "professional_may_charge_late, no_show_takes_credit, late_reschedule, cancellation_grace_us, "
+        f"created_at) VALUES ({', '.join([mark] * 8)})"
+    )
+    point = f"UPDATE sessions SET terms_version = {mark} WHERE programme_id = {mark} AND " + " AND ".join(
+        f"{column} = {mark}" for column in _TERMS_COLUMNS_V8
+    )
+    for programme_id, found in versions.items():
+        pointed: set[tuple[object, ...]] = set()
+        for number, (terms, at) in enumerate(found, start=1):
+            db.execute_sql(insert, (programme_id, number, *terms, at))
+            if terms not in pointed:  # equal terms twice (changed, then changed back): the first
+                pointed.add(terms)
+                db.execute_sql(point, (number, programme_id, *terms))
+    point_programme = f"UPDATE programmes SET terms_version = {mark} WHERE programme_id = {mark}"
+    for programme_id, number in current.items():
+        db.execute_sql(point_programme, (number, programme_id))
+    for table in ("sessions", "programmes"):
+        for column in _TERMS_COLUMNS_V8:
+            db.execute_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
@@ -297,6 +380,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         "one row per change: the Payments tab on sessions (payments dropped), request_ids on events",
         _v8_operations,
         data=_v8_data,
+    ),
+    Migration(
+        9,
+        "terms stored once: programme_terms, versions that programmes and sessions point to; units named",
+        _v9_operations,
+        tables=(ProgrammeTermsRow,),
+        data=_v9_data,
     ),
 )
 BASELINE = 1

@@ -4,6 +4,7 @@ two concurrent updates exactly one goes through; the other is told to read it ag
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from kara_sessions_server.adapters.storage import Sql, from_micros, to_micros
@@ -13,68 +14,112 @@ from kara_sessions_server.domain.model import Page
 from kara_sessions_server.domain.programme import LateReschedule, Programme, Terms
 from kara_sessions_server.service_layer.pagination import cut, decode
 
-_COLUMNS = (
-    "programme_id, display_name, notice_window, professional_may_charge_late, no_show_takes_credit, "
-    "version, created_at, updated_at, late_reschedule, cancellation_grace"
+# A programme with its current terms: programmes points at a row of programme_terms.
+_SELECT = (
+    "SELECT p.programme_id, p.display_name, p.version, p.created_at, p.updated_at, p.terms_version, "
+    "t.notice_window_us, t.professional_may_charge_late, t.no_show_takes_credit, t.late_reschedule, "
+    "t.cancellation_grace_us FROM programmes p JOIN programme_terms t "
+    "ON t.programme_id = p.programme_id AND t.terms_version = p.terms_version"
 )
-_GET = f"SELECT {_COLUMNS} FROM programmes WHERE programme_id = ?"
+_GET = f"{_SELECT} WHERE p.programme_id = ?"
 _INSERT = (
-    f"INSERT INTO programmes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (programme_id) DO NOTHING"
+    "INSERT INTO programmes (programme_id, display_name, version, created_at, updated_at, terms_version) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (programme_id) DO NOTHING"
 )
 _CHANGE = (
-    "UPDATE programmes SET display_name = ?, notice_window = ?, professional_may_charge_late = ?, "
-    "no_show_takes_credit = ?, version = ?, updated_at = ?, late_reschedule = ?, cancellation_grace = ? "
+    "UPDATE programmes SET display_name = ?, version = ?, updated_at = ?, terms_version = ? "
     "WHERE programme_id = ? AND version = ?"
+)
+# A version of terms is written once and never changed.
+_INSERT_TERMS = (
+    "INSERT INTO programme_terms (programme_id, terms_version, notice_window_us, "
+    "professional_may_charge_late, no_show_takes_credit, late_reschedule, cancellation_grace_us, "
+    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (programme_id, terms_version) DO NOTHING"
+)
+_GET_TERMS = (
+    "SELECT notice_window_us, professional_may_charge_late, no_show_takes_credit, late_reschedule, "
+    "cancellation_grace_us FROM programme_terms WHERE programme_id = ? AND terms_version = ?"
 )
 
 
-def from_row(row: Sequence[Any]) -> Programme:
-    programme_id, name, window, may_charge, no_show, version, created, updated, late, grace = row
-    return Programme(
-        programme_id=programme_id,
-        display_name=name,
-        terms=Terms(
-            MICROSECOND * window,
-            bool(may_charge),
-            bool(no_show),
-            LateReschedule(late),
-            MICROSECOND * grace,
-        ),
-        created_at=from_micros(created),
-        updated_at=from_micros(updated),
-        version=version,
+def _terms(row: Sequence[Any]) -> Terms:
+    window, may_charge, no_show, late, grace = row
+    return Terms(
+        MICROSECOND * window, bool(may_charge), bool(no_show), LateReschedule(late), MICROSECOND * grace
     )
 
 
-def row_values(p: Programme) -> tuple[object, ...]:
-    t = p.terms
+def _terms_values(t: Terms) -> tuple[object, ...]:
     return (
-        p.programme_id,
-        p.display_name,
         t.notice_window // MICROSECOND,
         t.professional_may_charge_late,
         t.no_show_takes_credit,
-        p.version,
-        to_micros(p.created_at),
-        to_micros(p.updated_at),
         t.late_reschedule.value,
         t.cancellation_grace // MICROSECOND,
     )
 
 
-class ProgrammeRepository:
-    """Programmes, on one database."""
+def from_row(row: Sequence[Any]) -> Programme:
+    """A row of _SELECT: the programme, then its current terms."""
+    programme_id, name, version, created, updated, terms_version = row[:6]
+    return Programme(
+        programme_id=programme_id,
+        display_name=name,
+        terms=_terms(row[6:]),
+        created_at=from_micros(created),
+        updated_at=from_micros(updated),
+        version=version,
+        terms_version=terms_version,
+    )
+
+
+def row_values(p: Programme) -> tuple[object, ...]:
+    """What _SELECT reads of `p`: its programmes row, then its terms' row."""
+    own = (p.programme_id, p.display_name, p.version, to_micros(p.created_at), to_micros(p.updated_at))
+    return (*own, p.terms_version, *_terms_values(p.terms))
+
+
+class TermsVersions:
+    """Every version of terms this database holds, each read once: a version never changes, so
+    what was read stays true (a version another process wrote is read when first asked for).
+    One per Storage; the repositories that read sessions share it."""
 
     def __init__(self, sql: Sql):
         self._sql = sql
+        self._known: dict[tuple[str, int], Terms] = {}
+
+    def __call__(self, programme_id: str, version: int) -> Terms:
+        found = self._known.get((programme_id, version))
+        if found is None:
+            row = self._sql(_GET_TERMS, (programme_id, version)).fetchone()
+            if row is None:
+                raise LookupError(f"programme {programme_id!r} has no terms version {version}")
+            found = self._known[(programme_id, version)] = _terms(row)
+        return found
+
+    def add(self, programme_id: str, version: int, terms: Terms, at: datetime) -> None:
+        self._sql(_INSERT_TERMS, (programme_id, version, *_terms_values(terms), to_micros(at)))
+
+    def seen(self, programme: Programme) -> Programme:
+        """Remembers the terms a programme was read with (a booking reads its programme first,
+        so the sessions it books are read back without another query)."""
+        self._known.setdefault((programme.programme_id, programme.terms_version), programme.terms)
+        return programme
+
+
+class ProgrammeRepository:
+    """Programmes, on one database."""
+
+    def __init__(self, sql: Sql, terms: TermsVersions):
+        self._sql = sql
+        self._terms = terms
 
     def find(self, programme_id: str, *, for_change: bool = False) -> Programme | None:
         """`for_change`: the row stays locked until the transaction ends. SQLite needs no lock
         clause: its writing transactions run one at a time already."""
-        lock = " FOR UPDATE" if for_change and not self._sql.on_sqlite else ""
+        lock = " FOR UPDATE OF p" if for_change and not self._sql.on_sqlite else ""
         row = self._sql(_GET + lock, (programme_id,)).fetchone()
-        return None if row is None else from_row(row)
+        return None if row is None else self._terms.seen(from_row(row))
 
     def get(self, programme_id: str, *, for_change: bool = False) -> Programme:
         found = self.find(programme_id, for_change=for_change)
@@ -86,8 +131,12 @@ class ProgrammeRepository:
         return found
 
     def add(self, programme: Programme) -> bool:
-        """Inserts the programme; False if one with its id exists already."""
-        return bool(self._sql(_INSERT, row_values(programme)).rowcount == 1)
+        """Inserts the programme and its terms; False if one with its id exists already."""
+        if self._sql(_INSERT, row_values(programme)[:6]).rowcount != 1:
+            return False
+        p = programme
+        self._terms.add(p.programme_id, p.terms_version, p.terms, p.created_at)
+        return True
 
     def create(self, programme: Programme) -> None:
         if not self.add(programme):
@@ -98,18 +147,14 @@ class ProgrammeRepository:
             )
 
     def change(self, before: Programme, after: Programme) -> None:
-        t = after.terms
+        """The programme's row, guarded by its version; new terms are a new version of them."""
         changed = self._sql(
             _CHANGE,
             (
                 after.display_name,
-                t.notice_window // MICROSECOND,
-                t.professional_may_charge_late,
-                t.no_show_takes_credit,
                 before.version + 1,
                 to_micros(after.updated_at),
-                t.late_reschedule.value,
-                t.cancellation_grace // MICROSECOND,
+                after.terms_version,
                 before.programme_id,
                 before.version,
             ),
@@ -119,16 +164,18 @@ class ProgrammeRepository:
                 f"programme {before.programme_id!r} was changed by another request; read it again and retry",
                 metadata={"programme_id": before.programme_id},
             )
+        if after.terms_version != before.terms_version:
+            self._terms.add(after.programme_id, after.terms_version, after.terms, after.updated_at)
 
     def page(self, size: int, token: str) -> Page[Programme]:
         """By programme_id."""
         query_id = ("programmes",)
         after = decode(query_id, token, (str,))
         if after is None:
-            rows = self._sql(f"SELECT {_COLUMNS} FROM programmes ORDER BY programme_id LIMIT ?", (size + 1,))
+            rows = self._sql(f"{_SELECT} ORDER BY p.programme_id LIMIT ?", (size + 1,))
         else:
             rows = self._sql(
-                f"SELECT {_COLUMNS} FROM programmes WHERE programme_id > ? ORDER BY programme_id LIMIT ?",
+                f"{_SELECT} WHERE p.programme_id > ? ORDER BY p.programme_id LIMIT ?",
                 (after[0], size + 1),
             )
         page, token_out, resume = cut(query_id, rows.fetchall(), size, lambda r: [r[0]])

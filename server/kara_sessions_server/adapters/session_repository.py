@@ -9,7 +9,7 @@ with peewee's query builder cost more than executing them (BENCHMARKS.md)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -37,9 +37,12 @@ from kara_sessions_server.domain.model import (
     payment_state,
 )
 from kara_sessions_server.domain.principal import Principal
-from kara_sessions_server.domain.programme import DEFAULT_TERMS, LateReschedule, Terms
+from kara_sessions_server.domain.programme import DEFAULT_TERMS, Terms
 from kara_sessions_server.domain.session_lifecycle import lost_race
 from kara_sessions_server.service_layer.pagination import cut, decode
+
+# The terms a programme's version holds (programme_repository.TermsVersions).
+TermsOf = Callable[[str, int], Terms]
 
 
 def row_values(s: Session) -> dict[str, object]:
@@ -48,7 +51,7 @@ def row_values(s: Session) -> dict[str, object]:
     two, and session_from_row reads a row by these names. A column added to one but not the
     other fails at import. (One function, not a function per column: it runs on every write,
     and one call costs a cancellation a twentieth fewer instructions than thirty-two.)"""
-    c, w, t = s.cancellation, s.waiver, s.terms
+    c, w = s.cancellation, s.waiver
     return {
         "session_id": s.session_id,
         "client_id": s.client_id,
@@ -62,21 +65,17 @@ def row_values(s: Session) -> dict[str, object]:
         "cancelled_by": c.cancelled_by.value if c else None,
         "cancelled_at": to_micros(c.cancelled_at) if c else None,
         "notified_at": to_micros(c.notified_at) if c else None,
-        "notice": c.notice // MICROSECOND if c else None,
+        "notice_us": c.notice // MICROSECOND if c else None,
         "late": c.late if c else None,
         "charge_client": c.charge_client if c else None,
         "reason": c.reason if c else None,
         "completed_at": micros_or_none(s.completed_at),
         "programme_id": s.programme_id,
-        "notice_window": t.notice_window // MICROSECOND,
-        "professional_may_charge_late": t.professional_may_charge_late,
-        "no_show_takes_credit": t.no_show_takes_credit,
+        "terms_version": s.terms_version,
         "no_show_at": micros_or_none(s.no_show_at),
         "waived_at": to_micros(w.waived_at) if w else None,
         "waived_by": w.waived_by if w else None,
         "waive_reason": w.reason if w else None,
-        "late_reschedule": t.late_reschedule.value,
-        "cancellation_grace": t.cancellation_grace // MICROSECOND,
         "within_grace": c.within_grace if c else None,
         "moves": _dump_moves(s.moves),
         "rescheduled_from": s.rescheduled_from or None,
@@ -119,7 +118,7 @@ _CHANGE_SESSION = _guarded_update(
         "cancelled_by",
         "cancelled_at",
         "notified_at",
-        "notice",
+        "notice_us",
         "late",
         "charge_client",
         "reason",
@@ -136,7 +135,7 @@ _CHANGE_SESSION = _guarded_update(
 _MOVE_SESSION = _guarded_update(("starts_at", "moves", "version", "updated_at"))
 _INSERT_AUDIT = (
     "INSERT INTO audit_log (session_id, action, actor, principal, from_state, to_state, notified_at, "
-    "notice, charge_client, reason, request_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "notice_us, charge_client, reason, request_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # Newest session first, through the (professional_id, payment_section, starts_at, session_id)
 # index; each payment is derived from its session and the invoice line it is on, if any.
@@ -154,8 +153,9 @@ _LIST_PAYMENTS_AFTER = _LIST_PAYMENTS.format(
 )
 
 
-def session_from_row(row: Sequence[Any]) -> Session:
-    """A row of SESSION_COLUMNS (a longer row's extra values are ignored), read by name."""
+def session_from_row(row: Sequence[Any], terms: TermsOf) -> Session:
+    """A row of SESSION_COLUMNS (a longer row's extra values are ignored), read by name; its
+    terms are the version of its programme's that it names (`terms`, TermsVersions)."""
     r = dict(zip(COLUMN_NAMES, row, strict=False))
     return Session(
         session_id=r["session_id"],
@@ -170,13 +170,8 @@ def session_from_row(row: Sequence[Any]) -> Session:
         cancellation=_cancellation(r),
         completed_at=time_or_none(r["completed_at"]),
         programme_id=r["programme_id"],
-        terms=Terms(
-            MICROSECOND * r["notice_window"],
-            bool(r["professional_may_charge_late"]),
-            bool(r["no_show_takes_credit"]),
-            LateReschedule(r["late_reschedule"]),
-            MICROSECOND * r["cancellation_grace"],
-        ),
+        terms=terms(r["programme_id"], r["terms_version"]),
+        terms_version=r["terms_version"],
         no_show_at=time_or_none(r["no_show_at"]),
         waiver=_waiver(r),
         moves=_load_moves(r["moves"]),
@@ -238,7 +233,7 @@ def _cancellation(r: dict[str, Any]) -> Cancellation | None:
         cancelled_by=Party(r["cancelled_by"]),
         cancelled_at=from_micros(r["cancelled_at"]),
         notified_at=from_micros(r["notified_at"]),
-        notice=MICROSECOND * r["notice"],
+        notice=MICROSECOND * r["notice_us"],
         late=bool(r["late"]),
         charge_client=bool(r["charge_client"]),
         reason=r["reason"] or "",
@@ -256,21 +251,22 @@ _PRUNE_AUDIT = "DELETE FROM audit_log WHERE audit_id IN (SELECT audit_id FROM au
 class SessionRepository:
     """Sessions, their payments and their audit rows, on one database."""
 
-    def __init__(self, sql: Sql):
+    def __init__(self, sql: Sql, terms: TermsOf):
         self._sql = sql
+        self._terms = terms
 
     def get_with_invoice(self, session_id: str) -> tuple[Session, str]:
         """The session and the invoice it is on ("" for none), in one query: "View details"."""
         row = self._sql(_GET_SESSION_AND_INVOICE, (session_id,)).fetchone()
         if row is None:
             raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
-        return session_from_row(row[:-1]), row[-1] or ""
+        return session_from_row(row[:-1], self._terms), row[-1] or ""
 
     def get(self, session_id: str) -> Session:
         row = self._sql(_GET_SESSION, (session_id,)).fetchone()
         if row is None:
             raise NotFound(f"session {session_id} does not exist", metadata={"session_id": session_id})
-        return session_from_row(row)
+        return session_from_row(row, self._terms)
 
     def add(self, session: Session) -> None:
         row = row_values(session)
@@ -357,7 +353,7 @@ class SessionRepository:
         rows, token_out, resume = cut(
             query_id, self._sql(text, (*params, size + 1)).fetchall(), size, _start_key
         )
-        return Page(tuple(session_from_row(r) for r in rows), token_out, resume)
+        return Page(tuple(session_from_row(r, self._terms) for r in rows), token_out, resume)
 
     def payments(self, professional_id: str, section: PaymentSection, size: int, token: str) -> Page[Payment]:
         """Most recent session first."""
@@ -368,7 +364,11 @@ class SessionRepository:
         else:
             cursor = self._sql(_LIST_PAYMENTS_AFTER, (professional_id, section.value, *after, size + 1))
         rows, token_out, resume = cut(query_id, cursor.fetchall(), size, _start_key)
-        return Page(tuple(Payment.of(session_from_row(r[:-1]), r[-1] or "") for r in rows), token_out, resume)
+        return Page(
+            tuple(Payment.of(session_from_row(r[:-1], self._terms), r[-1] or "") for r in rows),
+            token_out,
+            resume,
+        )
 
     def prune_audit(self, older_than: datetime, batch: int) -> int:
         """Deletes up to `batch` audit rows written before `older_than` (only when an operator asks

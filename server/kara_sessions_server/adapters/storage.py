@@ -21,7 +21,7 @@ from playhouse.pool import PooledDatabase, PooledPostgresqlDatabase, PooledSqlit
 
 from kara_sessions_server.adapters.watchdog import Watchdog
 from kara_sessions_server.domain.clock import MICROSECOND
-from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS
+from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -101,25 +101,22 @@ class SessionRow(Table):
     cancelled_by = pw.CharField(max_length=16, null=True)
     cancelled_at = UtcTimestampField(null=True)
     notified_at = UtcTimestampField(null=True)
-    notice = DurationField(null=True)
+    # Schema version 9 names the unit of every duration (it was `notice`).
+    notice_us = DurationField(null=True)
     late = pw.BooleanField(null=True)
     charge_client = pw.BooleanField(null=True)
     reason = pw.TextField(null=True)
     completed_at = UtcTimestampField(null=True)
-    # Schema version 5: the programme and its terms when the session was booked (the defaults
-    # are what every session booked before programmes was promised), no-shows and waivers.
+    # Schema version 5: the programme, no-shows and waivers. The terms the session was promised
+    # at booking are the programme's version `terms_version` (programme_terms, schema version 9;
+    # before it, five columns here copied them).
     programme_id = pw.CharField(max_length=64, default=DEFAULT_PROGRAMME_ID)
-    notice_window = DurationField(default=DEFAULT_TERMS.notice_window)
-    professional_may_charge_late = pw.BooleanField(default=DEFAULT_TERMS.professional_may_charge_late)
-    no_show_takes_credit = pw.BooleanField(default=DEFAULT_TERMS.no_show_takes_credit)
+    terms_version = pw.IntegerField(default=1)
     no_show_at = UtcTimestampField(null=True)
     waived_at = UtcTimestampField(null=True)
     waived_by = pw.CharField(max_length=160, null=True)
     waive_reason = pw.TextField(null=True)
-    # Schema version 7: reschedules and a grace after booking (issue 25). The terms' defaults
-    # are the article's, what every session booked before them was promised.
-    late_reschedule = pw.CharField(max_length=16, default=DEFAULT_TERMS.late_reschedule.value)
-    cancellation_grace = DurationField(default=DEFAULT_TERMS.cancellation_grace)
+    # Schema version 7: reschedules and a grace after booking (issue 25).
     within_grace = pw.BooleanField(null=True)
     # The moves in place, oldest first, as JSON (session_repository): read with the session,
     # never queried on their own.
@@ -186,7 +183,7 @@ class AuditRow(Table):
     from_state = pw.CharField(max_length=32, null=True)
     to_state = pw.CharField(max_length=32)
     notified_at = UtcTimestampField(null=True)
-    notice = DurationField(null=True)
+    notice_us = DurationField(null=True)
     charge_client = pw.BooleanField(null=True)
     reason = pw.TextField(null=True)
     request_id = pw.CharField(max_length=128)
@@ -246,19 +243,33 @@ class InvoiceAuditRow(Table):
 class ProgrammeRow(Table):
     programme_id = pw.CharField(primary_key=True, max_length=64)
     display_name = pw.CharField(max_length=200)
-    notice_window = DurationField()
-    professional_may_charge_late = pw.BooleanField()
-    no_show_takes_credit = pw.BooleanField()
     # Bumped by every change; UpdateProgramme's conditional UPDATE checks it.
     version = pw.IntegerField()
     created_at = UtcTimestampField()
     updated_at = UtcTimestampField()
-    # Schema version 7.
-    late_reschedule = pw.CharField(max_length=16, default=DEFAULT_TERMS.late_reschedule.value)
-    cancellation_grace = DurationField(default=DEFAULT_TERMS.cancellation_grace)
+    # Schema version 9: the programme's current terms, a row of programme_terms.
+    terms_version = pw.IntegerField(default=1)
 
     class Meta:
         table_name = "programmes"
+
+
+class ProgrammeTermsRow(Table):
+    """Each version of a programme's terms, stored once and never changed (schema version 9):
+    a programme points to its current one, each session to the one it was booked under."""
+
+    programme_id = pw.CharField(max_length=64)
+    terms_version = pw.IntegerField()
+    notice_window_us = DurationField()
+    professional_may_charge_late = pw.BooleanField()
+    no_show_takes_credit = pw.BooleanField()
+    late_reschedule = pw.CharField(max_length=16)
+    cancellation_grace_us = DurationField()
+    created_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "programme_terms"
+        primary_key = pw.CompositeKey("programme_id", "terms_version")
 
 
 class EventRow(Table):
@@ -332,6 +343,7 @@ TABLES: list[type[Table]] = [
     EventRow,
     EventRetentionRow,
     ProgrammeRow,
+    ProgrammeTermsRow,
     SchemaVersionRow,
 ]
 

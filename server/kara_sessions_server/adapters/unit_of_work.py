@@ -17,7 +17,7 @@ from kara_sessions_server.adapters.idempotency import RequestLog
 from kara_sessions_server.adapters.invoice_repository import InvoiceRepository
 from kara_sessions_server.adapters.ledger import Ledger
 from kara_sessions_server.adapters.outbox import Outbox
-from kara_sessions_server.adapters.programme_repository import ProgrammeRepository
+from kara_sessions_server.adapters.programme_repository import ProgrammeRepository, TermsVersions
 from kara_sessions_server.adapters.session_repository import SessionRepository
 from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.service_layer.call_context import CURRENT, Call, CallGone, DeadlineExceeded
@@ -36,11 +36,13 @@ class SqlUnitOfWorkFactory:
     def __init__(self, storage: Storage):
         self.storage = storage
         sql = storage.sql
+        # Each version of terms, read once for every unit of work of this database.
+        terms = TermsVersions(sql)
         self._repositories = (
-            SessionRepository(sql),
+            SessionRepository(sql, terms),
             Ledger(sql),
-            ProgrammeRepository(sql),
-            InvoiceRepository(sql),
+            ProgrammeRepository(sql, terms),
+            InvoiceRepository(sql, terms),
             Outbox(sql),
             RequestLog(sql),
         )

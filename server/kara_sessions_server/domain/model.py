@@ -152,6 +152,8 @@ class Session:
     # A charged late reschedule settles one session and books another: each names the other.
     rescheduled_from: str = ""
     rescheduled_to: str = ""
+    # The programme's version of `terms` (Programme.terms_version) the session was booked under.
+    terms_version: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,6 +86,9 @@ class Programme:
     created_at: datetime
     updated_at: datetime
     version: int = 1
+    # Which version of its terms `terms` is: a new one whenever they change, never reused; a
+    # session keeps the version it was booked under.
+    terms_version: int = 1
 
     @property
     def etag(self) -> str:
@@ -107,7 +110,15 @@ class Programme:
         )
         display_name = _either(changes.display_name, self.display_name)
         check(self.programme_id, display_name, terms, id_field=None)
-        return replace(self, display_name=display_name, terms=terms, updated_at=now, version=self.version + 1)
+        terms_version = self.terms_version if terms == t else self.terms_version + 1
+        return replace(
+            self,
+            display_name=display_name,
+            terms=terms,
+            updated_at=now,
+            version=self.version + 1,
+            terms_version=terms_version,
+        )
 
 
 def check(

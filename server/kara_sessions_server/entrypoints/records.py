@@ -33,7 +33,7 @@ from kara_sessions_server.domain.model import (
     Payment,
     Session,
 )
-from kara_sessions_server.domain.programme import Programme
+from kara_sessions_server.domain.programme import Programme, Terms
 from kara_sessions_server.entrypoints.grpc import convert
 from kara_sessions_server.service_layer import snapshots
 
@@ -153,9 +153,15 @@ def _at(value: Any, path: str) -> Any:
 _MISSING = object()
 
 
-def _session_row(s: Session) -> list[object]:
+def _session_row(s: Session) -> tuple[list[object], Terms]:
+    """The sessions row, and the terms the row points to (a version in programme_terms)."""
     row = session_repository.row_values(s)
-    return [row[column] for column in session_repository.COLUMN_NAMES]
+    return [row[column] for column in session_repository.COLUMN_NAMES], s.terms
+
+
+def _session_from_row(stored: tuple[list[object], Terms]) -> Session:
+    row, terms = stored
+    return session_repository.session_from_row(row, lambda programme_id, version: terms)
 
 
 def problems() -> list[str]:
@@ -166,7 +172,7 @@ def problems() -> list[str]:
     notice_in_seconds = {"cancellation.notice": "cancellation.notice_seconds"}
     found = [
         # Tables.
-        *round_trip("sessions row", Session, _session_row, session_repository.session_from_row),
+        *round_trip("sessions row", Session, _session_row, _session_from_row),
         *round_trip(
             "programmes row", Programme, programme_repository.row_values, programme_repository.from_row
         ),
@@ -195,7 +201,11 @@ def problems() -> list[str]:
             kept_back=["entries", "next_page_token"],
         ),
         # Messages.
-        *unsent("Session message", Session, convert.session_pb, notice_in_seconds, ["version"]),
+        # Which version of its programme's terms a session or programme holds is the server's own
+        # bookkeeping; the terms themselves are sent.
+        *unsent(
+            "Session message", Session, convert.session_pb, notice_in_seconds, ["version", "terms_version"]
+        ),
         *unsent("Payment message", Payment, convert.payment_pb, notice_in_seconds),
         *unsent(
             "Programme message",
@@ -207,6 +217,7 @@ def problems() -> list[str]:
                 "updated_at": "update_time",
                 "version": "etag",
             },
+            kept_back=["terms_version"],
         ),
         *unsent("Invoice message", Invoice, convert.invoice_pb, kept_back=["version"]),
         # A ledger entry is listed under its account, whose client it names already.

@@ -360,6 +360,7 @@ def _new_booking(
 ) -> Session:
     """A session booked now under its programme's current terms (`replacing`: the session a
     charged move settled, which it names)."""
+    programme = uow.programmes.get(programme_id)
     return Session(
         session_id=str(uuid.uuid4()),
         client_id=client_id,
@@ -371,7 +372,8 @@ def _new_booking(
         version=1,
         credits=CREDITS_PER_SESSION,
         programme_id=programme_id,
-        terms=uow.programmes.get(programme_id).terms,
+        terms=programme.terms,
+        terms_version=programme.terms_version,
         rescheduled_from="" if replacing is None else replacing.session_id,
     )
 

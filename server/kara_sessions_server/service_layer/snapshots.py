@@ -123,6 +123,7 @@ def _session(s: Session) -> dict[str, Any]:
         "moves": [_move(m) for m in s.moves],
         "rescheduled_from": s.rescheduled_from,
         "rescheduled_to": s.rescheduled_to,
+        "terms_version": s.terms_version,
     }
 
 
@@ -176,6 +177,8 @@ def _load_session(d: dict[str, Any]) -> Session:
         moves=tuple(_load_move(m) for m in d.get("moves", ())),
         rescheduled_from=d.get("rescheduled_from", ""),
         rescheduled_to=d.get("rescheduled_to", ""),
+        # Results stored before terms had versions (schema version 9) name none: the first.
+        terms_version=d.get("terms_version", 1),
     )
 
 
@@ -244,6 +247,7 @@ def dump_programme(p: Programme) -> str:
             "created_at": _dt(p.created_at),
             "updated_at": _dt(p.updated_at),
             "version": p.version,
+            "terms_version": p.terms_version,
         }
     )
 
@@ -257,6 +261,7 @@ def load_programme(raw: str) -> Programme:
         created_at=datetime.fromisoformat(d["created_at"]),
         updated_at=datetime.fromisoformat(d["updated_at"]),
         version=d["version"],
+        terms_version=d.get("terms_version", 1),
     )
 
 
