@@ -38,7 +38,8 @@ def test_every_domain_enum_value_has_its_protobuf_value_of_the_same_name_and_bac
     from kara_sessions_server.entrypoints.grpc import convert
 
     maps = [v for k, v in vars(convert).items() if k.endswith("_TO_PB")]
-    assert len(maps) == 8
+    # A programme's terms are written by their own plan (fill_terms), drawn from Terms.
+    assert len(maps) == 7
     for mapping in maps:
         domain = type(next(iter(mapping)))
         # Every domain value, each to a value of its own that is not the protobuf default.

@@ -7,18 +7,21 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from kara_sessions_server.adapters.storage import Sql, from_micros, to_micros
-from kara_sessions_server.domain.clock import MICROSECOND
+from kara_sessions_server.adapters.storage import ProgrammeTermsRow, Sql, from_micros, to_micros
 from kara_sessions_server.domain.errors import AlreadyExists, Conflict, NotFound
 from kara_sessions_server.domain.model import Page
-from kara_sessions_server.domain.programme import LateReschedule, Programme, Terms
+from kara_sessions_server.domain.programme import Programme, Terms
 from kara_sessions_server.service_layer.pagination import cut, decode
+from kara_sessions_server.service_layer.snapshots import TERMS_KEYS, terms_from, terms_values
 
+# A version of terms is written once and never changed; its columns are the terms' own keys
+# (snapshots.TERMS_KEYS, drawn from the Terms dataclass), so a new term needs no edit here.
+_TERMS = ", ".join(TERMS_KEYS)
 # A programme with its current terms: programmes points at a row of programme_terms.
 _SELECT = (
     "SELECT p.programme_id, p.display_name, p.version, p.created_at, p.updated_at, p.terms_version, "
-    "t.notice_window_us, t.professional_may_charge_late, t.no_show_takes_credit, t.late_reschedule, "
-    "t.cancellation_grace_us FROM programmes p JOIN programme_terms t "
+    + ", ".join(f"t.{key}" for key in TERMS_KEYS)
+    + " FROM programmes p JOIN programme_terms t "
     "ON t.programme_id = p.programme_id AND t.terms_version = p.terms_version"
 )
 _GET = f"{_SELECT} WHERE p.programme_id = ?"
@@ -30,33 +33,18 @@ _CHANGE = (
     "UPDATE programmes SET display_name = ?, version = ?, updated_at = ?, terms_version = ? "
     "WHERE programme_id = ? AND version = ?"
 )
-# A version of terms is written once and never changed.
 _INSERT_TERMS = (
-    "INSERT INTO programme_terms (programme_id, terms_version, notice_window_us, "
-    "professional_may_charge_late, no_show_takes_credit, late_reschedule, cancellation_grace_us, "
-    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (programme_id, terms_version) DO NOTHING"
+    f"INSERT INTO programme_terms (programme_id, terms_version, {_TERMS}, created_at) "
+    f"VALUES ({', '.join('?' * (len(TERMS_KEYS) + 3))}) ON CONFLICT (programme_id, terms_version) DO NOTHING"
 )
-_GET_TERMS = (
-    "SELECT notice_window_us, professional_may_charge_late, no_show_takes_credit, late_reschedule, "
-    "cancellation_grace_us FROM programme_terms WHERE programme_id = ? AND terms_version = ?"
-)
+_GET_TERMS = f"SELECT {_TERMS} FROM programme_terms WHERE programme_id = ? AND terms_version = ?"
+_UNSTORED = set(TERMS_KEYS) - set(ProgrammeTermsRow._meta.sorted_field_names)
+if _UNSTORED:  # a term added to Terms and not to the table (nor to a migration)
+    raise ImportError(f"programme_terms has no column for {sorted(_UNSTORED)}")
 
 
 def _terms(row: Sequence[Any]) -> Terms:
-    window, may_charge, no_show, late, grace = row
-    return Terms(
-        MICROSECOND * window, bool(may_charge), bool(no_show), LateReschedule(late), MICROSECOND * grace
-    )
-
-
-def _terms_values(t: Terms) -> tuple[object, ...]:
-    return (
-        t.notice_window // MICROSECOND,
-        t.professional_may_charge_late,
-        t.no_show_takes_credit,
-        t.late_reschedule.value,
-        t.cancellation_grace // MICROSECOND,
-    )
+    return terms_from(dict(zip(TERMS_KEYS, row, strict=True)))
 
 
 def from_row(row: Sequence[Any]) -> Programme:
@@ -76,7 +64,7 @@ def from_row(row: Sequence[Any]) -> Programme:
 def row_values(p: Programme) -> tuple[object, ...]:
     """What _SELECT reads of `p`: its programmes row, then its terms' row."""
     own = (p.programme_id, p.display_name, p.version, to_micros(p.created_at), to_micros(p.updated_at))
-    return (*own, p.terms_version, *_terms_values(p.terms))
+    return (*own, p.terms_version, *terms_values(p.terms))
 
 
 class TermsVersions:
@@ -98,7 +86,7 @@ class TermsVersions:
         return found
 
     def add(self, programme_id: str, version: int, terms: Terms, at: datetime) -> None:
-        self._sql(_INSERT_TERMS, (programme_id, version, *_terms_values(terms), to_micros(at)))
+        self._sql(_INSERT_TERMS, (programme_id, version, *terms_values(terms), to_micros(at)))
 
     def seen(self, programme: Programme) -> Programme:
         """Remembers the terms a programme was read with (a booking reads its programme first,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -51,16 +51,6 @@ DEFAULT_TERMS = Terms(
     notice_window=timedelta(hours=24), professional_may_charge_late=True, no_show_takes_credit=True
 )
 
-# The fields UpdateProgramme may change.
-MUTABLE_FIELDS = (
-    "display_name",
-    "notice_window",
-    "professional_may_charge_late",
-    "no_show_takes_credit",
-    "late_reschedule",
-    "cancellation_grace",
-)
-
 
 @dataclass(frozen=True, slots=True)
 class ProgrammeChanges:
@@ -72,6 +62,12 @@ class ProgrammeChanges:
     no_show_takes_credit: bool | None = None
     late_reschedule: LateReschedule | None = None
     cancellation_grace: timedelta | None = None
+
+
+# The fields UpdateProgramme may change: the name and every term.
+MUTABLE_FIELDS = tuple(f.name for f in fields(ProgrammeChanges))
+if ("display_name", *(f.name for f in fields(Terms))) != MUTABLE_FIELDS:
+    raise ImportError("ProgrammeChanges must name display_name and then every field of Terms, in order")
 
 
 def _either(new: V | None, old: V) -> V:
@@ -99,15 +95,8 @@ class Programme:
         """The programme with `changes` applied, checked. Sessions already booked keep the terms
         they were booked under; only new bookings get these."""
         t = self.terms
-        terms = Terms(
-            notice_window=_either(changes.notice_window, t.notice_window),
-            professional_may_charge_late=_either(
-                changes.professional_may_charge_late, t.professional_may_charge_late
-            ),
-            no_show_takes_credit=_either(changes.no_show_takes_credit, t.no_show_takes_credit),
-            late_reschedule=_either(changes.late_reschedule, t.late_reschedule),
-            cancellation_grace=_either(changes.cancellation_grace, t.cancellation_grace),
-        )
+        given = {name: getattr(changes, name) for name in MUTABLE_FIELDS[1:]}
+        terms = replace(t, **{name: value for name, value in given.items() if value is not None})
         display_name = _either(changes.display_name, self.display_name)
         check(self.programme_id, display_name, terms, id_field=None)
         terms_version = self.terms_version if terms == t else self.terms_version + 1

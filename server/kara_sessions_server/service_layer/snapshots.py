@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
-from datetime import datetime
+import typing
+from datetime import datetime, timedelta
 from typing import Any
 
 from kara_sessions_server.domain.clock import MICROSECOND
@@ -25,7 +28,6 @@ from kara_sessions_server.domain.model import (
 from kara_sessions_server.domain.programme import (
     DEFAULT_PROGRAMME_ID,
     DEFAULT_TERMS,
-    LateReschedule,
     Programme,
     Terms,
 )
@@ -127,28 +129,51 @@ def _session(s: Session) -> dict[str, Any]:
     }
 
 
+def _key(name: str, kind: Any) -> str:
+    """A field's key: its name, with the unit for a duration (stored as integer microseconds)."""
+    return f"{name}_us" if kind is timedelta else name
+
+
+# A programme's terms, flat: each field of Terms under its key, drawn from the dataclass (a new
+# term needs no edit here). The same keys name programme_terms' columns.
+_TERMS_FIELDS = tuple((f.name, typing.get_type_hints(Terms)[f.name]) for f in dataclasses.fields(Terms))
+TERMS_KEYS = tuple(_key(name, kind) for name, kind in _TERMS_FIELDS)
+
+
+def terms_values(t: Terms) -> tuple[object, ...]:
+    """The terms' values in TERMS_KEYS' order: durations in microseconds, enums by value."""
+    out: list[object] = []
+    for name, kind in _TERMS_FIELDS:
+        value = getattr(t, name)
+        out.append(value // MICROSECOND if kind is timedelta else getattr(value, "value", value))
+    return tuple(out)
+
+
+def terms_from(values: dict[str, Any]) -> Terms:
+    """Terms from their keys; a key missing (a result stored before that term existed) is the
+    term's default, what every session booked before it was promised."""
+    found: dict[str, Any] = {}
+    for (name, kind), key in zip(_TERMS_FIELDS, TERMS_KEYS, strict=True):
+        if key not in values:
+            continue
+        value = values[key]
+        if kind is timedelta:
+            value = MICROSECOND * value
+        elif kind is bool:
+            value = bool(value)  # SQLite keeps a boolean as 0 or 1
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            value = kind(value)
+        found[name] = value
+    return Terms(**found)
+
+
 def _terms(t: Terms) -> dict[str, Any]:
-    return {
-        "notice_window_us": t.notice_window // MICROSECOND,
-        "professional_may_charge_late": t.professional_may_charge_late,
-        "no_show_takes_credit": t.no_show_takes_credit,
-        "late_reschedule": t.late_reschedule.value,
-        "cancellation_grace_us": t.cancellation_grace // MICROSECOND,
-    }
+    return dict(zip(TERMS_KEYS, terms_values(t), strict=True))
 
 
 def _load_terms(d: dict[str, Any] | None) -> Terms:
     """Results stored before programmes have none: those sessions were booked under the defaults."""
-    if d is None:
-        return DEFAULT_TERMS
-    return Terms(
-        notice_window=MICROSECOND * d["notice_window_us"],
-        professional_may_charge_late=d["professional_may_charge_late"],
-        no_show_takes_credit=d["no_show_takes_credit"],
-        # Results stored before reschedules: the terms then had the article's rule, no grace.
-        late_reschedule=LateReschedule(d.get("late_reschedule", DEFAULT_TERMS.late_reschedule)),
-        cancellation_grace=MICROSECOND * d.get("cancellation_grace_us", 0),
-    )
+    return DEFAULT_TERMS if d is None else terms_from(d)
 
 
 def _load_waiver(d: dict[str, Any] | None) -> Waiver | None:

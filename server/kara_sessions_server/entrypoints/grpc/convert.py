@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
+import typing
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -39,7 +41,7 @@ from kara_sessions_server.domain.model import (
     SessionState,
     Waiver,
 )
-from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, LateReschedule, Programme, Terms
+from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, Programme, Terms
 from kara_sessions_server.service_layer.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 E = TypeVar("E")
@@ -78,12 +80,6 @@ PAYMENT_STATE_TO_PB = _by_name(PaymentState, pb.PaymentState)
 SECTION_TO_PB = _by_name(PaymentSection, pb.PaymentSection)
 SECTION_FROM_PB = _back(SECTION_TO_PB)
 PAID_REASON_TO_PB = _by_name(PaidReason, pb.PaidReason)
-LATE_RESCHEDULE_TO_PB = _by_name(LateReschedule, ppb.LateReschedule)
-# UNSPECIFIED is the default, CHARGE: a caller that predates the term keeps the article's rule.
-LATE_RESCHEDULE_FROM_PB = {
-    ppb.LATE_RESCHEDULE_UNSPECIFIED: LateReschedule.CHARGE,
-    **_back(LATE_RESCHEDULE_TO_PB),
-}
 INVOICE_STATE_TO_PB = _by_name(InvoiceState, ipb.InvoiceState)
 INVOICE_STATE_FROM_PB = _back(INVOICE_STATE_TO_PB)
 LEDGER_KIND_TO_PB = _by_name(LedgerKind, cpb.LedgerEntryKind)
@@ -327,13 +323,36 @@ def duration(value: timedelta) -> Duration:
     return d
 
 
-def fill_terms(msg: ppb.ProgrammeTerms, t: Terms) -> None:
+def _terms_plan() -> tuple[tuple[str, bool, dict[Any, int] | None], ...]:
+    """How each field of Terms is written into a message, drawn from the dataclass and the
+    message's descriptor once: a duration in place, an enum by the value of the same name,
+    anything else as it is. ProgrammeTerms and Programme name the terms' fields alike."""
+    hints = typing.get_type_hints(Terms)
+    plan = []
+    for f in dataclasses.fields(Terms):
+        kind = hints[f.name]
+        numbers = None
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            values = ppb.ProgrammeTerms.DESCRIPTOR.fields_by_name[f.name].enum_type
+            assert values is not None
+            prefix = values.values[0].name.removesuffix("UNSPECIFIED")
+            numbers = {member: values.values_by_name[prefix + member.name].number for member in kind}
+        plan.append((f.name, kind is timedelta, numbers))
+    return tuple(plan)
+
+
+_TERMS_PLAN = _terms_plan()
+
+
+def fill_terms(msg: ppb.ProgrammeTerms | ppb.Programme, t: Terms) -> None:
+    """Writes `t` into `msg`: a session's or payment's terms, or a programme's own fields."""
     msg.SetInParent()
-    _set_duration(msg.notice_window, t.notice_window)
-    msg.professional_may_charge_late = t.professional_may_charge_late
-    msg.no_show_takes_credit = t.no_show_takes_credit
-    msg.late_reschedule = LATE_RESCHEDULE_TO_PB[t.late_reschedule]
-    _set_duration(msg.cancellation_grace, t.cancellation_grace)
+    for name, is_duration, numbers in _TERMS_PLAN:
+        value = getattr(t, name)
+        if is_duration:
+            _set_duration(getattr(msg, name), value)
+        else:
+            setattr(msg, name, value if numbers is None else numbers[value])
 
 
 def terms_pb(t: Terms) -> ppb.ProgrammeTerms:
@@ -356,18 +375,15 @@ def waiver_pb(w: Waiver) -> pb.Waiver:
 
 
 def programme_pb(p: Programme) -> ppb.Programme:
-    return ppb.Programme(
+    msg = ppb.Programme(
         programme_id=p.programme_id,
         display_name=p.display_name,
-        notice_window=duration(p.terms.notice_window),
-        professional_may_charge_late=p.terms.professional_may_charge_late,
-        no_show_takes_credit=p.terms.no_show_takes_credit,
-        late_reschedule=LATE_RESCHEDULE_TO_PB[p.terms.late_reschedule],
-        cancellation_grace=duration(p.terms.cancellation_grace),
         create_time=timestamp(p.created_at),
         update_time=timestamp(p.updated_at),
         etag=p.etag,
     )
+    fill_terms(msg, p.terms)
+    return msg
 
 
 def fill_payment(msg: pb.Payment, p: Payment) -> None:

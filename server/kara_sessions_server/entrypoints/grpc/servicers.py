@@ -4,11 +4,14 @@ logs are the interceptor's (interceptor.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import threading
+import typing
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.rpc import code_pb2
@@ -45,16 +48,13 @@ from kara_sessions_server.domain.model import (
     WaiveCharge,
 )
 from kara_sessions_server.domain.programme import (
-    DEFAULT_TERMS,
     MAX_DISPLAY_NAME,
     MUTABLE_FIELDS,
-    LateReschedule,
     ProgrammeChanges,
     Terms,
 )
 from kara_sessions_server.entrypoints.grpc.convert import (
     INVOICE_STATE_FROM_PB,
-    LATE_RESCHEDULE_FROM_PB,
     MAX_GRANT,
     MAX_REASON_LENGTH,
     PARTY_FROM_PB,
@@ -129,22 +129,36 @@ def _settled(response: S, settled: tuple[Session, Payment]) -> S:
     return response
 
 
-def _grace(r: RequestReader, given: ppb.Programme) -> timedelta | None:
-    """programme.cancellation_grace; unset means none (on create, and under an update's mask)."""
-    return r.duration(
-        given, "cancellation_grace", "programme.cancellation_grace", DEFAULT_TERMS.cancellation_grace
-    )
+def _term_readers() -> dict[str, tuple[type, object, dict[int, Any] | None]]:
+    """Each term's type, default (MISSING: required) and, for an enum, the domain value of each
+    protobuf number (UNSPECIFIED: the term's default), drawn from Terms and the descriptor."""
+    hints = typing.get_type_hints(Terms)
+    readers: dict[str, tuple[type, object, dict[int, Any] | None]] = {}
+    for f in dataclasses.fields(Terms):
+        kind, numbers = hints[f.name], None
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            values = ppb.Programme.DESCRIPTOR.fields_by_name[f.name].enum_type
+            assert values is not None
+            prefix = values.values[0].name.removesuffix("UNSPECIFIED")
+            numbers = {values.values_by_name[prefix + m.name].number: m for m in kind}
+            numbers[0] = f.default
+        readers[f.name] = (kind, f.default, numbers)
+    return readers
 
 
-def _late_reschedule(r: RequestReader, given: ppb.Programme) -> LateReschedule | None:
-    """programme.late_reschedule; UNSPECIFIED means CHARGE, the article's rule."""
-    return r.enum(
-        "late_reschedule",
-        LATE_RESCHEDULE_FROM_PB,
-        required=False,
-        message=given,
-        name="programme.late_reschedule",
-    )
+_TERM_READERS = _term_readers()
+
+
+def _term(r: RequestReader, given: ppb.Programme, name: str) -> Any:
+    """programme.`name`, a term, read by its type: a duration (required unless the term has a
+    default, which unset means), an enum (UNSPECIFIED means the default), or as it is."""
+    kind, default, numbers = _TERM_READERS[name]
+    path = f"programme.{name}"
+    if kind is timedelta:
+        return r.duration(given, name, path, None if default is dataclasses.MISSING else default)  # type: ignore[arg-type]
+    if numbers is not None:
+        return r.enum(name, numbers, required=False, message=given, name=path)
+    return getattr(given, name)
 
 
 class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
@@ -435,14 +449,11 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
     def CreateProgramme(self, request: ppb.CreateProgrammeRequest, context: Ctx) -> ppb.Programme:
         r = RequestReader(request)
         given = request.programme
-        window = r.duration(given, "notice_window", "programme.notice_window")
-        grace, late = _grace(r, given), _late_reschedule(r, given)
+        terms = {name: _term(r, given, name) for name in _TERM_READERS}
         r.text("display_name", MAX_DISPLAY_NAME, message=given, name="programme.display_name")
         request_id = r.request_id()
         r.done()
-        assert window is not None and grace is not None and late is not None
-        terms = Terms(window, given.professional_may_charge_late, given.no_show_takes_credit, late, grace)
-        cmd = CreateProgramme(request.programme_id, given.display_name, terms, request_id)
+        cmd = CreateProgramme(request.programme_id, given.display_name, Terms(**terms), request_id)
         return programme_pb(self.services.create_programme(caller(), cmd))
 
     def GetProgramme(self, request: ppb.GetProgrammeRequest, context: Ctx) -> ppb.Programme:
@@ -473,27 +484,14 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
                 f"name the fields to change among {', '.join(MUTABLE_FIELDS)} (or *)"
                 + (f"; not {', '.join(unknown)}" if unknown else ""),
             )
-        window = grace = late = None
         if "display_name" in paths:
             r.text("display_name", MAX_DISPLAY_NAME, message=given, name="programme.display_name")
-        if "notice_window" in paths:
-            window = r.duration(given, "notice_window", "programme.notice_window")
-        if "cancellation_grace" in paths:
-            grace = _grace(r, given)
-        if "late_reschedule" in paths:
-            late = _late_reschedule(r, given)
+        terms = {name: _term(r, given, name) if name in paths else None for name in _TERM_READERS}
         r.text("etag", MAX_ETAG_LENGTH, message=given, name="programme.etag")
         request_id = r.request_id()
         r.done()
         changes = ProgrammeChanges(
-            display_name=given.display_name if "display_name" in paths else None,
-            notice_window=window,
-            professional_may_charge_late=(
-                given.professional_may_charge_late if "professional_may_charge_late" in paths else None
-            ),
-            no_show_takes_credit=given.no_show_takes_credit if "no_show_takes_credit" in paths else None,
-            late_reschedule=late,
-            cancellation_grace=grace,
+            display_name=given.display_name if "display_name" in paths else None, **terms
         )
         cmd = UpdateProgramme(given.programme_id, changes, request_id, etag=given.etag)
         return programme_pb(self.services.update_programme(caller(), cmd))
