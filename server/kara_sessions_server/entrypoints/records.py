@@ -166,9 +166,8 @@ def _session_from_row(stored: tuple[list[object], Terms]) -> Session:
 
 def problems() -> list[str]:
     """Every field of every record that one of its spellings leaves out."""
-    terms_as_programme = {f"terms.{t}": t for t in ("notice_window", "professional_may_charge_late")}
-    terms_as_programme |= {f"terms.{t}": t for t in ("no_show_takes_credit", "late_reschedule")}
-    terms_as_programme |= {"terms.cancellation_grace": "cancellation_grace"}
+    # A Programme message carries its terms as fields of its own, by the same names.
+    terms_as_programme = {f"terms.{f.name}": f.name for f in dataclasses.fields(Terms)}
     notice_in_seconds = {"cancellation.notice": "cancellation.notice_seconds"}
     found = [
         # Tables.
