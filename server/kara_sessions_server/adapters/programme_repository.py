@@ -90,7 +90,10 @@ class TermsVersions:
 
     def seen(self, programme: Programme) -> Programme:
         """Remembers the terms a programme was read with (a booking reads its programme first,
-        so the sessions it books are read back without another query)."""
+        so the sessions it books are read back without another query). What is read is
+        committed, or written by the same transaction: only the default programme's creation
+        reads its own write, and if that does not commit the start fails and this map goes with
+        its Storage, so no version is remembered that was never committed."""
         self._known.setdefault((programme.programme_id, programme.terms_version), programme.terms)
         return programme
 
