@@ -40,7 +40,7 @@ API_BASELINE ?= ed02b6fed7886825be1e19d6720dc2ca3e5cb748
 BUF_AGAINST  ?= .git\#ref=$(API_BASELINE),subdir=protos,depth=10000
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen docs run demo test test-client-install test-image image clients test-clients client-tools bench lint check clean
+.PHONY: help install gen docs run demo test test-bench test-client-install test-image image clients test-clients client-tools bench lint check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ demo: $(STAMP) ## Run the article's five scenarios, then invoice the paid ones, 
 
 test: $(STAMP) $(NODE_DEPS) $(PGBOUNCER) $(PROMTOOL) ## Run the whole test suite (SQLite, and PostgreSQL when reachable; required when CI=true)
 	$(BIN)/python -m pytest $(ARGS)
+
+test-bench: $(STAMP) ## Run make bench end to end at tiny sizes (every part runs and reports; about a minute)
+	$(BIN)/python -m pytest -m bench tests/operations/test_bench_smoke.py $(ARGS)
 
 test-client-install: $(STAMP) ## Install just the client (no [server]) into a fresh venv; drive a server with it
 	$(BIN)/python -m pytest -m client_install tests/install $(ARGS)
@@ -143,7 +146,7 @@ lint: $(STAMP) $(BUF) $(PROMTOOL) ## ruff, mypy, the layer contracts, the record
 	kubectl kustomize deploy/kubernetes > $(TOOLS)/kubernetes.yaml
 	$(BIN)/kubernetes-validate --strict --quiet $(TOOLS)/kubernetes.yaml
 
-check: lint test test-client-install test-clients test-image ## Everything CI runs
+check: lint test test-bench test-client-install test-clients test-image ## Everything CI runs
 
 clean: ## Remove the virtualenv, generated code and caches
 	rm -rf $(VENV) $(TOOLS) gen client/kara build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,6 @@
 """A smoke run of `make bench` with tiny sizes: every part runs and reports. (The benchmark's
-numbers are checked by reading them, never asserted here.)"""
+numbers are checked by reading them, never asserted here.) Its own target, `make test-bench`,
+which `.ci/run` calls: at about 45 s it is the slowest test, and make test keeps to its time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.bench
 
 
 def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
