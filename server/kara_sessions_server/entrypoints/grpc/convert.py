@@ -59,13 +59,20 @@ _MAX_DURATION_SECONDS = 315_576_000_000
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+def numbers_by_name(domain: type[D], values: Any) -> dict[D, int]:
+    """Each value of a domain enum to the protobuf value of the same name in `values` (an
+    EnumDescriptor): the proto's are its type's prefix (AIP-126, as its zero value spells it)
+    then the domain's name. Built at import: a value missing on either side stops the server
+    from starting, never a call."""
+    prefix = values.values[0].name.removesuffix("UNSPECIFIED")
+    return {member: values.values_by_name[prefix + member.name].number for member in domain}
+
+
 def _by_name(domain: type[D], values: type[V]) -> dict[D, V]:
-    """Each value of a domain enum to the protobuf value of the same name: the proto's are its
-    type's prefix (AIP-126, as its zero value spells it) then the domain's name. Built at import:
-    a value missing on either side stops the server from starting, never a call."""
-    wrapper: Any = values  # protobuf's EnumTypeWrapper: Value() and DESCRIPTOR
-    prefix = wrapper.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
-    return {member: wrapper.Value(prefix + member.name) for member in domain}
+    """numbers_by_name for a generated enum type, typed by it."""
+    wrapper: Any = values  # protobuf's EnumTypeWrapper
+    numbers: Any = numbers_by_name(domain, wrapper.DESCRIPTOR)
+    return numbers  # type: ignore[no-any-return]
 
 
 def _back(to_pb: dict[D, V]) -> dict[int, D]:
@@ -227,28 +234,29 @@ def timestamp(value: datetime) -> Timestamp:
     """The Timestamp that `Timestamp.FromDatetime` makes of an aware datetime (the domain has no
     other), by arithmetic: 0.8 us against FromDatetime's 2.2 (its trip through calendar.timegm),
     and a CancelSession response carries up to eight."""
-    seconds, micros = divmod((value - _EPOCH) // _MICROSECOND, 1_000_000)
-    return Timestamp(seconds=seconds, nanos=micros * 1000)
+    made = Timestamp()
+    _set_time(made, value)
+    return made
 
 
-def _set_time(field: Timestamp, value: datetime) -> None:
-    """`timestamp(value)`, written into a message's own field: no Timestamp made and copied."""
-    seconds, micros = divmod((value - _EPOCH) // _MICROSECOND, 1_000_000)
-    if seconds or micros:
-        field.seconds = seconds
-        field.nanos = micros * 1000
-    else:  # the epoch itself: set, as a copied Timestamp would be
-        field.SetInParent()
-
-
-def _set_duration(field: Duration, value: timedelta) -> None:
-    """`duration(value)` in place (the domain's durations are never negative)."""
-    seconds, micros = divmod(value // _MICROSECOND, 1_000_000)
+def _set_micros(field: Timestamp | Duration, total: int) -> None:
+    """A Timestamp or Duration of `total` microseconds, written into a message's own field: no
+    message made and copied. Zero is set all the same, as a copied one would be."""
+    seconds, micros = divmod(total, 1_000_000)
     if seconds or micros:
         field.seconds = seconds
         field.nanos = micros * 1000
     else:
         field.SetInParent()
+
+
+def _set_time(field: Timestamp, value: datetime) -> None:
+    _set_micros(field, (value - _EPOCH) // _MICROSECOND)
+
+
+def _set_duration(field: Duration, value: timedelta) -> None:
+    """The domain's durations are never negative."""
+    _set_micros(field, value // _MICROSECOND)
 
 
 def fill_cancellation(msg: pb.Cancellation, c: Cancellation) -> None:
@@ -323,33 +331,31 @@ def duration(value: timedelta) -> Duration:
     return d
 
 
-def _terms_plan() -> tuple[tuple[str, bool, dict[Any, int] | None], ...]:
-    """How each field of Terms is written into a message, drawn from the dataclass and the
-    message's descriptor once: a duration in place, an enum by the value of the same name,
-    anything else as it is. ProgrammeTerms and Programme name the terms' fields alike."""
+def _term_fields() -> tuple[tuple[str, Any, object, dict[Any, int] | None], ...]:
+    """Each field of Terms: its name, type, default (MISSING: required) and, for an enum, the
+    protobuf number of each value, drawn from the dataclass and the messages' descriptor once.
+    ProgrammeTerms and Programme name the terms' fields alike; the servicers read them by it."""
     hints = typing.get_type_hints(Terms)
-    plan = []
+    found = []
     for f in dataclasses.fields(Terms):
-        kind = hints[f.name]
-        numbers = None
+        kind, numbers = hints[f.name], None
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
             values = ppb.ProgrammeTerms.DESCRIPTOR.fields_by_name[f.name].enum_type
             assert values is not None
-            prefix = values.values[0].name.removesuffix("UNSPECIFIED")
-            numbers = {member: values.values_by_name[prefix + member.name].number for member in kind}
-        plan.append((f.name, kind is timedelta, numbers))
-    return tuple(plan)
+            numbers = numbers_by_name(kind, values)
+        found.append((f.name, kind, f.default, numbers))
+    return tuple(found)
 
 
-_TERMS_PLAN = _terms_plan()
+TERM_FIELDS = _term_fields()
 
 
 def fill_terms(msg: ppb.ProgrammeTerms | ppb.Programme, t: Terms) -> None:
     """Writes `t` into `msg`: a session's or payment's terms, or a programme's own fields."""
     msg.SetInParent()
-    for name, is_duration, numbers in _TERMS_PLAN:
+    for name, kind, _, numbers in TERM_FIELDS:
         value = getattr(t, name)
-        if is_duration:
+        if kind is timedelta:
             _set_duration(getattr(msg, name), value)
         else:
             setattr(msg, name, value if numbers is None else numbers[value])

@@ -5,9 +5,7 @@ logs are the interceptor's (interceptor.py)."""
 from __future__ import annotations
 
 import dataclasses
-import enum
 import threading
-import typing
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -60,6 +58,7 @@ from kara_sessions_server.entrypoints.grpc.convert import (
     PARTY_FROM_PB,
     SECTION_FROM_PB,
     SESSION_STATE_FROM_PB,
+    TERM_FIELDS,
     RequestReader,
     account_pb,
     event_pb,
@@ -129,24 +128,12 @@ def _settled(response: S, settled: tuple[Session, Payment]) -> S:
     return response
 
 
-def _term_readers() -> dict[str, tuple[type, object, dict[int, Any] | None]]:
-    """Each term's type, default (MISSING: required) and, for an enum, the domain value of each
-    protobuf number (UNSPECIFIED: the term's default), drawn from Terms and the descriptor."""
-    hints = typing.get_type_hints(Terms)
-    readers: dict[str, tuple[type, object, dict[int, Any] | None]] = {}
-    for f in dataclasses.fields(Terms):
-        kind, numbers = hints[f.name], None
-        if isinstance(kind, type) and issubclass(kind, enum.Enum):
-            values = ppb.Programme.DESCRIPTOR.fields_by_name[f.name].enum_type
-            assert values is not None
-            prefix = values.values[0].name.removesuffix("UNSPECIFIED")
-            numbers = {values.values_by_name[prefix + m.name].number: m for m in kind}
-            numbers[0] = f.default
-        readers[f.name] = (kind, f.default, numbers)
-    return readers
-
-
-_TERM_READERS = _term_readers()
+# Each term's type, default (MISSING: required) and, for an enum, the domain value of each
+# protobuf number, UNSPECIFIED meaning the term's default.
+_TERM_READERS = {
+    name: (kind, default, None if numbers is None else {0: default} | {n: m for m, n in numbers.items()})
+    for name, kind, default, numbers in TERM_FIELDS
+}
 
 
 def _term(r: RequestReader, given: ppb.Programme, name: str) -> Any:
