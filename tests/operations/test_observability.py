@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.request
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kara_sessions_client.client import KaraError, SessionsClient
+from kara_sessions_server.entrypoints import logs
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 
 from ..support.clock import FakeClock
@@ -242,3 +244,87 @@ def test_metrics_and_the_audit_log_record_each_committed_reschedule(
         (late, "RESCHEDULE", "BOOKED", "CANCELLED_PAID", principal),
         (charged.session.session_id, "BOOK", None, "BOOKED", principal),
     ]
+
+
+@pytest.fixture
+def configured_logging() -> Iterator[None]:
+    """logs.configure() replaces the root logger's handlers; put pytest's back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level, srcfile = root.handlers[:], root.level, logging._srcfile
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging._srcfile = srcfile
+        logs._Installed.access_line = None
+
+
+ACCESS_FIELDS = {
+    "method": "CancelSession",
+    "code": "OK",
+    "duration_ms": 1.25,
+    "principal": "service:backend",
+    "session_id": 'a "quoted" é id',
+    "invoice_id": "",
+    "request_id": "r-1",
+    "peer": "ipv4:127.0.0.1:5000",
+    "incident": "",
+}
+
+
+def test_the_access_line_written_straight_to_the_stream_is_the_one_logging_writes(
+    configured_logging: None,
+) -> None:
+    """Issue 35: the access line skips logging's machinery when nothing else listens; it must
+    be the same line, key for key and in the same order (pid last), as the formatter's."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    logs.configure("INFO", "json", stream=stream, with_pid=True)
+    access = logging.getLogger("kara_sessions_server.rpc")
+    assert logs._Installed.access_line is not None and logs._Installed.access_line.applies(access)
+    logs.access(access, "CancelSession OK", ACCESS_FIELDS)
+    direct = stream.getvalue()
+    logs._Installed.access_line = None  # the same call through logging
+    logs.access(access, "CancelSession OK", ACCESS_FIELDS)
+    through_logging = stream.getvalue()[len(direct) :]
+    assert direct.endswith("\n") and direct.count("\n") == 1
+    first, second = json.loads(direct), json.loads(through_logging)
+    assert list(first) == list(second) and list(first)[-1] == "pid"
+    del first["time"], second["time"]
+    assert (
+        first
+        == second
+        == {
+            "level": "INFO",
+            "logger": "kara_sessions_server.rpc",
+            "message": "CancelSession OK",
+            **ACCESS_FIELDS,
+            "pid": os.getpid(),
+        }
+    )
+
+
+def test_the_access_line_goes_through_logging_when_another_handler_listens(
+    configured_logging: None,
+) -> None:
+    import io
+    import logging
+
+    stream = io.StringIO()
+    logs.configure("INFO", "json", stream=stream)
+    heard: list[logging.LogRecord] = []
+    listener = logging.Handler()
+    listener.emit = heard.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(listener)
+    access = logging.getLogger("kara_sessions_server.rpc")
+    logs.access(access, "CancelSession OK", ACCESS_FIELDS)
+    assert [(r.getMessage(), r.session_id) for r in heard] == [("CancelSession OK", 'a "quoted" é id')]  # type: ignore[attr-defined]
+    assert json.loads(stream.getvalue())["request_id"] == "r-1"
+    logging.getLogger().setLevel(logging.WARNING)
+    logs.access(access, "CancelSession OK", ACCESS_FIELDS)
+    assert len(heard) == 1 and stream.getvalue().count("\n") == 1

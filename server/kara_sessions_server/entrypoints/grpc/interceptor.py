@@ -17,6 +17,7 @@ from google.rpc import code_pb2
 from kara_sessions_server.adapters import faults
 from kara_sessions_server.domain.errors import DomainError, InvalidRequest, Unauthenticated
 from kara_sessions_server.domain.principal import UNAUTHENTICATED_SERVICE, Principal
+from kara_sessions_server.entrypoints import logs
 from kara_sessions_server.entrypoints.grpc.disk_full import DiskFull
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.status import (
@@ -252,11 +253,10 @@ class CallInterceptor(_ServerInterceptor):
         self.metrics.observe_rpc(name, code, seconds)
         if code == "OK" and self.disk.since is not None and _is_mutation(name, request):
             self.disk.cleared(name)
-        log.info(
-            "%s %s",
-            name,
-            code,
-            extra={
+        logs.access(
+            log,
+            f"{name} {code}",
+            {
                 "method": name,
                 "code": code,
                 "duration_ms": round(seconds * 1000, 3),
