@@ -155,7 +155,7 @@ def handler_cpu(workdir: Path, calls: int = 300, rounds: int = 5) -> dict[str, f
         services = app.sessions
         servicer = SessionServicer(services, budget)
         interceptor = CallInterceptor(
-            Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"}), workers=1
+            Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"})
         )
 
         def handler(name: str) -> Any:

@@ -71,7 +71,7 @@ def _free(port: int) -> bool:
 STEPS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "the schema": lambda mp: mp.setattr(migrations, "prepare", _refuse),
     "the default programme": lambda mp: mp.setattr(ProgrammeServices, "ensure_default", _refuse),
-    "the thread pool": lambda mp: mp.setattr(server_module.futures, "ThreadPoolExecutor", _refuse),
+    "the thread pool": lambda mp: mp.setattr(server_module, "Workers", _refuse),
     "the servicers": lambda mp: mp.setattr(server_module, "_serve_reflection", _refuse),
     "the port": lambda mp: None,  # the test listens where another socket already does
     "the metrics endpoint": lambda mp: None,  # likewise for the metrics port

@@ -84,11 +84,8 @@ class CallInterceptor(_ServerInterceptor):
         metrics: Metrics,
         protected: frozenset[str],
         stopping: threading.Event | None = None,
-        workers: int | None = None,
     ):
         self.authenticator = authenticator
-        # Unary calls running at once (streams have threads of their own); None: no limit.
-        self._running = threading.BoundedSemaphore(workers) if workers else None
         self.metrics = metrics
         self.protected = protected
         # Set when the server starts shutting down (calls it cancels then got UNAVAILABLE).
@@ -151,7 +148,7 @@ class CallInterceptor(_ServerInterceptor):
 
         def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.perf_counter()
-            state = _CallState(stream=True)
+            state = _CallState()
             try:
                 # The servicer reads the caller before it returns its iterator, so the caller
                 # variable need not outlive this frame (a generator may be closed elsewhere).
@@ -168,14 +165,12 @@ class CallInterceptor(_ServerInterceptor):
     ) -> Any:
         if isinstance(request, Undecodable):
             raise request.refusal()
-        # Fixed before waiting for a worker: the wait spends the caller's time.
+        # A call waits for a worker in the executor's queue (workers.py): one whose deadline
+        # passed meanwhile is not run.
         deadline = call_deadline(context)
         if deadline is not None and deadline <= time.monotonic():
             abort(context, status(code_pb2.DEADLINE_EXCEEDED, "the deadline passed before the call started"))
         state.principal = self.authenticator.authenticate(context)
-        gate = None if state.stream else self._running
-        if gate is not None and not gate.acquire(timeout=_seconds_until(deadline)):
-            raise DeadlineExceeded("the deadline passed while the call waited for a worker")
         token = _CALLER.set(state.principal)
         serving = Call(deadline, context.is_active)
         call = CURRENT.set(serving)
@@ -188,8 +183,6 @@ class CallInterceptor(_ServerInterceptor):
         finally:
             CURRENT.reset(call)
             _CALLER.reset(token)
-            if gate is not None:
-                gate.release()
 
     def _abort(
         self, exc: Exception, name: str, context: grpc.ServicerContext, state: _CallState, request: Any
@@ -324,7 +317,6 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 class _CallState:
     principal: Principal | None = None
     incident: str = ""
-    stream: bool = False
 
 
 def _is_mutation(name: str, request: Any) -> bool:
@@ -346,10 +338,6 @@ def call_deadline(context: grpc.ServicerContext) -> float | None:
 # Anything at least this far off is no deadline: threading's longest wait, 292 years. A later
 # deadline than that would also overflow the waits, and means the same to a caller.
 _NO_DEADLINE = threading.TIMEOUT_MAX
-
-
-def _seconds_until(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def abort(context: grpc.ServicerContext, failed: grpc.Status) -> NoReturn:

@@ -10,7 +10,6 @@ import os
 import signal
 import threading
 import time
-from concurrent import futures
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import FrameType
@@ -51,6 +50,7 @@ from kara_sessions_server.entrypoints.grpc.servicers import (
     SessionServicer,
     StreamGate,
 )
+from kara_sessions_server.entrypoints.grpc.workers import Workers
 from kara_sessions_server.entrypoints.maintenance import Pruner
 from kara_sessions_server.entrypoints.settings import Settings
 from kara_sessions_server.service_layer.feed import EventServices
@@ -99,7 +99,7 @@ class RunningServer:
     services: Services
     events: EventServices
     streams: StreamGate
-    executor: futures.ThreadPoolExecutor
+    executor: Workers
     metrics: Metrics
     pruner: Pruner
     monitor: HealthMonitor
@@ -164,11 +164,10 @@ def start(
         if provider is not None:
             tracing.trace_transactions(provider)
             undo.callback(tracing.trace_transactions, None)
-        # A stream holds its thread while open: streams get threads of their own, and the
-        # interceptor lets at most `workers` unary calls run at once on the rest.
-        executor = futures.ThreadPoolExecutor(
-            max_workers=settings.workers + settings.max_event_streams, thread_name_prefix="rpc"
-        )
+        # Unary calls on `workers` threads; a stream holds its thread while open, so streams
+        # have threads of their own: the event streams, and as many again as the unary calls for
+        # health's Watch, reflection and the refusal of a stream over the limit.
+        executor = Workers(settings.workers, settings.max_event_streams + settings.workers)
         undo.callback(_shut_down_workers, executor, lifetime)
         stopping = threading.Event()
         server = grpc.server(
@@ -180,7 +179,6 @@ def start(
                     metrics,
                     frozenset(SERVICE_NAMES),
                     stopping,
-                    workers=settings.workers,
                 ),
             ],
             options=[
@@ -311,7 +309,7 @@ def _close_unless_in_use(storage: Storage, lifetime: _Lifetime) -> None:
         storage.close()
 
 
-def _shut_down_workers(executor: futures.ThreadPoolExecutor, lifetime: _Lifetime) -> None:
+def _shut_down_workers(executor: Workers, lifetime: _Lifetime) -> None:
     executor.shutdown(wait=False, cancel_futures=True)
     lifetime.drained = _join_workers(executor, timeout=1.0)
 
@@ -369,11 +367,11 @@ def _pruner(
     )
 
 
-def _join_workers(executor: futures.ThreadPoolExecutor, timeout: float) -> bool:
+def _join_workers(executor: Workers, timeout: float) -> bool:
     end = time.monotonic() + timeout
-    for thread in list(getattr(executor, "_threads", ())):
+    for thread in executor.threads():
         thread.join(max(0.0, end - time.monotonic()))
-    return not any(t.is_alive() for t in getattr(executor, "_threads", ()))
+    return not any(t.is_alive() for t in executor.threads())
 
 
 def serve(settings: Settings) -> None:
