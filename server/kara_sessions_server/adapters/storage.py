@@ -420,13 +420,26 @@ class Storage:
         # PostgreSQL stops a transaction's statements at its bound itself (_PG_BEGIN); on SQLite
         # the watchdog must interrupt them at the deadline.
         self.bounds_statements = not self.is_sqlite
+        # On a thread that keeps its connection (keep_connections()): when it was opened.
+        self._kept = threading.local()
+
+    def keep_connections(self) -> None:
+        """Makes this thread keep its connection between transactions instead of handing it
+        back to the pool and taking it again around each one (issue 35: 55 K instructions of a
+        cancellation). For long-lived threads only, fewer than the pool's connections: the
+        server's unary workers. A connection is still handed back after a database error, and
+        once it is older than the pool's stale timeout."""
+        self._kept.opened = None
 
     def begin(self, write: bool, timeout: float, keep_waiting: Callable[[], bool] = lambda: True) -> Any:
         """Opens this thread's connection and a transaction on it; no statement in it may wait
         longer than `timeout` seconds (PostgreSQL enforces it; on SQLite the watchdog interrupts
         a statement, and waiting for another process's lock stops at the timeout, when
         `keep_waiting()` turns False, or when the storage closes)."""
-        self.db.connect(reuse_if_open=True)
+        if self.db.is_closed():
+            self.db.connect()
+            if hasattr(self._kept, "opened"):
+                self._kept.opened = time.monotonic()
         tx = self.transaction(write)
         if self.is_sqlite:
             self._begin_sqlite(tx, time.monotonic() + timeout, keep_waiting)
@@ -488,10 +501,15 @@ class Storage:
         work runs before serving (start-up, `migrate`), not beside another database's."""
         return self.db.bind_ctx([*TABLES, *models])
 
-    def release(self) -> None:
-        """Hands this thread's connection back to the pool."""
-        if not self.db.is_closed():
-            self.db.close()
+    def release(self, healthy: bool = False) -> None:
+        """Hands this thread's connection back to the pool, unless the thread keeps it
+        (keep_connections()) and it is `healthy`: no database error ended its transaction."""
+        if self.db.is_closed():
+            return
+        opened = getattr(self._kept, "opened", None)
+        if healthy and opened is not None and time.monotonic() - opened < STALE_CONNECTION_SECONDS:
+            return
+        self.db.close()
 
     def close(self) -> None:
         self.closing.set()

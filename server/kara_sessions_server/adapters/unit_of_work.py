@@ -147,7 +147,9 @@ class SqlUnitOfWork(UnitOfWork):
         if self._watch is not None:
             self._storage.watchdog.release(self._watch)
             self._watch = None
-        self._storage.release()
+        # A refusal's or a hang-up's rollback leaves the connection as good as a commit does.
+        healthy = error is None or (isinstance(error, Exception) and not faults.is_database_error(error))
+        self._storage.release(healthy)
         if self._lock is not None:
             self._lock.release()
             self._lock = None

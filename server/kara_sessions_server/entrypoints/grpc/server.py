@@ -164,10 +164,13 @@ def start(
         if provider is not None:
             tracing.trace_transactions(provider)
             undo.callback(tracing.trace_transactions, None)
-        # Unary calls on `workers` threads; a stream holds its thread while open, so streams
-        # have threads of their own: the event streams, and as many again as the unary calls for
-        # health's Watch, reflection and the refusal of a stream over the limit.
-        executor = Workers(settings.workers, settings.max_event_streams + settings.workers)
+        # Unary calls on `workers` threads, each keeping its database connection; a stream
+        # holds its thread while open, so streams have threads of their own: the event streams,
+        # and as many again as the unary calls for health's Watch, reflection and the refusal of
+        # a stream over the limit (those take no connection).
+        executor = Workers(
+            settings.workers, settings.max_event_streams + settings.workers, storage.keep_connections
+        )
         undo.callback(_shut_down_workers, executor, lifetime)
         stopping = threading.Event()
         server = grpc.server(

@@ -28,8 +28,9 @@ class Workers(futures.ThreadPoolExecutor):
     """`unary` threads for unary calls (this pool), `streams` threads for streaming calls (its
     `streams` pool); one queue each."""
 
-    def __init__(self, unary: int, streams: int):
-        super().__init__(max_workers=unary, thread_name_prefix="rpc")
+    def __init__(self, unary: int, streams: int, on_unary_thread: Callable[[], None] | None = None):
+        # `on_unary_thread` runs first on each unary thread (the storage's keep_connections).
+        super().__init__(max_workers=unary, thread_name_prefix="rpc", initializer=on_unary_thread)
         self.streams = futures.ThreadPoolExecutor(max_workers=streams, thread_name_prefix="rpc-stream")
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> futures.Future[T]:
