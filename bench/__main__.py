@@ -30,6 +30,7 @@ from kara_sessions_client.client import DEFAULT_TIMEOUT, SessionsClient
 from kara_sessions_server.entrypoints.settings import DEFAULT_WORKERS
 from tests.support.processes import free_port, serve_command, server_children, wait_serving
 
+from . import instructions
 from .populate import DEEP_PROFESSIONAL, populate
 from .profile import profile_cancellation
 from .relay import bench_relay
@@ -56,6 +57,8 @@ class Run:
     # The server's CPU time (all its processes and threads) over the run, per call answered.
     server_cpu_us: float | None = None
     server_cpu_ratio_to_ceiling: float | None = None
+    # Context switches of the server's threads over the run, per call answered.
+    server_switches: float | None = None
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -120,6 +123,8 @@ def load(
     answered = len(latencies) + sum(result["errors"].values())
     if result.get("server_cpu_s") is not None and answered:
         run.server_cpu_us = result["server_cpu_s"] / answered * 1e6
+    if result.get("server_switches") is not None and answered:
+        run.server_switches = result["server_switches"] / answered
     return result, run
 
 
@@ -229,8 +234,9 @@ FLOOR_SESSIONS_PER_RUN = 200
 
 
 @contextmanager
-def floor_server(workdir: Path, sessions: int) -> Iterator[str]:
-    """bench/floor.py's bare grpcio + sqlite3 server, as many workers as ours on SQLite."""
+def floor_server(workdir: Path, sessions: int, stack: bool) -> Iterator[str]:
+    """bench/floor.py's server (the bare floor, or with `stack` the stack's floor), as many
+    workers as ours on SQLite."""
     port = free_port()
     with (workdir / "server-floor.log").open("ab") as log:
         proc = subprocess.Popen(
@@ -238,6 +244,7 @@ def floor_server(workdir: Path, sessions: int) -> Iterator[str]:
                 sys.executable, "-m", "bench.floor", "--port", str(port),
                 "--database", str(workdir / f"floor-{uuid.uuid4().hex[:6]}.db"),
                 "--sessions", str(sessions), "--workers", str(DEFAULT_WORKERS["sqlite"]),
+                *(["--stack"] if stack else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -252,39 +259,74 @@ def floor_server(workdir: Path, sessions: int) -> Iterator[str]:
         proc.wait(timeout=60)
 
 
+# The floors, as the report and the JSON name them.
+FLOORS = {"bare": False, "stack": True}
+
+
 def bench_floor(
     workdir: Path, concurrencies: list[int], duration: float, ours: list[Run]
 ) -> list[dict[str, Any]]:
-    """The floor's Check and CancelSession at each concurrency, and ours against it."""
+    """Each floor's Check, CancelSession and GetPayment at each concurrency, and ours against
+    each: a row per floor and concurrency."""
     rows: list[dict[str, Any]] = []
     per_run = max(FLOOR_SESSIONS_PER_RUN, int(duration * 1000))
-    with floor_server(workdir, per_run * len(concurrencies)) as target:
-        for n, c in enumerate(concurrencies):
-            _, check = load(target, "ceiling", c, duration, warmup=0.5)
-            ids = [f"floor-{i}" for i in range(n * per_run, (n + 1) * per_run)]
-            _, cancel = load(target, "cancel", c, duration * 10, session_ids=ids)
-            for run in (check, cancel):
-                run.database = "floor"
-                compare(run, check)
-                echo_run(run)
-            mine = next(
-                (r for r in ours if (r.database, r.workload, r.concurrency) == ("sqlite", "cancel", c)), None
-            )
-            rows.append(
-                {
-                    "concurrency": c,
-                    "floor_check": asdict(check),
-                    "floor_cancel": asdict(cancel),
-                    "ours_cancel": asdict(mine) if mine else None,
-                    "rps_ratio": mine.rps / cancel.rps if mine and cancel.rps else None,
-                    "cpu_ratio": (
-                        mine.server_cpu_us / cancel.server_cpu_us
-                        if mine and mine.server_cpu_us and cancel.server_cpu_us
-                        else None
-                    ),
-                    "p99_ratio": mine.p99_ms / cancel.p99_ms if mine and cancel.p99_ms else None,
-                }
-            )
+    for name, stack in FLOORS.items():
+        with floor_server(workdir, per_run * len(concurrencies), stack) as target:
+            for n, c in enumerate(concurrencies):
+                _, check = load(target, "ceiling", c, duration, warmup=0.5)
+                ids = [f"floor-{i}" for i in range(n * per_run, (n + 1) * per_run)]
+                _, cancel = load(target, "cancel", c, duration * 10, session_ids=ids)
+                _, get = load(target, "get_payment", c, duration, session_ids=ids, warmup=0.5)
+                for run in (check, cancel, get):
+                    run.database = name
+                    compare(run, check)
+                    echo_run(run)
+                row: dict[str, Any] = {"floor": name, "concurrency": c, "floor_check": asdict(check)}
+                for workload, theirs in (("cancel", cancel), ("get_payment", get)):
+                    mine = next(
+                        (
+                            r
+                            for r in ours
+                            if (r.database, r.workload, r.concurrency) == ("sqlite", workload, c)
+                        ),
+                        None,
+                    )
+                    row[workload] = {"floor": asdict(theirs), "ours": asdict(mine) if mine else None}
+                    row[workload].update(_ratios(mine, theirs))
+                rows.append(row)
+    return rows
+
+
+def _is(run: Run, database: str, workload: str, concurrency: int) -> bool:
+    return (run.database, run.workload, run.concurrency) == (database, workload, concurrency)
+
+
+def _ratios(mine: Run | None, floor: Run) -> dict[str, float | None]:
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    return {
+        "rps_ratio": ratio(mine.rps if mine else None, floor.rps),
+        "cpu_ratio": ratio(mine.server_cpu_us if mine else None, floor.server_cpu_us),
+        "p99_ratio": ratio(mine.p99_ms if mine else None, floor.p99_ms),
+        "switches_ratio": ratio(mine.server_switches if mine else None, floor.server_switches),
+    }
+
+
+def bench_instructions(workdir: Path) -> list[dict[str, Any]] | None:
+    """Instructions per call, in-process (callgrind): CancelSession and GetPayment, ours and
+    the stack's floor. None without valgrind."""
+    rows = []
+    for rpc in instructions.RPCS:
+        row: dict[str, Any] = {"rpc": rpc}
+        for server_name in instructions.SERVERS:
+            click.echo(f"instructions: {rpc}, {server_name} (callgrind)", err=True)
+            found = instructions.measure(rpc, server_name, workdir)
+            if found is None:
+                return None
+            row[server_name] = found
+        row["ratio"] = row["ours"] / row["stack"] if row["stack"] else None
+        rows.append(row)
     return rows
 
 
@@ -538,7 +580,8 @@ def machine() -> dict[str, Any]:
     help="SMALL,LARGE session counts for the growth runs; 'none' to skip them.",
 )
 @click.option("--no-profile", is_flag=True, help="Skip the in-process cancellation profile.")
-@click.option("--no-floor", is_flag=True, help="Skip the stack's floor (bench/floor.py).")
+@click.option("--no-floor", is_flag=True, help="Skip the floors (bench/floor.py).")
+@click.option("--no-instructions", is_flag=True, help="Skip counting instructions per call (callgrind).")
 @click.option("--no-durability", is_flag=True, help="Skip comparing SQLite synchronous=NORMAL with FULL.")
 @click.option("--no-events", is_flag=True, help="Skip the event-delivery measurement.")
 @click.option(
@@ -587,6 +630,7 @@ def main(
     growth_sizes: str,
     no_profile: bool,
     no_floor: bool,
+    no_instructions: bool,
     no_durability: bool,
     no_events: bool,
     no_pinned: bool,
@@ -637,9 +681,7 @@ def main(
                 runs += bench_database(name, url, list(concurrencies), duration, workdir)
         results["runs"] = [asdict(r) for r in runs]
 
-        if not no_floor:
-            click.echo("the floor: a bare grpcio server and sqlite3 running six statements", err=True)
-            results["floor"] = bench_floor(workdir, list(concurrencies), duration, runs)
+        _floor_sections(results, workdir, list(concurrencies), duration, runs, no_floor, no_instructions)
 
         if process_counts != "none" and "postgresql" in dict(databases):
             results["processes"] = bench_processes(
@@ -668,11 +710,31 @@ def main(
 
         if not no_profile:
             results["profile"] = bench_profile(workdir, runs)
-    results["targets"] = targets(runs, growth, results.get("floor", []))
+    results["targets"] = targets(runs, growth, results.get("floor", []), results.get("instructions") or [])
     print_report(results)
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
         click.echo(f"results written to {json_path}", err=True)
+
+
+def _floor_sections(
+    results: dict[str, Any],
+    workdir: Path,
+    concurrencies: list[int],
+    duration: float,
+    runs: list[Run],
+    no_floor: bool,
+    no_instructions: bool,
+) -> None:
+    if not no_floor:
+        click.echo(
+            "the floors: bare (grpcio + sqlite3), the stack's (peewee, transitions, logging)", err=True
+        )
+        results["floor"] = bench_floor(workdir, concurrencies, duration, runs)
+    if not no_instructions:
+        results["instructions"] = bench_instructions(workdir)
+        if results["instructions"] is None:
+            results["skipped"].append("instructions skipped: no valgrind on this machine")
 
 
 def _event_section(databases: list[tuple[str, Any]], workdir: Path, count: int) -> list[dict[str, Any]]:
@@ -696,7 +758,9 @@ def _relay_section(results: dict[str, Any], database: Path, workdir: Path, count
         results["relay"] = relayed
 
 
-def targets(runs: list[Run], growth: list[Growth], floor: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def targets(
+    runs: list[Run], growth: list[Growth], floor: list[dict[str, Any]], counted: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     def run(db: str, workload: str, c: int) -> Run | None:
         return next((r for r in runs if (r.database, r.workload, r.concurrency) == (db, workload, c)), None)
 
@@ -718,14 +782,41 @@ def targets(runs: list[Run], growth: list[Growth], floor: list[dict[str, Any]]) 
             name = f"{label} sqlite c=8, server CPU per call x ceiling's"
             check(name, ratio, f"<= {goal:.1f}", ratio <= goal)
 
-    # Issue 24: against the stack's floor (bench/floor.py), measured in the same run.
-    at = {row["concurrency"]: row for row in floor}
-    if (cpu := at.get(8, {}).get("cpu_ratio")) is not None:
-        check("CancelSession sqlite c=8, server CPU per call x the floor's", cpu, "<= 1.6", cpu <= 1.6)
-    if (rps := at.get(8, {}).get("rps_ratio")) is not None:
-        check("CancelSession sqlite c=8, share of the floor's throughput", rps, ">= 0.60", rps >= 0.6)
-    if (p99 := at.get(32, {}).get("p99_ratio")) is not None:
-        check("CancelSession sqlite c=32, p99 x the floor's", p99, "<= 2.0", p99 <= 2.0)
+    def against(floor_name: str, workload: str, c: int, ratio: str) -> float | None:
+        row = next((r for r in floor if (r["floor"], r["concurrency"]) == (floor_name, c)), None)
+        found: float | None = row[workload][ratio] if row else None
+        return found
+
+    def at_most(name: str, value: float | None, goal: float) -> None:
+        if value is not None:
+            check(name, value, f"<= {goal:.2f}", value <= goal)
+
+    # Issue 35: instructions, and against the stack's floor, measured in the same run.
+    cancel_count = next((r["ours"] for r in counted if r["rpc"] == "cancel"), None)
+    if cancel_count is not None:
+        name = "CancelSession instructions per call, in-process (K)"
+        check(name, cancel_count / 1000, "<= 1000", cancel_count <= 1_000_000)
+    stack, bare = "stack", "bare"
+    at_most(
+        "CancelSession sqlite c=8, server CPU x the stack floor's",
+        against(stack, "cancel", 8, "cpu_ratio"),
+        1.3,
+    )
+    switches = against(stack, "cancel", 8, "switches_ratio")
+    at_most("CancelSession sqlite c=8, context switches x the stack floor's", switches, 1.3)
+    get = against(stack, "get_payment", 8, "cpu_ratio")
+    at_most("GetPayment sqlite c=8, server CPU x the stack floor's", get, 1.3)
+    # Issue 24: against the bare floor.
+    at_most(
+        "CancelSession sqlite c=8, server CPU x the bare floor's",
+        against(bare, "cancel", 8, "cpu_ratio"),
+        1.6,
+    )
+    if (rps := against(bare, "cancel", 8, "rps_ratio")) is not None:
+        check("CancelSession sqlite c=8, share of the bare floor's throughput", rps, ">= 0.60", rps >= 0.6)
+    at_most(
+        "CancelSession sqlite c=32, p99 x the bare floor's", against(bare, "cancel", 32, "p99_ratio"), 2.0
+    )
     cpu_against_ceiling("get_payment", "GetPayment", 2.0)
     share_of_ceiling("postgresql", 8, 0.22)
     for g in growth:

@@ -1,17 +1,26 @@
-"""N CancelSession calls run as a server's worker runs them (interceptor, servicer, service,
-metrics, the access line), in one process, for `valgrind --tool=callgrind`: it counts
-instructions, so the figure is the same from run to run on a busy shared machine, where
-timings vary by a quarter. SQLite with `synchronous=normal`, so no fsync is counted.
+"""N calls run as a server's worker runs them, in one process, for `valgrind --tool=callgrind`:
+it counts instructions, so the figure is the same from run to run on a busy shared machine,
+where timings vary by a quarter. SQLite with `synchronous=normal`, so no fsync is counted.
+
+    python -m bench.instructions N [cancel|get_payment] [ours|stack]
+
+`ours`: through the interceptor, the servicer, the service, metrics and the access line, logged
+as `serve` logs when stderr is not a terminal. `stack`: bench/floor.py's stack's floor, its
+servicer called directly. Run under callgrind twice (N=20 and N=220); the difference of the
+two totals divided by the difference of N is one call's instructions without the start-up both
+runs share. `make bench` does that (`measure()`, N=20 and N=220); by hand:
 
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.20 .venv/bin/python -m bench.instructions 20
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.220 .venv/bin/python -m bench.instructions 220
-
-The difference of the two totals (`callgrind_annotate` prints them), divided by 200, is one
-cancellation's instructions without the start-up both runs share."""
+    callgrind_annotate /tmp/cg.20 | grep 'PROGRAM TOTALS'"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -26,58 +35,106 @@ from kara_sessions_server.adapters import migrations
 from kara_sessions_server.adapters.storage import open_storage
 from kara_sessions_server.adapters.unit_of_work import SqlUnitOfWorkFactory
 from kara_sessions_server.domain.clock import SystemClock
+from kara_sessions_server.entrypoints import logs
 from kara_sessions_server.entrypoints.application import build_application
 from kara_sessions_server.entrypoints.grpc import sizes
 from kara_sessions_server.entrypoints.grpc.interceptor import Authenticator, CallInterceptor
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
 from kara_sessions_server.entrypoints.grpc.servicers import SessionServicer
-from kara_sessions_server.entrypoints.logs import JsonLineFormatter
 from kara_sessions_server.entrypoints.settings import Settings
 
+from . import floor
 from .profile import _book, _Context
 
+RPCS = ("cancel", "get_payment")
+SERVERS = ("ours", "stack")
+# Every run books (or populates) this many sessions, outside the measured calls' count.
+SESSIONS = 220
 
-def cancellations(workdir: Path, n: int) -> None:
+
+def _requests(rpc: str, ids: list[str], n: int) -> list[Any]:
+    if rpc == "cancel":
+        return [
+            pb.CancelSessionRequest(session_id=i, cancelled_by=pb.PARTY_CLIENT, request_id=str(uuid.uuid4()))
+            for i in ids[:n]
+        ]
+    return [pb.GetPaymentRequest(session_id=ids[k % len(ids)]) for k in range(n)]
+
+
+def ours(workdir: Path, rpc: str, n: int) -> None:
     storage = open_storage(f"sqlite:///{workdir / 'cg.db'}", max_connections=2, sqlite_synchronous="normal")
-    access = logging.getLogger("kara_sessions_server.rpc")
-    line = logging.FileHandler(workdir / "access.log")
-    line.setFormatter(JsonLineFormatter())
-    access.addHandler(line)
-    access.setLevel(logging.INFO)
-    access.propagate = False
+    line = (workdir / "access.log").open("w")
+    logs.configure("INFO", "json", stream=line)
     try:
         migrations.prepare(storage)
+        storage.keep_connections()  # as on the server's unary threads
         metrics = Metrics()
-        clock = SystemClock()
         settings = Settings()
         budget = sizes.record_bytes(settings.max_message_bytes)
-        app = build_application(settings, SqlUnitOfWorkFactory(storage), clock, tell=metrics.count)
+        app = build_application(settings, SqlUnitOfWorkFactory(storage), SystemClock(), tell=metrics.count)
         app.programmes.ensure_default(settings.notice_window)
-        services = app.sessions
-        servicer = SessionServicer(services, budget)
+        servicer = SessionServicer(app.sessions, budget)
         interceptor = CallInterceptor(
-            Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"}), workers=1
+            Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"})
         )
+        name = "CancelSession" if rpc == "cancel" else "GetPayment"
         wrapped = interceptor.intercept_service(
-            lambda _: grpc.unary_unary_rpc_method_handler(servicer.CancelSession),
-            SimpleNamespace(method="/kara.sessions.v1.SessionService/CancelSession"),  # type: ignore[arg-type]
+            lambda _: grpc.unary_unary_rpc_method_handler(getattr(servicer, name)),
+            SimpleNamespace(method=f"/kara.sessions.v1.SessionService/{name}"),  # type: ignore[arg-type]
         )
         assert wrapped is not None
-        cancel: Any = wrapped.unary_unary
-        # Booked outside the measured part's count: both runs book the same 220.
-        ids = [s.session_id for s in _book(services, 220, "client-cg")]
+        call: Any = wrapped.unary_unary
+        ids = [s.session_id for s in _book(app.sessions, SESSIONS, "client-cg")]
         context = _Context()
-        for session_id in ids[:n]:
-            request = pb.CancelSessionRequest(
-                session_id=session_id, cancelled_by=pb.PARTY_CLIENT, request_id=str(uuid.uuid4())
-            )
-            cancel(request, context)
+        for request in _requests(rpc, ids, n):
+            call(request, context)
     finally:
-        access.removeHandler(line)
+        logging.getLogger().handlers.clear()
         line.close()
         storage.close()
 
 
+def stack(workdir: Path, rpc: str, n: int) -> None:
+    path = str(workdir / "floor.db")
+    floor.populate(path, SESSIONS)
+    floor.log_access_lines((workdir / "access.log").open("w"))
+    servicer = floor.StackFloorServicer(path, synchronous="normal")
+    call = servicer.CancelSession if rpc == "cancel" else servicer.GetPayment
+    context = _Context()
+    for request in _requests(rpc, [f"floor-{i}" for i in range(SESSIONS)], n):
+        call(request, context)
+
+
+def measure(rpc: str, server: str, workdir: Path, few: int = 20, many: int = 220) -> float | None:
+    """Instructions per call (callgrind), or None without valgrind on this machine."""
+    if shutil.which("valgrind") is None:
+        return None
+    totals = []
+    for n in (few, many):
+        out = workdir / f"callgrind.{rpc}.{server}.{n}"
+        subprocess.run(
+            [
+                "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                sys.executable, "-m", "bench.instructions", str(n), rpc, server,
+            ],
+            cwd=Path(__file__).resolve().parents[1],
+            # Hashing's seed changes dicts' layout and with it a few percent of the count.
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        # The totals line callgrind writes into its output: "summary: <instructions>".
+        found = re.search(r"^summary: (\d+)", out.read_text(errors="replace"), re.MULTILINE)
+        assert found, f"no summary in {out}"
+        totals.append(int(found.group(1)))
+    return (totals[1] - totals[0]) / (many - few)
+
+
 if __name__ == "__main__":
+    count = int(sys.argv[1])
+    which = sys.argv[2] if len(sys.argv) > 2 else "cancel"
+    by = sys.argv[3] if len(sys.argv) > 3 else "ours"
+    if which not in RPCS or by not in SERVERS:
+        sys.exit(f"usage: python -m bench.instructions N [{'|'.join(RPCS)}] [{'|'.join(SERVERS)}]")
     with tempfile.TemporaryDirectory() as tmp:
-        cancellations(Path(tmp), int(sys.argv[1]))
+        (ours if by == "ours" else stack)(Path(tmp), which, count)

@@ -2,7 +2,8 @@
 the server's interpreter. Reads one job as JSON on stdin, keeps `concurrency` calls in flight on
 one channel (grpc.aio) for `duration` seconds or until its work runs out, and writes every
 latency (seconds) as JSON on stdout, with the CPU time the server's processes (`server_pids`)
-spent over exactly the measured window, read from /proc/PID/stat."""
+spent over exactly the measured window, read from /proc/PID/stat, and the context switches of
+their threads (/proc/PID/task/*/status)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,23 @@ def cpu_seconds(pids: list[int]) -> float | None:
     except (OSError, IndexError, ValueError):
         return None
     return total / TICKS_PER_SECOND
+
+
+def context_switches(pids: list[int]) -> int | None:
+    """Voluntary and involuntary context switches of every thread of these processes so far (a
+    thread that ended meanwhile takes its count with it); None if unreadable."""
+    total = 0
+    try:
+        for pid in pids:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/status", encoding="ascii") as status:
+                    for line in status:
+                        key, _, value = line.partition(":")
+                        if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                            total += int(value)
+    except (OSError, ValueError):
+        return None
+    return total
 
 
 def _timestamp(value: datetime) -> Timestamp:
@@ -123,18 +141,22 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
                     collected.append(response.session_id)
 
         pids = job.get("server_pids", [])
-        cpu_before = cpu_seconds(pids)
+        cpu_before, switches_before = cpu_seconds(pids), context_switches(pids)
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(job["concurrency"])))
         elapsed = time.perf_counter() - began
-        cpu_after = cpu_seconds(pids)
+        cpu_after, switches_after = cpu_seconds(pids), context_switches(pids)
     server_cpu = None if cpu_before is None or cpu_after is None or not pids else cpu_after - cpu_before
+    switches = None
+    if switches_before is not None and switches_after is not None and pids:
+        switches = switches_after - switches_before
     return {
         "latencies": latencies,
         "elapsed": elapsed,
         "errors": errors,
         "session_ids": collected,
         "server_cpu_s": server_cpu,
+        "server_switches": switches,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -90,36 +91,59 @@ def _runs_table(title: str, runs: list[dict[str, Any]]) -> Table:
 
 
 def _floor_table(rows: list[dict[str, Any]]) -> Table:
-    """CancelSession on our server (SQLite, defaults) against the stack's floor (bench/floor.py)."""
-    table = Table(title="CancelSession against the floor: bare grpcio + sqlite3, six statements (issue 24)")
+    """Our server (SQLite, defaults) against each floor (bench/floor.py), call for call."""
+    table = Table(
+        title="Against the floors: bare = grpcio + sqlite3, six statements (issue 24); "
+        "stack = + peewee, one transitions event, a JSON access line through logging (issue 35)"
+    )
     for col in (
+        "floor",
+        "RPC",
         "in flight",
-        "floor Check req/s",
         "floor req/s",
         "ours req/s",
         "ours / floor",
-        "floor CPU us/call",
-        "ours CPU us/call",
+        "floor CPU us",
+        "ours CPU us",
         "CPU x floor",
-        "floor p99 ms",
-        "ours p99 ms",
+        "floor cs/call",
+        "ours cs/call",
+        "cs x floor",
         "p99 x floor",
     ):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="left" if col in ("floor", "RPC") else "right")
     for r in rows:
-        floor, ours = r["floor_cancel"], r["ours_cancel"] or {}
+        for workload in ("cancel", "get_payment"):
+            got = r[workload]
+            floor, ours = got["floor"], got["ours"] or {}
+            table.add_row(
+                r["floor"],
+                NAMES[workload],
+                str(r["concurrency"]),
+                _num(floor["rps"], ".0f"),
+                _num(ours.get("rps"), ".0f"),
+                _num(got["rps_ratio"], ".2f"),
+                _num(floor.get("server_cpu_us"), ".0f"),
+                _num(ours.get("server_cpu_us"), ".0f"),
+                _num(got["cpu_ratio"], ".2f"),
+                _num(floor.get("server_switches"), ".1f"),
+                _num(ours.get("server_switches"), ".1f"),
+                _num(got["switches_ratio"], ".2f"),
+                _num(got["p99_ratio"], ".2f"),
+            )
+    return table
+
+
+def _instructions_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Instructions per call, in-process (callgrind; SQLite synchronous=normal)")
+    for col in ("RPC", "ours", "the stack's floor", "ours x floor"):
+        table.add_column(col, justify="left" if col == "RPC" else "right")
+    for r in rows:
         table.add_row(
-            str(r["concurrency"]),
-            _num(r["floor_check"]["rps"], ".0f"),
-            _num(floor["rps"], ".0f"),
-            _num(ours.get("rps"), ".0f"),
-            _num(r["rps_ratio"], ".2f"),
-            _num(floor.get("server_cpu_us"), ".0f"),
-            _num(ours.get("server_cpu_us"), ".0f"),
-            _num(r["cpu_ratio"], ".2f"),
-            _num(floor["p99_ms"], ".2f"),
-            _num(ours.get("p99_ms"), ".2f"),
-            _num(r["p99_ratio"], ".2f"),
+            NAMES[r["rpc"]],
+            f"{r['ours'] / 1000:,.0f} K",
+            f"{r['stack'] / 1000:,.0f} K",
+            _num(r["ratio"], ".2f"),
         )
     return table
 
@@ -186,28 +210,28 @@ def print_report(results: dict[str, Any]) -> None:
     title = "Throughput and latency (load generator in its own process)"
     console.print(_runs_table(title, results.get("runs", [])))
 
-    if results.get("floor"):
-        console.print(_floor_table(results["floor"]))
-
-    if results.get("processes"):
-        console.print(_processes_table(results["processes"]))
+    for key, table in (
+        ("floor", _floor_table),
+        ("instructions", _instructions_table),
+        ("processes", _processes_table),
+    ):
+        if results.get(key):
+            console.print(table(results[key]))
 
     if results.get("pinned"):
         pinned = results["pinned"]
         title = f"serve --cpus {pinned[0]['cpus']}: SQLite again, every server thread on one CPU"
         console.print(_runs_table(title, pinned))
 
-    if results.get("growth"):
-        console.print(_growth_table(results["growth"]))
-
-    if results.get("event_delivery"):
-        console.print(_delivery_table(results["event_delivery"]))
-
-    if results.get("relay"):
-        console.print(_relay_table(results["relay"]))
-
-    if results.get("durability"):
-        console.print(_durability_table(results["durability"]))
+    sections: tuple[tuple[str, Callable[[Any], Table]], ...] = (
+        ("growth", _growth_table),
+        ("event_delivery", _delivery_table),
+        ("relay", _relay_table),
+        ("durability", _durability_table),
+    )
+    for key, draw in sections:
+        if results.get(key):
+            console.print(draw(results[key]))
 
     if results.get("profile"):
         _print_profile(console, results["profile"])

@@ -34,6 +34,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
             "20",
             "--relay-count",
             "30",
+            # Counted by callgrind, a run takes minutes: test_instructions_runs_each_call below.
+            "--no-instructions",
             "--json",
             str(out),
         ],
@@ -79,3 +81,27 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert all(r["rps"] > 0 and not r["errors"] for r in results["durability"])
     assert "SQLite durability" in done.stdout
     assert "Throughput and latency" in done.stdout and "Targets" in done.stdout
+    floors = {(r["floor"], r["concurrency"]): r for r in results["floor"]}
+    assert set(floors) == {("bare", 2), ("stack", 2)}
+    for row in floors.values():
+        for workload in ("cancel", "get_payment"):
+            theirs, ours = row[workload]["floor"], row[workload]["ours"]
+            assert theirs["requests"] > 0 and not theirs["errors"], (row["floor"], workload, theirs)
+            assert theirs["server_switches"] > 0 and ours["server_switches"] > 0
+            assert row[workload]["cpu_ratio"] > 0 and row[workload]["switches_ratio"] > 0
+    assert "Against the floors" in done.stdout
+
+
+@pytest.mark.parametrize("server", ["ours", "stack"])
+@pytest.mark.parametrize("rpc", ["cancel", "get_payment"])
+def test_instructions_runs_each_call(rpc: str, server: str) -> None:
+    """What `make bench` runs under callgrind, run plainly: every call answers."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "30", rpc, server],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
