@@ -108,7 +108,7 @@ client-tools:
 	fi
 	@mkdir -p $(TOOLS)/bin && ln -sf /usr/bin/grpc_java_plugin $(TOOLS)/bin/protoc-gen-grpc-java
 
-bench: $(STAMP) ## Benchmark on this machine (about 7 min; ARGS="--duration 2 --json out.json" etc.)
+bench: $(STAMP) ## Benchmark on this machine (about 12 min; ARGS="--duration 2 --json out.json" etc.)
 	$(BIN)/python -m bench $(ARGS)
 
 $(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
