@@ -30,6 +30,7 @@ from kara_sessions_server.entrypoints.settings import Settings, click_options
 
 from . import exit_codes, render
 from .client import (
+    CLIENT_LATE_CANCEL,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     INVOICE_STATES,
@@ -623,6 +624,22 @@ def programme() -> None:
 
 def _terms_options(f: Callable[..., None], *, create: bool) -> Callable[..., None]:
     f = click.option(
+        "--max-reschedules",
+        type=click.IntRange(0, 50),
+        default=0 if create else None,
+        show_default=create,
+        help="Moves in place a session may have before another is refused (0: no limit of the "
+        "programme's; the server's own cap of 20 still applies).",
+    )(f)
+    f = click.option(
+        "--client-late-cancel",
+        type=click.Choice(sorted(CLIENT_LATE_CANCEL)),
+        default="charge" if create else None,
+        show_default=create,
+        help="A client's own late cancellation: charged, or refused with 'contact your "
+        "professional' (who can still cancel it and decides with the charge box).",
+    )(f)
+    f = click.option(
         "--cancellation-grace-minutes",
         type=click.FloatRange(0, 24 * 60),
         default=0.0 if create else None,
@@ -675,6 +692,8 @@ def programme_create(
     no_show_takes_credit: bool,
     late_reschedule: str,
     cancellation_grace_minutes: float,
+    client_late_cancel: str,
+    max_reschedules: int,
     request_id: str | None,
 ) -> None:
     """Create a programme PROGRAMME_ID (lower-case letters, digits, hyphens)."""
@@ -688,6 +707,8 @@ def programme_create(
             no_show_takes_credit=no_show_takes_credit,
             late_reschedule=late_reschedule,
             cancellation_grace=timedelta(minutes=cancellation_grace_minutes),
+            client_late_cancel=client_late_cancel,
+            max_reschedules=max_reschedules,
             request_id=request_id,
         ),
     )
@@ -724,6 +745,8 @@ def programme_update(
     no_show_takes_credit: bool | None,
     late_reschedule: str | None,
     cancellation_grace_minutes: float | None,
+    client_late_cancel: str | None,
+    max_reschedules: int | None,
     request_id: str | None,
 ) -> None:
     """Change the options given; sessions already booked keep the terms they were booked under."""
@@ -734,6 +757,8 @@ def programme_update(
         no_show_takes_credit,
         late_reschedule,
         cancellation_grace_minutes,
+        client_late_cancel,
+        max_reschedules,
     )
     if all(v is None for v in given):
         raise click.UsageError("give at least one of --name, --notice-window-hours and the terms options")
@@ -748,6 +773,8 @@ def programme_update(
             no_show_takes_credit=no_show_takes_credit,
             late_reschedule=late_reschedule,
             cancellation_grace=grace,
+            client_late_cancel=client_late_cancel,
+            max_reschedules=max_reschedules,
             request_id=request_id,
         ),
     )

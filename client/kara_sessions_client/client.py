@@ -63,6 +63,7 @@ def choices(values: type[V]) -> dict[str, V]:
 PARTIES = choices(pb.Party)
 SECTIONS = choices(pb.PaymentSection)
 LATE_RESCHEDULE = choices(ppb.LateReschedule)
+CLIENT_LATE_CANCEL = choices(ppb.ClientLateCancel)
 INVOICE_STATES = choices(ipb.InvoiceState)
 SESSION_STATES = choices(pb.SessionState)
 
@@ -482,9 +483,12 @@ class SessionsClient:
         no_show_takes_credit: bool = True,
         late_reschedule: str = "charge",
         cancellation_grace: timedelta = timedelta(0),
+        client_late_cancel: str = "charge",
+        max_reschedules: int = 0,
         request_id: str | None = None,
     ) -> ppb.Programme:
-        """`late_reschedule`: charge, free or refused (see LateReschedule)."""
+        """`late_reschedule`: charge, free or refused (see LateReschedule); `client_late_cancel`:
+        charge or contact-professional (see ClientLateCancel); `max_reschedules` 0: no limit."""
         programme = ppb.Programme(
             display_name=display_name,
             notice_window=_duration(notice_window),
@@ -492,6 +496,8 @@ class SessionsClient:
             no_show_takes_credit=no_show_takes_credit,
             late_reschedule=LATE_RESCHEDULE[late_reschedule],
             cancellation_grace=_duration(cancellation_grace),
+            client_late_cancel=CLIENT_LATE_CANCEL[client_late_cancel],
+            max_reschedules=max_reschedules,
         )
         request = ppb.CreateProgrammeRequest(
             programme=programme, programme_id=programme_id, request_id=request_id or new_request_id()
@@ -516,6 +522,8 @@ class SessionsClient:
         no_show_takes_credit: bool | None = None,
         late_reschedule: str | None = None,
         cancellation_grace: timedelta | None = None,
+        client_late_cancel: str | None = None,
+        max_reschedules: int | None = None,
         request_id: str | None = None,
         etag: str = "",
     ) -> ppb.Programme:
@@ -541,6 +549,12 @@ class SessionsClient:
         if cancellation_grace is not None:
             programme.cancellation_grace.CopyFrom(_duration(cancellation_grace))
             paths.append("cancellation_grace")
+        if client_late_cancel is not None:
+            programme.client_late_cancel = CLIENT_LATE_CANCEL[client_late_cancel]
+            paths.append("client_late_cancel")
+        if max_reschedules is not None:
+            programme.max_reschedules = max_reschedules
+            paths.append("max_reschedules")
         request = ppb.UpdateProgrammeRequest(
             programme=programme,
             update_mask=field_mask_pb2.FieldMask(paths=paths),

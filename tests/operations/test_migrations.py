@@ -8,6 +8,8 @@ import sys
 from datetime import timedelta
 
 import pytest
+from kara.sessions.v1 import programmes_pb2 as ppb
+from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import KaraError, SessionsClient
 from kara_sessions_server.adapters import migrations
@@ -92,6 +94,18 @@ _TERMS_COLUMNS_V8 = {
     "late_reschedule": ("VARCHAR(16) NOT NULL DEFAULT 'CHARGE'", "late_reschedule"),
     "cancellation_grace": ("BIGINT NOT NULL DEFAULT 0", "cancellation_grace_us"),
 }
+
+
+def downgrade_to_version_9(database_url: str) -> None:
+    """The database as version 9 left it (terms without client_late_cancel and
+    max_reschedules), with its data."""
+    storage = open_storage(database_url)
+    db = storage.db
+    with db.connection_context(), db.atomic():
+        for column in ("client_late_cancel", "max_reschedules"):
+            db.execute_sql(f"ALTER TABLE programme_terms DROP COLUMN {column}")
+        db.execute_sql("UPDATE schema_version SET version = 9")
+    storage.close()
 
 
 def downgrade_to_version_8(database_url: str) -> None:
@@ -621,6 +635,52 @@ def test_a_version_8_database_upgrades_to_terms_stored_once_keeping_what_each_se
     assert [r for r in after["ledger_entries"] if r["entry_id"] <= len(before["ledger_entries"])] == before[
         "ledger_entries"
     ]
+
+
+def test_a_version_9_database_upgrades_to_the_sponsors_terms_keeping_what_each_session_was_promised(
+    database_url: str, clock: FakeClock
+) -> None:
+    """Issue 36: every version of terms stored before gets the new terms' defaults (the
+    article's rule for a client's late cancellation, no limit on moves), so every session keeps
+    what it was promised and nothing else changes."""
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            ids = _terms_history(kara, clock)
+            sessions = {i: kara.get_session(i) for i in ids}
+            programmes = {p: kara.get_programme(p) for p in ("p48", "named", "default")}
+        before = db_snapshot(running)
+    finally:
+        running.stop(grace=0)
+    downgrade_to_version_9(database_url)
+
+    done = migrate_cli(database_url)
+    assert done.returncode == 0 and "applied 10" in done.stdout and "(was 9)" in done.stdout, done
+
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url), clock=clock)
+    try:
+        with SessionsClient(f"127.0.0.1:{running.port}") as kara:
+            assert {i: kara.get_session(i) for i in ids} == sessions
+            assert {p: kara.get_programme(p) for p in programmes} == programmes
+            for session in sessions.values():
+                assert session.terms.client_late_cancel in (0, ppb.CLIENT_LATE_CANCEL_CHARGE)
+                assert session.terms.max_reschedules == 0
+            # A late client cancellation is charged, as the article says.
+            clock.advance(timedelta(days=4, hours=12))
+            cancelled = kara.cancel(ids[1], "client")
+            assert cancelled.session.state == pb.SESSION_STATE_CANCELLED_PAID
+        after = db_snapshot(running)
+    finally:
+        running.stop(grace=0)
+    new = ("client_late_cancel", "max_reschedules")
+    assert {tuple(r[k] for k in new) for r in after["programme_terms"]} == {("CHARGE", 0)}
+
+    def kept(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{k: v for k, v in r.items() if k not in new} for r in rows]
+
+    assert kept(after["programme_terms"]) == kept(before["programme_terms"])
+    for table in ("sessions", "programmes", "ledger_entries", "credit_accounts", "events"):
+        assert len(after[table]) >= len(before[table])
 
 
 def _terms_history(kara: SessionsClient, clock: FakeClock) -> list[str]:

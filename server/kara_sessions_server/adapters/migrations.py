@@ -26,7 +26,6 @@ from kara_sessions_server.adapters.storage import (
     InvoiceAuditRow,
     InvoiceLineRow,
     InvoiceRow,
-    ProgrammeTermsRow,
     SchemaVersionRow,
     Storage,
     Table,
@@ -75,6 +74,24 @@ class _ProgrammeV5(Table):
 
     class Meta:
         table_name = "programmes"
+
+
+class _ProgrammeTermsV9(Table):
+    """The programme_terms table as version 9 created it (version 10 adds client_late_cancel and
+    max_reschedules)."""
+
+    programme_id = pw.CharField(max_length=64)
+    terms_version = pw.IntegerField()
+    notice_window_us = DurationField()
+    professional_may_charge_late = pw.BooleanField()
+    no_show_takes_credit = pw.BooleanField()
+    late_reschedule = pw.CharField(max_length=16)
+    cancellation_grace_us = DurationField()
+    created_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "programme_terms"
+        primary_key = pw.CompositeKey("programme_id", "terms_version")
 
 
 class _EventV4(Table):
@@ -385,8 +402,19 @@ MIGRATIONS: tuple[Migration, ...] = (
         9,
         "terms stored once: programme_terms, versions that programmes and sessions point to; units named",
         _v9_operations,
-        tables=(ProgrammeTermsRow,),
+        tables=(_ProgrammeTermsV9,),
         data=_v9_data,
+    ),
+    Migration(
+        10,
+        "the sponsor's terms: client_late_cancel and max_reschedules on programme_terms",
+        lambda m, s: [
+            # What every version of terms stored so far promised: the article's rule, no cap.
+            m.add_column(
+                "programme_terms", "client_late_cancel", pw.CharField(max_length=24, default="CHARGE")
+            ),
+            m.add_column("programme_terms", "max_reschedules", pw.IntegerField(default=0)),
+        ],
     ),
 )
 BASELINE = 1
@@ -500,7 +528,7 @@ def _migrator(storage: Storage) -> SchemaMigrator:
 def _locked(storage: Storage) -> Iterator[None]:
     """A write transaction that no other process's schema work can overlap, in which the
     tables (today's and the frozen ones above) are `storage`'s."""
-    with storage.bound([_ProgrammeV5, _EventV4]), _transaction(storage):
+    with storage.bound([_ProgrammeV5, _EventV4, _ProgrammeTermsV9]), _transaction(storage):
         yield
 
 

@@ -266,6 +266,8 @@ class ProgrammeTermsRow(Table):
     late_reschedule = pw.CharField(max_length=16)
     cancellation_grace_us = DurationField()
     created_at = UtcTimestampField()
+    client_late_cancel = pw.CharField(max_length=24)
+    max_reschedules = pw.IntegerField()
 
     class Meta:
         table_name = "programme_terms"

@@ -183,6 +183,13 @@ class LateRescheduleNotAllowed(PreconditionFailed):
     reason = "LATE_RESCHEDULE_NOT_ALLOWED"
 
 
+class LateCancelContactProfessional(PreconditionFailed):
+    """The session's programme refuses a client's own late cancellation (client_late_cancel is
+    CONTACT_PROFESSIONAL): the professional cancels it, and decides with the charge box."""
+
+    reason = "LATE_CANCEL_CONTACT_PROFESSIONAL"
+
+
 class NotWaivable(PreconditionFailed):
     """Only a taken credit of a late cancellation or a no-show can be waived, once."""
 

@@ -11,6 +11,9 @@ were when it was booked (programme.py); the article's are the default programme'
 | professional | <  window       | ticked        | PAID: credit taken            |
 | professional | <  window       | clear         | VOIDED: credit returned       |
 | professional | <  window       | ticked, but the programme forbids it: refused      |
+| client       | <  window       | (not theirs)  | refused where the terms'      |
+|              |                 |               | client_late_cancel is         |
+|              |                 |               | CONTACT_PROFESSIONAL          |
 
 The article speaks of "more than" and "less than" 24 hours and leaves exactly 24 hours open;
 we resolve it in the client's favour: notice >= window is enough notice.
@@ -30,6 +33,9 @@ current start:
 | professional | <  window | ticked     | charged; refused where the programme forbids it      |
 | client       | <  window | (not theirs) | the terms' late_reschedule: CHARGE, FREE or REFUSED |
 
+A session moved in place as often as its terms' max_reschedules (when not 0), or
+MAX_MOVES_PER_SESSION, refuses another move (RESCHEDULE_LIMIT_REACHED).
+
 Charged: the session is settled as a late cancellation (credit taken) and a new one is booked
 at the new time on a new credit.
 """
@@ -43,12 +49,13 @@ from kara_sessions_server.domain.errors import (
     ChargeNotAllowedByProgramme,
     ChargeNotAllowedWithNotice,
     InvalidRequest,
+    LateCancelContactProfessional,
     LateRescheduleNotAllowed,
     RescheduleLimitReached,
     SessionAlreadyStarted,
 )
 from kara_sessions_server.domain.model import CancelSession, Party, RescheduleSession, Session
-from kara_sessions_server.domain.programme import LateReschedule
+from kara_sessions_server.domain.programme import ClientLateCancel, LateReschedule
 
 # A session's moves in place are kept with it (each up to a 1,000-character reason), so they are
 # capped: every record, and so every event and response, fits in a message (issue 33).
@@ -137,6 +144,19 @@ class NoticePolicy:
                 f"a session may be ({MAX_MOVES_PER_SESSION}): cancel it and book the new time instead",
                 metadata={"session_id": session.session_id, "moves": str(len(session.moves))},
             )
+        cap = session.terms.max_reschedules
+        if isinstance(command, RescheduleSession) and cap and len(session.moves) >= cap:
+            raise RescheduleLimitReached(
+                f"session {session.session_id} has been moved {len(session.moves)} times, as often as "
+                f"programme {session.programme_id!r} allows ({cap}): cancel it and book the new time "
+                "instead",
+                metadata={
+                    "session_id": session.session_id,
+                    "programme_id": session.programme_id,
+                    "moves": str(len(session.moves)),
+                    "max_reschedules": str(cap),
+                },
+            )
         notified_at = asked.notified_at or now
         if notified_at < session.booked_at:
             raise InvalidRequest.single(
@@ -179,6 +199,19 @@ class NoticePolicy:
                 f"{'cancellation' if asked.verb == 'cancel' else 'move'}: clear charge_client "
                 "(the credit goes back to the client)",
                 metadata={"session_id": session.session_id, "programme_id": session.programme_id},
+            )
+        contact = terms.client_late_cancel is ClientLateCancel.CONTACT_PROFESSIONAL
+        if asked.verb == "cancel" and late and asked.party is Party.CLIENT and contact:
+            raise LateCancelContactProfessional(
+                f"the client gave {_hours(notice)} of notice (less than {_hours(window)}) and "
+                f"programme {session.programme_id!r} asks a client to contact their professional to "
+                "cancel this late: the professional can cancel it, and decides whether it is charged",
+                metadata={
+                    "session_id": session.session_id,
+                    "programme_id": session.programme_id,
+                    "notice_seconds": str(int(notice.total_seconds())),
+                    "notice_window_seconds": str(int(window.total_seconds())),
+                },
             )
         refused = terms.late_reschedule is LateReschedule.REFUSED
         if asked.verb == "move" and late and asked.party is Party.CLIENT and refused:

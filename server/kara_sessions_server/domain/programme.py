@@ -22,6 +22,7 @@ MIN_NOTICE_WINDOW = timedelta(hours=1)
 MAX_NOTICE_WINDOW = timedelta(days=14)
 MAX_DISPLAY_NAME = 200
 MAX_CANCELLATION_GRACE = timedelta(hours=24)
+MAX_RESCHEDULES = 50
 _PROGRAMME_ID = re.compile(r"[a-z][a-z0-9-]{0,63}")
 
 
@@ -34,6 +35,15 @@ class LateReschedule(enum.StrEnum):
     REFUSED = "REFUSED"
 
 
+class ClientLateCancel(enum.StrEnum):
+    """What a client's own cancellation with less notice than the window does (issue 36)."""
+
+    # The article's rule: cancelled, the credit taken.
+    CHARGE = "CHARGE"
+    # "Contact your professional to cancel": refused; the professional decides with the box.
+    CONTACT_PROFESSIONAL = "CONTACT_PROFESSIONAL"
+
+
 @dataclass(frozen=True, slots=True)
 class Terms:
     """What a session was promised when it was booked."""
@@ -44,6 +54,9 @@ class Terms:
     late_reschedule: LateReschedule = LateReschedule.CHARGE
     # A client's change this soon after booking counts as enough notice (0: the article's rule).
     cancellation_grace: timedelta = timedelta(0)
+    client_late_cancel: ClientLateCancel = ClientLateCancel.CHARGE
+    # Moves in place a session may have (0: no limit of the programme's; policy's cap holds).
+    max_reschedules: int = 0
 
 
 # The article's terms: the Wellbeing Hubs programme, and every session booked before programmes.
@@ -62,6 +75,8 @@ class ProgrammeChanges:
     no_show_takes_credit: bool | None = None
     late_reschedule: LateReschedule | None = None
     cancellation_grace: timedelta | None = None
+    client_late_cancel: ClientLateCancel | None = None
+    max_reschedules: int | None = None
 
 
 # The fields UpdateProgramme may change: the name and every term.
@@ -128,6 +143,10 @@ def check(
         violations.append(("programme.notice_window", "must be between 1 hour and 14 days"))
     if not timedelta(0) <= terms.cancellation_grace <= MAX_CANCELLATION_GRACE:
         violations.append(("programme.cancellation_grace", "must be between 0 and 24 hours"))
+    if not 0 <= terms.max_reschedules <= MAX_RESCHEDULES:
+        violations.append(
+            ("programme.max_reschedules", f"must be between 0 (no limit) and {MAX_RESCHEDULES}")
+        )
     if violations:
         raise InvalidRequest([FieldViolation(f, d) for f, d in violations])
 
