@@ -3,8 +3,12 @@ bookings, cancellations and reschedules by either party with and without the cha
 notice, completions, no-shows, waivers, invoice actions, retries and request_id reuse, and
 checks after every step that the server agrees with a model of the article:
 
-- for each client, available + held + used = granted, held = its booked sessions, used = its
-  sessions whose credit is taken;
+Sessions are booked under two programmes: the default one (the article's terms) and a sponsor's
+that sends a client's late cancellation to the professional and allows two moves in place
+(issue 36's client_late_cancel and max_reschedules).
+
+- for each client and programme, available + held + used = granted, held = its booked
+  sessions, used = its sessions whose credit is taken;
 - every session's payment state and section follow from its state (and waiver), and the
   Payments tab lists it in that section, on the invoice the model says (at most one);
 - a replay returns the first answer and changes nothing; a refusal changes nothing;
@@ -48,6 +52,10 @@ LONG_RUN = os.environ.get("KARA_HYPOTHESIS_EXAMPLES")
 EXAMPLES = int(LONG_RUN or "15")
 WINDOW = timedelta(hours=24)
 PAID_STATES = {"CANCELLED_PAID", "NO_SHOW", "COMPLETED"}
+# The sponsor's programme: the article's window, "contact your professional" for a client's late
+# cancellation, at most two moves in place.
+SPONSOR_TERMS = {"client_late_cancel": "contact-professional", "max_reschedules": 2}
+SPONSOR_MOVES = 2
 
 
 @pytest.fixture(params=ALL_DATABASES)
@@ -64,6 +72,9 @@ class Booking:
     state: str = "BOOKED"
     waived: bool = False
     invoice: str = ""
+    # 0: the default programme; 1: the sponsor's (SPONSOR_TERMS).
+    programme: int = 0
+    moves: int = 0
 
     @property
     def paid(self) -> bool:
@@ -72,18 +83,19 @@ class Booking:
 
 @dataclass
 class Model:
-    granted: dict[str, int] = field(default_factory=dict)
+    # (client, programme) -> credits granted
+    granted: dict[tuple[str, int], int] = field(default_factory=dict)
     sessions: dict[str, Booking] = field(default_factory=dict)
     # invoice id -> (professional, state)
     invoices: dict[str, list[str]] = field(default_factory=dict)
     # Committed changes, each of which must have put one event in the feed.
     changes: int = 0
 
-    def available(self, client: str) -> int:
-        mine = [s for s in self.sessions.values() if s.client == client]
+    def available(self, client: str, programme: int) -> int:
+        mine = [s for s in self.sessions.values() if (s.client, s.programme) == (client, programme)]
         held = sum(1 for s in mine if s.state == "BOOKED")
         used = sum(1 for s in mine if s.paid)
-        return self.granted.get(client, 0) - held - used
+        return self.granted.get((client, programme), 0) - held - used
 
 
 class Histories(RuleBasedStateMachine):
@@ -95,6 +107,7 @@ class Histories(RuleBasedStateMachine):
         run = uuid.uuid4().hex[:8]
         self.clients = [f"{run}-client-{n}" for n in range(3)]
         self.pros = [f"{run}-pro-{n}" for n in range(2)]
+        self.programmes = ["default", f"sponsor-{run}"]
         self.kara = SessionsClient(f"127.0.0.1:{self.server.port}", timeout=15, retry=NO_RETRY)
         # Every history starts a year after the last one's time, so it sees nothing of it and a
         # replay of it meets the same clock.
@@ -134,35 +147,55 @@ class Histories(RuleBasedStateMachine):
 
     @initialize()
     def open_accounts(self) -> None:
+        self.kara.create_programme(self.programmes[1], "Sponsor", WINDOW, **SPONSOR_TERMS)  # type: ignore[arg-type]
+        self.model.changes += 1
         for client_id in self.clients:
-            self.kara.grant_credits(client_id, 3)
-            self.model.granted[client_id] = 3
-            self.model.changes += 1
+            for programme, programme_id in enumerate(self.programmes):
+                self.kara.grant_credits(client_id, 3, programme_id=programme_id)
+                self.model.granted[client_id, programme] = 3
+                self.model.changes += 1
 
-    @rule(client=st.integers(0, 2), credits=st.integers(1, 3), reuse=st.integers(0, 4))
-    def grant(self, client: int, credits: int, reuse: int) -> None:
+    @rule(
+        client=st.integers(0, 2),
+        credits=st.integers(1, 3),
+        reuse=st.integers(0, 4),
+        programme=st.integers(0, 1),
+    )
+    def grant(self, client: int, credits: int, reuse: int, programme: int) -> None:
         if reuse == 0 and self.last_grant is not None:
             # The same request_id for another request: refused, changing nothing.
             reused_client, request_id = self.last_grant
             again = lambda: self.kara.grant_credits(reused_client, credits + 3, request_id=request_id)  # noqa: E731
             return self._refused(again, "REQUEST_ID_REUSED")
-        client_id = self.clients[client]
+        client_id, programme_id = self.clients[client], self.programmes[programme]
         request_id = str(uuid.uuid4())
-        result = self.kara.grant_credits(client_id, credits, request_id=request_id)
-        self.model.granted[client_id] = self.model.granted.get(client_id, 0) + credits
+
+        def call() -> Any:
+            return self.kara.grant_credits(
+                client_id, credits, request_id=request_id, programme_id=programme_id
+            )
+
+        result = call()
+        self.model.granted[client_id, programme] = self.model.granted.get((client_id, programme), 0) + credits
         self.model.changes += 1
-        self.last = (lambda: self.kara.grant_credits(client_id, credits, request_id=request_id), result)
+        self.last = (call, result)
         self.last_grant = (client_id, request_id)
         return None
 
-    @rule(client=st.integers(0, 2), pro=st.integers(0, 1), hours=st.integers(2, 48))
-    def book(self, client: int, pro: int, hours: int) -> None:
-        client_id, pro_id = self.clients[client], self.pros[pro]
+    @rule(
+        client=st.integers(0, 2), pro=st.integers(0, 1), hours=st.integers(2, 48), programme=st.integers(0, 1)
+    )
+    def book(self, client: int, pro: int, hours: int, programme: int) -> None:
+        client_id, pro_id, programme_id = self.clients[client], self.pros[pro], self.programmes[programme]
         starts = self.clock.now() + timedelta(hours=hours)
-        if self.model.available(client_id) < 1:
-            return self._refused(lambda: self.kara.book(client_id, pro_id, starts), "INSUFFICIENT_CREDITS")
-        session = self._did(lambda r: self.kara.book(client_id, pro_id, starts, request_id=r))
-        self.model.sessions[session.session_id] = Booking(client_id, pro_id, starts)
+
+        def call(r: str | None = None) -> Any:
+            return self.kara.book(client_id, pro_id, starts, programme_id=programme_id, request_id=r)
+
+        if self.model.available(client_id, programme) < 1:
+            return self._refused(call, "INSUFFICIENT_CREDITS")
+        session = self._did(call)
+        self.model.sessions[session.session_id] = Booking(client_id, pro_id, starts, programme=programme)
         return None
 
     def _pick(self, data: st.DataObject, fits: Callable[[Booking], bool]) -> str | None:
@@ -194,6 +227,8 @@ class Histories(RuleBasedStateMachine):
             return self._refused(call, "SESSION_ALREADY_STARTED")
         if charge and not late:
             return self._refused(call, "CHARGE_NOT_ALLOWED_WITH_NOTICE")
+        if by == "client" and late and s.programme == 1:
+            return self._refused(call, "LATE_CANCEL_CONTACT_PROFESSIONAL")
         result = self._did(call)
         s.state = "CANCELLED_PAID" if late and (by == "client" or charge) else "CANCELLED_VOIDED"
         assert pb.SessionState.Name(result.session.state) == f"SESSION_STATE_{s.state}"
@@ -207,10 +242,24 @@ class Histories(RuleBasedStateMachine):
         hours=st.integers(1, 72),
     )
     def reschedule(self, data: st.DataObject, by: str, charge: bool, hours: int) -> None:
-        """Under the default programme: 24 hours, a late move charged (CHARGE), no grace."""
+        """Under either programme: 24 hours, a late move charged (CHARGE), no grace; the
+        sponsor's allows two moves in place."""
         session = self._pick(data, lambda s: s.state == "BOOKED" and s.starts > self.clock.now())
-        if session is None:
-            return None
+        if session is not None:
+            self._reschedule(session, by, charge, hours)
+
+    @precondition(
+        lambda self: any(s.programme == 1 and s.state == "BOOKED" for s in self.model.sessions.values())
+    )
+    @rule(by=st.sampled_from(["client", "professional"]), hours=st.integers(1, 72))
+    def move_the_most_moved_sponsored_session(self, by: str, hours: int) -> None:
+        """Moves again the sponsor's session moved most (the first booked among equals), so the
+        histories reach its cap on moves."""
+        booked = [(i, s) for i, s in self.model.sessions.items() if s.programme == 1 and s.state == "BOOKED"]
+        session = max(booked, key=lambda pair: pair[1].moves)[0]
+        self._reschedule(session, by, False, hours)
+
+    def _reschedule(self, session: str, by: str, charge: bool, hours: int) -> None:
         s = self.model.sessions[session]
         to = self.clock.now() + timedelta(hours=hours, minutes=7)
         call = lambda r=None: self.kara.reschedule(session, to, by, charge_client=charge, request_id=r)  # noqa: E731
@@ -223,21 +272,26 @@ class Histories(RuleBasedStateMachine):
             return self._refused(call, "SESSION_NOT_BOOKED")
         if to == s.starts:
             return self._refused(call, "STARTS_AT_UNCHANGED")
+        if s.programme == 1 and s.moves >= SPONSOR_MOVES:
+            return self._refused(call, "RESCHEDULE_LIMIT_REACHED")
         if notice <= timedelta(0):
             return self._refused(call, "SESSION_ALREADY_STARTED")
         if charge and not late:
             return self._refused(call, "CHARGE_NOT_ALLOWED_WITH_NOTICE")
-        if charged and self.model.available(s.client) < 1:
+        if charged and self.model.available(s.client, s.programme) < 1:
             return self._refused(call, "INSUFFICIENT_CREDITS")
         result = self._did(call)
         assert result.HasField("charged") == charged
         if charged:
             s.state = "CANCELLED_PAID"
             assert result.charged.session_id == session and result.session.rescheduled_from == session
-            self.model.sessions[result.session.session_id] = Booking(s.client, s.pro, to)
+            self.model.sessions[result.session.session_id] = Booking(
+                s.client, s.pro, to, programme=s.programme
+            )
         else:
             assert result.session.session_id == session
             s.starts = to
+            s.moves += 1
         return None
 
     @rule(hours=st.integers(1, 8))
@@ -360,12 +414,11 @@ class Histories(RuleBasedStateMachine):
 
     @invariant()
     def credits_are_conserved(self) -> None:
-        for client_id in self.clients:
-            granted = self.model.granted.get(client_id, 0)
-            if not granted:
-                continue
-            mine = [s for s in self.model.sessions.values() if s.client == client_id]
-            account = self.kara.get_credit_account(client_id)
+        for (client_id, programme), granted in self.model.granted.items():
+            mine = [
+                s for s in self.model.sessions.values() if (s.client, s.programme) == (client_id, programme)
+            ]
+            account = self.kara.get_credit_account(client_id, programme_id=self.programmes[programme])
             assert account.available + account.held + account.used == granted
             assert account.held == sum(1 for s in mine if s.state == "BOOKED")
             assert account.used == sum(1 for s in mine if s.paid)
