@@ -328,3 +328,15 @@ def test_the_access_line_goes_through_logging_when_another_handler_listens(
     logging.getLogger().setLevel(logging.WARNING)
     logs.access(access, "CancelSession OK", ACCESS_FIELDS)
     assert len(heard) == 1 and stream.getvalue().count("\n") == 1
+
+
+def test_a_filter_added_to_the_handler_still_sees_every_access_line(configured_logging: None) -> None:
+    import io
+    import logging
+
+    stream = io.StringIO()
+    logs.configure("INFO", "json", stream=stream)
+    dropped = logging.Filter("somewhere.else")  # passes only records of another logger
+    logging.getLogger().handlers[0].addFilter(dropped)
+    logs.access(logging.getLogger("kara_sessions_server.rpc"), "CancelSession OK", ACCESS_FIELDS)
+    assert stream.getvalue() == ""

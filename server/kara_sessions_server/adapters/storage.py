@@ -427,9 +427,9 @@ class Storage:
 
     def keep_connections(self) -> None:
         """Makes this thread keep its connection between transactions instead of handing it
-        back to the pool and taking it again around each one (issue 35: 55 K instructions of a
-        cancellation). For long-lived threads only, fewer than the pool's connections: the
-        server's unary workers. A connection is still handed back after a database error, and
+        back to the pool and taking it again around each one (issue 35: 19 K of a cancellation's
+        instructions, 49 K of a GetPayment's). For long-lived threads only, fewer than the pool's
+        connections: the server's unary workers. A connection is still handed back after a database error, and
         once it is older than the pool's stale timeout."""
         self._kept.opened = None
 

@@ -104,10 +104,10 @@ class _ProcessId(logging.Filter):
 class _AccessLine:
     """The access line written straight to the JSON handler's stream: the same line logging
     would write (the formatter's keys in its order), without a LogRecord, the handler's filters
-    and a walk of the record's attributes: 135 K of a cancellation's 1,880 K instructions
+    and a walk of the record's attributes: 62 K of a cancellation's 1,873 K instructions
     (BENCHMARKS.md, issue 35). Used only while the root logger still has just the handler
-    `configure()` installed and the access logger adds nothing of its own (a test's caplog, a
-    second handler or a filter sends the line through logging again)."""
+    `configure()` installed, with only its own filter, and the access logger adds nothing of its
+    own (a test's caplog, another handler or filter sends the line through logging again)."""
 
     def __init__(self, handler: logging.StreamHandler[TextIO], formatter: JsonLineFormatter, pid: int | None):
         self.handler = handler
@@ -119,6 +119,7 @@ class _AccessLine:
         return (
             len(root.handlers) == 1
             and root.handlers[0] is self.handler
+            and len(self.handler.filters) == (0 if self.pid is None else 1)
             and not logger.handlers
             and not logger.filters
             and logger.propagate
