@@ -283,14 +283,7 @@ def bench_floor(
                     echo_run(run)
                 row: dict[str, Any] = {"floor": name, "concurrency": c, "floor_check": asdict(check)}
                 for workload, theirs in (("cancel", cancel), ("get_payment", get)):
-                    mine = next(
-                        (
-                            r
-                            for r in ours
-                            if (r.database, r.workload, r.concurrency) == ("sqlite", workload, c)
-                        ),
-                        None,
-                    )
+                    mine = next((r for r in ours if _is(r, "sqlite", workload, c)), None)
                     row[workload] = {"floor": asdict(theirs), "ours": asdict(mine) if mine else None}
                     row[workload].update(_ratios(mine, theirs))
                 rows.append(row)
