@@ -30,7 +30,7 @@ from kara_sessions_client.client import DEFAULT_TIMEOUT, SessionsClient
 from kara_sessions_server.entrypoints.settings import DEFAULT_WORKERS
 from tests.support.processes import free_port, serve_command, server_children, wait_serving
 
-from . import instructions
+from . import floor, instructions
 from .populate import DEEP_PROFESSIONAL, populate
 from .profile import profile_cancellation
 from .relay import bench_relay
@@ -266,8 +266,8 @@ FLOORS = {"bare": False, "stack": True}
 def bench_floor(
     workdir: Path, concurrencies: list[int], duration: float, ours: list[Run]
 ) -> list[dict[str, Any]]:
-    """Each floor's Check, CancelSession and GetPayment at each concurrency, and ours against
-    each: a row per floor and concurrency."""
+    """Each floor's Check, CancelSession, GetPayment and ListPayments at each concurrency, and
+    ours against each: a row per floor and concurrency."""
     rows: list[dict[str, Any]] = []
     per_run = max(FLOOR_SESSIONS_PER_RUN, int(duration * 1000))
     for name, stack in FLOORS.items():
@@ -277,12 +277,15 @@ def bench_floor(
                 ids = [f"floor-{i}" for i in range(n * per_run, (n + 1) * per_run)]
                 _, cancel = load(target, "cancel", c, duration * 10, session_ids=ids)
                 _, get = load(target, "get_payment", c, duration, session_ids=ids, warmup=0.5)
-                for run in (check, cancel, get):
+                _, page = load(
+                    target, "list_payments", c, duration, professional_id=floor.PROFESSIONAL, warmup=0.5
+                )
+                for run in (check, cancel, get, page):
                     run.database = name
                     compare(run, check)
                     echo_run(run)
                 row: dict[str, Any] = {"floor": name, "concurrency": c, "floor_check": asdict(check)}
-                for workload, theirs in (("cancel", cancel), ("get_payment", get)):
+                for workload, theirs in (("cancel", cancel), ("get_payment", get), ("list_payments", page)):
                     mine = next((r for r in ours if _is(r, "sqlite", workload, c)), None)
                     row[workload] = {"floor": asdict(theirs), "ours": asdict(mine) if mine else None}
                     row[workload].update(_ratios(mine, theirs))
@@ -294,21 +297,21 @@ def _is(run: Run, database: str, workload: str, concurrency: int) -> bool:
     return (run.database, run.workload, run.concurrency) == (database, workload, concurrency)
 
 
-def _ratios(mine: Run | None, floor: Run) -> dict[str, float | None]:
+def _ratios(mine: Run | None, theirs: Run) -> dict[str, float | None]:
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
     return {
-        "rps_ratio": ratio(mine.rps if mine else None, floor.rps),
-        "cpu_ratio": ratio(mine.server_cpu_us if mine else None, floor.server_cpu_us),
-        "p99_ratio": ratio(mine.p99_ms if mine else None, floor.p99_ms),
-        "switches_ratio": ratio(mine.server_switches if mine else None, floor.server_switches),
+        "rps_ratio": ratio(mine.rps if mine else None, theirs.rps),
+        "cpu_ratio": ratio(mine.server_cpu_us if mine else None, theirs.server_cpu_us),
+        "p99_ratio": ratio(mine.p99_ms if mine else None, theirs.p99_ms),
+        "switches_ratio": ratio(mine.server_switches if mine else None, theirs.server_switches),
     }
 
 
 def bench_instructions(workdir: Path) -> list[dict[str, Any]] | None:
-    """Instructions per call, in-process (callgrind): CancelSession and GetPayment, ours and
-    the stack's floor. None without valgrind."""
+    """Instructions per call, in-process (callgrind): CancelSession, GetPayment and
+    ListPayments, ours and the stack's floor. None without valgrind."""
     rows = []
     for rpc in instructions.RPCS:
         row: dict[str, Any] = {"rpc": rpc}
@@ -752,7 +755,7 @@ def _relay_section(results: dict[str, Any], database: Path, workdir: Path, count
 
 
 def targets(
-    runs: list[Run], growth: list[Growth], floor: list[dict[str, Any]], counted: list[dict[str, Any]]
+    runs: list[Run], growth: list[Growth], floors: list[dict[str, Any]], counted: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     def run(db: str, workload: str, c: int) -> Run | None:
         return next((r for r in runs if (r.database, r.workload, r.concurrency) == (db, workload, c)), None)
@@ -776,7 +779,7 @@ def targets(
             check(name, ratio, f"<= {goal:.1f}", ratio <= goal)
 
     def against(floor_name: str, workload: str, c: int, ratio: str) -> float | None:
-        row = next((r for r in floor if (r["floor"], r["concurrency"]) == (floor_name, c)), None)
+        row = next((r for r in floors if (r["floor"], r["concurrency"]) == (floor_name, c)), None)
         found: float | None = row[workload][ratio] if row else None
         return found
 

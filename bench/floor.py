@@ -16,7 +16,9 @@ The stack's floor (`--stack`, issue 35) adds what the design card requires of ou
 else: the statements go through peewee; the session is read first and its new state decided by
 one `transitions` event whose guards are the notice and the charge box (so the UPDATE is
 guarded on the state and version read); and each call writes one JSON access line through
-`logging`. A GetPayment is one SELECT (through peewee on the stack's floor) and the Payment.
+`logging`. A GetPayment is one SELECT (through peewee on the stack's floor) and the Payment; a
+ListPayments one SELECT of a page of the professional's Payments tab (one section, oldest
+start first, on an index as ours) and its Payments.
 
 Both answer the same requests the load generator sends our server, and the health service's
 Check, so `make bench` drives all three with the same load in the same run. Bench-only:
@@ -49,7 +51,9 @@ from transitions import Machine
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
   session_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, starts_at INTEGER NOT NULL,
-  state TEXT NOT NULL, version INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+  state TEXT NOT NULL, version INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+  professional_id TEXT NOT NULL, section TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS sessions_tab ON sessions (professional_id, section, starts_at, session_id);
 CREATE TABLE IF NOT EXISTS accounts (
   client_id TEXT PRIMARY KEY, available INTEGER NOT NULL CHECK (available >= 0),
   held INTEGER NOT NULL CHECK (held >= 0), used INTEGER NOT NULL CHECK (used >= 0),
@@ -63,7 +67,7 @@ CREATE TABLE IF NOT EXISTS changes (
   type TEXT NOT NULL, data TEXT NOT NULL, at INTEGER NOT NULL);
 """
 _SETTLE = (
-    "UPDATE sessions SET state = 'CANCELLED_PAID', version = version + 1, updated_at = ? "
+    "UPDATE sessions SET state = 'CANCELLED_PAID', section = 'PAID', version = version + 1, updated_at = ? "
     "WHERE session_id = ? AND state = 'BOOKED' RETURNING client_id, starts_at, version"
 )
 _TAKE = (
@@ -75,12 +79,20 @@ _ENTRY = (
 )
 _CHANGE = "INSERT INTO changes (request_id, subject, type, data, at) VALUES (?, ?, ?, ?, ?)"
 _PAYMENT = "SELECT client_id, state FROM sessions WHERE session_id = ?"
+# A page of the Payments tab: one section, oldest start first (the keyset's first page).
+_PAYMENTS_PAGE = (
+    "SELECT session_id, client_id, state FROM sessions WHERE professional_id = ? AND section = ? "
+    "ORDER BY starts_at, session_id LIMIT ?"
+)
+_SECTIONS = {pb.PAYMENT_SECTION_UNPAID: "UNPAID", pb.PAYMENT_SECTION_PAID: "PAID"}
 _PAYMENTS = {
     "BOOKED": (pb.PAYMENT_STATE_PENDING, pb.PAYMENT_SECTION_UNPAID),
     "CANCELLED_VOIDED": (pb.PAYMENT_STATE_VOIDED, pb.PAYMENT_SECTION_UNPAID),
     "CANCELLED_PAID": (pb.PAYMENT_STATE_PAID, pb.PAYMENT_SECTION_PAID),
 }
 CLIENTS = 32
+# Every floor session is this professional's: ListPayments reads their Payments tab.
+PROFESSIONAL = "floor-pro"
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -100,7 +112,7 @@ def populate(path: str, sessions: int) -> None:
         [(f"floor-client-{c}", sessions // CLIENTS + 1, now) for c in range(CLIENTS)],
     )
     conn.executemany(
-        "INSERT INTO sessions VALUES (?, ?, ?, 'BOOKED', 1, ?)",
+        f"INSERT INTO sessions VALUES (?, ?, ?, 'BOOKED', 1, ?, '{PROFESSIONAL}', 'UNPAID')",
         [(f"floor-{i}", f"floor-client-{i % CLIENTS}", now + 3_600_000_000, now) for i in range(sessions)],
     )
     conn.execute("COMMIT")
@@ -162,6 +174,11 @@ class FloorServicer(sessions_pb2_grpc.SessionServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, "no such session")
         return payment_pb(request.session_id, row[0], row[1])
 
+    def ListPayments(self, request: pb.ListPaymentsRequest, context: Any) -> pb.ListPaymentsResponse:
+        section = _SECTIONS[request.section]
+        rows = self._conn().execute(_PAYMENTS_PAGE, (request.professional_id, section, request.page_size))
+        return pb.ListPaymentsResponse(payments=[payment_pb(*row) for row in rows.fetchall()])
+
 
 def payment_pb(session_id: str, client_id: str, state: str) -> pb.Payment:
     payment_state, section = _PAYMENTS[state]
@@ -175,7 +192,7 @@ _STATES = ["BOOKED", "CANCELLED_VOIDED", "CANCELLED_PAID"]
 _NOTICE_WINDOW_US = 24 * 3600 * 1_000_000
 _SELECT = "SELECT client_id, starts_at, state, version FROM sessions WHERE session_id = ?"
 _MOVE = (
-    "UPDATE sessions SET state = ?, version = version + 1, updated_at = ? "
+    "UPDATE sessions SET state = ?, section = ?, version = version + 1, updated_at = ? "
     "WHERE session_id = ? AND state = ? AND version = ?"
 )
 _RETURN = (
@@ -245,7 +262,7 @@ class StackFloorServicer(sessions_pb2_grpc.SessionServiceServicer):
             "method": method,
             "code": "OK",
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            "session_id": request.session_id,
+            "session_id": getattr(request, "session_id", ""),
             "request_id": getattr(request, "request_id", ""),
             "peer": context.peer(),
         }
@@ -267,7 +284,8 @@ class StackFloorServicer(sessions_pb2_grpc.SessionServiceServicer):
                 by_client=request.cancelled_by == pb.PARTY_CLIENT,
                 charge=request.charge_client,
             )
-            moved = self._sql(_MOVE, (session.state, now, request.session_id, state, version))
+            section = "PAID" if session.state == "CANCELLED_PAID" else "UNPAID"
+            moved = self._sql(_MOVE, (session.state, section, now, request.session_id, state, version))
             if moved.rowcount != 1:
                 context.abort(grpc.StatusCode.ABORTED, "changed meanwhile")
             paid = session.state == "CANCELLED_PAID"
@@ -300,6 +318,17 @@ class StackFloorServicer(sessions_pb2_grpc.SessionServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, "no such session")
         response = payment_pb(request.session_id, row[0], row[1])
         self._access("GetPayment", request, started, context)
+        return response
+
+    def ListPayments(self, request: pb.ListPaymentsRequest, context: Any) -> pb.ListPaymentsResponse:
+        started = time.perf_counter()
+        self.db.connect(reuse_if_open=True)
+        with self.db.atomic():
+            rows = self._sql(
+                _PAYMENTS_PAGE, (request.professional_id, _SECTIONS[request.section], request.page_size)
+            ).fetchall()
+        response = pb.ListPaymentsResponse(payments=[payment_pb(*row) for row in rows])
+        self._access("ListPayments", request, started, context)
         return response
 
 

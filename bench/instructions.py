@@ -44,20 +44,28 @@ from kara_sessions_server.entrypoints.grpc.servicers import SessionServicer
 from kara_sessions_server.entrypoints.settings import Settings
 
 from . import floor
-from .profile import _book, _Context
+from .profile import PROFESSIONAL, _book, _Context
 
-RPCS = ("cancel", "get_payment")
+# Each measured call, by the name the load generator gives its workload, and its method.
+RPCS = {"cancel": "CancelSession", "get_payment": "GetPayment", "list_payments": "ListPayments"}
+# A ListPayments page, as the load generator asks for one.
+PAGE_SIZE = 50
 SERVERS = ("ours", "stack")
 # Every run books (or populates) this many sessions, outside the measured calls' count.
 SESSIONS = 220
 
 
-def _requests(rpc: str, ids: list[str], n: int) -> list[Any]:
+def _requests(rpc: str, ids: list[str], n: int, professional_id: str) -> list[Any]:
     if rpc == "cancel":
         return [
             pb.CancelSessionRequest(session_id=i, cancelled_by=pb.PARTY_CLIENT, request_id=str(uuid.uuid4()))
             for i in ids[:n]
         ]
+    if rpc == "list_payments":
+        page = pb.ListPaymentsRequest(
+            professional_id=professional_id, section=pb.PAYMENT_SECTION_UNPAID, page_size=PAGE_SIZE
+        )
+        return [page] * n
     return [pb.GetPaymentRequest(session_id=ids[k % len(ids)]) for k in range(n)]
 
 
@@ -77,7 +85,7 @@ def ours(workdir: Path, rpc: str, n: int) -> None:
         interceptor = CallInterceptor(
             Authenticator(None), metrics, frozenset({"kara.sessions.v1.SessionService"})
         )
-        name = "CancelSession" if rpc == "cancel" else "GetPayment"
+        name = RPCS[rpc]
         wrapped = interceptor.intercept_service(
             lambda _: grpc.unary_unary_rpc_method_handler(getattr(servicer, name)),
             SimpleNamespace(method=f"/kara.sessions.v1.SessionService/{name}"),  # type: ignore[arg-type]
@@ -86,7 +94,7 @@ def ours(workdir: Path, rpc: str, n: int) -> None:
         call: Any = wrapped.unary_unary
         ids = [s.session_id for s in _book(app.sessions, SESSIONS, "client-cg")]
         context = _Context()
-        for request in _requests(rpc, ids, n):
+        for request in _requests(rpc, ids, n, PROFESSIONAL):
             call(request, context)
     finally:
         logging.getLogger().handlers.clear()
@@ -99,9 +107,9 @@ def stack(workdir: Path, rpc: str, n: int) -> None:
     floor.populate(path, SESSIONS)
     floor.log_access_lines((workdir / "access.log").open("w"))
     servicer = floor.StackFloorServicer(path, synchronous="normal")
-    call = servicer.CancelSession if rpc == "cancel" else servicer.GetPayment
+    call = getattr(servicer, RPCS[rpc])
     context = _Context()
-    for request in _requests(rpc, [f"floor-{i}" for i in range(SESSIONS)], n):
+    for request in _requests(rpc, [f"floor-{i}" for i in range(SESSIONS)], n, floor.PROFESSIONAL):
         call(request, context)
 
 

@@ -63,11 +63,15 @@ def _component(filename: str, name: str) -> str:
     return "other (stdlib: uuid, json, datetime, ...)"
 
 
+# Whose sessions _book books.
+PROFESSIONAL = "pro-profile"
+
+
 def _book(services: Services, n: int, client: str) -> list[Session]:
     services.grant_credits(WHO, GrantCredits(client, n, str(uuid.uuid4())))
     starts = datetime.now(UTC) + timedelta(days=2)
     return [
-        services.book_session(WHO, BookSession(client, "pro-profile", starts, str(uuid.uuid4())))
+        services.book_session(WHO, BookSession(client, PROFESSIONAL, starts, str(uuid.uuid4())))
         for _ in range(n)
     ]
 

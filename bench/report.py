@@ -113,7 +113,7 @@ def _floor_table(rows: list[dict[str, Any]]) -> Table:
     ):
         table.add_column(col, justify="left" if col in ("floor", "RPC") else "right")
     for r in rows:
-        for workload in ("cancel", "get_payment"):
+        for workload in ("cancel", "get_payment", "list_payments"):
             got = r[workload]
             floor, ours = got["floor"], got["ours"] or {}
             table.add_row(

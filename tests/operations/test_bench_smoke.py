@@ -84,7 +84,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     floors = {(r["floor"], r["concurrency"]): r for r in results["floor"]}
     assert set(floors) == {("bare", 2), ("stack", 2)}
     for row in floors.values():
-        for workload in ("cancel", "get_payment"):
+        for workload in ("cancel", "get_payment", "list_payments"):
             theirs, ours = row[workload]["floor"], row[workload]["ours"]
             assert theirs["requests"] > 0 and not theirs["errors"], (row["floor"], workload, theirs)
             assert theirs["server_switches"] > 0 and ours["server_switches"] > 0
@@ -93,7 +93,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("server", ["ours", "stack"])
-@pytest.mark.parametrize("rpc", ["cancel", "get_payment"])
+@pytest.mark.parametrize("rpc", ["cancel", "get_payment", "list_payments"])
 def test_instructions_runs_each_call(rpc: str, server: str) -> None:
     """What `make bench` runs under callgrind, run plainly: every call answers."""
     done = subprocess.run(
