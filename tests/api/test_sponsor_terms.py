@@ -14,6 +14,7 @@ import pytest
 from kara.sessions.v1 import programmes_pb2 as ppb
 from kara.sessions.v1 import sessions_pb2 as pb
 
+from kara_sessions_client import exit_codes
 from kara_sessions_client.client import KaraError, SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
@@ -199,3 +200,41 @@ def test_an_unknown_client_late_cancel_number_is_refused_by_name(
 
     refused = refuse(server, raw, INVALID, None)
     assert "CLIENT_LATE_CANCEL_CONTACT_PROFESSIONAL" in refused.message
+
+
+def test_the_command_line_sets_and_shows_both_terms_and_says_why_a_cancellation_is_refused(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        target = ["--target", f"127.0.0.1:{server.port}"]
+        return subprocess.run(
+            [sys.executable, "-m", "kara_sessions_client.cli", *target, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    made = cli("--json", "programme", "create", "sponsor", "--name", "Sponsor", "--notice-window-hours",
+               "48", "--client-late-cancel", "contact-professional", "--max-reschedules", "3")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    assert created["client_late_cancel"] == "CLIENT_LATE_CANCEL_CONTACT_PROFESSIONAL"
+    assert created["max_reschedules"] == 3
+    changed = cli("--json", "programme", "update", "sponsor", "--max-reschedules", "1")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["max_reschedules"] == 1
+    shown = cli("programme", "show", "sponsor")
+    assert "client_late_cancel" in shown.stdout and "CONTACT_PROFESSIONAL" in shown.stdout
+    assert cli("programme", "update", "sponsor", "--max-reschedules", "51").returncode == 2
+    booked = book_with_notice(kara, clock, "sponsor", timedelta(hours=47))
+    refused = cli("cancel", booked.session_id, "--by", "client")
+    assert refused.returncode == exit_codes.REFUSED  # the server said no: a retry will not help
+    assert (
+        "LATE_CANCEL_CONTACT_PROFESSIONAL" in refused.stderr
+        and "contact their professional" in refused.stderr
+    )
