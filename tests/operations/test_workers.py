@@ -22,7 +22,7 @@ from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import SessionsClient
 from kara_sessions_server.entrypoints.grpc import workers
-from kara_sessions_server.entrypoints.grpc.server import start
+from kara_sessions_server.entrypoints.grpc.server import RunningServer, start
 from kara_sessions_server.entrypoints.settings import Settings
 
 from ..conftest import ALL_DATABASES, open_database
@@ -45,8 +45,9 @@ def test_grpcio_still_hands_a_streaming_handler_to_the_function_the_router_knows
         pool.shutdown()
 
 
-def _rpc_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("rpc_")]
+def _unary_threads(running: RunningServer) -> list[str]:
+    """This server's unary workers (its stream threads are named rpc-stream_N)."""
+    return [t.name for t in running.executor.threads() if t.name.startswith("rpc_")]
 
 
 def test_unary_calls_run_on_exactly_max_workers_threads(tmp_path: Path, clock: FakeClock) -> None:
@@ -69,7 +70,7 @@ def test_unary_calls_run_on_exactly_max_workers_threads(tmp_path: Path, clock: F
         assert answers == [session_id] * 48
         # Before: one pool of max_workers + max_event_streams threads, the extra ones parked at
         # the interceptor's gate.
-        assert len(_rpc_threads()) == 2, _rpc_threads()
+        assert len(_unary_threads(running)) == 2, _unary_threads(running)
     finally:
         running.stop(grace=1)
 
