@@ -758,7 +758,7 @@ def targets(
     runs: list[Run], growth: list[Growth], floors: list[dict[str, Any]], counted: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     def run(db: str, workload: str, c: int) -> Run | None:
-        return next((r for r in runs if (r.database, r.workload, r.concurrency) == (db, workload, c)), None)
+        return next((r for r in runs if _is(r, db, workload, c)), None)
 
     out: list[dict[str, Any]] = []
 

@@ -663,7 +663,7 @@ def test_a_version_9_database_upgrades_to_the_sponsors_terms_keeping_what_each_s
             assert {i: kara.get_session(i) for i in ids} == sessions
             assert {p: kara.get_programme(p) for p in programmes} == programmes
             for session in sessions.values():
-                assert session.terms.client_late_cancel in (0, ppb.CLIENT_LATE_CANCEL_CHARGE)
+                assert session.terms.client_late_cancel == ppb.CLIENT_LATE_CANCEL_CHARGE
                 assert session.terms.max_reschedules == 0
             # A late client cancellation is charged, as the article says.
             clock.advance(timedelta(days=4, hours=12))

@@ -186,12 +186,7 @@ class NoticePolicy:
             raise ChargeNotAllowedWithNotice(
                 f"the client gave {_hours(notice)} of notice (at least {_hours(window)}); under the terms "
                 f"of programme {session.programme_id!r} they must not be charged: clear charge_client",
-                metadata={
-                    "session_id": session.session_id,
-                    "programme_id": session.programme_id,
-                    "notice_seconds": str(int(notice.total_seconds())),
-                    "notice_window_seconds": str(int(window.total_seconds())),
-                },
+                metadata=_notice_metadata(session, notice, window),
             )
         if asked.charge_client and not terms.professional_may_charge_late:
             raise ChargeNotAllowedByProgramme(
@@ -206,12 +201,7 @@ class NoticePolicy:
                 f"the client gave {_hours(notice)} of notice (less than {_hours(window)}) and "
                 f"programme {session.programme_id!r} asks a client to contact their professional to "
                 "cancel this late: the professional can cancel it, and decides whether it is charged",
-                metadata={
-                    "session_id": session.session_id,
-                    "programme_id": session.programme_id,
-                    "notice_seconds": str(int(notice.total_seconds())),
-                    "notice_window_seconds": str(int(window.total_seconds())),
-                },
+                metadata=_notice_metadata(session, notice, window),
             )
         refused = terms.late_reschedule is LateReschedule.REFUSED
         if asked.verb == "move" and late and asked.party is Party.CLIENT and refused:
@@ -219,12 +209,7 @@ class NoticePolicy:
                 f"the client gave {_hours(notice)} of notice (less than {_hours(window)}) and "
                 f"programme {session.programme_id!r} does not let a client move a session that "
                 "late; the session may still be cancelled",
-                metadata={
-                    "session_id": session.session_id,
-                    "programme_id": session.programme_id,
-                    "notice_seconds": str(int(notice.total_seconds())),
-                    "notice_window_seconds": str(int(window.total_seconds())),
-                },
+                metadata=_notice_metadata(session, notice, window),
             )
         return Notice(notified_at=notified_at, notice=notice, late=late, within_grace=within_grace)
 
@@ -242,6 +227,16 @@ class NoticePolicy:
         if not late:
             return False
         return rule is LateReschedule.CHARGE if moved_by is Party.CLIENT else charge_client
+
+
+def _notice_metadata(session: Session, notice: timedelta, window: timedelta) -> dict[str, str]:
+    """What a refusal about notice tells a program: whose session, and the notice against the window."""
+    return {
+        "session_id": session.session_id,
+        "programme_id": session.programme_id,
+        "notice_seconds": str(int(notice.total_seconds())),
+        "notice_window_seconds": str(int(window.total_seconds())),
+    }
 
 
 def _hours(delta: timedelta) -> str:

@@ -50,7 +50,7 @@ class JsonLineFormatter(logging.Formatter):
         # (second, its text), replaced as one object so that threads never see a mixed pair.
         self._second: tuple[int, str] = (-1, "")
 
-    def time_text(self, created: float) -> str:
+    def _time(self, created: float) -> str:
         second = int(created)
         cached, text = self._second
         if second != cached:
@@ -58,13 +58,12 @@ class JsonLineFormatter(logging.Formatter):
             self._second = (second, text)
         return f"{text},{int((created - second) * 1000):03d}"
 
+    def head(self, created: float, level: str, logger: str, message: str) -> dict[str, Any]:
+        """A line's first keys, in order; its fields follow (the access line's too)."""
+        return {"time": self._time(created), "level": level, "logger": logger, "message": message}
+
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "time": self.time_text(record.created),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+        line = self.head(record.created, record.levelname, record.name, record.getMessage())
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRIBUTES:
                 line[key] = value
@@ -126,12 +125,7 @@ class _AccessLine:
         )
 
     def write(self, logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
-        line: dict[str, Any] = {
-            "time": self.formatter.time_text(time.time()),
-            "level": "INFO",
-            "logger": logger.name,
-            "message": message,
-        }
+        line = self.formatter.head(time.time(), "INFO", logger.name, message)
         line.update(fields)
         if self.pid is not None:
             line["pid"] = self.pid
