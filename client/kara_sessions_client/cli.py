@@ -624,6 +624,21 @@ def programme() -> None:
 
 def _terms_options(f: Callable[..., None], *, create: bool) -> Callable[..., None]:
     f = click.option(
+        "--forgiveness-period-days",
+        type=click.FloatRange(1, 730),
+        default=365.0 if create else None,
+        show_default=create,
+        help="The rolling period for --free-late-cancellations (1 to 730 days).",
+    )(f)
+    f = click.option(
+        "--free-late-cancellations",
+        type=click.IntRange(0, 10),
+        default=0 if create else None,
+        show_default=create,
+        help="How many of a client's late cancellations and no-shows that would be charged are "
+        "forgiven instead (credit returned) within the forgiveness period (0 to 10).",
+    )(f)
+    f = click.option(
         "--max-reschedules",
         type=click.IntRange(0, 50),
         default=0 if create else None,
@@ -694,6 +709,8 @@ def programme_create(
     cancellation_grace_minutes: float,
     client_late_cancel: str,
     max_reschedules: int,
+    free_late_cancellations: int,
+    forgiveness_period_days: float,
     request_id: str | None,
 ) -> None:
     """Create a programme PROGRAMME_ID (lower-case letters, digits, hyphens)."""
@@ -709,6 +726,8 @@ def programme_create(
             cancellation_grace=timedelta(minutes=cancellation_grace_minutes),
             client_late_cancel=client_late_cancel,
             max_reschedules=max_reschedules,
+            free_late_cancellations=free_late_cancellations,
+            forgiveness_period=timedelta(days=forgiveness_period_days),
             request_id=request_id,
         ),
     )
@@ -747,6 +766,8 @@ def programme_update(
     cancellation_grace_minutes: float | None,
     client_late_cancel: str | None,
     max_reschedules: int | None,
+    free_late_cancellations: int | None,
+    forgiveness_period_days: float | None,
     request_id: str | None,
 ) -> None:
     """Change the options given; sessions already booked keep the terms they were booked under."""
@@ -759,6 +780,8 @@ def programme_update(
         cancellation_grace_minutes,
         client_late_cancel,
         max_reschedules,
+        free_late_cancellations,
+        forgiveness_period_days,
     )
     if all(v is None for v in given):
         raise click.UsageError("give at least one of --name, --notice-window-hours and the terms options")
@@ -775,6 +798,10 @@ def programme_update(
             cancellation_grace=grace,
             client_late_cancel=client_late_cancel,
             max_reschedules=max_reschedules,
+            free_late_cancellations=free_late_cancellations,
+            forgiveness_period=None
+            if forgiveness_period_days is None
+            else timedelta(days=forgiveness_period_days),
             request_id=request_id,
         ),
     )

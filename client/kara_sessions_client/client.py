@@ -485,10 +485,13 @@ class SessionsClient:
         cancellation_grace: timedelta = timedelta(0),
         client_late_cancel: str = "charge",
         max_reschedules: int = 0,
+        free_late_cancellations: int = 0,
+        forgiveness_period: timedelta | None = None,
         request_id: str | None = None,
     ) -> ppb.Programme:
         """`late_reschedule`: charge, free or refused (see LateReschedule); `client_late_cancel`:
-        charge or contact-professional (see ClientLateCancel); `max_reschedules` 0: no limit."""
+        charge or contact-professional (see ClientLateCancel); `max_reschedules` 0: no limit;
+        `forgiveness_period` None: the server's default (365 days)."""
         programme = ppb.Programme(
             display_name=display_name,
             notice_window=_duration(notice_window),
@@ -498,7 +501,10 @@ class SessionsClient:
             cancellation_grace=_duration(cancellation_grace),
             client_late_cancel=CLIENT_LATE_CANCEL[client_late_cancel],
             max_reschedules=max_reschedules,
+            free_late_cancellations=free_late_cancellations,
         )
+        if forgiveness_period is not None:
+            programme.forgiveness_period.CopyFrom(_duration(forgiveness_period))
         request = ppb.CreateProgrammeRequest(
             programme=programme, programme_id=programme_id, request_id=request_id or new_request_id()
         )
@@ -524,6 +530,8 @@ class SessionsClient:
         cancellation_grace: timedelta | None = None,
         client_late_cancel: str | None = None,
         max_reschedules: int | None = None,
+        free_late_cancellations: int | None = None,
+        forgiveness_period: timedelta | None = None,
         request_id: str | None = None,
         etag: str = "",
     ) -> ppb.Programme:
@@ -555,6 +563,12 @@ class SessionsClient:
         if max_reschedules is not None:
             programme.max_reschedules = max_reschedules
             paths.append("max_reschedules")
+        if free_late_cancellations is not None:
+            programme.free_late_cancellations = free_late_cancellations
+            paths.append("free_late_cancellations")
+        if forgiveness_period is not None:
+            programme.forgiveness_period.CopyFrom(_duration(forgiveness_period))
+            paths.append("forgiveness_period")
         request = ppb.UpdateProgrammeRequest(
             programme=programme,
             update_mask=field_mask_pb2.FieldMask(paths=paths),

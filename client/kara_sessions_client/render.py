@@ -43,7 +43,7 @@ def _short_enum_names() -> dict[str, str]:
 
 _SHORT_ENUM_NAMES = _short_enum_names()
 # Shown as 24 h or 15 min: every Duration and the seconds of notice (script_data makes them seconds).
-_DURATIONS = frozenset({"notice_window", "notice_seconds", "cancellation_grace"})
+_DURATIONS = frozenset({"notice_window", "notice_seconds", "cancellation_grace", "forgiveness_period"})
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 # Fields that hold amounts or counts: right-aligned, as figures are in a ledger.
 _FIGURES = frozenset(
@@ -289,9 +289,12 @@ def _field(*path: str) -> Callable[[dict[str, Any]], str]:
 
 def duration(seconds: float | None) -> str:
     """A notice, a window or a grace as people speak of the article's 24 hours: 48 h, 26.5 h,
-    15 min, 45 s (bulk-cancel's lines and table use it too)."""
+    15 min, 45 s; a week or more in days, as a forgiveness period is spoken of (bulk-cancel's
+    lines and table use it too)."""
     if seconds is None:
         return ""
+    if seconds >= 7 * 86400:
+        return f"{round(seconds / 86400, 1):g} d"
     if seconds >= 3600:
         return f"{round(seconds / 3600, 1):g} h"
     if seconds >= 60 or seconds == 0:
@@ -305,6 +308,8 @@ def _notice(row: dict[str, Any]) -> str:
     if not cancellation.get("cancelled_at"):
         return ""
     given = duration(float(cancellation.get("notice_seconds", 0)))
+    if cancellation.get("forgiven"):
+        return f"late, forgiven ({given})"
     return f"late ({given})" if cancellation.get("late") else f"on time ({given})"
 
 

@@ -70,7 +70,15 @@ def test_an_unknown_enum_value_is_refused_with_every_value_the_field_takes() -> 
 # A field added to Session changes the samples, and these with it: recompute them with the
 # conversion of the commit before yours. Fields added to the terms since (issue 36) are cleared
 # before hashing, and checked on their own.
-TERMS_SINCE_0_10 = ("client_late_cancel", "max_reschedules")
+TERMS_SINCE_0_10 = (
+    "client_late_cancel",
+    "max_reschedules",
+    "free_late_cancellations",
+    "forgiveness_period",
+)
+# And the fields the session, the payment and a cancellation gained with them.
+SINCE_0_10 = ("no_show_forgiven",)
+CANCELLATION_SINCE_0_10 = ("forgiven",)
 BUILT_AND_COPIED = {
     "sample0": (
         "5469b3180f9922bbec973dcdbe4f893bd851966eaf49c79ee878a7c57b26984d",
@@ -114,6 +122,11 @@ def test_writing_in_place_makes_the_bytes_building_and_copying_made() -> None:
         for part in parts or [message]:
             for name in TERMS_SINCE_0_10:
                 part.terms.ClearField(name)
+            for name in SINCE_0_10:
+                part.ClearField(name)
+            for name in CANCELLATION_SINCE_0_10:
+                if part.HasField("cancellation"):
+                    part.cancellation.ClearField(name)
         return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
     sessions = {
@@ -131,9 +144,15 @@ def test_writing_in_place_makes_the_bytes_building_and_copying_made() -> None:
         response = _settled(pb.CancelSessionResponse(), (session, payment))
         for terms in (session_pb(session).terms, payment_pb(payment).terms, response.session.terms):
             assert terms.max_reschedules == session.terms.max_reschedules
+            assert terms.free_late_cancellations == session.terms.free_late_cancellations
+            assert terms.forgiveness_period.ToTimedelta() == session.terms.forgiveness_period
             assert terms.client_late_cancel == ppb.ClientLateCancel.Value(
                 f"CLIENT_LATE_CANCEL_{session.terms.client_late_cancel.value}"
             )
+        for message in (session_pb(session), payment_pb(payment), response.session):
+            assert message.no_show_forgiven == session.no_show_forgiven
+        if session.cancellation:
+            assert session_pb(session).cancellation.forgiven == session.cancellation.forgiven
         assert (
             digest(session_pb(session)),
             digest(payment_pb(payment)),

@@ -133,7 +133,9 @@ def _changed_value(value: Message, w: World) -> None:
             else w.now - timedelta(minutes=1)
         )
     elif isinstance(value, Duration):
-        value.FromTimedelta(value.ToTimedelta() + timedelta(hours=1))
+        # Unset: a day, which every duration term allows (a grace of at most one, a period of
+        # at least one).
+        value.FromTimedelta(value.ToTimedelta() + timedelta(hours=1) if value.seconds else timedelta(days=1))
     elif isinstance(value, FieldMask):
         value.paths[:] = ["display_name"]
     else:

@@ -96,14 +96,20 @@ _TERMS_COLUMNS_V8 = {
 }
 
 
+# The columns of programme_terms that version 10 added (issue 36).
+TERMS_SINCE_9 = ("client_late_cancel", "max_reschedules", "free_late_cancellations", "forgiveness_period_us")
+
+
 def downgrade_to_version_9(database_url: str) -> None:
-    """The database as version 9 left it (terms without client_late_cancel and
-    max_reschedules), with its data."""
+    """The database as version 9 left it (terms without the sponsor's, sessions without a
+    forgiven charge), with its data."""
     storage = open_storage(database_url)
     db = storage.db
     with db.connection_context(), db.atomic():
-        for column in ("client_late_cancel", "max_reschedules"):
+        for column in TERMS_SINCE_9:
             db.execute_sql(f"ALTER TABLE programme_terms DROP COLUMN {column}")
+        for column in ("forgiven", "no_show_forgiven"):
+            db.execute_sql(f"ALTER TABLE sessions DROP COLUMN {column}")
         db.execute_sql("UPDATE schema_version SET version = 9")
     storage.close()
 
@@ -111,6 +117,7 @@ def downgrade_to_version_9(database_url: str) -> None:
 def downgrade_to_version_8(database_url: str) -> None:
     """The database as version 8 left it (each session and programme row with its own copy of
     its terms, durations without their unit in their names), with its data."""
+    downgrade_to_version_9(database_url)
     storage = open_storage(database_url)
     db = storage.db
     with db.connection_context(), db.atomic():
@@ -665,15 +672,20 @@ def test_a_version_9_database_upgrades_to_the_sponsors_terms_keeping_what_each_s
             for session in sessions.values():
                 assert session.terms.client_late_cancel == ppb.CLIENT_LATE_CANCEL_CHARGE
                 assert session.terms.max_reschedules == 0
+                assert session.terms.free_late_cancellations == 0
+                assert session.terms.forgiveness_period.ToTimedelta() == timedelta(days=365)
+                assert not session.no_show_forgiven
             # A late client cancellation is charged, as the article says.
             clock.advance(timedelta(days=4, hours=12))
             cancelled = kara.cancel(ids[1], "client")
             assert cancelled.session.state == pb.SESSION_STATE_CANCELLED_PAID
+            assert not cancelled.session.cancellation.forgiven
         after = db_snapshot(running)
     finally:
         running.stop(grace=0)
-    new = ("client_late_cancel", "max_reschedules")
-    assert {tuple(r[k] for k in new) for r in after["programme_terms"]} == {("CHARGE", 0)}
+    new = TERMS_SINCE_9
+    year = timedelta(days=365)
+    assert {tuple(r[k] for k in new) for r in after["programme_terms"]} == {("CHARGE", 0, 0, year)}
 
     def kept(rows: list[dict[str, object]]) -> list[dict[str, object]]:
         return [{k: v for k, v in r.items() if k not in new} for r in rows]

@@ -170,6 +170,21 @@ class MemorySessions:
     def move(self, before: Session, after: Session) -> Session:
         return self.change_state(before, after)
 
+    def forgiven_since(self, session: Session, since: datetime, *, for_change: bool = False) -> int:
+        # One unit of work at a time holds everything: for_change needs no lock of its own.
+        def forgiven_at(s: Session) -> datetime | None:
+            if s.cancellation is not None and s.cancellation.forgiven:
+                return s.cancellation.cancelled_at
+            return s.no_show_at if s.no_show_forgiven else None
+
+        return sum(
+            1
+            for s in self._data.sessions.values()
+            if (s.client_id, s.programme_id) == (session.client_id, session.programme_id)
+            and (at := forgiven_at(s)) is not None
+            and at >= since
+        )
+
     def audit(
         self,
         before: Session | None,

@@ -29,9 +29,12 @@ GROUP BY a.client_id, a.programme_id, a.available, a.held, a.used
 """
 # Each session with the no-show term of the version of its programme's terms it points to.
 _PAYMENTS = (
-    "SELECT s.session_id, s.state, t.no_show_takes_credit, s.waived_at, s.payment_section FROM sessions s "
+    "SELECT s.session_id, s.state, t.no_show_takes_credit, s.waived_at, s.payment_section, {forgiven} "
+    "FROM sessions s "
     "LEFT JOIN programme_terms t ON t.programme_id = s.programme_id AND t.terms_version = s.terms_version"
 )
+# A no-show's forgiven charge is recorded from schema version 10 on.
+_FORGIVEN_SINCE_VERSION = 10
 
 
 class BackupError(Exception):
@@ -106,12 +109,15 @@ def verify(path: Path) -> Verified:
                 raise BackupError(
                     f"credit account {client_id} (programme {programme_id}) disagrees with its ledger"
                 )
-        sessions = db.execute(_PAYMENTS).fetchall()
-        for session_id, state, no_show_takes, waived_at, section in sessions:
+        forgiven_column = "s.no_show_forgiven" if version >= _FORGIVEN_SINCE_VERSION else "NULL"
+        sessions = db.execute(_PAYMENTS.format(forgiven=forgiven_column)).fetchall()
+        for session_id, state, no_show_takes, waived_at, section, forgiven in sessions:
             if no_show_takes is None:
                 raise BackupError(f"session {session_id} points to terms its programme does not have")
             terms = replace(DEFAULT_TERMS, no_show_takes_credit=bool(no_show_takes))
-            expected = payment_state_for(SessionState(state), terms, waived=waived_at is not None).section
+            expected = payment_state_for(
+                SessionState(state), terms, waived=waived_at is not None, forgiven=bool(forgiven)
+            ).section
             if section != expected.value:
                 raise BackupError(f"session {session_id} is {state} but its payment is in section {section}")
         return Verified(version, len(sessions), len(accounts))

@@ -31,6 +31,7 @@ from kara_sessions_server.adapters.storage import (
     Table,
     UtcTimestampField,
 )
+from kara_sessions_server.domain.clock import MICROSECOND
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, default_programme
 
 # A schema step may rewrite a large table: its statements get far longer than a request's.
@@ -77,8 +78,7 @@ class _ProgrammeV5(Table):
 
 
 class _ProgrammeTermsV9(Table):
-    """The programme_terms table as version 9 created it (version 10 adds client_late_cancel and
-    max_reschedules)."""
+    """The programme_terms table as version 9 created it (version 10 adds the sponsor's terms)."""
 
     programme_id = pw.CharField(max_length=64)
     terms_version = pw.IntegerField()
@@ -407,13 +407,24 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         10,
-        "the sponsor's terms: client_late_cancel and max_reschedules on programme_terms",
+        "the sponsor's terms: client_late_cancel, max_reschedules and forgiveness on programme_terms; "
+        "forgiven charges on sessions",
         lambda m, s: [
-            # What every version of terms stored so far promised: the article's rule, no cap.
+            # What every version of terms stored so far promised: the article's rule, no cap,
+            # nothing forgiven (and a year, the period the default names).
             m.add_column(
                 "programme_terms", "client_late_cancel", pw.CharField(max_length=24, default="CHARGE")
             ),
             m.add_column("programme_terms", "max_reschedules", pw.IntegerField(default=0)),
+            m.add_column("programme_terms", "free_late_cancellations", pw.IntegerField(default=0)),
+            m.add_column(
+                "programme_terms",
+                "forgiveness_period_us",
+                pw.BigIntegerField(default=DEFAULT_TERMS.forgiveness_period // MICROSECOND),
+            ),
+            # Nullable (null: not forgiven), so that adding them rewrites no session's row.
+            m.add_column("sessions", "forgiven", pw.BooleanField(null=True)),
+            m.add_column("sessions", "no_show_forgiven", pw.BooleanField(null=True)),
         ],
     ),
 )

@@ -81,6 +81,9 @@ def row_values(s: Session) -> dict[str, object]:
         "rescheduled_from": s.rescheduled_from or None,
         "rescheduled_to": s.rescheduled_to or None,
         "payment_section": payment_state(s).section.value,
+        # Null unless forgiven, as a row from before schema version 10 reads.
+        "forgiven": True if c and c.forgiven else None,
+        "no_show_forgiven": s.no_show_forgiven or None,
     }
 
 
@@ -129,6 +132,8 @@ _CHANGE_SESSION = _guarded_update(
         "within_grace",
         "rescheduled_to",
         "payment_section",
+        "forgiven",
+        "no_show_forgiven",
     )
 )
 # A move in place: only a BOOKED session moves, and only from the start it was read with.
@@ -177,6 +182,7 @@ def session_from_row(row: Sequence[Any], terms: TermsOf) -> Session:
         moves=_load_moves(r["moves"]),
         rescheduled_from=r["rescheduled_from"] or "",
         rescheduled_to=r["rescheduled_to"] or "",
+        no_show_forgiven=bool(r["no_show_forgiven"]),
     )
 
 
@@ -238,12 +244,23 @@ def _cancellation(r: dict[str, Any]) -> Cancellation | None:
         charge_client=bool(r["charge_client"]),
         reason=r["reason"] or "",
         within_grace=bool(r["within_grace"]),
+        forgiven=bool(r["forgiven"]),
     )
 
 
 def _start_key(row: Sequence[Any]) -> list[str | int]:
     return [row[i] for i in _START_KEY]
 
+
+# A client's forgiven charges under one programme since a time, through the client's index.
+_FORGIVEN_SINCE = (
+    "SELECT COUNT(*) FROM sessions WHERE client_id = ? AND programme_id = ? "
+    "AND ((forgiven AND cancelled_at >= ?) OR (no_show_forgiven AND no_show_at >= ?))"
+)
+# PostgreSQL: the session, then its client's account, the order every change takes them in
+# (a session's guarded UPDATE before the ledger's), so holding both deadlocks with none.
+_HOLD_SESSION = "SELECT 1 FROM sessions WHERE session_id = ? FOR UPDATE"
+_HOLD_ACCOUNT = "SELECT 1 FROM credit_accounts WHERE client_id = ? AND programme_id = ? FOR UPDATE"
 
 _PRUNE_AUDIT = "DELETE FROM audit_log WHERE audit_id IN (SELECT audit_id FROM audit_log WHERE at < ? LIMIT ?)"
 
@@ -293,6 +310,18 @@ class SessionRepository:
         if self._sql(statement, bound).rowcount != 1:
             raise lost_race(before, self.get(before.session_id))
         return after
+
+    def forgiven_since(self, session: Session, since: datetime, *, for_change: bool = False) -> int:
+        """How many charges of `session`'s client under its programme were forgiven at or after
+        `since`. `for_change`: the session and its client's account are held from change by
+        others until this unit of work ends, so two charges of one client decided at once count
+        each other (SQLite's one writer does that already)."""
+        if for_change and not self._sql.on_sqlite:
+            self._sql(_HOLD_SESSION, (session.session_id,))
+            self._sql(_HOLD_ACCOUNT, (session.client_id, session.programme_id))
+        at = to_micros(since)
+        row = self._sql(_FORGIVEN_SINCE, (session.client_id, session.programme_id, at, at)).fetchone()
+        return int(row[0])
 
     def audit(
         self,

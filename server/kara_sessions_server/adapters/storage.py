@@ -127,6 +127,10 @@ class SessionRow(Table):
     # the terms and a waiver (model.payment_state), and is written with them in the same UPDATE,
     # so the tab pages through one index without a second table to keep in step.
     payment_section = pw.CharField(max_length=16, default="UNPAID")
+    # Schema version 10: a charge forgiven under the programme's free_late_cancellations, the
+    # cancellation's or the no-show's. Nullable, so adding them rewrites no row of a large table.
+    forgiven = pw.BooleanField(null=True)
+    no_show_forgiven = pw.BooleanField(null=True)
 
     class Meta:
         table_name = "sessions"
@@ -268,6 +272,8 @@ class ProgrammeTermsRow(Table):
     created_at = UtcTimestampField()
     client_late_cancel = pw.CharField(max_length=24)
     max_reschedules = pw.IntegerField()
+    free_late_cancellations = pw.IntegerField()
+    forgiveness_period_us = DurationField()
 
     class Meta:
         table_name = "programme_terms"

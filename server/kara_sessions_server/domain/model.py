@@ -9,7 +9,14 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from kara_sessions_server.domain.errors import InsufficientCredits
-from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, DEFAULT_TERMS, ProgrammeChanges, Terms
+from kara_sessions_server.domain.programme import (
+    DEFAULT_PROGRAMME_ID,
+    DEFAULT_TERMS,
+    NONE_FORGIVEN,
+    Forgiveness,
+    ProgrammeChanges,
+    Terms,
+)
 
 T = TypeVar("T")
 
@@ -83,10 +90,11 @@ CREDIT_MOVE_FOR_STATE: dict[SessionState, LedgerKind] = {
 }
 
 
-def credit_move(state: SessionState, terms: Terms) -> LedgerKind | None:
-    """What entering `state` does with the held credit under `terms`; None for BOOKED."""
+def credit_move(state: SessionState, terms: Terms, *, forgiven: bool = False) -> LedgerKind | None:
+    """What entering `state` does with the held credit under `terms` (a no-show's charge
+    `forgiven` under the terms' free_late_cancellations returns it); None for BOOKED."""
     if state is SessionState.NO_SHOW:
-        return LedgerKind.TAKE if terms.no_show_takes_credit else LedgerKind.RETURN
+        return LedgerKind.TAKE if terms.no_show_takes_credit and not forgiven else LedgerKind.RETURN
     return CREDIT_MOVE_FOR_STATE.get(state)
 
 
@@ -102,6 +110,9 @@ class Cancellation:
     # The client cancelled within the terms' cancellation_grace after booking, with less notice
     # than the window: treated as enough notice.
     within_grace: bool = False
+    # A late cancellation that would have been charged, voided as one of the client's
+    # free_late_cancellations under the programme's terms.
+    forgiven: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +165,8 @@ class Session:
     rescheduled_to: str = ""
     # The programme's version of `terms` (Programme.terms_version) the session was booked under.
     terms_version: int = 1
+    # A no-show its terms charge, voided as one of the client's free_late_cancellations.
+    no_show_forgiven: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +185,7 @@ class Payment:
     programme_id: str = DEFAULT_PROGRAMME_ID
     terms: Terms = DEFAULT_TERMS
     waiver: Waiver | None = None
+    no_show_forgiven: bool = False
 
     @property
     def section(self) -> PaymentSection:
@@ -195,6 +209,7 @@ class Payment:
             programme_id=session.programme_id,
             terms=session.terms,
             waiver=session.waiver,
+            no_show_forgiven=session.no_show_forgiven,
         )
 
 
@@ -215,17 +230,22 @@ def changed(session: Session, now: datetime, **changes: Any) -> Session:
 
 def payment_state(session: Session) -> PaymentState:
     """The session's payment: PENDING while booked, PAID while its credit is taken, else VOIDED."""
-    return payment_state_for(session.state, session.terms, waived=session.waiver is not None)
+    return payment_state_for(
+        session.state, session.terms, waived=session.waiver is not None, forgiven=session.no_show_forgiven
+    )
 
 
-def payment_state_for(state: SessionState, terms: Terms, *, waived: bool = False) -> PaymentState:
+def payment_state_for(
+    state: SessionState, terms: Terms, *, waived: bool = False, forgiven: bool = False
+) -> PaymentState:
     """The payment a session in `state` under `terms` has (payment_state's rule, for callers
-    that hold the state and terms rather than a session)."""
+    that hold the state and terms rather than a session); `forgiven`: a no-show's charge."""
     if state is SessionState.BOOKED:
         return PaymentState.PENDING
     if waived:
         return PaymentState.VOIDED
-    return PaymentState.PAID if credit_move(state, terms) is LedgerKind.TAKE else PaymentState.VOIDED
+    move = credit_move(state, terms, forgiven=forgiven)
+    return PaymentState.PAID if move is LedgerKind.TAKE else PaymentState.VOIDED
 
 
 def paid_reason(session: Session) -> PaidReason | None:
@@ -443,6 +463,8 @@ class CancellationOutcome:
     payment_state: PaymentState
     cancellation: Cancellation
     credit_move: LedgerKind
+    # The client's free late cancellations when it was decided (the preview's figures).
+    forgiveness: Forgiveness = NONE_FORGIVEN
 
     @property
     def credits_returned(self) -> int:

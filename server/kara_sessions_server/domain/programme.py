@@ -23,6 +23,9 @@ MAX_NOTICE_WINDOW = timedelta(days=14)
 MAX_DISPLAY_NAME = 200
 MAX_CANCELLATION_GRACE = timedelta(hours=24)
 MAX_RESCHEDULES = 50
+MAX_FREE_LATE_CANCELLATIONS = 10
+MIN_FORGIVENESS_PERIOD = timedelta(days=1)
+MAX_FORGIVENESS_PERIOD = timedelta(days=730)
 _PROGRAMME_ID = re.compile(r"[a-z][a-z0-9-]{0,63}")
 
 
@@ -57,6 +60,10 @@ class Terms:
     client_late_cancel: ClientLateCancel = ClientLateCancel.CHARGE
     # Moves in place a session may have (0: no limit of the programme's; policy's cap holds).
     max_reschedules: int = 0
+    # How many of a client's late cancellations and no-shows that would be charged are voided
+    # instead, within `forgiveness_period` before the one being decided (0: the article's rule).
+    free_late_cancellations: int = 0
+    forgiveness_period: timedelta = timedelta(days=365)
 
 
 # The article's terms: the Wellbeing Hubs programme, and every session booked before programmes.
@@ -77,6 +84,8 @@ class ProgrammeChanges:
     cancellation_grace: timedelta | None = None
     client_late_cancel: ClientLateCancel | None = None
     max_reschedules: int | None = None
+    free_late_cancellations: int | None = None
+    forgiveness_period: timedelta | None = None
 
 
 # The fields UpdateProgramme may change: the name and every term.
@@ -147,8 +156,39 @@ def check(
         violations.append(
             ("programme.max_reschedules", f"must be between 0 (no limit) and {MAX_RESCHEDULES}")
         )
+    if not 0 <= terms.free_late_cancellations <= MAX_FREE_LATE_CANCELLATIONS:
+        violations.append(
+            (
+                "programme.free_late_cancellations",
+                f"must be between 0 (none forgiven) and {MAX_FREE_LATE_CANCELLATIONS}",
+            )
+        )
+    if not MIN_FORGIVENESS_PERIOD <= terms.forgiveness_period <= MAX_FORGIVENESS_PERIOD:
+        violations.append(("programme.forgiveness_period", "must be between 1 and 730 days"))
     if violations:
         raise InvalidRequest([FieldViolation(f, d) for f, d in violations])
+
+
+@dataclass(frozen=True, slots=True)
+class Forgiveness:
+    """Where a client stands against their programme's free late cancellations when a charge is
+    decided: how many the terms allow, and how many were forgiven within the period before."""
+
+    allowed: int = 0
+    used: int = 0
+
+    @property
+    def available(self) -> bool:
+        """The next charge would be forgiven."""
+        return self.used < self.allowed
+
+    @property
+    def remaining(self) -> int:
+        return max(self.allowed - self.used, 0)
+
+
+# Terms that forgive nothing (the article's): nothing to count.
+NONE_FORGIVEN = Forgiveness()
 
 
 def default_programme(now: datetime, notice_window: timedelta = DEFAULT_TERMS.notice_window) -> Programme:

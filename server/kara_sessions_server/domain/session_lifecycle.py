@@ -41,6 +41,7 @@ from kara_sessions_server.domain.model import (
     payment_state,
 )
 from kara_sessions_server.domain.policy import Notice, NoticePolicy
+from kara_sessions_server.domain.programme import NONE_FORGIVEN, Forgiveness
 
 _S = SessionState
 _DONE = {
@@ -53,7 +54,13 @@ _DONE = {
 
 TRANSITIONS: list[dict[str, Any]] = [
     # Order matters: the first transition whose guards pass wins.
-    {"trigger": "cancel", "source": _S.BOOKED, "dest": _S.CANCELLED_PAID, "conditions": ["client_pays"]},
+    {
+        "trigger": "cancel",
+        "source": _S.BOOKED,
+        "dest": _S.CANCELLED_PAID,
+        "conditions": ["client_pays"],
+        "unless": ["forgiven"],
+    },
     {"trigger": "cancel", "source": _S.BOOKED, "dest": _S.CANCELLED_VOIDED},
     # A charged move settles the session as a late cancellation; a new one is booked in its place.
     {"trigger": "reschedule", "source": _S.BOOKED, "dest": _S.CANCELLED_PAID, "conditions": ["move_charged"]},
@@ -103,6 +110,13 @@ class _SessionModel:
         assert self.notice is not None
         return self.policy.client_pays(command.cancelled_by, command.charge_client, self.notice.late)
 
+    def forgiven(self, event: EventData) -> bool:
+        """The client has a free late cancellation left: fewer of their late cancellations and
+        no-shows under this programme were forgiven within its forgiveness_period before now
+        than its free_late_cancellations (0 by default: none is forgiven)."""
+        forgiveness: Forgiveness = event.kwargs["forgiveness"]
+        return forgiveness.available
+
     def move_charged(self, event: EventData) -> bool:
         """Late (notice < the window, outside a client's grace after booking), and either the
         professional ticked "Charge the client for this session" or the client moved under terms
@@ -141,11 +155,19 @@ _MACHINE = shared_machine(SESSION_LIFECYCLE)
 class SessionLifecycle:
     policy: NoticePolicy
 
-    def cancel(self, session: Session, command: CancelSession, now: datetime) -> CancellationOutcome:
-        """Decides a cancellation; raises a DomainError if the policy or the state refuses it."""
-        model = self._fire(session, now, "cancel", command=command)
+    def cancel(
+        self,
+        session: Session,
+        command: CancelSession,
+        now: datetime,
+        forgiveness: Forgiveness = NONE_FORGIVEN,
+    ) -> CancellationOutcome:
+        """Decides a cancellation, with where the client stands against the programme's free
+        late cancellations; raises a DomainError if the policy or the state refuses it."""
+        model = self._fire(session, now, "cancel", command=command, forgiveness=forgiveness)
         assert model.notice is not None
         new_state = SessionState(model.state)
+        would_pay = self.policy.client_pays(command.cancelled_by, command.charge_client, model.notice.late)
         cancellation = Cancellation(
             cancelled_by=command.cancelled_by,
             cancelled_at=now,
@@ -155,6 +177,7 @@ class SessionLifecycle:
             charge_client=command.charge_client,
             reason=command.reason,
             within_grace=model.notice.within_grace,
+            forgiven=would_pay and new_state is SessionState.CANCELLED_VOIDED,
         )
         move = credit_move(new_state, session.terms)
         assert move is not None
@@ -163,6 +186,7 @@ class SessionLifecycle:
             payment_state=PaymentState.PAID if move is LedgerKind.TAKE else PaymentState.VOIDED,
             cancellation=cancellation,
             credit_move=move,
+            forgiveness=forgiveness,
         )
 
     def reschedule(self, session: Session, command: RescheduleSession, now: datetime) -> RescheduleOutcome:
@@ -201,11 +225,14 @@ class SessionLifecycle:
         state = self._started(session, now, "complete", "completed")
         return _settled(changed(session, now, state=state, completed_at=now))
 
-    def no_show(self, session: Session, now: datetime) -> SessionStep:
+    def no_show(
+        self, session: Session, now: datetime, forgiveness: Forgiveness = NONE_FORGIVEN
+    ) -> SessionStep:
         """The client did not come: the state the table gives it, and what its terms do with the
-        held credit."""
+        held credit (a charge the client has a free late cancellation left for is forgiven)."""
         state = self._started(session, now, "no_show", "marked as a no-show")
-        return _settled(changed(session, now, state=state, no_show_at=now))
+        forgiven = session.terms.no_show_takes_credit and forgiveness.available
+        return _settled(changed(session, now, state=state, no_show_at=now, no_show_forgiven=forgiven))
 
     def waive(
         self, session: Session, invoice_id: str, waived_by: str, reason: str, now: datetime
@@ -225,7 +252,7 @@ class SessionLifecycle:
             if payment_state(session) is not PaymentState.PAID:
                 raise NotWaivable(
                     f"session {session.session_id}'s payment is {payment_state(session).value}"
-                    f"{' (already waived)' if session.waiver else ''}: {why_not}",
+                    f"{_why_voided(session)}: {why_not}",
                     metadata={"session_id": session.session_id, "state": session.state.value},
                 )
             raise on_invoice_refusal(session, invoice_id)
@@ -259,6 +286,14 @@ class SessionLifecycle:
             **kwargs,
         )
         return model
+
+
+def _why_voided(session: Session) -> str:
+    if session.waiver:
+        return " (already waived)"
+    if session.no_show_forgiven or (session.cancellation and session.cancellation.forgiven):
+        return " (forgiven: one of the client's free late cancellations under its programme)"
+    return ""
 
 
 def on_invoice_refusal(session: Session, invoice_id: str) -> OnInvoice:
@@ -312,6 +347,6 @@ def settled_by_move(
 
 def _settled(after: Session) -> SessionStep:
     """A session that entered a settled state, and what that state does with its held credit."""
-    move = credit_move(after.state, after.terms)
+    move = credit_move(after.state, after.terms, forgiven=after.no_show_forgiven)
     assert move is not None, f"{after.state} settles nothing"
     return SessionStep(after, move)

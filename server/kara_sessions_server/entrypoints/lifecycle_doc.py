@@ -63,7 +63,13 @@ def transition_table(lifecycle: Lifecycle) -> list[str]:
     ]
     for n, t in enumerate(lifecycle.transitions, start=1):
         dest = t["dest"].value if t["dest"] is not None else "(stays; internal)"
-        guards = "; ".join(f"`{g}`: {_doc(lifecycle, g)}" for g in t.get("conditions", [])) or "none"
+        guards = (
+            "; ".join(
+                [f"`{g}`: {_doc(lifecycle, g)}" for g in t.get("conditions", [])]
+                + [f"not `{g}`: {_doc(lifecycle, g)}" for g in t.get("unless", [])]
+            )
+            or "none"
+        )
         sources = t["source"] if isinstance(t["source"], list) else [t["source"]]
         source = " or ".join(state.value for state in sources)
         rows.append(f"| {n} | `{t['trigger']}` | {source} | {dest} | {guards} |")
@@ -86,6 +92,9 @@ def session_states() -> list[str]:
             pay = f"{pay} if the terms charge a no-show, else {pay_free}"
             credit = f"{credit}, else {credit_free}"
         rows.append(f"| {state.value} | {pay} | {credit} |")
+    pay = payment_state_for(SessionState.NO_SHOW, charged, forgiven=True)
+    credit = _CREDIT[credit_move(SessionState.NO_SHOW, charged, forgiven=True)]
+    rows.append(f"| NO_SHOW, its charge forgiven | {pay.value} ({pay.section.value.title()}) | {credit} |")
     rows.append("| CANCELLED_PAID or NO_SHOW after `waive` | VOIDED (Unpaid) | given back (REFUND) |")
     return rows
 

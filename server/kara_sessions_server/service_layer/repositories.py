@@ -55,6 +55,12 @@ class SessionRepository(Protocol):
         """As change_state, for a move in place: the start and the moves."""
         ...
 
+    def forgiven_since(self, session: Session, since: datetime, *, for_change: bool = False) -> int:
+        """How many charges of `session`'s client under its programme were forgiven at or after
+        `since`. `for_change`: no other forgiveness for that client and programme can commit
+        before this unit of work ends (nor a change of `session`)."""
+        ...
+
     def audit(
         self,
         before: Session | None,

@@ -40,6 +40,7 @@ from kara_sessions_server.domain.model import (
 )
 from kara_sessions_server.domain.policy import NoticePolicy
 from kara_sessions_server.domain.principal import Principal, Role
+from kara_sessions_server.domain.programme import NONE_FORGIVEN, Forgiveness
 from kara_sessions_server.domain.session_lifecycle import (
     SessionLifecycle,
     moved,
@@ -120,7 +121,7 @@ class Services:
             # INVALID_ARGUMENT even when the session does not exist.
             self.policy.validate_request(cmd, now)
             before = _load_session(uow, who, cmd.session_id)
-            outcome = self.lifecycle.cancel(before, cmd, now)
+            outcome = self.lifecycle.cancel(before, cmd, now, _forgiveness(uow, before, now, for_change=True))
             step = SessionStep(_apply(before, outcome, now), outcome.credit_move)
             after = _settle(uow, before, step, "CANCEL", cmd.cancelled_by.value, who, cmd.request_id, now)
             uow.tallies.append(SessionCancelled(cmd.cancelled_by, outcome.cancellation.late, after.state))
@@ -222,7 +223,8 @@ class Services:
         with self.unit_of_work(write=False) as uow:
             now = self.clock.now()
             self.policy.validate_request(cmd, now)
-            return self.lifecycle.cancel(_load_session(uow, who, cmd.session_id), cmd, now)
+            session = _load_session(uow, who, cmd.session_id)
+            return self.lifecycle.cancel(session, cmd, now, _forgiveness(uow, session, now))
 
     def complete_session(self, who: Principal, cmd: CompleteSession) -> Session:
         def work(uow: UnitOfWork, now: datetime) -> Session:
@@ -242,7 +244,10 @@ class Services:
         def work(uow: UnitOfWork, now: datetime) -> tuple[Session, Payment]:
             before = _load_session(uow, who, cmd.session_id)
             authz.check_professional_act(who, before, "mark a session as a no-show")
-            step = self.lifecycle.no_show(before, now)
+            forgiveness = NONE_FORGIVEN
+            if before.terms.no_show_takes_credit:
+                forgiveness = _forgiveness(uow, before, now, for_change=True)
+            step = self.lifecycle.no_show(before, now, forgiveness)
             after = _settle(uow, before, step, "NO_SHOW", _actor(who), who, cmd.request_id, now)
             uow.tallies.append(NoShowMarked(charged=step.credit_move is LedgerKind.TAKE))
             return after, Payment.of(after)
@@ -414,6 +419,19 @@ def _settle(
     uow.sessions.audit(before, after, action, actor, who, request_id, now)
     uow.tallies.append(CreditsMoved(step.credit_move, before.credits))
     return after
+
+
+def _forgiveness(
+    uow: UnitOfWork, session: Session, now: datetime, *, for_change: bool = False
+) -> Forgiveness:
+    """Where `session`'s client stands against its terms' free late cancellations now. Counted
+    only under terms that forgive any (the article's forgive none), so other sessions read
+    nothing more; `for_change`: held until the change commits, so racing charges count each other."""
+    allowed = session.terms.free_late_cancellations
+    if not allowed:
+        return NONE_FORGIVEN
+    since = now - session.terms.forgiveness_period
+    return Forgiveness(allowed, uow.sessions.forgiven_since(session, since, for_change=for_change))
 
 
 def _load_session(uow: UnitOfWork, who: Principal, session_id: str) -> Session:

@@ -53,6 +53,7 @@ def _cancellation(c: Cancellation | None) -> dict[str, Any] | None:
         "charge_client": c.charge_client,
         "reason": c.reason,
         "within_grace": c.within_grace,
+        "forgiven": c.forgiven,
     }
 
 
@@ -68,6 +69,7 @@ def _load_cancellation(d: dict[str, Any] | None) -> Cancellation | None:
         charge_client=d["charge_client"],
         reason=d["reason"],
         within_grace=d.get("within_grace", False),
+        forgiven=d.get("forgiven", False),
     )
 
 
@@ -126,6 +128,7 @@ def _session(s: Session) -> dict[str, Any]:
         "rescheduled_from": s.rescheduled_from,
         "rescheduled_to": s.rescheduled_to,
         "terms_version": s.terms_version,
+        "no_show_forgiven": s.no_show_forgiven,
     }
 
 
@@ -204,6 +207,7 @@ def _load_session(d: dict[str, Any]) -> Session:
         rescheduled_to=d.get("rescheduled_to", ""),
         # Results stored before terms had versions (schema version 9) name none: the first.
         terms_version=d.get("terms_version", 1),
+        no_show_forgiven=d.get("no_show_forgiven", False),
     )
 
 

@@ -269,6 +269,7 @@ def fill_cancellation(msg: pb.Cancellation, c: Cancellation) -> None:
     msg.charge_client = c.charge_client
     msg.reason = c.reason
     msg.within_grace = c.within_grace
+    msg.forgiven = c.forgiven
 
 
 def cancellation_pb(c: Cancellation) -> pb.Cancellation:
@@ -317,6 +318,7 @@ def fill_session(msg: pb.Session, s: Session) -> None:
         msg.moves.extend(move_pb(m) for m in s.moves)
     msg.rescheduled_from = s.rescheduled_from
     msg.rescheduled_to = s.rescheduled_to
+    msg.no_show_forgiven = s.no_show_forgiven
 
 
 def session_pb(s: Session) -> pb.Session:
@@ -432,6 +434,7 @@ def fill_payment(msg: pb.Payment, p: Payment) -> None:
     fill_terms(msg.terms, p.terms)
     if p.waiver is not None:
         fill_waiver(msg.waiver, p.waiver)
+    msg.no_show_forgiven = p.no_show_forgiven
 
 
 def payment_pb(p: Payment) -> pb.Payment:
@@ -450,6 +453,9 @@ def preview_pb(o: CancellationOutcome) -> pb.PreviewCancellationResponse:
         credits_returned=o.credits_returned,
         credits_taken=o.credits_taken,
         within_grace=o.cancellation.within_grace,
+        forgiven=o.cancellation.forgiven,
+        forgiveness_used=o.forgiveness.used,
+        forgiveness_allowed=o.forgiveness.allowed,
     )
 
 
