@@ -4,14 +4,17 @@ notice, completions, no-shows, waivers, invoice actions, retries and request_id 
 checks after every step that the server agrees with a model of the article:
 
 Sessions are booked under two programmes: the default one (the article's terms) and a sponsor's
-that sends a client's late cancellation to the professional and allows two moves in place
-(issue 36's client_late_cancel and max_reschedules).
+that sends a client's late cancellation to the professional, allows two moves in place and
+forgives a client's first charge (a professional's charged late cancellation or a no-show) in
+any two days (issue 36's client_late_cancel, max_reschedules, free_late_cancellations and
+forgiveness_period).
 
 - for each client and programme, available + held + used = granted, held = its booked
   sessions, used = its sessions whose credit is taken;
 - every session's payment state and section follow from its state (and waiver), and the
   Payments tab lists it in that section, on the invoice the model says (at most one);
-- a replay returns the first answer and changes nothing; a refusal changes nothing;
+- a replay returns the first answer and changes nothing; a refusal changes nothing; a
+  cancellation's preview foretells its outcome, forgiveness included;
 - the feed holds exactly one event per committed change.
 
 `make test` runs a few hundred steps on each database; set KARA_HYPOTHESIS_EXAMPLES (examples of
@@ -53,8 +56,14 @@ EXAMPLES = int(LONG_RUN or "15")
 WINDOW = timedelta(hours=24)
 PAID_STATES = {"CANCELLED_PAID", "NO_SHOW", "COMPLETED"}
 # The sponsor's programme: the article's window, "contact your professional" for a client's late
-# cancellation, at most two moves in place.
-SPONSOR_TERMS = {"client_late_cancel": "contact-professional", "max_reschedules": 2}
+# cancellation, at most two moves in place, one charge forgiven in any two days.
+FORGIVENESS_PERIOD = timedelta(days=2)
+SPONSOR_TERMS = {
+    "client_late_cancel": "contact-professional",
+    "max_reschedules": 2,
+    "free_late_cancellations": 1,
+    "forgiveness_period": FORGIVENESS_PERIOD,
+}
 SPONSOR_MOVES = 2
 
 
@@ -75,10 +84,12 @@ class Booking:
     # 0: the default programme; 1: the sponsor's (SPONSOR_TERMS).
     programme: int = 0
     moves: int = 0
+    # When its charge was forgiven (a cancellation's or a no-show's); None if it was not.
+    forgiven_at: Any = None
 
     @property
     def paid(self) -> bool:
-        return self.state in PAID_STATES and not self.waived
+        return self.state in PAID_STATES and not self.waived and self.forgiven_at is None
 
 
 @dataclass
@@ -96,6 +107,17 @@ class Model:
         held = sum(1 for s in mine if s.state == "BOOKED")
         used = sum(1 for s in mine if s.paid)
         return self.granted.get((client, programme), 0) - held - used
+
+    def forgives(self, booking: Booking, now: Any) -> bool:
+        """Whether a charge of `booking` now is forgiven: only the sponsor's forgives, one in
+        FORGIVENESS_PERIOD per client."""
+        if booking.programme != 1:
+            return False
+        return not any(
+            s.forgiven_at is not None and s.forgiven_at >= now - FORGIVENESS_PERIOD
+            for s in self.sessions.values()
+            if (s.client, s.programme) == (booking.client, 1)
+        )
 
 
 class Histories(RuleBasedStateMachine):
@@ -213,8 +235,30 @@ class Histories(RuleBasedStateMachine):
     @rule(data=st.data(), by=st.sampled_from(["client", "professional"]), charge=st.booleans())
     def cancel(self, data: st.DataObject, by: str, charge: bool) -> None:
         session = self._pick(data, lambda s: s.state == "BOOKED" and s.starts > self.clock.now())
-        if session is None:
-            return None
+        if session is not None:
+            self._cancel(session, by, charge)
+
+    @precondition(
+        lambda self: any(s.programme == 1 and s.state == "BOOKED" for s in self.model.sessions.values())
+    )
+    @rule(no_show=st.booleans())
+    def charge_the_next_sponsored_session(self, no_show: bool) -> None:
+        """Brings the clock to the sponsor's next booked session (an hour before it, or its
+        start) and charges it: the professional's late cancellation with the box ticked, or a
+        no-show. So the histories reach forgiveness, and its limit, often."""
+        session, s = min(
+            ((i, s) for i, s in self.model.sessions.items() if s.programme == 1 and s.state == "BOOKED"),
+            key=lambda pair: pair[1].starts,
+        )
+        when = s.starts if no_show else s.starts - timedelta(hours=1)
+        if when > self.clock.now():
+            self.clock.set(when)
+        if no_show:
+            self._session_time_comes(session, no_show=True)
+        else:
+            self._cancel(session, "professional", True)
+
+    def _cancel(self, session: str, by: str, charge: bool) -> None:
         s = self.model.sessions[session]
         call = lambda r=None: self.kara.cancel(session, by, charge_client=charge, request_id=r)  # noqa: E731
         notice = s.starts - self.clock.now()
@@ -229,9 +273,15 @@ class Histories(RuleBasedStateMachine):
             return self._refused(call, "CHARGE_NOT_ALLOWED_WITH_NOTICE")
         if by == "client" and late and s.programme == 1:
             return self._refused(call, "LATE_CANCEL_CONTACT_PROFESSIONAL")
+        preview = self.kara.preview(session, by, charge_client=charge)
         result = self._did(call)
-        s.state = "CANCELLED_PAID" if late and (by == "client" or charge) else "CANCELLED_VOIDED"
+        charged = late and (by == "client" or charge)
+        forgiven = charged and self.model.forgives(s, self.clock.now())
+        s.state = "CANCELLED_PAID" if charged and not forgiven else "CANCELLED_VOIDED"
+        s.forgiven_at = self.clock.now() if forgiven else None
         assert pb.SessionState.Name(result.session.state) == f"SESSION_STATE_{s.state}"
+        assert result.session.cancellation.forgiven == forgiven
+        assert (preview.session_state, preview.forgiven) == (result.session.state, forgiven)
         return None
 
     @precondition(lambda self: self._any("BOOKED"))
@@ -303,8 +353,10 @@ class Histories(RuleBasedStateMachine):
     def session_time_comes(self, data: st.DataObject, no_show: bool) -> None:
         """The session took place (CompleteSession) or the client did not come (MarkNoShow)."""
         session = self._pick(data, lambda s: s.state == "BOOKED" and s.starts <= self.clock.now())
-        if session is None:
-            return None
+        if session is not None:
+            self._session_time_comes(session, no_show)
+
+    def _session_time_comes(self, session: str, no_show: bool) -> None:
         s = self.model.sessions[session]
         call = (
             (lambda r=None: self.kara.mark_no_show(session, r))
@@ -316,8 +368,12 @@ class Histories(RuleBasedStateMachine):
         elif self.clock.now() < s.starts:
             self._refused(call, "SESSION_NOT_STARTED")
         else:
-            self._did(call)
+            result = self._did(call)
             s.state = "NO_SHOW" if no_show else "COMPLETED"
+            if no_show:
+                if self.model.forgives(s, self.clock.now()):
+                    s.forgiven_at = self.clock.now()
+                assert result.session.no_show_forgiven == (s.forgiven_at is not None)
 
     def _any(self, *states: str) -> bool:
         return any(s.state in states for s in self.model.sessions.values())
@@ -331,7 +387,7 @@ class Histories(RuleBasedStateMachine):
             return None
         s = self.model.sessions[session]
         call = lambda r=None: self.kara.waive_charge(session, "goodwill", r)  # noqa: E731
-        if s.state not in ("CANCELLED_PAID", "NO_SHOW") or s.waived:
+        if s.state not in ("CANCELLED_PAID", "NO_SHOW") or s.waived or s.forgiven_at is not None:
             self._refused(call, "NOT_WAIVABLE")
         elif s.invoice:
             self._refused(call, "ON_INVOICE")
@@ -451,6 +507,7 @@ class Histories(RuleBasedStateMachine):
             # A move in place moves the Payments tab's row with it.
             assert payment.session_starts_at.ToDatetime().replace(tzinfo=s.starts.tzinfo) == s.starts
             assert payment.HasField("waiver") == s.waived
+            assert payment.no_show_forgiven == (s.forgiven_at is not None and s.state == "NO_SHOW")
 
 
 @pytest.fixture

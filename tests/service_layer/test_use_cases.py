@@ -203,6 +203,32 @@ def test_a_no_show_takes_the_credit_and_a_waiver_gives_it_back(world: World) -> 
     assert world.balance() == (1, 0, 0)
 
 
+def test_forgiveness_returns_the_first_charges_of_a_period_and_records_each(world: World) -> None:
+    """One free late cancellation in a week: a client's late cancellation is forgiven, a no-show
+    two days on is charged (one forgiven within the week), and a late cancellation eight days
+    after the first is forgiven again."""
+    world.programme("kind", free_late_cancellations=1, forgiveness_period=7 * 24 * HOUR)
+    first = world.book(starts_in=2 * HOUR, programme_id="kind")
+    cancelled, payment = world.cancel(first, Party.CLIENT)
+    assert cancelled.state is SessionState.CANCELLED_VOIDED and cancelled.cancellation is not None
+    assert cancelled.cancellation.forgiven and payment.state is PaymentState.VOIDED
+    world.clock.advance(48 * HOUR)
+    missed = world.book(starts_in=HOUR, programme_id="kind")
+    world.clock.advance(2 * HOUR)
+    session, payment = world.services.mark_no_show(SERVICE, MarkNoShow(missed, _id()))
+    assert not session.no_show_forgiven and payment.state is PaymentState.PAID
+    world.clock.advance(6 * 24 * HOUR)
+    again = world.book(starts_in=2 * HOUR, programme_id="kind")
+    preview = world.services.preview_cancellation(
+        SERVICE, CancelSession(again, Party.CLIENT, False, None, "", "")
+    )
+    assert preview.cancellation.forgiven and (preview.forgiveness.used, preview.forgiveness.allowed) == (0, 1)
+    assert world.cancel(again, Party.CLIENT)[0].state is SessionState.CANCELLED_VOIDED
+    assert world.balance("kind") == (2, 0, 1)
+    kinds = [e.kind for _, e in world.store.data.entries if e.session_id in (first, missed, again)]
+    assert kinds.count(LedgerKind.RETURN) == 2 and kinds.count(LedgerKind.TAKE) == 1
+
+
 def test_an_invoice_takes_the_paid_sessions_and_is_submitted(world: World) -> None:
     paid = world.paid_session()
     invoice = world.invoices.create_invoice(SERVICE, CreateInvoice("pro-1", (paid,), None, _id()))
