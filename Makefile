@@ -66,7 +66,7 @@ docs: $(STAMP) ## Regenerate docs/lifecycle.md from the state machines' transiti
 run: $(STAMP) ## Serve on 127.0.0.1:50051 with SQLite in ./kara-sessions.db (ARGS="--database-url ..." to change)
 	$(BIN)/kara-sessions serve $(ARGS)
 
-demo: $(STAMP) ## Run the article's five scenarios, then invoice the paid ones, on a throwaway server
+demo: $(STAMP) ## Run the article's five scenarios, a programme's terms, then invoice the paid ones, on a throwaway server
 	$(BIN)/kara-sessions demo
 
 test: $(STAMP) $(NODE_DEPS) $(PGBOUNCER) $(PROMTOOL) ## Run the whole test suite (SQLite, and PostgreSQL when reachable; required when CI=true)

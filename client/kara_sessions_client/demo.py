@@ -84,6 +84,7 @@ def play(client: SessionsClient) -> None:
         click.echo(f"And refused: a professional charging despite 3 days' notice -> {exc}")
         click.echo(f"   credits unchanged: {_balance(client.get_credit_account(client_id, page_size=1))}\n")
     programme_and_waiver(client, run)
+    forgiven_late_cancellation(client, run)
     invoice_paid_sessions(client, f"demo-pro-{run}")
 
 
@@ -116,6 +117,36 @@ def programme_and_waiver(client: SessionsClient, run: str) -> None:
         f"{waived.payment.waiver.reason}"
     )
     click.echo(f"   credits after: {_balance(account)} (a REFUND entry in the ledger)\n")
+
+
+def forgiven_late_cancellation(client: SessionsClient, run: str) -> None:
+    """A sponsor that forgives a client's first late cancellation in a year: the first is voided
+    and its credit returned, the second is charged as the article says."""
+    programme_id = f"demo-kind-{run}"
+    client.create_programme(
+        programme_id,
+        "A programme that forgives one late cancellation a year",
+        timedelta(hours=24),
+        free_late_cancellations=1,
+    )
+    client_id = f"demo-client-{run}-kind"
+    client.grant_credits(client_id, 2, programme_id=programme_id)
+    click.echo(f"8. Client cancels late twice under programme {programme_id} (one forgiven a year)")
+    for nth in ("first", "second"):
+        session = client.book(
+            client_id, f"demo-pro-{run}", datetime.now(UTC) + timedelta(hours=3), programme_id=programme_id
+        )
+        preview = client.preview(session.session_id, "client")
+        result = client.cancel(session.session_id, "client")
+        left = preview.forgiveness_allowed - preview.forgiveness_used
+        click.echo(
+            f"   {nth}: {left} of {preview.forgiveness_allowed} free late cancellation(s) left -> "
+            f"{_name(pb.SessionState, result.session.state)}, payment "
+            f"{_name(pb.PaymentState, result.payment.state)}"
+            f"{' (forgiven: credit returned)' if result.session.cancellation.forgiven else ' (credit taken)'}"
+        )
+    account = client.get_credit_account(client_id, page_size=1, programme_id=programme_id)
+    click.echo(f"   credits after: {_balance(account)}\n")
 
 
 def invoice_paid_sessions(client: SessionsClient, professional_id: str) -> None:

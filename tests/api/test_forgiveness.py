@@ -244,3 +244,40 @@ def test_racing_late_cancellations_of_one_client_never_forgive_more_than_n(
     # Seven credits: two returned with the spare, four taken.
     assert client.balance(kara) == (3, 0, 4)
     assert_ledger_balances(server)
+
+
+def test_the_command_line_sets_forgiveness_and_the_preview_says_what_is_left(
+    server: RunningServer, kara: SessionsClient, clock: FakeClock
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        target = ["--target", f"127.0.0.1:{server.port}"]
+        return subprocess.run(
+            [sys.executable, "-m", "kara_sessions_client.cli", *target, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    made = cli("--json", "programme", "create", "kind", "--name", "Kind", "--notice-window-hours", "48",
+               "--free-late-cancellations", "2", "--forgiveness-period-days", "90")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    assert (created["free_late_cancellations"], created["forgiveness_period"]) == (2, 90 * 86400)
+    changed = cli("--json", "programme", "update", "kind", "--forgiveness-period-days", "30")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["forgiveness_period"] == 30 * 86400
+    assert cli("programme", "update", "kind", "--free-late-cancellations", "11").returncode == 2
+    assert cli("programme", "update", "kind", "--forgiveness-period-days", "0.5").returncode == 2
+    client = client_with_sessions(kara, clock, "kind", 1)
+    preview = cli("--json", "preview", client.sessions[0], "--by", "client")
+    assert preview.returncode == 0, preview.stderr
+    shown = json.loads(preview.stdout)
+    assert (shown["forgiven"], shown["forgiveness_used"], shown["forgiveness_allowed"]) == (True, 0, 2)
+    done = cli("cancel", client.sessions[0], "--by", "client")
+    assert done.returncode == 0, done.stderr
+    assert "forgiven: true" in done.stdout
