@@ -39,6 +39,7 @@ from .client import (
     SECTIONS,
     SESSION_STATES,
     TLS,
+    UNMARKED_OUTCOME,
     KaraError,
     RetryPolicy,
     SessionsClient,
@@ -70,6 +71,21 @@ API_PACKAGE = pb.DESCRIPTOR.package
 
 # The server's page-size bound (0: the server's default), checked here so a typo is a usage error.
 PAGE_SIZE = click.IntRange(0, 1000)
+
+
+class ZeroOrRange(click.FloatRange):
+    """0 (a term's "never"), or a number within the range."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if click.FLOAT.convert(value, param, ctx) == 0:
+            return 0.0
+        return super().convert(value, param, ctx)
+
+    def _describe_range(self) -> str:
+        return f"0 or {super()._describe_range()}"
+
+
+SETTLE_AFTER_HOURS = ZeroOrRange(1, 60 * 24)
 PAGE_SIZE_HELP = "at most 1000 (default: the server's, 50)."
 
 
@@ -624,6 +640,21 @@ def programme() -> None:
 
 def _terms_options(f: Callable[..., None], *, create: bool) -> Callable[..., None]:
     f = click.option(
+        "--unmarked-outcome",
+        type=click.Choice(sorted(UNMARKED_OUTCOME)),
+        default="completed" if create else None,
+        show_default=create,
+        help="What the server makes of a session nobody marked: completed (credit taken) or no-show.",
+    )(f)
+    f = click.option(
+        "--settle-unmarked-after-hours",
+        type=SETTLE_AFTER_HOURS,
+        default=0.0 if create else None,
+        show_default=create,
+        help="A session still booked this long after its start is settled by the server as "
+        "--unmarked-outcome says (0: never; else 1 hour to 60 days).",
+    )(f)
+    f = click.option(
         "--forgiveness-period-days",
         type=click.FloatRange(1, 730),
         default=365.0 if create else None,
@@ -711,6 +742,8 @@ def programme_create(
     max_reschedules: int,
     free_late_cancellations: int,
     forgiveness_period_days: float,
+    settle_unmarked_after_hours: float,
+    unmarked_outcome: str,
     request_id: str | None,
 ) -> None:
     """Create a programme PROGRAMME_ID (lower-case letters, digits, hyphens)."""
@@ -728,6 +761,8 @@ def programme_create(
             max_reschedules=max_reschedules,
             free_late_cancellations=free_late_cancellations,
             forgiveness_period=timedelta(days=forgiveness_period_days),
+            settle_unmarked_after=timedelta(hours=settle_unmarked_after_hours),
+            unmarked_outcome=unmarked_outcome,
             request_id=request_id,
         ),
     )
@@ -768,6 +803,8 @@ def programme_update(
     max_reschedules: int | None,
     free_late_cancellations: int | None,
     forgiveness_period_days: float | None,
+    settle_unmarked_after_hours: float | None,
+    unmarked_outcome: str | None,
     request_id: str | None,
 ) -> None:
     """Change the options given; sessions already booked keep the terms they were booked under."""
@@ -782,6 +819,8 @@ def programme_update(
         max_reschedules,
         free_late_cancellations,
         forgiveness_period_days,
+        settle_unmarked_after_hours,
+        unmarked_outcome,
     )
     if all(v is None for v in given):
         raise click.UsageError("give at least one of --name, --notice-window-hours and the terms options")
@@ -802,6 +841,10 @@ def programme_update(
             forgiveness_period=None
             if forgiveness_period_days is None
             else timedelta(days=forgiveness_period_days),
+            settle_unmarked_after=None
+            if settle_unmarked_after_hours is None
+            else timedelta(hours=settle_unmarked_after_hours),
+            unmarked_outcome=unmarked_outcome,
             request_id=request_id,
         ),
     )

@@ -64,6 +64,7 @@ PARTIES = choices(pb.Party)
 SECTIONS = choices(pb.PaymentSection)
 LATE_RESCHEDULE = choices(ppb.LateReschedule)
 CLIENT_LATE_CANCEL = choices(ppb.ClientLateCancel)
+UNMARKED_OUTCOME = choices(ppb.UnmarkedOutcome)
 INVOICE_STATES = choices(ipb.InvoiceState)
 SESSION_STATES = choices(pb.SessionState)
 
@@ -487,11 +488,14 @@ class SessionsClient:
         max_reschedules: int = 0,
         free_late_cancellations: int = 0,
         forgiveness_period: timedelta | None = None,
+        settle_unmarked_after: timedelta = timedelta(0),
+        unmarked_outcome: str = "completed",
         request_id: str | None = None,
     ) -> ppb.Programme:
         """`late_reschedule`: charge, free or refused (see LateReschedule); `client_late_cancel`:
         charge or contact-professional (see ClientLateCancel); `max_reschedules` 0: no limit;
-        `forgiveness_period` None: the server's default (365 days)."""
+        `forgiveness_period` None: the server's default (365 days); `settle_unmarked_after` 0:
+        never; `unmarked_outcome`: completed or no-show (see UnmarkedOutcome)."""
         programme = ppb.Programme(
             display_name=display_name,
             notice_window=_duration(notice_window),
@@ -502,6 +506,8 @@ class SessionsClient:
             client_late_cancel=CLIENT_LATE_CANCEL[client_late_cancel],
             max_reschedules=max_reschedules,
             free_late_cancellations=free_late_cancellations,
+            settle_unmarked_after=_duration(settle_unmarked_after),
+            unmarked_outcome=UNMARKED_OUTCOME[unmarked_outcome],
         )
         if forgiveness_period is not None:
             programme.forgiveness_period.CopyFrom(_duration(forgiveness_period))
@@ -532,6 +538,8 @@ class SessionsClient:
         max_reschedules: int | None = None,
         free_late_cancellations: int | None = None,
         forgiveness_period: timedelta | None = None,
+        settle_unmarked_after: timedelta | None = None,
+        unmarked_outcome: str | None = None,
         request_id: str | None = None,
         etag: str = "",
     ) -> ppb.Programme:
@@ -569,6 +577,12 @@ class SessionsClient:
         if forgiveness_period is not None:
             programme.forgiveness_period.CopyFrom(_duration(forgiveness_period))
             paths.append("forgiveness_period")
+        if settle_unmarked_after is not None:
+            programme.settle_unmarked_after.CopyFrom(_duration(settle_unmarked_after))
+            paths.append("settle_unmarked_after")
+        if unmarked_outcome is not None:
+            programme.unmarked_outcome = UNMARKED_OUTCOME[unmarked_outcome]
+            paths.append("unmarked_outcome")
         request = ppb.UpdateProgrammeRequest(
             programme=programme,
             update_mask=field_mask_pb2.FieldMask(paths=paths),

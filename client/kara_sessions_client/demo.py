@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,7 +47,9 @@ def _name(enum_type: object, value: int) -> str:
     return str(enum_type.Name(value))  # type: ignore[attr-defined]
 
 
-def play(client: SessionsClient) -> None:
+def play(client: SessionsClient, pass_time: Callable[[timedelta], None] | None = None) -> None:
+    """The scenarios; `pass_time` moves the throwaway server's clock on and runs its sweep of
+    unmarked sessions (None against another server: that scenario is skipped)."""
     run = uuid.uuid4().hex[:8]
     for number, scenario in enumerate(SCENARIOS, start=1):
         client_id, professional_id = f"demo-client-{run}-{number}", f"demo-pro-{run}"
@@ -85,6 +88,7 @@ def play(client: SessionsClient) -> None:
         click.echo(f"   credits unchanged: {_balance(client.get_credit_account(client_id, page_size=1))}\n")
     programme_and_waiver(client, run)
     forgiven_late_cancellation(client, run)
+    settled_unmarked_session(client, run, pass_time)
     invoice_paid_sessions(client, f"demo-pro-{run}")
 
 
@@ -149,6 +153,39 @@ def forgiven_late_cancellation(client: SessionsClient, run: str) -> None:
     click.echo(f"   credits after: {_balance(account)}\n")
 
 
+def settled_unmarked_session(
+    client: SessionsClient, run: str, pass_time: Callable[[timedelta], None] | None
+) -> None:
+    """A session nobody marked, settled by the server two days after its start under a
+    programme that says so (completed: the credit taken)."""
+    click.echo("9. Nobody marks a session; its programme has the server settle it 48 h after the start")
+    if pass_time is None:
+        click.echo("   (skipped against --target: the demo moves only its own server's clock)\n")
+        return
+    programme_id = f"demo-settles-{run}"
+    client.create_programme(
+        programme_id,
+        "A programme whose unmarked sessions count as completed after 48 h",
+        timedelta(hours=24),
+        settle_unmarked_after=timedelta(hours=48),
+    )
+    client_id = f"demo-client-{run}-unmarked"
+    client.grant_credits(client_id, 1, programme_id=programme_id)
+    session = client.book(
+        client_id, f"demo-pro-{run}", datetime.now(UTC) + timedelta(hours=2), programme_id=programme_id
+    )
+    pass_time(timedelta(hours=50, minutes=1))
+    settled = client.get_session(session.session_id)
+    payment = client.get_payment(session.session_id)
+    click.echo(
+        f"   50 h later: {_name(pb.SessionState, settled.state)}"
+        f"{' (settled automatically)' if settled.settled_automatically else ''}, payment "
+        f"{_name(pb.PaymentState, payment.state)} ({WHY_PAID[payment.paid_reason]})"
+    )
+    account = client.get_credit_account(client_id, page_size=1, programme_id=programme_id)
+    click.echo(f"   credits after: {_balance(account)}\n")
+
+
 def invoice_paid_sessions(client: SessionsClient, professional_id: str) -> None:
     """The article's last step of every Paid case: "you can add the session to the invoice which
     you send to the accounts department"."""
@@ -175,12 +212,31 @@ def run_demo(target: str | None) -> int:
             'pip install "kara-sessions[server]", or give --target HOST:PORT'
         ) from None
 
+    clock = _DemoClock()
     with tempfile.TemporaryDirectory(prefix="kara-demo-") as tmp:
-        server = start(Settings(listen="127.0.0.1:0", database_url=f"sqlite:///{Path(tmp) / 'demo.db'}"))
+        server = start(
+            Settings(listen="127.0.0.1:0", database_url=f"sqlite:///{Path(tmp) / 'demo.db'}"), clock=clock
+        )
         click.echo(f"Throwaway server on 127.0.0.1:{server.port} with SQLite in {tmp}\n")
+
+        def pass_time(by: timedelta) -> None:
+            clock.offset += by
+            server.settler.run_once()
+
         try:
             with SessionsClient(f"127.0.0.1:{server.port}") as client:
-                play(client)
+                play(client, pass_time)
         finally:
             server.stop(1)
     return 0
+
+
+class _DemoClock:
+    """The throwaway server's clock: the time now, moved on when the demo lets time pass (so a
+    session can be two days old without anyone waiting for it)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset

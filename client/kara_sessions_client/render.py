@@ -43,7 +43,9 @@ def _short_enum_names() -> dict[str, str]:
 
 _SHORT_ENUM_NAMES = _short_enum_names()
 # Shown as 24 h or 15 min: every Duration and the seconds of notice (script_data makes them seconds).
-_DURATIONS = frozenset({"notice_window", "notice_seconds", "cancellation_grace", "forgiveness_period"})
+_DURATIONS = frozenset(
+    {"notice_window", "notice_seconds", "cancellation_grace", "forgiveness_period", "settle_unmarked_after"}
+)
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 # Fields that hold amounts or counts: right-aligned, as figures are in a ledger.
 _FIGURES = frozenset(

@@ -6,8 +6,9 @@ checks after every step that the server agrees with a model of the article:
 Sessions are booked under two programmes: the default one (the article's terms) and a sponsor's
 that sends a client's late cancellation to the professional, allows two moves in place and
 forgives a client's first charge (a professional's charged late cancellation or a no-show) in
-any two days (issue 36's client_late_cancel, max_reschedules, free_late_cancellations and
-forgiveness_period).
+any two days, and has the server mark a session nobody marked a no-show twelve hours after its
+start (issue 36's client_late_cancel, max_reschedules, free_late_cancellations,
+forgiveness_period, settle_unmarked_after and unmarked_outcome).
 
 - for each client and programme, available + held + used = granted, held = its booked
   sessions, used = its sessions whose credit is taken;
@@ -56,13 +57,17 @@ EXAMPLES = int(LONG_RUN or "15")
 WINDOW = timedelta(hours=24)
 PAID_STATES = {"CANCELLED_PAID", "NO_SHOW", "COMPLETED"}
 # The sponsor's programme: the article's window, "contact your professional" for a client's late
-# cancellation, at most two moves in place, one charge forgiven in any two days.
+# cancellation, at most two moves in place, one charge forgiven in any two days, a session nobody
+# marked settled as a no-show twelve hours after its start.
 FORGIVENESS_PERIOD = timedelta(days=2)
+SETTLE_AFTER = timedelta(hours=12)
 SPONSOR_TERMS = {
     "client_late_cancel": "contact-professional",
     "max_reschedules": 2,
     "free_late_cancellations": 1,
     "forgiveness_period": FORGIVENESS_PERIOD,
+    "settle_unmarked_after": SETTLE_AFTER,
+    "unmarked_outcome": "no-show",
 }
 SPONSOR_MOVES = 2
 
@@ -86,6 +91,7 @@ class Booking:
     moves: int = 0
     # When its charge was forgiven (a cancellation's or a no-show's); None if it was not.
     forgiven_at: Any = None
+    settled_automatically: bool = False
 
     @property
     def paid(self) -> bool:
@@ -138,6 +144,9 @@ class Histories(RuleBasedStateMachine):
         # The last mutation that went through: how to send it again, and what it answered.
         self.last: tuple[Callable[[], Any], Any] | None = None
         self.last_grant: tuple[str, str] | None = None
+        # Earlier histories' sponsored sessions nobody marked are all due a year on: settled now,
+        # before this history's own feed begins.
+        self.server.settler.run_once()
         # The feed as the history found it: the events after this cursor are the history's own.
         self.feed_start = self._feed_end("")
 
@@ -344,6 +353,41 @@ class Histories(RuleBasedStateMachine):
             s.moves += 1
         return None
 
+    def _unmarked_due(self) -> list[str]:
+        """The sponsor's sessions nobody marked whose time to be settled has come, in the order
+        the server settles them (start, then id)."""
+        now = self.clock.now()
+        due = [
+            (s.starts, i)
+            for i, s in self.model.sessions.items()
+            if s.programme == 1 and s.state == "BOOKED" and s.starts + SETTLE_AFTER <= now
+        ]
+        return [i for _, i in sorted(due)]
+
+    @precondition(
+        lambda self: any(s.programme == 1 and s.state == "BOOKED" for s in self.model.sessions.values())
+    )
+    @rule()
+    def the_server_settles_unmarked_sessions(self) -> None:
+        """Nobody marks the sponsor's next session: the clock comes to its time to be settled,
+        and the sweep every replica runs (in the background every --settle-interval-seconds;
+        here, when the history says) makes each due session a no-show, forgiven as a charge."""
+        first = min(
+            s.starts for s in self.model.sessions.values() if s.programme == 1 and s.state == "BOOKED"
+        )
+        if first + SETTLE_AFTER > self.clock.now():
+            self.clock.set(first + SETTLE_AFTER)
+        due = self._unmarked_due()
+        assert self.server.settler.run_once() == len(due)
+        for session_id in due:
+            s = self.model.sessions[session_id]
+            s.state, s.settled_automatically = "NO_SHOW", True
+            if self.model.forgives(s, self.clock.now()):
+                s.forgiven_at = self.clock.now()
+            self.model.changes += 1
+            session = self.kara.get_session(session_id)
+            assert session.settled_automatically and session.no_show_forgiven == (s.forgiven_at is not None)
+
     @rule(hours=st.integers(1, 8))
     def time_passes(self, hours: int) -> None:
         self.clock.advance(timedelta(hours=hours))
@@ -512,9 +556,16 @@ class Histories(RuleBasedStateMachine):
 
 @pytest.fixture
 def quiet_server(database_url: str, clock: FakeClock) -> Iterator[RunningServer]:
-    """A server that prunes nothing while a history runs: each history moves the clock a year on,
-    and a background prune between a refusal's two snapshots would look like a change."""
-    settings = Settings(listen="127.0.0.1:0", database_url=database_url, event_prune_seconds=24 * 3600)
+    """A server that prunes and settles nothing on its own while a history runs: each history
+    moves the clock a year on, and a background prune or settlement between a refusal's two
+    snapshots would look like a change."""
+    settings = Settings(
+        listen="127.0.0.1:0",
+        database_url=database_url,
+        event_prune_seconds=24 * 3600,
+        # The histories settle unmarked sessions when they say (the_server_settles_unmarked_sessions).
+        settle_interval_seconds=3600,
+    )
     running = start(settings, clock=clock)
     yield running
     running.stop(grace=1)

@@ -97,7 +97,14 @@ _TERMS_COLUMNS_V8 = {
 
 
 # The columns of programme_terms that version 10 added (issue 36).
-TERMS_SINCE_9 = ("client_late_cancel", "max_reschedules", "free_late_cancellations", "forgiveness_period_us")
+TERMS_SINCE_9 = (
+    "client_late_cancel",
+    "max_reschedules",
+    "free_late_cancellations",
+    "forgiveness_period_us",
+    "settle_unmarked_after_us",
+    "unmarked_outcome",
+)
 
 
 def downgrade_to_version_9(database_url: str) -> None:
@@ -108,7 +115,8 @@ def downgrade_to_version_9(database_url: str) -> None:
     with db.connection_context(), db.atomic():
         for column in TERMS_SINCE_9:
             db.execute_sql(f"ALTER TABLE programme_terms DROP COLUMN {column}")
-        for column in ("forgiven", "no_show_forgiven"):
+        db.execute_sql("DROP INDEX sessions_state_programme_id_terms_version_starts_at")
+        for column in ("forgiven", "no_show_forgiven", "settled_automatically"):
             db.execute_sql(f"ALTER TABLE sessions DROP COLUMN {column}")
         db.execute_sql("UPDATE schema_version SET version = 9")
     storage.close()
@@ -674,7 +682,8 @@ def test_a_version_9_database_upgrades_to_the_sponsors_terms_keeping_what_each_s
                 assert session.terms.max_reschedules == 0
                 assert session.terms.free_late_cancellations == 0
                 assert session.terms.forgiveness_period.ToTimedelta() == timedelta(days=365)
-                assert not session.no_show_forgiven
+                assert not session.no_show_forgiven and not session.settled_automatically
+                assert session.terms.settle_unmarked_after.ToTimedelta() == timedelta(0)
             # A late client cancellation is charged, as the article says.
             clock.advance(timedelta(days=4, hours=12))
             cancelled = kara.cancel(ids[1], "client")
@@ -685,7 +694,9 @@ def test_a_version_9_database_upgrades_to_the_sponsors_terms_keeping_what_each_s
         running.stop(grace=0)
     new = TERMS_SINCE_9
     year = timedelta(days=365)
-    assert {tuple(r[k] for k in new) for r in after["programme_terms"]} == {("CHARGE", 0, 0, year)}
+    assert {tuple(r[k] for k in new) for r in after["programme_terms"]} == {
+        ("CHARGE", 0, 0, year, timedelta(0), "COMPLETED")
+    }
 
     def kept(rows: list[dict[str, object]]) -> list[dict[str, object]]:
         return [{k: v for k, v in r.items() if k not in new} for r in rows]

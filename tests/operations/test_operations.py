@@ -160,15 +160,22 @@ def test_demo_plays_the_scenarios_and_invoices_the_paid_ones() -> None:
     assert "PAYMENT_STATE_VOIDED in section PAYMENT_SECTION_UNPAID, waived by" in waiver
     assert "credits after: available 1, held 0, used 0" in waiver
     # A sponsor forgives the first late cancellation, and charges the second (issue 36).
-    kind = out.stdout.split("8. Client cancels late twice", 1)[1].split("Invoice ", 1)[0]
+    kind = out.stdout.split("8. Client cancels late twice", 1)[1].split("9. ", 1)[0]
     assert "first: 1 of 1 free late cancellation(s) left -> SESSION_STATE_CANCELLED_VOIDED" in kind
     assert "(forgiven: credit returned)" in kind
     assert "second: 0 of 1 free late cancellation(s) left -> SESSION_STATE_CANCELLED_PAID" in kind
     assert "credits after: available 1, held 0, used 1" in kind
+    # A session nobody marked, settled by the server on the demo's clock (issue 36).
+    unmarked = out.stdout.split("9. Nobody marks a session", 1)[1].split("Invoice ", 1)[0]
+    assert (
+        "50 h later: SESSION_STATE_COMPLETED (settled automatically), payment PAYMENT_STATE_PAID" in unmarked
+    )
+    assert "credits after: available 0, held 0, used 1" in unmarked
     invoice = out.stdout.split("Invoice ", 1)[1]
     assert invoice.count("client's late cancellation: 1 credit") == 2
     assert "charged late cancellation: 1 credit" in invoice
-    assert "total: 3 credits" in invoice
+    assert "-unmarked  completed: 1 credit" in invoice
+    assert "total: 4 credits" in invoice
 
 
 def test_a_new_database_is_not_said_to_answer_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -150,6 +150,9 @@ def test_every_mutation_command_is_covered_here() -> None:
         and "request_id" in cls.__dataclass_fields__
     }
     declared.remove(model.LedgerEntry)  # a record of what a request did, not a request
+    # The server's own change (issue 36), whose request_id names its session: no caller sends it,
+    # and 0.10.0 stored none.
+    declared.remove(model.SettleUnmarked)
     assert commands == declared
 
 

@@ -47,6 +47,7 @@ from kara_sessions_server.domain.programme import (
     DEFAULT_TERMS,
     LateReschedule,
     ProgrammeChanges,
+    UnmarkedOutcome,
 )
 from kara_sessions_server.entrypoints.application import build_application
 from kara_sessions_server.entrypoints.settings import Settings
@@ -227,6 +228,24 @@ def test_forgiveness_returns_the_first_charges_of_a_period_and_records_each(worl
     assert world.balance("kind") == (2, 0, 1)
     kinds = [e.kind for _, e in world.store.data.entries if e.session_id in (first, missed, again)]
     assert kinds.count(LedgerKind.RETURN) == 2 and kinds.count(LedgerKind.TAKE) == 1
+
+
+def test_the_server_settles_an_unmarked_session_once_as_its_terms_say(world: World) -> None:
+    world.programme("settles", settle_unmarked_after=48 * HOUR, unmarked_outcome=UnmarkedOutcome.NO_SHOW)
+    session_id = world.book(starts_in=2 * HOUR, programme_id="settles")
+    world.clock.advance(49 * HOUR)
+    assert world.services.unmarked_due(10) == []
+    world.clock.advance(HOUR)
+    assert world.services.unmarked_due(10) == [session_id]
+    settled = world.services.settle_unmarked(session_id)
+    assert settled.state is SessionState.NO_SHOW and settled.settled_automatically
+    assert world.balance("settles") == (0, 0, 1)
+    # Another replica's sweep, a moment later: the same answer, nothing changed.
+    before, commits = world.store.data.copy(), world.store.commits
+    assert world.services.settle_unmarked(session_id) == settled
+    assert world.store.data == before and world.store.commits == commits
+    assert world.services.unmarked_due(10) == []
+    assert [row.principal for row in world.store.data.audit][-1] == "service:kara-sessions"
 
 
 def test_an_invoice_takes_the_paid_sessions_and_is_submitted(world: World) -> None:

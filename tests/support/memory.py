@@ -170,6 +170,17 @@ class MemorySessions:
     def move(self, before: Session, after: Session) -> Session:
         return self.change_state(before, after)
 
+    def unmarked_due(self, now: datetime, limit: int) -> list[str]:
+        # Earliest first (the adapters' order within each version of terms).
+        due = sorted(
+            (s.starts_at, s.session_id)
+            for s in self._data.sessions.values()
+            if s.state is SessionState.BOOKED
+            and s.terms.settle_unmarked_after
+            and s.starts_at + s.terms.settle_unmarked_after <= now
+        )
+        return [session_id for _, session_id in due[:limit]]
+
     def forgiven_since(self, session: Session, since: datetime, *, for_change: bool = False) -> int:
         # One unit of work at a time holds everything: for_change needs no lock of its own.
         def forgiven_at(s: Session) -> datetime | None:

@@ -407,8 +407,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         10,
-        "the sponsor's terms: client_late_cancel, max_reschedules and forgiveness on programme_terms; "
-        "forgiven charges on sessions",
+        "the sponsor's terms: client_late_cancel, max_reschedules, forgiveness and settlement on "
+        "programme_terms; forgiven and automatically settled sessions",
         lambda m, s: [
             # What every version of terms stored so far promised: the article's rule, no cap,
             # nothing forgiven (and a year, the period the default names).
@@ -422,9 +422,15 @@ MIGRATIONS: tuple[Migration, ...] = (
                 "forgiveness_period_us",
                 pw.BigIntegerField(default=DEFAULT_TERMS.forgiveness_period // MICROSECOND),
             ),
-            # Nullable (null: not forgiven), so that adding them rewrites no session's row.
+            m.add_column("programme_terms", "settle_unmarked_after_us", pw.BigIntegerField(default=0)),
+            m.add_column(
+                "programme_terms", "unmarked_outcome", pw.CharField(max_length=16, default="COMPLETED")
+            ),
+            # Nullable (null: no), so that adding them rewrites no session's row.
             m.add_column("sessions", "forgiven", pw.BooleanField(null=True)),
             m.add_column("sessions", "no_show_forgiven", pw.BooleanField(null=True)),
+            m.add_column("sessions", "settled_automatically", pw.BooleanField(null=True)),
+            m.add_index("sessions", ("state", "programme_id", "terms_version", "starts_at"), False),
         ],
     ),
 )

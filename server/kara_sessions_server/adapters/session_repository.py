@@ -84,6 +84,7 @@ def row_values(s: Session) -> dict[str, object]:
         # Null unless forgiven, as a row from before schema version 10 reads.
         "forgiven": True if c and c.forgiven else None,
         "no_show_forgiven": s.no_show_forgiven or None,
+        "settled_automatically": s.settled_automatically or None,
     }
 
 
@@ -134,6 +135,7 @@ _CHANGE_SESSION = _guarded_update(
         "payment_section",
         "forgiven",
         "no_show_forgiven",
+        "settled_automatically",
     )
 )
 # A move in place: only a BOOKED session moves, and only from the start it was read with.
@@ -183,6 +185,7 @@ def session_from_row(row: Sequence[Any], terms: TermsOf) -> Session:
         rescheduled_from=r["rescheduled_from"] or "",
         rescheduled_to=r["rescheduled_to"] or "",
         no_show_forgiven=bool(r["no_show_forgiven"]),
+        settled_automatically=bool(r["settled_automatically"]),
     )
 
 
@@ -262,6 +265,18 @@ _FORGIVEN_SINCE = (
 _HOLD_SESSION = "SELECT 1 FROM sessions WHERE session_id = ? FOR UPDATE"
 _HOLD_ACCOUNT = "SELECT 1 FROM credit_accounts WHERE client_id = ? AND programme_id = ? FOR UPDATE"
 
+# The versions of terms that settle unmarked sessions, and each one's booked sessions due, through
+# the (state, programme_id, terms_version, starts_at) index: a few versions settle, and a
+# session of any other is never read.
+_SETTLING_TERMS = (
+    "SELECT programme_id, terms_version, settle_unmarked_after_us FROM programme_terms "
+    "WHERE settle_unmarked_after_us > 0"
+)
+_UNMARKED_DUE = (
+    "SELECT session_id FROM sessions WHERE state = ? AND programme_id = ? AND terms_version = ? "
+    "AND starts_at <= ? ORDER BY starts_at, session_id LIMIT ?"
+)
+
 _PRUNE_AUDIT = "DELETE FROM audit_log WHERE audit_id IN (SELECT audit_id FROM audit_log WHERE at < ? LIMIT ?)"
 
 
@@ -322,6 +337,18 @@ class SessionRepository:
         at = to_micros(since)
         row = self._sql(_FORGIVEN_SINCE, (session.client_id, session.programme_id, at, at)).fetchone()
         return int(row[0])
+
+    def unmarked_due(self, now: datetime, limit: int) -> list[str]:
+        """Up to `limit` sessions still BOOKED their terms' settle_unmarked_after past their
+        start, earliest first within each version of terms."""
+        due: list[str] = []
+        for programme_id, version, after_us in self._sql(_SETTLING_TERMS).fetchall():
+            if len(due) >= limit:
+                break
+            started_by = to_micros(now) - after_us
+            params = (SessionState.BOOKED.value, programme_id, version, started_by, limit - len(due))
+            due += [row[0] for row in self._sql(_UNMARKED_DUE, params).fetchall()]
+        return due
 
     def audit(
         self,

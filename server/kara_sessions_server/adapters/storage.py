@@ -131,6 +131,8 @@ class SessionRow(Table):
     # cancellation's or the no-show's. Nullable, so adding them rewrites no row of a large table.
     forgiven = pw.BooleanField(null=True)
     no_show_forgiven = pw.BooleanField(null=True)
+    # Schema version 10: settled by the server, nobody having marked it (null: not).
+    settled_automatically = pw.BooleanField(null=True)
 
     class Meta:
         table_name = "sessions"
@@ -140,6 +142,8 @@ class SessionRow(Table):
             (("client_id", "starts_at", "session_id"), False),
             # The Payments tab: a professional's section, newest session first.
             (("professional_id", "payment_section", "starts_at", "session_id"), False),
+            # The settlement sweep: booked sessions of one version of terms, earliest first.
+            (("state", "programme_id", "terms_version", "starts_at"), False),
         )
 
 
@@ -274,6 +278,8 @@ class ProgrammeTermsRow(Table):
     max_reschedules = pw.IntegerField()
     free_late_cancellations = pw.IntegerField()
     forgiveness_period_us = DurationField()
+    settle_unmarked_after_us = DurationField()
+    unmarked_outcome = pw.CharField(max_length=16)
 
     class Meta:
         table_name = "programme_terms"

@@ -167,6 +167,9 @@ class Session:
     terms_version: int = 1
     # A no-show its terms charge, voided as one of the client's free_late_cancellations.
     no_show_forgiven: bool = False
+    # Completed or marked a no-show by the server, nobody having marked it within its terms'
+    # settle_unmarked_after of its start.
+    settled_automatically: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +397,14 @@ class CompleteSession:
 
 @dataclass(frozen=True, slots=True)
 class MarkNoShow:
+    session_id: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettleUnmarked:
+    """The server's own settlement of a session nobody marked (never a caller's request)."""
+
     session_id: str
     request_id: str
 

@@ -26,6 +26,8 @@ MAX_RESCHEDULES = 50
 MAX_FREE_LATE_CANCELLATIONS = 10
 MIN_FORGIVENESS_PERIOD = timedelta(days=1)
 MAX_FORGIVENESS_PERIOD = timedelta(days=730)
+MIN_SETTLE_UNMARKED_AFTER = timedelta(hours=1)
+MAX_SETTLE_UNMARKED_AFTER = timedelta(days=60)
 _PROGRAMME_ID = re.compile(r"[a-z][a-z0-9-]{0,63}")
 
 
@@ -47,6 +49,16 @@ class ClientLateCancel(enum.StrEnum):
     CONTACT_PROFESSIONAL = "CONTACT_PROFESSIONAL"
 
 
+class UnmarkedOutcome(enum.StrEnum):
+    """What the server makes of a session nobody marked once its terms' settle_unmarked_after has
+    passed since its start (issue 36)."""
+
+    # It took place: the credit taken, as CompleteSession does.
+    COMPLETED = "COMPLETED"
+    # The client did not come: as MarkNoShow does (no_show_takes_credit, and forgiveness).
+    NO_SHOW = "NO_SHOW"
+
+
 @dataclass(frozen=True, slots=True)
 class Terms:
     """What a session was promised when it was booked."""
@@ -64,6 +76,10 @@ class Terms:
     # instead, within `forgiveness_period` before the one being decided (0: the article's rule).
     free_late_cancellations: int = 0
     forgiveness_period: timedelta = timedelta(days=365)
+    # A session still BOOKED this long after its start is settled by the server as
+    # `unmarked_outcome` (0: never, the article's silence: it waits to be marked).
+    settle_unmarked_after: timedelta = timedelta(0)
+    unmarked_outcome: UnmarkedOutcome = UnmarkedOutcome.COMPLETED
 
 
 # The article's terms: the Wellbeing Hubs programme, and every session booked before programmes.
@@ -86,6 +102,8 @@ class ProgrammeChanges:
     max_reschedules: int | None = None
     free_late_cancellations: int | None = None
     forgiveness_period: timedelta | None = None
+    settle_unmarked_after: timedelta | None = None
+    unmarked_outcome: UnmarkedOutcome | None = None
 
 
 # The fields UpdateProgramme may change: the name and every term.
@@ -165,6 +183,11 @@ def check(
         )
     if not MIN_FORGIVENESS_PERIOD <= terms.forgiveness_period <= MAX_FORGIVENESS_PERIOD:
         violations.append(("programme.forgiveness_period", "must be between 1 and 730 days"))
+    settle = terms.settle_unmarked_after
+    if settle and not MIN_SETTLE_UNMARKED_AFTER <= settle <= MAX_SETTLE_UNMARKED_AFTER:
+        violations.append(
+            ("programme.settle_unmarked_after", "must be 0 (never) or between 1 hour and 60 days")
+        )
     if violations:
         raise InvalidRequest([FieldViolation(f, d) for f, d in violations])
 

@@ -8,7 +8,7 @@ draws TRANSITIONS as the server runs it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -41,7 +41,7 @@ from kara_sessions_server.domain.model import (
     payment_state,
 )
 from kara_sessions_server.domain.policy import Notice, NoticePolicy
-from kara_sessions_server.domain.programme import NONE_FORGIVEN, Forgiveness
+from kara_sessions_server.domain.programme import NONE_FORGIVEN, Forgiveness, UnmarkedOutcome
 
 _S = SessionState
 _DONE = {
@@ -233,6 +233,21 @@ class SessionLifecycle:
         state = self._started(session, now, "no_show", "marked as a no-show")
         forgiven = session.terms.no_show_takes_credit and forgiveness.available
         return _settled(changed(session, now, state=state, no_show_at=now, no_show_forgiven=forgiven))
+
+    def settle_unmarked(
+        self, session: Session, now: datetime, forgiveness: Forgiveness = NONE_FORGIVEN
+    ) -> SessionStep:
+        """The server settles a session nobody marked, its terms' settle_unmarked_after past its
+        start, as their unmarked_outcome says: the very transition CompleteSession or MarkNoShow
+        takes, so it is refused only as they would be (not BOOKED: someone marked it first)."""
+        after = session.terms.settle_unmarked_after
+        if not after or now < session.starts_at + after:
+            raise ValueError(f"session {session.session_id} is not due to be settled")
+        if session.terms.unmarked_outcome is UnmarkedOutcome.NO_SHOW:
+            step = self.no_show(session, now, forgiveness)
+        else:
+            step = self.complete(session, now)
+        return SessionStep(replace(step.after, settled_automatically=True), step.credit_move)
 
     def waive(
         self, session: Session, invoice_id: str, waived_by: str, reason: str, now: datetime

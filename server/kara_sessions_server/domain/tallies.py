@@ -57,6 +57,13 @@ class ChargeWaived:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class SettledAutomatically:
+    """The server settled a session nobody marked: COMPLETED or NO_SHOW."""
+
+    state: SessionState
+
+
 Tally = (
     SessionCancelled
     | SessionRescheduled
@@ -65,4 +72,5 @@ Tally = (
     | FeedAppended
     | NoShowMarked
     | ChargeWaived
+    | SettledAutomatically
 )

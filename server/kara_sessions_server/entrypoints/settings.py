@@ -190,6 +190,14 @@ class Settings:
             "rolls back.",
         ),
     )
+    settle_interval_seconds: float = field(
+        default=60.0,
+        metadata=option(
+            type=click.FloatRange(0.1, 3600),
+            help="How often to settle the sessions nobody marked that their programme's "
+            "settle_unmarked_after says are due (every replica sweeps; each session is settled once).",
+        ),
+    )
     # A session may start at most this far ahead of its booking.
     max_booking_horizon: timedelta = field(
         default=timedelta(days=730),

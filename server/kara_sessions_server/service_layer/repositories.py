@@ -61,6 +61,11 @@ class SessionRepository(Protocol):
         before this unit of work ends (nor a change of `session`)."""
         ...
 
+    def unmarked_due(self, now: datetime, limit: int) -> list[str]:
+        """Up to `limit` sessions still BOOKED their terms' settle_unmarked_after past their
+        start (by `now`)."""
+        ...
+
     def audit(
         self,
         before: Session | None,

@@ -34,13 +34,14 @@ from kara_sessions_server.domain.model import (
     Session,
     SessionState,
     SessionStep,
+    SettleUnmarked,
     WaiveCharge,
     changed,
     insufficient_credits,
 )
 from kara_sessions_server.domain.policy import NoticePolicy
 from kara_sessions_server.domain.principal import Principal, Role
-from kara_sessions_server.domain.programme import NONE_FORGIVEN, Forgiveness
+from kara_sessions_server.domain.programme import NONE_FORGIVEN, Forgiveness, UnmarkedOutcome
 from kara_sessions_server.domain.session_lifecycle import (
     SessionLifecycle,
     moved,
@@ -53,12 +54,15 @@ from kara_sessions_server.domain.tallies import (
     NoShowMarked,
     SessionCancelled,
     SessionRescheduled,
+    SettledAutomatically,
 )
 from kara_sessions_server.service_layer import authz, snapshots
 from kara_sessions_server.service_layer.mutations import Mutations, Operation
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
 SYSTEM_ACTOR = "SYSTEM"
+# Who the server's own changes are made by (the settlement of unmarked sessions).
+SERVER = Principal(Role.SERVICE, "kara-sessions")
 
 # A charged late move books the session again: on a new credit, which the client must have.
 _REBOOK = (
@@ -255,6 +259,47 @@ class Services:
         return self.mutate(
             who,
             _settlement_operation("MarkNoShow", cmd, EventType.SESSION_NO_SHOW),
+            cmd.request_id,
+            work,
+        )
+
+    def unmarked_due(self, limit: int) -> list[str]:
+        """Sessions nobody marked whose terms' settle_unmarked_after has passed since their start."""
+        with self.unit_of_work(write=False) as uow:
+            return uow.sessions.unmarked_due(self.clock.now(), limit)
+
+    def settle_unmarked(self, session_id: str) -> Session:
+        """The server settles a session nobody marked (one of unmarked_due), as its terms'
+        unmarked_outcome says. Its request_id is the session's own and no caller's (a caller's
+        has no space), so of every replica sweeping, one settles it and the others replay that;
+        a session marked meanwhile is refused as a late CompleteSession would be."""
+        cmd = SettleUnmarked(session_id, f"settle unmarked {session_id}")
+
+        def work(uow: UnitOfWork, now: datetime) -> Session:
+            before = uow.sessions.get(session_id)
+            forgiveness = NONE_FORGIVEN
+            if before.terms.unmarked_outcome is UnmarkedOutcome.NO_SHOW and before.terms.no_show_takes_credit:
+                forgiveness = _forgiveness(uow, before, now, for_change=True)
+            step = self.lifecycle.settle_unmarked(before, now, forgiveness)
+            action = "NO_SHOW" if step.after.state is SessionState.NO_SHOW else "COMPLETE"
+            after = _settle(uow, before, step, action, SYSTEM_ACTOR, SERVER, cmd.request_id, now)
+            uow.tallies.append(SettledAutomatically(after.state))
+            return after
+
+        return self.mutate(
+            SERVER,
+            Operation(
+                "SettleUnmarked",
+                cmd,
+                snapshots.dump_settled_unmarked,
+                snapshots.load_settled_unmarked,
+                lambda s: Change.of_session(
+                    EventType.SESSION_NO_SHOW
+                    if s.state is SessionState.NO_SHOW
+                    else EventType.SESSION_COMPLETED,
+                    s,
+                ),
+            ),
             cmd.request_id,
             work,
         )

@@ -129,6 +129,7 @@ def _session(s: Session) -> dict[str, Any]:
         "rescheduled_to": s.rescheduled_to,
         "terms_version": s.terms_version,
         "no_show_forgiven": s.no_show_forgiven,
+        "settled_automatically": s.settled_automatically,
     }
 
 
@@ -208,6 +209,7 @@ def _load_session(d: dict[str, Any]) -> Session:
         # Results stored before terms had versions (schema version 9) name none: the first.
         terms_version=d.get("terms_version", 1),
         no_show_forgiven=d.get("no_show_forgiven", False),
+        settled_automatically=d.get("settled_automatically", False),
     )
 
 
@@ -230,6 +232,19 @@ def load_settlement(raw: str) -> tuple[Session, Payment]:
     session is on no invoice."""
     session = _load_session(json.loads(raw)["session"])
     return session, Payment.of(session)
+
+
+def dump_settled_unmarked(s: Session) -> str:
+    """A session the server settled, stored as its event's type is everywhere: a no-show's as a
+    settlement (dump_settlement), a completion's as the session (dump_session)."""
+    if s.state is SessionState.NO_SHOW:
+        return dump_settlement((s, Payment.of(s)))
+    return dump_session(s)
+
+
+def load_settled_unmarked(raw: str) -> Session:
+    d = json.loads(raw)
+    return _load_session(d["session"] if "session" in d else d)
 
 
 def dump_rescheduled(r: Rescheduled) -> str:

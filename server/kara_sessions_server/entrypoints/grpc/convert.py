@@ -319,6 +319,7 @@ def fill_session(msg: pb.Session, s: Session) -> None:
     msg.rescheduled_from = s.rescheduled_from
     msg.rescheduled_to = s.rescheduled_to
     msg.no_show_forgiven = s.no_show_forgiven
+    msg.settled_automatically = s.settled_automatically
 
 
 def session_pb(s: Session) -> pb.Session:

@@ -18,6 +18,7 @@ from kara_sessions_server.domain.tallies import (
     NoShowMarked,
     SessionCancelled,
     SessionRescheduled,
+    SettledAutomatically,
     Tally,
 )
 
@@ -79,6 +80,13 @@ class Metrics:
             registry=r,
         )
         self.waivers = Counter("kara_waivers", "Committed waivers of a charge", registry=r)
+        self.settled_automatically = Counter(
+            "kara_settled_automatically",
+            "Sessions nobody marked that the server settled (its programme's settle_unmarked_after), "
+            "by the state it gave them",
+            ["state"],
+            registry=r,
+        )
         self.events_appended = Counter(
             "kara_events_appended",
             "Events appended to the feed by committed changes, by type",
@@ -147,6 +155,8 @@ class Metrics:
             self._child(self.no_shows, "paid" if tally.charged else "voided").inc()
         elif isinstance(tally, ChargeWaived):
             self.waivers.inc()
+        elif isinstance(tally, SettledAutomatically):
+            self._child(self.settled_automatically, tally.state.value).inc()
         elif isinstance(tally, FeedAppended):
             self._child(self.events_appended, tally.type).inc()
         elif isinstance(tally, InvoiceChanged):

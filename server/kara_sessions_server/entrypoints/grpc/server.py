@@ -51,7 +51,7 @@ from kara_sessions_server.entrypoints.grpc.servicers import (
     StreamGate,
 )
 from kara_sessions_server.entrypoints.grpc.workers import Workers
-from kara_sessions_server.entrypoints.maintenance import Pruner
+from kara_sessions_server.entrypoints.maintenance import Pruner, Settler
 from kara_sessions_server.entrypoints.settings import Settings
 from kara_sessions_server.service_layer.feed import EventServices
 from kara_sessions_server.service_layer.retention import Retention
@@ -102,6 +102,7 @@ class RunningServer:
     executor: Workers
     metrics: Metrics
     pruner: Pruner
+    settler: Settler
     monitor: HealthMonitor
     stopping: threading.Event
     _lifetime: _Lifetime
@@ -203,6 +204,9 @@ def start(
         if settings.prunes:
             pruner.start()
         undo.callback(pruner.stop)
+        settler = Settler(settings.settle_interval_seconds, services.unmarked_due, services.settle_unmarked)
+        settler.start()
+        undo.callback(settler.stop)
         monitor = HealthMonitor(
             storage,
             health_servicer,
@@ -227,6 +231,7 @@ def start(
             executor=executor,
             metrics=metrics,
             pruner=pruner,
+            settler=settler,
             monitor=monitor,
             stopping=stopping,
             _lifetime=lifetime,
