@@ -244,7 +244,7 @@ def dump_settled_unmarked(s: Session) -> str:
 
 def load_settled_unmarked(raw: str) -> Session:
     d = json.loads(raw)
-    return _load_session(d["session"] if "session" in d else d)
+    return _load_session(d.get("session", d))
 
 
 def dump_rescheduled(r: Rescheduled) -> str:
