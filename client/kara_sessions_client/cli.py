@@ -611,13 +611,26 @@ def credits() -> None:
 @click.argument("client_id")
 @click.argument("amount", type=click.IntRange(1, 10_000))
 @programme_option
+@click.option(
+    "--expires",
+    "expires_at",
+    type=When(),
+    default=None,
+    help="When these credits expire (ISO-8601, or +365d); default: never. A session must start "
+    "before then to use one.",
+)
 @request_id_option
 @click.pass_context
 def credits_grant(
-    ctx: click.Context, client_id: str, amount: int, programme_id: str, request_id: str | None
+    ctx: click.Context,
+    client_id: str,
+    amount: int,
+    programme_id: str,
+    expires_at: datetime | None,
+    request_id: str | None,
 ) -> None:
     """Add AMOUNT sponsored credits of the programme to CLIENT_ID's account in it."""
-    _run(ctx, lambda c: c.grant_credits(client_id, amount, request_id, programme_id))
+    _run(ctx, lambda c: c.grant_credits(client_id, amount, request_id, programme_id, expires_at))
 
 
 @credits.command("show")

@@ -451,18 +451,23 @@ class SessionsClient:
     # --- credits ---
 
     def grant_credits(
-        self, client_id: str, credits: int, request_id: str | None = None, programme_id: str = ""
+        self,
+        client_id: str,
+        credits: int,
+        request_id: str | None = None,
+        programme_id: str = "",
+        expires_at: datetime | None = None,
     ) -> cpb.CreditAccount:
-        return self._call(
-            self.credits.GrantCredits,
-            cpb.GrantCreditsRequest(
-                client_id=client_id,
-                credits=credits,
-                request_id=request_id or new_request_id(),
-                programme_id=programme_id,
-            ),
-            cpb.CreditAccount,
+        """`expires_at`: when the credits expire (None: never)."""
+        request = cpb.GrantCreditsRequest(
+            client_id=client_id,
+            credits=credits,
+            request_id=request_id or new_request_id(),
+            programme_id=programme_id,
         )
+        if expires_at is not None:
+            request.expire_time.CopyFrom(timestamp(expires_at))
+        return self._call(self.credits.GrantCredits, request, cpb.CreditAccount)
 
     def get_credit_account(
         self, client_id: str, page_size: int = 0, page_token: str = "", programme_id: str = ""

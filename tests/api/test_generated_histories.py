@@ -45,6 +45,7 @@ from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import NO_RETRY, KaraError, SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
+from kara_sessions_server.entrypoints.maintenance import EXPIRED_LOTS, SETTLED_UNMARKED
 
 from ..conftest import ALL_DATABASES, open_database
 from ..support.clock import FakeClock
@@ -92,27 +93,72 @@ class Booking:
     # When its charge was forgiven (a cancellation's or a no-show's); None if it was not.
     forgiven_at: Any = None
     settled_automatically: bool = False
+    # The expire time of the lot its credit was held from (None: never).
+    lot: Any = None
 
     @property
     def paid(self) -> bool:
         return self.state in PAID_STATES and not self.waived and self.forgiven_at is None
 
 
+# What each ledger move does to a lot's [granted, available, held, used, expired].
+MOVES = {
+    "HOLD": (0, -1, 1, 0, 0),
+    "RETURN": (0, 1, -1, 0, 0),
+    "TAKE": (0, 0, -1, 1, 0),
+    "REFUND": (0, 1, 0, -1, 0),
+}
+
+
 @dataclass
 class Model:
-    # (client, programme) -> credits granted
-    granted: dict[tuple[str, int], int] = field(default_factory=dict)
+    # (client, programme) -> expire time (None: never) -> [granted, available, held, used, expired]
+    lots: dict[tuple[str, int], dict[Any, list[int]]] = field(default_factory=dict)
     sessions: dict[str, Booking] = field(default_factory=dict)
     # invoice id -> (professional, state)
     invoices: dict[str, list[str]] = field(default_factory=dict)
     # Committed changes, each of which must have put one event in the feed.
     changes: int = 0
 
-    def available(self, client: str, programme: int) -> int:
-        mine = [s for s in self.sessions.values() if (s.client, s.programme) == (client, programme)]
-        held = sum(1 for s in mine if s.state == "BOOKED")
-        used = sum(1 for s in mine if s.paid)
-        return self.granted.get((client, programme), 0) - held - used
+    def grant(self, client: str, programme: int, credits: int, expires: Any) -> None:
+        lot = self.lots.setdefault((client, programme), {}).setdefault(expires, [0, 0, 0, 0, 0])
+        lot[0] += credits
+        lot[1] += credits
+
+    def pick(self, client: str, programme: int, valid_at: Any, now: Any) -> tuple[Any, str | None]:
+        """The lot a booking starting at `valid_at` holds from (the soonest to expire of those
+        valid then), or the refusal: credits there but expiring first, or none at all."""
+
+        def usable(at: Any) -> list[Any]:
+            lots = self.lots.get((client, programme), {})
+            return sorted(
+                (e for e, b in lots.items() if b[1] >= 1 and (e is None or e > at)),
+                key=lambda e: (e is None, e),
+            )
+
+        if valid := usable(valid_at):
+            return valid[0], None
+        return None, "CREDITS_EXPIRE_BEFORE_SESSION" if usable(now) else "INSUFFICIENT_CREDITS"
+
+    def move(self, s: Booking, kind: str, now: Any) -> None:
+        """A ledger move of `s`'s credit in its lot; one given back to a lot whose time has
+        passed expires as it comes back."""
+        lot = self.lots[s.client, s.programme][s.lot]
+        for i, d in enumerate(MOVES[kind]):
+            lot[i] += d
+        if kind in ("RETURN", "REFUND") and s.lot is not None and s.lot <= now:
+            lot[1] -= 1
+            lot[4] += 1
+
+    def expire_due(self, now: Any) -> int:
+        """The sweep: each lot past its time with credits available expires them; how many lots."""
+        due = [
+            b for lots in self.lots.values() for e, b in lots.items() if e is not None and e <= now and b[1]
+        ]
+        for b in due:
+            b[4] += b[1]
+            b[1] = 0
+        return len(due)
 
     def forgives(self, booking: Booking, now: Any) -> bool:
         """Whether a charge of `booking` now is forgiven: only the sponsor's forgives, one in
@@ -183,7 +229,7 @@ class Histories(RuleBasedStateMachine):
         for client_id in self.clients:
             for programme, programme_id in enumerate(self.programmes):
                 self.kara.grant_credits(client_id, 3, programme_id=programme_id)
-                self.model.granted[client_id, programme] = 3
+                self.model.grant(client_id, programme, 3, None)
                 self.model.changes += 1
 
     @rule(
@@ -191,8 +237,10 @@ class Histories(RuleBasedStateMachine):
         credits=st.integers(1, 3),
         reuse=st.integers(0, 4),
         programme=st.integers(0, 1),
+        expires_in_days=st.sampled_from([0, 0, 1, 3]),
     )
-    def grant(self, client: int, credits: int, reuse: int, programme: int) -> None:
+    def grant(self, client: int, credits: int, reuse: int, programme: int, expires_in_days: int) -> None:
+        """Credits that never expire (0), or that expire in a day or three."""
         if reuse == 0 and self.last_grant is not None:
             # The same request_id for another request: refused, changing nothing.
             reused_client, request_id = self.last_grant
@@ -200,14 +248,15 @@ class Histories(RuleBasedStateMachine):
             return self._refused(again, "REQUEST_ID_REUSED")
         client_id, programme_id = self.clients[client], self.programmes[programme]
         request_id = str(uuid.uuid4())
+        expires = self.clock.now() + timedelta(days=expires_in_days) if expires_in_days else None
 
         def call() -> Any:
             return self.kara.grant_credits(
-                client_id, credits, request_id=request_id, programme_id=programme_id
+                client_id, credits, request_id=request_id, programme_id=programme_id, expires_at=expires
             )
 
         result = call()
-        self.model.granted[client_id, programme] = self.model.granted.get((client_id, programme), 0) + credits
+        self.model.grant(client_id, programme, credits, expires)
         self.model.changes += 1
         self.last = (call, result)
         self.last_grant = (client_id, request_id)
@@ -223,10 +272,13 @@ class Histories(RuleBasedStateMachine):
         def call(r: str | None = None) -> Any:
             return self.kara.book(client_id, pro_id, starts, programme_id=programme_id, request_id=r)
 
-        if self.model.available(client_id, programme) < 1:
-            return self._refused(call, "INSUFFICIENT_CREDITS")
+        lot, refusal = self.model.pick(client_id, programme, starts, self.clock.now())
+        if refusal is not None:
+            return self._refused(call, refusal)
         session = self._did(call)
-        self.model.sessions[session.session_id] = Booking(client_id, pro_id, starts, programme=programme)
+        booking = Booking(client_id, pro_id, starts, programme=programme, lot=lot)
+        self.model.sessions[session.session_id] = booking
+        self.model.move(booking, "HOLD", self.clock.now())
         return None
 
     def _pick(self, data: st.DataObject, fits: Callable[[Booking], bool]) -> str | None:
@@ -287,6 +339,7 @@ class Histories(RuleBasedStateMachine):
         charged = late and (by == "client" or charge)
         forgiven = charged and self.model.forgives(s, self.clock.now())
         s.state = "CANCELLED_PAID" if charged and not forgiven else "CANCELLED_VOIDED"
+        self.model.move(s, "TAKE" if s.state == "CANCELLED_PAID" else "RETURN", self.clock.now())
         s.forgiven_at = self.clock.now() if forgiven else None
         assert pb.SessionState.Name(result.session.state) == f"SESSION_STATE_{s.state}"
         assert result.session.cancellation.forgiven == forgiven
@@ -337,16 +390,20 @@ class Histories(RuleBasedStateMachine):
             return self._refused(call, "SESSION_ALREADY_STARTED")
         if charge and not late:
             return self._refused(call, "CHARGE_NOT_ALLOWED_WITH_NOTICE")
-        if charged and self.model.available(s.client, s.programme) < 1:
-            return self._refused(call, "INSUFFICIENT_CREDITS")
+        if not charged and s.lot is not None and to >= s.lot:
+            return self._refused(call, "CREDITS_EXPIRE_BEFORE_SESSION")
+        lot, refusal = self.model.pick(s.client, s.programme, to, self.clock.now())
+        if charged and refusal is not None:
+            return self._refused(call, refusal)
         result = self._did(call)
         assert result.HasField("charged") == charged
         if charged:
             s.state = "CANCELLED_PAID"
             assert result.charged.session_id == session and result.session.rescheduled_from == session
-            self.model.sessions[result.session.session_id] = Booking(
-                s.client, s.pro, to, programme=s.programme
-            )
+            replacement = Booking(s.client, s.pro, to, programme=s.programme, lot=lot)
+            self.model.sessions[result.session.session_id] = replacement
+            self.model.move(replacement, "HOLD", self.clock.now())
+            self.model.move(s, "TAKE", self.clock.now())
         else:
             assert result.session.session_id == session
             s.starts = to
@@ -370,23 +427,49 @@ class Histories(RuleBasedStateMachine):
     @rule()
     def the_server_settles_unmarked_sessions(self) -> None:
         """Nobody marks the sponsor's next session: the clock comes to its time to be settled,
-        and the sweep every replica runs (in the background every --settle-interval-seconds;
-        here, when the history says) makes each due session a no-show, forgiven as a charge."""
+        and the sweep runs."""
         first = min(
             s.starts for s in self.model.sessions.values() if s.programme == 1 and s.state == "BOOKED"
         )
         if first + SETTLE_AFTER > self.clock.now():
             self.clock.set(first + SETTLE_AFTER)
+        self._sweep()
+
+    @precondition(
+        lambda self: any(
+            at is not None and b[1] for lots in self.model.lots.values() for at, b in lots.items()
+        )
+    )
+    @rule()
+    def credits_expire(self) -> None:
+        """The clock comes to the time of the next lot with credits still available, and the
+        sweep runs."""
+        first = min(
+            at for lots in self.model.lots.values() for at, b in lots.items() if at is not None and b[1]
+        )
+        if first > self.clock.now():
+            self.clock.set(first)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """What every replica does every --settle-interval-seconds (here, when the history says):
+        each unmarked session due becomes a no-show, forgiven as a charge is; then each lot past
+        its time expires the credits it still has available."""
+        now = self.clock.now()
         due = self._unmarked_due()
-        assert self.server.settler.run_once() == len(due)
         for session_id in due:
             s = self.model.sessions[session_id]
             s.state, s.settled_automatically = "NO_SHOW", True
-            if self.model.forgives(s, self.clock.now()):
-                s.forgiven_at = self.clock.now()
-            self.model.changes += 1
+            if self.model.forgives(s, now):
+                s.forgiven_at = now
+            self.model.move(s, "RETURN" if s.forgiven_at is not None else "TAKE", now)
+        expired = self.model.expire_due(now)
+        assert self.server.settler.run_once() == {SETTLED_UNMARKED: len(due), EXPIRED_LOTS: expired}
+        self.model.changes += len(due) + expired
+        for session_id in due:
             session = self.kara.get_session(session_id)
-            assert session.settled_automatically and session.no_show_forgiven == (s.forgiven_at is not None)
+            forgiven = self.model.sessions[session_id].forgiven_at is not None
+            assert session.settled_automatically and session.no_show_forgiven == forgiven
 
     @rule(hours=st.integers(1, 8))
     def time_passes(self, hours: int) -> None:
@@ -418,6 +501,7 @@ class Histories(RuleBasedStateMachine):
                 if self.model.forgives(s, self.clock.now()):
                     s.forgiven_at = self.clock.now()
                 assert result.session.no_show_forgiven == (s.forgiven_at is not None)
+            self.model.move(s, "RETURN" if s.forgiven_at is not None else "TAKE", self.clock.now())
 
     def _any(self, *states: str) -> bool:
         return any(s.state in states for s in self.model.sessions.values())
@@ -438,6 +522,7 @@ class Histories(RuleBasedStateMachine):
         else:
             self._did(call)
             s.waived = True
+            self.model.move(s, "REFUND", self.clock.now())
 
     @precondition(lambda self: any(s.paid for s in self.model.sessions.values()))
     @rule(data=st.data(), other_pro=st.integers(0, 5))
@@ -514,12 +599,19 @@ class Histories(RuleBasedStateMachine):
 
     @invariant()
     def credits_are_conserved(self) -> None:
-        for (client_id, programme), granted in self.model.granted.items():
+        """Each account and each of its lots as the model has them: available + held + used +
+        expired = granted; held = its booked sessions, used = its sessions whose credit is taken."""
+        for (client_id, programme), lots in self.model.lots.items():
             mine = [
                 s for s in self.model.sessions.values() if (s.client, s.programme) == (client_id, programme)
             ]
             account = self.kara.get_credit_account(client_id, programme_id=self.programmes[programme])
-            assert account.available + account.held + account.used == granted
+            balances = [lots[at] for at in sorted(lots, key=lambda at: (at is None, at))]
+            assert [
+                [lot.granted, lot.available, lot.held, lot.used, lot.expired] for lot in account.lots
+            ] == balances
+            totals = [sum(b[i] for b in balances) for i in range(5)]
+            assert [account.available, account.held, account.used, account.expired] == totals[1:]
             assert account.held == sum(1 for s in mine if s.state == "BOOKED")
             assert account.used == sum(1 for s in mine if s.paid)
 

@@ -21,6 +21,7 @@ from kara.sessions.v1 import sessions_pb2 as pb
 from kara_sessions_client.client import SessionsClient
 from kara_sessions_server.adapters.storage import AuditRow
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
+from kara_sessions_server.entrypoints.maintenance import SETTLED_UNMARKED
 
 from ..support.clock import FakeClock
 from ..support.concurrency import race
@@ -61,10 +62,10 @@ def test_an_unmarked_session_is_completed_once_its_time_has_passed_and_only_then
     client_id, [session_id] = booked(kara, clock, programme_id)
     clock.advance(timedelta(hours=2) + AFTER - timedelta(seconds=1))
     before = db_snapshot(server)
-    assert server.settler.run_once() == 0
+    assert server.settler.run_once()[SETTLED_UNMARKED] == 0
     assert db_snapshot(server) == before, "a sweep with nothing due changed something"
     clock.advance(timedelta(seconds=1))
-    assert server.settler.run_once() == 1
+    assert server.settler.run_once()[SETTLED_UNMARKED] == 1
     session = kara.get_session(session_id)
     assert session.state == pb.SESSION_STATE_COMPLETED and session.settled_automatically
     payment = kara.get_payment(session_id)
@@ -81,7 +82,7 @@ def test_an_unmarked_session_is_completed_once_its_time_has_passed_and_only_then
     assert settled == 1
     # Settled once: the next sweep finds nothing, and changes nothing.
     after = db_snapshot(server)
-    assert server.settler.run_once() == 0
+    assert server.settler.run_once()[SETTLED_UNMARKED] == 0
     assert db_snapshot(server) == after
     assert_ledger_balances(server)
 
@@ -112,7 +113,7 @@ def test_an_unmarked_session_settled_as_a_no_show_follows_the_no_show_terms(
     )
     _, sessions = booked(kara, clock, programme_id, 2)
     clock.advance(timedelta(hours=3) + AFTER)
-    assert server.settler.run_once() == 2
+    assert server.settler.run_once()[SETTLED_UNMARKED] == 2
     for session_id, (state, forgiven) in zip(sessions, expected, strict=True):
         session = kara.get_session(session_id)
         assert session.state == pb.SESSION_STATE_NO_SHOW and session.settled_automatically
@@ -133,7 +134,7 @@ def test_a_session_marked_cancelled_or_under_default_terms_is_left_as_it_is(
     clock.advance(timedelta(hours=3))
     kara.complete(marked)
     clock.advance(timedelta(days=60))
-    assert server.settler.run_once() == 1
+    assert server.settler.run_once()[SETTLED_UNMARKED] == 1
     states = {
         s: kara.get_session(s) for s in (marked, cancelled, settled, default_terms, booked_after_change)
     }
@@ -160,7 +161,7 @@ def test_two_replicas_sweeping_at_once_settle_each_session_exactly_once(
     client_id, sessions = booked(kara, clock, programme_id, 12)
     clock.advance(timedelta(hours=3) + AFTER)
     replicas = [server, second_replica]
-    settled = race(4, lambda i: replicas[i % 2].settler.run_once())
+    settled = race(4, lambda i: replicas[i % 2].settler.run_once()[SETTLED_UNMARKED])
     # Each replica counts what it settled or found settled by the other: every session, at
     # least once between them; the feed says exactly once.
     assert sum(settled) >= 12

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -24,21 +25,32 @@ from ..support.processes import free_port, serve_command, wait_serving
 
 
 def serving_port(args: list[str], env: dict[str, str], ports: list[int]) -> int:
-    """Starts `serve` with `args` and `env`; returns which of `ports` it came up on."""
-    proc = subprocess.Popen(
-        serve_command(*args), env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        for port in ports:
+    """Starts `serve` with `args` and `env`; returns which of `ports` it came up on. Its stderr
+    goes to a file, never to a pipe nobody reads: a server blocked writing a log line to a full
+    pipe cannot stop, and the test would blame the server."""
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(
+            serve_command(*args), env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+        try:
+            for port in ports:
+                try:
+                    wait_serving(port, proc, deadline=3 if port != ports[-1] else 20)
+                    return port
+                except TimeoutError:
+                    continue
+            raise AssertionError("the server came up on none of the ports")
+        finally:
+            proc.send_signal(signal.SIGTERM)
             try:
-                wait_serving(port, proc, deadline=3 if port != ports[-1] else 20)
-                return port
-            except TimeoutError:
-                continue
-        raise AssertionError("the server came up on none of the ports")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                stderr.seek(0)
+                raise AssertionError(
+                    f"serve did not stop on SIGTERM; it said: {stderr.read()[-4000:]!r}"
+                ) from None
 
 
 def test_flags_beat_environment_beats_config_file(tmp_path: Path) -> None:

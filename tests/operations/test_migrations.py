@@ -116,8 +116,12 @@ def downgrade_to_version_9(database_url: str) -> None:
         for column in TERMS_SINCE_9:
             db.execute_sql(f"ALTER TABLE programme_terms DROP COLUMN {column}")
         db.execute_sql("DROP INDEX sessions_state_programme_id_terms_version_starts_at")
-        for column in ("forgiven", "no_show_forgiven", "settled_automatically"):
+        for column in ("forgiven", "no_show_forgiven", "settled_automatically", "credit_expires_at"):
             db.execute_sql(f"ALTER TABLE sessions DROP COLUMN {column}")
+        # Credits in lots: version 9 had only accounts, whose credits never expired.
+        db.execute_sql("DROP TABLE credit_lots")
+        db.execute_sql("ALTER TABLE credit_accounts DROP COLUMN expired")
+        db.execute_sql("ALTER TABLE ledger_entries DROP COLUMN expires_at")
         db.execute_sql("UPDATE schema_version SET version = 9")
     storage.close()
 
@@ -684,6 +688,18 @@ def test_a_version_9_database_upgrades_to_the_sponsors_terms_keeping_what_each_s
                 assert session.terms.forgiveness_period.ToTimedelta() == timedelta(days=365)
                 assert not session.no_show_forgiven and not session.settled_automatically
                 assert session.terms.settle_unmarked_after.ToTimedelta() == timedelta(0)
+            # Every account's credits became one lot that never expires, as they were granted.
+            for programme_id in ("p48", "named", "default"):
+                account = kara.get_credit_account("client-1", programme_id=programme_id)
+                [lot] = account.lots
+                assert not lot.HasField("expire_time") and account.expired == 0
+                assert (lot.available, lot.held, lot.used, lot.expired) == (
+                    account.available,
+                    account.held,
+                    account.used,
+                    0,
+                )
+                assert lot.granted == account.available + account.held + account.used
             # A late client cancellation is charged, as the article says.
             clock.advance(timedelta(days=4, hours=12))
             cancelled = kara.cancel(ids[1], "client")

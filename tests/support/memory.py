@@ -21,6 +21,7 @@ from kara_sessions_server.domain.clock import MICROSECOND
 from kara_sessions_server.domain.errors import (
     AlreadyExists,
     Conflict,
+    CreditsExpireBeforeSession,
     CursorExpired,
     InvoiceNotDraft,
     NotFound,
@@ -32,6 +33,7 @@ from kara_sessions_server.domain.invoicing import Candidate, subject
 from kara_sessions_server.domain.model import (
     Account,
     CreditAccount,
+    CreditLot,
     Invoice,
     InvoiceLine,
     InvoiceState,
@@ -63,13 +65,16 @@ T = TypeVar("T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # How a ledger move changes (available, held, used), and what it needs there first.
+# What each move does to (available, held, used, expired), and which of them it needs enough of.
 _MOVES = {
-    LedgerKind.GRANT: ((1, 0, 0), None),
-    LedgerKind.HOLD: ((-1, 1, 0), 0),
-    LedgerKind.RETURN: ((1, -1, 0), 1),
-    LedgerKind.TAKE: ((0, -1, 1), 1),
-    LedgerKind.REFUND: ((1, 0, -1), 2),
+    LedgerKind.GRANT: ((1, 0, 0, 0), None),
+    LedgerKind.HOLD: ((-1, 1, 0, 0), 0),
+    LedgerKind.RETURN: ((1, -1, 0, 0), 1),
+    LedgerKind.TAKE: ((0, -1, 1, 0), 1),
+    LedgerKind.REFUND: ((1, 0, -1, 0), 2),
+    LedgerKind.EXPIRE: ((-1, 0, 0, 1), 0),
 }
+Balance = tuple[int, int, int, int]
 
 
 def _micros(at: datetime) -> int:
@@ -99,7 +104,7 @@ class Data:
     copy of it all."""
 
     sessions: dict[str, Session] = field(default_factory=dict)
-    accounts: dict[Account, tuple[int, int, int]] = field(default_factory=dict)
+    accounts: dict[Account, Balance] = field(default_factory=dict)
     entries: list[tuple[Account, LedgerEntry]] = field(default_factory=list)
     programmes: dict[str, Programme] = field(default_factory=dict)
     invoices: dict[str, Invoice] = field(default_factory=dict)
@@ -108,6 +113,8 @@ class Data:
     events: list[Event] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
     pruned: Cursor | None = None
+    # (account, expire time or None) -> (granted, the lot's balance)
+    lots: dict[tuple[Account, datetime | None], tuple[int, Balance]] = field(default_factory=dict)
 
     def copy(self) -> Data:
         return Data(
@@ -120,6 +127,7 @@ class Data:
             list(self.events),
             list(self.audit),
             self.pruned,
+            dict(self.lots),
         )
 
 
@@ -259,6 +267,19 @@ class MemorySessions:
         return len(old)
 
 
+def _moved(balance: Balance, kind: LedgerKind, credits: int) -> Balance | None:
+    """`balance` after the move, or None if it has not enough of what the move takes."""
+    delta, needs = _MOVES[kind]
+    if needs is not None and balance[needs] < credits:
+        return None
+    a, h, u, e = (b + d * credits for b, d in zip(balance, delta, strict=True))
+    return a, h, u, e
+
+
+def _soonest_first(expires_at: datetime | None) -> tuple[bool, datetime | None]:
+    return (expires_at is None, expires_at)
+
+
 class MemoryLedger:
     def __init__(self, data: Data):
         self._data = data
@@ -266,25 +287,46 @@ class MemoryLedger:
     def _move(
         self,
         account: Account,
+        lot: datetime | None,
         kind: LedgerKind,
         credits: int,
         session_id: str | None,
         request_id: str,
         now: datetime,
     ) -> bool:
-        delta, needs = _MOVES[kind]
-        balance = self._data.accounts.get(account, (0, 0, 0))
-        if needs is not None and (account not in self._data.accounts or balance[needs] < credits):
+        granted, lot_balance = self._data.lots.get((account, lot), (0, (0, 0, 0, 0)))
+        if kind is not LedgerKind.GRANT and (account, lot) not in self._data.lots:
             return False
-        available, held, used = (b + d * credits for b, d in zip(balance, delta, strict=True))
-        self._data.accounts[account] = (available, held, used)
+        account_after = _moved(self._data.accounts.get(account, (0, 0, 0, 0)), kind, credits)
+        lot_after = _moved(lot_balance, kind, credits)
+        if account_after is None or lot_after is None:
+            return False
+        self._data.accounts[account] = account_after
+        granted += credits if kind is LedgerKind.GRANT else 0
+        self._data.lots[account, lot] = (granted, lot_after)
         entry_id = str(len(self._data.entries) + 1)
-        entry = LedgerEntry(entry_id, account.client_id, kind, credits, session_id, request_id, now)
+        entry = LedgerEntry(entry_id, account.client_id, kind, credits, session_id, request_id, now, lot)
         self._data.entries.append((account, entry))
         return True
 
-    def grant(self, account: Account, credits: int, request_id: str, now: datetime) -> None:
-        self._move(account, LedgerKind.GRANT, credits, None, request_id, now)
+    def grant(
+        self,
+        account: Account,
+        credits: int,
+        request_id: str,
+        now: datetime,
+        expires_at: datetime | None = None,
+    ) -> None:
+        self._move(account, expires_at, LedgerKind.GRANT, credits, None, request_id, now)
+
+    def _valid_lots(self, account: Account, credits: int, valid_at: datetime) -> list[datetime | None]:
+        """The lots valid at `valid_at` with the credits, the soonest to expire first."""
+        valid = [
+            lot
+            for (key, lot), (_, balance) in self._data.lots.items()
+            if key == account and balance[0] >= credits and (lot is None or lot > valid_at)
+        ]
+        return sorted(valid, key=_soonest_first)
 
     def hold(
         self,
@@ -293,10 +335,27 @@ class MemoryLedger:
         credits: int,
         request_id: str,
         now: datetime,
+        valid_at: datetime,
         purpose: str = "to book a session",
+    ) -> datetime | None:
+        self.check_hold(account, credits, now, valid_at, purpose)
+        lot = self._valid_lots(account, credits, valid_at)[0]
+        assert self._move(account, lot, LedgerKind.HOLD, credits, session_id, request_id, now)
+        return lot
+
+    def check_hold(
+        self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str
     ) -> None:
-        if not self._move(account, LedgerKind.HOLD, credits, session_id, request_id, now):
+        if self._valid_lots(account, credits, valid_at):
+            return
+        early = self._valid_lots(account, credits, now)
+        if not early or early[0] is None:
             raise insufficient_credits(account, purpose)
+        raise CreditsExpireBeforeSession(
+            f"client {account.client_id}'s credits expire at {early[0].isoformat()}, before "
+            f"{valid_at.isoformat()}",
+            metadata={"client_id": account.client_id, "programme_id": account.programme_id},
+        )
 
     def settle(
         self,
@@ -306,11 +365,35 @@ class MemoryLedger:
         credits: int,
         request_id: str,
         now: datetime,
+        expires_at: datetime | None = None,
     ) -> None:
         if kind not in (LedgerKind.RETURN, LedgerKind.TAKE, LedgerKind.REFUND):
             raise ValueError(f"cannot settle a credit with {kind}")
-        if not self._move(account, kind, credits, session_id, request_id, now):
+        if not self._move(account, expires_at, kind, credits, session_id, request_id, now):
             raise AssertionError(f"no credit to {kind.value.lower()} for session {session_id}")
+
+    def expire(
+        self,
+        account: Account,
+        session_id: str | None,
+        credits: int,
+        request_id: str,
+        now: datetime,
+        expires_at: datetime,
+    ) -> None:
+        if not self._move(account, expires_at, LedgerKind.EXPIRE, credits, session_id, request_id, now):
+            raise AssertionError(f"no credit to expire in {account}'s lot of {expires_at}")
+
+    def due_lots(self, now: datetime, limit: int) -> list[tuple[Account, datetime]]:
+        due = sorted(
+            (lot, key)
+            for (key, lot), (_, balance) in self._data.lots.items()
+            if lot is not None and lot <= now and balance[0] > 0
+        )
+        return [(key, lot) for lot, key in due[:limit]]
+
+    def lot_available(self, account: Account, expires_at: datetime | None) -> int:
+        return self._data.lots.get((account, expires_at), (0, (0, 0, 0, 0)))[1][0]
 
     def balance(self, key: Account) -> CreditAccount:
         if key not in self._data.accounts:
@@ -318,8 +401,17 @@ class MemoryLedger:
                 f"client {key.client_id} has no credit account in programme {key.programme_id!r}",
                 metadata={"client_id": key.client_id, "programme_id": key.programme_id},
             )
-        available, held, used = self._data.accounts[key]
-        return CreditAccount(key.client_id, available, held, used, programme_id=key.programme_id)
+        available, held, used, expired = self._data.accounts[key]
+        lots = tuple(
+            CreditLot(lot, granted, *balance)
+            for (account, lot), (granted, balance) in sorted(
+                self._data.lots.items(), key=lambda item: _soonest_first(item[0][1])
+            )
+            if account == key
+        )
+        return CreditAccount(
+            key.client_id, available, held, used, programme_id=key.programme_id, expired=expired, lots=lots
+        )
 
     def account(self, key: Account, size: int, token: str) -> CreditAccount:
         current = self.balance(key)

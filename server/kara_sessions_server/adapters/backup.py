@@ -17,16 +17,24 @@ from kara_sessions_server.domain.model import SessionState, payment_state_for
 from kara_sessions_server.domain.programme import DEFAULT_TERMS
 
 _BALANCES = """
-SELECT a.client_id, a.programme_id, a.available, a.held, a.used,
+SELECT a.client_id, a.programme_id, a.available, a.held, a.used, {expired},
        COALESCE(SUM(CASE WHEN e.kind = 'GRANT' THEN e.credits END), 0),
        COALESCE(SUM(CASE WHEN e.kind = 'HOLD' THEN e.credits END), 0),
        COALESCE(SUM(CASE WHEN e.kind = 'RETURN' THEN e.credits END), 0),
        COALESCE(SUM(CASE WHEN e.kind = 'TAKE' THEN e.credits END), 0),
-       COALESCE(SUM(CASE WHEN e.kind = 'REFUND' THEN e.credits END), 0)
+       COALESCE(SUM(CASE WHEN e.kind = 'REFUND' THEN e.credits END), 0),
+       COALESCE(SUM(CASE WHEN e.kind = 'EXPIRE' THEN e.credits END), 0)
 FROM credit_accounts a
 LEFT JOIN ledger_entries e ON e.client_id = a.client_id AND e.programme_id = a.programme_id
-GROUP BY a.client_id, a.programme_id, a.available, a.held, a.used
+GROUP BY a.client_id, a.programme_id, a.available, a.held, a.used, {expired}
 """
+# Schema version 10: each account's lots, which must add up to it, each to what it was granted.
+_LOTS = """
+SELECT client_id, programme_id, SUM(available), SUM(held), SUM(used), SUM(expired),
+       SUM(CASE WHEN granted = available + held + used + expired THEN 0 ELSE 1 END)
+FROM credit_lots GROUP BY client_id, programme_id
+"""
+_LOTS_SINCE_VERSION = 10
 # Each session with the no-show term of the version of its programme's terms it points to.
 _PAYMENTS = (
     "SELECT s.session_id, s.state, t.no_show_takes_credit, s.waived_at, s.payment_section, {forgiven} "
@@ -103,11 +111,19 @@ def verify(path: Path) -> Verified:
         if integrity != ["ok"]:
             raise BackupError(f"integrity check failed: {'; '.join(integrity[:5])}")
         version = _version(db)
-        accounts = db.execute(_BALANCES).fetchall()
-        for client_id, programme_id, available, held, used, g, h, r, t, f in accounts:
-            if (available, held, used) != (g - h + r + f, h - r - t, t - f):
+        lots = version >= _LOTS_SINCE_VERSION
+        accounts = db.execute(_BALANCES.format(expired="a.expired" if lots else "0")).fetchall()
+        balances = {}
+        for client_id, programme_id, available, held, used, expired, g, h, r, t, f, x in accounts:
+            if (available, held, used, expired) != (g - h + r + f - x, h - r - t, t - f, x):
                 raise BackupError(
                     f"credit account {client_id} (programme {programme_id}) disagrees with its ledger"
+                )
+            balances[client_id, programme_id] = (available, held, used, expired)
+        for client_id, programme_id, *summed, wrong in db.execute(_LOTS).fetchall() if lots else ():
+            if wrong or balances.get((client_id, programme_id)) != tuple(summed):
+                raise BackupError(
+                    f"credit account {client_id} (programme {programme_id}) disagrees with its lots"
                 )
         forgiven_column = "s.no_show_forgiven" if version >= _FORGIVEN_SINCE_VERSION else "NULL"
         sessions = db.execute(_PAYMENTS.format(forgiven=forgiven_column)).fetchall()

@@ -1,17 +1,27 @@
-"""Credit accounts and their ledger. A client has one account per programme. Every movement of
-a credit is one ledger entry written in the same transaction as the balance change; balances
-change only by guarded UPDATEs, so available + held + used always equals the credits granted."""
+"""Credit accounts, their lots and their ledger. A client has one account per programme, and in it
+a lot per expire time (issue 36; credits from before it are one lot that never expires). Every
+movement of a credit is one ledger entry written in the same transaction as the balance change
+of its account and of its lot; balances change only by guarded UPDATEs, so available + held +
+used + expired always equals the credits granted, for the account and for each lot."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime
 
-from kara_sessions_server.adapters.storage import Sql, from_micros, to_micros
-from kara_sessions_server.domain.errors import NotFound
+from kara_sessions_server.adapters.storage import (
+    NEVER_EXPIRES,
+    Sql,
+    from_micros,
+    micros_or_none,
+    time_or_none,
+    to_micros,
+)
+from kara_sessions_server.domain.errors import Conflict, CreditsExpireBeforeSession, NotFound
 from kara_sessions_server.domain.model import (
     Account,
     CreditAccount,
+    CreditLot,
     LedgerEntry,
     LedgerKind,
     Page,
@@ -24,57 +34,104 @@ class LedgerInvariantBroken(RuntimeError):
     """A credit to settle or refund was not there: the database disagrees with the session."""
 
 
-# A first grant opens the account; a later one adds to it.
+# A first grant opens the account (and the lot of its expire time); a later one adds to them.
 _GRANT = (
-    "INSERT INTO credit_accounts (client_id, programme_id, available, held, used, updated_at) "
-    "VALUES (?, ?, ?, 0, 0, ?) ON CONFLICT (client_id, programme_id) DO UPDATE SET "
+    "INSERT INTO credit_accounts (client_id, programme_id, available, held, used, expired, updated_at) "
+    "VALUES (?, ?, ?, 0, 0, 0, ?) ON CONFLICT (client_id, programme_id) DO UPDATE SET "
     "available = credit_accounts.available + excluded.available, updated_at = excluded.updated_at"
 )
-_BALANCE = "SELECT available, held, used FROM credit_accounts WHERE client_id = ? AND programme_id = ?"
+_GRANT_LOT = (
+    "INSERT INTO credit_lots (client_id, programme_id, expires_at, granted, available, held, used, expired, "
+    "updated_at) VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?) ON CONFLICT (client_id, programme_id, expires_at) DO "
+    "UPDATE SET granted = credit_lots.granted + excluded.granted, "
+    "available = credit_lots.available + excluded.available, updated_at = excluded.updated_at"
+)
+_BALANCE = (
+    "SELECT available, held, used, expired FROM credit_accounts WHERE client_id = ? AND programme_id = ?"
+)
+_LOTS = (
+    "SELECT expires_at, granted, available, held, used, expired FROM credit_lots "
+    "WHERE client_id = ? AND programme_id = ? ORDER BY expires_at"
+)
+# The lot a booking holds from: the soonest to expire of those still valid at the session's start.
+_PICK_LOT = (
+    "SELECT expires_at FROM credit_lots WHERE client_id = ? AND programme_id = ? AND available >= ? "
+    "AND expires_at > ? ORDER BY expires_at LIMIT 1"
+)
+# Lots whose time has come with credits still available, soonest first (the expiry sweep).
+_DUE_LOTS = (
+    "SELECT client_id, programme_id, expires_at FROM credit_lots WHERE expires_at <= ? AND available > 0 "
+    "ORDER BY expires_at LIMIT ?"
+)
+_LOT_AVAILABLE = (
+    "SELECT available FROM credit_lots WHERE client_id = ? AND programme_id = ? AND expires_at = ?"
+)
 # Newest first, through the (client_id, programme_id, entry_id) index.
 _ENTRIES = (
-    "SELECT entry_id, kind, credits, session_id, request_id, created_at FROM ledger_entries "
+    "SELECT entry_id, kind, credits, session_id, request_id, created_at, expires_at FROM ledger_entries "
     "WHERE client_id = ? AND programme_id = ? {after} ORDER BY entry_id DESC LIMIT ?"
 )
 _ENTRIES_FIRST = _ENTRIES.format(after="")
 _ENTRIES_AFTER = _ENTRIES.format(after="AND entry_id < ?")
 
-
-_WHERE = "WHERE client_id = ? AND programme_id = ?"
-_HOLD = (
-    "UPDATE credit_accounts SET available = available - ?, held = held + ?, updated_at = ? "
-    f"{_WHERE} AND available >= ?"
-)
-_RETURN = (
-    "UPDATE credit_accounts SET held = held - ?, available = available + ?, updated_at = ? "
-    f"{_WHERE} AND held >= ?"
-)
-_TAKE = f"UPDATE credit_accounts SET held = held - ?, used = used + ?, updated_at = ? {_WHERE} AND held >= ?"
-_REFUND = (
-    "UPDATE credit_accounts SET used = used - ?, available = available + ?, updated_at = ? "
-    f"{_WHERE} AND used >= ?"
-)
-_MOVE = {
-    LedgerKind.HOLD: _HOLD,
-    LedgerKind.RETURN: _RETURN,
-    LedgerKind.TAKE: _TAKE,
-    LedgerKind.REFUND: _REFUND,
+# What each move does to a balance: (column taken from, column given to). The account's and the
+# lot's UPDATEs are the same but for the key; each is guarded on what it takes from.
+_COLUMNS = {
+    LedgerKind.HOLD: ("available", "held"),
+    LedgerKind.RETURN: ("held", "available"),
+    LedgerKind.TAKE: ("held", "used"),
+    LedgerKind.REFUND: ("used", "available"),
+    LedgerKind.EXPIRE: ("available", "expired"),
 }
+
+
+def _update(table: str, key: str, kind: LedgerKind) -> str:
+    taken, given = _COLUMNS[kind]
+    return (
+        f"UPDATE {table} SET {taken} = {taken} - ?, {given} = {given} + ?, updated_at = ? "
+        f"WHERE {key} AND {taken} >= ?"
+    )
+
+
+_ACCOUNT_KEY = "client_id = ? AND programme_id = ?"
+_MOVE = {kind: _update("credit_accounts", _ACCOUNT_KEY, kind) for kind in _COLUMNS}
+_MOVE_LOT = {kind: _update("credit_lots", f"{_ACCOUNT_KEY} AND expires_at = ?", kind) for kind in _COLUMNS}
 _INSERT_ENTRY = (
-    "INSERT INTO ledger_entries (client_id, programme_id, kind, credits, session_id, request_id, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO ledger_entries (client_id, programme_id, kind, credits, session_id, request_id, created_at, "
+    "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# A booking that lost its lot's last credit to another picks again; this many times in a row
+# means the account is being drained as fast as it is read: the caller retries.
+_HOLD_ATTEMPTS = 20
+
+
+def _lot_key(expires_at: datetime | None) -> int:
+    return NEVER_EXPIRES if expires_at is None else to_micros(expires_at)
+
+
+def _lot_time(key: int) -> datetime | None:
+    return None if key == NEVER_EXPIRES else from_micros(key)
 
 
 class Ledger:
-    """Credit accounts and their entries, on one database."""
+    """Credit accounts, their lots and their entries, on one database."""
 
     def __init__(self, sql: Sql):
         self._sql = sql
 
-    def grant(self, account: Account, credits: int, request_id: str, now: datetime) -> None:
-        self._sql(_GRANT, (account.client_id, account.programme_id, credits, to_micros(now)))
-        self._entry(account, LedgerKind.GRANT, credits, None, request_id, now)
+    def grant(
+        self,
+        account: Account,
+        credits: int,
+        request_id: str,
+        now: datetime,
+        expires_at: datetime | None = None,
+    ) -> None:
+        at = to_micros(now)
+        self._sql(_GRANT, (account.client_id, account.programme_id, credits, at))
+        lot = _lot_key(expires_at)
+        self._sql(_GRANT_LOT, (account.client_id, account.programme_id, lot, credits, credits, at))
+        self._entry(account, LedgerKind.GRANT, credits, None, request_id, now, expires_at)
 
     def hold(
         self,
@@ -83,11 +140,61 @@ class Ledger:
         credits: int,
         request_id: str,
         now: datetime,
+        valid_at: datetime,
         purpose: str = "to book a session",
-    ) -> None:
+    ) -> datetime | None:
+        """Holds `credits` from the lot that expires soonest among those valid at `valid_at` (a
+        session's start); returns that lot's expire time (None: never)."""
+        for _ in range(_HOLD_ATTEMPTS):
+            row = self._sql(
+                _PICK_LOT, (account.client_id, account.programme_id, credits, to_micros(valid_at))
+            ).fetchone()
+            if row is None:
+                raise self._no_lot(account, credits, now, valid_at, purpose)
+            # Of two bookings racing for a lot's last credit, one finds it gone: it picks again.
+            if self._move_lot(account, row[0], LedgerKind.HOLD, credits, now):
+                break
+        else:
+            raise Conflict(
+                f"client {account.client_id}'s credits were being taken by other requests at the same "
+                "time; retry",
+                metadata={"client_id": account.client_id, "programme_id": account.programme_id},
+            )
         if not self._move(account, LedgerKind.HOLD, credits, now):
-            raise insufficient_credits(account, purpose)
-        self._entry(account, LedgerKind.HOLD, credits, session_id, request_id, now)
+            raise LedgerInvariantBroken(f"client {account.client_id}'s account disagrees with its lots")
+        expires_at = _lot_time(row[0])
+        self._entry(account, LedgerKind.HOLD, credits, session_id, request_id, now, expires_at)
+        return expires_at
+
+    def check_hold(
+        self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str
+    ) -> None:
+        """Refuses as `hold` would, holding nothing."""
+        row = self._sql(
+            _PICK_LOT, (account.client_id, account.programme_id, credits, to_micros(valid_at))
+        ).fetchone()
+        if row is None:
+            raise self._no_lot(account, credits, now, valid_at, purpose)
+
+    def _no_lot(
+        self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str
+    ) -> Exception:
+        """No lot valid at `valid_at` has the credits: some expire first, or there are none."""
+        early = self._sql(
+            _PICK_LOT, (account.client_id, account.programme_id, credits, to_micros(now))
+        ).fetchone()
+        if early is None:
+            return insufficient_credits(account, purpose)
+        expires = from_micros(early[0])
+        return CreditsExpireBeforeSession(
+            f"client {account.client_id}'s credits of programme {account.programme_id!r} expire at "
+            f"{expires.isoformat()}, before {valid_at.isoformat()}: none is valid {purpose}",
+            metadata={
+                "client_id": account.client_id,
+                "programme_id": account.programme_id,
+                "credit_expire_time": expires.isoformat(),
+            },
+        )
 
     def settle(
         self,
@@ -97,20 +204,63 @@ class Ledger:
         credits: int,
         request_id: str,
         now: datetime,
+        expires_at: datetime | None = None,
     ) -> None:
         """Returns the held credit to the client (RETURN), takes it (TAKE), or gives a taken credit
-        back (REFUND, when a charge is waived)."""
+        back (REFUND, when a charge is waived), in the lot it was held from (`expires_at`)."""
         if kind not in (LedgerKind.RETURN, LedgerKind.TAKE, LedgerKind.REFUND):
             raise ValueError(f"cannot settle a credit with {kind}")
-        if not self._move(account, kind, credits, now):
+        self._move_both(account, session_id, kind, credits, request_id, now, expires_at)
+
+    def expire(
+        self,
+        account: Account,
+        session_id: str | None,
+        credits: int,
+        request_id: str,
+        now: datetime,
+        expires_at: datetime,
+    ) -> None:
+        """Expires available credits of the lot of `expires_at`: the lot's at its time (no
+        session), or one a session just gave back to a lot already past it."""
+        self._move_both(account, session_id, LedgerKind.EXPIRE, credits, request_id, now, expires_at)
+
+    def _move_both(
+        self,
+        account: Account,
+        session_id: str | None,
+        kind: LedgerKind,
+        credits: int,
+        request_id: str,
+        now: datetime,
+        expires_at: datetime | None,
+    ) -> None:
+        moved = self._move_lot(account, _lot_key(expires_at), kind, credits, now)
+        if not moved or not self._move(account, kind, credits, now):
             raise LedgerInvariantBroken(
-                f"client {account.client_id} has no credit to {kind.value.lower()} for session {session_id}"
+                f"client {account.client_id} has no credit to {kind.value.lower()}"
+                f"{f' for session {session_id}' if session_id else ''}"
             )
-        self._entry(account, kind, credits, session_id, request_id, now)
+        self._entry(account, kind, credits, session_id, request_id, now, expires_at)
+
+    def due_lots(self, now: datetime, limit: int) -> list[tuple[Account, datetime]]:
+        """Up to `limit` lots whose expire time has come with credits still available."""
+        rows = self._sql(_DUE_LOTS, (to_micros(now), limit)).fetchall()
+        return [(Account(client_id, programme_id), from_micros(at)) for client_id, programme_id, at in rows]
+
+    def lot_available(self, account: Account, expires_at: datetime | None) -> int:
+        row = self._sql(
+            _LOT_AVAILABLE, (account.client_id, account.programme_id, _lot_key(expires_at))
+        ).fetchone()
+        return 0 if row is None else int(row[0])
 
     def _move(self, account: Account, kind: LedgerKind, credits: int, now: datetime) -> bool:
         params = (credits, credits, to_micros(now), account.client_id, account.programme_id, credits)
         return bool(self._sql(_MOVE[kind], params).rowcount == 1)
+
+    def _move_lot(self, account: Account, lot: int, kind: LedgerKind, credits: int, now: datetime) -> bool:
+        params = (credits, credits, to_micros(now), account.client_id, account.programme_id, lot, credits)
+        return bool(self._sql(_MOVE_LOT[kind], params).rowcount == 1)
 
     def _entry(
         self,
@@ -120,6 +270,7 @@ class Ledger:
         session_id: str | None,
         request_id: str,
         now: datetime,
+        expires_at: datetime | None,
     ) -> None:
         self._sql(
             _INSERT_ENTRY,
@@ -131,11 +282,12 @@ class Ledger:
                 session_id,
                 request_id,
                 to_micros(now),
+                micros_or_none(expires_at),
             ),
         )
 
     def account(self, key: Account, size: int, token: str) -> CreditAccount:
-        """The balance with one page of its ledger."""
+        """The balance and its lots, with one page of its ledger."""
         current = self.balance(key)
         page = self.entries(key, size, token)
         return replace(
@@ -150,8 +302,16 @@ class Ledger:
                 "GrantCredits opens one",
                 metadata={"client_id": key.client_id, "programme_id": key.programme_id},
             )
-        available, held, used = row
-        return CreditAccount(key.client_id, available, held, used, programme_id=key.programme_id)
+        available, held, used, expired = row
+        lots = tuple(
+            CreditLot(_lot_time(at), granted, lot_available, lot_held, lot_used, lot_expired)
+            for at, granted, lot_available, lot_held, lot_used, lot_expired in self._sql(
+                _LOTS, (key.client_id, key.programme_id)
+            ).fetchall()
+        )
+        return CreditAccount(
+            key.client_id, available, held, used, programme_id=key.programme_id, expired=expired, lots=lots
+        )
 
     def entries(self, key: Account, size: int, token: str) -> Page[LedgerEntry]:
         """Newest first."""
@@ -171,7 +331,8 @@ class Ledger:
                 session_id=session_id,
                 request_id=request_id,
                 created_at=from_micros(created_at),
+                expires_at=time_or_none(expires_at),
             )
-            for entry_id, kind, credits, session_id, request_id, created_at in rows
+            for entry_id, kind, credits, session_id, request_id, created_at, expires_at in rows
         )
         return Page(items, token_out, resume)

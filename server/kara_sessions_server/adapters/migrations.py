@@ -19,8 +19,9 @@ import peewee as pw
 from playhouse.migrate import Operation, PostgresqlMigrator, SchemaMigrator, SqliteMigrator, migrate
 
 from kara_sessions_server.adapters.storage import (
+    NEVER_EXPIRES,
     TABLES,
-    CreditAccountRow,
+    CreditLotRow,
     DurationField,
     EventRetentionRow,
     InvoiceAuditRow,
@@ -75,6 +76,21 @@ class _ProgrammeV5(Table):
 
     class Meta:
         table_name = "programmes"
+
+
+class _CreditAccountV5(Table):
+    """The credit_accounts table as version 5 created it (version 10 adds `expired`)."""
+
+    client_id = pw.CharField(max_length=128)
+    programme_id = pw.CharField(max_length=64)
+    available = pw.IntegerField(constraints=[pw.Check("available >= 0")])
+    held = pw.IntegerField(constraints=[pw.Check("held >= 0")])
+    used = pw.IntegerField(constraints=[pw.Check("used >= 0")])
+    updated_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "credit_accounts"
+        primary_key = pw.CompositeKey("client_id", "programme_id")
 
 
 class _ProgrammeTermsV9(Table):
@@ -356,6 +372,17 @@ def _v9_data(storage: Storage, context: Context) -> None:
             db.execute_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
 
 
+def _v10_data(storage: Storage, context: Context) -> None:
+    """Every account's credits become one lot that never expires: what they were granted as."""
+    db = storage.db
+    db.execute_sql(
+        "INSERT INTO credit_lots (client_id, programme_id, expires_at, granted, available, held, used, "
+        f"expired, updated_at) SELECT client_id, programme_id, {db.param}, available + held + used, "
+        "available, held, used, 0, updated_at FROM credit_accounts",
+        (NEVER_EXPIRES,),
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
@@ -376,7 +403,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         5,
         "programmes: credits per programme, each session's terms, no-shows and waivers",
         _v5_operations,
-        tables=(_ProgrammeV5, CreditAccountRow),
+        tables=(_ProgrammeV5, _CreditAccountV5),
         data=_v5_data,
     ),
     Migration(
@@ -431,7 +458,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             m.add_column("sessions", "no_show_forgiven", pw.BooleanField(null=True)),
             m.add_column("sessions", "settled_automatically", pw.BooleanField(null=True)),
             m.add_index("sessions", ("state", "programme_id", "terms_version", "starts_at"), False),
+            m.add_column("sessions", "credit_expires_at", UtcTimestampField(null=True)),
+            m.add_column("ledger_entries", "expires_at", UtcTimestampField(null=True)),
+            m.add_column("credit_accounts", "expired", pw.IntegerField(default=0)),
         ],
+        tables=(CreditLotRow,),
+        data=_v10_data,
     ),
 )
 BASELINE = 1
@@ -545,7 +577,7 @@ def _migrator(storage: Storage) -> SchemaMigrator:
 def _locked(storage: Storage) -> Iterator[None]:
     """A write transaction that no other process's schema work can overlap, in which the
     tables (today's and the frozen ones above) are `storage`'s."""
-    with storage.bound([_ProgrammeV5, _EventV4, _ProgrammeTermsV9]), _transaction(storage):
+    with storage.bound([_ProgrammeV5, _EventV4, _ProgrammeTermsV9, _CreditAccountV5]), _transaction(storage):
         yield
 
 

@@ -85,6 +85,7 @@ def row_values(s: Session) -> dict[str, object]:
         "forgiven": True if c and c.forgiven else None,
         "no_show_forgiven": s.no_show_forgiven or None,
         "settled_automatically": s.settled_automatically or None,
+        "credit_expires_at": micros_or_none(s.credit_expires_at),
     }
 
 
@@ -186,6 +187,7 @@ def session_from_row(row: Sequence[Any], terms: TermsOf) -> Session:
         rescheduled_to=r["rescheduled_to"] or "",
         no_show_forgiven=bool(r["no_show_forgiven"]),
         settled_automatically=bool(r["settled_automatically"]),
+        credit_expires_at=time_or_none(r["credit_expires_at"]),
     )
 
 

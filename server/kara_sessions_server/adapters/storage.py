@@ -133,6 +133,8 @@ class SessionRow(Table):
     no_show_forgiven = pw.BooleanField(null=True)
     # Schema version 10: settled by the server, nobody having marked it (null: not).
     settled_automatically = pw.BooleanField(null=True)
+    # Schema version 10: when its credit's lot expires (null: never).
+    credit_expires_at = UtcTimestampField(null=True)
 
     class Meta:
         table_name = "sessions"
@@ -156,10 +158,40 @@ class CreditAccountRow(Table):
     held = pw.IntegerField(constraints=[pw.Check("held >= 0")])
     used = pw.IntegerField(constraints=[pw.Check("used >= 0")])
     updated_at = UtcTimestampField()
+    # Schema version 10: credits whose lot expired (credit_lots).
+    expired = pw.IntegerField(default=0, constraints=[pw.Check("expired >= 0")])
 
     class Meta:
         table_name = "credit_accounts"
         primary_key = pw.CompositeKey("client_id", "programme_id")
+
+
+# A lot that never expires, as credit_lots keys it: later than any time, so "the soonest to
+# expire first" is ORDER BY expires_at, and one key per account (NULL would not be one).
+NEVER_EXPIRES = 2**62
+
+
+class CreditLotRow(Table):
+    """An account's credits that expire together (schema version 10): each grant adds to the lot
+    of its expire time; a booking holds from the one that expires soonest of those valid at the
+    session's start. Its balances move with the account's, in the same guarded UPDATEs' way."""
+
+    client_id = pw.CharField(max_length=128)
+    programme_id = pw.CharField(max_length=64)
+    # Microseconds; NEVER_EXPIRES for credits that never do.
+    expires_at = pw.BigIntegerField()
+    granted = pw.IntegerField(constraints=[pw.Check("granted >= 0")])
+    available = pw.IntegerField(constraints=[pw.Check("available >= 0")])
+    held = pw.IntegerField(constraints=[pw.Check("held >= 0")])
+    used = pw.IntegerField(constraints=[pw.Check("used >= 0")])
+    expired = pw.IntegerField(constraints=[pw.Check("expired >= 0")])
+    updated_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "credit_lots"
+        primary_key = pw.CompositeKey("client_id", "programme_id", "expires_at")
+        # The expiry sweep: lots whose time has come, soonest first.
+        indexes = ((("expires_at",), False),)
 
 
 class LedgerEntryRow(Table):
@@ -171,6 +203,8 @@ class LedgerEntryRow(Table):
     request_id = pw.CharField(max_length=128)
     created_at = UtcTimestampField()
     programme_id = pw.CharField(max_length=64, default=DEFAULT_PROGRAMME_ID)
+    # Schema version 10: the lot's expire time (NULL: a lot that never expires).
+    expires_at = UtcTimestampField(null=True)
 
     class Meta:
         table_name = "ledger_entries"
@@ -349,6 +383,7 @@ class SchemaVersionRow(Table):
 TABLES: list[type[Table]] = [
     SessionRow,
     CreditAccountRow,
+    CreditLotRow,
     LedgerEntryRow,
     AuditRow,
     InvoiceRow,

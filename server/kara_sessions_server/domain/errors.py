@@ -77,6 +77,19 @@ class InsufficientCredits(PreconditionFailed):
     reason = "INSUFFICIENT_CREDITS"
 
 
+class NothingToExpire(PreconditionFailed):
+    """A lot the expiry sweep found due had nothing left available when it came to it (another
+    replica expired it first): the server's own, never a caller's."""
+
+    reason = "NOTHING_TO_EXPIRE"
+
+
+class CreditsExpireBeforeSession(PreconditionFailed):
+    """The client has credits, but none valid at the session's start (issue 36)."""
+
+    reason = "CREDITS_EXPIRE_BEFORE_SESSION"
+
+
 class ChargeNotAllowedWithNotice(PreconditionFailed):
     reason = "CHARGE_NOT_ALLOWED_WITH_NOTICE"
 

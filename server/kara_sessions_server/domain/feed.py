@@ -21,6 +21,8 @@ class EventType(enum.StrEnum):
     # Moved in place, or (charged) settled and booked again: SessionChanged.charged says which.
     SESSION_RESCHEDULED = "kara.sessions.v1.session.rescheduled"
     CREDITS_GRANTED = "kara.sessions.v1.credits.granted"
+    # A lot's expire time came: its available credits expired (issue 36).
+    CREDITS_EXPIRED = "kara.sessions.v1.credits.expired"
     INVOICE_CREATED = "kara.sessions.v1.invoice.created"
     # Lines added or removed while DRAFT.
     INVOICE_CHANGED = "kara.sessions.v1.invoice.changed"
@@ -45,8 +47,8 @@ class Change:
         return cls(type, session.session_id, session.professional_id, session.client_id)
 
     @classmethod
-    def of_account(cls, account: CreditAccount) -> Change:
-        return cls(EventType.CREDITS_GRANTED, account.client_id, None, account.client_id)
+    def of_account(cls, account: CreditAccount, type: EventType = EventType.CREDITS_GRANTED) -> Change:
+        return cls(type, account.client_id, None, account.client_id)
 
     @classmethod
     def of_invoice(cls, type: EventType, invoice: Invoice) -> Change:

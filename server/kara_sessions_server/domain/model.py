@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from kara_sessions_server.domain.errors import InsufficientCredits
+from kara_sessions_server.domain.errors import InsufficientCredits, InvalidRequest
 from kara_sessions_server.domain.programme import (
     DEFAULT_PROGRAMME_ID,
     DEFAULT_TERMS,
@@ -80,6 +80,8 @@ class LedgerKind(enum.StrEnum):
     TAKE = "TAKE"
     # A waived charge: the taken credit goes back (used -1, available +1).
     REFUND = "REFUND"
+    # Credits of a lot whose expire time has come (available -n, expired +n).
+    EXPIRE = "EXPIRE"
 
 
 # What happens to the held credit on entering a settled state (a NO_SHOW: see credit_move).
@@ -170,6 +172,8 @@ class Session:
     # Completed or marked a no-show by the server, nobody having marked it within its terms'
     # settle_unmarked_after of its start.
     settled_automatically: bool = False
+    # When the credit it holds (or held) expires: its lot's expire time; None, never.
+    credit_expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +319,50 @@ class LedgerEntry:
     session_id: str | None
     request_id: str
     created_at: datetime
+    # The lot the credits moved in or out of: its expire time (None: never).
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreditLot:
+    """An account's credits that expire together (issue 36): available + held + used + expired
+    is what was granted to it."""
+
+    expires_at: datetime | None
+    granted: int
+    available: int
+    held: int
+    used: int
+    expired: int = 0
+
+
+# How far ahead a grant's credits may be set to expire: a typo'd year would otherwise be for ever.
+MAX_CREDIT_LIFETIME = timedelta(days=3653)
+
+
+def check_credit_expiry(expires_at: datetime | None, now: datetime) -> None:
+    """A grant's expire time: none (never), or in the future and at most ten years ahead."""
+    if expires_at is None:
+        return
+    if expires_at <= now:
+        raise InvalidRequest.single(
+            "expire_time",
+            f"must be in the future (server time is {now.isoformat()}); leave it empty for credits "
+            "that never expire",
+            reason="EXPIRE_TIME_NOT_IN_FUTURE",
+        )
+    if expires_at > now + MAX_CREDIT_LIFETIME:
+        raise InvalidRequest.single(
+            "expire_time",
+            f"must be at most 10 years ahead (server time is {now.isoformat()})",
+            reason="EXPIRE_TIME_TOO_FAR",
+        )
+
+
+def expires_on_return(session: Session, now: datetime) -> bool:
+    """Whether the credit `session` gives back (a voided cancellation, a waiver) expires as it
+    comes back: its lot's time has passed, and it must not come back to life."""
+    return session.credit_expires_at is not None and session.credit_expires_at <= now
 
 
 class Account(NamedTuple):
@@ -345,6 +393,9 @@ class CreditAccount:
     programme_id: str = DEFAULT_PROGRAMME_ID
     # The token that resumes just after entries[i] (Page.token_after); None without entries.
     entries_after: Callable[[int], str] | None = field(default=None, compare=False, repr=False)
+    expired: int = 0
+    # The account's lots, the soonest to expire first (one that never expires last).
+    lots: tuple[CreditLot, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +473,18 @@ class GrantCredits:
     credits: int
     request_id: str
     programme_id: str = DEFAULT_PROGRAMME_ID
+    # When the granted credits expire (None: never); grants with one expire time share a lot.
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireCredits:
+    """The server's own expiry of a lot whose time has come (never a caller's request)."""
+
+    client_id: str
+    programme_id: str
+    expires_at: datetime
+    request_id: str
 
 
 @dataclass(frozen=True, slots=True)

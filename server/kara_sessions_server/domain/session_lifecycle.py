@@ -16,6 +16,7 @@ from transitions import EventData
 
 from kara_sessions_server.domain.errors import (
     Conflict,
+    CreditsExpireBeforeSession,
     NotWaivable,
     OnInvoice,
     PreconditionFailed,
@@ -196,6 +197,18 @@ class SessionLifecycle:
         assert notice is not None
         new_state = SessionState(model.state)
         charged = new_state is not SessionState.BOOKED
+        expires = session.credit_expires_at
+        if not charged and expires is not None and command.new_starts_at >= expires:
+            # Moved in place, it would keep a credit that is no longer valid at its new start.
+            raise CreditsExpireBeforeSession(
+                f"session {session.session_id} holds a credit that expires at {expires.isoformat()}, "
+                f"before its new start {command.new_starts_at.isoformat()}: cancel it and book the new "
+                "time with a credit valid then",
+                metadata={
+                    "session_id": session.session_id,
+                    "credit_expire_time": expires.isoformat(),
+                },
+            )
         move = Move(
             moved_at=now,
             from_starts_at=session.starts_at,

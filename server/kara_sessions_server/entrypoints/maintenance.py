@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from kara_sessions_server.domain.errors import DomainError
 
@@ -46,17 +47,25 @@ class Pruner:
             self.run_once()
 
 
+# The settler's jobs, by the names its log lines and run_once() give them.
+SETTLED_UNMARKED = "settled unmarked sessions"
+EXPIRED_LOTS = "expired credit lots"
+
+
 class Settler:
-    """Settles the sessions nobody marked, a batch at a time, each in its own transaction
-    (`settle`), until none is due. Every replica runs one: a session two of them settle at once
-    is settled by one, and the other replays that (or meets a session marked meanwhile)."""
+    """Does what the server owes by the clock, each thing in its own transaction, a batch at a
+    time until nothing is due: settles the sessions nobody marked, and expires the credits whose
+    lot's time has come. Every replica runs one: what two of them do at once is done by one,
+    and the other replays that (or finds it done, or changed by someone else first)."""
 
     BATCH = 100
 
-    def __init__(self, every: float, due: Callable[[int], list[str]], settle: Callable[[str], object]):
+    def __init__(
+        self, every: float, jobs: dict[str, tuple[Callable[[int], Sequence[Any]], Callable[[Any], object]]]
+    ):
         self._every = every
-        self._due = due
-        self._settle = settle
+        # name -> (what is due, up to n; do one)
+        self._jobs = jobs
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
 
@@ -68,28 +77,31 @@ class Settler:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
-    def run_once(self) -> int:
-        """Settles what is due now; how many this round settled or found settled."""
-        settled = 0
+    def run_once(self) -> dict[str, int]:
+        """Does what is due now; by job, how many this round did (or found done by another)."""
+        return {name: self._job(name, due, act) for name, (due, act) in self._jobs.items()}
+
+    def _job(self, name: str, due: Callable[[int], Sequence[Any]], act: Callable[[Any], object]) -> int:
+        done = 0
         try:
             while not self._done.is_set():
-                due = self._due(self.BATCH)
-                for session_id in due:
-                    settled += self._one(session_id)
-                if len(due) < self.BATCH:
+                items = due(self.BATCH)
+                done += sum(self._one(name, act, item) for item in items)
+                if len(items) < self.BATCH:
                     break
         except Exception:
-            log.exception("settling unmarked sessions failed; will try again")
-        if settled:
-            log.info("settled %d unmarked sessions", settled)
-        return settled
+            log.exception("%s failed; will try again", name)
+        if done:
+            log.info("%s: %d", name, done)
+        return done
 
-    def _one(self, session_id: str) -> int:
+    @staticmethod
+    def _one(name: str, act: Callable[[Any], object], item: Any) -> int:
         try:
-            self._settle(session_id)
+            act(item)
         except DomainError as refused:
-            # Marked, cancelled or moved by someone else first: theirs stands.
-            log.debug("session %s was not settled: %s", session_id, refused)
+            # Changed by someone else first (a session marked meanwhile): theirs stands.
+            log.debug("%s: %s not done: %s", name, item, refused)
             return 0
         return 1
 

@@ -204,7 +204,11 @@ def problems() -> list[str]:
         # Which version of its programme's terms a session or programme holds is the server's own
         # bookkeeping; the terms themselves are sent.
         *unsent(
-            "Session message", Session, convert.session_pb, notice_in_seconds, ["version", "terms_version"]
+            "Session message",
+            Session,
+            convert.session_pb,
+            {**notice_in_seconds, "credit_expires_at": "credit_expire_time"},
+            ["version", "terms_version"],
         ),
         *unsent("Payment message", Payment, convert.payment_pb, notice_in_seconds),
         *unsent(
@@ -222,7 +226,13 @@ def problems() -> list[str]:
         *unsent("Invoice message", Invoice, convert.invoice_pb, kept_back=["version"]),
         # A ledger entry is listed under its account, whose client it names already.
         *unsent("CreditAccount message", CreditAccount, convert.account_pb),
-        *unsent("LedgerEntry message", LedgerEntry, convert.ledger_entry_pb, kept_back=["client_id"]),
+        *unsent(
+            "LedgerEntry message",
+            LedgerEntry,
+            convert.ledger_entry_pb,
+            {"expires_at": "expire_time"},
+            kept_back=["client_id"],
+        ),
     ]
     return found
 

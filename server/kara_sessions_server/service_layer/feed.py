@@ -49,6 +49,7 @@ _LOAD: dict[EventType, Callable[[str], FeedData]] = {
     EventType.SESSION_CHARGE_WAIVED: _settled,
     EventType.SESSION_RESCHEDULED: _rescheduled,
     EventType.CREDITS_GRANTED: snapshots.load_account,
+    EventType.CREDITS_EXPIRED: snapshots.load_account,
     EventType.INVOICE_CREATED: snapshots.load_invoice,
     EventType.INVOICE_CHANGED: snapshots.load_invoice,
     EventType.INVOICE_SUBMITTED: snapshots.load_invoice,

@@ -91,10 +91,18 @@ class SessionRepository(Protocol):
 
 
 class Ledger(Protocol):
-    """Balances change only with an entry for the move, so available + held + used always
-    equals the credits granted."""
+    """Balances change only with an entry for the move, so available + held + used + expired
+    always equals the credits granted, for an account and for each of its lots (the credits
+    that expire together; None: never)."""
 
-    def grant(self, account: Account, credits: int, request_id: str, now: datetime) -> None: ...
+    def grant(
+        self,
+        account: Account,
+        credits: int,
+        request_id: str,
+        now: datetime,
+        expires_at: datetime | None = None,
+    ) -> None: ...
 
     def hold(
         self,
@@ -103,9 +111,18 @@ class Ledger(Protocol):
         credits: int,
         request_id: str,
         now: datetime,
+        valid_at: datetime,
         purpose: str = "to book a session",
+    ) -> datetime | None:
+        """Holds from the lot that expires soonest among those valid at `valid_at`; returns its
+        expire time. Raises InsufficientCredits, or CreditsExpireBeforeSession when credits are
+        there but none is valid then, and holds nothing."""
+        ...
+
+    def check_hold(
+        self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str
     ) -> None:
-        """Raises InsufficientCredits (model.insufficient_credits) and holds nothing."""
+        """Refuses as `hold` would, holding nothing."""
         ...
 
     def settle(
@@ -116,12 +133,31 @@ class Ledger(Protocol):
         credits: int,
         request_id: str,
         now: datetime,
+        expires_at: datetime | None = None,
     ) -> None:
-        """RETURN or TAKE a held credit, or REFUND a taken one."""
+        """RETURN or TAKE a held credit, or REFUND a taken one, in the lot of `expires_at`."""
         ...
 
+    def expire(
+        self,
+        account: Account,
+        session_id: str | None,
+        credits: int,
+        request_id: str,
+        now: datetime,
+        expires_at: datetime,
+    ) -> None:
+        """EXPIRE available credits of the lot of `expires_at`."""
+        ...
+
+    def due_lots(self, now: datetime, limit: int) -> list[tuple[Account, datetime]]:
+        """Lots whose expire time has come with credits still available."""
+        ...
+
+    def lot_available(self, account: Account, expires_at: datetime | None) -> int: ...
+
     def balance(self, key: Account) -> CreditAccount:
-        """Raises NotFound for an account never granted a credit."""
+        """With its lots. Raises NotFound for an account never granted a credit."""
         ...
 
     def account(self, key: Account, size: int, token: str) -> CreditAccount:

@@ -6,12 +6,13 @@ Mutations.mutate."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from kara_sessions_server.domain.clock import Clock
-from kara_sessions_server.domain.errors import InvalidRequest
+from kara_sessions_server.domain.errors import InvalidRequest, NothingToExpire
 from kara_sessions_server.domain.feed import Change, EventType
 from kara_sessions_server.domain.model import (
     CREDITS_PER_SESSION,
@@ -21,6 +22,7 @@ from kara_sessions_server.domain.model import (
     CancelSession,
     CompleteSession,
     CreditAccount,
+    ExpireCredits,
     GrantCredits,
     LedgerKind,
     MarkNoShow,
@@ -37,7 +39,8 @@ from kara_sessions_server.domain.model import (
     SettleUnmarked,
     WaiveCharge,
     changed,
-    insufficient_credits,
+    check_credit_expiry,
+    expires_on_return,
 )
 from kara_sessions_server.domain.policy import NoticePolicy
 from kara_sessions_server.domain.principal import Principal, Role
@@ -104,7 +107,10 @@ class Services:
             session = _new_booking(
                 uow, cmd.client_id, cmd.professional_id, cmd.starts_at, cmd.programme_id, now
             )
-            uow.ledger.hold(_account(session), session.session_id, session.credits, cmd.request_id, now)
+            expires = uow.ledger.hold(
+                _account(session), session.session_id, session.credits, cmd.request_id, now, session.starts_at
+            )
+            session = replace(session, credit_expires_at=expires)
             uow.sessions.add(session)
             uow.sessions.audit(None, session, "BOOK", SYSTEM_ACTOR, who, cmd.request_id, now)
             uow.tallies.append(CreditsMoved(LedgerKind.HOLD, session.credits))
@@ -168,11 +174,24 @@ class Services:
             # ledger has always told it, the new booking's HOLD before the old session's TAKE.
             account = _account(before)
             settled = uow.sessions.change_state(before, step.after)
-            uow.ledger.hold(
-                account, replacement.session_id, replacement.credits, cmd.request_id, now, _REBOOK
+            expires = uow.ledger.hold(
+                account,
+                replacement.session_id,
+                replacement.credits,
+                cmd.request_id,
+                now,
+                replacement.starts_at,
+                _REBOOK,
             )
+            replacement = replace(replacement, credit_expires_at=expires)
             uow.ledger.settle(
-                account, before.session_id, step.credit_move, before.credits, cmd.request_id, now
+                account,
+                before.session_id,
+                step.credit_move,
+                before.credits,
+                cmd.request_id,
+                now,
+                before.credit_expires_at,
             )
             uow.sessions.add(replacement)
             uow.sessions.audit(before, settled, "RESCHEDULE", party, who, cmd.request_id, now)
@@ -203,8 +222,10 @@ class Services:
             self._check_reschedule_request(cmd, now)
             session = _load_session(uow, who, cmd.session_id)
             outcome = self.lifecycle.reschedule(session, cmd, now)
-            if outcome.charged and uow.ledger.balance(_account(session)).available < outcome.credits_held:
-                raise insufficient_credits(_account(session), _REBOOK)
+            if outcome.charged:
+                uow.ledger.check_hold(
+                    _account(session), outcome.credits_held, now, cmd.new_starts_at, _REBOOK
+                )
             return outcome
 
     def _check_reschedule_request(self, cmd: RescheduleSession, now: datetime) -> None:
@@ -373,8 +394,9 @@ class Services:
         authz.check_grant(who)
 
         def work(uow: UnitOfWork, now: datetime) -> CreditAccount:
+            check_credit_expiry(cmd.expires_at, now)
             account = Account(cmd.client_id, uow.programmes.get(cmd.programme_id).programme_id)
-            uow.ledger.grant(account, cmd.credits, cmd.request_id, now)
+            uow.ledger.grant(account, cmd.credits, cmd.request_id, now, cmd.expires_at)
             uow.tallies.append(CreditsMoved(LedgerKind.GRANT, cmd.credits))
             return uow.ledger.balance(account)
 
@@ -388,6 +410,47 @@ class Services:
                 Change.of_account,
             ),
             cmd.request_id,
+            work,
+        )
+
+    def due_credit_lots(self, limit: int) -> list[tuple[Account, datetime]]:
+        """Lots whose expire time has come with credits still available."""
+        with self.unit_of_work(write=False) as uow:
+            return uow.ledger.due_lots(self.clock.now(), limit)
+
+    def expire_credits(self, account: Account, expires_at: datetime) -> CreditAccount:
+        """Expires what is left available of the account's lot of `expires_at`, once its time has
+        come (held credits wait for their sessions): one EXPIRE entry and one credits.expired
+        event. The request_id is the lot's own, which no caller can send, so of replicas
+        sweeping at once one expires it and the others replay that."""
+        lot = hashlib.sha256(
+            f"{account.client_id}\0{account.programme_id}\0{expires_at.isoformat()}".encode()
+        )
+        request_id = f"expire credits {lot.hexdigest()[:40]}"
+
+        def work(uow: UnitOfWork, now: datetime) -> CreditAccount:
+            if expires_at > now:
+                raise ValueError(f"credits of {account} expiring at {expires_at.isoformat()} are not due")
+            credits = uow.ledger.lot_available(account, expires_at)
+            if not credits:
+                raise NothingToExpire(
+                    f"client {account.client_id}'s credits expiring at {expires_at.isoformat()} are spent",
+                    metadata={"client_id": account.client_id, "programme_id": account.programme_id},
+                )
+            uow.ledger.expire(account, None, credits, request_id, now, expires_at)
+            uow.tallies.append(CreditsMoved(LedgerKind.EXPIRE, credits))
+            return uow.ledger.balance(account)
+
+        return self.mutate(
+            SERVER,
+            Operation(
+                "ExpireCredits",
+                ExpireCredits(account.client_id, account.programme_id, expires_at, request_id),
+                snapshots.dump_account,
+                snapshots.load_account,
+                lambda a: Change.of_account(a, EventType.CREDITS_EXPIRED),
+            ),
+            request_id,
             work,
         )
 
@@ -460,9 +523,14 @@ def _settle(
     guarded UPDATE first (of two racing requests, the loser learns the session moved on), the
     credit's move in the ledger, the audit row. Returns the session as saved."""
     after = uow.sessions.change_state(before, step.after)
-    uow.ledger.settle(_account(before), before.session_id, step.credit_move, before.credits, request_id, now)
+    account, lot = _account(before), before.credit_expires_at
+    uow.ledger.settle(account, before.session_id, step.credit_move, before.credits, request_id, now, lot)
     uow.sessions.audit(before, after, action, actor, who, request_id, now)
     uow.tallies.append(CreditsMoved(step.credit_move, before.credits))
+    if lot is not None and step.credit_move is not LedgerKind.TAKE and expires_on_return(before, now):
+        # Given back to a lot whose time has passed: it expires as it comes back.
+        uow.ledger.expire(account, before.session_id, before.credits, request_id, now, lot)
+        uow.tallies.append(CreditsMoved(LedgerKind.EXPIRE, before.credits))
     return after
 
 

@@ -13,6 +13,7 @@ from kara_sessions_server.domain.clock import MICROSECOND
 from kara_sessions_server.domain.model import (
     Cancellation,
     CreditAccount,
+    CreditLot,
     Invoice,
     InvoiceLine,
     InvoiceState,
@@ -130,6 +131,7 @@ def _session(s: Session) -> dict[str, Any]:
         "terms_version": s.terms_version,
         "no_show_forgiven": s.no_show_forgiven,
         "settled_automatically": s.settled_automatically,
+        "credit_expires_at": _dt(s.credit_expires_at),
     }
 
 
@@ -210,6 +212,7 @@ def _load_session(d: dict[str, Any]) -> Session:
         terms_version=d.get("terms_version", 1),
         no_show_forgiven=d.get("no_show_forgiven", False),
         settled_automatically=d.get("settled_automatically", False),
+        credit_expires_at=_parse_dt(d.get("credit_expires_at")),
     )
 
 
@@ -267,11 +270,17 @@ def dump_account(a: CreditAccount) -> str:
             "available": a.available,
             "held": a.held,
             "used": a.used,
+            "expired": a.expired,
+            "lots": [
+                [_dt(lot.expires_at), lot.granted, lot.available, lot.held, lot.used, lot.expired]
+                for lot in a.lots
+            ],
         }
     )
 
 
 def load_account(raw: str) -> CreditAccount:
+    """Records written before lots (schema version 10) have none, and nothing expired."""
     d = json.loads(raw)
     return CreditAccount(
         client_id=d["client_id"],
@@ -279,6 +288,11 @@ def load_account(raw: str) -> CreditAccount:
         held=d["held"],
         used=d["used"],
         programme_id=d.get("programme_id", DEFAULT_PROGRAMME_ID),
+        expired=d.get("expired", 0),
+        lots=tuple(
+            CreditLot(_parse_dt(at), granted, available, held, used, expired)
+            for at, granted, available, held, used, expired in d.get("lots", ())
+        ),
     )
 
 

@@ -25,6 +25,7 @@ from kara_sessions_server.domain.model import (
     Cancellation,
     CancellationOutcome,
     CreditAccount,
+    CreditLot,
     Invoice,
     InvoiceLine,
     InvoiceState,
@@ -320,6 +321,8 @@ def fill_session(msg: pb.Session, s: Session) -> None:
     msg.rescheduled_to = s.rescheduled_to
     msg.no_show_forgiven = s.no_show_forgiven
     msg.settled_automatically = s.settled_automatically
+    if s.credit_expires_at is not None:
+        _set_time(msg.credit_expire_time, s.credit_expires_at)
 
 
 def session_pb(s: Session) -> pb.Session:
@@ -480,7 +483,18 @@ def account_pb(a: CreditAccount) -> cpb.CreditAccount:
         entries=[ledger_entry_pb(e) for e in a.entries],
         next_page_token=a.next_page_token,
         programme_id=a.programme_id,
+        expired=a.expired,
+        lots=[credit_lot_pb(lot) for lot in a.lots],
     )
+
+
+def credit_lot_pb(lot: CreditLot) -> cpb.CreditLot:
+    msg = cpb.CreditLot(
+        granted=lot.granted, available=lot.available, held=lot.held, used=lot.used, expired=lot.expired
+    )
+    if lot.expires_at is not None:
+        _set_time(msg.expire_time, lot.expires_at)
+    return msg
 
 
 def ledger_entry_pb(e: LedgerEntry) -> cpb.LedgerEntry:
@@ -491,6 +505,7 @@ def ledger_entry_pb(e: LedgerEntry) -> cpb.LedgerEntry:
         session_id=e.session_id or "",
         request_id=e.request_id,
         created_at=timestamp(e.created_at),
+        expire_time=None if e.expires_at is None else timestamp(e.expires_at),
     )
 
 

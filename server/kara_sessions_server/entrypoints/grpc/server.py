@@ -51,7 +51,7 @@ from kara_sessions_server.entrypoints.grpc.servicers import (
     StreamGate,
 )
 from kara_sessions_server.entrypoints.grpc.workers import Workers
-from kara_sessions_server.entrypoints.maintenance import Pruner, Settler
+from kara_sessions_server.entrypoints.maintenance import EXPIRED_LOTS, SETTLED_UNMARKED, Pruner, Settler
 from kara_sessions_server.entrypoints.settings import Settings
 from kara_sessions_server.service_layer.feed import EventServices
 from kara_sessions_server.service_layer.retention import Retention
@@ -204,7 +204,13 @@ def start(
         if settings.prunes:
             pruner.start()
         undo.callback(pruner.stop)
-        settler = Settler(settings.settle_interval_seconds, services.unmarked_due, services.settle_unmarked)
+        settler = Settler(
+            settings.settle_interval_seconds,
+            {
+                SETTLED_UNMARKED: (services.unmarked_due, services.settle_unmarked),
+                EXPIRED_LOTS: (services.due_credit_lots, lambda lot: services.expire_credits(*lot)),
+            },
+        )
         settler.start()
         undo.callback(settler.stop)
         monitor = HealthMonitor(

@@ -269,8 +269,9 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
             r.fail("credits", f"must be between 1 and {MAX_GRANT}")
         request_id = r.request_id()
         programme_id = r.programme_id()
+        expires_at = r.timestamp("expire_time", required=False)
         r.done()
-        cmd = GrantCredits(client_id, request.credits, request_id, programme_id)
+        cmd = GrantCredits(client_id, request.credits, request_id, programme_id, expires_at)
         return account_pb(self.services.grant_credits(caller(), cmd))
 
     def GetCreditAccount(self, request: cpb.GetCreditAccountRequest, context: Ctx) -> cpb.CreditAccount:
