@@ -49,7 +49,7 @@ _DURATIONS = frozenset(
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 # Fields that hold amounts or counts: right-aligned, as figures are in a ledger.
 _FIGURES = frozenset(
-    {"credits", "available", "held", "used", "line_count", "total_credits"}
+    {"credits", "available", "held", "used", "line_count", "total_credits", "granted", "expired"}
     | {"credits_returned", "credits_taken"}
 )
 
@@ -207,15 +207,15 @@ def _views(kind: str, data: dict[str, Any]) -> list[Any]:
         if data.get("next_page_token"):
             views.append(f"more: --page-token {data['next_page_token']}")
         return views
-    nested = _NESTED.get(kind)
-    # The list inside goes in its own table, and a page token under it.
-    scalars = {k: v for k, v in data.items() if not (nested and k == nested[0]) and k != "next_page_token"}
+    nested = _NESTED.get(kind, [])
+    # Each list inside goes in its own table, and a page token under the last.
+    inside = {key for key, _, _ in nested}
+    scalars = {k: v for k, v in data.items() if k not in inside and k != "next_page_token"}
     views = [_pairs(scalars)]
-    if nested is not None:
-        key, title, columns = nested
+    for key, title, columns in nested:
         views.append(_table(title, columns, data.get(key, [])))
-        if data.get("next_page_token"):
-            views.append(f"more: --page-token {data['next_page_token']}")
+    if nested and data.get("next_page_token"):
+        views.append(f"more: --page-token {data['next_page_token']}")
     return views
 
 
@@ -327,7 +327,7 @@ def _window(row: dict[str, Any]) -> str:
     return duration(float(window)) if window != "" else ""
 
 
-_FIGURE_HEADERS = frozenset({"credits", "available", "held", "used", "lines"})
+_FIGURE_HEADERS = frozenset({"credits", "available", "held", "used", "lines", "granted", "expired"})
 _ID_HEADERS = frozenset({"session", "invoice"})
 
 _SESSION_COLUMNS: list[Column] = [
@@ -365,6 +365,14 @@ _PROGRAMME_COLUMNS: list[Column] = [
     ("professional may charge late", _field("professional_may_charge_late")),
     ("no-show takes credit", _field("no_show_takes_credit")),
 ]
+_LOT_COLUMNS: list[Column] = [
+    ("expires", lambda row: _when(row["expire_time"]) if row.get("expire_time") else "never"),
+    ("granted", _field("granted")),
+    ("available", _field("available")),
+    ("held", _field("held")),
+    ("used", _field("used")),
+    ("expired", _field("expired")),
+]
 _LEDGER_COLUMNS: list[Column] = [
     ("entry", _field("entry_id")),
     ("kind", _field("kind")),
@@ -388,8 +396,11 @@ _LISTS: dict[str, tuple[str, str, list[Column]]] = {
     "ListInvoicesResponse": ("invoices", "Invoices", _INVOICE_COLUMNS),
     "ListProgrammesResponse": ("programmes", "Programmes", _PROGRAMME_COLUMNS),
 }
-# One object with a list inside: the object as pairs, then the list as a table.
-_NESTED: dict[str, tuple[str, str, list[Column]]] = {
-    "CreditAccount": ("entries", "Ledger (newest first)", _LEDGER_COLUMNS),
-    "Invoice": ("lines", "Lines", _LINE_COLUMNS),
+# One object with lists inside: the object as pairs, then each list as a table.
+_NESTED: dict[str, list[tuple[str, str, list[Column]]]] = {
+    "CreditAccount": [
+        ("lots", "Lots (soonest to expire first)", _LOT_COLUMNS),
+        ("entries", "Ledger (newest first)", _LEDGER_COLUMNS),
+    ],
+    "Invoice": [("lines", "Lines", _LINE_COLUMNS)],
 }
