@@ -120,7 +120,8 @@ def downgrade_to_version_9(database_url: str) -> None:
             db.execute_sql(f"ALTER TABLE sessions DROP COLUMN {column}")
         # Credits in lots: version 9 had only accounts, whose credits never expired.
         db.execute_sql("DROP TABLE credit_lots")
-        db.execute_sql("ALTER TABLE credit_accounts DROP COLUMN expired")
+        for column in ("expired", "expiring_available"):
+            db.execute_sql(f"ALTER TABLE credit_accounts DROP COLUMN {column}")
         db.execute_sql("ALTER TABLE ledger_entries DROP COLUMN expires_at")
         db.execute_sql("UPDATE schema_version SET version = 9")
     storage.close()
@@ -688,7 +689,7 @@ def test_a_version_9_database_upgrades_to_the_sponsors_terms_keeping_what_each_s
                 assert session.terms.forgiveness_period.ToTimedelta() == timedelta(days=365)
                 assert not session.no_show_forgiven and not session.settled_automatically
                 assert session.terms.settle_unmarked_after.ToTimedelta() == timedelta(0)
-            # Every account's credits became one lot that never expires, as they were granted.
+            # Every account's credits are ones that never expire, shown as such a lot.
             for programme_id in ("p48", "named", "default"):
                 account = kara.get_credit_account("client-1", programme_id=programme_id)
                 [lot] = account.lots

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from kara_sessions_server.adapters.storage import NEVER_EXPIRES, TABLES, from_micros
+from kara_sessions_server.adapters.storage import TABLES
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
 POSTGRES_URL = os.environ.get("KARA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -61,12 +61,24 @@ def assert_ledger_balances(server: RunningServer) -> None:
         expected = sums.get(key, dict.fromkeys(columns, 0))
         actual = {k: account[k] for k in columns}
         assert actual == expected, f"account {key} disagrees with its ledger"
+    lot_totals: dict[tuple[str, str], dict[str, int]] = {}
     for row in snapshot["credit_lots"]:
-        at = None if row["expires_at"] == NEVER_EXPIRES else from_micros(row["expires_at"])
-        lot = (row["client_id"], row["programme_id"], at)
+        lot = (row["client_id"], row["programme_id"], row["expires_at"])
         actual = {k: row[k] for k in columns}
         assert actual == lot_sums.get(lot, dict.fromkeys(columns, 0)), f"lot {lot} disagrees with its ledger"
         assert row["granted"] == sum(actual.values()), f"lot {lot} does not add up to its grants"
+        totals = lot_totals.setdefault(lot[:2], dict.fromkeys(columns, 0))
+        for k in columns:
+            totals[k] += row[k]
+    for account in snapshot["credit_accounts"]:
+        # Credits that never expire have no lot row: they are what the lots leave of the account.
+        key = (account["client_id"], account["programme_id"])
+        in_lots = lot_totals.get(key, dict.fromkeys(columns, 0))
+        never = {k: account[k] - in_lots[k] for k in columns}
+        assert never == lot_sums.get((*key, None), dict.fromkeys(columns, 0)), (
+            f"{key}'s credits that never expire"
+        )
+        assert account["expiring_available"] == in_lots["available"], f"{key}'s count of expiring credits"
     for session in snapshot["sessions"]:
         if session["session_id"] in held_from:
             assert held_from[session["session_id"]] == session["credit_expires_at"], session["session_id"]

@@ -28,11 +28,14 @@ FROM credit_accounts a
 LEFT JOIN ledger_entries e ON e.client_id = a.client_id AND e.programme_id = a.programme_id
 GROUP BY a.client_id, a.programme_id, a.available, a.held, a.used, {expired}
 """
-# Schema version 10: each account's lots, which must add up to it, each to what it was granted.
+# Schema version 10: each account's lots of credits that expire, each adding up to what it was
+# granted, together within the account and with its count of expiring credits available.
 _LOTS = """
-SELECT client_id, programme_id, SUM(available), SUM(held), SUM(used), SUM(expired),
-       SUM(CASE WHEN granted = available + held + used + expired THEN 0 ELSE 1 END)
-FROM credit_lots GROUP BY client_id, programme_id
+SELECT l.client_id, l.programme_id, SUM(l.available), SUM(l.held), SUM(l.used), SUM(l.expired),
+       SUM(CASE WHEN l.granted = l.available + l.held + l.used + l.expired THEN 0 ELSE 1 END),
+       MIN(a.expiring_available)
+FROM credit_lots l JOIN credit_accounts a ON a.client_id = l.client_id AND a.programme_id = l.programme_id
+GROUP BY l.client_id, l.programme_id
 """
 _LOTS_SINCE_VERSION = 10
 # Each session with the no-show term of the version of its programme's terms it points to.
@@ -120,8 +123,10 @@ def verify(path: Path) -> Verified:
                     f"credit account {client_id} (programme {programme_id}) disagrees with its ledger"
                 )
             balances[client_id, programme_id] = (available, held, used, expired)
-        for client_id, programme_id, *summed, wrong in db.execute(_LOTS).fetchall() if lots else ():
-            if wrong or balances.get((client_id, programme_id)) != tuple(summed):
+        for client_id, programme_id, *summed, wrong, expiring in db.execute(_LOTS).fetchall() if lots else ():
+            account = balances.get((client_id, programme_id), (0, 0, 0, 0))
+            # What the lots leave of the account are its credits that never expire: none negative.
+            if wrong or expiring != summed[0] or any(a < s for a, s in zip(account, summed, strict=True)):
                 raise BackupError(
                     f"credit account {client_id} (programme {programme_id}) disagrees with its lots"
                 )

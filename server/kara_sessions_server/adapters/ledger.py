@@ -10,7 +10,6 @@ from dataclasses import replace
 from datetime import datetime
 
 from kara_sessions_server.adapters.storage import (
-    NEVER_EXPIRES,
     Sql,
     from_micros,
     micros_or_none,
@@ -34,11 +33,16 @@ class LedgerInvariantBroken(RuntimeError):
     """A credit to settle or refund was not there: the database disagrees with the session."""
 
 
-# A first grant opens the account (and the lot of its expire time); a later one adds to them.
+# A first grant opens the account; a later one adds to it. Credits that expire are also counted
+# in `expiring_available` and in the lot of their expire time (credit_lots); those that never
+# expire are the account's own, the rest of its balance (no row of theirs to write).
 _GRANT = (
-    "INSERT INTO credit_accounts (client_id, programme_id, available, held, used, expired, updated_at) "
-    "VALUES (?, ?, ?, 0, 0, 0, ?) ON CONFLICT (client_id, programme_id) DO UPDATE SET "
-    "available = credit_accounts.available + excluded.available, updated_at = excluded.updated_at"
+    "INSERT INTO credit_accounts (client_id, programme_id, available, held, used, expired, "
+    "expiring_available, updated_at) VALUES (?, ?, ?, 0, 0, 0, ?, ?) "
+    "ON CONFLICT (client_id, programme_id) DO UPDATE SET "
+    "available = credit_accounts.available + excluded.available, "
+    "expiring_available = credit_accounts.expiring_available + excluded.expiring_available, "
+    "updated_at = excluded.updated_at"
 )
 _GRANT_LOT = (
     "INSERT INTO credit_lots (client_id, programme_id, expires_at, granted, available, held, used, expired, "
@@ -63,6 +67,9 @@ _DUE_LOTS = (
     "SELECT client_id, programme_id, expires_at FROM credit_lots WHERE expires_at <= ? AND available > 0 "
     "ORDER BY expires_at LIMIT ?"
 )
+_BALANCE_EXPIRING = (
+    "SELECT available, expiring_available FROM credit_accounts WHERE client_id = ? AND programme_id = ?"
+)
 _LOT_AVAILABLE = (
     "SELECT available FROM credit_lots WHERE client_id = ? AND programme_id = ? AND expires_at = ?"
 )
@@ -74,43 +81,62 @@ _ENTRIES = (
 _ENTRIES_FIRST = _ENTRIES.format(after="")
 _ENTRIES_AFTER = _ENTRIES.format(after="AND entry_id < ?")
 
-# What each move does to a balance: (column taken from, column given to). The account's and the
-# lot's UPDATEs are the same but for the key; each is guarded on what it takes from.
-_COLUMNS = {
+# What each move does to a balance: (column taken from, column given to); each UPDATE is guarded
+# on what it takes from.
+_COLUMNS: dict[LedgerKind, tuple[str, str]] = {
     LedgerKind.HOLD: ("available", "held"),
     LedgerKind.RETURN: ("held", "available"),
     LedgerKind.TAKE: ("held", "used"),
     LedgerKind.REFUND: ("used", "available"),
     LedgerKind.EXPIRE: ("available", "expired"),
 }
+# How a move of credits that expire changes the account's count of them available.
+_EXPIRING_AVAILABLE: dict[LedgerKind, str | None] = {
+    LedgerKind.HOLD: "- ?",
+    LedgerKind.RETURN: "+ ?",
+    LedgerKind.TAKE: None,
+    LedgerKind.REFUND: "+ ?",
+    LedgerKind.EXPIRE: "- ?",
+}
+_ACCOUNT_KEY = "client_id = ? AND programme_id = ?"
 
 
-def _update(table: str, key: str, kind: LedgerKind) -> str:
+def _update(table: str, key: str, kind: LedgerKind, expiring: bool = False) -> str:
     taken, given = _COLUMNS[kind]
+    change = _EXPIRING_AVAILABLE[kind] if expiring else None
+    also = "" if change is None else f"expiring_available = expiring_available {change}, "
     return (
-        f"UPDATE {table} SET {taken} = {taken} - ?, {given} = {given} + ?, updated_at = ? "
+        f"UPDATE {table} SET {taken} = {taken} - ?, {given} = {given} + ?, {also}updated_at = ? "
         f"WHERE {key} AND {taken} >= ?"
     )
 
 
-_ACCOUNT_KEY = "client_id = ? AND programme_id = ?"
-_MOVE = {kind: _update("credit_accounts", _ACCOUNT_KEY, kind) for kind in _COLUMNS}
+# Credits that never expire: the account's balance alone, as before lots (one statement a move).
+_MOVE: dict[LedgerKind, str] = {
+    kind: _update("credit_accounts", _ACCOUNT_KEY, kind) for kind in _COLUMNS if kind is not LedgerKind.EXPIRE
+}
+# Credits of a lot: the lot's balance, and the account's with its count of expiring credits.
 _MOVE_LOT = {kind: _update("credit_lots", f"{_ACCOUNT_KEY} AND expires_at = ?", kind) for kind in _COLUMNS}
+_MOVE_EXPIRING = {kind: _update("credit_accounts", _ACCOUNT_KEY, kind, expiring=True) for kind in _COLUMNS}
+# A booking's first try, and nearly every one's only statement: an account with no credit that
+# expires holds from those that never do.
+_HOLD_WITHOUT_LOTS = (
+    "UPDATE credit_accounts SET available = available - ?, held = held + ?, updated_at = ? "
+    f"WHERE {_ACCOUNT_KEY} AND available >= ? AND expiring_available = 0"
+)
+# Else, when no lot is valid at the start: the credits that never expire, if enough are left.
+_HOLD_NEVER_EXPIRING = (
+    "UPDATE credit_accounts SET available = available - ?, held = held + ?, updated_at = ? "
+    f"WHERE {_ACCOUNT_KEY} AND available - expiring_available >= ?"
+)
 _INSERT_ENTRY = (
     "INSERT INTO ledger_entries (client_id, programme_id, kind, credits, session_id, request_id, created_at, "
     "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_BALANCES = ("available", "held", "used", "expired")
 # A booking that lost its lot's last credit to another picks again; this many times in a row
 # means the account is being drained as fast as it is read: the caller retries.
 _HOLD_ATTEMPTS = 20
-
-
-def _lot_key(expires_at: datetime | None) -> int:
-    return NEVER_EXPIRES if expires_at is None else to_micros(expires_at)
-
-
-def _lot_time(key: int) -> datetime | None:
-    return None if key == NEVER_EXPIRES else from_micros(key)
 
 
 class Ledger:
@@ -128,9 +154,11 @@ class Ledger:
         expires_at: datetime | None = None,
     ) -> None:
         at = to_micros(now)
-        self._sql(_GRANT, (account.client_id, account.programme_id, credits, at))
-        lot = _lot_key(expires_at)
-        self._sql(_GRANT_LOT, (account.client_id, account.programme_id, lot, credits, credits, at))
+        expiring = 0 if expires_at is None else credits
+        self._sql(_GRANT, (account.client_id, account.programme_id, credits, expiring, at))
+        if expires_at is not None:
+            lot = (account.client_id, account.programme_id, to_micros(expires_at), credits, credits, at)
+            self._sql(_GRANT_LOT, lot)
         self._entry(account, LedgerKind.GRANT, credits, None, request_id, now, expires_at)
 
     def hold(
@@ -144,42 +172,64 @@ class Ledger:
         purpose: str = "to book a session",
     ) -> datetime | None:
         """Holds `credits` from the lot that expires soonest among those valid at `valid_at` (a
-        session's start); returns that lot's expire time (None: never)."""
+        session's start), those that never expire last; returns that lot's expire time (None:
+        never). An account without credits that expire takes one statement, as before lots."""
+        if self._hold_never_expiring(_HOLD_WITHOUT_LOTS, account, credits, now):
+            expires_at = None
+        else:
+            expires_at = self._hold_from_lot(account, credits, now, valid_at)
+            if expires_at is None and not self._hold_never_expiring(
+                _HOLD_NEVER_EXPIRING, account, credits, now
+            ):
+                raise self._no_lot(account, credits, now, valid_at, purpose)
+        self._entry(account, LedgerKind.HOLD, credits, session_id, request_id, now, expires_at)
+        return expires_at
+
+    def _hold_never_expiring(self, statement: str, account: Account, credits: int, now: datetime) -> bool:
+        params = (credits, credits, to_micros(now), account.client_id, account.programme_id, credits)
+        return bool(self._sql(statement, params).rowcount == 1)
+
+    def _hold_from_lot(
+        self, account: Account, credits: int, now: datetime, valid_at: datetime
+    ) -> datetime | None:
+        """Holds from the soonest-expiring lot valid at `valid_at`; None if there is none."""
         for _ in range(_HOLD_ATTEMPTS):
             row = self._sql(
                 _PICK_LOT, (account.client_id, account.programme_id, credits, to_micros(valid_at))
             ).fetchone()
             if row is None:
-                raise self._no_lot(account, credits, now, valid_at, purpose)
+                return None
             # Of two bookings racing for a lot's last credit, one finds it gone: it picks again.
             if self._move_lot(account, row[0], LedgerKind.HOLD, credits, now):
-                break
-        else:
-            raise Conflict(
-                f"client {account.client_id}'s credits were being taken by other requests at the same "
-                "time; retry",
-                metadata={"client_id": account.client_id, "programme_id": account.programme_id},
-            )
-        if not self._move(account, LedgerKind.HOLD, credits, now):
-            raise LedgerInvariantBroken(f"client {account.client_id}'s account disagrees with its lots")
-        expires_at = _lot_time(row[0])
-        self._entry(account, LedgerKind.HOLD, credits, session_id, request_id, now, expires_at)
-        return expires_at
+                expires_at = from_micros(row[0])
+                if not self._move_account(account, expires_at, LedgerKind.HOLD, credits, now):
+                    raise LedgerInvariantBroken(
+                        f"client {account.client_id}'s account disagrees with its lots"
+                    )
+                return expires_at
+        raise Conflict(
+            f"client {account.client_id}'s credits were being taken by other requests at the same "
+            "time; retry",
+            metadata={"client_id": account.client_id, "programme_id": account.programme_id},
+        )
 
     def check_hold(
         self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str
     ) -> None:
         """Refuses as `hold` would, holding nothing."""
-        row = self._sql(
+        row = self._sql(_BALANCE_EXPIRING, (account.client_id, account.programme_id)).fetchone()
+        if row is not None and row[0] - row[1] >= credits:
+            return
+        lot = self._sql(
             _PICK_LOT, (account.client_id, account.programme_id, credits, to_micros(valid_at))
         ).fetchone()
-        if row is None:
+        if lot is None:
             raise self._no_lot(account, credits, now, valid_at, purpose)
 
     def _no_lot(
         self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str
     ) -> Exception:
-        """No lot valid at `valid_at` has the credits: some expire first, or there are none."""
+        """Nothing valid at `valid_at` has the credits: some expire first, or there are none."""
         early = self._sql(
             _PICK_LOT, (account.client_id, account.programme_id, credits, to_micros(now))
         ).fetchone()
@@ -235,8 +285,8 @@ class Ledger:
         now: datetime,
         expires_at: datetime | None,
     ) -> None:
-        moved = self._move_lot(account, _lot_key(expires_at), kind, credits, now)
-        if not moved or not self._move(account, kind, credits, now):
+        in_lot = expires_at is None or self._move_lot(account, to_micros(expires_at), kind, credits, now)
+        if not in_lot or not self._move_account(account, expires_at, kind, credits, now):
             raise LedgerInvariantBroken(
                 f"client {account.client_id} has no credit to {kind.value.lower()}"
                 f"{f' for session {session_id}' if session_id else ''}"
@@ -249,14 +299,25 @@ class Ledger:
         return [(Account(client_id, programme_id), from_micros(at)) for client_id, programme_id, at in rows]
 
     def lot_available(self, account: Account, expires_at: datetime | None) -> int:
-        row = self._sql(
-            _LOT_AVAILABLE, (account.client_id, account.programme_id, _lot_key(expires_at))
-        ).fetchone()
+        if expires_at is None:
+            row = self._sql(_BALANCE_EXPIRING, (account.client_id, account.programme_id)).fetchone()
+            return 0 if row is None else int(row[0] - row[1])
+        key = (account.client_id, account.programme_id, to_micros(expires_at))
+        row = self._sql(_LOT_AVAILABLE, key).fetchone()
         return 0 if row is None else int(row[0])
 
-    def _move(self, account: Account, kind: LedgerKind, credits: int, now: datetime) -> bool:
-        params = (credits, credits, to_micros(now), account.client_id, account.programme_id, credits)
-        return bool(self._sql(_MOVE[kind], params).rowcount == 1)
+    def _move_account(
+        self, account: Account, expires_at: datetime | None, kind: LedgerKind, credits: int, now: datetime
+    ) -> bool:
+        statement = _MOVE[kind] if expires_at is None else _MOVE_EXPIRING[kind]
+        change = _EXPIRING_AVAILABLE[kind] if expires_at is not None else None
+        at = to_micros(now)
+        params = (
+            (credits, credits, at, account.client_id, account.programme_id, credits)
+            if change is None
+            else (credits, credits, credits, at, account.client_id, account.programme_id, credits)
+        )
+        return bool(self._sql(statement, params).rowcount == 1)
 
     def _move_lot(self, account: Account, lot: int, kind: LedgerKind, credits: int, now: datetime) -> bool:
         params = (credits, credits, to_micros(now), account.client_id, account.programme_id, lot, credits)
@@ -295,6 +356,8 @@ class Ledger:
         )
 
     def balance(self, key: Account) -> CreditAccount:
+        """The account and its lots: those that expire, soonest first, then (if it was ever
+        granted any) the credits that never expire, which are what the lots leave of it."""
         row = self._sql(_BALANCE, (key.client_id, key.programme_id)).fetchone()
         if row is None:
             raise NotFound(
@@ -303,14 +366,21 @@ class Ledger:
                 metadata={"client_id": key.client_id, "programme_id": key.programme_id},
             )
         available, held, used, expired = row
-        lots = tuple(
-            CreditLot(_lot_time(at), granted, lot_available, lot_held, lot_used, lot_expired)
-            for at, granted, lot_available, lot_held, lot_used, lot_expired in self._sql(
-                _LOTS, (key.client_id, key.programme_id)
-            ).fetchall()
-        )
+        lots = [
+            CreditLot(from_micros(at), granted, *balance)
+            for at, granted, *balance in self._sql(_LOTS, (key.client_id, key.programme_id)).fetchall()
+        ]
+        never = [b - sum(getattr(lot, name) for lot in lots) for b, name in zip(row, _BALANCES, strict=True)]
+        if any(never):
+            lots.append(CreditLot(None, sum(never), *never))
         return CreditAccount(
-            key.client_id, available, held, used, programme_id=key.programme_id, expired=expired, lots=lots
+            key.client_id,
+            available,
+            held,
+            used,
+            programme_id=key.programme_id,
+            expired=expired,
+            lots=tuple(lots),
         )
 
     def entries(self, key: Account, size: int, token: str) -> Page[LedgerEntry]:

@@ -19,7 +19,6 @@ import peewee as pw
 from playhouse.migrate import Operation, PostgresqlMigrator, SchemaMigrator, SqliteMigrator, migrate
 
 from kara_sessions_server.adapters.storage import (
-    NEVER_EXPIRES,
     TABLES,
     CreditLotRow,
     DurationField,
@@ -79,7 +78,8 @@ class _ProgrammeV5(Table):
 
 
 class _CreditAccountV5(Table):
-    """The credit_accounts table as version 5 created it (version 10 adds `expired`)."""
+    """The credit_accounts table as version 5 created it (version 10 adds `expired` and
+    `expiring_available`)."""
 
     client_id = pw.CharField(max_length=128)
     programme_id = pw.CharField(max_length=64)
@@ -372,17 +372,6 @@ def _v9_data(storage: Storage, context: Context) -> None:
             db.execute_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
 
 
-def _v10_data(storage: Storage, context: Context) -> None:
-    """Every account's credits become one lot that never expires: what they were granted as."""
-    db = storage.db
-    db.execute_sql(
-        "INSERT INTO credit_lots (client_id, programme_id, expires_at, granted, available, held, used, "
-        f"expired, updated_at) SELECT client_id, programme_id, {db.param}, available + held + used, "
-        "available, held, used, 0, updated_at FROM credit_accounts",
-        (NEVER_EXPIRES,),
-    )
-
-
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
@@ -461,9 +450,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             m.add_column("sessions", "credit_expires_at", UtcTimestampField(null=True)),
             m.add_column("ledger_entries", "expires_at", UtcTimestampField(null=True)),
             m.add_column("credit_accounts", "expired", pw.IntegerField(default=0)),
+            m.add_column("credit_accounts", "expiring_available", pw.IntegerField(default=0)),
         ],
+        # Empty: every credit granted so far never expires, and those have no lot row.
         tables=(CreditLotRow,),
-        data=_v10_data,
     ),
 )
 BASELINE = 1

@@ -158,28 +158,26 @@ class CreditAccountRow(Table):
     held = pw.IntegerField(constraints=[pw.Check("held >= 0")])
     used = pw.IntegerField(constraints=[pw.Check("used >= 0")])
     updated_at = UtcTimestampField()
-    # Schema version 10: credits whose lot expired (credit_lots).
+    # Schema version 10: credits whose lot expired, and how many of `available` are in lots that
+    # expire (credit_lots); the rest never expire and have no lot row.
     expired = pw.IntegerField(default=0, constraints=[pw.Check("expired >= 0")])
+    expiring_available = pw.IntegerField(default=0, constraints=[pw.Check("expiring_available >= 0")])
 
     class Meta:
         table_name = "credit_accounts"
         primary_key = pw.CompositeKey("client_id", "programme_id")
 
 
-# A lot that never expires, as credit_lots keys it: later than any time, so "the soonest to
-# expire first" is ORDER BY expires_at, and one key per account (NULL would not be one).
-NEVER_EXPIRES = 2**62
-
-
 class CreditLotRow(Table):
-    """An account's credits that expire together (schema version 10): each grant adds to the lot
-    of its expire time; a booking holds from the one that expires soonest of those valid at the
-    session's start. Its balances move with the account's, in the same guarded UPDATEs' way."""
+    """An account's credits that expire together (schema version 10): each grant with an expire
+    time adds to the lot of that time; a booking holds from the one that expires soonest of those
+    valid at the session's start. Its balances move with the account's, in the same guarded
+    UPDATEs' way. Credits that never expire have no row: they are what the lots leave of the
+    account, so a booking on them writes only the account, as before lots."""
 
     client_id = pw.CharField(max_length=128)
     programme_id = pw.CharField(max_length=64)
-    # Microseconds; NEVER_EXPIRES for credits that never do.
-    expires_at = pw.BigIntegerField()
+    expires_at = UtcTimestampField()
     granted = pw.IntegerField(constraints=[pw.Check("granted >= 0")])
     available = pw.IntegerField(constraints=[pw.Check("available >= 0")])
     held = pw.IntegerField(constraints=[pw.Check("held >= 0")])
