@@ -79,7 +79,7 @@ TERMS_SINCE_0_10 = (
     "unmarked_outcome",
 )
 # And the fields the session, the payment and a cancellation gained with them.
-SINCE_0_10 = ("no_show_forgiven", "settled_automatically")
+SINCE_0_10 = ("no_show_forgiven", "settled_automatically", "credit_expire_time")
 CANCELLATION_SINCE_0_10 = ("forgiven",)
 BUILT_AND_COPIED = {
     "sample0": (

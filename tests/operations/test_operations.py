@@ -84,6 +84,29 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
     assert b"Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
 
 
+def test_sigterm_delivered_to_any_thread_of_the_server_stops_it(tmp_path: Path) -> None:
+    """The kernel hands a process's signal to whichever of its threads it likes. Python runs the
+    handler on the main thread, which must wake for it: it waited, untimed, on an event no other
+    thread sets, so a SIGTERM that landed on a worker or the settler went unhandled and the
+    server never stopped (test_config saw it under load). Here one of its other threads gets
+    it, as the kernel may choose."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    proc, port = start_server_process(f"sqlite:///{tmp_path / 'k.db'}")
+    try:
+        threads = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        assert threads, "the server runs threads besides its main one"
+        # tgkill: a signal to one thread of the process, as process-wide delivery may pick it.
+        assert libc.syscall(234, proc.pid, threads[-1], signal.SIGTERM) == 0, ctypes.get_errno()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_shutdown_forced_past_the_grace_period_exits_non_zero() -> None:
     """What serve does when a call's thread is still in the database after the grace period: the
     supervisor (Kubernetes, systemd, podman) is told that the stop was not clean."""

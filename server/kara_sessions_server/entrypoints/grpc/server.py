@@ -413,7 +413,10 @@ def serve(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    done.wait()
+    # The kernel may hand the signal to any of the server's threads; Python runs the handler on
+    # this one, which an untimed wait would never wake to do (a stop that never came).
+    while not done.wait(0.25):
+        pass
     # The bound holds whatever blocks the way out (a driver ignoring the interrupt, a thread the
     # interpreter would wait for at exit): the database rolls back what a dropped connection
     # leaves open.
