@@ -94,7 +94,7 @@ def test_sigterm_delivered_to_any_thread_of_the_server_stops_it(tmp_path: Path) 
     import os
 
     libc = ctypes.CDLL(None, use_errno=True)
-    proc, port = start_server_process(f"sqlite:///{tmp_path / 'k.db'}")
+    proc, _ = start_server_process(f"sqlite:///{tmp_path / 'k.db'}")
     try:
         threads = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
         assert threads, "the server runs threads besides its main one"
