@@ -115,7 +115,7 @@ def downgrade_to_version_9(database_url: str) -> None:
     with db.connection_context(), db.atomic():
         for column in TERMS_SINCE_9:
             db.execute_sql(f"ALTER TABLE programme_terms DROP COLUMN {column}")
-        db.execute_sql("DROP INDEX sessions_state_programme_id_terms_version_starts_at")
+        db.execute_sql("DROP INDEX sessions_booked_by_terms_version")
         for column in ("forgiven", "no_show_forgiven", "settled_automatically", "credit_expires_at"):
             db.execute_sql(f"ALTER TABLE sessions DROP COLUMN {column}")
         # Credits in lots: version 9 had only accounts, whose credits never expired.

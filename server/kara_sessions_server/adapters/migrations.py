@@ -446,7 +446,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             m.add_column("sessions", "forgiven", pw.BooleanField(null=True)),
             m.add_column("sessions", "no_show_forgiven", pw.BooleanField(null=True)),
             m.add_column("sessions", "settled_automatically", pw.BooleanField(null=True)),
-            m.add_index("sessions", ("state", "programme_id", "terms_version", "starts_at"), False),
+            m.sql(
+                "CREATE INDEX sessions_booked_by_terms_version ON sessions "
+                "(programme_id, terms_version, starts_at, session_id) WHERE state = 'BOOKED'"
+            ),
             m.add_column("sessions", "credit_expires_at", UtcTimestampField(null=True)),
             m.add_column("ledger_entries", "expires_at", UtcTimestampField(null=True)),
             m.add_column("credit_accounts", "expired", pw.IntegerField(default=0)),

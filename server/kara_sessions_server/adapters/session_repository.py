@@ -268,14 +268,14 @@ _HOLD_SESSION = "SELECT 1 FROM sessions WHERE session_id = ? FOR UPDATE"
 _HOLD_ACCOUNT = "SELECT 1 FROM credit_accounts WHERE client_id = ? AND programme_id = ? FOR UPDATE"
 
 # The versions of terms that settle unmarked sessions, and each one's booked sessions due, through
-# the (state, programme_id, terms_version, starts_at) index: a few versions settle, and a
-# session of any other is never read.
+# the partial index of booked sessions by (programme_id, terms_version, starts_at, session_id): a few versions
+# settle, and a session of any other is never read.
 _SETTLING_TERMS = (
     "SELECT programme_id, terms_version, settle_unmarked_after_us FROM programme_terms "
     "WHERE settle_unmarked_after_us > 0"
 )
 _UNMARKED_DUE = (
-    "SELECT session_id FROM sessions WHERE state = ? AND programme_id = ? AND terms_version = ? "
+    "SELECT session_id FROM sessions WHERE state = 'BOOKED' AND programme_id = ? AND terms_version = ? "
     "AND starts_at <= ? ORDER BY starts_at, session_id LIMIT ?"
 )
 
@@ -348,7 +348,7 @@ class SessionRepository:
             if len(due) >= limit:
                 break
             started_by = to_micros(now) - after_us
-            params = (SessionState.BOOKED.value, programme_id, version, started_by, limit - len(due))
+            params = (programme_id, version, started_by, limit - len(due))
             due += [row[0] for row in self._sql(_UNMARKED_DUE, params).fetchall()]
         return due
 

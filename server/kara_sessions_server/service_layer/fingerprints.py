@@ -67,7 +67,7 @@ def _fields(record: object, principal: str | None = None, nested: bool = True) -
 
 # The fields each nested record had in 0.10.0, whose repr its fingerprints hashed: a term added
 # since (issue 36) is left out of the repr while it is at its default, as 0.10.0 never knew it.
-_FIELDS_0_10 = {
+FIELDS_0_10 = {
     "Terms": (
         "notice_window",
         "professional_may_charge_late",
@@ -89,7 +89,7 @@ _FIELDS_0_10 = {
 def _repr_0_10(record: Any) -> str:
     """The repr 0.10.0 hashed for `record`: the dataclass's own, over the fields it then had. A
     record using anything newer cannot be a 0.10.0 request: its full repr, which matches none."""
-    old = _FIELDS_0_10.get(type(record).__name__)
+    old = FIELDS_0_10.get(type(record).__name__)
     if old is None:
         return repr(record)
     for name, default in _declared(type(record)):

@@ -32,6 +32,7 @@ from kara_sessions_server.domain.programme import (
     Programme,
     Terms,
 )
+from kara_sessions_server.service_layer.fingerprints import FIELDS_0_10
 
 
 def _dt(value: datetime | None) -> str | None:
@@ -45,7 +46,7 @@ def _parse_dt(value: str | None) -> datetime | None:
 def _cancellation(c: Cancellation | None) -> dict[str, Any] | None:
     if c is None:
         return None
-    return {
+    d = {
         "cancelled_by": c.cancelled_by.value,
         "cancelled_at": _dt(c.cancelled_at),
         "notified_at": _dt(c.notified_at),
@@ -54,8 +55,10 @@ def _cancellation(c: Cancellation | None) -> dict[str, Any] | None:
         "charge_client": c.charge_client,
         "reason": c.reason,
         "within_grace": c.within_grace,
-        "forgiven": c.forgiven,
     }
+    if c.forgiven:  # since 0.10.0: written only when set (_TERMS_OMITTED_AT says why)
+        d["forgiven"] = True
+    return d
 
 
 def _load_cancellation(d: dict[str, Any] | None) -> Cancellation | None:
@@ -103,7 +106,7 @@ def _load_move(d: dict[str, Any]) -> Move:
 
 
 def _session(s: Session) -> dict[str, Any]:
-    return {
+    d = {
         "session_id": s.session_id,
         "client_id": s.client_id,
         "professional_id": s.professional_id,
@@ -129,10 +132,15 @@ def _session(s: Session) -> dict[str, Any]:
         "rescheduled_from": s.rescheduled_from,
         "rescheduled_to": s.rescheduled_to,
         "terms_version": s.terms_version,
-        "no_show_forgiven": s.no_show_forgiven,
-        "settled_automatically": s.settled_automatically,
-        "credit_expires_at": _dt(s.credit_expires_at),
     }
+    # Since 0.10.0: written only when set (_TERMS_OMITTED_AT says why).
+    if s.no_show_forgiven:
+        d["no_show_forgiven"] = True
+    if s.settled_automatically:
+        d["settled_automatically"] = True
+    if s.credit_expires_at is not None:
+        d["credit_expires_at"] = _dt(s.credit_expires_at)
+    return d
 
 
 def _key(name: str, kind: Any) -> str:
@@ -144,6 +152,9 @@ def _key(name: str, kind: Any) -> str:
 # term needs no edit here). The same keys name programme_terms' columns.
 _TERMS_FIELDS = tuple((f.name, typing.get_type_hints(Terms)[f.name]) for f in dataclasses.fields(Terms))
 TERMS_KEYS = tuple(_key(name, kind) for name, kind in _TERMS_FIELDS)
+
+
+_ALWAYS = object()
 
 
 def terms_values(t: Terms) -> tuple[object, ...]:
@@ -173,8 +184,24 @@ def terms_from(values: dict[str, Any]) -> Terms:
     return Terms(**found)
 
 
+# A term added since 0.10.0 is stored only when it is not at its default, which a missing key
+# means (terms_from): every event and stored result carries a session's terms, and with six such
+# terms, nearly always at their defaults, a cancellation's record grew by a quarter and SQLite's
+# writing of it by 6% of the cancellation's instructions (BENCHMARKS.md). 0.10.0's terms are
+# always written, for a reader of that version.
+_TERMS_OMITTED_AT = {
+    key: default
+    for key, (name, _), default in zip(TERMS_KEYS, _TERMS_FIELDS, terms_values(DEFAULT_TERMS), strict=True)
+    if name not in FIELDS_0_10["Terms"]
+}
+
+
 def _terms(t: Terms) -> dict[str, Any]:
-    return dict(zip(TERMS_KEYS, terms_values(t), strict=True))
+    return {
+        key: value
+        for key, value in zip(TERMS_KEYS, terms_values(t), strict=True)
+        if _TERMS_OMITTED_AT.get(key, _ALWAYS) != value
+    }
 
 
 def _load_terms(d: dict[str, Any] | None) -> Terms:
