@@ -205,10 +205,6 @@ class Forgiveness:
         """The next charge would be forgiven."""
         return self.used < self.allowed
 
-    @property
-    def remaining(self) -> int:
-        return max(self.allowed - self.used, 0)
-
 
 # Terms that forgive nothing (the article's): nothing to count.
 NONE_FORGIVEN = Forgiveness()
