@@ -237,3 +237,22 @@ def test_the_command_line_sets_settlement_terms(server: RunningServer) -> None:
     assert json.loads(never.stdout)["settle_unmarked_after"] == 0
     too_soon = cli("programme", "update", "settles", "--settle-unmarked-after-hours", "0.5")
     assert too_soon.returncode == 2 and "0 or" in too_soon.stderr
+
+
+def test_a_sweep_whose_every_item_is_refused_ends_the_round() -> None:
+    """A batch the sweep could do nothing with (each one refused, say a record too large to
+    store) would be the same batch again: the round ends, and the next tries again."""
+    from kara_sessions_server.domain.errors import RecordTooLarge
+    from kara_sessions_server.entrypoints.maintenance import Settler
+
+    asked: list[int] = []
+
+    def due(limit: int) -> list[str]:
+        asked.append(limit)
+        return [f"s-{n}" for n in range(limit)]
+
+    def refuse_all(item: str) -> None:
+        raise RecordTooLarge(f"{item} is too large", metadata={})
+
+    assert Settler(60, {"stuck": (due, refuse_all)}).run_once() == {"stuck": 0}
+    assert asked == [Settler.BATCH]

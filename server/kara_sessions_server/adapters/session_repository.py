@@ -268,8 +268,8 @@ _HOLD_SESSION = "SELECT 1 FROM sessions WHERE session_id = ? FOR UPDATE"
 _HOLD_ACCOUNT = "SELECT 1 FROM credit_accounts WHERE client_id = ? AND programme_id = ? FOR UPDATE"
 
 # The versions of terms that settle unmarked sessions, and each one's booked sessions due, through
-# the partial index of booked sessions by (programme_id, terms_version, starts_at, session_id): a few versions
-# settle, and a session of any other is never read.
+# the partial index of booked sessions by (programme_id, terms_version, starts_at, session_id): a
+# few versions settle, and a session of any other is never read.
 _SETTLING_TERMS = (
     "SELECT programme_id, terms_version, settle_unmarked_after_us FROM programme_terms "
     "WHERE settle_unmarked_after_us > 0"

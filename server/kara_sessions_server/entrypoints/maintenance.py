@@ -1,7 +1,7 @@
 """Background work a server does on a timer: pruning what its retention settings let go (old
-events, old request_id results, and audit rows if asked), and settling the sessions nobody
-marked that their programme's terms say are due. Each failure is logged and tried again next
-round; nothing here can stop the server."""
+events, old request_id results, and audit rows if asked), settling the sessions nobody marked
+that their programme's terms say are due, and expiring credits whose lot's time has come. Each
+failure is logged and tried again next round; nothing here can stop the server."""
 
 from __future__ import annotations
 
@@ -86,8 +86,10 @@ class Settler:
         try:
             while not self._done.is_set():
                 items = due(self.BATCH)
-                done += sum(self._one(name, act, item) for item in items)
-                if len(items) < self.BATCH:
+                did = sum(self._one(name, act, item) for item in items)
+                done += did
+                # A batch that did nothing would come back the same (each refused): next round.
+                if len(items) < self.BATCH or not did:
                     break
         except Exception:
             log.exception("%s failed; will try again", name)
