@@ -91,6 +91,14 @@ def server(database_url: str, clock: FakeClock) -> Iterator[RunningServer]:
 
 
 @pytest.fixture
+def second_replica(database_url: str, clock: FakeClock) -> Iterator[RunningServer]:
+    """Another server on `server`'s database, with its clock, as a second replica is."""
+    running = start(Settings(listen="127.0.0.1:0", database_url=database_url, max_workers=8), clock=clock)
+    yield running
+    running.stop(grace=1)
+
+
+@pytest.fixture
 def kara(server: RunningServer) -> Iterator[SessionsClient]:
     with SessionsClient(f"127.0.0.1:{server.port}", timeout=15) as client:
         yield client

@@ -9,7 +9,6 @@ For an account and for each lot: available + held + used + expired = granted
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import grpc
@@ -18,13 +17,14 @@ from kara.sessions.v1 import credits_pb2 as cpb
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import KaraError, SessionsClient
-from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
+from kara_sessions_server.entrypoints.grpc.server import RunningServer
 from kara_sessions_server.entrypoints.maintenance import EXPIRED_LOTS
 
 from ..conftest import ALL_DATABASES
 from ..support.clock import FakeClock
 from ..support.concurrency import race
 from ..support.database import assert_ledger_balances
+from ..support.processes import run_cli
 from ..support.refusals import INVALID, PRECONDITION, refuse
 
 DAY = timedelta(days=1)
@@ -203,13 +203,6 @@ def test_an_expire_time_not_ahead_or_too_far_is_refused(
     assert [f for f, _ in refused.field_violations] == ["expire_time"]
 
 
-@pytest.fixture
-def second_replica(database_url: str, clock: FakeClock) -> Iterator[RunningServer]:
-    running = start(Settings(listen="127.0.0.1:0", database_url=database_url, max_workers=8), clock=clock)
-    yield running
-    running.stop(grace=1)
-
-
 def test_two_replicas_expire_each_lot_exactly_once(
     kara: SessionsClient, server: RunningServer, second_replica: RunningServer, clock: FakeClock
 ) -> None:
@@ -244,15 +237,11 @@ def test_racing_bookings_never_overdraw_a_lot(
 
 def test_the_command_line_grants_credits_that_expire(server: RunningServer) -> None:
     import json
-    import subprocess
-    import sys
 
     client = client_id()
-    granted = subprocess.run(
-        [sys.executable, "-m", "kara_sessions_client.cli", "--target", f"127.0.0.1:{server.port}", "--json",
-         "credits", "grant", client, "3", "--expires", "+30d"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    granted = run_cli(
+        "--target", f"127.0.0.1:{server.port}", "--json", "credits", "grant", client, "3", "--expires", "+30d"
+    )
     assert granted.returncode == 0, granted.stderr
     [lot] = json.loads(granted.stdout)["lots"]
     assert lot["granted"] == 3 and lot["expire_time"]

@@ -25,6 +25,7 @@ from ..conftest import ALL_DATABASES
 from ..support.clock import FakeClock
 from ..support.concurrency import race
 from ..support.database import assert_ledger_balances
+from ..support.processes import run_cli
 from ..support.refusals import INVALID, PRECONDITION, refuse
 
 WINDOW = timedelta(hours=48)
@@ -251,17 +252,9 @@ def test_the_command_line_sets_forgiveness_and_the_preview_says_what_is_left(
 ) -> None:
     import json
     import subprocess
-    import sys
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        target = ["--target", f"127.0.0.1:{server.port}"]
-        return subprocess.run(
-            [sys.executable, "-m", "kara_sessions_client.cli", *target, *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_cli("--target", f"127.0.0.1:{server.port}", *args)
 
     made = cli("--json", "programme", "create", "kind", "--name", "Kind", "--notice-window-hours", "48",
                "--free-late-cancellations", "2", "--forgiveness-period-days", "90")  # fmt: skip

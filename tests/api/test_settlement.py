@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -26,6 +25,7 @@ from kara_sessions_server.entrypoints.maintenance import SETTLED_UNMARKED
 from ..support.clock import FakeClock
 from ..support.concurrency import race
 from ..support.database import assert_ledger_balances, db_snapshot
+from ..support.processes import run_cli
 from ..support.refusals import INVALID, refuse
 
 WINDOW = timedelta(hours=24)
@@ -146,14 +146,6 @@ def test_a_session_marked_cancelled_or_under_default_terms_is_left_as_it_is(
     assert states[booked_after_change].state == pb.SESSION_STATE_BOOKED
 
 
-@pytest.fixture
-def second_replica(database_url: str, clock: FakeClock) -> Iterator[RunningServer]:
-    """Another server on the same database, as a second replica is."""
-    running = start(Settings(listen="127.0.0.1:0", database_url=database_url, max_workers=8), clock=clock)
-    yield running
-    running.stop(grace=1)
-
-
 def test_two_replicas_sweeping_at_once_settle_each_session_exactly_once(
     kara: SessionsClient, server: RunningServer, second_replica: RunningServer, clock: FakeClock
 ) -> None:
@@ -212,17 +204,9 @@ def test_settle_unmarked_after_out_of_range_is_refused(
 def test_the_command_line_sets_settlement_terms(server: RunningServer) -> None:
     import json
     import subprocess
-    import sys
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        target = ["--target", f"127.0.0.1:{server.port}"]
-        return subprocess.run(
-            [sys.executable, "-m", "kara_sessions_client.cli", *target, *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_cli("--target", f"127.0.0.1:{server.port}", *args)
 
     made = cli("--json", "programme", "create", "settles", "--name", "Settles",
                "--settle-unmarked-after-hours", "48", "--unmarked-outcome", "no-show")  # fmt: skip

@@ -20,6 +20,7 @@ from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
 from ..support.clock import FakeClock
 from ..support.database import assert_ledger_balances
+from ..support.processes import run_cli
 from ..support.refusals import INVALID, PRECONDITION, refuse
 from .test_reschedule import Booked, balance, book_with_notice
 
@@ -207,17 +208,9 @@ def test_the_command_line_sets_and_shows_both_terms_and_says_why_a_cancellation_
 ) -> None:
     import json
     import subprocess
-    import sys
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        target = ["--target", f"127.0.0.1:{server.port}"]
-        return subprocess.run(
-            [sys.executable, "-m", "kara_sessions_client.cli", *target, *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_cli("--target", f"127.0.0.1:{server.port}", *args)
 
     made = cli("--json", "programme", "create", "sponsor", "--name", "Sponsor", "--notice-window-hours",
                "48", "--client-late-cancel", "contact-professional", "--max-reschedules", "3")  # fmt: skip

@@ -15,12 +15,13 @@ from kara_sessions_server.domain.errors import DomainError
 log = logging.getLogger("kara_sessions_server")
 
 
-class Pruner:
-    def __init__(self, every: float, jobs: dict[str, Callable[[], int]]):
+class _Every:
+    """A thread that calls `run_once` every `every` seconds until stopped."""
+
+    def __init__(self, every: float, name: str):
         self._every = every
-        self._jobs = jobs
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pruner", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -29,6 +30,19 @@ class Pruner:
         self._done.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+    def run_once(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._done.wait(self._every):
+            self.run_once()
+
+
+class Pruner(_Every):
+    def __init__(self, every: float, jobs: dict[str, Callable[[], int]]):
+        super().__init__(every, "pruner")
+        self._jobs = jobs
 
     def run_once(self) -> dict[str, int]:
         pruned = {}
@@ -42,17 +56,13 @@ class Pruner:
                 log.info("pruned %d %s", pruned[name], name)
         return pruned
 
-    def _run(self) -> None:
-        while not self._done.wait(self._every):
-            self.run_once()
-
 
 # The settler's jobs, by the names its log lines and run_once() give them.
 SETTLED_UNMARKED = "settled unmarked sessions"
 EXPIRED_LOTS = "expired credit lots"
 
 
-class Settler:
+class Settler(_Every):
     """Does what the server owes by the clock, each thing in its own transaction, a batch at a
     time until nothing is due: settles the sessions nobody marked, and expires the credits whose
     lot's time has come. Every replica runs one: what two of them do at once is done by one,
@@ -63,19 +73,9 @@ class Settler:
     def __init__(
         self, every: float, jobs: dict[str, tuple[Callable[[int], Sequence[Any]], Callable[[Any], object]]]
     ):
-        self._every = every
+        super().__init__(every, "settler")
         # name -> (what is due, up to n; do one)
         self._jobs = jobs
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
 
     def run_once(self) -> dict[str, int]:
         """Does what is due now; by job, how many this round did (or found done by another)."""
@@ -106,7 +106,3 @@ class Settler:
             log.debug("%s: %s not done: %s", name, item, refused)
             return 0
         return 1
-
-    def _run(self) -> None:
-        while not self._done.wait(self._every):
-            self.run_once()
