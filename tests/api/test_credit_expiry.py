@@ -245,3 +245,26 @@ def test_the_command_line_grants_credits_that_expire(server: RunningServer) -> N
     assert granted.returncode == 0, granted.stderr
     [lot] = json.loads(granted.stdout)["lots"]
     assert lot["granted"] == 3 and lot["expire_time"]
+
+
+@pytest.mark.parametrize("database_url", ALL_DATABASES, indirect=True)
+def test_grants_and_bookings_racing_on_one_lot_take_their_locks_in_one_order(
+    kara: SessionsClient, server: RunningServer, clock: FakeClock
+) -> None:
+    """A grant to a lot and a booking from it lock the lot and then the account, as every move
+    does (a lot's UPDATE before its account's): in the other order, PostgreSQL broke the tie
+    by aborting one of them (ABORTED, DATABASE_CONFLICT)."""
+    client, expires = client_id(), clock.now() + 10 * DAY
+    kara.grant_credits(client, 2, expires_at=expires)
+    for attempt in range(3):
+        results = race(
+            12,
+            lambda i, attempt=attempt: (
+                kara.grant_credits(client, 1, expires_at=expires)
+                if i % 2
+                else kara.book(client, "pro-1", clock.now() + DAY + timedelta(minutes=100 * attempt + i))
+            ),
+        )
+        errors = [r for r in results if isinstance(r, KaraError)]
+        assert all(e.reason == "INSUFFICIENT_CREDITS" for e in errors), errors
+    assert_ledger_balances(server)

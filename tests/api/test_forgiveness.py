@@ -274,3 +274,37 @@ def test_the_command_line_sets_forgiveness_and_the_preview_says_what_is_left(
     done = cli("cancel", client.sessions[0], "--by", "client")
     assert done.returncode == 0, done.stderr
     assert "forgiven: true" in done.stdout
+
+
+@pytest.mark.parametrize("database_url", ALL_DATABASES, indirect=True)
+def test_forgiven_cancellations_and_bookings_racing_on_one_lot_take_their_locks_in_one_order(
+    kara: SessionsClient, server: RunningServer, clock: FakeClock
+) -> None:
+    """A forgiving cancellation holds the session, then the session's lot, then the account
+    before counting, the order every move takes them in (a booking: the lot, then the account):
+    in another order PostgreSQL broke the tie by aborting one (ABORTED, DATABASE_CONFLICT)."""
+    programme_id = programme(kara, free_late_cancellations=10)
+    client_id = f"c-{uuid.uuid4().hex[:10]}"
+    expires = clock.now() + timedelta(days=10)
+    kara.grant_credits(client_id, 40, programme_id=programme_id, expires_at=expires)
+    for attempt in range(3):
+        starts = [clock.now() + timedelta(hours=2, minutes=10 * attempt + i) for i in range(6)]
+        booked = [kara.book(client_id, "pro-1", at, programme_id=programme_id).session_id for at in starts]
+        results = race(
+            12,
+            lambda i, booked=booked: (
+                kara.cancel(booked[i // 2], "client")
+                if i % 2
+                else kara.book(
+                    client_id, "pro-1", clock.now() + timedelta(days=1, minutes=i), programme_id=programme_id
+                )
+            ),
+        )
+        errors = [r for r in results if isinstance(r, KaraError)]
+        assert not errors, errors
+    # Ten forgiven (the allowance), the other eight charged.
+    cancelled = [
+        s for s in kara.list_sessions(client_id=client_id, page_size=100).sessions if s.cancellation.late
+    ]
+    assert sorted(s.cancellation.forgiven for s in cancelled) == [False] * 8 + [True] * 10
+    assert_ledger_balances(server)

@@ -155,10 +155,11 @@ class Ledger:
     ) -> None:
         at = to_micros(now)
         expiring = 0 if expires_at is None else credits
-        self._sql(_GRANT, (account.client_id, account.programme_id, credits, expiring, at))
+        # The lot before the account, the order every move locks them in.
         if expires_at is not None:
             lot = (account.client_id, account.programme_id, to_micros(expires_at), credits, credits, at)
             self._sql(_GRANT_LOT, lot)
+        self._sql(_GRANT, (account.client_id, account.programme_id, credits, expiring, at))
         self._entry(account, LedgerKind.GRANT, credits, None, request_id, now, expires_at)
 
     def hold(

@@ -262,9 +262,11 @@ _FORGIVEN_SINCE = (
     "SELECT COUNT(*) FROM sessions WHERE client_id = ? AND programme_id = ? "
     "AND ((forgiven AND cancelled_at >= ?) OR (no_show_forgiven AND no_show_at >= ?))"
 )
-# PostgreSQL: the session, then its client's account, the order every change takes them in
-# (a session's guarded UPDATE before the ledger's), so holding both deadlocks with none.
+# PostgreSQL: the session, then the lot its credit is in (if it expires), then its client's
+# account: the order every change takes them in (a session's guarded UPDATE, then a lot's, then
+# the account's), so holding them first deadlocks with none.
 _HOLD_SESSION = "SELECT 1 FROM sessions WHERE session_id = ? FOR UPDATE"
+_HOLD_LOT = "SELECT 1 FROM credit_lots WHERE client_id = ? AND programme_id = ? AND expires_at = ? FOR UPDATE"
 _HOLD_ACCOUNT = "SELECT 1 FROM credit_accounts WHERE client_id = ? AND programme_id = ? FOR UPDATE"
 
 # The versions of terms that settle unmarked sessions, and each one's booked sessions due, through
@@ -335,6 +337,9 @@ class SessionRepository:
         each other (SQLite's one writer does that already)."""
         if for_change and not self._sql.on_sqlite:
             self._sql(_HOLD_SESSION, (session.session_id,))
+            if session.credit_expires_at is not None:
+                lot = (session.client_id, session.programme_id, to_micros(session.credit_expires_at))
+                self._sql(_HOLD_LOT, lot)
             self._sql(_HOLD_ACCOUNT, (session.client_id, session.programme_id))
         at = to_micros(since)
         row = self._sql(_FORGIVEN_SINCE, (session.client_id, session.programme_id, at, at)).fetchone()
