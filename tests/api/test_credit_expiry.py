@@ -16,7 +16,7 @@ import pytest
 from kara.sessions.v1 import credits_pb2 as cpb
 from kara.sessions.v1 import sessions_pb2 as pb
 
-from kara_sessions_client.client import KaraError, SessionsClient
+from kara_sessions_client.client import NO_RETRY, KaraError, SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
 from kara_sessions_server.entrypoints.maintenance import EXPIRED_LOTS
 
@@ -256,15 +256,53 @@ def test_grants_and_bookings_racing_on_one_lot_take_their_locks_in_one_order(
     by aborting one of them (ABORTED, DATABASE_CONFLICT)."""
     client, expires = client_id(), clock.now() + 10 * DAY
     kara.grant_credits(client, 2, expires_at=expires)
+    # No retries: an abort (a deadlock PostgreSQL broke) must show, not be retried away.
+    once = SessionsClient(f"127.0.0.1:{server.port}", timeout=15, retry=NO_RETRY)
     for attempt in range(3):
         results = race(
             12,
             lambda i, attempt=attempt: (
-                kara.grant_credits(client, 1, expires_at=expires)
+                once.grant_credits(client, 1, expires_at=expires)
                 if i % 2
-                else kara.book(client, "pro-1", clock.now() + DAY + timedelta(minutes=100 * attempt + i))
+                else once.book(client, "pro-1", clock.now() + DAY + timedelta(minutes=100 * attempt + i))
             ),
         )
         errors = [r for r in results if isinstance(r, KaraError)]
         assert all(e.reason == "INSUFFICIENT_CREDITS" for e in errors), errors
+    once.close()
+    assert_ledger_balances(server)
+
+
+@pytest.mark.parametrize("database_url", ALL_DATABASES, indirect=True)
+def test_charged_moves_between_lots_and_cancellations_racing_take_their_locks_in_one_order(
+    kara: SessionsClient, server: RunningServer, clock: FakeClock
+) -> None:
+    """A charged late move takes the old session's credit in its lot and holds a new one from
+    another (the old lot expires before the new start): it holds the old lot before anything of
+    the account's, as a cancellation of another session in that lot does."""
+    client, now = client_id(), clock.now()
+    kara.grant_credits(client, 40, expires_at=now + 3 * DAY)
+    kara.grant_credits(client, 40, expires_at=now + 10 * DAY)
+    # No retries: an abort (a deadlock PostgreSQL broke) must show, not be retried away.
+    once = SessionsClient(f"127.0.0.1:{server.port}", timeout=15, retry=NO_RETRY)
+    for attempt in range(4):
+        booked = [
+            kara.book(client, "pro-1", now + timedelta(hours=2, minutes=10 * attempt + i)).session_id
+            for i in range(8)
+        ]
+        results = race(
+            8,
+            lambda i, booked=booked: (
+                once.reschedule(booked[i], now + 5 * DAY + timedelta(minutes=i), "client")
+                if i % 2
+                else once.cancel(booked[i], "client")
+            ),
+        )
+        errors = [r for r in results if isinstance(r, KaraError)]
+        assert not errors, errors
+    once.close()
+    moved = kara.list_sessions(client_id=client, page_size=100).sessions
+    assert {naive(s.credit_expire_time.ToDatetime()) for s in moved if s.rescheduled_from} == {
+        naive(now + 10 * DAY)
+    }
     assert_ledger_balances(server)

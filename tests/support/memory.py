@@ -343,6 +343,9 @@ class MemoryLedger:
         assert self._move(account, lot, LedgerKind.HOLD, credits, session_id, request_id, now)
         return lot
 
+    def hold_lot(self, account: Account, expires_at: datetime) -> None:
+        pass  # one unit of work at a time holds everything
+
     def check_hold(
         self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str
     ) -> None:

@@ -70,6 +70,7 @@ _DUE_LOTS = (
 _BALANCE_EXPIRING = (
     "SELECT available, expiring_available FROM credit_accounts WHERE client_id = ? AND programme_id = ?"
 )
+_HOLD_LOT = "SELECT 1 FROM credit_lots WHERE client_id = ? AND programme_id = ? AND expires_at = ? FOR UPDATE"
 _LOT_AVAILABLE = (
     "SELECT available FROM credit_lots WHERE client_id = ? AND programme_id = ? AND expires_at = ?"
 )
@@ -213,6 +214,11 @@ class Ledger:
             "time; retry",
             metadata={"client_id": account.client_id, "programme_id": account.programme_id},
         )
+
+    def hold_lot(self, account: Account, expires_at: datetime) -> None:
+        """Holds the lot of `expires_at` from change by others until this unit of work ends."""
+        if not self._sql.on_sqlite:  # SQLite's one writer holds everything already
+            self._sql(_HOLD_LOT, (account.client_id, account.programme_id, to_micros(expires_at)))
 
     def check_hold(
         self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str

@@ -119,6 +119,11 @@ class Ledger(Protocol):
         there but none is valid then, and holds nothing."""
         ...
 
+    def hold_lot(self, account: Account, expires_at: datetime) -> None:
+        """No change of the lot of `expires_at` by others can commit before this unit of work
+        ends: taken before anything of the account's, the order every change takes them in."""
+        ...
+
     def check_hold(
         self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str
     ) -> None:

@@ -174,6 +174,9 @@ class Services:
             # ledger has always told it, the new booking's HOLD before the old session's TAKE.
             account = _account(before)
             settled = uow.sessions.change_state(before, step.after)
+            if before.credit_expires_at is not None:
+                # Its lot before the account the new booking's hold writes: every change's order.
+                uow.ledger.hold_lot(account, before.credit_expires_at)
             expires = uow.ledger.hold(
                 account,
                 replacement.session_id,
