@@ -189,8 +189,10 @@ class MemorySessions:
         )
         return [session_id for _, session_id in due[:limit]]
 
-    def forgiven_since(self, session: Session, since: datetime, *, for_change: bool = False) -> int:
-        # One unit of work at a time holds everything: for_change needs no lock of its own.
+    def hold(self, session: Session) -> None:
+        pass  # one unit of work at a time holds everything
+
+    def forgiven_since(self, session: Session, since: datetime) -> int:
         def forgiven_at(s: Session) -> datetime | None:
             if s.cancellation is not None and s.cancellation.forgiven:
                 return s.cancellation.cancelled_at
@@ -345,6 +347,9 @@ class MemoryLedger:
 
     def hold_lot(self, account: Account, expires_at: datetime) -> None:
         pass  # one unit of work at a time holds everything
+
+    def hold_account(self, account: Account) -> None:
+        pass
 
     def check_hold(
         self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str

@@ -70,6 +70,7 @@ _DUE_LOTS = (
 _BALANCE_EXPIRING = (
     "SELECT available, expiring_available FROM credit_accounts WHERE client_id = ? AND programme_id = ?"
 )
+_HOLD_ACCOUNT = "SELECT 1 FROM credit_accounts WHERE client_id = ? AND programme_id = ? FOR UPDATE"
 _HOLD_LOT = "SELECT 1 FROM credit_lots WHERE client_id = ? AND programme_id = ? AND expires_at = ? FOR UPDATE"
 _LOT_AVAILABLE = (
     "SELECT available FROM credit_lots WHERE client_id = ? AND programme_id = ? AND expires_at = ?"
@@ -219,6 +220,11 @@ class Ledger:
         """Holds the lot of `expires_at` from change by others until this unit of work ends."""
         if not self._sql.on_sqlite:  # SQLite's one writer holds everything already
             self._sql(_HOLD_LOT, (account.client_id, account.programme_id, to_micros(expires_at)))
+
+    def hold_account(self, account: Account) -> None:
+        """Holds the account from change by others until this unit of work ends."""
+        if not self._sql.on_sqlite:
+            self._sql(_HOLD_ACCOUNT, (account.client_id, account.programme_id))
 
     def check_hold(
         self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str

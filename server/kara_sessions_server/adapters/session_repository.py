@@ -262,12 +262,7 @@ _FORGIVEN_SINCE = (
     "SELECT COUNT(*) FROM sessions WHERE client_id = ? AND programme_id = ? "
     "AND ((forgiven AND cancelled_at >= ?) OR (no_show_forgiven AND no_show_at >= ?))"
 )
-# PostgreSQL: the session, then the lot its credit is in (if it expires), then its client's
-# account: the order every change takes them in (a session's guarded UPDATE, then a lot's, then
-# the account's), so holding them first deadlocks with none.
 _HOLD_SESSION = "SELECT 1 FROM sessions WHERE session_id = ? FOR UPDATE"
-_HOLD_LOT = "SELECT 1 FROM credit_lots WHERE client_id = ? AND programme_id = ? AND expires_at = ? FOR UPDATE"
-_HOLD_ACCOUNT = "SELECT 1 FROM credit_accounts WHERE client_id = ? AND programme_id = ? FOR UPDATE"
 
 # The versions of terms that settle unmarked sessions, and each one's booked sessions due, through
 # the partial index of booked sessions by (programme_id, terms_version, starts_at, session_id): a
@@ -330,17 +325,15 @@ class SessionRepository:
             raise lost_race(before, self.get(before.session_id))
         return after
 
-    def forgiven_since(self, session: Session, since: datetime, *, for_change: bool = False) -> int:
-        """How many charges of `session`'s client under its programme were forgiven at or after
-        `since`. `for_change`: the session and its client's account are held from change by
-        others until this unit of work ends, so two charges of one client decided at once count
-        each other (SQLite's one writer does that already)."""
-        if for_change and not self._sql.on_sqlite:
+    def hold(self, session: Session) -> None:
+        """Holds the session's row from change by others until this unit of work ends (SQLite's
+        one writer holds everything already)."""
+        if not self._sql.on_sqlite:
             self._sql(_HOLD_SESSION, (session.session_id,))
-            if session.credit_expires_at is not None:
-                lot = (session.client_id, session.programme_id, to_micros(session.credit_expires_at))
-                self._sql(_HOLD_LOT, lot)
-            self._sql(_HOLD_ACCOUNT, (session.client_id, session.programme_id))
+
+    def forgiven_since(self, session: Session, since: datetime) -> int:
+        """How many charges of `session`'s client under its programme were forgiven at or after
+        `since`."""
         at = to_micros(since)
         row = self._sql(_FORGIVEN_SINCE, (session.client_id, session.programme_id, at, at)).fetchone()
         return int(row[0])

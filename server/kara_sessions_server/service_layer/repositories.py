@@ -55,10 +55,13 @@ class SessionRepository(Protocol):
         """As change_state, for a move in place: the start and the moves."""
         ...
 
-    def forgiven_since(self, session: Session, since: datetime, *, for_change: bool = False) -> int:
+    def hold(self, session: Session) -> None:
+        """No change of the session by others can commit before this unit of work ends."""
+        ...
+
+    def forgiven_since(self, session: Session, since: datetime) -> int:
         """How many charges of `session`'s client under its programme were forgiven at or after
-        `since`. `for_change`: no other forgiveness for that client and programme can commit
-        before this unit of work ends (nor a change of `session`)."""
+        `since`."""
         ...
 
     def unmarked_due(self, now: datetime, limit: int) -> list[str]:
@@ -122,6 +125,10 @@ class Ledger(Protocol):
     def hold_lot(self, account: Account, expires_at: datetime) -> None:
         """No change of the lot of `expires_at` by others can commit before this unit of work
         ends: taken before anything of the account's, the order every change takes them in."""
+        ...
+
+    def hold_account(self, account: Account) -> None:
+        """No change of the account by others can commit before this unit of work ends."""
         ...
 
     def check_hold(

@@ -546,8 +546,16 @@ def _forgiveness(
     allowed = session.terms.free_late_cancellations
     if not allowed:
         return NONE_FORGIVEN
+    if for_change:
+        # The session, its credit's lot, its account: the order every change takes them in (a
+        # session's guarded UPDATE, then the ledger's lot before its account), so holding them
+        # before the change writes them deadlocks with none.
+        uow.sessions.hold(session)
+        if session.credit_expires_at is not None:
+            uow.ledger.hold_lot(_account(session), session.credit_expires_at)
+        uow.ledger.hold_account(_account(session))
     since = now - session.terms.forgiveness_period
-    return Forgiveness(allowed, uow.sessions.forgiven_since(session, since, for_change=for_change))
+    return Forgiveness(allowed, uow.sessions.forgiven_since(session, since))
 
 
 def _load_session(uow: UnitOfWork, who: Principal, session_id: str) -> Session:
