@@ -356,11 +356,13 @@ class MemoryLedger:
     ) -> None:
         if self._valid_lots(account, credits, valid_at):
             return
-        early = self._valid_lots(account, credits, now)
-        if not early or early[0] is None:
+        early = [
+            lot for lot in self._valid_lots(account, credits, now) if lot is not None and lot <= valid_at
+        ]
+        if not early:
             raise insufficient_credits(account, purpose)
         raise CreditsExpireBeforeSession(
-            f"client {account.client_id}'s credits expire at {early[0].isoformat()}, before "
+            f"client {account.client_id}'s credits expire at {early[-1].isoformat()}, before "
             f"{valid_at.isoformat()}",
             metadata={"client_id": account.client_id, "programme_id": account.programme_id},
         )

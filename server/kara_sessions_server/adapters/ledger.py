@@ -62,6 +62,12 @@ _PICK_LOT = (
     "SELECT expires_at FROM credit_lots WHERE client_id = ? AND programme_id = ? AND available >= ? "
     "AND expires_at > ? ORDER BY expires_at LIMIT 1"
 )
+# Lots with the credits that expire between now and a session's start (the latest of them): why a
+# booking found no lot valid at its start, when it is that and not that there is no credit.
+_EXPIRING_FIRST = (
+    "SELECT expires_at FROM credit_lots WHERE client_id = ? AND programme_id = ? AND available >= ? "
+    "AND expires_at > ? AND expires_at <= ? ORDER BY expires_at DESC LIMIT 1"
+)
 # Lots whose time has come with credits still available, soonest first (the expiry sweep).
 _DUE_LOTS = (
     "SELECT client_id, programme_id, expires_at FROM credit_lots WHERE expires_at <= ? AND available > 0 "
@@ -242,10 +248,10 @@ class Ledger:
     def _no_lot(
         self, account: Account, credits: int, now: datetime, valid_at: datetime, purpose: str
     ) -> Exception:
-        """Nothing valid at `valid_at` has the credits: some expire first, or there are none."""
-        early = self._sql(
-            _PICK_LOT, (account.client_id, account.programme_id, credits, to_micros(now))
-        ).fetchone()
+        """Nothing valid at `valid_at` has the credits: some expire first, or there are none. (A
+        grant that commits meanwhile to a lot valid then is not one that expires first.)"""
+        params = (account.client_id, account.programme_id, credits, to_micros(now), to_micros(valid_at))
+        early = self._sql(_EXPIRING_FIRST, params).fetchone()
         if early is None:
             return insufficient_credits(account, purpose)
         expires = from_micros(early[0])
