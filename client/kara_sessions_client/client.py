@@ -52,12 +52,13 @@ def choices(values: type[V]) -> dict[str, V]:
     as its zero value spells it), in lower case with dashes (`cancelled-paid`); the zero value
     is no choice. Drawn from the descriptors, so a new value is a new choice."""
     wrapper: Any = values  # protobuf's EnumTypeWrapper
-    prefix = wrapper.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
-    return {
-        v.name.removeprefix(prefix).lower().replace("_", "-"): wrapper.Value(v.name)
-        for v in wrapper.DESCRIPTOR.values
-        if v.number
-    }
+    return _choices_of(wrapper.DESCRIPTOR)  # type: ignore[return-value]
+
+
+def _choices_of(enum: Any) -> dict[str, int]:
+    """`choices`, from the enum's descriptor: each value's number by its typed name."""
+    prefix = enum.values[0].name.removesuffix("UNSPECIFIED")
+    return {v.name.removeprefix(prefix).lower().replace("_", "-"): v.number for v in enum.values if v.number}
 
 
 PARTIES = choices(pb.Party)
@@ -160,6 +161,25 @@ def timestamp(value: datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value)
     return ts
+
+
+def _write_programme(programme: ppb.Programme, given: dict[str, object]) -> list[str]:
+    """Writes each field given (not None) into `programme`, by the field's type: a duration from
+    a timedelta, an enum from the name a person types (see `choices`), else as it is. Returns
+    their names, in order: an update mask's paths."""
+    written = []
+    for name, value in given.items():
+        if value is None:
+            continue
+        field = ppb.Programme.DESCRIPTOR.fields_by_name[name]
+        if isinstance(value, timedelta):
+            getattr(programme, name).CopyFrom(_duration(value))
+        elif field.enum_type is not None:
+            setattr(programme, name, _choices_of(field.enum_type)[str(value)])
+        else:
+            setattr(programme, name, value)
+        written.append(name)
+    return written
 
 
 def _duration(value: timedelta) -> duration_pb2.Duration:
@@ -501,21 +521,24 @@ class SessionsClient:
         charge or contact-professional (see ClientLateCancel); `max_reschedules` 0: no limit;
         `forgiveness_period` None: the server's default (365 days); `settle_unmarked_after` 0:
         never; `unmarked_outcome`: completed or no-show (see UnmarkedOutcome)."""
-        programme = ppb.Programme(
-            display_name=display_name,
-            notice_window=_duration(notice_window),
-            professional_may_charge_late=professional_may_charge_late,
-            no_show_takes_credit=no_show_takes_credit,
-            late_reschedule=LATE_RESCHEDULE[late_reschedule],
-            cancellation_grace=_duration(cancellation_grace),
-            client_late_cancel=CLIENT_LATE_CANCEL[client_late_cancel],
-            max_reschedules=max_reschedules,
-            free_late_cancellations=free_late_cancellations,
-            settle_unmarked_after=_duration(settle_unmarked_after),
-            unmarked_outcome=UNMARKED_OUTCOME[unmarked_outcome],
+        programme = ppb.Programme()
+        _write_programme(
+            programme,
+            {
+                "display_name": display_name,
+                "notice_window": notice_window,
+                "professional_may_charge_late": professional_may_charge_late,
+                "no_show_takes_credit": no_show_takes_credit,
+                "late_reschedule": late_reschedule,
+                "cancellation_grace": cancellation_grace,
+                "client_late_cancel": client_late_cancel,
+                "max_reschedules": max_reschedules,
+                "free_late_cancellations": free_late_cancellations,
+                "forgiveness_period": forgiveness_period,
+                "settle_unmarked_after": settle_unmarked_after,
+                "unmarked_outcome": unmarked_outcome,
+            },
         )
-        if forgiveness_period is not None:
-            programme.forgiveness_period.CopyFrom(_duration(forgiveness_period))
         request = ppb.CreateProgrammeRequest(
             programme=programme, programme_id=programme_id, request_id=request_id or new_request_id()
         )
@@ -551,43 +574,23 @@ class SessionsClient:
         """Changes the fields given (not None); sessions already booked keep their terms. With
         `etag` (a Programme's), only if no other change came since that version."""
         programme = ppb.Programme(programme_id=programme_id, etag=etag)
-        paths = []
-        if display_name is not None:
-            programme.display_name = display_name
-            paths.append("display_name")
-        if notice_window is not None:
-            programme.notice_window.CopyFrom(_duration(notice_window))
-            paths.append("notice_window")
-        if professional_may_charge_late is not None:
-            programme.professional_may_charge_late = professional_may_charge_late
-            paths.append("professional_may_charge_late")
-        if no_show_takes_credit is not None:
-            programme.no_show_takes_credit = no_show_takes_credit
-            paths.append("no_show_takes_credit")
-        if late_reschedule is not None:
-            programme.late_reschedule = LATE_RESCHEDULE[late_reschedule]
-            paths.append("late_reschedule")
-        if cancellation_grace is not None:
-            programme.cancellation_grace.CopyFrom(_duration(cancellation_grace))
-            paths.append("cancellation_grace")
-        if client_late_cancel is not None:
-            programme.client_late_cancel = CLIENT_LATE_CANCEL[client_late_cancel]
-            paths.append("client_late_cancel")
-        if max_reschedules is not None:
-            programme.max_reschedules = max_reschedules
-            paths.append("max_reschedules")
-        if free_late_cancellations is not None:
-            programme.free_late_cancellations = free_late_cancellations
-            paths.append("free_late_cancellations")
-        if forgiveness_period is not None:
-            programme.forgiveness_period.CopyFrom(_duration(forgiveness_period))
-            paths.append("forgiveness_period")
-        if settle_unmarked_after is not None:
-            programme.settle_unmarked_after.CopyFrom(_duration(settle_unmarked_after))
-            paths.append("settle_unmarked_after")
-        if unmarked_outcome is not None:
-            programme.unmarked_outcome = UNMARKED_OUTCOME[unmarked_outcome]
-            paths.append("unmarked_outcome")
+        paths = _write_programme(
+            programme,
+            {
+                "display_name": display_name,
+                "notice_window": notice_window,
+                "professional_may_charge_late": professional_may_charge_late,
+                "no_show_takes_credit": no_show_takes_credit,
+                "late_reschedule": late_reschedule,
+                "cancellation_grace": cancellation_grace,
+                "client_late_cancel": client_late_cancel,
+                "max_reschedules": max_reschedules,
+                "free_late_cancellations": free_late_cancellations,
+                "forgiveness_period": forgiveness_period,
+                "settle_unmarked_after": settle_unmarked_after,
+                "unmarked_outcome": unmarked_outcome,
+            },
+        )
         request = ppb.UpdateProgrammeRequest(
             programme=programme,
             update_mask=field_mask_pb2.FieldMask(paths=paths),
