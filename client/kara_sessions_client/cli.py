@@ -651,7 +651,7 @@ def programme() -> None:
     """The programmes that sponsor credits, and their terms (a service's to manage)."""
 
 
-def _terms_options(f: Callable[..., None], *, create: bool) -> Callable[..., None]:
+def _terms_options(f: Callable[..., None], *, create: bool, named: bool = True) -> Callable[..., None]:
     f = click.option(
         "--unmarked-outcome",
         type=click.Choice(sorted(UNMARKED_OUTCOME)),
@@ -734,6 +734,8 @@ def _terms_options(f: Callable[..., None], *, create: bool) -> Callable[..., Non
         show_default=create,
         help="Notice at least this long is enough notice (1 hour to 14 days).",
     )(f)
+    if not named:
+        return f
     return click.option("--name", "display_name", required=create, help="Display name.")(f)
 
 
@@ -821,8 +823,7 @@ def programme_update(
     request_id: str | None,
 ) -> None:
     """Change the options given; sessions already booked keep the terms they were booked under."""
-    given = (
-        display_name,
+    given = _terms_given(
         notice_window_hours,
         may_charge_late,
         no_show_takes_credit,
@@ -835,32 +836,105 @@ def programme_update(
         settle_unmarked_after_hours,
         unmarked_outcome,
     )
-    if all(v is None for v in given):
+    if display_name is None and not given:
         raise click.UsageError("give at least one of --name, --notice-window-hours and the terms options")
-    grace = None if cancellation_grace_minutes is None else timedelta(minutes=cancellation_grace_minutes)
     _run(
         ctx,
-        lambda c: c.update_programme(
-            programme_id,
-            display_name=display_name,
-            notice_window=None if notice_window_hours is None else timedelta(hours=notice_window_hours),
-            professional_may_charge_late=may_charge_late,
-            no_show_takes_credit=no_show_takes_credit,
-            late_reschedule=late_reschedule,
-            cancellation_grace=grace,
-            client_late_cancel=client_late_cancel,
-            max_reschedules=max_reschedules,
-            free_late_cancellations=free_late_cancellations,
-            forgiveness_period=None
-            if forgiveness_period_days is None
-            else timedelta(days=forgiveness_period_days),
-            settle_unmarked_after=None
-            if settle_unmarked_after_hours is None
-            else timedelta(hours=settle_unmarked_after_hours),
-            unmarked_outcome=unmarked_outcome,
-            request_id=request_id,
-        ),
+        lambda c: c.update_programme(programme_id, display_name=display_name, request_id=request_id, **given),
     )
+
+
+def _terms_given(
+    notice_window_hours: float | None,
+    may_charge_late: bool | None,
+    no_show_takes_credit: bool | None,
+    late_reschedule: str | None,
+    cancellation_grace_minutes: float | None,
+    client_late_cancel: str | None,
+    max_reschedules: int | None,
+    free_late_cancellations: int | None,
+    forgiveness_period_days: float | None,
+    settle_unmarked_after_hours: float | None,
+    unmarked_outcome: str | None,
+) -> dict[str, Any]:
+    """The terms options given (not None), as the client library names and types them."""
+
+    def span(value: float | None, unit: str) -> timedelta | None:
+        return None if value is None else timedelta(**{unit: value})
+
+    given = {
+        "notice_window": span(notice_window_hours, "hours"),
+        "professional_may_charge_late": may_charge_late,
+        "no_show_takes_credit": no_show_takes_credit,
+        "late_reschedule": late_reschedule,
+        "cancellation_grace": span(cancellation_grace_minutes, "minutes"),
+        "client_late_cancel": client_late_cancel,
+        "max_reschedules": max_reschedules,
+        "free_late_cancellations": free_late_cancellations,
+        "forgiveness_period": span(forgiveness_period_days, "days"),
+        "settle_unmarked_after": span(settle_unmarked_after_hours, "hours"),
+        "unmarked_outcome": unmarked_outcome,
+    }
+    return {name: value for name, value in given.items() if value is not None}
+
+
+_PERIOD_HELP = (
+    "ISO-8601 or relative (-30d); a sponsor's period is whole months (UTC), e.g. 2027-01-01T00:00:00Z"
+)
+
+
+@programme.command("usage")
+@click.argument("programme_id")
+@click.option("--from", "start", type=WHEN, required=True, help=f"The period's start: {_PERIOD_HELP}.")
+@click.option("--to", "end", type=WHEN, required=True, help="The period's end (not included).")
+@click.pass_context
+def programme_usage(ctx: click.Context, programme_id: str, start: datetime, end: datetime) -> None:
+    """What happened under a programme in a period (a service sees exact counts, its sponsor
+    counts under --report-min-count hidden)."""
+    _run(ctx, lambda c: c.get_programme_usage(programme_id, start, end))
+
+
+@programme.command("simulate")
+@click.argument("programme_id")
+@click.option("--from", "start", type=WHEN, required=True, help=f"The period's start: {_PERIOD_HELP}.")
+@click.option("--to", "end", type=WHEN, required=True, help="The period's end (not included).")
+@functools.partial(_terms_options, create=False, named=False)
+@click.pass_context
+def programme_simulate(
+    ctx: click.Context,
+    programme_id: str,
+    start: datetime,
+    end: datetime,
+    notice_window_hours: float | None,
+    may_charge_late: bool | None,
+    no_show_takes_credit: bool | None,
+    late_reschedule: str | None,
+    cancellation_grace_minutes: float | None,
+    client_late_cancel: str | None,
+    max_reschedules: int | None,
+    free_late_cancellations: int | None,
+    forgiveness_period_days: float | None,
+    settle_unmarked_after_hours: float | None,
+    unmarked_outcome: str | None,
+) -> None:
+    """What the programme's terms, changed as the options say, would have decided of the period's
+    cancellations, moves, no-shows and settlements, beside what was decided. Changes nothing."""
+    given = _terms_given(
+        notice_window_hours,
+        may_charge_late,
+        no_show_takes_credit,
+        late_reschedule,
+        cancellation_grace_minutes,
+        client_late_cancel,
+        max_reschedules,
+        free_late_cancellations,
+        forgiveness_period_days,
+        settle_unmarked_after_hours,
+        unmarked_outcome,
+    )
+    if not given:
+        raise click.UsageError("give at least one terms option to try (--notice-window-hours, ...)")
+    _run(ctx, lambda c: c.simulate_terms(programme_id, start, end, **given))
 
 
 @main.group()

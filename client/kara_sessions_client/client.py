@@ -123,6 +123,8 @@ class KaraError(Exception):
     field_violations: list[tuple[str, str]] = field(default_factory=list)
     # (type, subject, description) of each google.rpc.PreconditionFailure violation.
     precondition_violations: list[tuple[str, str, str]] = field(default_factory=list)
+    # A refusal of the policy's (a preview's too): the decision behind it.
+    decision: pb.Decision | None = None
     attempts: int = 1
 
     @property
@@ -143,6 +145,7 @@ class KaraError(Exception):
             info = error_details_pb2.ErrorInfo()
             bad_request = error_details_pb2.BadRequest()
             failure = error_details_pb2.PreconditionFailure()
+            decision = pb.Decision()
             if detail.Unpack(info):
                 error_obj.reason = info.reason
                 error_obj.metadata = dict(info.metadata)
@@ -152,6 +155,8 @@ class KaraError(Exception):
                 error_obj.precondition_violations = [
                     (v.type, v.subject, v.description) for v in failure.violations
                 ]
+            elif detail.Unpack(decision):
+                error_obj.decision = decision
         return error_obj
 
 
@@ -163,15 +168,17 @@ def timestamp(value: datetime) -> Timestamp:
     return ts
 
 
-def _write_programme(programme: ppb.Programme, given: dict[str, object]) -> list[str]:
-    """Writes each field given (not None) into `programme`, by the field's type: a duration from
-    a timedelta, an enum from the name a person types (see `choices`), else as it is. Returns
-    their names, in order: an update mask's paths."""
+def _write_programme(programme: ppb.Programme | ppb.ProgrammeTerms, given: dict[str, object]) -> list[str]:
+    """Writes each field given (not None) into `programme` (or terms), by the field's type: a
+    duration from a timedelta, an enum from the name a person types (see `choices`), else as it
+    is. Returns their names, in order: an update mask's paths."""
     written = []
     for name, value in given.items():
         if value is None:
             continue
-        field = ppb.Programme.DESCRIPTOR.fields_by_name[name]
+        field = programme.DESCRIPTOR.fields_by_name.get(name)
+        if field is None:
+            raise ValueError(f"{name!r} is not a field of {programme.DESCRIPTOR.name}")
         if isinstance(value, timedelta):
             getattr(programme, name).CopyFrom(_duration(value))
         elif field.enum_type is not None:
@@ -547,6 +554,31 @@ class SessionsClient:
     def get_programme(self, programme_id: str) -> ppb.Programme:
         request = ppb.GetProgrammeRequest(programme_id=programme_id)
         return self._call(self.programmes.GetProgramme, request, ppb.Programme)
+
+    def get_programme_usage(self, programme_id: str, start: datetime, end: datetime) -> ppb.ProgrammeUsage:
+        """What happened under the programme in [start, end) (a sponsor's: whole months)."""
+        request = ppb.GetProgrammeUsageRequest(
+            programme_id=programme_id, start_time=timestamp(start), end_time=timestamp(end)
+        )
+        return self._call(self.programmes.GetProgrammeUsage, request, ppb.ProgrammeUsage)
+
+    def simulate_terms(
+        self, programme_id: str, start: datetime, end: datetime, **terms: object
+    ) -> ppb.SimulateTermsResponse:
+        """What the programme's terms changed as `terms` say (named and typed as for
+        update_programme) would have decided of [start, end). Changes nothing."""
+        proposed = ppb.ProgrammeTerms()
+        paths = _write_programme(proposed, terms)
+        if not paths:
+            raise ValueError("give at least one term to try")
+        request = ppb.SimulateTermsRequest(
+            programme_id=programme_id,
+            start_time=timestamp(start),
+            end_time=timestamp(end),
+            terms=proposed,
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+        )
+        return self._call(self.programmes.SimulateTerms, request, ppb.SimulateTermsResponse)
 
     def list_programmes(self, page_size: int = 0, page_token: str = "") -> ppb.ListProgrammesResponse:
         request = ppb.ListProgrammesRequest(page_size=page_size, page_token=page_token)

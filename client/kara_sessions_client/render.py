@@ -42,9 +42,16 @@ def _short_enum_names() -> dict[str, str]:
 
 
 _SHORT_ENUM_NAMES = _short_enum_names()
+# A programme's report's counts, in the order ProgrammeUsage declares them.
+USAGE_COUNTS = tuple(
+    f.name
+    for f in programmes_pb2.ProgrammeUsage.DESCRIPTOR.fields
+    if f.message_type is programmes_pb2.Count.DESCRIPTOR
+)
 # Shown as 24 h or 15 min: every Duration and the seconds of notice (script_data makes them seconds).
 _DURATIONS = frozenset(
     {"notice_window", "notice_seconds", "cancellation_grace", "forgiveness_period", "settle_unmarked_after"}
+    | {"notice"}
 )
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 # Fields that hold amounts or counts: right-aligned, as figures are in a ledger.
@@ -200,6 +207,15 @@ Column = tuple[str, Callable[[dict[str, Any]], str]]
 
 
 def _views(kind: str, data: dict[str, Any]) -> list[Any]:
+    if kind == "ProgrammeUsage":
+        return _usage([("value", data)])
+    if kind == "SimulateTermsResponse":
+        current, proposed = data.get("current", {}), data.get("proposed", {})
+        side_by_side = _usage([("current", current), ("proposed", proposed)], changes=True)
+        k = current.get("min_count", 1)
+        return side_by_side + [
+            f"{n.replace('_', ' ')}: {_count(data.get(n), k)}" for n in ("decisions_changed", "refused")
+        ]
     listing = _LISTS.get(kind)
     if listing is not None:
         key, title, columns = listing
@@ -217,6 +233,38 @@ def _views(kind: str, data: dict[str, Any]) -> list[Any]:
     if nested and data.get("next_page_token"):
         views.append(f"more: --page-token {data['next_page_token']}")
     return views
+
+
+def _count(count: dict[str, Any] | None, k: int) -> str:
+    """A report's count; one suppressed (some month's was under k) says so."""
+    count = count or {}
+    value = int(count.get("value", 0))
+    if not count.get("suppressed"):
+        return str(value)
+    return f"under {k}" if value == 0 else f"{value} + months under {k}"
+
+
+def _usage(reports: list[tuple[str, dict[str, Any]]], *, changes: bool = False) -> list[Any]:
+    """Programme usage side by side: one column per report (current, proposed), a row per count."""
+    first = reports[0][1]
+    k = int(first.get("min_count", 1))
+    period = f"{_when(first.get('start_time', ''))} to {_when(first.get('end_time', ''))}"
+    title = f"Programme {first.get('programme_id', '')}, {period}" + (
+        f" (counts under {k} hidden)" if k > 1 else ""
+    )
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("count")
+    for name, _ in reports:
+        table.add_column(name, justify="right")
+    if changes:
+        table.add_column("change", justify="right")
+    for name in USAGE_COUNTS:
+        cells = [_count(report.get(name), k) for _, report in reports]
+        if changes:
+            values = [int((report.get(name) or {}).get("value", 0)) for _, report in reports]
+            cells.append(f"{values[-1] - values[0]:+d}" if values[-1] != values[0] else "")
+        table.add_row(name.replace("_", " "), *cells)
+    return [table]
 
 
 def _table(title: str, columns: list[Column], rows: Iterable[dict[str, Any]]) -> Table:

@@ -39,7 +39,7 @@ def test_every_domain_enum_value_has_its_protobuf_value_of_the_same_name_and_bac
 
     maps = [v for k, v in vars(convert).items() if k.endswith("_TO_PB")]
     # A programme's terms are written by their own plan (fill_terms), drawn from Terms.
-    assert len(maps) == 7
+    assert len(maps) == 8
     for mapping in maps:
         domain = type(next(iter(mapping)))
         # Every domain value, each to a value of its own that is not the protobuf default.
@@ -79,7 +79,7 @@ TERMS_SINCE_0_10 = (
     "unmarked_outcome",
 )
 # And the fields the session, the payment and a cancellation gained with them.
-SINCE_0_10 = ("no_show_forgiven", "settled_automatically", "credit_expire_time")
+SINCE_0_10 = ("no_show_forgiven", "settled_automatically", "credit_expire_time", "decision")
 CANCELLATION_SINCE_0_10 = ("forgiven",)
 BUILT_AND_COPIED = {
     "sample0": (
@@ -111,7 +111,8 @@ def test_writing_in_place_makes_the_bytes_building_and_copying_made() -> None:
     from kara_sessions_server.adapters.storage import EPOCH
     from kara_sessions_server.domain.model import Payment, Session, SessionState
     from kara_sessions_server.domain.programme import DEFAULT_TERMS
-    from kara_sessions_server.entrypoints.grpc.convert import payment_pb, session_pb
+    from kara_sessions_server.domain.decisions import decision_of
+    from kara_sessions_server.entrypoints.grpc.convert import decision_pb, payment_pb, session_pb
     from kara_sessions_server.entrypoints.grpc.servicers import _settled
     from kara_sessions_server.entrypoints.records import sample
 
@@ -156,6 +157,12 @@ def test_writing_in_place_makes_the_bytes_building_and_copying_made() -> None:
             assert message.no_show_forgiven == session.no_show_forgiven
         if session.cancellation:
             assert session_pb(session).cancellation.forgiven == session.cancellation.forgiven
+        decision = decision_of(session)
+        for message in (session_pb(session), response.session):
+            assert message.HasField("decision") == (decision is not None)
+            if decision is not None:
+                assert message.decision == decision_pb(decision)
+                assert message.decision.forgiveness_used == session.forgiveness_used
         assert (
             digest(session_pb(session)),
             digest(payment_pb(payment)),

@@ -344,6 +344,18 @@ class Histories(RuleBasedStateMachine):
         assert pb.SessionState.Name(result.session.state) == f"SESSION_STATE_{s.state}"
         assert result.session.cancellation.forgiven == forgiven
         assert (preview.session_state, preview.forgiven) == (result.session.state, forgiven)
+        # The decision: the preview's is the one the change records, on the rule the model expects.
+        assert preview.decision == result.session.decision == self.kara.get_session(session).decision
+        if forgiven:
+            rule = "LATE_CANCELLATION_FORGIVEN"
+        elif by == "client":
+            rule = "CLIENT_LATE" if late else "CLIENT_WITH_NOTICE"
+        else:
+            rule = (
+                f"PROFESSIONAL_LATE_{'' if charge else 'NOT_'}CHARGED" if late else "PROFESSIONAL_WITH_NOTICE"
+            )
+        assert pb.DecisionRule.Name(result.session.decision.rule) == f"DECISION_RULE_{rule}"
+        assert result.session.decision.notice.ToTimedelta() == notice
         return None
 
     @precondition(lambda self: self._any("BOOKED"))
@@ -395,8 +407,13 @@ class Histories(RuleBasedStateMachine):
         lot, refusal = self.model.pick(s.client, s.programme, to, self.clock.now())
         if charged and refusal is not None:
             return self._refused(call, refusal)
+        preview = self.kara.preview_reschedule(session, to, by, charge_client=charge)
         result = self._did(call)
         assert result.HasField("charged") == charged
+        decided = result.charged if charged else result.session
+        assert preview.decision == decided.decision == self.kara.get_session(session).decision
+        rule = "LATE_MOVE_CHARGED" if charged else "MOVED_IN_PLACE"
+        assert pb.DecisionRule.Name(decided.decision.rule) == f"DECISION_RULE_{rule}"
         if charged:
             s.state = "CANCELLED_PAID"
             assert result.charged.session_id == session and result.session.rescheduled_from == session

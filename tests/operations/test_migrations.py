@@ -116,7 +116,14 @@ def downgrade_to_version_9(database_url: str) -> None:
         for column in TERMS_SINCE_9:
             db.execute_sql(f"ALTER TABLE programme_terms DROP COLUMN {column}")
         db.execute_sql("DROP INDEX sessions_booked_by_terms_version")
-        for column in ("forgiven", "no_show_forgiven", "settled_automatically", "credit_expires_at"):
+        db.execute_sql("DROP INDEX ledger_grants_and_expiries")
+        for column in (
+            "forgiven",
+            "no_show_forgiven",
+            "settled_automatically",
+            "credit_expires_at",
+            "forgiveness_used",
+        ):
             db.execute_sql(f"ALTER TABLE sessions DROP COLUMN {column}")
         # Credits in lots: version 9 had only accounts, whose credits never expired.
         db.execute_sql("DROP TABLE credit_lots")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 from kara_sessions_client.client import SessionsClient
@@ -20,3 +21,10 @@ def book(
     if grant:
         kara.grant_credits(client_id, grant)
     return str(kara.book(client_id, professional_id, clock.now() + starts_in).session_id)
+
+
+def new_programme(kara: SessionsClient, notice_window: timedelta, **terms: object) -> str:
+    """A programme of its own (a fresh id), on `terms` as create_programme names them."""
+    programme_id = f"p-{uuid.uuid4().hex[:10]}"
+    kara.create_programme(programme_id, "Sponsor", notice_window, **terms)  # type: ignore[arg-type]
+    return programme_id

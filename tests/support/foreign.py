@@ -171,6 +171,16 @@ def valid_request(method: MethodDescriptor, w: World) -> Message:
         ),
         "GetProgramme": lambda: programmes_pb2.GetProgrammeRequest(programme_id="default"),
         "ListProgrammes": programmes_pb2.ListProgrammesRequest,
+        "GetProgrammeUsage": lambda: programmes_pb2.GetProgrammeUsageRequest(
+            programme_id="default", start_time=ts(w.now - timedelta(days=30)), end_time=ts(w.now)
+        ),
+        "SimulateTerms": lambda: programmes_pb2.SimulateTermsRequest(
+            programme_id="default",
+            start_time=ts(w.now - timedelta(days=30)),
+            end_time=ts(w.now),
+            terms=programmes_pb2.ProgrammeTerms(notice_window={"seconds": 2 * 86_400}),
+            update_mask={"paths": ["notice_window"]},
+        ),
         "UpdateProgramme": lambda: programmes_pb2.UpdateProgrammeRequest(
             programme=programmes_pb2.Programme(programme_id="default", display_name=f"Default {rid()[:10]}"),
             update_mask={"paths": ["display_name"]},

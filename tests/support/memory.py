@@ -51,6 +51,7 @@ from kara_sessions_server.domain.model import (
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.domain.programme import Programme
 from kara_sessions_server.domain.session_lifecycle import lost_race
+from kara_sessions_server.domain.usage import Decided, Usage, decided_of, recorded
 from kara_sessions_server.service_layer.pagination import cut, decode
 from kara_sessions_server.service_layer.repositories import (
     Cursor,
@@ -642,6 +643,63 @@ class MemoryRequests:
         return len(old)
 
 
+class MemoryReports:
+    """A programme's report from the sessions and ledger in memory, counted as the SQL counts."""
+
+    def __init__(self, data: Data):
+        self._data = data
+
+    def usage(self, programme_id: str, bounds: Sequence[datetime]) -> list[Usage]:
+        per_month = [Usage() for _ in bounds[1:]]
+
+        def month(at: datetime | None) -> int:
+            return next((i for i in range(len(per_month)) if at and bounds[i] <= at < bounds[i + 1]), -1)
+
+        for s in self._data.sessions.values():
+            if s.programme_id != programme_id:
+                continue
+            if (booked := month(s.booked_at)) >= 0:
+                per_month[booked].sessions_booked += 1
+            c = s.cancellation
+            charged = payment_state(s) is PaymentState.PAID or s.waiver is not None
+            outcome = recorded(
+                s.state.value, bool(s.rescheduled_to), bool(c and c.late), bool(c and c.within_grace), charged
+            )
+            decided = month(c.cancelled_at if c else s.completed_at or s.no_show_at)
+            if outcome is not None and decided >= 0:
+                per_month[decided].count(outcome, 1, s.credits)
+                per_month[decided].sessions_settled_automatically += s.settled_automatically
+            if s.waiver is not None and (waived := month(s.waiver.waived_at)) >= 0:
+                per_month[waived].charges_waived += 1
+                per_month[waived].credits_returned += s.credits
+        for account, entry in self._data.entries:
+            at = month(entry.created_at)
+            if account.programme_id != programme_id or at < 0:
+                continue
+            if entry.kind is LedgerKind.GRANT:
+                per_month[at].credits_granted += entry.credits
+            elif entry.kind is LedgerKind.EXPIRE:
+                per_month[at].credits_expired += entry.credits
+        return per_month
+
+    def distinct_clients(self, programme_id: str, start: datetime, end: datetime) -> int:
+        sessions = self._data.sessions.values()
+        return len(
+            {s.client_id for s in sessions if s.programme_id == programme_id and start <= s.booked_at < end}
+        )
+
+    def decided(
+        self, programme_id: str, start: datetime, end: datetime, *, forgiven_only: bool = False
+    ) -> list[Decided]:
+        found = [
+            d
+            for s in self._data.sessions.values()
+            if s.programme_id == programme_id
+            for d in decided_of(s, start, end)
+        ]
+        return [d for d in found if d.forgiven] if forgiven_only else found
+
+
 class MemoryUnitOfWork(UnitOfWork):
     def __init__(self, store: MemoryStore):
         super().__init__()
@@ -659,6 +717,7 @@ class MemoryUnitOfWork(UnitOfWork):
         self.invoices = MemoryInvoices(data)
         self.events = MemoryOutbox(data)
         self.requests = MemoryRequests(data)
+        self.reports = MemoryReports(data)
         return self
 
     def __exit__(

@@ -451,9 +451,14 @@ MIGRATIONS: tuple[Migration, ...] = (
                 "(programme_id, terms_version, starts_at, session_id) WHERE state = 'BOOKED'"
             ),
             m.add_column("sessions", "credit_expires_at", UtcTimestampField(null=True)),
+            m.add_column("sessions", "forgiveness_used", pw.IntegerField(null=True)),
             m.add_column("ledger_entries", "expires_at", UtcTimestampField(null=True)),
             m.add_column("credit_accounts", "expired", pw.IntegerField(default=0)),
             m.add_column("credit_accounts", "expiring_available", pw.IntegerField(default=0)),
+            m.sql(
+                "CREATE INDEX ledger_grants_and_expiries ON ledger_entries (programme_id, created_at) "
+                "WHERE kind IN ('GRANT', 'EXPIRE')"
+            ),
         ],
         # Empty: every credit granted so far never expires, and those have no lot row.
         tables=(CreditLotRow,),

@@ -86,6 +86,7 @@ def row_values(s: Session) -> dict[str, object]:
         "no_show_forgiven": s.no_show_forgiven or None,
         "settled_automatically": s.settled_automatically or None,
         "credit_expires_at": micros_or_none(s.credit_expires_at),
+        "forgiveness_used": s.forgiveness_used or None,
     }
 
 
@@ -137,6 +138,7 @@ _CHANGE_SESSION = _guarded_update(
         "forgiven",
         "no_show_forgiven",
         "settled_automatically",
+        "forgiveness_used",
     )
 )
 # A move in place: only a BOOKED session moves, and only from the start it was read with.
@@ -188,6 +190,7 @@ def session_from_row(row: Sequence[Any], terms: TermsOf) -> Session:
         no_show_forgiven=bool(r["no_show_forgiven"]),
         settled_automatically=bool(r["settled_automatically"]),
         credit_expires_at=time_or_none(r["credit_expires_at"]),
+        forgiveness_used=r["forgiveness_used"] or 0,
     )
 
 

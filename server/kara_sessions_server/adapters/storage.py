@@ -135,6 +135,8 @@ class SessionRow(Table):
     settled_automatically = pw.BooleanField(null=True)
     # Schema version 10: when its credit's lot expires (null: never).
     credit_expires_at = UtcTimestampField(null=True)
+    # Schema version 10: the client's charges forgiven before this one's was decided (null: 0).
+    forgiveness_used = pw.IntegerField(null=True)
 
     class Meta:
         table_name = "sessions"
@@ -223,6 +225,17 @@ class LedgerEntryRow(Table):
             # A session's credit moves exactly once per kind: held once, then returned or taken once.
             (("session_id", "kind"), True),
         )
+
+
+# A programme's report (report_repository.py): its grants and expiries in a period. Partial, so
+# the holds, returns and takes every booking and cancellation writes add no entry to it.
+LEDGER_GRANTS_AND_EXPIRIES = LedgerEntryRow.index(
+    LedgerEntryRow.programme_id,
+    LedgerEntryRow.created_at,
+    where=LedgerEntryRow.kind.in_(["GRANT", "EXPIRE"]),
+    name="ledger_grants_and_expiries",
+)
+LedgerEntryRow.add_index(LEDGER_GRANTS_AND_EXPIRIES)
 
 
 class AuditRow(Table):

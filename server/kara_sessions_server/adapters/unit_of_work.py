@@ -18,6 +18,7 @@ from kara_sessions_server.adapters.invoice_repository import InvoiceRepository
 from kara_sessions_server.adapters.ledger import Ledger
 from kara_sessions_server.adapters.outbox import Outbox
 from kara_sessions_server.adapters.programme_repository import ProgrammeRepository, TermsVersions
+from kara_sessions_server.adapters.report_repository import ReportRepository
 from kara_sessions_server.adapters.session_repository import SessionRepository
 from kara_sessions_server.adapters.storage import Storage
 from kara_sessions_server.service_layer.call_context import CURRENT, Call, CallGone, DeadlineExceeded
@@ -45,6 +46,7 @@ class SqlUnitOfWorkFactory:
             InvoiceRepository(sql, terms),
             Outbox(sql),
             RequestLog(sql),
+            ReportRepository(sql, terms),
         )
 
     def __call__(self, *, write: bool = True) -> SqlUnitOfWork:
@@ -56,15 +58,27 @@ class SqlUnitOfWork(UnitOfWork):
         self,
         storage: Storage,
         repositories: tuple[
-            SessionRepository, Ledger, ProgrammeRepository, InvoiceRepository, Outbox, RequestLog
+            SessionRepository,
+            Ledger,
+            ProgrammeRepository,
+            InvoiceRepository,
+            Outbox,
+            RequestLog,
+            ReportRepository,
         ],
         *,
         write: bool = True,
     ):
         super().__init__()
-        (self.sessions, self.ledger, self.programmes, self.invoices, self.events, self.requests) = (
-            repositories
-        )
+        (
+            self.sessions,
+            self.ledger,
+            self.programmes,
+            self.invoices,
+            self.events,
+            self.requests,
+            self.reports,
+        ) = repositories
         self._storage = storage
         self._write = write
         self._tx: Any = None

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kara_sessions_server.domain.decisions import Decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +21,8 @@ class DomainError(Exception):
     """Base class: a request the service refuses. Nothing has been changed when it is raised."""
 
     reason: str = "REFUSED"
+    # A refusal of the policy's that a preview predicts: the decision behind it (decisions.py).
+    decision: Decision | None = None
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
         super().__init__(message)
@@ -24,6 +30,11 @@ class DomainError(Exception):
         if reason is not None:
             self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
+
+    def decided(self, decision: Decision) -> DomainError:
+        """This refusal, carrying the decision behind it."""
+        self.decision = decision
+        return self
 
 
 class InvalidRequest(DomainError):

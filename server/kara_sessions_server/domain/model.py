@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from kara_sessions_server.domain.decisions import Decision, decision_of
 from kara_sessions_server.domain.errors import InsufficientCredits, InvalidRequest
 from kara_sessions_server.domain.programme import (
     DEFAULT_PROGRAMME_ID,
@@ -174,6 +175,10 @@ class Session:
     settled_automatically: bool = False
     # When the credit it holds (or held) expires: its lot's expire time; None, never.
     credit_expires_at: datetime | None = None
+    # How many of the client's charges had been forgiven within its terms' forgiveness_period
+    # when its own charge was decided (0 where the terms forgive none): the one figure of its
+    # decision (decisions.py) that nothing else records.
+    forgiveness_used: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,8 +542,14 @@ class CancellationOutcome:
     payment_state: PaymentState
     cancellation: Cancellation
     credit_move: LedgerKind
+    # The session as the cancellation leaves it (what CancelSession records).
+    after: Session
     # The client's free late cancellations when it was decided (the preview's figures).
     forgiveness: Forgiveness = NONE_FORGIVEN
+
+    @property
+    def decision(self) -> Decision | None:
+        return decision_of(self.after)
 
     @property
     def credits_returned(self) -> int:
@@ -558,6 +569,8 @@ class RescheduleOutcome:
     session_state: SessionState
     move: Move
     cancellation: Cancellation | None
+    # What RescheduleSession records as its decision.
+    decision: Decision | None = None
 
     @property
     def charged(self) -> bool:

@@ -45,9 +45,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from kara_sessions_server.domain.decisions import DecisionRule, refused
 from kara_sessions_server.domain.errors import (
     ChargeNotAllowedByProgramme,
     ChargeNotAllowedWithNotice,
+    DomainError,
     InvalidRequest,
     LateCancelContactProfessional,
     LateRescheduleNotAllowed,
@@ -55,7 +57,7 @@ from kara_sessions_server.domain.errors import (
     SessionAlreadyStarted,
 )
 from kara_sessions_server.domain.model import CancelSession, Party, RescheduleSession, Session
-from kara_sessions_server.domain.programme import ClientLateCancel, LateReschedule
+from kara_sessions_server.domain.programme import ClientLateCancel, LateReschedule, Terms
 
 # A session's moves in place are kept with it (each up to a 1,000-character reason), so they are
 # capped: every record, and so every event and response, fits in a message (issue 33).
@@ -139,23 +141,35 @@ class NoticePolicy:
                 reason="STARTS_AT_UNCHANGED",
             )
         if isinstance(command, RescheduleSession) and len(session.moves) >= MAX_MOVES_PER_SESSION:
-            raise RescheduleLimitReached(
-                f"session {session.session_id} has been moved {len(session.moves)} times, as often as "
-                f"a session may be ({MAX_MOVES_PER_SESSION}): cancel it and book the new time instead",
-                metadata={"session_id": session.session_id, "moves": str(len(session.moves))},
+            raise _refusal(
+                RescheduleLimitReached(
+                    f"session {session.session_id} has been moved {len(session.moves)} times, as often as "
+                    f"a session may be ({MAX_MOVES_PER_SESSION}): cancel it and book the new time instead",
+                    metadata={"session_id": session.session_id, "moves": str(len(session.moves))},
+                ),
+                DecisionRule.REFUSED_RESCHEDULE_LIMIT,
+                session,
+                None,
+                False,
             )
         cap = session.terms.max_reschedules
         if isinstance(command, RescheduleSession) and cap and len(session.moves) >= cap:
-            raise RescheduleLimitReached(
-                f"session {session.session_id} has been moved {len(session.moves)} times, as often as "
-                f"programme {session.programme_id!r} allows ({cap}): cancel it and book the new time "
-                "instead",
-                metadata={
-                    "session_id": session.session_id,
-                    "programme_id": session.programme_id,
-                    "moves": str(len(session.moves)),
-                    "max_reschedules": str(cap),
-                },
+            raise _refusal(
+                RescheduleLimitReached(
+                    f"session {session.session_id} has been moved {len(session.moves)} times, as often as "
+                    f"programme {session.programme_id!r} allows ({cap}): cancel it and book the new time "
+                    "instead",
+                    metadata={
+                        "session_id": session.session_id,
+                        "programme_id": session.programme_id,
+                        "moves": str(len(session.moves)),
+                        "max_reschedules": str(cap),
+                    },
+                ),
+                DecisionRule.REFUSED_RESCHEDULE_LIMIT,
+                session,
+                None,
+                False,
             )
         notified_at = asked.notified_at or now
         if notified_at < session.booked_at:
@@ -174,44 +188,76 @@ class NoticePolicy:
         terms = session.terms
         window = terms.notice_window
         notice = session.starts_at - notified_at
-        # The grace is the client's: a professional's own late change is free already.
-        within_grace = (
-            notice < window
-            and asked.party is Party.CLIENT
-            and terms.cancellation_grace > timedelta(0)
-            and notified_at - session.booked_at <= terms.cancellation_grace
-        )
-        late = notice < window and not within_grace
+        late, within_grace = self.measure(asked.party, notice, notified_at - session.booked_at, terms)
         if asked.charge_client and not late:
-            raise ChargeNotAllowedWithNotice(
-                f"the client gave {_hours(notice)} of notice (at least {_hours(window)}); under the terms "
-                f"of programme {session.programme_id!r} they must not be charged: clear charge_client",
-                metadata=_notice_metadata(session, notice, window),
+            raise _refusal(
+                ChargeNotAllowedWithNotice(
+                    f"the client gave {_hours(notice)} of notice (at least {_hours(window)}); under the "
+                    f"terms of programme {session.programme_id!r} they must not be charged: clear "
+                    "charge_client",
+                    metadata=_notice_metadata(session, notice, window),
+                ),
+                DecisionRule.REFUSED_CHARGE_WITH_NOTICE,
+                session,
+                notice,
+                within_grace,
             )
         if asked.charge_client and not terms.professional_may_charge_late:
-            raise ChargeNotAllowedByProgramme(
-                f"programme {session.programme_id!r} does not let a professional charge a late "
-                f"{'cancellation' if asked.verb == 'cancel' else 'move'}: clear charge_client "
-                "(the credit goes back to the client)",
-                metadata={"session_id": session.session_id, "programme_id": session.programme_id},
+            raise _refusal(
+                ChargeNotAllowedByProgramme(
+                    f"programme {session.programme_id!r} does not let a professional charge a late "
+                    f"{'cancellation' if asked.verb == 'cancel' else 'move'}: clear charge_client "
+                    "(the credit goes back to the client)",
+                    metadata={"session_id": session.session_id, "programme_id": session.programme_id},
+                ),
+                DecisionRule.REFUSED_CHARGE_NOT_ALLOWED,
+                session,
+                notice,
+                within_grace,
             )
         contact = terms.client_late_cancel is ClientLateCancel.CONTACT_PROFESSIONAL
         if asked.verb == "cancel" and late and asked.party is Party.CLIENT and contact:
-            raise LateCancelContactProfessional(
-                f"the client gave {_hours(notice)} of notice (less than {_hours(window)}) and "
-                f"programme {session.programme_id!r} asks a client to contact their professional to "
-                "cancel this late: the professional can cancel it, and decides whether it is charged",
-                metadata=_notice_metadata(session, notice, window),
+            raise _refusal(
+                LateCancelContactProfessional(
+                    f"the client gave {_hours(notice)} of notice (less than {_hours(window)}) and "
+                    f"programme {session.programme_id!r} asks a client to contact their professional to "
+                    "cancel this late: the professional can cancel it, and decides whether it is charged",
+                    metadata=_notice_metadata(session, notice, window),
+                ),
+                DecisionRule.REFUSED_CONTACT_PROFESSIONAL,
+                session,
+                notice,
+                within_grace,
             )
         refused = terms.late_reschedule is LateReschedule.REFUSED
         if asked.verb == "move" and late and asked.party is Party.CLIENT and refused:
-            raise LateRescheduleNotAllowed(
-                f"the client gave {_hours(notice)} of notice (less than {_hours(window)}) and "
-                f"programme {session.programme_id!r} does not let a client move a session that "
-                "late; the session may still be cancelled",
-                metadata=_notice_metadata(session, notice, window),
+            raise _refusal(
+                LateRescheduleNotAllowed(
+                    f"the client gave {_hours(notice)} of notice (less than {_hours(window)}) and "
+                    f"programme {session.programme_id!r} does not let a client move a session that "
+                    "late; the session may still be cancelled",
+                    metadata=_notice_metadata(session, notice, window),
+                ),
+                DecisionRule.REFUSED_LATE_MOVE,
+                session,
+                notice,
+                within_grace,
             )
         return Notice(notified_at=notified_at, notice=notice, late=late, within_grace=within_grace)
+
+    @staticmethod
+    def measure(party: Party, notice: timedelta, since_booking: timedelta, terms: Terms) -> tuple[bool, bool]:
+        """(late, within_grace) of a change by `party` giving `notice`, `since_booking` after the
+        booking, under `terms`: less notice than the window is late, unless it is the client's
+        within the terms' cancellation_grace after booking."""
+        # The grace is the client's: a professional's own late change is free already.
+        within_grace = (
+            notice < terms.notice_window
+            and party is Party.CLIENT
+            and terms.cancellation_grace > timedelta(0)
+            and since_booking <= terms.cancellation_grace
+        )
+        return notice < terms.notice_window and not within_grace, within_grace
 
     @staticmethod
     def client_pays(cancelled_by: Party, charge_client: bool, late: bool) -> bool:
@@ -227,6 +273,13 @@ class NoticePolicy:
         if not late:
             return False
         return rule is LateReschedule.CHARGE if moved_by is Party.CLIENT else charge_client
+
+
+def _refusal(
+    error: DomainError, rule: DecisionRule, session: Session, notice: timedelta | None, grace: bool
+) -> DomainError:
+    """`error`, carrying the decision behind it (its message is the decision's sentence)."""
+    return error.decided(refused(rule, session, notice, grace, error.message))
 
 
 def _notice_metadata(session: Session, notice: timedelta, window: timedelta) -> dict[str, str]:

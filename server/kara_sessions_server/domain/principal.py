@@ -15,12 +15,14 @@ class Role(enum.StrEnum):
     SERVICE = "service"
     PROFESSIONAL = "professional"
     CLIENT = "client"
+    # A programme's sponsor (issue 37): its programme and that programme's report, nothing else.
+    SPONSOR = "sponsor"
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller: a trusted internal service (acting for anyone it names), or
-    one professional, or one client."""
+    one professional, or one client, or one programme's sponsor."""
 
     role: Role
     id: str = ""
@@ -30,13 +32,14 @@ class Principal:
 
     @classmethod
     def parse(cls, text: str) -> Principal:
-        """`service`, `service:NAME`, `professional:ID` or `client:ID`."""
+        """`service`, `service:NAME`, `professional:ID`, `client:ID` or `sponsor:PROGRAMME_ID`."""
         role_text, _, ident = text.partition(":")
         try:
             role = Role(role_text)
         except ValueError:
             raise ValueError(
-                f"{text!r} is not a principal: use service, service:NAME, professional:ID or client:ID"
+                f"{text!r} is not a principal: use service, service:NAME, professional:ID, client:ID or "
+                "sponsor:PROGRAMME_ID"
             ) from None
         if (ident and not _ID.fullmatch(ident)) or (not ident and role is not Role.SERVICE):
             raise ValueError(f"{text!r}: the id after {role_text}: must be 1-128 printable characters")

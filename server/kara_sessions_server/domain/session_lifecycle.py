@@ -14,6 +14,7 @@ from typing import Any
 
 from transitions import EventData
 
+from kara_sessions_server.domain.decisions import decision_of
 from kara_sessions_server.domain.errors import (
     Conflict,
     CreditsExpireBeforeSession,
@@ -182,11 +183,15 @@ class SessionLifecycle:
         )
         move = credit_move(new_state, session.terms)
         assert move is not None
+        after = changed(
+            session, now, state=new_state, cancellation=cancellation, forgiveness_used=forgiveness.used
+        )
         return CancellationOutcome(
             session_state=new_state,
             payment_state=PaymentState.PAID if move is LedgerKind.TAKE else PaymentState.VOIDED,
             cancellation=cancellation,
             credit_move=move,
+            after=after,
             forgiveness=forgiveness,
         )
 
@@ -220,18 +225,20 @@ class SessionLifecycle:
             within_grace=notice.within_grace,
             reason=command.reason,
         )
-        cancellation = None
-        if charged:
-            cancellation = Cancellation(
-                cancelled_by=command.rescheduled_by,
-                cancelled_at=now,
-                notified_at=notice.notified_at,
-                notice=notice.notice,
-                late=True,
-                charge_client=command.charge_client,
-                reason=command.reason,
-            )
-        return RescheduleOutcome(session_state=new_state, move=move, cancellation=cancellation)
+        if not charged:
+            return RescheduleOutcome(new_state, move, None, decision_of(moved(session, move, now)))
+        cancellation = Cancellation(
+            cancelled_by=command.rescheduled_by,
+            cancelled_at=now,
+            notified_at=notice.notified_at,
+            notice=notice.notice,
+            late=True,
+            charge_client=command.charge_client,
+            reason=command.reason,
+        )
+        # The new session's id is made when it is booked; the decision does not depend on it.
+        settled = changed(session, now, state=new_state, cancellation=cancellation, rescheduled_to="(new)")
+        return RescheduleOutcome(new_state, move, cancellation, decision_of(settled))
 
     def complete(self, session: Session, now: datetime) -> SessionStep:
         """The session took place: the state the table gives it, and what that does with the credit."""
@@ -245,7 +252,15 @@ class SessionLifecycle:
         held credit (a charge the client has a free late cancellation left for is forgiven)."""
         state = self._started(session, now, "no_show", "marked as a no-show")
         forgiven = session.terms.no_show_takes_credit and forgiveness.available
-        return _settled(changed(session, now, state=state, no_show_at=now, no_show_forgiven=forgiven))
+        after = changed(
+            session,
+            now,
+            state=state,
+            no_show_at=now,
+            no_show_forgiven=forgiven,
+            forgiveness_used=forgiveness.used,
+        )
+        return _settled(after)
 
     def settle_unmarked(
         self, session: Session, now: datetime, forgiveness: Forgiveness = NONE_FORGIVEN

@@ -16,6 +16,7 @@ from kara_sessions_server.entrypoints.settings import Settings
 from kara_sessions_server.service_layer.feed import EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
 from kara_sessions_server.service_layer.mutations import Mutations
+from kara_sessions_server.service_layer.programme_reports import ProgrammeReports
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.services import Services
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWorkFactory
@@ -28,6 +29,8 @@ class Application:
     # Sessions, payments and credits.
     sessions: Services
     programmes: ProgrammeServices
+    # A programme's usage and simulations (its sponsor's view).
+    reports: ProgrammeReports
     invoices: InvoiceServices
     events: EventServices
 
@@ -51,6 +54,7 @@ def build_application(
         mutations=mutations,
         sessions=Services(unit_of_work, clock, mutations, settings.max_booking_horizon, NoticePolicy()),
         programmes=ProgrammeServices(unit_of_work, clock, mutations),
+        reports=ProgrammeReports(unit_of_work, clock, settings.report_min_count),
         invoices=InvoiceServices(unit_of_work, mutations),
         events=EventServices(
             unit_of_work,

@@ -207,7 +207,12 @@ def problems() -> list[str]:
             "Session message",
             Session,
             convert.session_pb,
-            {**notice_in_seconds, "credit_expires_at": "credit_expire_time"},
+            {
+                **notice_in_seconds,
+                "credit_expires_at": "credit_expire_time",
+                # The one figure of its decision (decisions.py) the session alone records.
+                "forgiveness_used": "decision.forgiveness_used",
+            },
             ["version", "terms_version"],
         ),
         *unsent("Payment message", Payment, convert.payment_pb, notice_in_seconds),

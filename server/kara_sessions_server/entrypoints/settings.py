@@ -198,6 +198,15 @@ class Settings:
             "settle_unmarked_after says are due (every replica sweeps; each session is settled once).",
         ),
     )
+    # A sponsor's k (domain/usage.py). At least 3: with 2, "suppressed" could only mean 1.
+    report_min_count: int = field(
+        default=5,
+        metadata=option(
+            type=click.IntRange(3, 1000),
+            help="The smallest count a programme's sponsor is shown: counts from 1 to this minus 1 "
+            "are suppressed, and every other is rounded down to a multiple of it.",
+        ),
+    )
     # A session may start at most this far ahead of its booking.
     max_booking_horizon: timedelta = field(
         default=timedelta(days=730),

@@ -41,7 +41,7 @@ def is_party_to(principal: Principal, session: Session) -> bool:
         return principal.id == session.professional_id
     if principal.role is Role.CLIENT:
         return principal.id == session.client_id
-    return True
+    return principal.is_service
 
 
 def check_session(principal: Principal, session: Session) -> None:
@@ -131,6 +131,8 @@ def feed_scope(principal: Principal) -> tuple[str | None, str | None]:
         return principal.id, None
     if principal.role is Role.CLIENT:
         return None, principal.id
+    if not principal.is_service:
+        raise _deny(f"{principal} may not read the event feed")
     return None, None
 
 
@@ -145,3 +147,28 @@ def check_professional_act(principal: Principal, session: Session, what: str) ->
 def check_manage_programmes(principal: Principal) -> None:
     if not principal.is_service:
         raise _deny("only a trusted service may create or change programmes")
+
+
+# All a sponsor may call: its programme, and that programme's report. Checked before any handler
+# runs (the interceptor), so a use case never meets a sponsor it was not written for.
+SPONSOR_METHODS = frozenset({"GetProgramme", "GetProgrammeUsage", "SimulateTerms"})
+
+
+def check_method(principal: Principal, method: str) -> None:
+    """A sponsor calls only SPONSOR_METHODS (`method`: the RPC's name)."""
+    if principal.role is Role.SPONSOR and method not in SPONSOR_METHODS:
+        raise _deny(f"{principal} may call only {', '.join(sorted(SPONSOR_METHODS))}, not {method}")
+
+
+def check_programme(principal: Principal, programme_id: str) -> None:
+    """A sponsor reads its own programme only; anyone else reads any."""
+    if principal.role is Role.SPONSOR and principal.id != programme_id:
+        raise _deny(f"{principal} may read only programme {principal.id}", programme_id=programme_id)
+
+
+def check_programme_report(principal: Principal, programme_id: str) -> None:
+    """A programme's usage and simulations: a service's, or its own sponsor's."""
+    if not principal.is_service and (principal.role, principal.id) != (Role.SPONSOR, programme_id):
+        raise _deny(
+            f"{principal} may not see the usage of programme {programme_id}", programme_id=programme_id
+        )

@@ -60,6 +60,7 @@ class ProgrammeServices:
         return self._mutate(who, "UpdateProgramme", cmd, work, EventType.PROGRAMME_UPDATED)
 
     def get_programme(self, who: Principal, programme_id: str) -> Programme:
+        authz.check_programme(who, programme_id)
         with self.unit_of_work(write=False) as uow:
             return uow.programmes.get(programme_id)
 

@@ -32,6 +32,7 @@ from kara_sessions_server.domain.model import (
 )
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.domain.programme import Programme
+from kara_sessions_server.domain.usage import Decided, Usage
 from kara_sessions_server.service_layer.pagination import from_token, to_token
 
 
@@ -199,6 +200,25 @@ class ProgrammeRepository(Protocol):
         ...
 
     def page(self, size: int, token: str) -> Page[Programme]: ...
+
+
+class Reports(Protocol):
+    """What a programme's report reads (usage.py): counts and recorded decisions, no rows kept."""
+
+    def usage(self, programme_id: str, bounds: Sequence[datetime]) -> list[Usage]:
+        """The counts of each period [bounds[i], bounds[i + 1]) (distinct_clients left 0)."""
+        ...
+
+    def distinct_clients(self, programme_id: str, start: datetime, end: datetime) -> int:
+        """How many clients booked a session of the programme in [start, end)."""
+        ...
+
+    def decided(
+        self, programme_id: str, start: datetime, end: datetime, *, forgiven_only: bool = False
+    ) -> list[Decided]:
+        """The decisions recorded in [start, end) that a simulation replays (usage.decided_of);
+        `forgiven_only`: just the forgiven charges."""
+        ...
 
 
 class InvoiceRepository(Protocol):

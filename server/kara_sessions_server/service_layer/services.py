@@ -38,7 +38,6 @@ from kara_sessions_server.domain.model import (
     SessionStep,
     SettleUnmarked,
     WaiveCharge,
-    changed,
     check_credit_expiry,
     expires_on_return,
 )
@@ -132,7 +131,7 @@ class Services:
             self.policy.validate_request(cmd, now)
             before = _load_session(uow, who, cmd.session_id)
             outcome = self.lifecycle.cancel(before, cmd, now, _forgiveness(uow, before, now, for_change=True))
-            step = SessionStep(_apply(before, outcome, now), outcome.credit_move)
+            step = SessionStep(outcome.after, outcome.credit_move)
             after = _settle(uow, before, step, "CANCEL", cmd.cancelled_by.value, who, cmd.request_id, now)
             uow.tallies.append(SessionCancelled(cmd.cancelled_by, outcome.cancellation.late, after.state))
             return after, Payment.of(after)
@@ -575,7 +574,3 @@ def _account(session: Session) -> Account:
 def _actor(who: Principal) -> str:
     """The party a professional's own request acts for; a service acts as the system."""
     return Party.PROFESSIONAL.value if who.role is Role.PROFESSIONAL else SYSTEM_ACTOR
-
-
-def _apply(before: Session, outcome: CancellationOutcome, now: datetime) -> Session:
-    return changed(before, now, state=outcome.session_state, cancellation=outcome.cancellation)

@@ -140,6 +140,8 @@ def _session(s: Session) -> dict[str, Any]:
         d["settled_automatically"] = True
     if s.credit_expires_at is not None:
         d["credit_expires_at"] = _dt(s.credit_expires_at)
+    if s.forgiveness_used:
+        d["forgiveness_used"] = s.forgiveness_used
     return d
 
 
@@ -240,6 +242,7 @@ def _load_session(d: dict[str, Any]) -> Session:
         no_show_forgiven=d.get("no_show_forgiven", False),
         settled_automatically=d.get("settled_automatically", False),
         credit_expires_at=_parse_dt(d.get("credit_expires_at")),
+        forgiveness_used=d.get("forgiveness_used", 0),
     )
 
 

@@ -17,6 +17,7 @@ from kara_sessions_server.service_layer.repositories import (
     Ledger,
     Outbox,
     ProgrammeRepository,
+    Reports,
     RequestLog,
     SessionRepository,
 )
@@ -30,6 +31,7 @@ class UnitOfWork(abc.ABC):
     # The event feed; each event's row is also its change's request_id record (requests).
     events: Outbox
     requests: RequestLog
+    reports: Reports
 
     def __init__(self) -> None:
         self.committed = False

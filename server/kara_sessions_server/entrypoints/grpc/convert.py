@@ -19,6 +19,7 @@ from kara.sessions.v1 import invoices_pb2 as ipb
 from kara.sessions.v1 import programmes_pb2 as ppb
 from kara.sessions.v1 import sessions_pb2 as pb
 
+from kara_sessions_server.domain.decisions import Decision, DecisionRule, decision_of
 from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
 from kara_sessions_server.domain.feed import FeedEvent, SessionChanged
 from kara_sessions_server.domain.model import (
@@ -43,6 +44,7 @@ from kara_sessions_server.domain.model import (
     Waiver,
 )
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, Programme, Terms
+from kara_sessions_server.domain.usage import Report
 from kara_sessions_server.service_layer.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 E = TypeVar("E")
@@ -81,6 +83,7 @@ def _back(to_pb: dict[D, V]) -> dict[int, D]:
 
 
 SESSION_STATE_TO_PB = _by_name(SessionState, pb.SessionState)
+DECISION_RULE_TO_PB = _by_name(DecisionRule, pb.DecisionRule)
 SESSION_STATE_FROM_PB = _back(SESSION_STATE_TO_PB)
 PARTY_TO_PB = _by_name(Party, pb.Party)
 PARTY_FROM_PB = _back(PARTY_TO_PB)
@@ -323,6 +326,29 @@ def fill_session(msg: pb.Session, s: Session) -> None:
     msg.settled_automatically = s.settled_automatically
     if s.credit_expires_at is not None:
         _set_time(msg.credit_expire_time, s.credit_expires_at)
+    decision = decision_of(s)
+    if decision is not None:
+        fill_decision(msg.decision, decision)
+
+
+def fill_decision(msg: pb.Decision, d: Decision) -> None:
+    msg.SetInParent()
+    msg.rule = DECISION_RULE_TO_PB[d.rule]
+    if d.notice is not None:
+        _set_duration(msg.notice, d.notice)
+    _set_duration(msg.notice_window, d.notice_window)
+    msg.grace_applied = d.grace_applied
+    msg.forgiveness_used = d.forgiveness_used
+    msg.forgiveness_allowed = d.forgiveness_allowed
+    msg.programme_id = d.programme_id
+    msg.terms_version = d.terms_version
+    msg.explanation = d.explanation
+
+
+def decision_pb(d: Decision) -> pb.Decision:
+    msg = pb.Decision()
+    fill_decision(msg, d)
+    return msg
 
 
 def session_pb(s: Session) -> pb.Session:
@@ -449,6 +475,7 @@ def payment_pb(p: Payment) -> pb.Payment:
 
 def preview_pb(o: CancellationOutcome) -> pb.PreviewCancellationResponse:
     return pb.PreviewCancellationResponse(
+        decision=_decision_or_none(o.decision),
         session_state=SESSION_STATE_TO_PB[o.session_state],
         payment_state=PAYMENT_STATE_TO_PB[o.payment_state],
         payment_section=SECTION_TO_PB[o.payment_state.section],
@@ -463,8 +490,13 @@ def preview_pb(o: CancellationOutcome) -> pb.PreviewCancellationResponse:
     )
 
 
+def _decision_or_none(d: Decision | None) -> pb.Decision | None:
+    return None if d is None else decision_pb(d)
+
+
 def reschedule_preview_pb(o: RescheduleOutcome) -> pb.PreviewRescheduleResponse:
     return pb.PreviewRescheduleResponse(
+        decision=_decision_or_none(o.decision),
         outcome=pb.RESCHEDULE_OUTCOME_CHARGED if o.charged else pb.RESCHEDULE_OUTCOME_MOVED,
         late=o.move.late,
         notice_seconds=int(o.move.notice.total_seconds()),
@@ -472,6 +504,15 @@ def reschedule_preview_pb(o: RescheduleOutcome) -> pb.PreviewRescheduleResponse:
         credits_taken=o.credits_taken,
         credits_held=o.credits_held,
     )
+
+
+def usage_pb(report: Report, programme_id: str, start: datetime, end: datetime) -> ppb.ProgrammeUsage:
+    msg = ppb.ProgrammeUsage(programme_id=programme_id, min_count=report.min_count)
+    _set_time(msg.start_time, start)
+    _set_time(msg.end_time, end)
+    for name, count in report.counts.items():
+        getattr(msg, name).CopyFrom(ppb.Count(value=count.value, suppressed=count.suppressed))
+    return msg
 
 
 def account_pb(a: CreditAccount) -> cpb.CreditAccount:

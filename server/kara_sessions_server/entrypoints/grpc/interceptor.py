@@ -29,6 +29,7 @@ from kara_sessions_server.entrypoints.grpc.status import (
     status,
 )
 from kara_sessions_server.entrypoints.grpc.tokens import TokenTable
+from kara_sessions_server.service_layer import authz
 from kara_sessions_server.service_layer.call_context import CURRENT, Call, CallGone, DeadlineExceeded
 
 log = logging.getLogger("kara_sessions_server.rpc")
@@ -133,7 +134,7 @@ class CallInterceptor(_ServerInterceptor):
             started = time.perf_counter()
             state = _CallState()
             try:
-                return self._run(behaviour, request, context, state)
+                return self._run(name, behaviour, request, context, state)
             except Exception as exc:
                 self._abort(exc, name, context, state, request)
             finally:
@@ -152,7 +153,7 @@ class CallInterceptor(_ServerInterceptor):
             try:
                 # The servicer reads the caller before it returns its iterator, so the caller
                 # variable need not outlive this frame (a generator may be closed elsewhere).
-                yield from self._run(behaviour, request, context, state)
+                yield from self._run(name, behaviour, request, context, state)
             except Exception as exc:
                 self._abort(exc, name, context, state, request)
             finally:
@@ -161,7 +162,7 @@ class CallInterceptor(_ServerInterceptor):
         return stream
 
     def _run(
-        self, behaviour: Behaviour, request: Any, context: grpc.ServicerContext, state: _CallState
+        self, name: str, behaviour: Behaviour, request: Any, context: grpc.ServicerContext, state: _CallState
     ) -> Any:
         if isinstance(request, Undecodable):
             raise request.refusal()
@@ -171,6 +172,7 @@ class CallInterceptor(_ServerInterceptor):
         if deadline is not None and deadline <= time.monotonic():
             abort(context, status(code_pb2.DEADLINE_EXCEEDED, "the deadline passed before the call started"))
         state.principal = self.authenticator.authenticate(context)
+        authz.check_method(state.principal, name)
         token = _CALLER.set(state.principal)
         serving = Call(deadline, context.is_active)
         call = CURRENT.set(serving)

@@ -260,7 +260,7 @@ def _add_servicers(
         EventServicer(app.events, streams, metrics, budget), server
     )
     programmes_pb2_grpc.add_ProgrammeServiceServicer_to_server(
-        ProgrammeServicer(app.programmes, budget), server
+        ProgrammeServicer(app.programmes, app.reports, budget), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -71,6 +71,7 @@ from kara_sessions_server.entrypoints.grpc.convert import (
     programme_pb,
     reschedule_preview_pb,
     session_pb,
+    usage_pb,
 )
 from kara_sessions_server.entrypoints.grpc.interceptor import abort, caller
 from kara_sessions_server.entrypoints.grpc.metrics import Metrics
@@ -79,6 +80,7 @@ from kara_sessions_server.entrypoints.grpc.status import error_info, status
 from kara_sessions_server.service_layer.feed import DEFAULT_PAGE_SIZE as FEED_PAGE_SIZE
 from kara_sessions_server.service_layer.feed import EventServices
 from kara_sessions_server.service_layer.invoice_services import InvoiceServices
+from kara_sessions_server.service_layer.programme_reports import ProgrammeReports
 from kara_sessions_server.service_layer.programme_services import ProgrammeServices
 from kara_sessions_server.service_layer.services import Services
 
@@ -136,16 +138,27 @@ _TERM_READERS = {
 }
 
 
-def _term(r: RequestReader, given: ppb.Programme, name: str) -> Any:
-    """programme.`name`, a term, read by its type: a duration (required unless the term has a
+def _term(
+    r: RequestReader, given: ppb.Programme | ppb.ProgrammeTerms, name: str, prefix: str = "programme"
+) -> Any:
+    """`prefix`.`name`, a term, read by its type: a duration (required unless the term has a
     default, which unset means), an enum (UNSPECIFIED means the default), or as it is."""
     kind, default, numbers = _TERM_READERS[name]
-    path = f"programme.{name}"
+    path = f"{prefix}.{name}"
     if kind is timedelta:
         return r.duration(given, name, path, None if default is dataclasses.MISSING else default)  # type: ignore[arg-type]
     if numbers is not None:
         return r.enum(name, numbers, required=False, message=given, name=path)
     return getattr(given, name)
+
+
+def _period(r: RequestReader) -> tuple[str, datetime | None, datetime | None]:
+    """A report's programme and period, read from its request."""
+    return (
+        r.id("programme_id"),
+        r.timestamp("start_time", required=True),
+        r.timestamp("end_time", required=True),
+    )
 
 
 class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
@@ -430,9 +443,43 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
 
 
 class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
-    def __init__(self, services: ProgrammeServices, budget: int):
+    def __init__(self, services: ProgrammeServices, reports: ProgrammeReports, budget: int):
         self.services = services
+        self.reports = reports
         self.budget = budget
+
+    def GetProgrammeUsage(self, request: ppb.GetProgrammeUsageRequest, context: Ctx) -> ppb.ProgrammeUsage:
+        r = RequestReader(request)
+        programme_id, start, end = _period(r)
+        r.done()
+        assert start is not None and end is not None
+        report = self.reports.usage(caller(), programme_id, start, end)
+        return usage_pb(report, programme_id, start, end)
+
+    def SimulateTerms(self, request: ppb.SimulateTermsRequest, context: Ctx) -> ppb.SimulateTermsResponse:
+        r = RequestReader(request)
+        programme_id, start, end = _period(r)
+        terms = set(_TERM_READERS)
+        paths = set(request.update_mask.paths)
+        if not paths or "*" in paths:
+            paths = terms
+        unknown = sorted(paths - terms)
+        if unknown:
+            r.fail(
+                "update_mask", f"name terms among {', '.join(_TERM_READERS)} (or *); not {', '.join(unknown)}"
+            )
+        given = {
+            name: _term(r, request.terms, name, "terms") if name in paths else None for name in _TERM_READERS
+        }
+        r.done()
+        assert start is not None and end is not None
+        done = self.reports.simulate(caller(), programme_id, start, end, ProgrammeChanges(**given))
+        return ppb.SimulateTermsResponse(
+            current=usage_pb(done.current, programme_id, start, end),
+            proposed=usage_pb(done.proposed, programme_id, start, end),
+            decisions_changed=ppb.Count(value=done.changed.value, suppressed=done.changed.suppressed),
+            refused=ppb.Count(value=done.refused.value, suppressed=done.refused.suppressed),
+        )
 
     def CreateProgramme(self, request: ppb.CreateProgrammeRequest, context: Ctx) -> ppb.Programme:
         r = RequestReader(request)

@@ -21,6 +21,7 @@ from kara_sessions_server.domain.errors import (
     PreconditionFailed,
     Unauthenticated,
 )
+from kara_sessions_server.entrypoints.grpc import convert
 
 ERROR_DOMAIN = "sessions.kara"
 
@@ -109,7 +110,9 @@ def domain_status(error: DomainError) -> grpc.Status:
             ]
         )
         return status(code_pb2.FAILED_PRECONDITION, error.message, info, failure)
-    return status(code_pb2.FAILED_PRECONDITION, error.message, info)
+    # A refusal of the policy's carries the decision behind it, as a preview's answer does.
+    decided = () if error.decision is None else (convert.decision_pb(error.decision),)
+    return status(code_pb2.FAILED_PRECONDITION, error.message, info, *decided)
 
 
 def _first(violations: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

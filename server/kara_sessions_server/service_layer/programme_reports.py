@@ -1,0 +1,92 @@
+"""A programme's report and its simulations (issue 37): what happened under it in a period, and
+what other terms would have decided of it, for a service (exact) or the programme's sponsor
+(small numbers protected: domain/usage.py says how). Each is one read-only unit of work; a
+simulation writes nothing and appends no event."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from kara_sessions_server.domain import usage
+from kara_sessions_server.domain.clock import Clock
+from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
+from kara_sessions_server.domain.principal import Principal
+from kara_sessions_server.domain.programme import Programme, ProgrammeChanges, Terms
+from kara_sessions_server.domain.usage import Count, Report, Usage
+from kara_sessions_server.service_layer import authz
+from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedReport:
+    current: Report
+    proposed: Report
+    changed: Count
+    refused: Count
+
+
+@dataclass
+class ProgrammeReports:
+    unit_of_work: UnitOfWorkFactory
+    clock: Clock
+    # A sponsor's k: counts below it are suppressed, others rounded down to a multiple of it.
+    min_count: int
+
+    def usage(self, who: Principal, programme_id: str, start: datetime, end: datetime) -> Report:
+        bounds, k = self._period(who, programme_id, start, end)
+        with self.unit_of_work(write=False) as uow:
+            uow.programmes.get(programme_id)
+            return self._report(uow, programme_id, bounds, k)[1]
+
+    def simulate(
+        self, who: Principal, programme_id: str, start: datetime, end: datetime, changes: ProgrammeChanges
+    ) -> SimulatedReport:
+        bounds, k = self._period(who, programme_id, start, end)
+        with self.unit_of_work(write=False) as uow:
+            programme = uow.programmes.get(programme_id)
+            terms = _proposed(programme, changes, self.clock.now())
+            per_month, current = self._report(uow, programme_id, bounds, k)
+            lookback = uow.reports.decided(
+                programme_id, start - terms.forgiveness_period, start, forgiven_only=True
+            )
+            decided = uow.reports.decided(programme_id, start, end)
+        simulation = usage.simulate(per_month, lookback, decided, bounds, terms)
+        distinct = current.counts["distinct_clients"]
+        proposed = usage.report(simulation.proposed, 0, k)
+        proposed.counts["distinct_clients"] = distinct
+        return SimulatedReport(
+            current, proposed, usage.total(simulation.changed, k), usage.total(simulation.refused, k)
+        )
+
+    def _period(
+        self, who: Principal, programme_id: str, start: datetime, end: datetime
+    ) -> tuple[list[datetime], int]:
+        """The period's bounds (a sponsor's: month by month) and the k its counts are shown with."""
+        authz.check_programme_report(who, programme_id)
+        usage.check_period(start, end)
+        if who.is_service:
+            return [start, end], 1
+        return usage.months(start, end), self.min_count
+
+    @staticmethod
+    def _report(
+        uow: UnitOfWork, programme_id: str, bounds: list[datetime], k: int
+    ) -> tuple[list[Usage], Report]:
+        per_month = uow.reports.usage(programme_id, bounds)
+        distinct = uow.reports.distinct_clients(programme_id, bounds[0], bounds[-1])
+        return per_month, usage.report(per_month, distinct, k)
+
+
+def _proposed(programme: Programme, changes: ProgrammeChanges, now: datetime) -> Terms:
+    """The programme's terms with `changes`, checked as UpdateProgramme checks them (the request
+    names them `terms`)."""
+    try:
+        return programme.changed(changes, now).terms
+    except InvalidRequest as refused:
+        raise InvalidRequest(
+            [
+                FieldViolation(v.field.replace("programme.", "terms.", 1), v.description)
+                for v in refused.violations
+            ]
+        ) from None
