@@ -44,6 +44,7 @@ from hypothesis.stateful import (
 from kara.sessions.v1 import sessions_pb2 as pb
 
 from kara_sessions_client.client import NO_RETRY, KaraError, SessionsClient
+from kara_sessions_server.adapters.storage import LedgerEntryRow
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 from kara_sessions_server.entrypoints.maintenance import EXPIRED_LOTS, SETTLED_UNMARKED
 
@@ -193,6 +194,9 @@ class Histories(RuleBasedStateMachine):
         # Earlier histories' sponsored sessions nobody marked are all due a year on: settled now,
         # before this history's own feed begins.
         self.server.settler.run_once()
+        # The history's own period, for its programmes' reports: after that settlement.
+        self.clock.advance(timedelta(seconds=1))
+        self.report_start = self.clock.now()
         # The feed as the history found it: the events after this cursor are the history's own.
         self.feed_start = self._feed_end("")
 
@@ -631,6 +635,32 @@ class Histories(RuleBasedStateMachine):
             assert [account.available, account.held, account.used, account.expired] == totals[1:]
             assert account.held == sum(1 for s in mine if s.state == "BOOKED")
             assert account.used == sum(1 for s in mine if s.paid)
+
+    @invariant()
+    def a_simulation_under_the_terms_in_force_is_the_report(self) -> None:
+        """Each programme's history replayed under its own terms decides everything as it was
+        decided (forgiveness, in time order, included), and the report's credits are the ledger's."""
+        end = self.clock.now() + timedelta(seconds=1)
+        for programme in self.programmes:
+            # Both programmes' window: the terms in force, named.
+            same = self.kara.simulate_terms(programme, self.report_start, end, notice_window=WINDOW)
+            assert (same.decisions_changed.value, same.refused.value) == (0, 0)
+            assert same.proposed == same.current
+            with self.server.storage.bound(), self.server.unit_of_work(write=False):
+                entries = list(
+                    LedgerEntryRow.select().where(
+                        LedgerEntryRow.programme_id == programme,
+                        LedgerEntryRow.created_at >= self.report_start,
+                    )
+                )
+            for count, kinds in (
+                ("credits_granted", {"GRANT"}),
+                ("credits_taken", {"TAKE"}),
+                ("credits_returned", {"RETURN", "REFUND"}),
+                ("credits_expired", {"EXPIRE"}),
+            ):
+                ledger = sum(e.credits for e in entries if e.kind in kinds)
+                assert getattr(same.current, count).value == ledger, (programme, count)
 
     @invariant()
     def one_event_per_committed_change(self) -> None:

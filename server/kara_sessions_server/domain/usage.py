@@ -296,10 +296,10 @@ def simulate(
     proposed = [replace_usage(u) for u in current]
     changed, refused = [0] * len(current), [0] * len(current)
     forgiveness = _Forgiveness(terms)
-    for d in sorted(lookback, key=lambda d: d.at):
+    for d in sorted(lookback, key=_in_order):
         if d.forgiven:
             forgiveness.times[d.client_id].append(d.at)
-    for d in sorted(decided, key=lambda d: d.at):
+    for d in sorted(decided, key=_in_order):
         month = _month(bounds, d.at)
         outcome = replay(d, terms)
         if outcome in _FORGIVABLE and forgiveness.forgives(d.client_id, d.at):
@@ -315,6 +315,12 @@ def simulate(
             if d.asked is Asked.SETTLED:
                 usage.sessions_settled_automatically -= 1
     return Simulation(current, proposed, changed, refused)
+
+
+def _in_order(d: Decided) -> tuple[datetime, bool]:
+    """The order the decisions were made in: by time, and of two at the same instant a forgiven
+    one first (the allowance was left for it, so it came first)."""
+    return d.at, not d.forgiven
 
 
 def replace_usage(u: Usage) -> Usage:
