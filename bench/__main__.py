@@ -31,7 +31,7 @@ from kara_sessions_server.entrypoints.settings import DEFAULT_WORKERS
 from tests.support.processes import free_port, serve_command, server_children, wait_serving
 
 from . import floor, instructions
-from .populate import DEEP_PROFESSIONAL, populate
+from .populate import DEEP_PROFESSIONAL, POPULATED_FROM, POPULATED_TO, populate
 from .profile import profile_cancellation
 from .relay import bench_relay
 from .report import print_report
@@ -478,10 +478,55 @@ class Growth:
         return self.p50_ms_large / self.p50_ms_small if self.p50_ms_small else float("nan")
 
 
+@dataclass
+class ReportTiming:
+    """One programme report over a year of the growth data (issue 37), as a service asks it."""
+
+    database: str
+    rpc: str
+    sessions: int
+    decisions: int
+    seconds: float
+
+
+# A report's calls: a year of decisions is far more than one answer, so each gets time enough.
+_REPORT_TIMEOUT = 300.0
+
+
+def bench_reports(name: str, target: str, size: int) -> list[ReportTiming]:
+    """GetProgrammeUsage (the best of three) and SimulateTerms (one: its window 48 h, so every
+    decision made with 24-48 h of notice changes) over the year the growth data was booked in."""
+    start, end = POPULATED_FROM, POPULATED_TO
+    with SessionsClient(target, timeout=_REPORT_TIMEOUT) as client:
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            usage = client.get_programme_usage("default", start, end)
+            times.append(time.perf_counter() - began)
+        decided = sum(
+            getattr(usage, f).value
+            for f in ("sessions_completed", "cancelled_with_notice", "cancelled_late_charged",
+                      "cancelled_late_not_charged", "no_shows_charged", "no_shows_not_charged")
+        )  # fmt: skip
+        began = time.perf_counter()
+        simulated = client.simulate_terms("default", start, end, notice_window=timedelta(hours=48))
+        simulate = time.perf_counter() - began
+    click.echo(
+        f"  {name}: {size:,} sessions, {decided:,} decided: GetProgrammeUsage {min(times):.2f} s, "
+        f"SimulateTerms {simulate:.2f} s ({simulated.decisions_changed.value:,} changed)",
+        err=True,
+    )
+    return [
+        ReportTiming(name, "GetProgrammeUsage", size, decided, min(times)),
+        ReportTiming(name, "SimulateTerms", size, decided, simulate),
+    ]
+
+
 def bench_growth(
     name: str, make_url: Any, sizes: tuple[int, int], duration: float, concurrency: int, workdir: Path
-) -> list[Growth]:
+) -> tuple[list[Growth], list[ReportTiming]]:
     measured: dict[int, dict[str, Run]] = {}
+    reports: list[ReportTiming] = []
     for size in sizes:
         with make_url(size) as url:
             started = time.perf_counter()
@@ -500,6 +545,7 @@ def bench_growth(
                     page_token=token,
                     warmup=0.5,
                 )
+                reports += bench_reports(name, target, size)
             measured[size] = {"get_payment": get, "list_payments (deep)": page}
     small, large = sizes
     return [
@@ -514,7 +560,7 @@ def bench_growth(
             measured[large][workload].p50_ms,
         )
         for workload in measured[small]
-    ]
+    ], reports
 
 
 def machine() -> dict[str, Any]:
@@ -692,13 +738,7 @@ def main(
 
         _relay_section(results, workdir / f"relay-{uuid.uuid4().hex[:6]}.db", workdir, relay_count)
 
-        growth: list[Growth] = []
-        if growth_sizes != "none":
-            small, large = (int(x) for x in growth_sizes.split(","))
-            for name, make_url in databases:
-                click.echo(f"{name}: growth {small:,} -> {large:,} sessions", err=True)
-                growth += bench_growth(name, make_url, (small, large), duration, 8, workdir)
-        results["growth"] = [{**asdict(g), "ratio": g.ratio} for g in growth]
+        growth = _growth_section(results, databases, growth_sizes, duration, workdir)
 
         if not no_durability:
             click.echo("sqlite: synchronous=normal against full (durable commits)", err=True)
@@ -706,11 +746,35 @@ def main(
 
         if not no_profile:
             results["profile"] = bench_profile(workdir, runs)
-    results["targets"] = targets(runs, growth, results.get("floor", []), results.get("instructions") or [])
+    results["targets"] = targets(
+        runs,
+        growth,
+        results.get("floor", []),
+        results.get("instructions") or [],
+        results.get("reports") or [],
+    )
     print_report(results)
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
         click.echo(f"results written to {json_path}", err=True)
+
+
+def _growth_section(
+    results: dict[str, Any], databases: Any, growth_sizes: str, duration: float, workdir: Path
+) -> list[Growth]:
+    """The growth runs and, on the same databases, a programme's report (issue 37)."""
+    growth: list[Growth] = []
+    reports: list[ReportTiming] = []
+    if growth_sizes != "none":
+        small, large = (int(x) for x in growth_sizes.split(","))
+        for name, make_url in databases:
+            click.echo(f"{name}: growth {small:,} -> {large:,} sessions", err=True)
+            grown, reported = bench_growth(name, make_url, (small, large), duration, 8, workdir)
+            growth += grown
+            reports += reported
+    results["growth"] = [{**asdict(g), "ratio": g.ratio} for g in growth]
+    results["reports"] = [asdict(r) for r in reports]
+    return growth
 
 
 def _floor_sections(
@@ -755,7 +819,11 @@ def _relay_section(results: dict[str, Any], database: Path, workdir: Path, count
 
 
 def targets(
-    runs: list[Run], growth: list[Growth], floors: list[dict[str, Any]], counted: list[dict[str, Any]]
+    runs: list[Run],
+    growth: list[Growth],
+    floors: list[dict[str, Any]],
+    counted: list[dict[str, Any]],
+    reports: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     def run(db: str, workload: str, c: int) -> Run | None:
         return next((r for r in runs if _is(r, db, workload, c)), None)
@@ -817,6 +885,12 @@ def targets(
     share_of_ceiling("postgresql", 8, 0.22)
     for g in growth:
         check(f"growth {g.database} {g.workload}, p50 large/small", g.ratio, "< 2.0", g.ratio < 2.0)
+    # Issue 37: a report over the largest database within our client's default deadline.
+    largest = max((r["sessions"] for r in reports), default=0)
+    for r in reports:
+        if r["rpc"] == "GetProgrammeUsage" and r["sessions"] == largest:
+            name = f"GetProgrammeUsage {r['database']} over {largest:,} sessions (s)"
+            check(name, r["seconds"], f"<= {DEFAULT_TIMEOUT:.0f}", r["seconds"] <= DEFAULT_TIMEOUT)
     return out
 
 

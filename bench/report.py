@@ -37,6 +37,19 @@ def _growth_table(rows: list[dict[str, Any]]) -> Table:
     return growth
 
 
+def _reports_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(
+        title="A programme's report over a year of the growth data (issue 37), as a service asks it"
+    )
+    for col in ("database", "RPC", "sessions", "decided", "seconds"):
+        table.add_column(col, justify="left" if col in ("database", "RPC") else "right")
+    for r in rows:
+        table.add_row(
+            r["database"], r["rpc"], f"{r['sessions']:,}", f"{r['decisions']:,}", f"{r['seconds']:.2f}"
+        )
+    return table
+
+
 def _processes_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(
         title="serve --processes N on PostgreSQL (the load generator shares the same 2 cores)",
@@ -225,6 +238,7 @@ def print_report(results: dict[str, Any]) -> None:
 
     sections: tuple[tuple[str, Callable[[Any], Table]], ...] = (
         ("growth", _growth_table),
+        ("reports", _reports_table),
         ("event_delivery", _delivery_table),
         ("relay", _relay_table),
         ("durability", _durability_table),

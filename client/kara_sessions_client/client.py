@@ -45,6 +45,8 @@ V = TypeVar("V", bound=int)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
+# SimulateTerms replays every decision of its period: a large programme's year takes seconds.
+SIMULATION_TIMEOUT = 60.0
 
 
 def choices(values: type[V]) -> dict[str, V]:
@@ -235,24 +237,31 @@ class SessionsClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: Any, request: Any, response_type: type[R]) -> R:
-        return self._call_replayed(method, request, response_type, trailers=False)[0]
+    def _call(self, method: Any, request: Any, response_type: type[R], timeout: float | None = None) -> R:
+        return self._call_replayed(method, request, response_type, trailers=False, timeout=timeout)[0]
 
     def _call_replayed(
-        self, method: Any, request: Any, response_type: type[R], trailers: bool = True
+        self,
+        method: Any,
+        request: Any,
+        response_type: type[R],
+        trailers: bool = True,
+        timeout: float | None = None,
     ) -> tuple[R, bool]:
-        """The response, and whether the server says it replays the request_id's first result."""
+        """The response, and whether the server says it replays the request_id's first result
+        (`timeout`: this call's, instead of the client's)."""
+        timeout = timeout or self.timeout
         attempt = 0
         while True:
             try:
                 replayed = False
                 if trailers:
                     response, call = method.with_call(
-                        request, timeout=self.timeout, metadata=with_trace(self.metadata)
+                        request, timeout=timeout, metadata=with_trace(self.metadata)
                     )
                     replayed = ("kara-replayed", "true") in tuple(call.trailing_metadata() or ())
                 else:
-                    response = method(request, timeout=self.timeout, metadata=with_trace(self.metadata))
+                    response = method(request, timeout=timeout, metadata=with_trace(self.metadata))
             except grpc.RpcError as exc:
                 error = KaraError.from_rpc_error(exc)
                 attempt += 1
@@ -566,7 +575,9 @@ class SessionsClient:
         self, programme_id: str, start: datetime, end: datetime, **terms: object
     ) -> ppb.SimulateTermsResponse:
         """What the programme's terms changed as `terms` say (named and typed as for
-        update_programme) would have decided of [start, end). Changes nothing."""
+        update_programme) would have decided of [start, end). Changes nothing. Its deadline is
+        SIMULATION_TIMEOUT unless the client's is longer: a year of a large programme's decisions
+        takes longer to replay than a call usually takes (BENCHMARKS.md)."""
         proposed = ppb.ProgrammeTerms()
         paths = _write_programme(proposed, terms)
         if not paths:
@@ -578,7 +589,8 @@ class SessionsClient:
             terms=proposed,
             update_mask=field_mask_pb2.FieldMask(paths=paths),
         )
-        return self._call(self.programmes.SimulateTerms, request, ppb.SimulateTermsResponse)
+        timeout = max(self.timeout, SIMULATION_TIMEOUT)
+        return self._call(self.programmes.SimulateTerms, request, ppb.SimulateTermsResponse, timeout)
 
     def list_programmes(self, page_size: int = 0, page_token: str = "") -> ppb.ListProgrammesResponse:
         request = ppb.ListProgrammesRequest(page_size=page_size, page_token=page_token)

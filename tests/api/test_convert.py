@@ -109,9 +109,9 @@ def test_writing_in_place_makes_the_bytes_building_and_copying_made() -> None:
     from kara.sessions.v1 import sessions_pb2 as pb
 
     from kara_sessions_server.adapters.storage import EPOCH
+    from kara_sessions_server.domain.decisions import decision_of
     from kara_sessions_server.domain.model import Payment, Session, SessionState
     from kara_sessions_server.domain.programme import DEFAULT_TERMS
-    from kara_sessions_server.domain.decisions import decision_of
     from kara_sessions_server.entrypoints.grpc.convert import decision_pb, payment_pb, session_pb
     from kara_sessions_server.entrypoints.grpc.servicers import _settled
     from kara_sessions_server.entrypoints.records import sample

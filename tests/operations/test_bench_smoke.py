@@ -60,6 +60,15 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         ("get_payment", 200, 2000),
         ("list_payments (deep)", 200, 2000),
     ]
+    # A programme's report over each growth database: seven in ten sessions decided (populate).
+    reports = [(r["database"], r["rpc"], r["sessions"], r["decisions"]) for r in results["reports"]]
+    assert reports == [
+        ("sqlite", rpc, size, size // 10 * 7)
+        for size in (200, 2000)
+        for rpc in ("GetProgrammeUsage", "SimulateTerms")
+    ]
+    assert all(r["seconds"] > 0 for r in results["reports"])
+    assert any(t["target"].startswith("GetProgrammeUsage sqlite over 2,000") for t in results["targets"])
     profile = results["profile"]
     assert profile["transition_us"] > 0 and profile["service_cancel_us"] > profile["transition_us"]
     assert abs(sum(profile["shares"].values()) - 1) < 1e-6

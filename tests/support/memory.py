@@ -51,7 +51,7 @@ from kara_sessions_server.domain.model import (
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.domain.programme import Programme
 from kara_sessions_server.domain.session_lifecycle import lost_race
-from kara_sessions_server.domain.usage import Decided, Usage, decided_of, recorded
+from kara_sessions_server.domain.usage import Record, Usage, record_of, recorded
 from kara_sessions_server.service_layer.pagination import cut, decode
 from kara_sessions_server.service_layer.repositories import (
     Cursor,
@@ -688,16 +688,11 @@ class MemoryReports:
             {s.client_id for s in sessions if s.programme_id == programme_id and start <= s.booked_at < end}
         )
 
-    def decided(
+    def records(
         self, programme_id: str, start: datetime, end: datetime, *, forgiven_only: bool = False
-    ) -> list[Decided]:
-        found = [
-            d
-            for s in self._data.sessions.values()
-            if s.programme_id == programme_id
-            for d in decided_of(s, start, end)
-        ]
-        return [d for d in found if d.forgiven] if forgiven_only else found
+    ) -> list[Record]:
+        found = [record_of(s) for s in self._data.sessions.values() if s.programme_id == programme_id]
+        return [r for r in found if r.forgiven or r.no_show_forgiven] if forgiven_only else found
 
 
 class MemoryUnitOfWork(UnitOfWork):

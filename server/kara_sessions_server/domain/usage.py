@@ -31,14 +31,16 @@ forgiven charges recorded then count against the allowance)."""
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
-from kara_sessions_server.domain.model import Party, PaymentState, Session, SessionState, payment_state
+from kara_sessions_server.domain.model import Party, PaymentState, Session, payment_state
 from kara_sessions_server.domain.policy import MAX_MOVES_PER_SESSION, NoticePolicy
 from kara_sessions_server.domain.programme import ClientLateCancel, LateReschedule, Terms, UnmarkedOutcome
 
@@ -207,23 +209,153 @@ class Asked(enum.Enum):
     SETTLED = "settled"
 
 
-@dataclass(frozen=True, slots=True)
-class Decided:
-    """One recorded decision, as a simulation replays it."""
+class Decided(NamedTuple):
+    """One recorded decision, as a simulation replays it (times in microseconds since the epoch,
+    so a year of them is read without a datetime each)."""
 
     client_id: str
-    at: datetime
+    at: int
     asked: Asked
     outcome: Outcome
     credits: int = 1
     by_client: bool = False
-    notice: timedelta = timedelta(0)
-    since_booking: timedelta = timedelta(0)
+    notice: int = 0
+    since_booking: int = 0
     charge_client: bool = False
     # A charge recorded as forgiven (a lookback's count).
     forgiven: bool = False
     # A move's: how many times the session had been moved in place before.
     moves_before: int = 0
+
+
+class MoveRecord(NamedTuple):
+    """What a move in place recorded that a replay reads (microseconds)."""
+
+    moved_at: int
+    by_client: bool
+    notified_at: int
+    notice: int
+
+
+class Record(NamedTuple):
+    """What a session's row records that a replay reads (microseconds; None where unset)."""
+
+    client_id: str
+    state: str
+    booked_at: int
+    credits: int
+    cancelled_by: str | None
+    # When its credit was decided: cancelled_at, completed_at or no_show_at.
+    decided_at: int | None
+    notified_at: int | None
+    notice: int | None
+    charge_client: bool | None
+    late: bool | None
+    within_grace: bool | None
+    forgiven: bool | None
+    no_show_forgiven: bool | None
+    rescheduled: bool
+    # Its payment is PAID, or was until a waiver.
+    charged: bool
+    settled: bool | None
+    moves: tuple[MoveRecord, ...]
+
+
+def record_of(session: Session) -> Record:
+    """`session` as a replay reads it (what the SQL reads of its row)."""
+    c = session.cancellation
+    decided = c.cancelled_at if c else session.completed_at or session.no_show_at
+    return Record(
+        session.client_id,
+        session.state.value,
+        _at(session.booked_at),
+        session.credits,
+        c.cancelled_by.value if c else None,
+        None if decided is None else _at(decided),
+        _at(c.notified_at) if c else None,
+        c.notice // _MICROSECOND if c else None,
+        c.charge_client if c else None,
+        c.late if c else None,
+        c.within_grace if c else None,
+        c.forgiven if c else None,
+        session.no_show_forgiven,
+        bool(session.rescheduled_to),
+        payment_state(session) is PaymentState.PAID or session.waiver is not None,
+        session.settled_automatically,
+        tuple(
+            MoveRecord(
+                _at(m.moved_at), m.moved_by is Party.CLIENT, _at(m.notified_at), m.notice // _MICROSECOND
+            )
+            for m in session.moves
+        ),
+    )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _at(value: datetime) -> int:
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def decided(records: Iterable[Record], start: datetime, end: datetime) -> list[Decided]:
+    """The decisions `records` recorded in [start, end) that a simulation replays."""
+    found: list[Decided] = []
+    span = (_at(start), _at(end))
+    for r in records:
+        decided_of(r, *span, found)
+    return found
+
+
+def decided_of(r: Record, start: int, end: int, found: list[Decided]) -> None:
+    """Adds to `found` the decisions `r` recorded in [start, end) that a simulation replays: its
+    moves in place, and the cancellation, charged move, no-show or settlement that decided it (a
+    completion a person marked is what it is, under any terms)."""
+    for i, m in enumerate(r.moves):
+        if start <= m.moved_at < end:
+            since = m.notified_at - r.booked_at
+            found.append(
+                Decided(
+                    r.client_id,
+                    m.moved_at,
+                    Asked.MOVE,
+                    Outcome.MOVED,
+                    r.credits,
+                    m.by_client,
+                    m.notice,
+                    since,
+                    moves_before=i,
+                )
+            )
+    at = r.decided_at
+    if at is None or not start <= at < end:
+        return
+    if r.state in ("CANCELLED_PAID", "CANCELLED_VOIDED") and r.cancelled_by is not None:
+        asked = Asked.MOVE if r.rescheduled else Asked.CANCEL
+    elif r.state == "NO_SHOW":
+        asked = Asked.SETTLED if r.settled else Asked.NO_SHOW
+    elif r.state == "COMPLETED" and r.settled:
+        asked = Asked.SETTLED
+    else:
+        return
+    outcome = recorded(r.state, r.rescheduled, bool(r.late), bool(r.within_grace), r.charged)
+    assert outcome is not None
+    found.append(
+        Decided(
+            r.client_id,
+            at,
+            asked,
+            outcome,
+            r.credits,
+            r.cancelled_by == "CLIENT",
+            r.notice or 0,
+            (r.notified_at - r.booked_at) if r.notified_at is not None else 0,
+            bool(r.charge_client),
+            bool(r.forgiven or r.no_show_forgiven),
+            len(r.moves),
+        )
+    )
 
 
 @dataclass
@@ -247,7 +379,8 @@ def replay(d: Decided, terms: Terms) -> Outcome:
             return Outcome.COMPLETED
         return Outcome.NO_SHOW_CHARGED if terms.no_show_takes_credit else Outcome.NO_SHOW_NOT_CHARGED
     party = Party.CLIENT if d.by_client else Party.PROFESSIONAL
-    late, grace = NoticePolicy.measure(party, d.notice, d.since_booking, terms)
+    notice, since = timedelta(microseconds=d.notice), timedelta(microseconds=d.since_booking)
+    late, grace = NoticePolicy.measure(party, notice, since, terms)
     if d.charge_client and (not late or not terms.professional_may_charge_late):
         return Outcome.REFUSED
     if d.asked is Asked.MOVE:
@@ -268,17 +401,18 @@ def replay(d: Decided, terms: Terms) -> Outcome:
 class _Forgiveness:
     """Each client's forgiven charges, oldest first, as a replay in time order meets them."""
 
-    terms: Terms
-    times: dict[str, deque[datetime]] = field(default_factory=lambda: defaultdict(deque))
+    allowed: int
+    period: int
+    times: dict[str, deque[int]] = field(default_factory=lambda: defaultdict(deque))
 
-    def forgives(self, client_id: str, at: datetime) -> bool:
-        if not self.terms.free_late_cancellations:
+    def forgives(self, client_id: str, at: int) -> bool:
+        if not self.allowed:
             return False
         times = self.times[client_id]
-        since = at - self.terms.forgiveness_period
+        since = at - self.period
         while times and times[0] < since:
             times.popleft()
-        if len(times) >= self.terms.free_late_cancellations:
+        if len(times) >= self.allowed:
             return False
         times.append(at)
         return True
@@ -295,17 +429,18 @@ def simulate(
     `terms`, in time order; `lookback`: the forgiven charges recorded before the period."""
     proposed = [replace_usage(u) for u in current]
     changed, refused = [0] * len(current), [0] * len(current)
-    forgiveness = _Forgiveness(terms)
+    forgiveness = _Forgiveness(terms.free_late_cancellations, terms.forgiveness_period // _MICROSECOND)
     for d in sorted(lookback, key=_in_order):
         if d.forgiven:
             forgiveness.times[d.client_id].append(d.at)
+    starts = [_at(b) for b in bounds[1:-1]]
     for d in sorted(decided, key=_in_order):
-        month = _month(bounds, d.at)
         outcome = replay(d, terms)
         if outcome in _FORGIVABLE and forgiveness.forgives(d.client_id, d.at):
             outcome = _FORGIVABLE[outcome]
         if outcome is d.outcome:
             continue
+        month = bisect.bisect_right(starts, d.at)
         changed[month] += 1
         usage = proposed[month]
         usage.count(d.outcome, -1, -d.credits)
@@ -317,7 +452,7 @@ def simulate(
     return Simulation(current, proposed, changed, refused)
 
 
-def _in_order(d: Decided) -> tuple[datetime, bool]:
+def _in_order(d: Decided) -> tuple[int, bool]:
     """The order the decisions were made in: by time, and of two at the same instant a forgiven
     one first (the allowance was left for it, so it came first)."""
     return d.at, not d.forgiven
@@ -325,67 +460,3 @@ def _in_order(d: Decided) -> tuple[datetime, bool]:
 
 def replace_usage(u: Usage) -> Usage:
     return Usage(**{name: getattr(u, name) for name in USAGE_FIELDS})
-
-
-def _month(bounds: Sequence[datetime], at: datetime) -> int:
-    for i in range(len(bounds) - 1, 0, -1):
-        if at >= bounds[i - 1]:
-            return i - 1
-    return 0
-
-
-def decided_of(session: Session, start: datetime, end: datetime) -> list[Decided]:
-    """The decisions recorded on `session` in [start, end) that a simulation replays: its moves in
-    place, and the cancellation, charged move, no-show or settlement that decided it (a
-    completion a person marked is what it is, under any terms)."""
-    found = [
-        Decided(
-            session.client_id,
-            m.moved_at,
-            Asked.MOVE,
-            Outcome.MOVED,
-            session.credits,
-            m.moved_by is Party.CLIENT,
-            m.notice,
-            m.notified_at - session.booked_at,
-            moves_before=i,
-        )
-        for i, m in enumerate(session.moves)
-        if start <= m.moved_at < end
-    ]
-    state, c = session.state, session.cancellation
-    if c is not None and state in (SessionState.CANCELLED_PAID, SessionState.CANCELLED_VOIDED):
-        at: datetime | None = c.cancelled_at
-        asked = Asked.MOVE if session.rescheduled_to else Asked.CANCEL
-    elif state is SessionState.NO_SHOW:
-        at, asked = session.no_show_at, Asked.SETTLED if session.settled_automatically else Asked.NO_SHOW
-    elif state is SessionState.COMPLETED and session.settled_automatically:
-        at, asked = session.completed_at, Asked.SETTLED
-    else:
-        return found
-    if at is None or not start <= at < end:
-        return found
-    outcome = recorded(
-        state.value,
-        bool(session.rescheduled_to),
-        c.late if c else False,
-        c.within_grace if c else False,
-        payment_state(session) is PaymentState.PAID or session.waiver is not None,
-    )
-    assert outcome is not None
-    found.append(
-        Decided(
-            session.client_id,
-            at,
-            asked,
-            outcome,
-            session.credits,
-            by_client=c is not None and c.cancelled_by is Party.CLIENT,
-            notice=c.notice if c else timedelta(0),
-            since_booking=c.notified_at - session.booked_at if c else timedelta(0),
-            charge_client=c.charge_client if c else False,
-            forgiven=(c.forgiven if c else False) or session.no_show_forgiven,
-            moves_before=len(session.moves),
-        )
-    )
-    return found

@@ -47,11 +47,12 @@ class ProgrammeReports:
             programme = uow.programmes.get(programme_id)
             terms = _proposed(programme, changes, self.clock.now())
             per_month, current = self._report(uow, programme_id, bounds, k)
-            lookback = uow.reports.decided(
-                programme_id, start - terms.forgiveness_period, start, forgiven_only=True
-            )
-            decided = uow.reports.decided(programme_id, start, end)
-        simulation = usage.simulate(per_month, lookback, decided, bounds, terms)
+            since = start - terms.forgiveness_period
+            forgiven = uow.reports.records(programme_id, since, start, forgiven_only=True)
+            records = uow.reports.records(programme_id, start, end)
+        # Replayed once the transaction is over: it reads, and holds nothing while it thinks.
+        lookback = usage.decided(forgiven, since, start)
+        simulation = usage.simulate(per_month, lookback, usage.decided(records, start, end), bounds, terms)
         distinct = current.counts["distinct_clients"]
         proposed = usage.report(simulation.proposed, 0, k)
         proposed.counts["distinct_clients"] = distinct

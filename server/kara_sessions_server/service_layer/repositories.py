@@ -32,7 +32,7 @@ from kara_sessions_server.domain.model import (
 )
 from kara_sessions_server.domain.principal import Principal
 from kara_sessions_server.domain.programme import Programme
-from kara_sessions_server.domain.usage import Decided, Usage
+from kara_sessions_server.domain.usage import Record, Usage
 from kara_sessions_server.service_layer.pagination import from_token, to_token
 
 
@@ -213,11 +213,12 @@ class Reports(Protocol):
         """How many clients booked a session of the programme in [start, end)."""
         ...
 
-    def decided(
+    def records(
         self, programme_id: str, start: datetime, end: datetime, *, forgiven_only: bool = False
-    ) -> list[Decided]:
-        """The decisions recorded in [start, end) that a simulation replays (usage.decided_of);
-        `forgiven_only`: just the forgiven charges."""
+    ) -> list[Record]:
+        """The sessions that recorded a decision in [start, end) a simulation replays (a
+        cancellation, a move, a no-show, a settlement: usage.decided reads them), or with
+        `forgiven_only` those whose charge was forgiven then."""
         ...
 
 
