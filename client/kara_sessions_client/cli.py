@@ -806,36 +806,10 @@ def programme_list(ctx: click.Context, page_size: int, page_token: str) -> None:
 @request_id_option
 @click.pass_context
 def programme_update(
-    ctx: click.Context,
-    programme_id: str,
-    display_name: str | None,
-    notice_window_hours: float | None,
-    may_charge_late: bool | None,
-    no_show_takes_credit: bool | None,
-    late_reschedule: str | None,
-    cancellation_grace_minutes: float | None,
-    client_late_cancel: str | None,
-    max_reschedules: int | None,
-    free_late_cancellations: int | None,
-    forgiveness_period_days: float | None,
-    settle_unmarked_after_hours: float | None,
-    unmarked_outcome: str | None,
-    request_id: str | None,
+    ctx: click.Context, /, programme_id: str, display_name: str | None, request_id: str | None, **options: Any
 ) -> None:
     """Change the options given; sessions already booked keep the terms they were booked under."""
-    given = _terms_given(
-        notice_window_hours,
-        may_charge_late,
-        no_show_takes_credit,
-        late_reschedule,
-        cancellation_grace_minutes,
-        client_late_cancel,
-        max_reschedules,
-        free_late_cancellations,
-        forgiveness_period_days,
-        settle_unmarked_after_hours,
-        unmarked_outcome,
-    )
+    given = _terms_given(options)
     if display_name is None and not given:
         raise click.UsageError("give at least one of --name, --notice-window-hours and the terms options")
     _run(
@@ -844,36 +818,25 @@ def programme_update(
     )
 
 
-def _terms_given(
-    notice_window_hours: float | None,
-    may_charge_late: bool | None,
-    no_show_takes_credit: bool | None,
-    late_reschedule: str | None,
-    cancellation_grace_minutes: float | None,
-    client_late_cancel: str | None,
-    max_reschedules: int | None,
-    free_late_cancellations: int | None,
-    forgiveness_period_days: float | None,
-    settle_unmarked_after_hours: float | None,
-    unmarked_outcome: str | None,
-) -> dict[str, Any]:
+def _terms_given(options: dict[str, Any]) -> dict[str, Any]:
     """The terms options given (not None), as the client library names and types them."""
 
-    def span(value: float | None, unit: str) -> timedelta | None:
+    def span(name: str, unit: str) -> timedelta | None:
+        value = options[name]
         return None if value is None else timedelta(**{unit: value})
 
     given = {
-        "notice_window": span(notice_window_hours, "hours"),
-        "professional_may_charge_late": may_charge_late,
-        "no_show_takes_credit": no_show_takes_credit,
-        "late_reschedule": late_reschedule,
-        "cancellation_grace": span(cancellation_grace_minutes, "minutes"),
-        "client_late_cancel": client_late_cancel,
-        "max_reschedules": max_reschedules,
-        "free_late_cancellations": free_late_cancellations,
-        "forgiveness_period": span(forgiveness_period_days, "days"),
-        "settle_unmarked_after": span(settle_unmarked_after_hours, "hours"),
-        "unmarked_outcome": unmarked_outcome,
+        "notice_window": span("notice_window_hours", "hours"),
+        "professional_may_charge_late": options["may_charge_late"],
+        "no_show_takes_credit": options["no_show_takes_credit"],
+        "late_reschedule": options["late_reschedule"],
+        "cancellation_grace": span("cancellation_grace_minutes", "minutes"),
+        "client_late_cancel": options["client_late_cancel"],
+        "max_reschedules": options["max_reschedules"],
+        "free_late_cancellations": options["free_late_cancellations"],
+        "forgiveness_period": span("forgiveness_period_days", "days"),
+        "settle_unmarked_after": span("settle_unmarked_after_hours", "hours"),
+        "unmarked_outcome": options["unmarked_outcome"],
     }
     return {name: value for name, value in given.items() if value is not None}
 
@@ -901,37 +864,11 @@ def programme_usage(ctx: click.Context, programme_id: str, start: datetime, end:
 @functools.partial(_terms_options, create=False, named=False)
 @click.pass_context
 def programme_simulate(
-    ctx: click.Context,
-    programme_id: str,
-    start: datetime,
-    end: datetime,
-    notice_window_hours: float | None,
-    may_charge_late: bool | None,
-    no_show_takes_credit: bool | None,
-    late_reschedule: str | None,
-    cancellation_grace_minutes: float | None,
-    client_late_cancel: str | None,
-    max_reschedules: int | None,
-    free_late_cancellations: int | None,
-    forgiveness_period_days: float | None,
-    settle_unmarked_after_hours: float | None,
-    unmarked_outcome: str | None,
+    ctx: click.Context, /, programme_id: str, start: datetime, end: datetime, **options: Any
 ) -> None:
     """What the programme's terms, changed as the options say, would have decided of the period's
     cancellations, moves, no-shows and settlements, beside what was decided. Changes nothing."""
-    given = _terms_given(
-        notice_window_hours,
-        may_charge_late,
-        no_show_takes_credit,
-        late_reschedule,
-        cancellation_grace_minutes,
-        client_late_cancel,
-        max_reschedules,
-        free_late_cancellations,
-        forgiveness_period_days,
-        settle_unmarked_after_hours,
-        unmarked_outcome,
-    )
+    given = _terms_given(options)
     if not given:
         raise click.UsageError("give at least one terms option to try (--notice-window-hours, ...)")
     _run(ctx, lambda c: c.simulate_terms(programme_id, start, end, **given))

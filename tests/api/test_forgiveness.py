@@ -22,6 +22,7 @@ from kara_sessions_client.client import NO_RETRY, KaraError, SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
 from ..conftest import ALL_DATABASES
+from ..support.booking import new_programme
 from ..support.clock import FakeClock
 from ..support.concurrency import race
 from ..support.database import assert_ledger_balances
@@ -33,9 +34,7 @@ VOIDED, PAID = pb.SESSION_STATE_CANCELLED_VOIDED, pb.SESSION_STATE_CANCELLED_PAI
 
 
 def programme(kara: SessionsClient, **terms: object) -> str:
-    programme_id = f"p-{uuid.uuid4().hex[:10]}"
-    kara.create_programme(programme_id, "Sponsor", WINDOW, **terms)  # type: ignore[arg-type]
-    return programme_id
+    return new_programme(kara, WINDOW, **terms)
 
 
 @dataclass(frozen=True)

@@ -373,3 +373,13 @@ def test_the_command_line_shows_usage_and_a_simulation_side_by_side(
     assert "current" in text and "proposed" in text and "change" in text
     row = next(line for line in text.splitlines() if "cancelled late charged" in line)
     assert [cell.strip() for cell in row.split("│")[1:-1]] == ["cancelled late charged", "1", "3", "+2"], row
+
+
+def test_a_period_at_the_edge_of_time_is_answered_not_a_fault(kara: SessionsClient) -> None:
+    """A simulation looks back a forgiveness period before its start: from the year 1, there is
+    nothing before."""
+    first = datetime(1, 1, 1, tzinfo=UTC)
+    done = kara.simulate_terms("default", first, first + timedelta(days=31), free_late_cancellations=1)
+    assert done.decisions_changed.value == 0
+    last = datetime(9999, 12, 1, tzinfo=UTC)
+    assert kara.get_programme_usage("default", last, last + timedelta(days=30)).sessions_booked.value == 0

@@ -22,6 +22,7 @@ from kara_sessions_server.adapters.storage import AuditRow
 from kara_sessions_server.entrypoints.grpc.server import RunningServer, Settings, start
 from kara_sessions_server.entrypoints.maintenance import SETTLED_UNMARKED
 
+from ..support.booking import new_programme
 from ..support.clock import FakeClock
 from ..support.concurrency import race
 from ..support.database import assert_ledger_balances, db_snapshot
@@ -35,9 +36,7 @@ NO_SHOW = "kara.sessions.v1.session.no_show"
 
 
 def programme(kara: SessionsClient, **terms: object) -> str:
-    programme_id = f"p-{uuid.uuid4().hex[:10]}"
-    kara.create_programme(programme_id, "Sponsor", WINDOW, **terms)  # type: ignore[arg-type]
-    return programme_id
+    return new_programme(kara, WINDOW, **terms)
 
 
 def booked(kara: SessionsClient, clock: FakeClock, programme_id: str, n: int = 1) -> tuple[str, list[str]]:

@@ -18,6 +18,7 @@ from kara_sessions_client import exit_codes
 from kara_sessions_client.client import KaraError, SessionsClient
 from kara_sessions_server.entrypoints.grpc.server import RunningServer
 
+from ..support.booking import new_programme
 from ..support.clock import FakeClock
 from ..support.database import assert_ledger_balances
 from ..support.processes import run_cli
@@ -29,9 +30,7 @@ WINDOW = timedelta(hours=48)
 
 
 def programme(kara: SessionsClient, **terms: object) -> str:
-    programme_id = f"p-{uuid.uuid4().hex[:10]}"
-    kara.create_programme(programme_id, "Sponsor", WINDOW, **terms)  # type: ignore[arg-type]
-    return programme_id
+    return new_programme(kara, WINDOW, **terms)
 
 
 # --- client_late_cancel ---

@@ -243,7 +243,7 @@ def _explain(rule: DecisionRule, session: Session, notice: timedelta | None) -> 
     return _SENTENCES[rule].format(
         before=f"{hours(notice)} before the start" if notice is not None else "",
         window=f"the programme's window is {hours(terms.notice_window)}",
-        who="the client" if by_client else "the professional, with the charge box ticked",
+        who="the client" if by_client else "the professional (the charge box ticked)",
         forgiven=forgiven,
         grace=hours(terms.cancellation_grace),
         free="and the move was free, " if late_move else "",

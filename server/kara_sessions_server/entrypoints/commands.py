@@ -247,7 +247,8 @@ def token() -> None:
 @click.argument("principal")
 @click.option("--note", default="", help="Free text kept next to the hash (who, what for).")
 def token_new(principal: str, note: str) -> None:
-    """Make a token for PRINCIPAL (service, service:NAME, professional:ID, client:ID).
+    """Make a token for PRINCIPAL (service, service:NAME, professional:ID, client:ID,
+    sponsor:PROGRAMME_ID).
 
     Prints the token (hand it to the caller; it is stored nowhere) on stdout, and the entry to
     add to the tokens file on stderr.

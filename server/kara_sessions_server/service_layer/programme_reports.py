@@ -6,7 +6,7 @@ simulation writes nothing and appends no event."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from kara_sessions_server.domain import usage
 from kara_sessions_server.domain.clock import Clock
@@ -47,7 +47,7 @@ class ProgrammeReports:
             programme = uow.programmes.get(programme_id)
             terms = _proposed(programme, changes, self.clock.now())
             per_month, current = self._report(uow, programme_id, bounds, k)
-            since = start - terms.forgiveness_period
+            since = _before(start, terms.forgiveness_period)
             forgiven = uow.reports.records(programme_id, since, start, forgiven_only=True)
             records = uow.reports.records(programme_id, start, end)
         # Replayed once the transaction is over: it reads, and holds nothing while it thinks.
@@ -91,3 +91,11 @@ def _proposed(programme: Programme, changes: ProgrammeChanges, now: datetime) ->
                 for v in refused.violations
             ]
         ) from None
+
+
+def _before(at: datetime, period: timedelta) -> datetime:
+    """`period` before `at`, or the first instant there is (a period starting in year 1)."""
+    try:
+        return at - period
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC)
