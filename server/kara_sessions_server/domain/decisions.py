@@ -12,13 +12,13 @@ carries its decision on the error (`DomainError.decision`)."""
 from __future__ import annotations
 
 import enum
-import math
-from dataclasses import dataclass
+import functools
+import string
+from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from kara_sessions_server.domain.model import Session
+from kara_sessions_server.domain.model import Party, Session, SessionState
 
 
 class DecisionRule(enum.StrEnum):
@@ -64,8 +64,7 @@ CANCELLATION_RULES = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     rule: DecisionRule
     # The notice given (a cancellation's or move's); None where notice played no part.
     notice: timedelta | None
@@ -96,25 +95,28 @@ def cancellation_rule(
     return DecisionRule.PROFESSIONAL_LATE_CHARGED if charged else DecisionRule.PROFESSIONAL_LATE_NOT_CHARGED
 
 
+_CANCELLED = (SessionState.CANCELLED_PAID, SessionState.CANCELLED_VOIDED)
+
+
 def rule_of(session: Session) -> DecisionRule | None:
     """The rule that decided where `session`'s credit is now, from what its changes recorded; None
     while nothing has been decided (booked, never moved)."""
-    # Compared by value: model imports this module's callers, not the other way round.
-    state = session.state.value
+    state = session.state
     c = session.cancellation
-    if c is not None and state in ("CANCELLED_PAID", "CANCELLED_VOIDED"):
+    if c is not None and state in _CANCELLED:
         if session.rescheduled_to:
             return DecisionRule.LATE_MOVE_CHARGED
+        by_client = c.cancelled_by is Party.CLIENT
         return cancellation_rule(
-            by_client=c.cancelled_by.value == "CLIENT",
+            by_client=by_client,
             late=c.late,
             within_grace=c.within_grace,
-            charged=c.cancelled_by.value == "CLIENT" or c.charge_client,
+            charged=by_client or c.charge_client,
             forgiven=c.forgiven,
         )
-    if state == "COMPLETED":
+    if state is SessionState.COMPLETED:
         return DecisionRule.SETTLED_AS_COMPLETED if session.settled_automatically else DecisionRule.COMPLETED
-    if state == "NO_SHOW":
+    if state is SessionState.NO_SHOW:
         if session.settled_automatically:
             return DecisionRule.SETTLED_AS_NO_SHOW
         if session.no_show_forgiven:
@@ -124,7 +126,7 @@ def rule_of(session: Session) -> DecisionRule | None:
             if session.terms.no_show_takes_credit
             else DecisionRule.NO_SHOW_NOT_CHARGED
         )
-    if state == "BOOKED" and session.moves:
+    if state is SessionState.BOOKED and session.moves:
         return DecisionRule.MOVED_IN_PLACE
     return None
 
@@ -178,11 +180,18 @@ def refused(
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def hours(delta: timedelta) -> str:
     """A duration as people read it on the workstation: whole or to the hundredth of an hour,
-    rounded down, so 23 h 59 min 59 s is never shown as a window's 24 h."""
-    h = math.floor(delta.total_seconds() / 36) / 100
-    return f"{h:g} h"
+    rounded down, so 23 h 59 min 59 s is never shown as a window's 24 h. (Cached: a programme's
+    window and grace come back on every session it decided.)"""
+    hundredths = delta // _HUNDREDTH_OF_AN_HOUR
+    if hundredths % 100 == 0:
+        return f"{hundredths // 100} h"
+    return f"{hundredths / 100:g} h"
+
+
+_HUNDREDTH_OF_AN_HOUR = timedelta(seconds=36)
 
 
 # Each rule's sentence; the fields are filled in by _explain from the decided session.
@@ -227,29 +236,55 @@ _SENTENCES = {
 }
 
 
-def _explain(rule: DecisionRule, session: Session, notice: timedelta | None) -> str:
+def _forgiven(session: Session, notice: timedelta | None) -> str:
     terms = session.terms
-    forgiven = (
+    return (
         f"it was forgiven as one of the client's {terms.free_late_cancellations} free late "
         f"cancellations ({session.forgiveness_used} used before it in "
         f"{terms.forgiveness_period.days} days), so the credit was returned"
     )
-    by_client = session.cancellation is not None and session.cancellation.cancelled_by.value == "CLIENT"
+
+
+def _no_show(session: Session, notice: timedelta | None) -> str:
     if session.no_show_forgiven:
-        no_show = f"which the programme charges, but {forgiven}"
-    else:
-        no_show = f"and the credit was {'taken' if terms.no_show_takes_credit else 'returned'}"
-    late_move = notice is not None and notice < terms.notice_window
-    return _SENTENCES[rule].format(
-        before=f"{hours(notice)} before the start" if notice is not None else "",
-        window=f"the programme's window is {hours(terms.notice_window)}",
-        who="the client" if by_client else "the professional (the charge box ticked)",
-        forgiven=forgiven,
-        grace=hours(terms.cancellation_grace),
-        free="and the move was free, " if late_move else "",
-        settled=(
-            f"Nobody marked the session within {hours(terms.settle_unmarked_after)} of its start, so "
-            "the server settled it as the programme's terms say:"
-        ),
-        no_show=no_show,
+        return f"which the programme charges, but {_forgiven(session, notice)}"
+    return f"and the credit was {'taken' if session.terms.no_show_takes_credit else 'returned'}"
+
+
+def _by_whom(session: Session, notice: timedelta | None) -> str:
+    c = session.cancellation
+    return (
+        "the client" if c and c.cancelled_by.value == "CLIENT" else "the professional (the charge box ticked)"
     )
+
+
+# What fills each field of the sentences, from the decided session and the notice it gave.
+_PIECES: dict[str, Callable[[Session, timedelta | None], str]] = {
+    "before": lambda s, notice: f"{hours(notice)} before the start" if notice is not None else "",
+    "window": lambda s, notice: f"the programme's window is {hours(s.terms.notice_window)}",
+    "who": _by_whom,
+    "forgiven": _forgiven,
+    "grace": lambda s, notice: hours(s.terms.cancellation_grace),
+    "free": lambda s, notice: (
+        "and the move was free, " if notice is not None and notice < s.terms.notice_window else ""
+    ),
+    "settled": lambda s, notice: (
+        f"Nobody marked the session within {hours(s.terms.settle_unmarked_after)} of its start, so "
+        "the server settled it as the programme's terms say:"
+    ),
+    "no_show": _no_show,
+}
+# Each sentence's fields, so a decision fills only those its rule names (it runs on every session
+# a response carries).
+_FIELDS = {
+    rule: tuple(name for _, name, _, _ in string.Formatter().parse(sentence) if name)
+    for rule, sentence in _SENTENCES.items()
+}
+
+
+def _explain(rule: DecisionRule, session: Session, notice: timedelta | None) -> str:
+    sentence = _SENTENCES[rule]
+    fields = _FIELDS[rule]
+    if not fields:
+        return sentence
+    return sentence.format_map({name: _PIECES[name](session, notice) for name in fields})

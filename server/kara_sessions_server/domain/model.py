@@ -6,9 +6,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
-from kara_sessions_server.domain.decisions import Decision, decision_of
 from kara_sessions_server.domain.errors import InsufficientCredits, InvalidRequest
 from kara_sessions_server.domain.programme import (
     DEFAULT_PROGRAMME_ID,
@@ -18,6 +17,10 @@ from kara_sessions_server.domain.programme import (
     ProgrammeChanges,
     Terms,
 )
+
+if TYPE_CHECKING:
+    # decisions.py reads sessions; a reschedule's outcome only carries its Decision.
+    from kara_sessions_server.domain.decisions import Decision
 
 T = TypeVar("T")
 
@@ -546,10 +549,6 @@ class CancellationOutcome:
     after: Session
     # The client's free late cancellations when it was decided (the preview's figures).
     forgiveness: Forgiveness = NONE_FORGIVEN
-
-    @property
-    def decision(self) -> Decision | None:
-        return decision_of(self.after)
 
     @property
     def credits_returned(self) -> int:

@@ -475,7 +475,7 @@ def payment_pb(p: Payment) -> pb.Payment:
 
 def preview_pb(o: CancellationOutcome) -> pb.PreviewCancellationResponse:
     return pb.PreviewCancellationResponse(
-        decision=_decision_or_none(o.decision),
+        decision=_decision_or_none(decision_of(o.after)),
         session_state=SESSION_STATE_TO_PB[o.session_state],
         payment_state=PAYMENT_STATE_TO_PB[o.payment_state],
         payment_section=SECTION_TO_PB[o.payment_state.section],
