@@ -5,13 +5,12 @@ decisions a simulation replays."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 
-from kara_sessions_server.adapters.session_repository import TermsOf
+from kara_sessions_server.adapters.session_repository import load_moves
 from kara_sessions_server.adapters.storage import Sql, to_micros
-from kara_sessions_server.domain.usage import MoveRecord, Record, Usage, recorded
+from kara_sessions_server.domain.usage import Record, Usage, move_records, recorded
 
 # When a session's credit was decided: its cancellation, completion or no-show.
 _DECIDED_AT = "COALESCE(s.cancelled_at, s.completed_at, s.no_show_at)"
@@ -72,9 +71,8 @@ def _in(column: str) -> str:
 
 
 class ReportRepository:
-    def __init__(self, sql: Sql, terms: TermsOf):
+    def __init__(self, sql: Sql):
         self._sql = sql
-        self._terms = terms
 
     def usage(self, programme_id: str, bounds: Sequence[datetime]) -> list[Usage]:
         us = [to_micros(b) for b in bounds]
@@ -136,14 +134,6 @@ class ReportRepository:
             f"FROM sessions s WHERE s.programme_id = ? AND {where}"
         )
         return [
-            Record._make((*row[:-1], _moves(row[-1]) if row[-1] else ()))
+            Record._make((*row[:-1], move_records(load_moves(row[-1]))))
             for row in self._sql(text, (programme_id, *span)).fetchall()
         ]
-
-
-def _moves(raw: str) -> tuple[MoveRecord, ...]:
-    """A session's moves as a replay reads them, from their JSON (session_repository's)."""
-    return tuple(
-        MoveRecord(at, by == "CLIENT", notified, notice)
-        for at, _, _, by, notified, notice, *_ in json.loads(raw)
-    )

@@ -184,7 +184,7 @@ def session_from_row(row: Sequence[Any], terms: TermsOf) -> Session:
         terms_version=r["terms_version"],
         no_show_at=time_or_none(r["no_show_at"]),
         waiver=_waiver(r),
-        moves=_load_moves(r["moves"]),
+        moves=load_moves(r["moves"]),
         rescheduled_from=r["rescheduled_from"] or "",
         rescheduled_to=r["rescheduled_to"] or "",
         no_show_forgiven=bool(r["no_show_forgiven"]),
@@ -216,7 +216,7 @@ def _dump_moves(moves: tuple[Move, ...]) -> str | None:
     )
 
 
-def _load_moves(raw: str | None) -> tuple[Move, ...]:
+def load_moves(raw: str | None) -> tuple[Move, ...]:
     if not raw:
         return ()
     return tuple(

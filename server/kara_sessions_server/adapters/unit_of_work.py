@@ -46,7 +46,7 @@ class SqlUnitOfWorkFactory:
             InvoiceRepository(sql, terms),
             Outbox(sql),
             RequestLog(sql),
-            ReportRepository(sql, terms),
+            ReportRepository(sql),
         )
 
     def __call__(self, *, write: bool = True) -> SqlUnitOfWork:

@@ -12,7 +12,6 @@ carries its decision on the error (`DomainError.decision`)."""
 from __future__ import annotations
 
 import enum
-import functools
 import string
 from collections.abc import Callable
 from datetime import timedelta
@@ -180,11 +179,9 @@ def refused(
     )
 
 
-@functools.lru_cache(maxsize=4096)
 def hours(delta: timedelta) -> str:
     """A duration as people read it on the workstation: whole or to the hundredth of an hour,
-    rounded down, so 23 h 59 min 59 s is never shown as a window's 24 h. (Cached: a programme's
-    window and grace come back on every session it decided.)"""
+    rounded down, so 23 h 59 min 59 s is never shown as a window's 24 h."""
     hundredths = delta // _HUNDREDTH_OF_AN_HOUR
     if hundredths % 100 == 0:
         return f"{hundredths // 100} h"

@@ -40,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
-from kara_sessions_server.domain.model import Party, PaymentState, Session, payment_state
+from kara_sessions_server.domain.model import Move, Party, PaymentState, Session, payment_state
 from kara_sessions_server.domain.policy import MAX_MOVES_PER_SESSION, NoticePolicy
 from kara_sessions_server.domain.programme import ClientLateCancel, LateReschedule, Terms, UnmarkedOutcome
 
@@ -282,12 +282,15 @@ def record_of(session: Session) -> Record:
         bool(session.rescheduled_to),
         payment_state(session) is PaymentState.PAID or session.waiver is not None,
         session.settled_automatically,
-        tuple(
-            MoveRecord(
-                _at(m.moved_at), m.moved_by is Party.CLIENT, _at(m.notified_at), m.notice // _MICROSECOND
-            )
-            for m in session.moves
-        ),
+        move_records(session.moves),
+    )
+
+
+def move_records(moves: Iterable[Move]) -> tuple[MoveRecord, ...]:
+    """A session's moves in place as a replay reads them."""
+    return tuple(
+        MoveRecord(_at(m.moved_at), m.moved_by is Party.CLIENT, _at(m.notified_at), m.notice // _MICROSECOND)
+        for m in moves
     )
 
 
