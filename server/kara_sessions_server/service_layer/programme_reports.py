@@ -37,7 +37,8 @@ class ProgrammeReports:
         bounds, k = self._period(who, programme_id, start, end)
         with self.unit_of_work(write=False) as uow:
             uow.programmes.get(programme_id)
-            return self._report(uow, programme_id, bounds, k)[1]
+            per_month, distinct = self._counts(uow, programme_id, bounds)
+        return usage.report(per_month, distinct, k)
 
     def simulate(
         self, who: Principal, programme_id: str, start: datetime, end: datetime, changes: ProgrammeChanges
@@ -46,18 +47,18 @@ class ProgrammeReports:
         with self.unit_of_work(write=False) as uow:
             programme = uow.programmes.get(programme_id)
             terms = _proposed(programme, changes, self.clock.now())
-            per_month, current = self._report(uow, programme_id, bounds, k)
+            per_month, distinct = self._counts(uow, programme_id, bounds)
             since = _before(start, terms.forgiveness_period)
             forgiven = uow.reports.records(programme_id, since, start, forgiven_only=True)
             records = uow.reports.records(programme_id, start, end)
         # Replayed once the transaction is over: it reads, and holds nothing while it thinks.
         lookback = usage.decided(forgiven, since, start)
         simulation = usage.simulate(per_month, lookback, usage.decided(records, start, end), bounds, terms)
-        distinct = current.counts["distinct_clients"]
-        proposed = usage.report(simulation.proposed, 0, k)
-        proposed.counts["distinct_clients"] = distinct
         return SimulatedReport(
-            current, proposed, usage.total(simulation.changed, k), usage.total(simulation.refused, k)
+            usage.report(per_month, distinct, k),
+            usage.report(simulation.proposed, distinct, k),
+            usage.total(simulation.changed, k),
+            usage.total(simulation.refused, k),
         )
 
     def _period(
@@ -71,12 +72,10 @@ class ProgrammeReports:
         return usage.months(start, end), self.min_count
 
     @staticmethod
-    def _report(
-        uow: UnitOfWork, programme_id: str, bounds: list[datetime], k: int
-    ) -> tuple[list[Usage], Report]:
+    def _counts(uow: UnitOfWork, programme_id: str, bounds: list[datetime]) -> tuple[list[Usage], int]:
+        """Each month's counts, and the period's distinct clients (not a sum of months')."""
         per_month = uow.reports.usage(programme_id, bounds)
-        distinct = uow.reports.distinct_clients(programme_id, bounds[0], bounds[-1])
-        return per_month, usage.report(per_month, distinct, k)
+        return per_month, uow.reports.distinct_clients(programme_id, bounds[0], bounds[-1])
 
 
 def _proposed(programme: Programme, changes: ProgrammeChanges, now: datetime) -> Terms:
