@@ -44,7 +44,7 @@ from kara_sessions_server.domain.model import (
     Waiver,
 )
 from kara_sessions_server.domain.programme import DEFAULT_PROGRAMME_ID, Programme, Terms
-from kara_sessions_server.domain.usage import Report
+from kara_sessions_server.domain.usage import Count, Report
 from kara_sessions_server.service_layer.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 E = TypeVar("E")
@@ -511,8 +511,12 @@ def usage_pb(report: Report, programme_id: str, start: datetime, end: datetime) 
     _set_time(msg.start_time, start)
     _set_time(msg.end_time, end)
     for name, count in report.counts.items():
-        getattr(msg, name).CopyFrom(ppb.Count(value=count.value, suppressed=count.suppressed))
+        getattr(msg, name).CopyFrom(count_pb(count))
     return msg
+
+
+def count_pb(count: Count) -> ppb.Count:
+    return ppb.Count(value=count.value, suppressed=count.suppressed)
 
 
 def account_pb(a: CreditAccount) -> cpb.CreditAccount:

@@ -61,6 +61,7 @@ from kara_sessions_server.entrypoints.grpc.convert import (
     TERM_FIELDS,
     RequestReader,
     account_pb,
+    count_pb,
     event_pb,
     fill_payment,
     fill_session,
@@ -477,8 +478,8 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
         return ppb.SimulateTermsResponse(
             current=usage_pb(done.current, programme_id, start, end),
             proposed=usage_pb(done.proposed, programme_id, start, end),
-            decisions_changed=ppb.Count(value=done.changed.value, suppressed=done.changed.suppressed),
-            refused=ppb.Count(value=done.refused.value, suppressed=done.refused.suppressed),
+            decisions_changed=count_pb(done.changed),
+            refused=count_pb(done.refused),
         )
 
     def CreateProgramme(self, request: ppb.CreateProgrammeRequest, context: Ctx) -> ppb.Programme:
