@@ -136,12 +136,10 @@ class Programme:
     def changed(self, changes: ProgrammeChanges, now: datetime) -> Programme:
         """The programme with `changes` applied, checked. Sessions already booked keep the terms
         they were booked under; only new bookings get these."""
-        t = self.terms
-        given = {name: getattr(changes, name) for name in MUTABLE_FIELDS[1:]}
-        terms = replace(t, **{name: value for name, value in given.items() if value is not None})
+        terms = self._terms_with(changes)
         display_name = _either(changes.display_name, self.display_name)
         check(self.programme_id, display_name, terms, id_field=None)
-        terms_version = self.terms_version if terms == t else self.terms_version + 1
+        terms_version = self.terms_version if terms == self.terms else self.terms_version + 1
         return replace(
             self,
             display_name=display_name,
@@ -151,11 +149,27 @@ class Programme:
             terms_version=terms_version,
         )
 
+    def proposed(self, changes: ProgrammeChanges, *, named: str) -> Terms:
+        """Its terms as `changes` would make them, checked as a change is, a violation naming
+        the field `named`.FIELD (SimulateTerms': its request's `terms`)."""
+        terms = self._terms_with(changes)
+        check(self.programme_id, self.display_name, terms, id_field=None, named=named)
+        return terms
+
+    def _terms_with(self, changes: ProgrammeChanges) -> Terms:
+        given = {name: getattr(changes, name) for name in MUTABLE_FIELDS[1:]}
+        return replace(self.terms, **{name: value for name, value in given.items() if value is not None})
+
 
 def check(
-    programme_id: str, display_name: str, terms: Terms, *, id_field: str | None = "programme_id"
+    programme_id: str,
+    display_name: str,
+    terms: Terms,
+    *,
+    id_field: str | None = "programme_id",
+    named: str = "programme",
 ) -> None:
-    """Refuses a malformed programme, naming every field at fault."""
+    """Refuses a malformed programme, naming every field at fault (`named`.FIELD)."""
     violations = []
     if id_field is not None and not _PROGRAMME_ID.fullmatch(programme_id):
         violations.append(
@@ -165,28 +179,26 @@ def check(
             )
         )
     if not display_name.strip() or len(display_name) > MAX_DISPLAY_NAME:
-        violations.append(("programme.display_name", f"is required, at most {MAX_DISPLAY_NAME} characters"))
+        violations.append((f"{named}.display_name", f"is required, at most {MAX_DISPLAY_NAME} characters"))
     if not MIN_NOTICE_WINDOW <= terms.notice_window <= MAX_NOTICE_WINDOW:
-        violations.append(("programme.notice_window", "must be between 1 hour and 14 days"))
+        violations.append((f"{named}.notice_window", "must be between 1 hour and 14 days"))
     if not timedelta(0) <= terms.cancellation_grace <= MAX_CANCELLATION_GRACE:
-        violations.append(("programme.cancellation_grace", "must be between 0 and 24 hours"))
+        violations.append((f"{named}.cancellation_grace", "must be between 0 and 24 hours"))
     if not 0 <= terms.max_reschedules <= MAX_RESCHEDULES:
-        violations.append(
-            ("programme.max_reschedules", f"must be between 0 (no limit) and {MAX_RESCHEDULES}")
-        )
+        violations.append((f"{named}.max_reschedules", f"must be between 0 (no limit) and {MAX_RESCHEDULES}"))
     if not 0 <= terms.free_late_cancellations <= MAX_FREE_LATE_CANCELLATIONS:
         violations.append(
             (
-                "programme.free_late_cancellations",
+                f"{named}.free_late_cancellations",
                 f"must be between 0 (none forgiven) and {MAX_FREE_LATE_CANCELLATIONS}",
             )
         )
     if not MIN_FORGIVENESS_PERIOD <= terms.forgiveness_period <= MAX_FORGIVENESS_PERIOD:
-        violations.append(("programme.forgiveness_period", "must be between 1 and 730 days"))
+        violations.append((f"{named}.forgiveness_period", "must be between 1 and 730 days"))
     settle = terms.settle_unmarked_after
     if settle and not MIN_SETTLE_UNMARKED_AFTER <= settle <= MAX_SETTLE_UNMARKED_AFTER:
         violations.append(
-            ("programme.settle_unmarked_after", "must be 0 (never) or between 1 hour and 60 days")
+            (f"{named}.settle_unmarked_after", "must be 0 (never) or between 1 hour and 60 days")
         )
     if violations:
         raise InvalidRequest([FieldViolation(f, d) for f, d in violations])

@@ -35,7 +35,7 @@ import bisect
 import enum
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
@@ -430,7 +430,7 @@ def simulate(
 ) -> Simulation:
     """`current` (one Usage per month of `bounds`) with every decision of `decided` replayed under
     `terms`, in time order; `lookback`: the forgiven charges recorded before the period."""
-    proposed = [replace_usage(u) for u in current]
+    proposed = [replace(u) for u in current]
     changed, refused = [0] * len(current), [0] * len(current)
     forgiveness = _Forgiveness(terms.free_late_cancellations, terms.forgiveness_period // _MICROSECOND)
     for d in sorted(lookback, key=_in_order):
@@ -459,7 +459,3 @@ def _in_order(d: Decided) -> tuple[int, bool]:
     """The order the decisions were made in: by time, and of two at the same instant a forgiven
     one first (the allowance was left for it, so it came first)."""
     return d.at, not d.forgiven
-
-
-def replace_usage(u: Usage) -> Usage:
-    return Usage(**{name: getattr(u, name) for name in USAGE_FIELDS})

@@ -54,7 +54,7 @@ def build_application(
         mutations=mutations,
         sessions=Services(unit_of_work, clock, mutations, settings.max_booking_horizon, NoticePolicy()),
         programmes=ProgrammeServices(unit_of_work, clock, mutations),
-        reports=ProgrammeReports(unit_of_work, clock, settings.report_min_count),
+        reports=ProgrammeReports(unit_of_work, settings.report_min_count),
         invoices=InvoiceServices(unit_of_work, mutations),
         events=EventServices(
             unit_of_work,

@@ -9,10 +9,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from kara_sessions_server.domain import usage
-from kara_sessions_server.domain.clock import Clock
-from kara_sessions_server.domain.errors import FieldViolation, InvalidRequest
 from kara_sessions_server.domain.principal import Principal
-from kara_sessions_server.domain.programme import Programme, ProgrammeChanges, Terms
+from kara_sessions_server.domain.programme import ProgrammeChanges
 from kara_sessions_server.domain.usage import Count, Report, Usage
 from kara_sessions_server.service_layer import authz
 from kara_sessions_server.service_layer.unit_of_work import UnitOfWork, UnitOfWorkFactory
@@ -29,7 +27,6 @@ class SimulatedReport:
 @dataclass
 class ProgrammeReports:
     unit_of_work: UnitOfWorkFactory
-    clock: Clock
     # A sponsor's k: counts below it are suppressed, others rounded down to a multiple of it.
     min_count: int
 
@@ -46,7 +43,7 @@ class ProgrammeReports:
         bounds, k = self._period(who, programme_id, start, end)
         with self.unit_of_work(write=False) as uow:
             programme = uow.programmes.get(programme_id)
-            terms = _proposed(programme, changes, self.clock.now())
+            terms = programme.proposed(changes, named="terms")
             per_month, distinct = self._counts(uow, programme_id, bounds)
             since = _before(start, terms.forgiveness_period)
             forgiven = uow.reports.records(programme_id, since, start, forgiven_only=True)
@@ -76,20 +73,6 @@ class ProgrammeReports:
         """Each month's counts, and the period's distinct clients (not a sum of months')."""
         per_month = uow.reports.usage(programme_id, bounds)
         return per_month, uow.reports.distinct_clients(programme_id, bounds[0], bounds[-1])
-
-
-def _proposed(programme: Programme, changes: ProgrammeChanges, now: datetime) -> Terms:
-    """The programme's terms with `changes`, checked as UpdateProgramme checks them (the request
-    names them `terms`)."""
-    try:
-        return programme.changed(changes, now).terms
-    except InvalidRequest as refused:
-        raise InvalidRequest(
-            [
-                FieldViolation(v.field.replace("programme.", "terms.", 1), v.description)
-                for v in refused.violations
-            ]
-        ) from None
 
 
 def _before(at: datetime, period: timedelta) -> datetime:

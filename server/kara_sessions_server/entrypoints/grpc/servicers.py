@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -151,6 +151,22 @@ def _term(
     if numbers is not None:
         return r.enum(name, numbers, required=False, message=given, name=path)
     return getattr(given, name)
+
+
+def _masked(r: RequestReader, given: Sequence[str], fields: Sequence[str], *, empty_is_all: bool) -> set[str]:
+    """An update mask's paths among `fields` ("*": all of them; none: all of them where
+    `empty_is_all`, else refused as naming nothing)."""
+    paths = set(given)
+    if "*" in paths or (empty_is_all and not paths):
+        return set(fields)
+    unknown = sorted(paths - set(fields))
+    if not paths or unknown:
+        r.fail(
+            "update_mask",
+            f"name the fields to change among {', '.join(fields)} (or *)"
+            + (f"; not {', '.join(unknown)}" if unknown else ""),
+        )
+    return paths
 
 
 def _period(r: RequestReader) -> tuple[str, datetime | None, datetime | None]:
@@ -460,15 +476,7 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
     def SimulateTerms(self, request: ppb.SimulateTermsRequest, context: Ctx) -> ppb.SimulateTermsResponse:
         r = RequestReader(request)
         programme_id, start, end = _period(r)
-        terms = set(_TERM_READERS)
-        paths = set(request.update_mask.paths)
-        if not paths or "*" in paths:
-            paths = terms
-        unknown = sorted(paths - terms)
-        if unknown:
-            r.fail(
-                "update_mask", f"name terms among {', '.join(_TERM_READERS)} (or *); not {', '.join(unknown)}"
-            )
+        paths = _masked(r, request.update_mask.paths, tuple(_TERM_READERS), empty_is_all=True)
         given = {
             name: _term(r, request.terms, name, "terms") if name in paths else None for name in _TERM_READERS
         }
@@ -510,16 +518,7 @@ class ProgrammeServicer(programmes_pb2_grpc.ProgrammeServiceServicer):
         r = RequestReader(request)
         given = request.programme
         r.id("programme_id", message=given, name="programme.programme_id")
-        paths = set(request.update_mask.paths)
-        if "*" in paths:
-            paths = set(MUTABLE_FIELDS)
-        unknown = sorted(paths - set(MUTABLE_FIELDS))
-        if not paths or unknown:
-            r.fail(
-                "update_mask",
-                f"name the fields to change among {', '.join(MUTABLE_FIELDS)} (or *)"
-                + (f"; not {', '.join(unknown)}" if unknown else ""),
-            )
+        paths = _masked(r, request.update_mask.paths, MUTABLE_FIELDS, empty_is_all=False)
         if "display_name" in paths:
             r.text("display_name", MAX_DISPLAY_NAME, message=given, name="programme.display_name")
         terms = {name: _term(r, given, name) if name in paths else None for name in _TERM_READERS}
